@@ -1,0 +1,42 @@
+# Two entry points: `make demo` and `make test`. Both build what they need and are idempotent:
+# a second run reuses the venv (.venv), the embedded data set (data/) and the tiny model (models/).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA := data/emoji
+TINY := models/tiny-sd
+RUN ?= runs/demo
+# 2 ranks on 2 cores: one BLAS thread each, or they fight over the cores.
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: demo test venv data tiny-sd clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+data: $(DATA)/.done
+
+$(DATA)/.done: $(STAMP) sd_train/prepare.py
+	$(BIN)/sd-train prepare-emoji --out $(DATA)
+	touch $@
+
+tiny-sd: $(TINY)/.done
+
+$(TINY)/.done: $(DATA)/.done sd_train/tiny_sd.py
+	$(BIN)/sd-train build-tiny --data $(DATA) --out $(TINY)
+	touch $@
+
+demo: $(TINY)/.done
+	$(BIN)/python train.py --config configs/demo.yaml output_dir=$(RUN)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) data models runs

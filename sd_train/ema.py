@@ -1,0 +1,124 @@
+"""Sharded, late-start EMA of the UNet weights.
+
+Each rank keeps the EMA of its *own local shard* of each parameter (under FSDP2, `p.to_local()`),
+as plain tensors. An update is one `torch._foreach_lerp_` over those shards: no collective, no
+gather, at the speed of a memory copy. Nothing is allocated before the window opens at
+`step_start_ema`; then the shadow starts as a copy of the current weights.
+
+For checkpoints the shards are re-labelled as DTensors with the parameters' mesh and placements
+(and the parameters' global shape and stride, because FSDP2 pads uneven shards), so DCP saves one
+piece per rank and can reload them on another world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from sd_train.ema_plan import EMAPlan
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+class ShardedEMA:
+    """Owns the EMA shadow of this rank's parameter shards and the window's progress."""
+
+    def __init__(self, model: torch.nn.Module, plan: EMAPlan):
+        self.plan = plan
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow: list[torch.Tensor] | None = None
+        self.num_updates = 0
+
+    # ---- the window -------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self.shadow is not None
+
+    def update(self, step: int) -> None:
+        """Call after every optimizer step that was taken, with the number of steps taken so far.
+        Decides itself whether the window is open and whether this step updates."""
+        if not self.plan.enabled or step < self.plan.step_start_ema:
+            return
+        if self.shadow is None:
+            # Opening the window: start from the current weights (w_0 of the plan's math).
+            self.allocate(copy_weights=True)
+            return
+        if (step - self.plan.step_start_ema) % self.plan.update_every:
+            return
+        self.num_updates += 1
+        weight = 1.0 - self.plan.decay_at(self.num_updates)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, [_local(p).detach() for _, p in self.named_params], weight)
+
+    def allocate(self, copy_weights: bool) -> None:
+        """Create the shadow shards (a copy of the weights, or zeros to be filled by a load)."""
+        with torch.no_grad():
+            locals_ = [_local(p).detach() for _, p in self.named_params]
+            # fp32 shadow even for bf16 params: 1 - decay = 1e-4 is below bf16's resolution.
+            self.shadow = [t.to(torch.float32, copy=True) if copy_weights else torch.zeros_like(t, dtype=torch.float32) for t in locals_]
+        self.num_updates = 0
+
+    def local_bytes(self) -> int:
+        """EMA bytes held by this rank (0 before the window)."""
+        return sum(t.numel() * t.element_size() for t in self.shadow) if self.shadow else 0
+
+    # ---- evaluation with EMA weights ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[bool]:
+        """Temporarily put the EMA into the model's local shards (yields False and does nothing if
+        the window is not open). Swapping is local: every rank swaps its own shards."""
+        if self.shadow is None:
+            yield False
+            return
+        locals_ = [_local(p) for _, p in self.named_params]
+        with torch.no_grad():
+            backup = [t.clone() for t in locals_]
+            for t, s in zip(locals_, self.shadow):
+                t.copy_(s)
+        try:
+            yield True
+        finally:
+            with torch.no_grad():
+                for t, b in zip(locals_, backup):
+                    t.copy_(b)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def meta_state_dict(self) -> dict:
+        """The small, rank-independent part (goes into the trainer's JSON state)."""
+        return {"open": self.is_open, "num_updates": self.num_updates, "step_start_ema": self.plan.step_start_ema}
+
+    def load_meta_state_dict(self, state: dict) -> None:
+        """Restore the window's progress. Must run before `tensor_state_dict` is loaded into, so the
+        shadow exists (as zeros) to receive the saved shards. Restoring this flag is what keeps a
+        resumed run from throwing its loaded EMA away."""
+        if state["open"]:
+            self.allocate(copy_weights=False)
+            self.num_updates = int(state["num_updates"])
+        else:
+            self.shadow = None
+            self.num_updates = 0
+
+    def tensor_state_dict(self) -> dict[str, torch.Tensor]:
+        """The shadow as global tensors: DTensors over the parameters' mesh for sharded params."""
+        if self.shadow is None:
+            return {}
+        out = {}
+        for (name, p), s in zip(self.named_params, self.shadow):
+            if isinstance(p, DTensor):
+                out[name] = DTensor.from_local(s, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+            else:
+                out[name] = s
+        return out
+
+    def full_tensors(self) -> dict[str, torch.Tensor]:
+        """Gather the EMA into full tensors, one parameter at a time (a collective under FSDP2:
+        every rank must call it). Used only for export, never for an update."""
+        return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in self.tensor_state_dict().items()}

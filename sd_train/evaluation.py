@@ -1,0 +1,125 @@
+"""Held-out validation loss and sample grids.
+
+The validation loss is the plain denoising MSE of a fixed set of held-out samples, each scored at
+fixed timesteps with noise fixed by (sample index, timestep): the same number for the same weights
+whatever the world size, so runs can be compared. Sample grids use fixed prompts and seeds.
+
+Under FSDP2 every forward is a collective, so every rank runs the same number of UNet calls here;
+only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from sd_train.config import TrainConfig
+from sd_train.distributed import DistInfo, all_reduce_sum
+from sd_train.model import SDParts, encode_pixels, encode_text
+from sd_train.objective import DiffusionObjective
+
+VAL_BATCH = 16
+
+
+class Validator:
+    """Owns the fixed validation set (latents, text embeddings, noise) of this rank's share."""
+
+    def __init__(self, cfg: TrainConfig, parts: SDParts, objective: DiffusionObjective, info: DistInfo):
+        from sd_train.data import val_samples
+
+        self.objective = objective
+        self.info = info
+        self.timesteps = list(cfg.eval.val_timesteps)
+        pixels, captions, _ = val_samples(cfg.data.val_shards, cfg.eval.num_val_samples, cfg.data.resolution)
+        n = len(captions)
+        if n == 0:
+            raise ValueError(f"data.val_shards={cfg.data.val_shards!r} gave no readable samples")
+        # Split samples over ranks; pad each rank's share to the same length (weight 0 on padding)
+        # so every rank makes the same number of UNet calls.
+        per_rank = math.ceil(n / info.world_size)
+        idx = list(range(info.rank, n, info.world_size))
+        self.weights = torch.tensor([1.0] * len(idx) + [0.0] * (per_rank - len(idx)))
+        idx = idx + [idx[0] if idx else 0] * (per_rank - len(idx))
+        dev = info.device
+        self.latents = torch.cat([encode_pixels(parts, pixels[idx[i : i + VAL_BATCH]], dev, sample=False) for i in range(0, per_rank, VAL_BATCH)])
+        self.embeds = torch.cat([encode_text(parts, [captions[j] for j in idx[i : i + VAL_BATCH]], dev) for i in range(0, per_rank, VAL_BATCH)])
+        self.noise = {}
+        for t in self.timesteps:
+            self.noise[t] = torch.stack([self._fixed_noise(j, t) for j in idx]).to(dev)
+        self.num_samples = n
+
+    def _fixed_noise(self, index: int, t: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1_000_003 * index + t)
+        return torch.randn(self.latents.shape[1:], generator=g)
+
+    @torch.no_grad()
+    def loss(self, model: torch.nn.Module) -> float:
+        """Mean denoising MSE over all samples and timesteps (collective)."""
+        was_training = model.training
+        model.eval()
+        total = 0.0
+        for t in self.timesteps:
+            for i in range(0, self.latents.shape[0], VAL_BATCH):
+                sl = slice(i, i + VAL_BATCH)
+                ts = torch.full((self.latents[sl].shape[0],), t, dtype=torch.long, device=self.info.device)
+                err = self.objective.denoising_loss(model, self.latents[sl], self.embeds[sl], self.noise[t][sl], ts)
+                total += float((err.cpu() * self.weights[sl]).sum())
+        model.train(was_training)
+        s, = all_reduce_sum([total], self.info.device)
+        return s / (self.num_samples * len(self.timesteps))
+
+
+class Sampler:
+    """Owns the fixed prompts, seeds and DDIM schedule of the sample grid."""
+
+    def __init__(self, cfg: TrainConfig, parts: SDParts, info: DistInfo):
+        self.cfg = cfg
+        self.parts = parts
+        self.info = info
+        prompts = cfg.eval.prompts
+        self.cond = encode_text(parts, prompts, info.device)
+        self.uncond = encode_text(parts, [""] * len(prompts), info.device)
+        self.scheduler = DDIMScheduler.from_config(parts.noise_scheduler.config, prediction_type=cfg.objective.prediction_type)
+        factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        size = cfg.data.resolution // factor
+        self.shape = (len(prompts), parts.vae.config.latent_channels, size, size)
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module) -> np.ndarray:
+        """uint8 images [N, H, W, 3] for the fixed prompts (collective under FSDP2)."""
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator().manual_seed(self.cfg.eval.sample_seed)
+        latents = torch.randn(self.shape, generator=gen).to(self.info.device) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(self.cfg.eval.num_inference_steps)
+        embeds = torch.cat([self.uncond, self.cond])
+        g = self.cfg.eval.guidance_scale
+        for t in self.scheduler.timesteps:
+            inp = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            out = model(inp, t.to(self.info.device), encoder_hidden_states=embeds).sample.float()
+            uncond, cond = out.chunk(2)
+            latents = self.scheduler.step(uncond + g * (cond - uncond), t, latents).prev_sample
+        images = self.parts.vae.decode(latents / self.parts.vae_scale).sample
+        model.train(was_training)
+        return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, path: Path, cols: int | None = None) -> Path:
+    """Tile images [N, H, W, 3] into one PNG."""
+    n, h, w, _ = images.shape
+    cols = cols or min(n, 4)
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Tiny demo images are upscaled (nearest) so a person can see them.
+    scale = max(1, 128 // h)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    return path

@@ -1,0 +1,94 @@
+"""Export a trained UNet (raw or EMA) with the frozen parts as a diffusers pipeline folder that
+`StableDiffusionPipeline.from_pretrained(folder)` loads offline.
+
+Two ways in: at the end of training (the shards are gathered one parameter at a time, a collective)
+and `sd-train export --checkpoint DIR`, which reads a per-rank DCP checkpoint into a plain module
+in one process, with no process group, whatever world size wrote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from sd_train.model import check_model_folder
+
+
+def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir: Path, prediction_type: str) -> Path:
+    """Write `out_dir` as a diffusers SD folder: the given UNet weights + the frozen parts of
+    `model_path` (VAE, text encoder, tokenizer, scheduler)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_model_folder(model_path)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
+    missing, unexpected = unet.load_state_dict(unet_state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"export: UNet weights do not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def export_from_training(model: torch.nn.Module, ema, model_path: str, out_root: Path, prediction_type: str, is_main: bool) -> list[Path]:
+    """Gather and export the raw UNet and (if the window opened) the EMA UNet. Collective."""
+    written = []
+    raw = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main:
+        written.append(save_pipeline(model_path, raw, out_root / "raw", prediction_type))
+    del raw
+    if ema.is_open:
+        full = ema.full_tensors()
+        if is_main:
+            written.append(save_pipeline(model_path, full, out_root / "ema", prediction_type))
+    return written
+
+
+def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read one UNet's weights (`raw` or `ema`) from a DCP checkpoint into plain tensors, in one
+    process. Returns (trainer_state, state_dict)."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / ".metadata").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no .metadata)")
+    with open(checkpoint / "trainer_state.json") as f:
+        trainer_state = json.load(f)
+    if weights == "ema" and not trainer_state["ema"]["open"]:
+        raise ValueError(f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead")
+    model_path = trainer_state["config"]["model"]["pretrained_path"]
+    config = UNet2DConditionModel.load_config(model_path, subfolder="unet")
+    template = UNet2DConditionModel.from_config(config).state_dict()
+    prefix = "model" if weights == "raw" else "ema"
+    names = template.keys() if weights == "raw" else [n for n, p in UNet2DConditionModel.from_config(config).named_parameters()]
+    state = {prefix: {n: torch.empty_like(template[n]) for n in names}}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    return trainer_state, state[prefix]
+
+
+def main_export(argv: list[str]) -> int:
+    """`sd-train export --checkpoint DIR --out DIR [--weights ema|raw]`."""
+    p = argparse.ArgumentParser(prog="sd-train export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a complete step folder, e.g. runs/x/checkpoints/step_00001000")
+    p.add_argument("--out", required=True, help="the pipeline folder to write")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    p.add_argument("--model-path", default=None, help="frozen parts from here instead of the run's model.pretrained_path")
+    ns = p.parse_args(argv)
+    trainer_state, unet_state = load_checkpoint_unet(Path(ns.checkpoint), ns.weights)
+    cfg = trainer_state["config"]
+    out = save_pipeline(ns.model_path or cfg["model"]["pretrained_path"], unet_state, Path(ns.out), cfg["objective"]["prediction_type"])
+    print(f"exported {ns.weights} UNet of step {trainer_state['step']} to {out}")
+    return 0
+

