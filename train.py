@@ -7,7 +7,7 @@
 
 import sys
 
-from sd_train.trainer import main
+from sd_train.entry import main
 
 if __name__ == "__main__":
     sys.exit(main())

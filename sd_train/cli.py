@@ -10,7 +10,7 @@ import sys
 
 # command -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("sd_train.trainer", "main", "train (same as python train.py)"),
+    "train": ("sd_train.entry", "main", "train (same as python train.py)"),
     "prepare-emoji": ("sd_train.prepare", "main_prepare_emoji", "write the embedded Twemoji data set as webdataset shards"),
     "prepare": ("sd_train.prepare", "main_prepare_folder", "turn a folder of images + caption .txt files into shards"),
     "build-tiny": ("sd_train.tiny_sd", "main_build_tiny", "build the tiny offline SD model folder (tokenizer, text encoder, VAE, UNet)"),

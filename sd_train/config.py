@@ -21,6 +21,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 
+MODEL_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
 class ConfigError(ValueError):
     """A config value is wrong. The message names the field and says how to fix it."""
 
@@ -469,6 +472,12 @@ def _validate(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             f"model.pretrained_path={cfg.model.pretrained_path!r}: no such folder. Run `make tiny-sd` for the "
             "demo model, or point it at a local diffusers Stable Diffusion folder"
+        )
+    missing = [s for s in MODEL_SUBFOLDERS if not (Path(cfg.model.pretrained_path) / s).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"model.pretrained_path={cfg.model.pretrained_path!r} lacks {missing}: it must be a diffusers Stable "
+            "Diffusion folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/). Run `make tiny-sd` for the demo model"
         )
 
     from sd_train.ema_plan import plan_from_config  # local: keeps config import light

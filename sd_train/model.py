@@ -15,9 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sd_train.config import ConfigError, ModelArgs
+from sd_train.config import MODEL_SUBFOLDERS, ConfigError, ModelArgs
 
-SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass
@@ -37,7 +36,7 @@ class SDParts:
 
 
 def check_model_folder(path: str) -> None:
-    missing = [s for s in SUBFOLDERS if not (Path(path) / s).is_dir()]
+    missing = [s for s in MODEL_SUBFOLDERS if not (Path(path) / s).is_dir()]
     if missing:
         raise ConfigError(
             f"model.pretrained_path={path!r} lacks {missing}: it must be a diffusers Stable Diffusion folder "

@@ -12,7 +12,6 @@ Launch (see README):
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ import torch.distributed as dist
 
 from sd_train import distributed as D
 from sd_train.checkpoint import Checkpointer
-from sd_train.config import ConfigError, TrainConfig, config_to_dict, dump_config, env_world_size, load_config
+from sd_train.config import ConfigError, TrainConfig, config_to_dict, dump_config
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
 from sd_train.evaluation import Sampler, Validator, save_grid
@@ -121,7 +120,26 @@ class Trainer:
         if self.info.is_main:
             print(self.plan.describe(), flush=True)
             (self.out / "ema_plan.json").write_text(json.dumps(self.plan.figures(), indent=1))
+        self._write_topology()
         self._resume()
+
+    def _write_topology(self) -> None:
+        """Record how the UNet is really laid out (world size, DTensor placements, local bytes):
+        accelerate can silently run unsharded, so a run states what it did."""
+        from torch.distributed.tensor import DTensor
+
+        params = list(D.unwrap(self.model).named_parameters())
+        mine = {
+            "rank": self.info.rank,
+            "local_param_bytes": sum(_local_numel(p) * p.element_size() for _, p in params),
+            "placements": sorted({str(p.placements) if isinstance(p, DTensor) else "replicated" for _, p in params}),
+            "all_dtensor": all(isinstance(p, DTensor) for _, p in params),
+        }
+        ranks = D.all_gather_object(mine)
+        if self.info.is_main:
+            topo = {"world_size": self.info.world_size, "backend": dist.get_backend(), "strategy": self.cfg.dist.strategy,
+                    "device": str(self.info.device), "grad_accum_steps": self.accum, "ranks": ranks}
+            (self.out / "topology.json").write_text(json.dumps(topo, indent=1))
 
     # ---- state --------------------------------------------------------------------------------
 
@@ -330,6 +348,10 @@ class Trainer:
         D.destroy()
 
 
+def _local_numel(p: torch.Tensor) -> int:
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+
 class _null:
     def __enter__(self):
         return False
@@ -352,27 +374,8 @@ def _peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a Stable Diffusion UNet. Overrides: section.key=value ...")
-    p.add_argument("--config", required=True, help="YAML file, e.g. configs/demo.yaml")
-    p.add_argument("--plan", action="store_true", help="validate, print the EMA plan, and exit")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4 output_dir=runs/x")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ns = parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(ns.config, ns.overrides)
-        cfg.validate(env_world_size())  # before any process group: bad configs fail in well under 2 s
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if ns.plan:
-        print(plan_from_config(cfg.ema, cfg.max_steps).describe())
-        print("config OK")
-        return 0
+def run(cfg: TrainConfig) -> int:
+    """Train with an already validated config (sd_train.entry.main validates it first)."""
     try:
         trainer = Trainer(cfg)
     except ConfigError as e:
@@ -383,3 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.train()
     finally:
         trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sd_train.entry import main as entry_main
+
+    return entry_main(argv)

@@ -1,5 +1,35 @@
+"""Shared fixtures. The session builds one small embedded data set and one tiny SD folder (with
+an untrained VAE, to stay fast) through the same commands `make demo` uses."""
+
+import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests/launch.py is a plain helper module; make it importable as `launch`.
 sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict:
+    """8 train shards + 1 val shard of real Twemoji samples at 32 px, and a tiny SD folder."""
+    from sd_train.prepare import prepare_emoji
+    from sd_train.tiny_sd import build_tiny_sd
+
+    root = tmp_path_factory.mktemp("assets")
+    data = root / "emoji"
+    prepare_emoji(str(data), resolution=32, num_train_shards=8, val_count=16, seed=0, limit=144)
+    model = root / "tiny-sd"
+    build_tiny_sd(str(data), str(model), resolution=32, vae_steps=0, seed=0)
+    return {
+        "data": data,
+        "model": model,
+        "overrides": [
+            f"model.pretrained_path={model}",
+            f"data.train_shards={data}/train-{{000000..000007}}.tar",
+            f"data.val_shards={data}/val-000000.tar",
+        ],
+    }

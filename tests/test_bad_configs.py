@@ -1,0 +1,78 @@
+"""A table of bad configs: each is refused by validation, before any process group starts or
+torch is imported, with a message naming the field."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sd_train.config import ConfigError, MODEL_SUBFOLDERS
+from sd_train.entry import validated_config
+
+ASSETS = Path(__file__).parent / "assets"
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """Overrides that make configs/test.yaml valid with no real model: validation only needs the
+    folder layout and the shards to exist."""
+    root = tmp_path_factory.mktemp("cfg")
+    model = root / "model"
+    for sub in MODEL_SUBFOLDERS:
+        (model / sub).mkdir(parents=True)
+    shards = root / "shards"
+    shards.mkdir()
+    tars = sorted(ASSETS.glob("*.tar"))
+    for i, t in enumerate(tars[:4]):
+        shutil.copy(t, shards / f"s-{i:06d}.tar")
+    return root, [f"model.pretrained_path={model}", f"data.train_shards={shards}/s-{{000000..000003}}.tar",
+                  f"data.val_shards={shards}/s-000000.tar", f"output_dir={root}/run"]
+
+
+BAD = [
+    (["global_batch_size=10"], "global_batch_size=10 is not divisible by"),
+    (["ema.decay=1.5"], r"ema.decay=1.5 must be in \[0, 1\)"),
+    (["ema.decay=0.9999", "ema.step_start_ema=27572", "max_steps=28572", "ema.tolerance=0.01"], r"90\.5% of the final EMA would come from pre-window weights"),
+    (["checkpoint.resume=/no/such/step_00000010"], "checkpoint.resume='/no/such/step_00000010': no such checkpoint folder"),
+    (["checkpoint.load_step=999"], "checkpoint.load_step=999: no complete checkpoint"),
+    (["data.train_shards=/nowhere/x-{000000..000009}.tar"], "matches no shard"),
+    (["data.resolution=30"], "data.resolution=30 must be a positive multiple of 8"),
+    (["optim.lrr=1"], "unknown config key optim.lrr"),
+    (["checkpoint.keep_last_k=1"], "checkpoint.keep_last_k=1"),
+    (["checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be positive"),
+    (["metrics.log_every=-5"], "metrics.log_every=-5 must be positive"),
+    (["data.num_workers=8"], r"fewer than world_size x data.num_workers"),
+    (["objective.caption_dropout=1.0"], r"objective.caption_dropout=1.0 must be in \[0, 1\)"),
+    (["model.pretrained_path=/no/model"], "model.pretrained_path='/no/model': no such folder"),
+    (["dist.strategy=deepspeed"], "not built yet"),
+    (["max_steps=ten"], "max_steps must be an integer"),
+    (["eval.val_timesteps=[5, 1000]"], r"eval.val_timesteps=\[5, 1000\] must lie in \[0, 1000\)"),
+]
+
+
+def test_good_config_passes(good):
+    _, overrides = good
+    validated_config(["--config", "configs/test.yaml", *overrides])
+
+
+@pytest.mark.parametrize("bad,match", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_config_refused(good, bad, match):
+    _, overrides = good
+    with pytest.raises(ConfigError, match=match):
+        validated_config(["--config", "configs/test.yaml", *overrides, *bad])
+
+
+def test_refused_before_torch_or_process_group(good):
+    """The real entry point: exit code 2, the field in the message, and torch never imported."""
+    _, overrides = good
+    code = (
+        "import sys; from sd_train.entry import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'validation imported torch'; sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "--config", "configs/test.yaml", *overrides, "data.resolution=30"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "config error: data.resolution=30" in proc.stderr
