@@ -75,9 +75,10 @@ def load_sd_parts(args: ModelArgs, device: torch.device, seed: int) -> SDParts:
 @torch.no_grad()
 def encode_text(parts: SDParts, captions: list[str], device: torch.device) -> torch.Tensor:
     """CLIP last hidden state [B, 77, D], as SD conditions its UNet."""
-    ids = parts.tokenizer(
-        captions, padding="max_length", max_length=parts.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
+    # A tokenizer saved without model_max_length reports a huge sentinel; the text encoder's
+    # position table is the real limit (77 for every SD).
+    length = min(parts.tokenizer.model_max_length, parts.text_encoder.config.max_position_embeddings)
+    ids = parts.tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids.to(device)
     return parts.text_encoder(ids)[0]
 
 
