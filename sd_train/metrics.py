@@ -27,10 +27,14 @@ def _jsonable(v: Any) -> Any:
 
 
 class NullMetrics:
-    """What non-main ranks get: every call is a no-op."""
+    """What non-main ranks get: every sink is a no-op. The cadence is the same on every rank,
+    because the loop gathers the logged values with collectives at the steps it names."""
+
+    def __init__(self, args: MetricsArgs):
+        self.args = args
 
     def should_log(self, step: int) -> bool:
-        return False
+        return step % self.args.log_every == 0
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         pass
@@ -49,7 +53,7 @@ class Metrics(NullMetrics):
     """Owns the run's metric sinks and the logging cadence."""
 
     def __init__(self, args: MetricsArgs, output_dir: str, run_name: str):
-        self.args = args
+        super().__init__(args)
         self.dir = Path(output_dir)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
         self.wandb = self._init_wandb(run_name) if args.wandb else None
@@ -89,9 +93,6 @@ class Metrics(NullMetrics):
             warnings.warn(f"tensorboard disabled ({e}); metrics still go to metrics.jsonl", stacklevel=2)
             return None
 
-    def should_log(self, step: int) -> bool:
-        return step % self.args.log_every == 0
-
     def log(self, step: int, values: dict[str, Any]) -> None:
         values = {k: _jsonable(v) for k, v in values.items()}
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
@@ -124,6 +125,6 @@ class Metrics(NullMetrics):
 
 def build_metrics(args: MetricsArgs, output_dir: str, run_name: str, is_main: bool) -> NullMetrics:
     if not is_main:
-        return NullMetrics()
+        return NullMetrics(args)
     os.makedirs(output_dir, exist_ok=True)
     return Metrics(args, output_dir, run_name)

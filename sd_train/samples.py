@@ -11,7 +11,8 @@ Bad input categories (`BAD_CATEGORIES`), each counted once per occurrence:
 - `missing_image`: a sample with no `.png/.jpg/.jpeg/.webp` member.
 - `missing_caption`: no `.txt` member; `empty_caption`: a `.txt` that is blank.
 - `truncated`: a shard that ends or breaks mid-archive (cut-off member, bad header, no
-  end-of-archive block). Counted once per shard read; the sample being read is lost with it.
+  end-of-archive block). Counted once per shard read; the sample whose member was being read
+  is lost with it (and the rest of the shard: they are never seen, so never counted).
 - `unreadable_shard`: a shard that cannot be opened (missing file, failing `pipe:`), or that is
   not a tar from its first header on. Counted once per shard per epoch.
 The sample-level categories are samples; the two shard-level ones are events, each counted as one
@@ -36,6 +37,7 @@ MAX_BAD_SHARDS = 32  # names kept per worker; enough to find the culprits withou
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _READ_BUFFER = 1 << 20  # big sequential reads: shards are read front to back exactly once
+_MAX_MEMBER = 1 << 31  # no sample member is this big; a corrupt size field would allocate it
 
 T = TypeVar("T")
 
@@ -53,7 +55,11 @@ class BadSample(Exception):
 
 
 class TarFormatError(Exception):
-    """A tar stream that is cut off or corrupt."""
+    """A tar stream that is cut off or corrupt; `member` names the file being read, if known."""
+
+    def __init__(self, message: str, member: Optional[str] = None) -> None:
+        super().__init__(message if member is None else f"{message} ({member})")
+        self.member = member
 
 
 # --------------------------------------------------------------------------- bad-input log
@@ -148,7 +154,12 @@ def _pax_path(data: bytes) -> Optional[str]:
         space = data.find(b" ", pos)
         if space < 0:
             break
-        length = int(data[pos:space])
+        try:
+            length = int(data[pos:space])
+        except ValueError as e:
+            raise TarFormatError("bad pax header") from e
+        if length <= 0:
+            raise TarFormatError("bad pax header")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
             return value.decode("utf-8", "surrogateescape")
@@ -175,25 +186,26 @@ def iter_tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if stored != unsigned and stored != unsigned - 256 * sum(b >= 128 for b in header[:148] + header[156:]):
             raise TarFormatError("header checksum mismatch")
         size = _number(header[124:136])
+        if not 0 <= size <= _MAX_MEMBER:
+            raise TarFormatError(f"member size {size} out of range")
         typeflag = header[156:157]
+        name = _text(header[0:100])
+        if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX prefix field (GNU uses it otherwise)
+            name = _text(header[345:500]) + "/" + name
+        name = long_name or name
         padded = -(-size // _BLOCK) * _BLOCK
         data = _read_exact(f, size)
         if len(data) < size or len(_read_exact(f, padded - size)) < padded - size:
-            raise TarFormatError("cut-off member data")
+            raise TarFormatError("cut-off member data", member=name)
         if typeflag == b"x":
             long_name = _pax_path(data) or long_name
             continue
         if typeflag == b"L":
             long_name = _text(data)
             continue
-        if typeflag not in (b"0", b"\0", b"7"):  # directories, links, global pax headers: no sample data
-            long_name = None
-            continue
-        name = _text(header[0:100])
-        if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX prefix field (GNU uses it otherwise)
-            name = _text(header[345:500]) + "/" + name
-        yield (long_name or name), data
         long_name = None
+        if typeflag in (b"0", b"\0", b"7"):  # directories, links, global pax headers: no sample data
+            yield name, data
 
 
 @dataclass
@@ -224,22 +236,32 @@ def open_shard(url: str) -> BinaryIO:
 
 
 def _samples_in_shard(f: BinaryIO, url: str) -> Iterator[RawSample]:
+    """Group consecutive members by key. On a broken stream, only the sample whose member was
+    being read is lost: a sample whose members were all read in full is still yielded."""
     current: Optional[RawSample] = None
-    for name, data in iter_tar_members(f):
-        split = _split_name(name)
-        if split is None:
-            continue
-        key, suffix = split
-        if current is None or current.key != key:
-            if current is not None:
-                yield current
-            current = RawSample(key, url, {})
-        current.members[suffix] = data
+    try:
+        for name, data in iter_tar_members(f):
+            split = _split_name(name)
+            if split is None:
+                continue
+            key, suffix = split
+            if current is None or current.key != key:
+                if current is not None:
+                    yield current
+                current = RawSample(key, url, {})
+            current.members[suffix] = data
+    except TarFormatError as e:
+        broken = _split_name(e.member) if e.member else None
+        if current is not None and (broken is None or broken[0] != current.key):
+            yield current
+        raise
     if current is not None:
         yield current
 
 
-def read_shards(urls: Iterable[str], log: BadInputLog, opener: Callable[[str], BinaryIO] = open_shard) -> Iterator[RawSample]:
+def read_shards(
+    urls: Iterable[str], log: BadInputLog, opener: Callable[[str], BinaryIO] = open_shard
+) -> Iterator[RawSample]:
     """Raw samples of each shard in turn, grouped by key, undecoded. Bad shards are logged and skipped."""
     for url in urls:
         try:
@@ -252,8 +274,10 @@ def read_shards(urls: Iterable[str], log: BadInputLog, opener: Callable[[str], B
             for sample in _samples_in_shard(f, url):
                 emitted = True
                 yield sample
-        except (TarFormatError, OSError):
-            # A shard that fails before its first sample was never a readable tar.
+        except TarFormatError as e:
+            # Broken before its first full header or sample: it never was a readable tar.
+            log.add("truncated" if emitted or e.member else "unreadable_shard", url)
+        except OSError:
             log.add("truncated" if emitted else "unreadable_shard", url)
         finally:
             try:
@@ -349,7 +373,7 @@ def transform_image(image: Image.Image, tf: ImageTransform, rng: Optional[random
         image = image.crop((left, top, left + res, top + res))
     if tf.random_flip and rng is not None and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(image)
+    return np.array(image)  # a writable copy: torch.from_numpy warns on read-only PIL views
 
 
 def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random.Random]) -> DecodedSample:
@@ -363,7 +387,7 @@ def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random
             # JPEG can decode at 1/2, 1/4, 1/8 scale in the DCT: much faster, and still >= res.
             image.draft("RGB", (tf.resolution, tf.resolution))
             rgb = _to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Exception:  # noqa: BLE001 -- PIL's format plugins raise many types on corrupt bytes
         raise BadSample("undecodable") from None
     return DecodedSample(raw.key, transform_image(rgb, tf, rng), caption)
 

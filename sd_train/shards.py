@@ -4,7 +4,8 @@ A spec is one or more sources separated by `::`, each optionally weighted as `SR
 - a brace pattern `data-{000000..009999}.tar` (webdataset/img2dataset naming),
 - a glob `shards/*.tar`,
 - a folder (all `*.tar` in it, sorted),
-- a list file `shards.txt` (one URL or path per line, `#` comments),
+- a list file `shards.txt` (one URL or path per line, `#` comments; a relative path is taken
+  next to the list file when the shard is there, else relative to the working directory),
 - a `pipe:` URL, e.g. `pipe:aws s3 cp s3://bucket/data-{000000..000099}.tar -` (braces expand inside).
 """
 
@@ -30,6 +31,15 @@ def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
+def _relative_to_list(url: str, folder: str) -> str:
+    """A relative entry of a list file names a shard next to the list, if one is there (so the
+    list works from any working directory); otherwise it stays relative to the working directory."""
+    if _is_remote(url) or os.path.isabs(url):
+        return url
+    beside = os.path.join(folder, url)
+    return beside if os.path.exists(beside) or not os.path.exists(url) else url
+
+
 def _expand_one(pattern: str) -> list[str]:
     if _is_remote(pattern):
         return list(braceexpand(pattern))
@@ -40,9 +50,11 @@ def _expand_one(pattern: str) -> list[str]:
             return []
         with open(pattern) as f:
             lines = [ln.strip() for ln in f]
-        return [u for ln in lines if ln and not ln.startswith("#") for u in braceexpand(ln)]
+        urls = [u for ln in lines if ln and not ln.startswith("#") for u in braceexpand(ln)]
+        return [_relative_to_list(u, os.path.dirname(pattern)) for u in urls]
     if any(ch in pattern for ch in "*?["):
-        return sorted(glob.glob(pattern))
+        # Braces first, so `data/{a,b}/*.tar` works; glob alone leaves them literal.
+        return sorted({u for part in braceexpand(pattern) for u in glob.glob(part)})
     urls = list(braceexpand(pattern))
     # A brace pattern may name shards that are gone: they are kept, and reported and skipped at
     # read time (a missing shard is bad input, not a config error), unless none exists at all.

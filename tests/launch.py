@@ -41,3 +41,59 @@ def run(cmd: list[str], timeout: int = 300, check: bool = True, **env_extra: str
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+# A fake SLURM for the batch scripts: `srun` starts one task per node here (SLURM_NODEID set, TERM
+# forwarded as the real srun does), `scontrol` answers `show hostnames` and logs anything else, and
+# `accelerate` records its command line per node. Each writes under $FAKE_LOG.
+_FAKE_SRUN = r"""#!/bin/bash
+while [[ $1 == -* ]]; do echo "$1" >> "$FAKE_LOG/srun_args"; shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+status=0
+for p in "${pids[@]}"; do
+    while :; do wait "$p" && s=0 || s=$?; kill -0 "$p" 2>/dev/null || break; done
+    if ((s > status)); then status=$s; fi
+done
+exit "$status"
+"""
+_FAKE_SCONTROL = r"""#!/bin/bash
+if [[ $1 == show && $2 == hostnames ]]; then printf '%s\n' $FAKE_HOSTS; else echo "$*" >> "$FAKE_LOG/scontrol"; fi
+"""
+_FAKE_ACCELERATE = r"""#!/bin/bash
+line=$(printf '%q ' "$0" "$@")
+printf '%s\n' "${line% }" > "$FAKE_LOG/node$SLURM_NODEID"
+if [[ -n ${FAKE_SLEEP:-} ]]; then
+    sleep 30 &
+    sleeper=$!
+    trap 'kill "$sleeper"; echo term > "$FAKE_LOG/term$SLURM_NODEID"; exit 1' TERM
+    touch "$FAKE_LOG/ready$SLURM_NODEID"
+    wait "$sleeper"
+fi
+"""
+
+
+def fake_slurm_bin(root: Path) -> Path:
+    """Write fake srun, scontrol and accelerate into root/bin (logs go to root/log); return bin."""
+    bin_dir, log_dir = root / "bin", root / "log"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("srun", _FAKE_SRUN), ("scontrol", _FAKE_SCONTROL), ("accelerate", _FAKE_ACCELERATE)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+def slurm_env(path: str, **extra: str) -> dict:
+    """A minimal environment as a 2-node, 8-GPU SLURM job sees it; nothing inherited but PATH."""
+    e = {
+        "PATH": path,
+        "SLURM_JOB_ID": "1234",
+        "SLURM_JOB_NODELIST": "gpu-[01-02]",
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": "0",
+        "SLURM_GPUS_ON_NODE": "8",
+    }
+    e.update(extra)
+    return e

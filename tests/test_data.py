@@ -1,0 +1,375 @@
+"""Data stream tests: exactly-once epochs, exact resume, reshard, bad input, resampling, shard specs.
+
+Ranks are emulated in one process (rank=0/1 of world_size=2); workers are real DataLoader worker
+processes. The shards are the committed tiny set in tests/assets (28 samples in 6 shards, keys
+000000000..000000027; see tests/assets/make_assets.py).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import warnings
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+from sd_train.config import TrainConfig
+from sd_train.data import ShardStream, TrainLoader, build_train_loader, val_samples
+from sd_train.samples import BadDataError, ImageTransform, check_bad_fraction
+from sd_train.shards import expand_sources
+
+ASSETS = Path(__file__).parent / "assets"
+SPEC = str(ASSETS / "tiny-{000000..000005}.tar")
+ALL_KEYS = {f"{i:09d}" for i in range(28)}
+
+
+def make_loader(
+    spec: str = SPEC,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 2,
+    seed: int = 0,
+    batch: int = 3,
+    shuffle: int = 4,
+    mode: str = "epoch",
+    max_epochs: Optional[int] = None,
+) -> TrainLoader:
+    # Random crops (the assets are not all square) and flips, so resume must replay the augment RNG.
+    stream = ShardStream(
+        expand_sources(spec),
+        rank=rank,
+        world_size=world,
+        num_workers=workers,
+        seed=seed,
+        batch_size=batch,
+        transform=ImageTransform(16, center_crop=False, random_flip=True),
+        mode=mode,
+        shuffle_buffer=shuffle,
+        max_epochs=max_epochs,
+    )
+    return TrainLoader(stream, workers)
+
+
+def take(loader: TrainLoader, n: int) -> list[dict]:
+    """The next n batches; closes the iterator so its workers stop."""
+    it = iter(loader)
+    batches = list(islice(it, n))
+    it.close()
+    return batches
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["keys"]]
+
+
+# --------------------------------------------------------------------------- 1. exactly once
+
+
+@pytest.mark.parametrize("shuffle", [0, 8])
+def test_one_epoch_every_key_exactly_once(shuffle: int) -> None:
+    seen: list[str] = []
+    for rank in (0, 1):
+        loader = make_loader(rank=rank, world=2, workers=2, shuffle=shuffle, max_epochs=1)
+        batches = list(loader)
+        seen += keys_of(batches)
+        assert all(b["pixels"].dtype == torch.uint8 and b["pixels"].shape[1:] == (3, 16, 16) for b in batches)
+        assert loader.samples_seen() == len(keys_of(batches))
+    assert Counter(seen) == Counter(ALL_KEYS)
+
+
+# --------------------------------------------------------------------------- 2. exact resume
+
+
+@pytest.mark.parametrize(
+    "rank,world,cuts",
+    [
+        (0, 1, [4]),  # mid-epoch
+        (0, 1, [11]),  # one worker already in epoch 1, the other still in epoch 0
+        (1, 2, [3, 7]),  # resume twice, on rank 1 of 2, across epoch boundaries
+    ],
+)
+def test_resume_is_exact(rank: int, world: int, cuts: list[int]) -> None:
+    total = 26  # ~2.5 epochs of 28 samples in batches of 3 at world 1; more epochs at world 2
+    reference = take(make_loader(rank=rank, world=world), total)
+    assert len({b["position"]["epoch"] for b in reference}) >= 3  # the run crosses epoch boundaries
+    resumed: list[dict] = []
+    state = None
+    for stop in cuts + [total]:
+        loader = make_loader(rank=rank, world=world)
+        if state is not None:
+            loader.load_state_dict(state)
+        resumed += take(loader, stop - len(resumed))
+        state = loader.state_dict()
+    assert keys_of(resumed) == keys_of(reference)
+    for got, want in zip(resumed, reference):
+        assert torch.equal(got["pixels"], want["pixels"])
+        assert got["worker"] == want["worker"] and got["position"] == want["position"]
+
+
+def test_resume_in_process_continues_a_one_worker_run() -> None:
+    # num_workers=0 reads in the main process as worker 0 of 1: the same stream as one worker.
+    reference = take(make_loader(workers=1), 12)
+    first = make_loader(workers=1)
+    head = take(first, 5)
+    second = make_loader(workers=0)
+    second.load_state_dict(first.state_dict())
+    tail = take(second, 7)
+    assert keys_of(head + tail) == keys_of(reference)
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(head + tail, reference))
+
+
+def test_state_dict_layout() -> None:
+    loader = make_loader(rank=1, world=2)
+    take(loader, 3)
+    sd = loader.state_dict()
+    assert {"version", "rank", "world_size", "num_workers", "seed", "mode", "shuffle_buffer", "shards"} <= set(sd)
+    assert (sd["rank"], sd["world_size"], sd["num_workers"]) == (1, 2, 2)
+    assert len(sd["workers"]) == 2 and {"epoch", "offset", "good", "bad", "bad_shards"} <= set(sd["workers"][0])
+    assert sd["samples_seen"] == 9 == sd["samples_read"]
+    with pytest.raises(ValueError, match="rank 1 loaded into rank 0"):
+        make_loader(rank=0, world=2).load_state_dict(sd)
+
+
+# --------------------------------------------------------------------------- 3. reshard
+
+
+CHANGES = {
+    "world": dict(world=1),
+    "workers": dict(workers=1),
+    "seed": dict(seed=7),
+    "shards": dict(spec=str(ASSETS / "tiny-{000000..000004}.tar")),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_changed_layout_starts_next_epoch(change: str) -> None:
+    old = make_loader(rank=0, world=2, workers=2)
+    take(old, 3)
+    state = old.state_dict()
+    saved_epoch = max(w["epoch"] for w in state["workers"])
+    new = make_loader(**(dict(rank=0, world=2, workers=2) | CHANGES[change]))
+    with pytest.warns(UserWarning, match=f"starts at the beginning of epoch {saved_epoch + 1}"):
+        new.load_state_dict(state)
+    assert new.reshard_epoch == saved_epoch + 1
+    new.dataset.max_epochs = saved_epoch + 2  # read exactly that one epoch
+    batches = list(new)
+    assert all(b["position"]["epoch"] in (saved_epoch + 1, saved_epoch + 2) for b in batches)
+    if change == "world":
+        assert Counter(keys_of(batches)) == Counter(ALL_KEYS)
+
+
+# --------------------------------------------------------------------------- 4. bad input
+
+
+def _members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _write(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _corrupt_set(root: Path) -> str:
+    """The asset shards with known damage; returns a list-file spec. Lost good keys: see EXPECTED_LOST."""
+    for i in range(6):
+        shutil.copy(ASSETS / f"tiny-{i:06d}.tar", root / f"tiny-{i:06d}.tar")
+    m = _members(root / "tiny-000000.tar")
+    _write(root / "tiny-000000.tar", [(n, b"not an image" if n == "000000001.png" else d) for n, d in m])
+    m = _members(root / "tiny-000001.tar")
+    m = [(n, b"  \n" if n == "000000007.txt" else d) for n, d in m if n != "000000006.txt"]
+    _write(root / "tiny-000001.tar", m)
+    _write(root / "tiny-000003.tar", [(n, d) for n, d in _members(root / "tiny-000003.tar") if n != "000000016.png"])
+    with tarfile.open(root / "tiny-000002.tar") as tar:  # cut inside 000000012.png: 12, 13, 14 are lost
+        cut_data = tar.getmember("000000012.png").offset_data + 40
+    with tarfile.open(root / "tiny-000004.tar") as tar:  # cut exactly at a header: 22, 23 are lost
+        cut_header = tar.getmember("000000022.png").offset
+    os.truncate(root / "tiny-000002.tar", cut_data)
+    os.truncate(root / "tiny-000004.tar", cut_header)
+    (root / "tiny-000098.tar").write_bytes(b"\x01" * 3000)  # not a tar at all
+    names = [f"tiny-{i:06d}.tar" for i in (0, 1, 2, 3, 4, 5, 98, 99)]  # 99 does not exist
+    (root / "shards.txt").write_text("# damaged copy of the test assets\n" + "\n".join(names) + "\n")
+    return str(root / "shards.txt")
+
+
+EXPECTED_BAD = {
+    "undecodable": 1,
+    "missing_image": 1,
+    "missing_caption": 1,
+    "empty_caption": 1,
+    "truncated": 2,
+    "unreadable_shard": 2,
+}
+EXPECTED_LOST = {f"{i:09d}" for i in (1, 6, 7, 12, 13, 14, 16, 22, 23)}
+
+
+def test_bad_input_is_counted_exactly(tmp_path: Path) -> None:
+    spec = _corrupt_set(tmp_path)
+    keys: list[str] = []
+    counts: Counter = Counter()
+    shards: set[str] = set()
+    read = 0
+    for rank in (0, 1):
+        loader = make_loader(spec, rank=rank, world=2, workers=2, max_epochs=1)
+        keys += keys_of(list(loader))
+        counts.update(loader.bad_counts())
+        shards.update(os.path.basename(s) for s in loader.bad_shards())
+        read += loader.samples_read()
+    assert Counter(keys) == Counter(ALL_KEYS - EXPECTED_LOST)
+    assert dict(counts) == EXPECTED_BAD
+    assert shards == {f"tiny-{i:06d}.tar" for i in (0, 1, 2, 3, 4, 98, 99)}
+    assert read == len(keys) + sum(EXPECTED_BAD.values())
+
+    bad_names = sorted(shards)
+    with pytest.raises(BadDataError, match=r"8 of 27 .*29\.63%.*tiny-000099\.tar"):
+        check_bad_fraction(dict(counts), read, 0.1, 10, bad_names)
+    check_bad_fraction(dict(counts), read, 0.5, 10, bad_names)  # under the threshold
+    check_bad_fraction(dict(counts), read, 0.1, 100, bad_names)  # too few samples to judge
+
+
+def test_bad_counts_survive_resume_without_double_counting(tmp_path: Path) -> None:
+    spec = _corrupt_set(tmp_path)
+    whole = make_loader(spec, world=1, workers=2, max_epochs=1)
+    reference = list(whole)
+    first = make_loader(spec, world=1, workers=2, max_epochs=1)
+    head = take(first, 3)
+    second = make_loader(spec, world=1, workers=2, max_epochs=1)
+    second.load_state_dict(first.state_dict())
+    tail = list(second)
+    assert keys_of(head + tail) == keys_of(reference)
+    assert second.bad_counts() == whole.bad_counts() == EXPECTED_BAD
+    assert second.samples_read() == whole.samples_read()
+
+
+# --------------------------------------------------------------------------- 5. too few shards
+
+
+def test_too_few_shards_for_epoch_mode() -> None:
+    spec = str(ASSETS / "tiny-{000000..000002}.tar")
+    with pytest.raises(ValueError, match=r"3 shards is fewer than world_size x num_workers = 2 x 2 = 4"):
+        make_loader(spec, world=2, workers=2)
+    make_loader(spec, world=2, workers=2, mode="resampled")  # resampled mode needs no minimum
+
+
+# --------------------------------------------------------------------------- 6. resampled
+
+
+def test_resampled_is_endless_deterministic_and_resumable() -> None:
+    kw = dict(rank=1, world=2, workers=2, mode="resampled")
+    reference = take(make_loader(**kw), 24)  # 72 samples from a rank's share of 14: well past one pass
+    assert len(keys_of(reference)) == 72
+    assert keys_of(take(make_loader(**kw), 24)) == keys_of(reference)
+    assert keys_of(take(make_loader(**kw, seed=1), 24)) != keys_of(reference)
+    first = make_loader(**kw)
+    head = take(first, 10)
+    second = make_loader(**kw)
+    second.load_state_dict(first.state_dict())
+    tail = take(second, 14)
+    assert keys_of(head + tail) == keys_of(reference)
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(head + tail, reference))
+
+
+def test_resampled_follows_source_weights() -> None:
+    spec = f"{ASSETS / 'tiny-000000.tar'}@0.000001::{ASSETS / 'tiny-{000001..000005}.tar'}@1"
+    keys = keys_of(take(make_loader(spec, workers=1, mode="resampled"), 20))
+    assert not set(keys) & {f"{i:09d}" for i in range(5)}  # the first source is (almost) never drawn
+
+
+# --------------------------------------------------------------------------- 7. shard specs
+
+
+def test_shard_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    brace = expand_sources(SPEC)
+    assert len(brace) == 1 and [os.path.basename(u) for u in brace[0].urls] == [f"tiny-{i:06d}.tar" for i in range(6)]
+    folder = tmp_path / "a"
+    shutil.copytree(ASSETS, folder, ignore=shutil.ignore_patterns("*.py"))
+    assert [os.path.basename(u) for u in expand_sources(str(folder))[0].urls] == [f"tiny-{i:06d}.tar" for i in range(6)]
+    shutil.copytree(folder, tmp_path / "b")
+    globbed = expand_sources(str(tmp_path / "{a,b}" / "tiny-00000[01].tar"))[0].urls
+    assert [os.path.relpath(u, tmp_path) for u in globbed] == [
+        f"{d}/tiny-00000{i}.tar" for d in "ab" for i in (0, 1)
+    ]
+    listing = folder / "list.txt"
+    listing.write_text(f"# comment\ntiny-{{000000..000001}}.tar\n\n{folder / 'tiny-000005.tar'}\n")
+    monkeypatch.chdir(tmp_path)  # relative entries resolve next to the list file, from any working directory
+    urls = expand_sources(str(listing))[0].urls
+    assert urls == [str(folder / "tiny-000000.tar"), str(folder / "tiny-000001.tar"), str(folder / "tiny-000005.tar")]
+    mixed = expand_sources(f"{SPEC}::{folder}@0.25")
+    assert [s.weight for s in mixed] == [1.0, 0.25]
+    with pytest.raises(ValueError, match="weights must be positive"):
+        expand_sources(f"{SPEC}@0")
+    loader = make_loader(f"{SPEC}::{listing}", workers=1, shuffle=0, max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # equal weights: no "weights ignored" warning
+        assert len(keys_of(list(loader))) == 28 + 10 + 4
+
+
+# --------------------------------------------------------------------------- config and val
+
+
+def test_build_train_loader_and_val_samples() -> None:
+    cfg = TrainConfig()
+    cfg.data.train_shards, cfg.data.resolution, cfg.data.num_workers = SPEC, 8, 2
+    cfg.micro_batch_size = 4
+    loader = build_train_loader(cfg, rank=1, world_size=2)
+    batch = take(loader, 1)[0]
+    assert batch["pixels"].shape == (4, 3, 8, 8) and len(batch["captions"]) == 4
+    cfg.data.precomputed = True
+    with pytest.raises(ValueError, match="data.precomputed"):
+        build_train_loader(cfg, rank=0, world_size=1)
+
+    pixels, captions, keys = val_samples(SPEC, 7, 16)
+    assert pixels.shape == (7, 3, 16, 16) and pixels.dtype == torch.uint8
+    assert keys == [f"{i:09d}" for i in range(7)] and captions[0] == "an emoji of a red circle"
+    again, _, _ = val_samples(SPEC, 7, 16)
+    assert torch.equal(pixels, again)
+    with pytest.warns(UserWarning, match="28 good samples, fewer than the 40"):
+        val_samples(SPEC, 40, 16)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_names_and_pipe_sources(tmp_path: Path, tar_format: int) -> None:
+    from sd_train.samples import BadInputLog, read_shards
+
+    folder = "sub/" + "d" * 120 if tar_format != tarfile.USTAR_FORMAT else "sub/dir"  # > 100 chars: pax/GNU long names
+    members = [(f"{folder}/{k}.{ext}", d) for n, d in _members(ASSETS / "tiny-000000.tar") for k, ext in [n.split(".", 1)]]
+    with tarfile.open(tmp_path / "s.tar", "w", format=tar_format) as tar:
+        tar.addfile(tarfile.TarInfo("sub"))  # a non-file member is skipped
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    log = BadInputLog()
+    for url in (str(tmp_path / "s.tar"), f"pipe:cat {tmp_path / 's.tar'}"):
+        raws = list(read_shards([url], log))
+        assert [r.key for r in raws] == [f"{folder}/{i:09d}" for i in range(5)]
+        assert set(raws[0].members) == {"png", "txt", "json"}
+    (tmp_path / "empty.tar").write_bytes(b"")
+    list(read_shards([f"pipe:cat {tmp_path / 'missing.tar'} 2>/dev/null", str(tmp_path / "empty.tar")], log))
+    assert log.counts["unreadable_shard"] == 2 and log.total() == 2
+
+
+def test_resume_after_moving_the_shards(tmp_path: Path) -> None:
+    # The saved state names shards by base name: a data set moved to another disk resumes exactly.
+    for i in range(6):
+        shutil.copy(ASSETS / f"tiny-{i:06d}.tar", tmp_path)
+    reference = take(make_loader(), 9)
+    first = make_loader()
+    head = take(first, 4)
+    moved = make_loader(str(tmp_path / "tiny-{000000..000005}.tar"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moved.load_state_dict(first.state_dict())
+    assert keys_of(head + take(moved, 5)) == keys_of(reference)
