@@ -291,7 +291,13 @@ class TrainLoader:
             extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
         if self.num_workers > 0:
             extra["worker_init_fn"] = _ignore_termination
-        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra)
+        # A private generator: without one, creating the iterator draws a base seed from the global
+        # torch RNG, which would shift the training noise of a resumed run against a straight one.
+        # The stream's own randomness is seeded explicitly and does not use this seed.
+        gen = torch.Generator().manual_seed(0)
+        return DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, generator=gen, **extra
+        )
 
     def __iter__(self) -> Iterator[dict]:
         """Batches in worker rotation order; each one's position is recorded as it is handed out."""

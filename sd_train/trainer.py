@@ -172,11 +172,15 @@ class Trainer:
             self.loader.load_state_dict(rank_state["data"])
         else:
             # World size changed: per-rank RNG streams and data positions have no counterpart.
-            # Fresh per-rank seeds (mixed with the step so they differ from the run's start) and
-            # the data loader moves on to the next epoch (it warns, and says why).
+            # Fresh per-rank seeds (mixed with the step so they differ from the run's start), and
+            # the data stream moves on to the next epoch, agreed by all ranks (the loader warns).
             seed_all(self.cfg.seed + 7919 * self.state.step + self.info.rank)
+            saved_world = int(global_state["world_size"])
             folder = self.checkpointer.loaded_folder
-            self.loader.load_state_dict(torch.load(folder / "rank_0.pt", weights_only=False)["data"])
+            old = torch.load(folder / f"rank_{min(self.info.rank, saved_world - 1)}.pt", weights_only=False)
+            self.loader.load_state_dict(old["data"])
+            epoch = int(D.all_reduce_max([float(self.loader.reshard_epoch or 0)], self.info.device)[0])
+            self.loader.start_at_epoch(epoch)
         if self.info.is_main:
             print(f"resumed from {self.checkpointer.loaded_folder} at step {self.state.step} "
                   f"(saved by {global_state['world_size']} ranks, now {self.info.world_size})", flush=True)
