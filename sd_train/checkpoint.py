@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,6 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sd_train.config import CheckpointArgs
@@ -83,6 +85,7 @@ class Checkpointer:
         self._pg = dist.new_group(backend="gloo") if args.async_save and dist.is_initialized() else None
         self.fault_hook: Callable[[str, int], None] = lambda phase, step: None  # set by faults.py
         self.loaded_folder: Optional[Path] = None
+        self._last_saved_step: Optional[int] = None
 
     def candidates_exist(self) -> bool:
         return bool(complete_steps(self.root))
@@ -97,9 +100,13 @@ class Checkpointer:
         self.poll()
         if not (force or self.should_save(step, last_step=step == self.max_steps)):
             return False
-        if step_dir(self.root, step).exists():
-            return False  # already saved at this step (e.g. a preemption save right after a cadence save)
+        if step == self._last_saved_step:
+            # Already saved at this step (a preemption save right after a cadence save). Decided from
+            # memory, not the file system: rank 0 may not have renamed the folder yet when another
+            # rank looks, and ranks that disagree here would deadlock in the save's collectives.
+            return False
         self.wait()  # one save in flight at a time
+        self._last_saved_step = step
         tmp = partial_dir(self.root, step)
         if self.rank == 0:
             if tmp.exists():
@@ -148,7 +155,12 @@ class Checkpointer:
         tmp = partial_dir(self.root, step)
         if not (tmp / ".metadata").is_file():
             raise RuntimeError(f"checkpoint at step {step}: {tmp} has no .metadata after save; not renaming")
-        os.replace(tmp, step_dir(self.root, step))
+        final = step_dir(self.root, step)
+        if final.exists():
+            # A folder of this step that failed to load (we resumed from an older one and came
+            # back to this step). Keep it for inspection under a name that never counts.
+            os.replace(final, final.with_name(f"{final.name}.broken-{int(time.time())}"))
+        os.replace(tmp, final)
         log.info("checkpoint saved: %s", step_dir(self.root, step))
         self.fault_hook("before_retention", step)
         self.apply_retention()
@@ -199,6 +211,7 @@ class Checkpointer:
                     print(f"WARNING: checkpoint {folder} could not be loaded: {e}. Trying the previous one.", flush=True)
                 continue
             self.loaded_folder = folder
+            self._last_saved_step = int(result[0]["step"])  # never re-save into the folder we came from
             if errors and self.rank == 0:
                 print(f"WARNING: resumed from older checkpoint {folder} after: {'; '.join(errors)}", flush=True)
             return result
@@ -233,7 +246,7 @@ class Checkpointer:
             state = {"model": model_sd, "optim": optim_sd, "ema": ema.tensor_state_dict()}
             dcp.load(state, checkpoint_id=str(folder))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        except Exception as e:  # DCP raises the same CheckpointException on every rank
+        except (Exception, CheckpointException) as e:  # DCP raises CheckpointException (a BaseException) on every rank
             raise _LoadFailed(_name_broken_file(folder, e)) from e
         load_global(global_state)
         return global_state, rank_state

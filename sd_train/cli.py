@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("sd_train.ema_plan", "main_plan", "print the EMA window plan of a config and check it"),
     "sweep": ("sd_train.sweep", "main_sweep", "expand a sweep file into runs; run them locally or under SLURM"),
     "precompute": ("sd_train.precompute", "main_precompute", "encode shards once into latent + text-embedding shards"),
+    "quality": ("sd_train.quality", "main_quality", "train the demo three ways (no EMA, whole-run EMA, late EMA) and compare val loss"),
 }
 
 

@@ -233,6 +233,9 @@ class TrainConfig:
     """Samples per forward/backward on one rank."""
     mixed_precision: Literal["no", "bf16"] = "no"
     """bf16 autocast for the forward pass (weights and optimizer stay fp32)."""
+    max_consecutive_skips: int = 5
+    """Stop the run after this many optimizer steps in a row were skipped for a non-finite loss or
+    gradient (one skipped step is survivable; a streak means diverged training)."""
     export_at_end: bool = True
     """Export a diffusers pipeline folder (raw and, if allocated, EMA UNet) at the end."""
     model: ModelArgs = field(default_factory=ModelArgs)
@@ -397,6 +400,7 @@ def _positive(name: str, value: float) -> None:
 def _validate(cfg: TrainConfig, world_size: int) -> None:
     _positive("max_steps", cfg.max_steps)
     _positive("micro_batch_size", cfg.micro_batch_size)
+    _positive("max_consecutive_skips", cfg.max_consecutive_skips)
     _positive("global_batch_size", cfg.global_batch_size)
     per_step = world_size * cfg.micro_batch_size
     if cfg.global_batch_size % per_step != 0:

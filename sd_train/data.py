@@ -18,7 +18,9 @@ Pipeline in each worker: raw tar members grouped by key (undecoded) -> shuffle b
 by (seed, world_size, rank, num_workers, worker, epoch); drained at each epoch end) -> position
 count -> decode + caption check (bad samples are counted and skipped, but still advance the
 position) -> resize/crop/flip, with an RNG seeded by the sample's position -> `micro_batch_size`
-samples stacked as uint8 in the worker (3x faster than moving float samples; see FINDINGS).
+samples stacked as uint8 in the worker (3x faster than moving float samples; see FINDINGS). With
+`data.precomputed` the decode reads stored latents instead (`sd_train.precompute`), and a batch
+carries `latent_mean`/`latent_std`/`text_embeds` instead of `pixels`; everything else is the same.
 
 Position = per worker (epoch, offset): raw samples emitted from the shuffle buffer in that epoch.
 Every batch carries its worker's position and cumulative counts after the batch; `TrainLoader`
@@ -47,6 +49,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -58,6 +61,7 @@ from sd_train.samples import (
     Decoder,
     DecodedSample,
     ImageTransform,
+    PrecomputedSample,
     RawSample,
     check_bad_fraction,
     read_shards,
@@ -96,6 +100,16 @@ def stack_pixels(samples: list[DecodedSample], resolution: int) -> torch.Tensor:
     for i, s in enumerate(samples):
         pixels[i].copy_(torch.from_numpy(s.pixels).permute(2, 0, 1))
     return pixels
+
+
+def stack_precomputed(samples: list[PrecomputedSample]) -> dict[str, Any]:
+    """Precomputed samples -> float tensors latent_mean/latent_std [B,4,h,w] and text_embeds
+    [B,77,D] in their stored dtype. The posterior is sampled on device by the trainer, from its
+    checkpointed global RNG, never here (a worker's RNG is not part of the resumable state)."""
+    return {
+        name: torch.from_numpy(np.stack([getattr(s, name) for s in samples]))
+        for name in ("latent_mean", "latent_std", "text_embeds")
+    }
 
 
 @dataclass
@@ -220,7 +234,7 @@ class ShardStream(IterableDataset):
         marker after `max_epochs` tells TrainLoader to drop this worker from its rotation."""
         log = BadInputLog(dict(start.bad), list(start.bad_shards))
         epoch, skip, good = start.epoch, start.offset, start.good
-        batch: list[DecodedSample] = []
+        batch: list[DecodedSample | PrecomputedSample] = []
         while self.max_epochs is None or epoch < self.max_epochs:
             samples = self.epoch_samples(worker, epoch, log)
             offset = self._replay(samples, skip, log) if skip else 0
@@ -245,9 +259,13 @@ class ShardStream(IterableDataset):
             yield self._pack(batch, worker, end)
         yield {"worker": worker, "end": True, "position": asdict(end)}
 
-    def _pack(self, batch: list[DecodedSample], worker: int, position: WorkerPosition) -> dict:
+    def _pack(self, batch: list[DecodedSample | PrecomputedSample], worker: int, position: WorkerPosition) -> dict:
+        if isinstance(batch[0], PrecomputedSample):
+            arrays = stack_precomputed(batch)  # type: ignore[arg-type]  # one decoder per stream
+        else:
+            arrays = {"pixels": stack_pixels(batch, self.transform.resolution)}  # type: ignore[arg-type]
         return {
-            "pixels": stack_pixels(batch, self.transform.resolution),
+            **arrays,
             "captions": [s.caption for s in batch],
             "keys": [s.key for s in batch],
             "worker": worker,
@@ -406,6 +424,10 @@ class TrainLoader:
 def build_train_loader(cfg: Any, rank: int, world_size: int, max_epochs: Optional[int] = None) -> TrainLoader:
     """The training loader of `rank` from `cfg` (a TrainConfig): `cfg.data.*`, `cfg.seed`, `cfg.micro_batch_size`."""
     d = cfg.data
+    if d.precomputed:
+        from sd_train.precompute import check_precomputed  # local: only precomputed runs need it
+
+        check_precomputed(d.train_shards, cfg)  # ConfigError naming the field, before any worker starts
     stream = ShardStream(
         expand_sources(d.train_shards),
         rank=rank,

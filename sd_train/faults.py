@@ -2,7 +2,7 @@
 and phase, so the fault-tolerance tests can kill, poison or hang a real run.
 
     SD_TRAIN_FAULT="rank=1,step=6,phase=after_shards"            kill -9 itself there
-    SD_TRAIN_FAULT="rank=0,step=4,phase=mid_step,action=nan"     make its loss NaN (3 steps: count=3)
+    SD_TRAIN_FAULT="rank=0,step=4,phase=mid_step,action=nan,count=3"   NaN loss on 3 attempts from step 4
 
 Phases: mid_step (between backward and optimizer step), after_rank_files (checkpoint: rank file
 written, shards not), after_shards (shards written, folder not yet renamed), before_retention,
@@ -27,8 +27,12 @@ class Fault:
     action: str = "kill"
     count: int = 1
 
+    fired: int = 0
+
     def matches(self, rank: int, step: int, phase: str) -> bool:
-        return rank == self.rank and phase == self.phase and self.step <= step < self.step + self.count
+        """Fires `count` times, from the first matching step on. Counting firings rather than step
+        numbers matters for `nan`: a skipped step is retried under the same step number."""
+        return rank == self.rank and phase == self.phase and step >= self.step and self.fired < self.count
 
 
 def parse_fault(spec: Optional[str]) -> Optional[Fault]:
@@ -53,6 +57,7 @@ class FaultInjector:
         f = self.fault
         if f is None or not f.matches(self.rank, step, phase):
             return False
+        f.fired += 1
         if f.action == "nan":
             return True
         print(f"[fault injection] rank {self.rank} step {step} phase {phase}: {f.action}", flush=True)

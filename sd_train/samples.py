@@ -10,6 +10,8 @@ Bad input categories (`BAD_CATEGORIES`), each counted once per occurrence:
 - `undecodable`: the image member is not an image PIL can open.
 - `missing_image`: a sample with no `.png/.jpg/.jpeg/.webp` member.
 - `missing_caption`: no `.txt` member; `empty_caption`: a `.txt` that is blank.
+- In precomputed shards (`sd-train precompute`) the stored latents stand in for the image: a
+  sample without them is `missing_image`, one whose arrays do not load is `undecodable`.
 - `truncated`: a shard that ends or breaks mid-archive (cut-off member, bad header, no
   end-of-archive block). Counted once per shard read; the sample whose member was being read
   is lost with it (and the rest of the shard: they are never seen, so never counted).
@@ -392,18 +394,62 @@ def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random
     return DecodedSample(raw.key, transform_image(rgb, tf, rng), caption)
 
 
-Decoder = Callable[[RawSample, ImageTransform, Optional[random.Random]], DecodedSample]
+# --------------------------------------------------------------------------- precomputed shards
+# The member names of `sd-train precompute` output (writer: sd_train.precompute). Each array has a
+# leading crop axis: [K, 4, h, w] for the posterior, K = 1 (center crop) or the `--crops` count.
+
+LATENT_MEAN = "latent_mean.npy"
+LATENT_STD = "latent_std.npy"
+TEXT_EMBEDS = "text_embeds.npy"
+
+
+@dataclass
+class PrecomputedSample:
+    """One precomputed sample: the VAE posterior (unscaled mean and std, [4, h, w]) of one crop,
+    the caption's text-encoder last hidden state [77, D], the caption and key."""
+
+    key: str
+    latent_mean: np.ndarray
+    latent_std: np.ndarray
+    text_embeds: np.ndarray
+    caption: str
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype.kind != "f":
+        raise ValueError(f"dtype {array.dtype}")
+    return array
+
+
+def decode_precomputed_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random.Random]) -> PrecomputedSample:
+    """Caption check, then the stored arrays; one crop of K, drawn with `rng` when there is one.
+
+    The latents play the image's part in the bad-input counts: a sample without all three arrays is
+    `missing_image`, one whose arrays do not load or do not fit together is `undecodable`. The
+    geometry (`tf.resolution`, crops) was fixed at precompute time; `check_precomputed` holds the
+    run's config to it before training starts, so `tf` is not consulted here.
+    """
+    if not all(m in raw.members for m in (LATENT_MEAN, LATENT_STD, TEXT_EMBEDS)):
+        raise BadSample("missing_image")
+    caption = caption_of(raw)
+    try:
+        mean, std = _load_npy(raw.members[LATENT_MEAN]), _load_npy(raw.members[LATENT_STD])
+        text = _load_npy(raw.members[TEXT_EMBEDS])
+    except (ValueError, OSError, EOFError):  # numpy's errors for a corrupt or truncated .npy
+        raise BadSample("undecodable") from None
+    if mean.ndim != 4 or mean.shape != std.shape or text.ndim != 2:
+        raise BadSample("undecodable")
+    # K > 1 crops exist only for random-crop training, where the stream hands us a position-seeded
+    # rng: picking the crop with it keeps the choice resumable, like an online random crop.
+    k = rng.randrange(mean.shape[0]) if rng is not None and mean.shape[0] > 1 else 0
+    return PrecomputedSample(raw.key, mean[k], std[k], text, caption)
+
+
+Decoder = Callable[[RawSample, ImageTransform, Optional[random.Random]], DecodedSample | PrecomputedSample]
 
 
 def select_decoder(precomputed: bool) -> Decoder:
-    """The per-sample decode function for a shard layout.
-
-    Images + captions today. Shards written by a future `precompute` command (KEY.latents.npy +
-    text embeddings) get their own decoder here; the stream, replay and counting stay the same.
-    """
-    if precomputed:
-        raise ValueError(
-            "data.precomputed=true: reading precomputed-latent shards is not built yet; "
-            "set data.precomputed=false and train from image shards"
-        )
-    return decode_image_sample
+    """The per-sample decode function for a shard layout: images + captions, or the latents and
+    text embeddings `sd-train precompute` writes. The stream, replay and counting are the same."""
+    return decode_precomputed_sample if precomputed else decode_image_sample

@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from sd_train import distributed as D
-from sd_train.checkpoint import Checkpointer
+from sd_train.checkpoint import CheckpointLoadError, Checkpointer
 from sd_train.config import ConfigError, TrainConfig, config_to_dict, dump_config
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
@@ -35,7 +37,9 @@ from sd_train.metrics import build_metrics
 from sd_train.model import encode_pixels, encode_text, load_sd_parts
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_lr_schedule, build_optimizer
+from sd_train.precompute import sample_posterior
 from sd_train.rng import load_rng_state_dict, rng_state_dict, seed_all
+from sd_train.samples import BadDataError
 
 log = logging.getLogger("sd_train")
 
@@ -76,9 +80,6 @@ class Preemption:
     def agreed(self, device: torch.device) -> bool:
         flag, = D.all_reduce_sum([1.0 if self.requested else 0.0], device)
         return flag > 0
-
-
-MAX_CONSECUTIVE_SKIPS = 5
 
 
 class Trainer:
@@ -189,9 +190,21 @@ class Trainer:
 
     def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.info.device
-        if "latents" in batch:  # precomputed shards
-            return batch["latents"].to(dev), batch["text_embeds"].to(dev)
-        return encode_pixels(self.parts, batch["pixels"], dev), encode_text(self.parts, batch["captions"], dev)
+        if "latent_mean" in batch:  # precomputed shards (sd_train.precompute): the stored posterior
+            # is sampled here, on device, from the checkpointed global RNG, with the call
+            # `encode_pixels` makes: the same random numbers as online encoding, bitwise.
+            vae_dtype, text_dtype = self.parts.vae.dtype, self.parts.text_encoder.dtype
+            mean, std = batch["latent_mean"].to(dev, vae_dtype), batch["latent_std"].to(dev, vae_dtype)
+            latents = sample_posterior(mean, std, self.parts.vae_scale)
+            embeds = batch["text_embeds"].to(dev, text_dtype)
+        else:
+            latents = encode_pixels(self.parts, batch["pixels"], dev)
+            embeds = encode_text(self.parts, batch["captions"], dev)
+        # One layout for both paths. The VAE returns channels_last latents for batches > 1 on CPU
+        # (diffusers' attention reshape, kept by the convs after it), and the objective's randn_like
+        # follows the layout: on a channels_last tensor torch draws other numbers and advances the
+        # generator differently (measured). Contiguous latents make the noise independent of that.
+        return latents.contiguous(), embeds
 
     def train_step(self, data_iter) -> dict:
         """Accumulate gradients over micro-batches, then step unless any rank saw a non-finite
@@ -242,7 +255,7 @@ class Trainer:
         if self.info.is_main:
             print(f"WARNING: step {step}: non-finite loss/gradient on {where}; step skipped "
                   f"(weights, optimizer, LR schedule and EMA untouched)", flush=True)
-        if self.state.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+        if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
             raise NonFiniteError(
                 f"{self.state.consecutive_skips} consecutive non-finite steps, the last at step {step} on {where}; "
                 "stopping without writing a checkpoint. Lower optim.lr or check the data"
@@ -288,6 +301,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.data.log_keys:
             (self.out / "keys").mkdir(parents=True, exist_ok=True)
+            with open(self.out / "keys" / f"rank{self.info.rank}.txt", "a") as f:
+                f.write(f"# start\t{self.state.step}\n")  # a relaunch may recompute steps after it
         if self.state.step == 0 and self.validator is not None:  # the baseline the run must beat
             self.metrics.log(0, {"val/loss_raw": self.validator.loss(self.model)})
         data_iter = iter(self.loader)
@@ -356,6 +371,9 @@ def _local_numel(p: torch.Tensor) -> int:
     return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
 
 
+KNOWN_ERRORS: tuple = (NonFiniteError, CheckpointLoadError, BadDataError)
+
+
 class _null:
     def __enter__(self):
         return False
@@ -379,17 +397,31 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 def run(cfg: TrainConfig) -> int:
-    """Train with an already validated config (sd_train.entry.main validates it first)."""
+    """Train with an already validated config (sd_train.entry.main validates it first).
+
+    A rank that fails leaves with os._exit: its peers may be blocked in a collective with it, and
+    a graceful teardown (destroy_process_group, loader workers, atexit) can then block forever,
+    while our SIGTERM handler would keep the launcher from killing it. The launcher sees the
+    non-zero exit and stops the other ranks."""
+    trainer = None
     try:
         trainer = Trainer(cfg)
+        rc = trainer.train()
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        D.destroy()
-        return 2
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
+        _die(2, f"config error: {e}")
+    except KNOWN_ERRORS as e:
+        _die(1, f"error: {e}")
+    except BaseException:
+        traceback.print_exc()
+        _die(1, "error: training failed (traceback above)")
+    trainer.close()
+    return rc
+
+
+def _die(code: int, message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,3 +33,14 @@ def tiny_assets(tmp_path_factory) -> dict:
             f"data.val_shards={data}/val-000000.tar",
         ],
     }
+
+
+@pytest.fixture(scope="session")
+def straight_run(tiny_assets, tmp_path_factory):
+    """The uninterrupted 2-rank reference run that resume and fault tests compare against."""
+    from launch import run
+    from test_train import train_cmd
+
+    out = tmp_path_factory.mktemp("straight") / "a"
+    run(train_cmd(2, out, tiny_assets), timeout=300)
+    return out

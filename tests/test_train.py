@@ -13,7 +13,7 @@ from launch import REPO, run, torchrun_cmd
 
 TRAIN = str(REPO / "train.py")
 # 16 steps x 8 samples = 128 = exactly one epoch of the fixture's train split.
-COMMON = ["max_steps=16", "ema.step_start_ema=10", "ema.decay=0.5", "checkpoint.every_steps=4",
+COMMON = ["max_steps=16", "ema.step_start_ema=10", "ema.decay=0.5", "ema.tolerance=0.3", "checkpoint.every_steps=4",
           "checkpoint.keep_last_k=0", "eval.every_steps=8", "data.log_keys=true", "metrics.log_every=4"]
 
 
@@ -48,12 +48,15 @@ def assert_states_equal(a: dict, b: dict) -> None:
 
 
 def keys_by_step(out: Path, rank: int) -> dict[int, list[str]]:
-    """step -> sample keys of that step on `rank`. Lines of one step are contiguous and a relaunch
-    appends, so a recomputed step's later run of lines replaces the earlier one."""
+    """step -> sample keys of that step on `rank`. Each launch starts with a `# start` line and
+    appends; a step recomputed after a relaunch replaces the earlier launch's lines."""
     steps: dict[int, list[str]] = {}
     prev = None
     for line in (out / "keys" / f"rank{rank}.txt").read_text().splitlines():
         step, key = line.split("\t")
+        if step == "# start":
+            prev = None
+            continue
         step = int(step)
         if step != prev:
             steps[step] = []
@@ -69,25 +72,28 @@ def unet_weights(pipe_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.multiproc
-def test_two_ranks_resume_exact_and_reshard(tiny_assets, tmp_path):
-    # A: the uninterrupted 2-rank run.
-    a = tmp_path / "a"
-    run(train_cmd(2, a, tiny_assets), timeout=300)
+def test_two_ranks_resume_exact_and_reshard(tiny_assets, straight_run, tmp_path):
+    a = straight_run
     topo = json.loads((a / "topology.json").read_text())
     assert topo["world_size"] == 2 and topo["strategy"] == "fsdp2"
     assert all(r["all_dtensor"] and r["placements"] == ["(Shard(dim=0),)"] for r in topo["ranks"])
     # Exactly one epoch over both ranks: every training key once.
-    keys = [k for r in (0, 1) for k in (a / "keys" / f"rank{r}.txt").read_text().split()[1::2]]
+    keys = [k for r in (0, 1) for ks in keys_by_step(a, r).values() for k in ks]
     manifest = json.loads((tiny_assets["data"] / "dataset.json").read_text())
     assert len(keys) == len(set(keys)) == manifest["counts"]["train"]
     final_a = full_state(a / "checkpoints" / "step_00000016")
 
-    # B: SIGTERM at step 6 (before the window), then relaunch.
+    # B: SIGTERM at step 6 (before the window), then relaunch; wandb offline continues its run.
     b = tmp_path / "b"
-    first = run(train_cmd(2, b, tiny_assets), timeout=300, SD_TRAIN_FAULT="rank=1,step=6,phase=mid_step,action=term")
+    first = run(train_cmd(2, b, tiny_assets, "metrics.wandb=true"), timeout=300, WANDB_MODE="offline",
+                SD_TRAIN_FAULT="rank=1,step=6,phase=mid_step,action=term")
     assert "preempted (SIGTERM)" in first.stdout
     assert (b / "checkpoints" / "step_00000006" / ".metadata").is_file()
-    run(train_cmd(2, b, tiny_assets), timeout=300)
+    run_id = (b / "wandb_run_id.txt").read_text()
+    run(train_cmd(2, b, tiny_assets, "metrics.wandb=true"), timeout=300, WANDB_MODE="offline")
+    assert (b / "wandb_run_id.txt").read_text() == run_id
+    runs = list((b / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2, "both launches log into the same wandb run id"
     assert_states_equal(final_a, full_state(b / "checkpoints" / "step_00000016"))
 
     # C: kill -9 of rank 1 mid-step 14 (inside the window; newest complete checkpoint: 12).

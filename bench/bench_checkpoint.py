@@ -1,0 +1,196 @@
+"""Checkpoint save time at world size 2: per-rank DCP shards vs a rank-0 full state dict, and async DCP.
+
+    .venv/bin/python bench/bench_checkpoint.py [--size 200m] [--reps 1] [--warmup 1] [--dir /tmp]
+
+Relaunches itself under torchrun (2 ranks, gloo, one thread per rank). Each rank builds the same
+UNet, shards it with sd_train's `shard_unet` (FSDP2), and takes one AdamW step so the optimizer
+state exists (model + 2 Adam moments = 3x the parameter bytes). Then, interleaved round-robin:
+
+- sharded DCP: `sd_train.checkpoint.Checkpointer.save` (each rank writes its own shard file, rank 0
+  the `.metadata`, then the atomic rename), as the trainer calls it;
+- rank-0 full: `get_model_state_dict` / `get_optimizer_state_dict` with full_state_dict=True and
+  cpu_offload=True (every parameter gathered to rank 0), then `torch.save` on rank 0, fsynced
+  because DCP's FileSystemWriter fsyncs its files too;
+- async DCP: `Checkpointer.save` with `checkpoint.async_save=true`: the time `save` blocks the
+  caller, and the total until `wait()` returns with the checkpoint complete on disk (measured with
+  nothing else running; in training the write overlaps the next steps and competes for the cores).
+
+Every timing ends with a barrier, so it is the time until the checkpoint is done on all ranks
+(a rank that finishes early meets the others at the next collective anyway). The EMA window is
+closed, so neither variant carries EMA tensors. Files go to a temporary folder under `--dir`,
+deleted after each save and at the end. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+import benchlib
+
+DCP = "sharded DCP (Checkpointer.save)"
+FULL = "rank-0 full state dict + torch.save"
+ASYNC = "async DCP (Checkpointer, async_save)"
+KEYS = {DCP: "dcp", FULL: "full", ASYNC: "async"}  # folder-size keys recorded by rank 0
+LATENT_SIZE = 16  # the one training step only has to create the optimizer state: keep it cheap
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def one_adamw_step(unet: torch.nn.Module, size: str) -> torch.optim.Optimizer:
+    """A real forward/backward/AdamW step on one random sample (same on every rank)."""
+    cross = benchlib.UNET_CONFIGS[size]["cross_attention_dim"]
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, LATENT_SIZE, LATENT_SIZE, generator=g)
+    text = torch.randn(1, 77, cross, generator=g)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    pred = unet(latents, torch.tensor([500]), encoder_hidden_states=text).sample
+    torch.nn.functional.mse_loss(pred, torch.randn(pred.shape, generator=g)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def full_state_save(unet: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, rank: int) -> None:
+    """The rank-0 pattern of diffusers' scripts and accelerate's FULL_STATE_DICT, on FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {"model": get_model_state_dict(unet, options=options), "optim": get_optimizer_state_dict(unet, optimizer, options=options)}
+    if rank == 0:
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def worker(size: str, warmup: int, reps: int, root: Path) -> None:
+    from sd_train.checkpoint import Checkpointer, step_dir
+    from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
+    from sd_train.distributed import all_gather_object, destroy, init_distributed, shard_unet
+    from sd_train.ema import ShardedEMA
+    from sd_train.ema_plan import plan_from_config
+
+    info = init_distributed(DistArgs())
+    unet = shard_unet(benchlib.build_unet(size, LATENT_SIZE), DistArgs(), info)
+    optimizer = one_adamw_step(unet, size)
+    ema = ShardedEMA(unet, plan_from_config(EMAArgs(enabled=False), max_steps=1))
+    max_steps = 1_000_000
+    sync_ckpt = Checkpointer(CheckpointArgs(every_steps=max_steps, keep_last_k=0), str(root / "dcp"), info.rank, info.world_size, max_steps)
+    async_ckpt = Checkpointer(CheckpointArgs(every_steps=max_steps, keep_last_k=0, async_save=True), str(root / "async"), info.rank, info.world_size, max_steps)
+    global_state = {"ema": ema.meta_state_dict()}
+    rank_state = {"rank": info.rank}
+    step = 0
+    sizes: dict[str, int] = {}
+
+    def measure(name: str, folder: Path, save: Callable[[], float | None]) -> dict[str, float]:
+        """Run one save between barriers; returns its seconds (and the async blocking part)."""
+        dist.barrier()
+        t0 = time.perf_counter()
+        blocking = save()
+        dist.barrier()
+        out = {"total": time.perf_counter() - t0}
+        if blocking is not None:
+            out["blocking"] = blocking
+        if info.rank == 0:
+            sizes[name] = folder_bytes(folder)
+            shutil.rmtree(folder)
+        dist.barrier()
+        return out
+
+    def dcp_sync() -> dict[str, float]:
+        nonlocal step
+        step += 1
+
+        def save() -> None:
+            sync_ckpt.save(step, unet, optimizer, ema, global_state, rank_state, force=True)
+
+        return measure("dcp", step_dir(sync_ckpt.root, step), save)
+
+    def dcp_async() -> dict[str, float]:
+        nonlocal step
+        step += 1
+
+        def save() -> float:
+            t0 = time.perf_counter()
+            async_ckpt.save(step, unet, optimizer, ema, global_state, rank_state, force=True)
+            blocking = time.perf_counter() - t0
+            async_ckpt.wait()
+            return blocking
+
+        return measure("async", step_dir(async_ckpt.root, step), save)
+
+    def full() -> dict[str, float]:
+        folder = root / "full"
+        folder.mkdir(exist_ok=True)
+        return measure("full", folder, lambda: full_state_save(unet, optimizer, folder / "state.pt", info.rank))
+
+    candidates = {DCP: dcp_sync, FULL: full, ASYNC: dcp_async}
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            samples[name].append(candidates[name]())
+    mine = {
+        "rank": info.rank,
+        "s": {name: {k: sorted(s[k] for s in runs)[len(runs) // 2] for k in runs[0]} for name, runs in samples.items()},
+        "bytes_written": {name: sizes.get(KEYS[name], 0) for name in names},
+    }
+    ranks = all_gather_object(mine)
+    if info.is_main:
+        benchlib.emit_worker_result({"params": benchlib.count_params(unet), "ranks": ranks})
+    destroy()
+
+
+def report(result: dict[str, Any], size: str, reps: int, load_before: float) -> None:
+    ranks = result["ranks"]
+    print(f"\nworld 2 (FSDP2, gloo, 1 thread per rank): {result['params']:,}-param UNet + AdamW state; median of {reps} saves")
+    baseline = max(r["s"][DCP]["total"] for r in ranks)
+    rows = []
+    for name, times in ranks[0]["s"].items():
+        per_rank = [r["s"][name]["total"] for r in ranks]
+        blocked = max(r["s"][name].get("blocking", r["s"][name]["total"]) for r in ranks)
+        rows.append([name, max(per_rank), max(per_rank) / baseline, blocked, ranks[0]["bytes_written"][name] / 2**20])
+    benchlib.print_table(["save", "seconds (slowest rank)", "x sharded DCP", "caller blocked s", "MiB written"], rows)
+    load_after = benchlib.load_average()
+    print(f"\nload average (1 min): {load_before:.2f} before, {load_after:.2f} after (2 shared cores)")
+    benchlib.emit_json("checkpoint", {"size": size, "reps": reps, **result, "load_avg_1m_before": load_before, "load_avg_1m_after": load_after})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(benchlib.UNET_CONFIGS), default="200m", help="UNet config (see bench/benchlib.py)")
+    p.add_argument("--reps", type=int, default=1, help="timed saves per variant (each round of three saves of the 200m model takes about a minute)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed saves per variant first")
+    p.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary checkpoint folder goes")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # the torchrun relaunch: its folder
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.size, args.warmup, args.reps, Path(args.worker))
+        return 0
+    load_before = benchlib.load_average()
+    root = tempfile.mkdtemp(prefix="bench_checkpoint_", dir=args.dir)
+    try:
+        result = benchlib.run_torchrun(os.path.abspath(__file__), ["--worker", root, "--size", args.size, "--reps", str(args.reps), "--warmup", str(args.warmup)])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report(result, args.size, args.reps, load_before)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Fault injection on real 2-rank runs (SD_TRAIN_FAULT, see sd_train/faults.py). The tests relaunch
+the job themselves; torchrun --max-restarts over gloo on one machine is unreliable (port reuse)."""
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import run
+from sd_train.checkpoint import complete_steps
+from test_train import assert_states_equal, full_state, train_cmd
+
+pytestmark = pytest.mark.multiproc
+FAST = ["eval.every_steps=0", "export_at_end=false"]
+
+
+def ckpts(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_path):
+    """kill -9 of rank 0 or 1 in each checkpoint phase, SIGTERM during a save, async saves and
+    keep-last-2 retention, relaunching after each: the final weights, EMA and optimizer state equal
+    the uninterrupted run's, and the newest complete checkpoint always survives."""
+    out = tmp_path / "chain"
+    base = ["checkpoint.every_steps=2", "checkpoint.keep_last_k=2", *FAST]
+    chain = [
+        # (fault, extra overrides, newest complete checkpoint expected afterwards)
+        ("rank=0,step=6,phase=after_shards", [], 4),  # shards + .metadata written, not renamed
+        ("rank=1,step=8,phase=after_rank_files", [], 6),  # rank files written, no shards
+        ("rank=0,step=10,phase=before_retention", [], 10),  # renamed, retention not yet run
+        ("rank=1,step=12,phase=during_async_save", ["checkpoint.async_save=true"], 10),
+        ("rank=0,step=14,phase=after_rank_files,action=term", [], 14),  # SIGTERM while saving
+    ]
+    for fault, extra, newest in chain:
+        proc = run(train_cmd(2, out, tiny_assets, *base, *extra), timeout=300, check=False, SD_TRAIN_FAULT=fault)
+        if "action=term" in fault:
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert "preempted (SIGTERM)" in proc.stdout
+        else:
+            assert proc.returncode != 0, f"{fault}: the run should have died"
+        steps = complete_steps(ckpts(out))
+        assert steps and steps[-1] == newest, (fault, steps)
+        # Partial folders never count: what complete_steps lists has .metadata and its state file.
+        for s in steps:
+            assert (ckpts(out) / f"step_{s:08d}" / ".metadata").is_file()
+    final = run(train_cmd(2, out, tiny_assets, *base), timeout=300)
+    assert "resumed from" in final.stdout
+    steps = complete_steps(ckpts(out))
+    assert steps == [14, 16], f"keep_last_k=2 keeps the two newest complete checkpoints, got {steps}"
+    assert not list(ckpts(out).glob(".*partial")), "stale partial folders are cleaned up"
+    assert_states_equal(full_state(straight_run / "checkpoints" / "step_00000016"), full_state(ckpts(out) / "step_00000016"))
+
+
+def test_truncated_shard_falls_back_then_refuses(tiny_assets, straight_run, tmp_path):
+    """A truncated shard in the newest complete-looking checkpoint: warn naming the file, resume from
+    the previous one, and still end bitwise equal. With every checkpoint broken: exit non-zero."""
+    out = tmp_path / "trunc"
+    shutil.copytree(ckpts(straight_run), ckpts(out))
+    shutil.rmtree(ckpts(out) / "step_00000016")
+    broken = ckpts(out) / "step_00000012" / "__1_0.distcp"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    proc = run(train_cmd(2, out, tiny_assets, *FAST), timeout=300)
+    assert "could not be loaded" in proc.stdout and str(broken) in proc.stdout
+    assert "resumed from" in proc.stdout and "step_00000008" in proc.stdout
+    assert_states_equal(full_state(straight_run / "checkpoints" / "step_00000016"), full_state(ckpts(out) / "step_00000016"))
+
+    for step_dir in ckpts(out).glob("step_*"):
+        for shard in step_dir.glob("__*_0.distcp"):
+            shard.write_bytes(b"")
+    proc = run(train_cmd(2, out, tiny_assets, *FAST), timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "none could be loaded, refusing to start from step 0" in proc.stdout + proc.stderr
+
+
+def test_nonfinite_steps_skipped_then_stop(tiny_assets, tmp_path):
+    """A NaN loss on rank 1 only: every rank skips the step together (counter up, schedule and EMA
+    untouched). Five in a row stop the run, naming step and rank, with no checkpoint written."""
+    out = tmp_path / "nan"
+    proc = run(train_cmd(2, out, tiny_assets, *FAST, "max_steps=12", "checkpoint.every_steps=12"), timeout=300,
+               SD_TRAIN_FAULT="rank=1,step=11,phase=mid_step,action=nan")
+    assert "step 11: non-finite loss/gradient on rank(s) [1]; step skipped" in proc.stdout
+    import json
+
+    state = json.loads((ckpts(out) / "step_00000012" / "trainer_state.json").read_text())
+    assert state["train"]["skipped_steps"] == 1 and state["step"] == 12
+    assert state["lr_scheduler"]["_step_count"] == 13, "the scheduler stepped only for the 12 steps taken"
+    assert state["ema"]["num_updates"] == 2, "EMA: opened at 10, updated at 11 and 12 only"
+
+    out2 = tmp_path / "nan5"
+    proc = run(train_cmd(2, out2, tiny_assets, *FAST, "max_steps=12", "checkpoint.every_steps=4"), timeout=300, check=False,
+               SD_TRAIN_FAULT="rank=0,step=3,phase=mid_step,action=nan,count=5")
+    assert proc.returncode != 0
+    assert "5 consecutive non-finite steps, the last at step 3 on rank(s) [0]" in proc.stdout + proc.stderr
+    assert complete_steps(ckpts(out2)) == [], "no checkpoint is written once training diverged"
+
+
+def test_hung_rank_exits_nonzero(tiny_assets, tmp_path):
+    """Rank 1 hangs; rank 0 hits the collective timeout and the job exits non-zero instead of
+    waiting forever (bounded by the subprocess timeout: 10 s timeout + torchrun's 30 s grace)."""
+    out = tmp_path / "hang"
+    start = time.monotonic()
+    try:
+        proc = run(train_cmd(2, out, tiny_assets, *FAST, "dist.timeout_s=10"), timeout=150, check=False,
+                   SD_TRAIN_FAULT="rank=1,step=3,phase=mid_step,action=hang")
+    except subprocess.TimeoutExpired:
+        pytest.fail("the job hung past its collective timeout")
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 150

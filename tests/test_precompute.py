@@ -1,0 +1,226 @@
+"""Precomputed latents (sd_train.precompute): the stored format, bitwise equality with online
+encoding, a real training run from precomputed shards against the same run encoding online, bad
+input and crops, and the config checks that refuse mismatched shards.
+
+Bitwise equality needs the VAE to see the same batches: it is not batch-invariant (~1e-6 apart
+on CPU between a batch of 4 and one of 16). So the fixture precomputes in batches of 4,
+the `micro_batch_size` of configs/test.yaml, and the training comparison reads shards in order
+(`data.shuffle_buffer=0`): a training micro-batch is then exactly a precompute batch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import sys
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launch import REPO, run
+from sd_train.config import ConfigError, ModelArgs, load_config
+from sd_train.data import build_train_loader, stack_pixels, stack_precomputed
+from sd_train.precompute import check_precomputed, precompute, sample_posterior
+from sd_train.samples import (
+    BadInputLog,
+    ImageTransform,
+    decode_image_sample,
+    decode_precomputed_sample,
+    read_shards,
+)
+
+BATCH = 4  # = micro_batch_size in configs/test.yaml
+MEMBERS = {"latent_mean.npy", "latent_std.npy", "text_embeds.npy", "txt", "json"}
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_assets):
+    from sd_train.model import load_sd_parts
+
+    return load_sd_parts(ModelArgs(pretrained_path=str(tiny_assets["model"])), torch.device("cpu"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def latents(tiny_assets, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("emoji-latents")
+    src = f"{tiny_assets['data']}/train-{{000000..000007}}.tar"
+    return out, precompute(str(tiny_assets["model"]), src, str(out), 32, batch_size=BATCH)
+
+
+def _samples(url: str, decode) -> list:
+    tf = ImageTransform(32)
+    return [decode(raw, tf, None) for raw in read_shards([url], BadInputLog())]
+
+
+def test_format_and_manifest(tiny_assets, latents):
+    out, manifest = latents
+    names = [f"train-{i:06d}.tar" for i in range(8)]
+    assert manifest["shards"] == names and sorted(p.name for p in out.glob("*.tar")) == names
+    assert json.loads((out / "precompute.json").read_text()) == manifest
+    assert manifest["counts"]["samples_written"] == manifest["counts"]["samples_read"] == 128
+    assert not any(manifest["counts"]["bad"].values())
+    assert manifest["resolution"] == 32 and manifest["dtype"] == "float32" and manifest["crops"] == 1
+    assert manifest["latent_shape"] == [1, 4, 16, 16] and manifest["text_embeds_shape"] == [77, 64]
+    assert manifest["text_hidden_size"] == 64 and manifest["vae_scaling_factor"] > 0
+    raws = list(read_shards([str(out / names[0])], BadInputLog()))
+    originals = list(read_shards([str(tiny_assets["data"] / names[0])], BadInputLog()))
+    assert [r.key for r in raws] == [r.key for r in originals]  # same samples, same order
+    for raw in raws:
+        assert set(raw.members) == MEMBERS
+        mean = np.load(io.BytesIO(raw.members["latent_mean.npy"]))
+        assert mean.dtype == np.float32 and mean.shape == (1, 4, 16, 16)
+        assert json.loads(raw.members["json"])["caption"] == raw.members["txt"].decode()
+
+
+def test_latents_and_text_equal_online_encoding(tiny_assets, latents, parts):
+    from sd_train.model import encode_pixels, encode_text
+
+    out, _ = latents
+    cpu = torch.device("cpu")
+    images = _samples(str(tiny_assets["data"] / "train-000000.tar"), decode_image_sample)
+    stored = _samples(str(out / "train-000000.tar"), decode_precomputed_sample)
+    assert [s.key for s in images] == [s.key for s in stored]
+    for i in range(0, len(images), BATCH):
+        batch = stack_precomputed(stored[i : i + BATCH])
+        torch.manual_seed(i)
+        online = encode_pixels(parts, stack_pixels(images[i : i + BATCH], 32), cpu)
+        after_online = torch.get_rng_state()
+        torch.manual_seed(i)
+        drawn = sample_posterior(batch["latent_mean"], batch["latent_std"], parts.vae_scale)
+        assert torch.equal(drawn, online)
+        assert torch.equal(torch.get_rng_state(), after_online)  # the same random numbers consumed
+        assert torch.equal(batch["text_embeds"], encode_text(parts, [s.caption for s in images[i : i + BATCH]], cpu))
+
+
+def test_float16_storage_within_rounding(tiny_assets, parts, tmp_path):
+    """float16 storage rounds mean, std and text embeddings to 11 significant bits: each latent is
+    then within 2^-11 x (|mean| + |std x eps|) x scale of the online one (+ float32 slack)."""
+    from sd_train.model import encode_pixels, encode_text
+
+    shard = tiny_assets["data"] / "train-000000.tar"
+    manifest = precompute(str(tiny_assets["model"]), str(shard), str(tmp_path), 32, batch_size=BATCH, dtype="float16")
+    assert manifest["dtype"] == "float16"
+    images = _samples(str(shard), decode_image_sample)
+    stored = _samples(str(tmp_path / shard.name), decode_precomputed_sample)
+    cpu, u = torch.device("cpu"), 2.0**-11
+    for i in range(0, len(images), BATCH):
+        batch = stack_precomputed(stored[i : i + BATCH])
+        assert batch["latent_mean"].dtype == torch.float16
+        mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
+        torch.manual_seed(i)
+        online = encode_pixels(parts, stack_pixels(images[i : i + BATCH], 32), cpu)
+        torch.manual_seed(i)
+        eps = torch.randn(mean.shape)
+        torch.manual_seed(i)
+        drawn = sample_posterior(mean, std, parts.vae_scale)
+        bound = u * (mean.abs() + (std * eps).abs()) * parts.vae_scale + 1e-6
+        assert bool(((drawn - online).abs() <= bound).all()) and not torch.equal(drawn, online)
+        text = encode_text(parts, [s.caption for s in images[i : i + BATCH]], cpu)
+        assert bool(((batch["text_embeds"].float() - text).abs() <= u * text.abs() + 2.0**-24).all())
+
+
+def _crafted_shard(path: Path) -> None:
+    """The committed tiny shard 0 (5 samples, some not square) plus one undecodable image and one
+    sample without a caption."""
+    with tarfile.open(path, "w") as out, tarfile.open(REPO / "tests/assets/tiny-000000.tar") as src:
+        for member in src.getmembers():
+            out.addfile(member, src.extractfile(member))
+        for name, data in (("bad1.png", b"not a png"), ("bad1.txt", b"a caption"), ("bad2.png", b"")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+
+
+def test_bad_input_counted_and_random_crops(tiny_assets, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    _crafted_shard(src / "mixed-000000.tar")
+    manifest = precompute(str(tiny_assets["model"]), str(src), str(out), 16, batch_size=2, crops=3, seed=7)
+    counts = manifest["counts"]
+    assert counts["samples_written"] == 5 and counts["samples_read"] == 7
+    assert {k: v for k, v in counts["bad"].items() if v} == {"undecodable": 1, "missing_caption": 1}
+    assert manifest["latent_shape"] == [3, 4, 8, 8] and manifest["center_crop"] is False
+    raws = {r.key: r for r in read_shards([str(out / "mixed-000000.tar")], BadInputLog())}
+    wide = np.load(io.BytesIO(raws["000000001"].members["latent_mean.npy"]))  # 20x16: crops move
+    assert wide.shape == (3, 4, 8, 8) and not (np.array_equal(wide[0], wide[1]) and np.array_equal(wide[1], wide[2]))
+    # Training picks one of the K crops with the stream's position-seeded rng.
+    rng = random.Random(5)
+    k = random.Random(5).randrange(3)
+    picked = decode_precomputed_sample(raws["000000001"], ImageTransform(16, center_crop=False), rng)
+    assert np.array_equal(picked.latent_mean, wide[k])
+
+
+def _cfg(tiny_assets, spec: str, *extra: str):
+    return load_config("configs/test.yaml", [*tiny_assets["overrides"], "data.precomputed=true", f"data.train_shards={spec}", *extra])
+
+
+def test_mismatched_config_refused_with_field_named(tiny_assets, latents, tmp_path):
+    out, _ = latents
+    spec = f"{out}/train-{{000000..000007}}.tar"
+    check_precomputed(spec, _cfg(tiny_assets, spec))
+    check_precomputed(str(out), _cfg(tiny_assets, str(out)))  # the output folder works as a spec too
+    with pytest.raises(ConfigError, match=r"data\.resolution=64 .* at resolution 32"):
+        check_precomputed(spec, _cfg(tiny_assets, spec, "data.resolution=64"))
+    with pytest.raises(ConfigError, match=r"data\.resolution=64"):  # the trainer's loader runs the check
+        build_train_loader(_cfg(tiny_assets, spec, "data.resolution=64"), rank=0, world_size=1)
+    with pytest.raises(ConfigError, match=r"data\.center_crop=false"):
+        check_precomputed(spec, _cfg(tiny_assets, spec, "data.center_crop=false"))
+    with pytest.raises(ConfigError, match=r"data\.random_flip"):
+        check_precomputed(spec, _cfg(tiny_assets, spec, "data.random_flip=true"))
+    with pytest.raises(ConfigError, match=r"not `sd-train precompute` output"):
+        images = f"{tiny_assets['data']}/train-{{000000..000007}}.tar"
+        check_precomputed(images, _cfg(tiny_assets, images))
+    other = tmp_path / "other-sd"
+    shutil.copytree(tiny_assets["model"], other)
+    vae_config = json.loads((other / "vae/config.json").read_text())
+    (other / "vae/config.json").write_text(json.dumps(vae_config | {"scaling_factor": 0.5}))
+    with pytest.raises(ConfigError, match=r"model\.pretrained_path="):
+        check_precomputed(spec, _cfg(tiny_assets, spec, f"model.pretrained_path={other}"))
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_training_on_precomputed_equals_online(tiny_assets, latents, tmp_path):
+    out, _ = latents
+    # ddp: the encode path does not depend on the strategy, and FSDP2's first AdamW step spends
+    # ~10-30 s in DTensor sharding propagation on CPU, which would triple this test's time.
+    common = ["--config", "configs/test.yaml", *tiny_assets["overrides"], "max_steps=4", "eval.every_steps=0",
+              "metrics.log_every=1", "data.shuffle_buffer=0", "ema.enabled=false", "export_at_end=false",
+              "data.log_keys=true", "dist.strategy=ddp"]
+    runs = {
+        "online": [f"output_dir={tmp_path / 'online'}"],
+        "precomputed": [f"output_dir={tmp_path / 'precomputed'}", "data.precomputed=true",
+                        f"data.train_shards={out}/train-{{000000..000007}}.tar"],
+    }
+    with ThreadPoolExecutor(2) as pool:  # two single-threaded processes on two cores
+        list(pool.map(lambda extra: run([sys.executable, str(REPO / "train.py"), *common, *extra], timeout=240), runs.values()))
+    online, pre = _losses(tmp_path / "online"), _losses(tmp_path / "precomputed")
+    assert sorted(online) == [1, 2, 3, 4]
+    assert pre == online  # bitwise: same batches, same posterior draws, same noise
+    keys = [(tmp_path / name / "keys" / "rank0.txt").read_text() for name in runs]
+    assert keys[0] == keys[1]
+
+
+def test_decoder_counts_broken_precomputed_samples(latents):
+    from sd_train.samples import BadSample, RawSample
+
+    out, _ = latents
+    good = next(iter(read_shards([str(out / "train-000000.tar")], BadInputLog())))
+    tf = ImageTransform(32)
+    for members, category in (
+        ({k: v for k, v in good.members.items() if k != "latent_std.npy"}, "missing_image"),
+        (good.members | {"latent_mean.npy": b"\x93NUMPY garbage"}, "undecodable"),
+        ({k: v for k, v in good.members.items() if k != "txt"}, "missing_caption"),
+    ):
+        with pytest.raises(BadSample) as e:
+            decode_precomputed_sample(RawSample(good.key, good.shard, members), tf, None)
+        assert e.value.category == category
