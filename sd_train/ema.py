@@ -33,6 +33,10 @@ class ShardedEMA:
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.shadow: list[torch.Tensor] | None = None
         self.num_updates = 0
+        # The local shards, looked up once per window: `DTensor.to_local()` per parameter per
+        # update costs more than the lerp itself on small models. The optimizer updates the
+        # sharded storage in place, so these views stay current (test_distributed checks it).
+        self._locals: list[torch.Tensor] = []
 
     # ---- the window -------------------------------------------------------------------------
 
@@ -54,12 +58,13 @@ class ShardedEMA:
         self.num_updates += 1
         weight = 1.0 - self.plan.decay_at(self.num_updates)
         with torch.no_grad():
-            torch._foreach_lerp_(self.shadow, [_local(p).detach() for _, p in self.named_params], weight)
+            torch._foreach_lerp_(self.shadow, self._locals, weight)
 
     def allocate(self, copy_weights: bool) -> None:
         """Create the shadow shards (a copy of the weights, or zeros to be filled by a load)."""
         with torch.no_grad():
             locals_ = [_local(p).detach() for _, p in self.named_params]
+            self._locals = locals_
             # fp32 shadow even for bf16 params: 1 - decay = 1e-4 is below bf16's resolution.
             self.shadow = [t.to(torch.float32, copy=True) if copy_weights else torch.zeros_like(t, dtype=torch.float32) for t in locals_]
         self.num_updates = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 import warnings
 from pathlib import Path
@@ -65,7 +66,9 @@ class Metrics(NullMetrics):
         try:
             import wandb
 
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            # Our own id (wandb 0.31 dropped wandb.util.generate_id): 8 lowercase hex chars is a
+            # valid wandb run id, and keeping it in the run folder makes resumes continue the run.
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             run = wandb.init(
                 project=self.args.wandb_project,
                 group=self.args.wandb_group or None,

@@ -25,6 +25,9 @@ def env(**extra: str) -> dict:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SD_TRAIN_FAULT"):
         e.pop(k, None)
     e.update(extra)
+    for k, v in extra.items():  # an empty value means: unset it
+        if v == "":
+            e.pop(k)
     return e
 
 
