@@ -18,7 +18,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/demo.yaml")
     p.add_argument("--plan", action="store_true", help="validate the config, print the EMA plan, and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4 output_dir=runs/x")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # `--plan` may come after overrides, or between them
 
 
 def validated_config(argv: list[str]):
