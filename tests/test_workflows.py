@@ -14,7 +14,7 @@ import torch
 from launch import REPO, run
 from test_train import train_cmd, unet_weights
 
-FAST = ["eval.every_steps=0", "export_at_end=false", "max_steps=4", "ema.step_start_ema=2", "checkpoint.every_steps=2"]
+FAST = ["eval.every_steps=0", "export_at_end=false", "max_steps=4", "ema.step_start_ema=2", "ema.tolerance=0.3", "checkpoint.every_steps=2"]
 
 
 def test_export_command_matches_training_export(straight_run, tmp_path):
@@ -96,7 +96,7 @@ def test_corrupted_data_trains_and_threshold_stops(tiny_assets, tmp_path):
     bad = tmp_path / "bad"
     expected, names = _corrupt_copy(tiny_assets, bad)
     overrides = [*tiny_assets["overrides"], f"data.train_shards={bad}/train-{{000000..000007}}.tar", "data.max_bad_fraction=0.5",
-                 "eval.every_steps=0", "export_at_end=false", "max_steps=6", "checkpoint.every_steps=6"]
+                 "eval.every_steps=0", "export_at_end=false", "max_steps=6", "checkpoint.every_steps=6", "ema.step_start_ema=4", "ema.tolerance=0.3"]
     out = tmp_path / "ok"
     run([sys.executable, "train.py", "--config", "configs/test.yaml", *overrides, f"output_dir={out}"], timeout=300)
     summary = json.loads((out / "data_summary.json").read_text())

@@ -1,0 +1,161 @@
+"""The shard writer: Twemoji captions, the img2dataset layout, the fixed split, folder input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd_train import prepare
+
+
+def _members(path: str) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def _captions(paths: list[str]) -> dict[str, str]:
+    """key -> caption, read with plain tarfile."""
+    out = {}
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if m.name.endswith(".txt"):
+                    out[m.name[: -len(".txt")]] = tar.extractfile(m).read().decode("utf-8")
+    return out
+
+
+def test_emoji_caption_names() -> None:
+    assert prepare.emoji_name("1f354") == ":hamburger:"
+    assert prepare.caption_from_name(":hamburger:") == "an emoji of hamburger"
+    assert prepare.caption_from_name(":red_heart:") == "an emoji of red heart"
+    # Twemoji drops U+FE0F from file names that Unicode sequences carry: still found.
+    assert prepare.emoji_name("2764") == ":red_heart:"
+    # A lone regional indicator letter has no emoji name: skipped.
+    assert prepare.emoji_name("1f1e6") is None
+
+
+def test_emoji_samples_are_captioned_rgb_squares() -> None:
+    samples = prepare.emoji_samples(resolution=16, limit=8)
+    assert [s.key for s in samples] == [f"{i:09d}" for i in range(8)]
+    for s in samples:
+        assert s.image.mode == "RGB" and s.image.size == (16, 16)
+        assert s.caption.startswith("an emoji of ") and "_" not in s.caption and ":" not in s.caption
+        assert s.meta["source"] == "twemoji" and s.meta["width"] == 16
+
+
+def test_prepare_emoji_layout_split_and_determinism(tmp_path: Path) -> None:
+    out_a, out_b = str(tmp_path / "a"), str(tmp_path / "b")
+    man = prepare.prepare_emoji(out_a, resolution=16, num_train_shards=3, val_count=10, seed=1, limit=64)
+    prepare.prepare_emoji(out_b, resolution=16, num_train_shards=3, val_count=10, seed=1, limit=64)
+    assert man["counts"] == {"total": 64, "train": 54, "val": 10, "skipped_no_caption": None}
+    assert man["train_shards"] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert man["val_shards"] == ["val-000000.tar"]
+    assert json.loads((tmp_path / "a" / "dataset.json").read_text())["license"].endswith("CC-BY 4.0")
+
+    train_paths = [os.path.join(out_a, n) for n in man["train_shards"]]
+    val_path = os.path.join(out_a, "val-000000.tar")
+    names = _members(train_paths[0])
+    keys = sorted({n.split(".")[0] for n in names})
+    assert sorted(names) == sorted(f"{k}.{e}" for k in keys for e in ("png", "txt", "json"))
+    assert [len(_captions([p])) for p in train_paths] == [18, 18, 18]
+
+    train_keys, val_keys = set(_captions(train_paths)), set(_captions([val_path]))
+    assert len(val_keys) == 10 and not train_keys & val_keys
+    assert len(train_keys | val_keys) == 64
+    # Same inputs -> byte-identical shards (fixed mtime, fixed order).
+    for name in man["train_shards"] + man["val_shards"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # A different seed draws a different held-out set.
+    other = prepare.prepare_emoji(str(tmp_path / "c"), resolution=16, num_train_shards=3, val_count=10, seed=2, limit=64)
+    assert other["counts"]["val"] == 10
+    assert set(_captions([str(tmp_path / "c" / "val-000000.tar")])) != val_keys
+
+
+def test_rewrite_removes_stale_shards(tmp_path: Path) -> None:
+    prepare.prepare_emoji(str(tmp_path), resolution=8, num_train_shards=4, val_count=4, limit=24)
+    prepare.prepare_emoji(str(tmp_path), resolution=8, num_train_shards=2, val_count=4, limit=24)
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+
+
+def test_shards_read_back_with_webdataset(tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    samples = prepare.emoji_samples(resolution=16, limit=6)
+    paths = prepare.write_shards(samples, str(tmp_path), "train", num_shards=2, image_format="jpg")
+    assert [os.path.basename(p) for p in paths] == ["train-000000.tar", "train-000001.tar"]
+    got = {s["__key__"]: s for s in wds.WebDataset(paths, shardshuffle=False).decode("pil")}
+    assert set(got) == {s.key for s in samples}
+    for s in samples:
+        assert got[s.key]["txt"] == s.caption
+        assert got[s.key]["jpg"].size == (16, 16)
+        assert got[s.key]["json"]["codepoints"] == s.meta["codepoints"]
+
+
+def _write_folder(src: Path) -> None:
+    """Five images: a transparent PNG, a wide JPEG, a tall WebP in a subfolder, one without caption."""
+    (src / "sub").mkdir(parents=True)
+    rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (5, 5, 15, 15))
+    rgba.save(src / "a_red.png")
+    (src / "a_red.txt").write_text("a red square\n")
+    wide = Image.new("RGB", (40, 20), (0, 0, 255))
+    wide.paste((0, 255, 0), (10, 0, 30, 20))  # the center square is green; the sides blue
+    wide.save(src / "b_wide.jpg", quality=100)
+    (src / "b_wide.txt").write_text("a green square")
+    Image.new("RGB", (10, 30), (200, 200, 0)).save(src / "sub" / "c_tall.webp")
+    (src / "sub" / "c_tall.txt").write_text("a yellow bar")
+    Image.new("RGB", (12, 12), (9, 9, 9)).save(src / "d_nocap.png")
+    Image.new("RGB", (12, 12), (9, 9, 9)).save(src / "e_gray.png")
+    (src / "e_gray.txt").write_text("a dark gray square")
+
+
+def test_prepare_folder(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write_folder(src)
+    man = prepare.prepare_folder(str(src), str(out), resolution=8, num_train_shards=2, val_count=1, seed=0, image_format="png")
+    assert man["counts"] == {"total": 4, "train": 3, "val": 1, "skipped_no_caption": 1}
+    assert man["skipped_no_caption"] == ["d_nocap.png"]
+    paths = [str(out / n) for n in man["train_shards"] + man["val_shards"]]
+    assert len(paths) == 3
+    captions = _captions(paths)
+    assert sorted(captions.values()) == ["a dark gray square", "a green square", "a red square", "a yellow bar"]
+
+    by_caption = {}
+    for path in paths:
+        with tarfile.open(path) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar}
+        for name, data in files.items():
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                image = Image.open(io.BytesIO(files[meta["key"] + ".png"])).convert("RGB")
+                by_caption[meta["caption"]] = (meta, image)
+    meta, img = by_caption["a green square"]
+    assert (meta["original_width"], meta["original_height"], meta["path"]) == (40, 20, "b_wide.jpg")
+    assert img.size == (8, 8)
+    # Center crop: no blue from the sides survives.
+    pixels = np.asarray(img)
+    assert (pixels[..., 2] < 60).all() and (pixels[..., 1] > 200).all()
+    # Transparency composited on white: the corner is white, the center red.
+    _, red = by_caption["a red square"]
+    assert red.getpixel((0, 0)) == (255, 255, 255) and red.getpixel((4, 4))[0] > 200
+    assert by_caption["a yellow bar"][0]["path"] == os.path.join("sub", "c_tall.webp")
+
+
+def test_prepare_folder_rejects_bad_val_count(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _write_folder(src)
+    with pytest.raises(ValueError, match="val_count"):
+        prepare.prepare_folder(str(src), str(tmp_path / "out"), resolution=8, num_train_shards=1, val_count=4)
+
+
+def test_cli_prepare_emoji(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = prepare.main_prepare_emoji(["--out", str(tmp_path), "--resolution", "8", "--limit", "20", "--val-count", "4", "--num-train-shards", "2"])
+    assert rc == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("wrote 16 train samples in 2 shards + 4 val")

@@ -1,0 +1,138 @@
+"""The tiny offline SD build: tokenizer, loadable diffusers folder, 1-step generation, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers read it
+
+from sd_train import prepare, tiny_sd  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("emoji"))
+    prepare.prepare_emoji(out, resolution=32, num_train_shards=2, val_count=8, limit=64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(data_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    out = str(tmp_path_factory.mktemp("tiny") / "sd")
+    summary = tiny_sd.build_tiny_sd(data_dir, out, resolution=16, vae_steps=2, seed=0)
+    return out, summary
+
+
+def test_tokenizer_loads_and_pads_to_77(built: tuple[str, dict]) -> None:
+    from transformers import CLIPTokenizer
+
+    out, summary = built
+    tok_dir = os.path.join(out, "tokenizer")
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= set(os.listdir(tok_dir))
+    with open(os.path.join(tok_dir, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    # CLIP's layout: 512 byte symbols first, the two special tokens last.
+    assert vocab["!"] == 0 and vocab["!</w>"] == 256
+    assert vocab["<|startoftext|>"] == len(vocab) - 2 and vocab["<|endoftext|>"] == len(vocab) - 1
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    assert tok.model_max_length == 77 and len(tok) == summary["vocab_size"] == len(vocab)
+    ids = tok("an emoji of hamburger", padding="max_length", max_length=tok.model_max_length).input_ids
+    assert len(ids) == 77
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id == tok.pad_token_id
+    # Trained merges: the words every caption shares are one token each, not one per byte.
+    assert len(tok("an emoji of").input_ids) == 2 + 3
+    assert tok.decode(ids, skip_special_tokens=True) == "an emoji of hamburger"
+    # The vocab.json/merges.txt pair alone (no tokenizer.json) gives the same ids.
+    merges = Path(tok_dir, "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    only_bpe = CLIPTokenizer(vocab=vocab, merges=[tuple(ln.split()) for ln in merges])
+    assert only_bpe("an emoji of hamburger").input_ids == ids[: ids.index(tok.eos_token_id) + 1]
+
+
+def test_parts_load_like_the_trainer(built: tuple[str, dict], caplog: pytest.LogCaptureFixture) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    out, summary = built
+    with caplog.at_level(logging.WARNING):
+        unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(out, subfolder="vae")
+        text = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
+        sched = DDPMScheduler.from_pretrained(out, subfolder="scheduler")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert unet.config.sample_size == 8 and unet.config.cross_attention_dim == text.config.hidden_size
+    assert vae.config.scaling_factor == pytest.approx(summary["vae_scaling_factor"])
+    assert summary["params"]["unet"] == sum(p.numel() for p in unet.parameters())
+    assert (sched.config.beta_schedule, sched.config.beta_start, sched.config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert sched.config.prediction_type == "epsilon" and sched.config.steps_offset == 1
+    assert DDIMScheduler.from_config(sched.config).config.set_alpha_to_one is False
+    with open(os.path.join(out, "vae_report.json")) as f:
+        report = json.load(f)
+    assert report["steps"] == 2 and report["resolution"] == 16 and report["psnr_db"] > 0
+
+
+def test_text_encoder_gives_distinct_embeddings(built: tuple[str, dict]) -> None:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    out, _ = built
+    tok = CLIPTokenizer.from_pretrained(out, subfolder="tokenizer")
+    text = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
+    ids = tok(["an emoji of hamburger", "an emoji of red heart", ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        emb = text(ids).last_hidden_state
+    assert emb.shape == (3, 77, 64)
+    assert not torch.allclose(emb[0], emb[1]) and not torch.allclose(emb[0], emb[2])
+
+
+def test_pipeline_reloads_offline_and_generates(built: tuple[str, dict]) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = built
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    result = pipe("an emoji of hamburger", num_inference_steps=1, height=16, width=16, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert result.images.shape == (1, 16, 16, 3)
+
+
+def test_seeded_build_is_bitwise_reproducible(data_dir: str, built: tuple[str, dict], tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    out_a, _ = built
+    out_b = str(tmp_path / "b")
+    tiny_sd.build_tiny_sd(data_dir, out_b, resolution=16, vae_steps=2, seed=0)
+    for cls, sub in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")):
+        a = cls.from_pretrained(out_a, subfolder=sub).state_dict()
+        b = cls.from_pretrained(out_b, subfolder=sub).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    for name in ("vocab.json", "merges.txt"):
+        assert Path(out_a, "tokenizer", name).read_bytes() == Path(out_b, "tokenizer", name).read_bytes()
+    # A different seed gives different weights.
+    c = tiny_sd.build_unet(8, 64, seed=5).state_dict()
+    a = UNet2DConditionModel.from_pretrained(out_a, subfolder="unet").state_dict()
+    assert not torch.equal(a["conv_in.weight"], c["conv_in.weight"])
+
+
+def test_cli_vae_steps_zero(data_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = tiny_sd.main_build_tiny(["--data", data_dir, "--out", str(tmp_path / "m"), "--resolution", "16", "--vae-steps", "0"])
+    assert rc == 0
+    assert "VAE PSNR" in capsys.readouterr().out
+    with open(tmp_path / "m" / "sd_train_tiny.json") as f:
+        assert json.load(f)["latent_size"] == 8
+
+
+def test_train_tokenizer_handles_long_and_odd_captions(tmp_path: Path) -> None:
+    long_caption = " ".join(["a very long caption"] * 40)  # > 77 tokens: truncated, still 77 ids
+    captions = ["an emoji of Côte d’Ivoire", "an emoji of keycap: #", "an   emoji\tof  man-technologist", long_caption] * 3
+    tok = tiny_sd.train_tokenizer(captions, str(tmp_path), num_merges=20)
+    assert len((tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()) == 1 + 20
+    assert len(tok) <= 512 + 20 + 2  # two merges that spell the same token share one id
+    ids = tok(long_caption, padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(ids) == 77 and ids[-1] == tok.eos_token_id
+    assert tok.decode(tok("an emoji of Côte d’Ivoire").input_ids, skip_special_tokens=True) == "an emoji of côte d ’ ivoire"
