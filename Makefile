@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 DATA := data/emoji
 TINY := models/tiny-sd
 RUN ?= runs/demo
-# 2 ranks on 2 cores: one BLAS thread each, or they fight over the cores.
-export OMP_NUM_THREADS ?= 1
+# Tests run 2 ranks on 2 cores: one BLAS thread each, or they fight over the cores. The single-process
+# builds and the demo use every core.
+CORES := $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: demo test venv data tiny-sd clean
 
@@ -29,14 +30,14 @@ $(DATA)/.done: $(STAMP) sd_train/prepare.py
 tiny-sd: $(TINY)/.done
 
 $(TINY)/.done: $(DATA)/.done sd_train/tiny_sd.py
-	$(BIN)/sd-train build-tiny --data $(DATA) --out $(TINY)
+	OMP_NUM_THREADS=$(CORES) $(BIN)/sd-train build-tiny --data $(DATA) --out $(TINY)
 	touch $@
 
 demo: $(TINY)/.done
-	$(BIN)/python train.py --config configs/demo.yaml output_dir=$(RUN)
+	OMP_NUM_THREADS=$(CORES) $(BIN)/python train.py --config configs/demo.yaml output_dir=$(RUN)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) data models runs
