@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_train.config import ConfigError, TrainConfig, load_config
-from sd_train.ema_plan import min_window, plan_from_config
+from sd_train.ema_plan import plan_from_config
 
 TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
 LATE_WINDOW_FRACTION = 0.035
@@ -39,10 +39,11 @@ VARIANTS = ("no_ema", "ema_whole_run", "ema_late_window")
 
 
 def largest_safe_decay(window_updates: int, tolerance: float) -> float:
-    """The largest constant decay d with d^N <= tolerance for N = `window_updates` (the plan's own
-    `min_window` decides, so float rounding can never make the startup check refuse it)."""
+    """The largest constant decay d with d^N <= tolerance for N = `window_updates`, tested with the
+    very comparison the startup check makes (d**N > tolerance refuses), so float rounding can never
+    make the check refuse it."""
     decay = tolerance ** (1.0 / window_updates)
-    while min_window(decay, tolerance) > window_updates:
+    while decay**window_updates > tolerance:
         decay = math.nextafter(decay, 0.0)
     return decay
 
