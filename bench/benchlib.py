@@ -31,7 +31,7 @@ _SD_LIKE = dict(
     layers_per_block=1,
 )
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    # tiny_sd.build_unet's layout (the demo model's UNet): 1.45M params with a 64-wide text encoder.
+    # FINDINGS' two-level tiny layout: 1.45M params with a 64-wide text encoder (the demo UNet is 1.69M).
     "tiny": dict(
         in_channels=4,
         out_channels=4,
