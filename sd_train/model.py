@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sd_train.config import MODEL_SUBFOLDERS, ConfigError, ModelArgs
+from sd_train.data import pixels_to_float as uint8_to_unit_range
 
 
 
@@ -83,8 +84,9 @@ def encode_text(parts: SDParts, captions: list[str], device: torch.device) -> to
 
 
 def pixels_to_float(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [B,3,H,W] in 0..255 -> float in [-1, 1] (the VAE's input range)."""
-    return pixels.to(device=device, dtype=torch.float32).div_(127.5).sub_(1.0)
+    """uint8 [B,3,H,W] in 0..255 -> float32 in [-1, 1] on `device` (the VAE's input range); the
+    conversion itself is the data module's, so every path scales pixels the same way."""
+    return uint8_to_unit_range(pixels.to(device))
 
 
 @torch.no_grad()
