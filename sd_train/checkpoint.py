@@ -34,7 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from sd_train.config import CheckpointArgs
+from sd_train.config import CheckpointArgs, checkpoint_is_complete
 
 log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -61,7 +61,7 @@ def complete_steps(root: Path) -> list[int]:
     steps = []
     for entry in Path(root).iterdir():
         m = STEP_RE.match(entry.name)
-        if m and (entry / ".metadata").is_file() and (entry / "trainer_state.json").is_file():
+        if m and checkpoint_is_complete(entry):
             steps.append(int(m.group(1)))
     return sorted(steps)
 
@@ -73,8 +73,11 @@ class Checkpointer:
     for the small states: `global_state()` (same on every rank -> trainer_state.json) and
     `rank_state()` (this rank's RNG and data position -> rank_R.pt)."""
 
-    def __init__(self, args: CheckpointArgs, output_dir: str, rank: int, world_size: int, max_steps: int):
+    def __init__(self, args: CheckpointArgs, output_dir: str, rank: int, world_size: int, max_steps: int, zero=None):
         self.args = args
+        # DeepSpeed (sd_train.zero.ZeroEngine) writes its own per-rank files; FSDP2/DDP go through DCP.
+        self.zero = zero
+        self.format = "zero" if zero is not None else "dcp"
         self.root = Path(output_dir) / "checkpoints"
         self.rank = rank
         self.world_size = world_size
@@ -116,8 +119,14 @@ class Checkpointer:
         torch.save(rank_state, tmp / f"rank_{self.rank}.pt")
         if self.rank == 0:
             with open(tmp / "trainer_state.json", "w") as f:
-                json.dump({**global_state, "step": step, "world_size": self.world_size}, f, indent=1)
+                json.dump({**global_state, "step": step, "world_size": self.world_size, "format": self.format}, f, indent=1)
         self.fault_hook("after_rank_files", step)
+        if self.zero is not None:
+            self.zero.save(tmp, ema)
+            self.fault_hook("after_shards", step)
+            dist.barrier()  # every rank's files are on disk before rank 0 renames the folder
+            self._finalize(step)
+            return True
         state = self._tensor_state(model, optimizer, ema)
         if self.args.async_save:
             fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg)
@@ -153,8 +162,8 @@ class Checkpointer:
         if self.rank != 0:
             return
         tmp = partial_dir(self.root, step)
-        if not (tmp / ".metadata").is_file():
-            raise RuntimeError(f"checkpoint at step {step}: {tmp} has no .metadata after save; not renaming")
+        if not checkpoint_is_complete(tmp):
+            raise RuntimeError(f"checkpoint at step {step}: {tmp} has no .metadata (or zero/) after save; not renaming")
         final = step_dir(self.root, step)
         if final.exists():
             # A folder of this step that failed to load (we resumed from an older one and came
@@ -233,6 +242,10 @@ class Checkpointer:
                 saved_world = int(global_state["world_size"])
             except (OSError, ValueError, KeyError) as e:
                 problem = f"trainer_state.json unreadable: {e}"
+        if problem is None:
+            _check_compatible(folder, global_state, self.format, self.world_size)
+            if self.zero is not None:
+                problem = self.zero.missing_files(folder)
         rank_state = None
         if problem is None and saved_world == self.world_size:
             try:
@@ -241,6 +254,15 @@ class Checkpointer:
                 problem = f"rank_{self.rank}.pt unreadable: {type(e).__name__}: {e}"
         _agree(problem)
         ema.load_meta_state_dict(global_state["ema"])
+        if self.zero is not None:
+            try:
+                self.zero.load(folder, ema)
+                problem = None
+            except Exception as e:  # a truncated file on one rank: every rank must move on together
+                problem = f"{type(e).__name__}: {str(e)[:300]}"
+            _agree(problem)
+            load_global(global_state)
+            return global_state, rank_state
         try:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd, "ema": ema.tensor_state_dict()}
@@ -257,11 +279,32 @@ class _LoadFailed(Exception):
 
 
 def _check_files(folder: Path, rank: int) -> Optional[str]:
-    if not (folder / ".metadata").is_file():
-        return "no .metadata (incomplete checkpoint)"
     if not (folder / "trainer_state.json").is_file():
         return "no trainer_state.json"
+    if not checkpoint_is_complete(folder):
+        return "no .metadata or zero/ (incomplete checkpoint)"
     return None
+
+
+def _check_compatible(folder: Path, global_state: dict, fmt: str, world_size: int) -> None:
+    """Refuse, without trying older folders (they would fail the same way), a checkpoint this run
+    cannot read: written by the other backend, or by DeepSpeed on another world size."""
+    saved = global_state.get("format", "dcp")
+    if saved != fmt:
+        how = {"dcp": "dist.strategy=fsdp2 (or ddp)", "zero": "dist.strategy=deepspeed"}
+        raise CheckpointLoadError(
+            f"{folder} was written with {how.get(saved, saved)} but this run uses {how[fmt]}: resume it with "
+            f"{how.get(saved, saved)}, or export it (`sd-train export --checkpoint {folder} --weights raw`) and "
+            "start a new run from the export with model.pretrained_path"
+        )
+    saved_world = int(global_state["world_size"])
+    if fmt == "zero" and saved_world != world_size:
+        raise CheckpointLoadError(
+            f"{folder} holds DeepSpeed ZeRO partitions of {saved_world} ranks and this run has {world_size}: DeepSpeed "
+            f"checkpoints resume on the same world size. Relaunch with {saved_world} processes, or export it "
+            f"(`sd-train export --checkpoint {folder}`) and start a new run from the export with model.pretrained_path. "
+            "FSDP2 checkpoints (dist.strategy=fsdp2) reshard to any world size"
+        )
 
 
 def _agree(problem: Optional[str]) -> None:

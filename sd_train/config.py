@@ -160,9 +160,16 @@ class CheckpointArgs:
 
 @dataclass
 class DistArgs:
-    strategy: Literal["fsdp2", "ddp", "deepspeed"] = "fsdp2"
+    strategy: Literal["auto", "fsdp2", "ddp", "deepspeed"] = "auto"
     """`fsdp2` shards the UNet with torch's fully_shard (also on one process and on CPU).
-    `ddp` replicates it (small models). `deepspeed` is not built yet and raises."""
+    `ddp` replicates it (small models). `deepspeed` runs ZeRO-2/3 through accelerate's DeepSpeed
+    plugin (`dist.zero_stage`). `auto`: deepspeed when started by `accelerate launch` with a
+    DeepSpeed config (launch/accelerate/zero2.yaml, zero3.yaml), taking its ZeRO stage; else fsdp2."""
+    zero_stage: Optional[int] = None
+    """DeepSpeed ZeRO stage, 2 or 3 (only with strategy deepspeed). 3 partitions parameters,
+    gradients and optimizer state, and the EMA follows each rank's parameter partitions. 2
+    partitions gradients and optimizer state; params and the EMA stay replicated. Unset: the
+    accelerate launch config's `zero_stage`, else 3."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend. auto: nccl with CUDA, else gloo."""
     param_dtype: Literal["fp32", "bf16"] = "fp32"
@@ -382,6 +389,16 @@ def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
 
 
+def checkpoint_is_complete(folder: Path) -> bool:
+    """A step folder that a resume may use: trainer_state.json plus the tensor part, DCP's
+    `.metadata` (FSDP2/DDP, written last by DCP's coordinator) or `zero/` (DeepSpeed). Our writes
+    make a folder with a final name complete by construction (see sd_train.checkpoint); this
+    check guards against folders damaged or assembled by hand. Here, not in sd_train.checkpoint,
+    because config validation must not import torch."""
+    folder = Path(folder)
+    return (folder / "trainer_state.json").is_file() and ((folder / ".metadata").is_file() or (folder / "zero").is_dir())
+
+
 def env_world_size() -> int:
     """World size as set by torchrun / accelerate launch, before any process group exists."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -451,17 +468,16 @@ def _validate(cfg: TrainConfig, world_size: int) -> None:
     if c.resume not in ("auto", "none"):
         if not Path(c.resume).is_dir():
             raise ConfigError(f"checkpoint.resume={c.resume!r}: no such checkpoint folder. Use auto, none, or an existing step folder")
-        if not (Path(c.resume) / ".metadata").is_file():
-            raise ConfigError(f"checkpoint.resume={c.resume!r} is not a complete checkpoint (no .metadata)")
+        if not checkpoint_is_complete(Path(c.resume)):
+            raise ConfigError(f"checkpoint.resume={c.resume!r} is not a complete checkpoint (no .metadata or zero/, or no trainer_state.json)")
     if c.load_step is not None:
         from sd_train.checkpoint import step_dir  # local: checkpoint imports torch
 
         want = step_dir(Path(cfg.output_dir) / "checkpoints", c.load_step)
-        if not (want / ".metadata").is_file():
+        if not checkpoint_is_complete(want):
             raise ConfigError(f"checkpoint.load_step={c.load_step}: no complete checkpoint at {want}")
 
-    if cfg.dist.strategy == "deepspeed":
-        raise ConfigError("dist.strategy=deepspeed is not built yet (see README, 'Not built yet'): use fsdp2 or ddp")
+    _check_strategy(cfg, os.environ)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
 
     e = cfg.eval
@@ -487,6 +503,51 @@ def _validate(cfg: TrainConfig, world_size: int) -> None:
     from sd_train.ema_plan import plan_from_config  # local: keeps config import light
 
     plan_from_config(cfg.ema, cfg.max_steps).check()
+
+
+def _check_strategy(cfg: TrainConfig, environ: typing.Mapping[str, str]) -> None:
+    """Resolve `dist.strategy=auto` and `dist.zero_stage` against the launcher, and refuse what
+    DeepSpeed cannot do here. `accelerate launch` with a DeepSpeed config exports
+    ACCELERATE_USE_DEEPSPEED and ACCELERATE_DEEPSPEED_ZERO_STAGE; the sd-train config must agree
+    with them, because a launcher that says ZeRO-3 while the run shards with FSDP2 is a mistake
+    worth stopping for. Idempotent: validate() may run more than once."""
+    d = cfg.dist
+    launched_ds = environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    launch_stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if d.strategy == "auto":
+        d.strategy = "deepspeed" if launched_ds else "fsdp2"
+    if launched_ds and d.strategy != "deepspeed":
+        raise ConfigError(
+            f"dist.strategy={d.strategy} but `accelerate launch` was given a DeepSpeed config (ZeRO stage "
+            f"{launch_stage}): set dist.strategy=deepspeed (or auto), or launch with launch/accelerate/cpu2.yaml, "
+            "gpu1node.yaml or multinode.yaml for FSDP2"
+        )
+    if d.strategy != "deepspeed":
+        if d.zero_stage is not None:
+            raise ConfigError(f"dist.zero_stage={d.zero_stage} applies only to dist.strategy=deepspeed (now {d.strategy}); remove it")
+        return
+    if d.zero_stage is None:
+        d.zero_stage = int(launch_stage) if launch_stage and launch_stage.isdigit() else 3
+    if d.zero_stage not in (2, 3):
+        raise ConfigError(f"dist.zero_stage={d.zero_stage}: sd-train supports ZeRO stage 2 or 3")
+    if launched_ds and launch_stage and launch_stage.isdigit() and int(launch_stage) != d.zero_stage:
+        raise ConfigError(
+            f"dist.zero_stage={d.zero_stage} but the accelerate launch config says zero_stage {launch_stage}: "
+            f"make them agree (use launch/accelerate/zero{d.zero_stage}.yaml, or drop dist.zero_stage)"
+        )
+    import importlib.util  # the check must not import deepspeed (it pulls in torch)
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("dist.strategy=deepspeed but the deepspeed package is not installed: "
+                          "pip install -c constraints.txt deepspeed==0.19.8 (it is in requirements.txt; `make venv`)")
+    if cfg.checkpoint.async_save:
+        raise ConfigError("checkpoint.async_save=true is FSDP2-only (DCP async_save); DeepSpeed writes its "
+                          "checkpoints synchronously: set checkpoint.async_save=false")
+    if d.param_dtype != "fp32" or d.reduce_dtype != "fp32":
+        raise ConfigError(
+            f"dist.param_dtype={d.param_dtype} / dist.reduce_dtype={d.reduce_dtype} are FSDP2 settings; under DeepSpeed "
+            "the UNet's params stay fp32 (the EMA and optimizer read them): use mixed_precision=bf16 for bf16 compute"
+        )
 
 
 def _check_shards(name: str, spec: str, world_size: int, workers: int, exact: bool) -> None:

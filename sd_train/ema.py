@@ -25,17 +25,40 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
+class DTensorLayout:
+    """Where a rank's piece of each parameter lives under FSDP2 (`p.to_local()`) or DDP (`p`),
+    and how to label or gather the EMA of that piece. DeepSpeed's layouts are in sd_train.zero."""
+
+    # `DTensor.to_local()` per parameter per update costs more than the lerp itself on small
+    # models, so the views are looked up once per window. The optimizer updates the sharded
+    # storage in place, so they stay current (test_distributed checks it).
+    cache_views = True
+    name = "dtensor"
+
+    def views(self, named_params: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        return [_local(p).detach() for _, p in named_params]
+
+    def global_tensor(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """The shard labelled as the global tensor it is a piece of, for DCP."""
+        if isinstance(p, DTensor):
+            return DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+        return shard
+
+    def full(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """The whole tensor (a collective for sharded params)."""
+        t = self.global_tensor(p, shard)
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 class ShardedEMA:
     """Owns the EMA shadow of this rank's parameter shards and the window's progress."""
 
-    def __init__(self, model: torch.nn.Module, plan: EMAPlan):
+    def __init__(self, model: torch.nn.Module, plan: EMAPlan, layout=None):
         self.plan = plan
+        self.layout = layout or DTensorLayout()
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.shadow: list[torch.Tensor] | None = None
         self.num_updates = 0
-        # The local shards, looked up once per window: `DTensor.to_local()` per parameter per
-        # update costs more than the lerp itself on small models. The optimizer updates the
-        # sharded storage in place, so these views stay current (test_distributed checks it).
         self._locals: list[torch.Tensor] = []
 
     # ---- the window -------------------------------------------------------------------------
@@ -57,14 +80,15 @@ class ShardedEMA:
             return
         self.num_updates += 1
         weight = 1.0 - self.plan.decay_at(self.num_updates)
+        locals_ = self._locals if self.layout.cache_views else self.layout.views(self.named_params)
         with torch.no_grad():
-            torch._foreach_lerp_(self.shadow, self._locals, weight)
+            torch._foreach_lerp_(self.shadow, locals_, weight)
 
     def allocate(self, copy_weights: bool) -> None:
         """Create the shadow shards (a copy of the weights, or zeros to be filled by a load)."""
         with torch.no_grad():
-            locals_ = [_local(p).detach() for _, p in self.named_params]
-            self._locals = locals_
+            locals_ = self.layout.views(self.named_params)
+            self._locals = locals_ if self.layout.cache_views else []
             # fp32 shadow even for bf16 params: 1 - decay = 1e-4 is below bf16's resolution.
             self.shadow = [t.to(torch.float32, copy=True) if copy_weights else torch.zeros_like(t, dtype=torch.float32) for t in locals_]
         self.num_updates = 0
@@ -82,7 +106,7 @@ class ShardedEMA:
         if self.shadow is None:
             yield False
             return
-        locals_ = [_local(p) for _, p in self.named_params]
+        locals_ = self.layout.views(self.named_params)
         with torch.no_grad():
             backup = [t.clone() for t in locals_]
             for t, s in zip(locals_, self.shadow):
@@ -115,15 +139,25 @@ class ShardedEMA:
         """The shadow as global tensors: DTensors over the parameters' mesh for sharded params."""
         if self.shadow is None:
             return {}
-        out = {}
-        for (name, p), s in zip(self.named_params, self.shadow):
-            if isinstance(p, DTensor):
-                out[name] = DTensor.from_local(s, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
-            else:
-                out[name] = s
-        return out
+        return {name: self.layout.global_tensor(p, s) for (name, p), s in zip(self.named_params, self.shadow)}
+
+    def local_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's shadow pieces by parameter name, for per-rank files (DeepSpeed)."""
+        return {} if self.shadow is None else {n: s for (n, _), s in zip(self.named_params, self.shadow)}
+
+    def load_local_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Fill the shadow (allocated by `load_meta_state_dict`) from `local_state_dict` output."""
+        if self.shadow is None:
+            return
+        with torch.no_grad():
+            for (n, _), s in zip(self.named_params, self.shadow):
+                if n not in state or state[n].shape != s.shape:
+                    raise ValueError(f"EMA piece {n!r}: saved {tuple(state[n].shape) if n in state else 'missing'}, expected {tuple(s.shape)}")
+                s.copy_(state[n])
 
     def full_tensors(self) -> dict[str, torch.Tensor]:
-        """Gather the EMA into full tensors, one parameter at a time (a collective under FSDP2:
+        """Gather the EMA into full tensors, one parameter at a time (a collective when sharded:
         every rank must call it). Used only for export, never for an update."""
-        return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in self.tensor_state_dict().items()}
+        if self.shadow is None:
+            return {}
+        return {n: self.layout.full(p, s).detach().cpu() for (n, p), s in zip(self.named_params, self.shadow)}

@@ -2,8 +2,9 @@
 `StableDiffusionPipeline.from_pretrained(folder)` loads offline.
 
 Two ways in: at the end of training (the shards are gathered one parameter at a time, a collective)
-and `sd-train export --checkpoint DIR`, which reads a per-rank DCP checkpoint into a plain module
-in one process, with no process group, whatever world size wrote it.
+and `sd-train export --checkpoint DIR`, which reads a per-rank checkpoint into a plain module in one
+process, with no process group, whatever world size wrote it (DCP for FSDP2/DDP; DeepSpeed's
+zero_to_fp32 plus our per-rank EMA pieces for DeepSpeed).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from sd_train.config import checkpoint_is_complete
 from sd_train.model import check_model_folder
 
 
@@ -44,10 +47,17 @@ def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir:
     return out_dir
 
 
-def export_from_training(model: torch.nn.Module, ema, model_path: str, out_root: Path, prediction_type: str, is_main: bool) -> list[Path]:
-    """Gather and export the raw UNet and (if the window opened) the EMA UNet. Collective."""
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole FSDP2/DDP UNet on CPU (a collective under FSDP2; every rank gets it)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_from_training(gather_model: Callable[[], dict], ema, model_path: str, out_root: Path, prediction_type: str, is_main: bool) -> list[Path]:
+    """Gather and export the raw UNet and (if the window opened) the EMA UNet. Collective.
+    `gather_model` returns the full raw state on the main process (`full_model_state` for
+    FSDP2/DDP, `ZeroEngine.full_model_state` for DeepSpeed)."""
     written = []
-    raw = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    raw = gather_model()
     if is_main:
         written.append(save_pipeline(model_path, raw, out_root / "raw", prediction_type))
     del raw
@@ -62,12 +72,16 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
     """Read one UNet's weights (`raw` or `ema`) from a DCP checkpoint into plain tensors, in one
     process. Returns (trainer_state, state_dict)."""
     checkpoint = Path(checkpoint)
-    if not (checkpoint / ".metadata").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no .metadata)")
+    if not checkpoint_is_complete(checkpoint):
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/)")
     with open(checkpoint / "trainer_state.json") as f:
         trainer_state = json.load(f)
     if weights == "ema" and not trainer_state["ema"]["open"]:
         raise ValueError(f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead")
+    if trainer_state.get("format") == "zero":
+        from sd_train.zero import offline_state
+
+        return trainer_state, offline_state(checkpoint, weights)
     model_path = trainer_state["config"]["model"]["pretrained_path"]
     config = UNet2DConditionModel.load_config(model_path, subfolder="unet")
     template = UNet2DConditionModel.from_config(config).state_dict()

@@ -99,12 +99,20 @@ class Trainer:
         self.accum = cfg.grad_accum_steps(self.info.world_size)
 
         self.parts = load_sd_parts(cfg.model, self.info.device, cfg.seed)
-        self.model = D.shard_unet(self.parts.unet, cfg.dist, self.info)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.zero = None  # the DeepSpeed engine (sd_train.zero) when dist.strategy=deepspeed
+        if cfg.dist.strategy == "deepspeed":
+            from sd_train.zero import ZeroEngine
+
+            self.optimizer = build_optimizer(self.parts.unet, cfg.optim)
+            self.zero = ZeroEngine(self.parts.unet, self.optimizer, cfg, self.info, self.accum)
+            self.model = self.zero.engine
+        else:
+            self.model = D.shard_unet(self.parts.unet, cfg.dist, self.info)
+            self.optimizer = build_optimizer(self.model, cfg.optim)
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.max_steps)
         self.plan = plan_from_config(cfg.ema, cfg.max_steps)
         self.plan.check()
-        self.ema = ShardedEMA(D.unwrap(self.model), self.plan)
+        self.ema = ShardedEMA(D.unwrap(self.model), self.plan, self.zero.layout if self.zero else None)
         empty = encode_text(self.parts, [""], self.info.device)
         self.objective = DiffusionObjective(cfg.objective, self.parts.noise_scheduler.alphas_cumprod, empty)
 
@@ -113,7 +121,8 @@ class Trainer:
         self.loader = build_train_loader(cfg, self.info.rank, self.info.world_size)
         self.validator = Validator(cfg, self.parts, self.objective, self.info) if cfg.data.val_shards and cfg.eval.every_steps else None
         self.sampler = Sampler(cfg, self.parts, self.info) if cfg.eval.every_steps and cfg.eval.prompts else None
-        self.checkpointer = Checkpointer(cfg.checkpoint, cfg.output_dir, self.info.rank, self.info.world_size, cfg.max_steps)
+        self.checkpointer = Checkpointer(cfg.checkpoint, cfg.output_dir, self.info.rank, self.info.world_size, cfg.max_steps,
+                                        zero=self.zero)
         self.checkpointer.fault_hook = lambda phase, step: self.faults.trip(phase, step)
         self.state = TrainState()
         self.metrics = build_metrics(cfg.metrics, cfg.output_dir, cfg.run_name or self.out.name, self.info.is_main)
@@ -130,15 +139,19 @@ class Trainer:
         from torch.distributed.tensor import DTensor
 
         params = list(D.unwrap(self.model).named_parameters())
-        mine = {
-            "rank": self.info.rank,
-            "local_param_bytes": sum(_local_numel(p) * p.element_size() for _, p in params),
-            "placements": sorted({str(p.placements) if isinstance(p, DTensor) else "replicated" for _, p in params}),
-            "all_dtensor": all(isinstance(p, DTensor) for _, p in params),
-        }
+        if self.zero is not None:
+            mine = {"rank": self.info.rank, **self.zero.topology()}
+        else:
+            mine = {
+                "rank": self.info.rank,
+                "local_param_bytes": sum(_local_numel(p) * p.element_size() for _, p in params),
+                "placements": sorted({str(p.placements) if isinstance(p, DTensor) else "replicated" for _, p in params}),
+                "all_dtensor": all(isinstance(p, DTensor) for _, p in params),
+            }
         ranks = D.all_gather_object(mine)
         if self.info.is_main:
             topo = {"world_size": self.info.world_size, "backend": dist.get_backend(), "strategy": self.cfg.dist.strategy,
+                    "zero_stage": self.cfg.dist.zero_stage,
                     "device": str(self.info.device), "grad_accum_steps": self.accum, "ranks": ranks}
             (self.out / "topology.json").write_text(json.dumps(topo, indent=1))
 
@@ -221,19 +234,20 @@ class Trainer:
             data_wait += time.perf_counter() - t
             keys.extend(batch.get("keys", []))
             latents, embeds = self._encode(batch)
-            D.set_grad_sync(self.model, micro == self.accum - 1)
+            last = micro == self.accum - 1
+            if self.zero is None:
+                D.set_grad_sync(self.model, last)
             with autocast:
                 loss = self.objective.loss(self.model, latents, embeds) / self.accum
             if self.faults.trip("mid_step", step):
                 loss = loss * float("nan")
-            loss.backward()
+            if self.zero is not None:
+                self.zero.backward(loss, last)
+            else:
+                loss.backward()
             local_loss += float(loss.detach())
-        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        finite = math.isfinite(grad_norm)
+        finite, grad_norm = self.zero.step() if self.zero is not None else self._clip_and_step()
         if finite:
-            self.optimizer.step()
             self.lr_schedule.step()
             self.state.step = step
             self.state.consecutive_skips = 0
@@ -245,6 +259,16 @@ class Trainer:
             with open(self.out / "keys" / f"rank{self.info.rank}.txt", "a") as f:
                 f.write("".join(f"{step if finite else -step}\t{k}\n" for k in keys))
         return {"loss": local_loss, "grad_norm": grad_norm, "data_wait": data_wait, "finite": finite}
+
+    def _clip_and_step(self) -> tuple[bool, float]:
+        """FSDP2/DDP: clip to the global norm, and step only if it is finite."""
+        max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        return finite, grad_norm
 
     def _skip(self, step: int, local_loss: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -355,9 +379,13 @@ class Trainer:
             summary = {"step": self.state.step, "skipped_steps": self.state.skipped_steps, **health}
             (self.out / "data_summary.json").write_text(json.dumps(summary, indent=1))
         if self.cfg.export_at_end:
-            from sd_train.export import export_from_training
+            from sd_train.export import export_from_training, full_model_state
 
-            paths = export_from_training(self.model, self.ema, self.cfg.model.pretrained_path, self.out / "export",
+            if self.zero is not None:
+                gather = lambda: self.zero.full_model_state(self.info.is_main)  # noqa: E731
+            else:
+                gather = lambda: full_model_state(self.model)  # noqa: E731
+            paths = export_from_training(gather, self.ema, self.cfg.model.pretrained_path, self.out / "export",
                                          self.cfg.objective.prediction_type, self.info.is_main)
             if self.info.is_main:
                 print("exported:", ", ".join(str(p) for p in paths), flush=True)

@@ -1,0 +1,262 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 through accelerate's DeepSpeed plugin: the alternative to FSDP2.
+
+`dist.strategy=deepspeed` (or `auto` under `accelerate launch --config_file
+launch/accelerate/zero3.yaml`). The sd-train config is the one source of the DeepSpeed settings:
+`deepspeed_config()` derives batch sizes, accumulation and clipping from it, and the trainer hands
+that dict to `accelerate.DeepSpeedPlugin`. Unlike FSDP, accelerate's DeepSpeed path does run on CPU
+(over gloo), so CI exercises the same engine the GPU runs use.
+
+What ZeRO partitions, and where the EMA lives:
+- ZeRO-3: every parameter is a 1-D partition `p.ds_tensor` of ceil(numel / world) elements per
+  rank (the last rank's padded). The EMA keeps one fp32 piece per partition and lerps it against
+  `p.ds_tensor`: no gather, no collective. `stage3_param_persistence_threshold=0` so no parameter
+  stays gathered between forwards: evaluation with the EMA swapped into the partitions then sees
+  the EMA in every layer.
+- ZeRO-2: gradients and optimizer state are partitioned, parameters are replicated. DeepSpeed's
+  optimizer partition is a slice of one flat buffer per parameter group that cuts through
+  parameters, so an EMA following it would depend on DeepSpeed's internal buffer layout. We keep
+  the EMA replicated instead (every rank computes the same lerp): no communication, and the memory
+  of one fp32 copy of the UNet per rank. The README says so.
+
+Checkpoints: DeepSpeed's own per-rank files under `<step>/zero/` (model and optimizer partitions,
+readable by DeepSpeed's zero_to_fp32), plus `ema_rank_R.pt` with this rank's EMA pieces. They
+resume on the same world size; a different one is refused with the way out (export, then start a
+new run from the export).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from sd_train.config import TrainConfig
+from sd_train.distributed import DistInfo
+
+ZERO_DIR = "zero"  # DeepSpeed's checkpoint "tag": the folder inside a step folder
+
+
+def ema_file(folder: Path, rank: int) -> Path:
+    return Path(folder) / f"ema_rank_{rank}.pt"
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int) -> dict:
+    """The DeepSpeed config, all derived from the sd-train config (none of it is 'auto')."""
+    zero: dict = {"stage": cfg.dist.zero_stage}
+    if cfg.dist.zero_stage == 3:
+        # No parameter stays gathered between forwards (see the module docstring: the EMA swap).
+        # Costs one all-gather per small tensor (biases, norms) per forward on big models.
+        zero["stage3_param_persistence_threshold"] = 0
+    return {
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.max_grad_norm,  # 0 disables, as in our config
+        "zero_optimization": zero,
+        # Params and the master copy stay fp32; `mixed_precision: bf16` autocasts the forward, as
+        # under FSDP2. The EMA and the LR schedule read the fp32 params.
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # torch SGD (optim.name=sgd) is not on its list
+        "steps_per_print": 2**31 - 1,  # our metrics component logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def _prepare_environment(info: DistInfo) -> None:
+    # DeepSpeed 0.19 calls torch.distributed.all_gather_into_tensor / reduce_scatter_tensor, which
+    # torch 2.13 marks deprecated: two warnings per rank per step otherwise.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+    # On CPU DeepSpeed's first init_distributed compiles a shared-memory op with g++/ninja (50-70 s,
+    # or a failure without a compiler). We run over gloo and never use it. The module must be
+    # fetched with import_module: `import deepspeed.comm.torch as m` binds the torch package.
+    if info.device.type == "cpu":
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    # `accelerate launch` with a DeepSpeed config exports these; accelerate then refuses a config
+    # dict ("variables will be ignored"). config.validate already checked they agree with ours.
+    for k in list(os.environ):
+        if k.startswith("ACCELERATE_DEEPSPEED_") or k in ("ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+                                                           "ACCELERATE_GRADIENT_CLIPPING"):
+            os.environ.pop(k)
+
+
+class ZeroEngine:
+    """Owns the DeepSpeed engine: wrap, backward/step, checkpoint I/O, gathers for export."""
+
+    def __init__(self, unet: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, info: DistInfo, accum: int):
+        import datetime
+
+        _prepare_environment(info)
+        from accelerate import Accelerator, DeepSpeedPlugin
+        from accelerate.utils import InitProcessGroupKwargs
+
+        self.stage = int(cfg.dist.zero_stage)
+        self.info = info
+        self.config = deepspeed_config(cfg, info.world_size, accum)
+        # The process group already exists (sd_train.distributed); the kwargs make accelerate agree
+        # on its backend: without them, on CPU it believes there is one process.
+        pg = InitProcessGroupKwargs(backend=dist.get_backend(), timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+        self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.config), kwargs_handlers=[pg])
+        self.engine, _ = self.accelerator.prepare(unet, optimizer)
+        # accelerate registers the ZeRO-3 config with transformers, which then builds every later
+        # `from_pretrained` model under deepspeed.zero.Init: a collective. Export loads the frozen
+        # parts on the main process only, and hung there waiting for the other ranks (seen). The
+        # engine no longer needs the registration once prepared.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        # The LR schedule drives the torch optimizer DeepSpeed wraps: its param_groups now hold
+        # this rank's fp32 partitions, and DeepSpeed steps it with their `lr`.
+        self.optimizer = optimizer
+        self.layout = Zero3Layout() if self.stage == 3 else ReplicatedLayout()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    # ---- one optimizer step ----------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        """Backward of one micro-batch. The loss is already divided by the accumulation count."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not last_micro:
+            # DeepSpeed counts micro-steps in step(); off the accumulation boundary that is all
+            # it does, and the gradient reduction waits for the boundary's backward.
+            self.engine.step()
+
+    def step(self) -> tuple[bool, float]:
+        """The optimizer step at the accumulation boundary: (taken, global grad norm). DeepSpeed
+        checks the reduced gradients of every rank and skips a non-finite step on all of them;
+        we read its decision from its skip counter, so every rank agrees with no extra collective."""
+        skipped = self.engine.skipped_steps
+        self.engine.step()
+        taken = self.engine.skipped_steps == skipped
+        norm = self.engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return taken, (norm if taken else float("inf"))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save(self, folder: Path, ema) -> None:
+        """Collective: DeepSpeed writes every rank's partitions under `folder/zero/`."""
+        self.engine.save_checkpoint(str(folder), tag=ZERO_DIR, save_latest=False)
+        torch.save(self._ema_payload(ema), ema_file(folder, self.info.rank))
+
+    def _ema_payload(self, ema) -> dict:
+        shapes = {n: list(p.ds_shape if self.stage == 3 else p.shape) for n, p in ema.named_params}
+        return {"zero_stage": self.stage, "world_size": self.info.world_size, "shapes": shapes, "pieces": ema.local_state_dict()}
+
+    def missing_files(self, folder: Path) -> Optional[str]:
+        """What this rank would read and cannot find, checked before any collective load."""
+        rank = self.info.rank
+        need = [ema_file(folder, rank)]
+        optim = glob.glob(str(Path(folder) / ZERO_DIR / f"zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
+        if not optim:
+            return f"no {ZERO_DIR}/zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"
+        missing = [str(p) for p in need if not p.is_file() or p.stat().st_size == 0]
+        return f"missing or empty {missing}" if missing else None
+
+    def load(self, folder: Path, ema) -> None:
+        """Collective. `ema.load_meta_state_dict` has run, so the shadow exists to receive the pieces."""
+        path, _ = self.engine.load_checkpoint(str(folder), tag=ZERO_DIR, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False, load_module_strict=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / ZERO_DIR}")
+        payload = torch.load(ema_file(folder, self.info.rank), weights_only=False)
+        ema.load_local_state_dict(payload["pieces"])
+
+    # ---- export and topology ----------------------------------------------------------------------
+
+    def full_model_state(self, is_main: bool) -> dict[str, torch.Tensor]:
+        """The whole UNet on the main process (collective under ZeRO-3: one parameter at a time)."""
+        if self.stage != 3:
+            return {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()} if is_main else {}
+        import deepspeed
+
+        out = {}
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if is_main:
+                    out[name] = p.detach().cpu().clone()
+        if is_main:
+            out.update({n: b.detach().cpu().clone() for n, b in self.module.named_buffers()})
+        return out
+
+    def topology(self) -> dict:
+        params = list(self.module.parameters())
+        if self.stage == 3:
+            local = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
+            placement = "zero3-partition"
+        else:
+            local = sum(p.numel() * p.element_size() for p in params)
+            placement = "replicated (zero2: grads and optimizer state partitioned)"
+        return {"local_param_bytes": local, "placements": [placement], "all_dtensor": False, "zero_stage": self.stage}
+
+
+class Zero3Layout:
+    """ShardedEMA layout under ZeRO-3: this rank's piece of each parameter is `p.ds_tensor`."""
+
+    # Re-read each update: DeepSpeed may re-point `ds_tensor.data` (defragmentation, offload);
+    # an attribute read per parameter is far cheaper than the lerp on any real UNet.
+    cache_views = False
+    name = "zero3"
+
+    def views(self, named_params) -> list[torch.Tensor]:
+        return [p.ds_tensor for _, p in named_params]
+
+    def global_tensor(self, p, shard):
+        raise NotImplementedError("ZeRO-3 EMA pieces are saved per rank (sd_train.zero), not through DCP")
+
+    def full(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """All-gather the equal-size pieces, drop the padding, restore the shape. Collective."""
+        pieces = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+        dist.all_gather(pieces, shard.contiguous())
+        return torch.cat(pieces)[: p.ds_numel].view(p.ds_shape)
+
+
+class ReplicatedLayout:
+    """ShardedEMA layout under ZeRO-2: parameters are replicated, so is the EMA."""
+
+    cache_views = False  # DeepSpeed points params into its flat buffers; re-read, never cache
+    name = "replicated"
+
+    def views(self, named_params) -> list[torch.Tensor]:
+        return [p.detach() for _, p in named_params]
+
+    def global_tensor(self, p, shard):
+        raise NotImplementedError("ZeRO-2 EMA pieces are saved per rank (sd_train.zero), not through DCP")
+
+    def full(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        return shard
+
+
+def offline_state(checkpoint: Path, weights: str) -> dict[str, torch.Tensor]:
+    """A UNet's full weights from a DeepSpeed step folder, in one process with no process group:
+    `raw` through DeepSpeed's zero_to_fp32 (the fp32 master partitions), `ema` by concatenating the
+    ranks' EMA pieces."""
+    checkpoint = Path(checkpoint)
+    if weights == "raw":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ZERO_DIR))
+    files = sorted(checkpoint.glob("ema_rank_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint}: no ema_rank_*.pt files")
+    payloads = [torch.load(f, weights_only=False) for f in files]
+    first = payloads[0]
+    if len(payloads) != first["world_size"]:
+        raise FileNotFoundError(f"{checkpoint}: {len(payloads)} ema_rank_*.pt files for a world size of {first['world_size']}")
+    out = {}
+    for name, shape in first["shapes"].items():
+        if first["zero_stage"] != 3:
+            out[name] = first["pieces"][name].view(shape)  # replicated: rank 0 has it all
+            continue
+        numel = int(torch.Size(shape).numel())
+        out[name] = torch.cat([pl["pieces"][name] for pl in payloads])[:numel].view(shape)
+    return out
