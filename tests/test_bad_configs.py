@@ -47,7 +47,10 @@ BAD = [
     (["data.num_workers=8"], r"fewer than world_size x data.num_workers"),
     (["objective.caption_dropout=1.0"], r"objective.caption_dropout=1.0 must be in \[0, 1\)"),
     (["model.pretrained_path=/no/model"], "model.pretrained_path='/no/model': no such folder"),
-    (["dist.strategy=deepspeed"], "not built yet"),
+    (["dist.strategy=deepspeed", "checkpoint.async_save=true"], "async_save=true is FSDP2-only"),
+    (["dist.strategy=deepspeed", "dist.zero_stage=1"], "dist.zero_stage=1: sd-train supports ZeRO stage 2 or 3"),
+    (["dist.zero_stage=3"], r"dist.zero_stage=3 applies only to dist.strategy=deepspeed \(now fsdp2\)"),
+    (["dist.strategy=deepspeed", "dist.param_dtype=bf16"], "are FSDP2 settings; under DeepSpeed"),
     (["max_steps=ten"], "max_steps must be an integer"),
     (["eval.val_timesteps=[5, 1000]"], r"eval.val_timesteps=\[5, 1000\] must lie in \[0, 1000\)"),
 ]
@@ -63,6 +66,34 @@ def test_bad_config_refused(good, bad, match):
     _, overrides = good
     with pytest.raises(ConfigError, match=match):
         validated_config(["--config", "configs/test.yaml", *overrides, *bad])
+
+
+LAUNCHED_ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["dist.strategy=fsdp2"], r"dist.strategy=fsdp2 but `accelerate launch` was given a DeepSpeed config \(ZeRO stage 3\)"),
+    (["dist.zero_stage=2"], "dist.zero_stage=2 but the accelerate launch config says zero_stage 3"),
+])
+def test_launcher_disagreement_refused(good, monkeypatch, extra, match):
+    """Under launch/accelerate/zero3.yaml a config that shards otherwise is a mistake: refused."""
+    _, overrides = good
+    for k, v in LAUNCHED_ZERO3.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=match):
+        validated_config(["--config", "configs/test.yaml", *overrides, *extra])
+
+
+def test_strategy_auto_follows_the_launcher(good, monkeypatch):
+    _, overrides = good
+    cfg, _ = validated_config(["--config", "configs/test.yaml", *overrides])
+    assert (cfg.dist.strategy, cfg.dist.zero_stage) == ("fsdp2", None)
+    for k, v in LAUNCHED_ZERO3.items():
+        monkeypatch.setenv(k, v)
+    cfg, _ = validated_config(["--config", "configs/test.yaml", *overrides])
+    assert (cfg.dist.strategy, cfg.dist.zero_stage) == ("deepspeed", 3)
+    cfg.validate(2)  # idempotent: a second validation keeps the resolved values
+    assert (cfg.dist.strategy, cfg.dist.zero_stage) == ("deepspeed", 3)
 
 
 def test_refused_before_torch_or_process_group(good):

@@ -1,0 +1,132 @@
+"""DeepSpeed ZeRO-3 and ZeRO-2 on 2 CPU processes, started the way users start them:
+`accelerate launch --config_file launch/accelerate/zero{2,3}.yaml` with the sd-train config left at
+`dist.strategy: auto`. Each test trains straight to the end, then resumes a copy of a mid-run
+checkpoint to the same end, and compares weights, EMA and optimizer state with torch.equal."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch import BIN, REPO, free_port, run
+
+pytestmark = pytest.mark.multiproc
+
+# Window at step 8 of 12 with decay 0.5: 4 EMA updates, 0.5^4 = 6.25% pre-window share.
+COMMON = ["max_steps=12", "ema.step_start_ema=8", "ema.decay=0.5", "ema.tolerance=0.1", "checkpoint.keep_last_k=0",
+          "eval.every_steps=12", "metrics.log_every=2", "checkpoint.every_steps=1"]
+
+
+def zero_cmd(stage: int, out: Path, assets: dict) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", "--config_file", f"launch/accelerate/zero{stage}.yaml", "--num_processes", "2",
+            "--main_process_port", str(free_port()), str(REPO / "train.py"), "--config", "configs/test.yaml",
+            *assets["overrides"], *COMMON, f"output_dir={out}"]
+
+
+def exported(out: Path, weights: str) -> dict[str, torch.Tensor]:
+    return load_file(out / "export" / weights / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def step(out: Path, n: int) -> Path:
+    return out / "checkpoints" / f"step_{n:08d}"
+
+
+def tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested state, by path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    out = {}
+    for k, v in items:
+        out.update(tensors(v, f"{prefix}.{k}"))
+    return out
+
+
+def assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    assert a and a.keys() == b.keys(), what
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{what}: {len(diff)} of {len(a)} tensors differ, e.g. {diff[:3]}"
+
+
+def straight_and_resumed(stage: int, assets: dict, tmp_path: Path, **fault_env: str) -> tuple[Path, Path]:
+    """Run A to step 12; run B from a copy of A's step-8 checkpoint (the window's first step) to
+    step 12. Both must end bitwise equal."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = run(zero_cmd(stage, a, assets), timeout=300, **fault_env)
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step(a, 8), step(b, 8))
+    resumed = run(zero_cmd(stage, b, assets), timeout=300)
+    assert f"resumed from {step(b, 8)} at step 8 (saved by 2 ranks, now 2)" in resumed.stdout
+    for weights in ("raw", "ema"):
+        assert_equal_states(exported(a, weights), exported(b, weights), f"ZeRO-{stage} {weights} UNet after resume")
+    for r in range(2):  # the optimizer partitions (fp32 master weights, Adam moments, step count)
+        [fa] = (step(a, 12) / "zero").glob(f"zero_pp_rank_{r}_*optim_states.pt")
+        fb = step(b, 12) / "zero" / fa.name
+        sa, sb = (tensors(torch.load(f, weights_only=False)["optimizer_state_dict"]) for f in (fa, fb))
+        assert_equal_states(sa, sb, f"ZeRO-{stage} optimizer partition of rank {r}")
+    return a, proc
+
+
+def check_topology(out: Path, stage: int) -> dict:
+    topo = json.loads((out / "topology.json").read_text())
+    assert (topo["world_size"], topo["strategy"], topo["zero_stage"], topo["backend"]) == (2, "deepspeed", stage, "gloo")
+    assert [r["rank"] for r in topo["ranks"]] == [0, 1]
+    return topo
+
+
+def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
+    from sd_train.zero import offline_state
+
+    a, _ = straight_and_resumed(3, tiny_assets, tmp_path)
+    raw = exported(a, "raw")
+    full_bytes = sum(t.numel() * 4 for t in raw.values())
+
+    # Parameters are partitioned: each rank holds ~half (ceil per tensor, so up to 4 bytes per
+    # tensor of padding), not a replica.
+    topo = check_topology(a, 3)
+    for r in topo["ranks"]:
+        assert r["placements"] == ["zero3-partition"]
+        assert full_bytes / 2 <= r["local_param_bytes"] <= full_bytes / 2 + 4 * len(raw), r
+    # So is the EMA: rank r's piece of each parameter is its ZeRO-3 partition, ceil(numel / 2).
+    pieces = [torch.load(step(a, 12) / f"ema_rank_{r}.pt", weights_only=False) for r in range(2)]
+    for name, shape in pieces[0]["shapes"].items():
+        numel = math.prod(shape)
+        assert [p["pieces"][name].numel() for p in pieces] == [math.ceil(numel / 2)] * 2, name
+    ema_bytes = [sum(t.numel() * t.element_size() for t in p["pieces"].values()) for p in pieces]
+    assert all(b <= full_bytes / 2 + 4 * len(raw) for b in ema_bytes), (ema_bytes, full_bytes)
+
+    # It is the EMA of the weights, computed locally: recompute it from the full raw weights of
+    # every checkpoint in the window (DeepSpeed's zero_to_fp32 reassembles them offline).
+    expected = offline_state(step(a, 8), "raw")
+    for s in range(9, 13):
+        raw_s = offline_state(step(a, s), "raw")
+        expected = {n: torch.lerp(expected[n], raw_s[n], 0.5) for n in expected}
+    ema = offline_state(step(a, 12), "ema")
+    assert_equal_states({n: ema[n] for n in expected}, expected, "EMA pieces vs. the EMA of the gathered weights")
+    assert_equal_states(ema, exported(a, "ema"), "offline EMA export vs. in-training export")
+    assert not torch.equal(ema["conv_in.weight"], raw["conv_in.weight"])  # it did average something
+
+    plan = json.loads((a / "ema_plan.json").read_text())
+    assert (plan["ema/step_start_ema"], plan["ema/pre_window_share"]) == (8, 0.0625)
+
+
+def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
+    # A NaN loss on rank 1 at step 5: DeepSpeed sees non-finite reduced gradients on every rank and
+    # skips the step everywhere; the trainer retries step 5 with the next batch.
+    a, proc = straight_and_resumed(2, tiny_assets, tmp_path, SD_TRAIN_FAULT="rank=1,step=5,phase=mid_step,action=nan")
+    assert "step 5: non-finite loss/gradient on rank(s) [1]; step skipped" in proc.stdout
+    summary = json.loads((a / "data_summary.json").read_text())
+    assert (summary["step"], summary["skipped_steps"]) == (12, 1)
+
+    raw = exported(a, "raw")
+    full_bytes = sum(t.numel() * 4 for t in raw.values())
+    topo = check_topology(a, 2)
+    assert all(r["local_param_bytes"] == full_bytes and r["placements"][0].startswith("replicated") for r in topo["ranks"])
+    # ZeRO-2 keeps the EMA replicated (README): both ranks hold the same full tensors.
+    pieces = [torch.load(step(a, 12) / f"ema_rank_{r}.pt", weights_only=False)["pieces"] for r in range(2)]
+    assert_equal_states(pieces[0], pieces[1], "replicated EMA on rank 0 vs rank 1")
+    assert {n: list(t.shape) for n, t in pieces[0].items()} == {n: list(raw[n].shape) for n in pieces[0]}
