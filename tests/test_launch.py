@@ -112,7 +112,7 @@ def test_shellcheck() -> None:
 # accelerate configs
 # --------------------------------------------------------------------------------------------
 
-EXPECTED_PROCESSES = {"cpu2.yaml": 2, "gpu1node.yaml": 8, "ddp.yaml": 8, "multinode.yaml": -1}
+EXPECTED_PROCESSES = {"cpu2.yaml": 2, "gpu1node.yaml": 8, "ddp.yaml": 8, "multinode.yaml": -1, "zero2.yaml": 8, "zero3.yaml": 8}
 
 
 def test_accelerate_configs_are_valid_launcher_configs() -> None:
@@ -120,7 +120,7 @@ def test_accelerate_configs_are_valid_launcher_configs() -> None:
     from accelerate.utils import ComputeEnvironment, DistributedType
 
     files = sorted(p.name for p in ACCEL_DIR.iterdir())
-    assert files == sorted(EXPECTED_PROCESSES), "launch/accelerate holds exactly the four configs (no README: comments)"
+    assert files == sorted(EXPECTED_PROCESSES), "launch/accelerate holds exactly these configs (no README: comments)"
     for name, processes in EXPECTED_PROCESSES.items():
         path = ACCEL_DIR / name
         raw = yaml.safe_load(path.read_text())
@@ -130,7 +130,15 @@ def test_accelerate_configs_are_valid_launcher_configs() -> None:
         assert cfg.compute_environment == ComputeEnvironment.LOCAL_MACHINE
         # MULTI_CPU in a config starts ONE process (accelerate's simple launcher); MULTI_GPU is the
         # torchrun launcher that fans out, on CPU as well.
-        assert cfg.distributed_type == DistributedType.MULTI_GPU, name
+        if name.startswith("zero"):
+            # DeepSpeed's launcher (torchrun underneath, also on CPU); the stage is the file's, and
+            # nothing the sd-train config derives (batch sizes, accumulation, clipping) is set here.
+            assert cfg.distributed_type == DistributedType.DEEPSPEED, name
+            assert cfg.deepspeed_config["zero_stage"] == int(name[4]), name
+            assert cfg.deepspeed_config["deepspeed_multinode_launcher"] == "standard", name
+            assert not {"deepspeed_config_file", "gradient_accumulation_steps", "gradient_clipping"} & set(cfg.deepspeed_config)
+        else:
+            assert cfg.distributed_type == DistributedType.MULTI_GPU, name
         assert cfg.num_processes == processes, name
         header = path.read_text().split("\ncompute_environment")[0]
         assert "dist.strategy" in header, f"{name}: say at the top that sharding is chosen by dist.strategy"
@@ -202,6 +210,9 @@ def test_sbatch_dry_run_prints_one_command_per_node(tmp_path: Path) -> None:
     assert ports == {"21234"}  # 20000 + 1234 % 20000, the same on every node
     # DRY_RUN=1 is the same as --dry-run.
     assert _sbatch(args, slurm_env(str(empty), DRY_RUN="1")).stdout == proc.stdout
+    # LAUNCH_CONFIG picks DeepSpeed instead; everything else stays the same.
+    ds = _sbatch(["--dry-run", *args], slurm_env(str(empty), LAUNCH_CONFIG="launch/accelerate/zero3.yaml"))
+    assert ds.stdout == proc.stdout.replace("launch/accelerate/multinode.yaml", "launch/accelerate/zero3.yaml"), ds.stderr
 
 
 @pytest.mark.parametrize(
