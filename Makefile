@@ -37,7 +37,7 @@ demo: $(TINY)/.done
 	OMP_NUM_THREADS=$(CORES) $(BIN)/python train.py --config configs/demo.yaml output_dir=$(RUN)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) data models runs

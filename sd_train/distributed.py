@@ -83,8 +83,10 @@ def shard_unet(unet: torch.nn.Module, args: DistArgs, info: DistInfo) -> torch.n
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(unet, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    if args.strategy != "fsdp2":
-        raise NotImplementedError(f"dist.strategy={args.strategy} is not built yet")
+    if args.strategy == "deepspeed":
+        raise ValueError("dist.strategy=deepspeed: the DeepSpeed engine wraps the UNet (sd_train.zero.ZeroEngine), not shard_unet")
+    # "auto" reaches here only from code that builds DistArgs itself (tests, benchmarks): config
+    # validation resolves it, and outside accelerate's DeepSpeed launcher it means fsdp2.
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[args.param_dtype], reduce_dtype=DTYPES[args.reduce_dtype])

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-3 and ZeRO-2 on 2 CPU processes, started the way users start them:
 `accelerate launch --config_file launch/accelerate/zero{2,3}.yaml` with the sd-train config left at
 `dist.strategy: auto`. Each test trains straight to the end, then resumes a copy of a mid-run
-checkpoint to the same end, and compares weights, EMA and optimizer state with torch.equal."""
+checkpoint to the same end, and compares optimizer state (with the fp32 master weights) and EMA
+with torch.equal."""
 
 import json
 import math
@@ -18,13 +19,13 @@ pytestmark = pytest.mark.multiproc
 
 # Window at step 8 of 12 with decay 0.5: 4 EMA updates, 0.5^4 = 6.25% pre-window share.
 COMMON = ["max_steps=12", "ema.step_start_ema=8", "ema.decay=0.5", "ema.tolerance=0.1", "checkpoint.keep_last_k=0",
-          "eval.every_steps=12", "metrics.log_every=2", "checkpoint.every_steps=1"]
+          "eval.every_steps=12", "metrics.log_every=2"]
 
 
-def zero_cmd(stage: int, out: Path, assets: dict) -> list[str]:
+def zero_cmd(stage: int, out: Path, assets: dict, *extra: str) -> list[str]:
     return [str(BIN / "accelerate"), "launch", "--config_file", f"launch/accelerate/zero{stage}.yaml", "--num_processes", "2",
             "--main_process_port", str(free_port()), str(REPO / "train.py"), "--config", "configs/test.yaml",
-            *assets["overrides"], *COMMON, f"output_dir={out}"]
+            *assets["overrides"], *COMMON, f"output_dir={out}", *extra]
 
 
 def exported(out: Path, weights: str) -> dict[str, torch.Tensor]:
@@ -52,22 +53,24 @@ def assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     assert not diff, f"{what}: {len(diff)} of {len(a)} tensors differ, e.g. {diff[:3]}"
 
 
-def straight_and_resumed(stage: int, assets: dict, tmp_path: Path, **fault_env: str) -> tuple[Path, Path]:
-    """Run A to step 12; run B from a copy of A's step-8 checkpoint (the window's first step) to
-    step 12. Both must end bitwise equal."""
+def straight_and_resumed(stage: int, assets: dict, tmp_path: Path, every: int, **fault_env: str):
+    """Run A to step 12 (checkpoints every `every` steps, export at the end); run B from a copy of
+    A's step-8 checkpoint (the window's first step) to step 12. Their final checkpoints must be
+    bitwise equal: every rank's optimizer partition (fp32 master weights, Adam moments, step) and
+    EMA pieces."""
     a, b = tmp_path / "a", tmp_path / "b"
-    proc = run(zero_cmd(stage, a, assets), timeout=300, **fault_env)
+    proc = run(zero_cmd(stage, a, assets, f"checkpoint.every_steps={every}"), timeout=300, **fault_env)
     (b / "checkpoints").mkdir(parents=True)
     shutil.copytree(step(a, 8), step(b, 8))
-    resumed = run(zero_cmd(stage, b, assets), timeout=300)
+    resumed = run(zero_cmd(stage, b, assets, "checkpoint.every_steps=4", "export_at_end=false"), timeout=300)
     assert f"resumed from {step(b, 8)} at step 8 (saved by 2 ranks, now 2)" in resumed.stdout
-    for weights in ("raw", "ema"):
-        assert_equal_states(exported(a, weights), exported(b, weights), f"ZeRO-{stage} {weights} UNet after resume")
-    for r in range(2):  # the optimizer partitions (fp32 master weights, Adam moments, step count)
+    for r in range(2):
         [fa] = (step(a, 12) / "zero").glob(f"zero_pp_rank_{r}_*optim_states.pt")
         fb = step(b, 12) / "zero" / fa.name
         sa, sb = (tensors(torch.load(f, weights_only=False)["optimizer_state_dict"]) for f in (fa, fb))
-        assert_equal_states(sa, sb, f"ZeRO-{stage} optimizer partition of rank {r}")
+        assert_equal_states(sa, sb, f"ZeRO-{stage} optimizer partition of rank {r} after resume")
+        ea, eb = (torch.load(s / f"ema_rank_{r}.pt", weights_only=False)["pieces"] for s in (step(a, 12), step(b, 12)))
+        assert_equal_states(ea, eb, f"ZeRO-{stage} EMA pieces of rank {r} after resume")
     return a, proc
 
 
@@ -81,7 +84,8 @@ def check_topology(out: Path, stage: int) -> dict:
 def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
     from sd_train.zero import offline_state
 
-    a, _ = straight_and_resumed(3, tiny_assets, tmp_path)
+    # Every step checkpointed, so the EMA can be recomputed from the weights below.
+    a, _ = straight_and_resumed(3, tiny_assets, tmp_path, every=1)
     raw = exported(a, "raw")
     full_bytes = sum(t.numel() * 4 for t in raw.values())
 
@@ -117,7 +121,7 @@ def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
 def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     # A NaN loss on rank 1 at step 5: DeepSpeed sees non-finite reduced gradients on every rank and
     # skips the step everywhere; the trainer retries step 5 with the next batch.
-    a, proc = straight_and_resumed(2, tiny_assets, tmp_path, SD_TRAIN_FAULT="rank=1,step=5,phase=mid_step,action=nan")
+    a, proc = straight_and_resumed(2, tiny_assets, tmp_path, every=4, SD_TRAIN_FAULT="rank=1,step=5,phase=mid_step,action=nan")
     assert "step 5: non-finite loss/gradient on rank(s) [1]; step skipped" in proc.stdout
     summary = json.loads((a / "data_summary.json").read_text())
     assert (summary["step"], summary["skipped_steps"]) == (12, 1)
