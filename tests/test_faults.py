@@ -99,7 +99,10 @@ def test_nonfinite_steps_skipped_then_stop(tiny_assets, tmp_path):
 
 def test_hung_rank_exits_nonzero(tiny_assets, tmp_path):
     """Rank 1 hangs; rank 0 hits the collective timeout and the job exits non-zero instead of
-    waiting forever (bounded by the subprocess timeout: 10 s timeout + torchrun's 30 s grace)."""
+    waiting forever (bounded by the subprocess timeout: 10 s timeout + torchrun's 30 s grace).
+    The grace is fixed: torchrun 2.13 honours --shutdown_timeout / TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    only when it is signalled itself, and stops the workers of a failed group with the default 30 s
+    (LocalElasticAgent._stop_workers), so this test cannot be made shorter from outside."""
     out = tmp_path / "hang"
     start = time.monotonic()
     try:
