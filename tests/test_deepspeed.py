@@ -15,8 +15,6 @@ from safetensors.torch import load_file
 
 from launch import BIN, REPO, free_port, run
 
-pytestmark = pytest.mark.multiproc
-
 # Window at step 8 of 12 with decay 0.5: 4 EMA updates, 0.5^4 = 6.25% pre-window share.
 COMMON = ["max_steps=12", "ema.step_start_ema=8", "ema.decay=0.5", "ema.tolerance=0.1", "checkpoint.keep_last_k=0",
           "eval.every_steps=12", "metrics.log_every=2"]
@@ -81,6 +79,7 @@ def check_topology(out: Path, stage: int) -> dict:
     return topo
 
 
+@pytest.mark.multiproc
 def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
     from sd_train.zero import offline_state
 
@@ -118,6 +117,7 @@ def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
     assert (plan["ema/step_start_ema"], plan["ema/pre_window_share"]) == (8, 0.0625)
 
 
+@pytest.mark.multiproc
 def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     # A NaN loss on rank 1 at step 5: DeepSpeed sees non-finite reduced gradients on every rank and
     # skips the step everywhere; the trainer retries step 5 with the next batch.
@@ -134,3 +134,18 @@ def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     pieces = [torch.load(step(a, 12) / f"ema_rank_{r}.pt", weights_only=False)["pieces"] for r in range(2)]
     assert_equal_states(pieces[0], pieces[1], "replicated EMA on rank 0 vs rank 1")
     assert {n: list(t.shape) for n, t in pieces[0].items()} == {n: list(raw[n].shape) for n in pieces[0]}
+
+
+@pytest.mark.parametrize("saved,fmt,world,match", [
+    ({"format": "zero", "world_size": 2}, "zero", 1, r"DeepSpeed ZeRO partitions of 2 ranks and this run has 1: .*Relaunch with 2 processes"),
+    ({"format": "zero", "world_size": 2}, "dcp", 2, r"written with dist.strategy=deepspeed but this run uses dist.strategy=fsdp2"),
+    ({"world_size": 2}, "zero", 2, r"written with dist.strategy=fsdp2 \(or ddp\) but this run uses dist.strategy=deepspeed"),
+])
+def test_incompatible_checkpoint_refused_with_the_way_out(saved, fmt, world, match):
+    """Refused outright (not 'broken, try the previous one': every older folder is the same kind),
+    naming the fix. A DCP checkpoint on another world size is fine: it reshards."""
+    from sd_train.checkpoint import CheckpointLoadError, _check_compatible
+
+    with pytest.raises(CheckpointLoadError, match=match):
+        _check_compatible(Path("ck/step_00000008"), saved, fmt, world)
+    _check_compatible(Path("ck/step_00000008"), {"world_size": 2}, "dcp", 4)
