@@ -207,6 +207,9 @@ class Zero3Layout:
     cache_views = False
     name = "zero3"
 
+    def release(self) -> None:
+        """Nothing stays gathered between forwards: stage3_param_persistence_threshold=0."""
+
     def views(self, named_params) -> list[torch.Tensor]:
         return [p.ds_tensor for _, p in named_params]
 
@@ -225,6 +228,9 @@ class ReplicatedLayout:
 
     cache_views = False  # DeepSpeed points params into its flat buffers; re-read, never cache
     name = "replicated"
+
+    def release(self) -> None:
+        """Replicated params are the weights the forward reads: nothing to release."""
 
     def views(self, named_params) -> list[torch.Tensor]:
         return [p.detach() for _, p in named_params]

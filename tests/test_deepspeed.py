@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch import BIN, REPO, free_port, run
+from reference import assert_logged_val_matches_export
 
 # Window at step 8 of 12 with decay 0.5: 4 EMA updates, 0.5^4 = 6.25% pre-window share.
 COMMON = ["max_steps=12", "ema.step_start_ema=8", "ema.decay=0.5", "ema.tolerance=0.1", "checkpoint.keep_last_k=0",
@@ -115,6 +116,8 @@ def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
 
     plan = json.loads((a / "ema_plan.json").read_text())
     assert (plan["ema/step_start_ema"], plan["ema/pre_window_share"]) == (8, 0.0625)
+    # The EMA evaluation (val/loss_ema, swapped into the partitions) is the exported EMA's.
+    assert_logged_val_matches_export(a, 12)
 
 
 @pytest.mark.multiproc
@@ -134,6 +137,7 @@ def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     pieces = [torch.load(step(a, 12) / f"ema_rank_{r}.pt", weights_only=False)["pieces"] for r in range(2)]
     assert_equal_states(pieces[0], pieces[1], "replicated EMA on rank 0 vs rank 1")
     assert {n: list(t.shape) for n, t in pieces[0].items()} == {n: list(raw[n].shape) for n in pieces[0]}
+    assert_logged_val_matches_export(a, 12)
 
 
 @pytest.mark.parametrize("saved,fmt,world,match", [

@@ -25,3 +25,23 @@ def test_sharded_ema_two_ranks(tmp_path):
     per_rank = reports[0]["ema_bytes_all_ranks"]
     assert sum(per_rank) == reports[0]["full_bytes"], "the ranks' EMA shards add up to exactly one copy"
     assert all(b < reports[0]["full_bytes"] * 0.6 for b in per_rank), "each rank holds only its share"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ema_eval_forward_equals_plain_unet_with_ema_weights(tmp_path, nproc):
+    """The forward that evaluation runs with the EMA swapped in (right after a no_grad raw forward,
+    when FSDP2 keeps its root gathered) equals a plain UNet holding the gathered EMA, bitwise, for
+    FSDP2 and DDP at world 1 and 2; so does the forward after swapping back, with the raw weights."""
+    out = tmp_path / "report"
+    run(torchrun_cmd(nproc, str(REPO / "tests/dist/ema_eval_forward.py"), str(out)), timeout=180)
+    for r in range(nproc):
+        rep = json.loads((tmp_path / f"report.rank{r}.json").read_text())
+        assert rep["fsdp2"]["sharded_shard0"], "FSDP2 params must be DTensors sharded Shard(0)"
+        for strategy in ("fsdp2", "ddp"):
+            s = rep[strategy]
+            assert s["world_size"] == nproc and s["ema_updates"] == 3
+            assert s["raw_vs_ema_max_diff"] > 1.0, "raw and EMA must differ, or equality shows nothing"
+            assert s["ema_forward_equal"], f"{strategy}: EMA forward differs by {s['ema_forward_max_diff']}"
+            assert s["raw_forward_equal"] and s["after_swap_forward_equal"], strategy
+        # The control: without releasing FSDP2's gathered copies the swap is not seen (the old bug).
+        assert rep["fsdp2"]["unreleased_swap_max_diff"] > 1.0

@@ -12,9 +12,10 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from launch import REPO, run, torchrun_cmd
 
 TRAIN = str(REPO / "train.py")
-# 16 steps x 8 samples = 128 = exactly one epoch of the fixture's train split.
+# 16 steps x 8 samples = 128 = exactly one epoch of the fixture's train split. Evaluation every 3
+# steps: raw and EMA evaluations (steps 12 and 15) fall between training steps inside the window.
 COMMON = ["max_steps=16", "ema.step_start_ema=10", "ema.decay=0.5", "ema.tolerance=0.3", "checkpoint.every_steps=4",
-          "checkpoint.keep_last_k=0", "eval.every_steps=8", "data.log_keys=true", "metrics.log_every=4"]
+          "checkpoint.keep_last_k=0", "eval.every_steps=3", "data.log_keys=true", "metrics.log_every=4"]
 
 
 def train_cmd(nproc: int, out: Path, assets: dict, *extra: str) -> list[str]:
@@ -113,6 +114,23 @@ def test_two_ranks_resume_exact_and_reshard(tiny_assets, straight_run, tmp_path)
     for kind in ("raw", "ema"):
         wa, wd = unet_weights(a / "export" / kind), unet_weights(d / "export" / kind)
         assert all(torch.equal(wa[k], wd[k]) for k in wa), kind
+
+
+@pytest.mark.multiproc
+def test_evaluation_leaves_training_unchanged(tiny_assets, straight_run, tmp_path):
+    """The reference run evaluates raw and EMA weights (loss and sample grid) between steps; the same
+    run with evaluation off ends with every checkpoint tensor equal, and the same per-step losses."""
+    e = tmp_path / "e"
+    run(train_cmd(2, e, tiny_assets, "eval.every_steps=0", "export_at_end=false"), timeout=300)
+    assert_states_equal(full_state(straight_run / "checkpoints" / "step_00000016"), full_state(e / "checkpoints" / "step_00000016"))
+
+    def losses(out: Path) -> dict:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+    assert losses(e) == losses(straight_run)
+    logged = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in logged if "val/loss_ema" in r} == {12, 15, 16}
 
 
 def test_single_process_run_then_two_ranks_resume(tiny_assets, tmp_path):

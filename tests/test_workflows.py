@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from launch import REPO, run
+from reference import assert_logged_val_matches_export
 from test_train import train_cmd, unet_weights
 
 FAST = ["eval.every_steps=0", "export_at_end=false", "max_steps=4", "ema.step_start_ema=2", "ema.tolerance=0.3", "checkpoint.every_steps=2"]
@@ -28,6 +29,12 @@ def test_export_command_matches_training_export(straight_run, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+
+
+def test_logged_ema_val_loss_is_the_exported_ema(straight_run):
+    """What a user reads (val/loss_ema in metrics.jsonl, 2-rank FSDP2) is the held-out loss of the
+    EMA pipeline the run exported, scored by a plain UNet in one process."""
+    assert_logged_val_matches_export(straight_run, 16)
 
 
 def test_plan_mosaic_window_runs_short_window_refused(tiny_assets):
