@@ -319,7 +319,7 @@ class TrainConfig:
                 f"micro_batch_size ({self.micro_batch_size}) = {per_step}: set global_batch_size to a multiple "
                 f"of {per_step} (e.g. {lo}) or change micro_batch_size"
             )
-        # The model folder and the EMA plan are checked by sd_train.preflight (the plan lives in
-        # sd_train.ema_plan, above this package).
+        # `model` and `ema` have no value-only checks here: the model folder and the EMA plan (in
+        # sd_train.ema_plan, above this package) are checked by sd_train.preflight.
         for section in (self.data, self.objective, self.optim, self.checkpoint, self.dist, self.eval, self.metrics):
             section.validate()
