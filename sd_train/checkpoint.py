@@ -34,36 +34,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from sd_train.config import CheckpointArgs, checkpoint_is_complete
+from sd_train.config import CheckpointArgs
+from sd_train.errors import CheckpointLoadError
+from sd_train.paths import PARTIAL_SUFFIX, checkpoint_is_complete, complete_steps, partial_dir, step_dir
 
 log = logging.getLogger(__name__)
-STEP_RE = re.compile(r"^step_(\d{8})$")
-PARTIAL_PREFIX = "."
-PARTIAL_SUFFIX = ".partial"
-
-
-class CheckpointLoadError(RuntimeError):
-    """Checkpoints exist but none could be loaded."""
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"step_{step:08d}"
-
-
-def partial_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"{PARTIAL_PREFIX}step_{step:08d}{PARTIAL_SUFFIX}"
-
-
-def complete_steps(root: Path) -> list[int]:
-    """Steps with a complete checkpoint folder, oldest first."""
-    if not Path(root).is_dir():
-        return []
-    steps = []
-    for entry in Path(root).iterdir():
-        m = STEP_RE.match(entry.name)
-        if m and checkpoint_is_complete(entry):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
 
 
 class Checkpointer:

@@ -12,12 +12,11 @@ so the pre-window weights keep the share prod d_k (= d^N for a constant decay): 
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass
 
-from sd_train.config import ConfigError, EMAArgs
+from sd_train.config import EMAArgs
+from sd_train.errors import ConfigError
 
 
 def warmup_decay(decay: float, k: int, inv_gamma: float, power: float) -> float:
@@ -219,23 +218,3 @@ def plan_from_config(args: EMAArgs, max_steps: int) -> EMAPlan:
         inv_gamma=args.inv_gamma,
         power=args.power,
     )
-
-
-def main_plan(argv: list[str]) -> int:
-    """`sd-train plan --config X [overrides]`: print the plan; exit 1 with the reason if refused."""
-    from sd_train.config import load_config
-
-    parser = argparse.ArgumentParser(prog="sd-train plan", description=main_plan.__doc__)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    ns = parser.parse_args(argv)
-    try:
-        cfg = load_config(ns.config, ns.overrides)
-        plan = plan_from_config(cfg.ema, cfg.max_steps)
-        print(plan.describe())
-        plan.check()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 1
-    print("EMA plan OK")
-    return 0

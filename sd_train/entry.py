@@ -1,7 +1,9 @@
-"""`python train.py` / `sd-train train`: parse, load and validate the config, then train.
+"""`python train.py` / `sd-train train`: parse, load, validate and preflight the config, then train.
+Also `sd-train plan`, which prints a config's EMA plan.
 
-This module imports only the config code (no torch, no diffusers), so a bad config is refused in
-a fraction of a second, before any process group starts or any heavy import is paid for.
+This module imports only the config code and its torch-free checks (no torch, no diffusers), so a
+bad config is refused in a fraction of a second, before any process group starts or any heavy
+import is paid for.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import argparse
 import logging
 import sys
 
-from sd_train.config import ConfigError, env_world_size, load_config
+from sd_train.config import ConfigError, TrainConfig, env_world_size, load_config
+from sd_train.ema_plan import EMAPlan, plan_from_config
+from sd_train.preflight import preflight
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -21,12 +25,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # `--plan` may come after overrides, or between them
 
 
-def validated_config(argv: list[str]):
-    """(config, namespace); raises ConfigError naming the field."""
+def validated_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
+    """(resolved config, namespace): field checks, then the machine checks of sd_train.preflight.
+    Raises ConfigError naming the field."""
     ns = parse_args(argv)
     cfg = load_config(ns.config, ns.overrides)
-    cfg.validate(env_world_size())
-    return cfg, ns
+    world_size = env_world_size()
+    cfg.validate(world_size)
+    return preflight(cfg, world_size), ns
+
+
+def print_plan(cfg: TrainConfig) -> EMAPlan:
+    """Print the EMA plan of `cfg` (what `--plan` and `sd-train plan` show) and return it, unchecked."""
+    plan = plan_from_config(cfg.ema, cfg.max_steps)
+    print(plan.describe())
+    return plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +51,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if ns.plan:
-        from sd_train.ema_plan import plan_from_config
-
-        print(plan_from_config(cfg.ema, cfg.max_steps).describe())
+        print_plan(cfg)
         print("config OK")
         return 0
-    from sd_train.trainer import run
+    from sd_train.trainer import run  # lazy: torch and diffusers, paid only once the config is accepted
 
     return run(cfg)
+
+
+def main_plan(argv: list[str]) -> int:
+    """`sd-train plan --config X [overrides]`: print the plan; exit 1 with the reason if refused."""
+    parser = argparse.ArgumentParser(prog="sd-train plan", description=main_plan.__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    ns = parser.parse_args(argv)
+    try:
+        cfg = load_config(ns.config, ns.overrides)
+        print_plan(cfg).check()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 1
+    print("EMA plan OK")
+    return 0

@@ -21,8 +21,7 @@ import torch.distributed.checkpoint as dcp
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from sd_train.config import checkpoint_is_complete
-from sd_train.model import check_model_folder
+from sd_train.paths import check_model_folder, checkpoint_is_complete
 
 
 def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir: Path, prediction_type: str) -> Path:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from sd_train.config import MODEL_SUBFOLDERS, ConfigError, ModelArgs
+from sd_train.config import ModelArgs
 from sd_train.data import pixels_to_float as uint8_to_unit_range
+from sd_train.paths import check_model_folder
 
 
 
@@ -34,15 +34,6 @@ class SDParts:
     @property
     def vae_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
-
-
-def check_model_folder(path: str) -> None:
-    missing = [s for s in MODEL_SUBFOLDERS if not (Path(path) / s).is_dir()]
-    if missing:
-        raise ConfigError(
-            f"model.pretrained_path={path!r} lacks {missing}: it must be a diffusers Stable Diffusion folder "
-            "(unet/ vae/ text_encoder/ tokenizer/ scheduler/). Run `make tiny-sd` for the demo model"
-        )
 
 
 def load_sd_parts(args: ModelArgs, device: torch.device, seed: int) -> SDParts:

@@ -32,6 +32,7 @@ from typing import Any
 
 from sd_train.config import ConfigError, TrainConfig, load_config
 from sd_train.ema_plan import plan_from_config
+from sd_train.preflight import preflight
 
 TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
 LATE_WINDOW_FRACTION = 0.035
@@ -72,6 +73,7 @@ def resolved_configs(config: str, base: list[str], decay: float) -> dict[str, Tr
     for name, extra in variant_overrides(decay).items():
         cfg = load_config(config, [*base, *extra])
         cfg.validate(1)
+        cfg = preflight(cfg, 1)
         if cfg.eval.every_steps <= 0 or not cfg.data.val_shards:
             raise ConfigError("the quality figure needs the validation loss: set eval.every_steps > 0 and data.val_shards")
         out[name] = cfg

@@ -32,6 +32,8 @@ from typing import BinaryIO, Optional, TypeVar
 import numpy as np
 from PIL import Image
 
+from sd_train.errors import BadDataError  # raised here; also importable from sd_train.samples
+
 IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
 BAD_CATEGORIES = ("undecodable", "missing_image", "missing_caption", "empty_caption", "truncated", "unreadable_shard")
 MAX_BAD_SHARDS = 32  # names kept per worker; enough to find the culprits without growing state
@@ -42,10 +44,6 @@ _READ_BUFFER = 1 << 20  # big sequential reads: shards are read front to back ex
 _MAX_MEMBER = 1 << 31  # no sample member is this big; a corrupt size field would allocate it
 
 T = TypeVar("T")
-
-
-class BadDataError(RuntimeError):
-    """Too much of the input read so far was bad; the message names the shards and the share."""
 
 
 class BadSample(Exception):

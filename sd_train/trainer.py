@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 
 from sd_train import distributed as D
-from sd_train.checkpoint import CheckpointLoadError, Checkpointer
-from sd_train.config import ConfigError, TrainConfig, config_to_dict, dump_config
+from sd_train.checkpoint import Checkpointer
+from sd_train.config import TrainConfig, config_to_dict, dump_config
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
+from sd_train.errors import BadDataError, CheckpointLoadError, ConfigError, NonFiniteError
 from sd_train.evaluation import Sampler, Validator, save_grid
 from sd_train.faults import FaultInjector
 from sd_train.metrics import build_metrics
@@ -39,13 +40,8 @@ from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_lr_schedule, build_optimizer
 from sd_train.precompute import sample_posterior
 from sd_train.rng import load_rng_state_dict, rng_state_dict, seed_all
-from sd_train.samples import BadDataError
 
 log = logging.getLogger("sd_train")
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -425,7 +421,7 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 def run(cfg: TrainConfig) -> int:
-    """Train with an already validated config (sd_train.entry.main validates it first).
+    """Train with a validated, resolved config (from sd_train.entry.validated_config: no `auto` strategy left).
 
     A rank that fails leaves with os._exit: its peers may be blocked in a collective with it, and
     a graceful teardown (destroy_process_group, loader workers, atexit) can then block forever,
@@ -450,9 +446,3 @@ def _die(code: int, message: str) -> None:
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from sd_train.entry import main as entry_main
-
-    return entry_main(argv)

@@ -10,6 +10,7 @@ import pytest
 
 from sd_train.config import ConfigError, MODEL_SUBFOLDERS
 from sd_train.entry import validated_config
+from sd_train.preflight import preflight
 
 ASSETS = Path(__file__).parent / "assets"
 REPO = Path(__file__).parents[1]
@@ -94,16 +95,32 @@ def test_strategy_auto_follows_the_launcher(good, monkeypatch):
     assert (cfg.dist.strategy, cfg.dist.zero_stage) == ("deepspeed", 3)
     cfg.validate(2)  # idempotent: a second validation keeps the resolved values
     assert (cfg.dist.strategy, cfg.dist.zero_stage) == ("deepspeed", 3)
+    assert preflight(cfg, 1) == cfg, "a resolved config resolves to itself"
+
+
+ENTRY = (
+    "import sys; from sd_train.entry import main; rc = main(sys.argv[1:]); "
+    "assert 'torch' not in sys.modules, 'validation imported torch'; sys.exit(rc)"
+)
 
 
 def test_refused_before_torch_or_process_group(good):
     """The real entry point: exit code 2, the field in the message, and torch never imported."""
     _, overrides = good
-    code = (
-        "import sys; from sd_train.entry import main; rc = main(sys.argv[1:]); "
-        "assert 'torch' not in sys.modules, 'validation imported torch'; sys.exit(rc)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, "--config", "configs/test.yaml", *overrides, "data.resolution=30"],
+    proc = subprocess.run([sys.executable, "-c", ENTRY, "--config", "configs/test.yaml", *overrides, "data.resolution=30"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "config error: data.resolution=30" in proc.stderr
+
+
+def test_yaml_syntax_error_refused(good, tmp_path):
+    """A --config file that is not valid YAML is a config error like any other (exit 2, no
+    traceback), naming the file and the line."""
+    _, overrides = good
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("max_steps: 12\noptim:\n  lr: 1e-3\n    warmup_steps: 2\n")
+    proc = subprocess.run([sys.executable, "-c", ENTRY, "--config", str(broken), *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"config error: --config {broken}: YAML syntax error at line 4, column 17" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,8 +1,17 @@
-"""Config loading: precedence, types, unknown keys, and errors that name the field."""
+"""Config loading (precedence, types, unknown keys), the sections' field checks, and preflight's
+machine checks: errors that name the field, a resolved config that leaves its input alone, no torch."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from sd_train.config import ConfigError, TrainConfig, load_config, parse_overrides
+from sd_train.config import MODEL_SUBFOLDERS, ConfigError, TrainConfig, load_config, parse_overrides
+from sd_train.paths import step_dir
+from sd_train.preflight import preflight
+
+REPO = Path(__file__).parents[1]
 
 
 def test_precedence_defaults_yaml_overrides(tmp_path):
@@ -38,3 +47,83 @@ def test_overrides_parse_yaml_values():
     assert parse_overrides(["a.b=0.5", "c=true", "d="]) == {"a": {"b": 0.5}, "c": True, "d": ""}
     # YAML 1.1 reads 1e-3 as a string; a float field still takes it.
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    "section,override,match",
+    [
+        ("data", "data.shuffle_buffer=-1", "data.shuffle_buffer=-1 must be >= 0"),
+        ("objective", "objective.noise_offset=-0.1", "objective.noise_offset=-0.1 must be >= 0"),
+        ("optim", "optim.betas=[0.9]", r"optim.betas=\[0.9\] must be two numbers"),
+        ("checkpoint", "checkpoint.keep_last_k=-1", "checkpoint.keep_last_k=-1: must be 0"),
+        ("dist", "dist.timeout_s=0", "dist.timeout_s=0 must be positive"),
+        ("eval", "eval.num_inference_steps=0", "eval.num_inference_steps=0 must be positive"),
+        ("metrics", "metrics.log_every=0", "metrics.log_every=0 must be positive"),
+    ],
+)
+def test_section_validate_names_the_field(section, override, match):
+    """Each section checks its own fields, alone and through TrainConfig.validate."""
+    cfg = load_config(None, [override])
+    with pytest.raises(ConfigError, match=match):
+        getattr(cfg, section).validate()
+    with pytest.raises(ConfigError, match=match):
+        cfg.validate(1)
+
+
+def test_validate_needs_no_file_system():
+    """Field checks only: missing shards and model folders are preflight's to report."""
+    load_config(None, ["model.pretrained_path=/no/model", "data.train_shards=/no/x.tar"]).validate(1)
+    with pytest.raises(ConfigError, match="global_batch_size=32 is not divisible"):
+        TrainConfig().validate(3)
+
+
+@pytest.fixture
+def machine(tmp_path):
+    """Overrides that make the default config pass preflight: a model folder, 8 shards, an EMA
+    window that fits the run, and a complete (fake) checkpoint at step 4."""
+    model = tmp_path / "model"
+    for sub in MODEL_SUBFOLDERS:
+        (model / sub).mkdir(parents=True)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(8):
+        (shards / f"s-{i:06d}.tar").write_bytes(b"")
+    ckpt = step_dir(tmp_path / "run" / "checkpoints", 4)
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / ".metadata").write_bytes(b"")
+    return [f"model.pretrained_path={model}", f"data.train_shards={shards}", "data.val_shards=",
+            f"output_dir={tmp_path / 'run'}", "max_steps=100", "ema.decay=0.5", "ema.step_start_ema=50"]
+
+
+def test_preflight_resolves_without_mutating(machine):
+    cfg = load_config(None, machine)
+    fsdp = preflight(cfg, 1, environ={})
+    assert (fsdp.dist.strategy, fsdp.dist.zero_stage) == ("fsdp2", None)
+    zero2 = preflight(cfg, 1, environ={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    assert (zero2.dist.strategy, zero2.dist.zero_stage) == ("deepspeed", 2)
+    assert (cfg.dist.strategy, cfg.dist.zero_stage) == ("auto", None), "preflight changed its input"
+    assert zero2.optim == cfg.optim and zero2.data == cfg.data
+    assert preflight(fsdp, 1, environ={}) == fsdp, "a resolved config resolves to itself"
+
+
+def test_preflight_checks_the_machine(machine):
+    with pytest.raises(ConfigError, match="checkpoint.load_step=8: no complete checkpoint"):
+        preflight(load_config(None, [*machine, "checkpoint.load_step=8"]), 1, environ={})
+    with pytest.raises(ConfigError, match=r"fewer than world_size x data.num_workers = 4 x 3"):
+        preflight(load_config(None, [*machine, "data.num_workers=3"]), 4, environ={})
+    with pytest.raises(ConfigError, match="lacks"):
+        preflight(load_config(None, [*machine, f"model.pretrained_path={REPO / 'tests'}"]), 1, environ={})
+
+
+def test_preflight_does_not_import_torch(machine):
+    """Startup checks stay torch-free, even when checkpoint.load_step makes them look at a step folder."""
+    code = (
+        "import sys; from sd_train.config import load_config; from sd_train.preflight import preflight; "
+        "cfg = preflight(load_config(None, sys.argv[1:]), 1, environ={}); "
+        "assert cfg.checkpoint.load_step == 4; "
+        "assert 'torch' not in sys.modules, 'preflight imported torch'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *machine, "checkpoint.load_step=4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

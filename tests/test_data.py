@@ -22,7 +22,8 @@ import torch
 
 from sd_train.config import TrainConfig
 from sd_train.data import ShardStream, TrainLoader, build_train_loader, val_samples
-from sd_train.samples import BadDataError, ImageTransform, check_bad_fraction
+from sd_train.errors import BadDataError
+from sd_train.samples import ImageTransform, check_bad_fraction
 from sd_train.shards import expand_sources
 
 ASSETS = Path(__file__).parent / "assets"

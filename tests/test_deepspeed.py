@@ -148,7 +148,8 @@ def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
 def test_incompatible_checkpoint_refused_with_the_way_out(saved, fmt, world, match):
     """Refused outright (not 'broken, try the previous one': every older folder is the same kind),
     naming the fix. A DCP checkpoint on another world size is fine: it reshards."""
-    from sd_train.checkpoint import CheckpointLoadError, _check_compatible
+    from sd_train.checkpoint import _check_compatible
+    from sd_train.errors import CheckpointLoadError
 
     with pytest.raises(CheckpointLoadError, match=match):
         _check_compatible(Path("ck/step_00000008"), saved, fmt, world)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from launch import run
-from sd_train.checkpoint import complete_steps
+from sd_train.paths import complete_steps
 from test_train import assert_states_equal, full_state, train_cmd
 
 pytestmark = pytest.mark.multiproc

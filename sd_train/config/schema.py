@@ -1,0 +1,325 @@
+"""The run configuration's sections: typed dataclasses, every field documented where it is declared.
+
+Each section checks its own fields in `validate()` (values only: no file system, no environment);
+`TrainConfig.validate(world_size)` composes them with the batch arithmetic. What needs the machine
+(shards, model and checkpoint folders, the launcher, the EMA plan) is checked by sd_train.preflight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from sd_train.errors import ConfigError
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}={value} must be positive")
+
+
+@dataclass
+class ModelArgs:
+    pretrained_path: str = "models/tiny-sd"
+    """A local diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/). The tiny demo model and a downloaded SD 1.5 / 2-base load through the same code."""
+    init_unet: Literal["pretrained", "scratch"] = "pretrained"
+    """`pretrained` loads the UNet weights in the folder; `scratch` builds the UNet from its
+    config with fresh random weights (seeded by `seed`)."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet block activations in backward: less memory, ~30% more compute."""
+
+
+@dataclass
+class ObjectiveArgs:
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    """What the UNet predicts. SD 1.x/2-base use epsilon; SD 2 (768) uses v_prediction."""
+    caption_dropout: float = 0.1
+    """Probability of replacing a caption by the empty string, for classifier-free guidance
+    (SD used 10%)."""
+    snr_gamma: Optional[float] = None
+    """Min-SNR-gamma loss weighting (arXiv 2303.09556); 5.0 is the paper's value. None: off."""
+    noise_offset: float = 0.0
+    """Offset noise strength (adds per-channel constant noise); 0 disables, 0.05-0.1 typical."""
+
+
+    def validate(self) -> None:
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"objective.caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"objective.snr_gamma={self.snr_gamma} must be positive, or null to disable")
+        if self.noise_offset < 0:
+            raise ConfigError(f"objective.noise_offset={self.noise_offset} must be >= 0")
+
+
+@dataclass
+class DataArgs:
+    train_shards: str = "data/emoji/train-{000000..000007}.tar"
+    """Training shards: a brace pattern, a glob, a folder, a `.txt` list file, or a `pipe:`
+    URL. Several sources are separated by `::`; each may carry a mixing weight as `SRC@0.3`."""
+    val_shards: str = "data/emoji/val-000000.tar"
+    """Held-out shards for the validation loss. Empty string disables validation."""
+    resolution: int = 32
+    """Square training resolution in pixels; a multiple of 8 (the SD VAE downsamples by 8)."""
+    center_crop: bool = True
+    """Center crop after the resize; False takes a random crop (seeded, so resumable)."""
+    random_flip: bool = False
+    """Horizontal flip with probability 0.5 (seeded)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank. Each worker reads its own shards."""
+    shuffle_buffer: int = 256
+    """Samples held in each worker's shuffle buffer; 0 keeps shard order."""
+    mode: Literal["epoch", "resampled"] = "epoch"
+    """`epoch`: every sample exactly once per epoch across ranks x workers (needs at least that
+    many shards). `resampled`: shards drawn with replacement, an endless stream."""
+    max_bad_fraction: float = 0.05
+    """Stop the run when more than this share of samples read so far was bad (undecodable,
+    no caption, truncated)."""
+    min_samples_for_bad_check: int = 200
+    """The bad-sample share is only judged after this many samples, so one early bad file
+    does not stop a run."""
+    precomputed: bool = False
+    """Train from shards written by `sd-train precompute` (latents + text embeddings); the VAE
+    and text encoder are not run during training."""
+    log_keys: bool = False
+    """Write every consumed sample key to `<output_dir>/keys/rank{R}.txt` (for audits/tests)."""
+
+
+    def validate(self) -> None:
+        """Field values only; sd_train.preflight checks that the shards exist and are enough."""
+        if self.resolution <= 0 or self.resolution % 8 != 0:
+            raise ConfigError(
+                f"data.resolution={self.resolution} must be a positive multiple of 8 (e.g. {max(8, self.resolution // 8 * 8)})"
+            )
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+
+
+@dataclass
+class OptimArgs:
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer. `sgd` exists for exactness tests (Adam amplifies reduction-order noise)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 1e-2
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear LR warmup from 0 over this many optimizer steps."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """LR after warmup: constant, cosine to 0, or linear to 0 at `max_steps`."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still measured,
+    because a non-finite norm is how a bad step is detected on every rank)."""
+
+
+    def validate(self) -> None:
+        _positive("optim.lr", self.lr)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"optim.max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+
+
+@dataclass
+class EMAArgs:
+    enabled: bool = True
+    """Keep an exponential moving average of the UNet weights over the last part of the run."""
+    decay: float = 0.9999
+    """Per-step decay. Effective horizon 1/(1-decay) steps."""
+    step_start_ema: Optional[int] = None
+    """Absolute optimizer step at which the window opens. If unset, it is derived from
+    `window_fraction`, or from `tolerance` when `window_from_tolerance` is true."""
+    window_fraction: float = 0.035
+    """Window length as a share of `max_steps`, used when `step_start_ema` is unset
+    (MosaicML SD2: the last 50k of 1.4M batches, ~3.5%)."""
+    window_from_tolerance: bool = False
+    """Derive the window as the smallest N with decay^N <= tolerance."""
+    tolerance: float = 0.01
+    """Largest allowed share of the final EMA that may come from weights before the window.
+    A config over it is refused at startup."""
+    warmup: bool = False
+    """Ramp the decay as in diffusers' EMAModel: min(decay, 1 - (1 + k/inv_gamma)^-power) at the
+    k-th update of the window. The startup check then uses the real per-step decays."""
+    inv_gamma: float = 1.0
+    """Decay warmup inverse multiplicative factor (only with warmup)."""
+    power: float = 2.0 / 3.0
+    """Decay warmup exponent (only with warmup)."""
+    update_every: int = 1
+    """Update the EMA every this many optimizer steps (the window math counts updates)."""
+
+
+@dataclass
+class CheckpointArgs:
+    every_steps: int = 500
+    """Save a checkpoint every this many optimizer steps (and always at the last step)."""
+    keep_last_k: int = 3
+    """Keep this many newest complete checkpoints; 0 keeps all. Must be >= 2 otherwise: the
+    newest may be mid-save when retention runs, so the one before it must survive."""
+    async_save: bool = False
+    """Write checkpoint shards in a background thread (torch.distributed.checkpoint.async_save);
+    the loop blocks only for the copy to CPU."""
+    resume: str = "auto"
+    """`auto`: newest complete checkpoint in `<output_dir>/checkpoints` if any, else start fresh.
+    `none`: start fresh (refuses if checkpoints exist, so nothing is overwritten by accident).
+    Or a path to a checkpoint step folder."""
+    load_step: Optional[int] = None
+    """With resume=auto: load this step instead of the newest (must exist and be complete)."""
+
+
+    def validate(self) -> None:
+        """Field values only; sd_train.preflight checks the `resume` and `load_step` folders."""
+        _positive("checkpoint.every_steps", self.every_steps)
+        if self.keep_last_k == 1 or self.keep_last_k < 0:
+            raise ConfigError(
+                f"checkpoint.keep_last_k={self.keep_last_k}: must be 0 (keep all) or >= 2, because the newest "
+                "checkpoint may still be in flight when old ones are deleted"
+            )
+
+
+@dataclass
+class DistArgs:
+    strategy: Literal["auto", "fsdp2", "ddp", "deepspeed"] = "auto"
+    """`fsdp2` shards the UNet with torch's fully_shard (also on one process and on CPU).
+    `ddp` replicates it (small models). `deepspeed` runs ZeRO-2/3 through accelerate's DeepSpeed
+    plugin (`dist.zero_stage`). `auto`: deepspeed when started by `accelerate launch` with a
+    DeepSpeed config (launch/accelerate/zero2.yaml, zero3.yaml), taking its ZeRO stage; else fsdp2."""
+    zero_stage: Optional[int] = None
+    """DeepSpeed ZeRO stage, 2 or 3 (only with strategy deepspeed). 3 partitions parameters,
+    gradients and optimizer state, and the EMA follows each rank's parameter partitions. 2
+    partitions gradients and optimizer state; params and the EMA stay replicated. Unset: the
+    accelerate launch config's `zero_stage`, else 3."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend. auto: nccl with CUDA, else gloo."""
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP2 mixed precision: dtype of the gathered params in forward/backward."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP2 mixed precision: dtype of gradient reduce-scatter."""
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered params after forward (ZeRO-3 like) rather than keep them to
+    backward (ZeRO-2 like: more memory, one all-gather fewer)."""
+    timeout_s: int = 600
+    """Collective timeout. A hung rank makes the job exit non-zero after this."""
+
+
+    def validate(self) -> None:
+        """Field values only; sd_train.preflight resolves `strategy` and `zero_stage` against the launcher."""
+        _positive("dist.timeout_s", self.timeout_s)
+
+
+@dataclass
+class EvalArgs:
+    every_steps: int = 200
+    """Validation loss and sample grids every this many steps (and at the end). 0 disables."""
+    num_val_samples: int = 64
+    """Held-out samples in the validation loss (fixed: the first N of `data.val_shards`)."""
+    val_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """Fixed timesteps of the validation denoising loss; each sample is scored at each one, with
+    noise fixed by (seed, sample index), so the figure is comparable across runs."""
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "an emoji of red apple",
+            "an emoji of hamburger",
+            "an emoji of grinning face",
+            "an emoji of rocket",
+        ]
+    )
+    """Fixed prompts for the sample grid."""
+    sample_seed: int = 1234
+    """Seed of the sample grid's initial noise."""
+    num_inference_steps: int = 25
+    """DDIM steps per sample."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale of the sample grid."""
+
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(f"eval.every_steps={self.every_steps} must be >= 0 (0 disables)")
+        _positive("eval.num_inference_steps", self.num_inference_steps)
+        if any(not 0 <= t < 1000 for t in self.val_timesteps):
+            raise ConfigError(f"eval.val_timesteps={self.val_timesteps} must lie in [0, 1000)")
+
+
+@dataclass
+class MetricsArgs:
+    log_every: int = 10
+    """Log scalars every this many optimizer steps."""
+    wandb: bool = False
+    """Also log to wandb. Offline works: set WANDB_MODE=offline. Without a key or mode the run
+    goes on with the JSONL log and one warning."""
+    wandb_project: str = "sd-train"
+    """wandb project."""
+    wandb_group: str = ""
+    """wandb group (sweeps set this)."""
+    tensorboard: bool = False
+    """Also write tensorboard event files under `<output_dir>/tensorboard`."""
+
+
+    def validate(self) -> None:
+        _positive("metrics.log_every", self.log_every)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Everything of a run goes here: config.yaml, metrics.jsonl, checkpoints/, samples/, export/."""
+    run_name: str = ""
+    """Human-readable run name (wandb); defaults to the output folder's name."""
+    seed: int = 0
+    """Base seed. Rank r seeds its generators with seed + r."""
+    max_steps: int = 1000
+    """Optimizer steps to train."""
+    global_batch_size: int = 32
+    """Samples per optimizer step over all ranks: world_size x micro_batch_size x accumulation."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward on one rank."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """bf16 autocast for the forward pass (weights and optimizer stay fp32)."""
+    max_consecutive_skips: int = 5
+    """Stop the run after this many optimizer steps in a row were skipped for a non-finite loss or
+    gradient (one skipped step is survivable; a streak means diverged training)."""
+    export_at_end: bool = True
+    """Export a diffusers pipeline folder (raw and, if allocated, EMA UNet) at the end."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    objective: ObjectiveArgs = field(default_factory=ObjectiveArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    ema: EMAArgs = field(default_factory=EMAArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    dist: DistArgs = field(default_factory=DistArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    metrics: MetricsArgs = field(default_factory=MetricsArgs)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        return self.global_batch_size // (world_size * self.micro_batch_size)
+
+    def validate(self, world_size: int) -> None:
+        """Every field-level check, section by section, and the batch arithmetic. Needs neither the
+        file system nor the environment; sd_train.preflight checks the machine. Raises ConfigError
+        naming the field."""
+        _positive("max_steps", self.max_steps)
+        _positive("micro_batch_size", self.micro_batch_size)
+        _positive("max_consecutive_skips", self.max_consecutive_skips)
+        _positive("global_batch_size", self.global_batch_size)
+        per_step = world_size * self.micro_batch_size
+        if self.global_batch_size % per_step != 0:
+            lo = max(per_step, self.global_batch_size // per_step * per_step)
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} is not divisible by world_size ({world_size}) x "
+                f"micro_batch_size ({self.micro_batch_size}) = {per_step}: set global_batch_size to a multiple "
+                f"of {per_step} (e.g. {lo}) or change micro_batch_size"
+            )
+        # `model` and `ema` have no value-only checks here: the model folder and the EMA plan (in
+        # sd_train.ema_plan, above this package) are checked by sd_train.preflight.
+        for section in (self.data, self.objective, self.optim, self.checkpoint, self.dist, self.eval, self.metrics):
+            section.validate()

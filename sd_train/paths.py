@@ -1,0 +1,64 @@
+"""The on-disk layout that preflight, the checkpointer and the exporter share. Torch-free, so the
+startup checks can look at checkpoint and model folders without importing torch.
+
+Checkpoints: `<output_dir>/checkpoints/step_00000100/`, first written as `.step_00000100.partial`
+and renamed once complete (see sd_train.checkpoint). Models: a local diffusers Stable Diffusion
+folder with the subfolders in MODEL_SUBFOLDERS.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from sd_train.errors import ConfigError
+
+MODEL_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+STEP_RE = re.compile(r"^step_(\d{8})$")
+PARTIAL_PREFIX = "."
+PARTIAL_SUFFIX = ".partial"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"{PARTIAL_PREFIX}step_{step:08d}{PARTIAL_SUFFIX}"
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """A step folder that a resume may use: trainer_state.json plus the tensor part, DCP's
+    `.metadata` (FSDP2/DDP, written last by DCP's coordinator) or `zero/` (DeepSpeed). Our writes
+    make a folder with a final name complete by construction (see sd_train.checkpoint); this
+    check guards against folders damaged or assembled by hand."""
+    folder = Path(folder)
+    return (folder / "trainer_state.json").is_file() and ((folder / ".metadata").is_file() or (folder / "zero").is_dir())
+
+
+def complete_steps(root: Path) -> list[int]:
+    """Steps with a complete checkpoint folder, oldest first."""
+    if not Path(root).is_dir():
+        return []
+    steps = []
+    for entry in Path(root).iterdir():
+        m = STEP_RE.match(entry.name)
+        if m and checkpoint_is_complete(entry):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def check_model_folder(path: str) -> None:
+    """Raise ConfigError (naming model.pretrained_path) unless `path` is a diffusers Stable
+    Diffusion folder: an existing folder with every one of MODEL_SUBFOLDERS."""
+    if not Path(path).is_dir():
+        raise ConfigError(
+            f"model.pretrained_path={path!r}: no such folder. Run `make tiny-sd` for the "
+            "demo model, or point it at a local diffusers Stable Diffusion folder"
+        )
+    missing = [s for s in MODEL_SUBFOLDERS if not (Path(path) / s).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"model.pretrained_path={path!r} lacks {missing}: it must be a diffusers Stable Diffusion folder "
+            "(unet/ vae/ text_encoder/ tokenizer/ scheduler/). Run `make tiny-sd` for the demo model"
+        )
