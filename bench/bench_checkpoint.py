@@ -78,7 +78,8 @@ def full_state_save(unet: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
 def worker(size: str, warmup: int, reps: int, root: Path) -> None:
     from sd_train.checkpoint import Checkpointer
     from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
-    from sd_train.distributed import all_gather_object, destroy, init_distributed, shard_unet
+    from sd_train.parallel.build import shard_unet
+    from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
     from sd_train.ema import ShardedEMA
     from sd_train.ema_plan import plan_from_config
     from sd_train.paths import step_dir

@@ -106,7 +106,8 @@ def world2_worker(size: str, warmup: int, reps: int) -> None:
     import torch.distributed as dist
 
     from sd_train.config import DistArgs
-    from sd_train.distributed import all_gather_object, destroy, init_distributed, shard_unet
+    from sd_train.parallel.build import shard_unet
+    from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
 
     info = init_distributed(DistArgs())
     unet = shard_unet(benchlib.build_unet(size, LATENT_SIZE), DistArgs(), info)

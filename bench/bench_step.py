@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_step.py [--sizes tiny,30m] [--batch 4] [--latent 32] [--reps 3] [--warmup 1]
 
 Relaunches itself under torchrun (2 ranks, gloo, one thread per rank). For each UNet size both
-ranks build the same weights twice: once sharded by `sd_train.distributed.shard_unet` (FSDP2 on
+ranks build the same weights twice: once sharded by `sd_train.parallel.build.shard_unet` (FSDP2 on
 every down/mid/up block and the root), once wrapped in `torch.nn.parallel.DistributedDataParallel`
 (what `Accelerator.prepare` gives under MULTI_CPU). A step is what the trainer does: forward,
 epsilon MSE loss, backward, global grad-norm clip at 1.0, AdamW. The two models alternate steps on
@@ -70,7 +70,7 @@ def bench_size(size: str, batch: int, latent: int, warmup: int, reps: int, info:
     from torch.nn.parallel import DistributedDataParallel
 
     from sd_train.config import DistArgs
-    from sd_train.distributed import shard_unet
+    from sd_train.parallel.build import shard_unet
 
     batches = make_batches(size, batch, latent, warmup + reps, info.rank)
     fsdp = shard_unet(benchlib.build_unet(size, latent, seed=0), DistArgs(), info)
@@ -88,7 +88,7 @@ def bench_size(size: str, batch: int, latent: int, warmup: int, reps: int, info:
 
 def worker(sizes: list[str], batch: int, latent: int, warmup: int, reps: int) -> None:
     from sd_train.config import DistArgs
-    from sd_train.distributed import all_gather_object, destroy, init_distributed
+    from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
 
     info = init_distributed(DistArgs())
     mine = {size: bench_size(size, batch, latent, warmup, reps, info) for size in sizes}

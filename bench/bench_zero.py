@@ -4,8 +4,8 @@ EMA bytes per rank, same UNet and batches.
     .venv/bin/python bench/bench_zero.py [--sizes tiny,30m] [--batch 4] [--latent 32] [--reps 3] [--warmup 1]
 
 Relaunches itself under torchrun (2 ranks, gloo, one thread per rank). For each UNet size both ranks
-build the same weights three times: sharded by `sd_train.distributed.shard_unet` (FSDP2), and wrapped
-by `deepspeed.initialize` with the config `sd_train.zero.deepspeed_config` derives (stage 3, then
+build the same weights three times: sharded by `sd_train.parallel.build.shard_unet` (FSDP2), and wrapped
+by `deepspeed.initialize` with the config `sd_train.parallel.deepspeed.deepspeed_config` derives (stage 3, then
 stage 2; the engine `Accelerator.prepare` builds in training, made directly here because accelerate
 holds one DeepSpeed engine per process). A step is forward, epsilon MSE, backward, clip at 1.0,
 AdamW; the three alternate steps on the same per-rank batches, a barrier before each timed step,
@@ -58,7 +58,7 @@ def zero_engine(size: str, latent: int, stage: int, batch: int, info):
     import deepspeed
 
     from sd_train.config import TrainConfig
-    from sd_train.zero import _prepare_environment, deepspeed_config
+    from sd_train.parallel.deepspeed import _prepare_environment, deepspeed_config
 
     _prepare_environment(info)
     cfg = TrainConfig()
@@ -82,8 +82,8 @@ def ema_for(module: torch.nn.Module, layout) -> Any:
 
 def bench_size(size: str, batch: int, latent: int, warmup: int, reps: int, info: Any) -> dict[str, Any]:
     from sd_train.config import DistArgs
-    from sd_train.distributed import shard_unet
-    from sd_train.zero import ReplicatedLayout, Zero3Layout
+    from sd_train.parallel.build import shard_unet
+    from sd_train.parallel.deepspeed import ReplicatedLayout, Zero3Layout
 
     batches = make_batches(size, batch, latent, warmup + reps, info.rank)
     fsdp = shard_unet(benchlib.build_unet(size, latent, seed=0), DistArgs(strategy="fsdp2"), info)
@@ -113,7 +113,7 @@ def bench_size(size: str, batch: int, latent: int, warmup: int, reps: int, info:
 
 def worker(sizes: list[str], batch: int, latent: int, warmup: int, reps: int) -> None:
     from sd_train.config import DistArgs
-    from sd_train.distributed import all_gather_object, destroy, init_distributed
+    from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
 
     info = init_distributed(DistArgs())
     mine = {size: bench_size(size, batch, latent, warmup, reps, info) for size in sizes}

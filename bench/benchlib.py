@@ -129,7 +129,7 @@ def run_torchrun(script: str, args: Sequence[str], nproc: int = 2, timeout_s: fl
     """Run `script args` under torchrun with `nproc` ranks on this machine and return the dict that
     rank 0 passed to `emit_worker_result`. One BLAS thread per rank: with more, ranks fight over
     the cores and the figures measure the contention. The workers' output is echoed (indented)."""
-    from sd_train.distributed import free_port
+    from sd_train.parallel.process_group import free_port
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run",

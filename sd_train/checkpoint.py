@@ -1,10 +1,11 @@
-"""Per-rank checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+"""Per-rank checkpoints, written atomically, with newest-first fallback on resume.
 
-Layout of `<output_dir>/checkpoints/step_00000100/`:
-    .metadata            DCP index (the coordinator writes it last)
-    __R_0.distcp         rank R's shards of model, optimizer and EMA
-    rank_R.pt            rank R's own state: RNG generators and data-loader position
-    trainer_state.json   step, LR schedule, EMA window state, world size, resolved config
+Layout of `<output_dir>/checkpoints/step_00000100/` (names in sd_train.paths):
+    trainer_state.json   the registered global states (step, LR schedule, EMA window, resolved
+                         config), the world size and the tensor format
+    rank_R.pt            rank R's registered states: RNG generators and data-loader position
+    tensors              the Strategy's: DCP's `.metadata` + `__R_0.distcp` (FSDP2/DDP), or
+                         DeepSpeed's `zero/` + `ema_rank_R.pt`
 
 A step folder is first written as `.step_00000100.partial` and renamed once every rank is done,
 so a folder with the final name is complete by construction; a crash leaves only a `.partial`
@@ -21,38 +22,69 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from sd_train.config import CheckpointArgs
 from sd_train.errors import CheckpointLoadError
-from sd_train.paths import PARTIAL_SUFFIX, checkpoint_is_complete, complete_steps, partial_dir, step_dir
+from sd_train.paths import checkpoint_is_complete, complete_steps, partial_dir, partial_step, step_dir
 
 log = logging.getLogger(__name__)
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Loaded:
+    """What a resume found: the folder, and the world size that wrote it."""
+
+    folder: Path
+    step: int
+    saved_world_size: int
+
+
 class Checkpointer:
-    """Owns checkpoint cadence, the atomic write, retention and resume.
+    """Owns checkpoint cadence, the atomic write, retention and resume of everything registered.
 
-    `state` hands it the things to save: `model`, `optimizer`, `ema` (ShardedEMA), and two callables
-    for the small states: `global_state()` (same on every rank -> trainer_state.json) and
-    `rank_state()` (this rank's RNG and data position -> rank_R.pt)."""
+    Registered once at construction: the Strategy (model, optimizer and their tensor I/O), the
+    ShardedEMA (tensors through the Strategy, window state in trainer_state.json), `global_states`
+    (the same on every rank: trainer progress, LR schedule), `rank_states` (this rank's: RNG, data
+    position) and the resolved config. `save(step)` then needs nothing else.
 
-    def __init__(self, args: CheckpointArgs, output_dir: str, rank: int, world_size: int, max_steps: int, zero=None):
+    On a world-size change a rank's own `rank_R.pt` has no counterpart; each rank state is then
+    handed the nearest saved rank's state through `load_state_dict_from_other_world(state)`."""
+
+    def __init__(
+        self,
+        args: CheckpointArgs,
+        output_dir: str,
+        rank: int,
+        world_size: int,
+        max_steps: int,
+        strategy,
+        ema,
+        global_states: dict[str, Stateful],
+        rank_states: dict[str, Stateful],
+        config: dict,
+    ):
         self.args = args
-        # DeepSpeed (sd_train.zero.ZeroEngine) writes its own per-rank files; FSDP2/DDP go through DCP.
-        self.zero = zero
-        self.format = "zero" if zero is not None else "dcp"
+        self.strategy = strategy
+        self.ema = ema
+        self.global_states = global_states
+        self.rank_states = rank_states
+        self.config = config
         self.root = Path(output_dir) / "checkpoints"
         self.rank = rank
         self.world_size = world_size
@@ -61,7 +93,7 @@ class Checkpointer:
         # Async saves run their collectives on a group of their own, so the background thread
         # never interleaves with the training loop's collectives on the default group.
         self._pg = dist.new_group(backend="gloo") if args.async_save and dist.is_initialized() else None
-        self.fault_hook: Callable[[str, int], None] = lambda phase, step: None  # set by faults.py
+        self.fault_hook: Callable[[str, int], None] = lambda phase, step: None  # set by the trainer (faults)
         self.loaded_folder: Optional[Path] = None
         self._last_saved_step: Optional[int] = None
 
@@ -73,7 +105,12 @@ class Checkpointer:
     def should_save(self, step: int, last_step: bool = False) -> bool:
         return last_step or step % self.args.every_steps == 0
 
-    def save(self, step: int, model, optimizer, ema, global_state: dict, rank_state: dict, force: bool = False) -> bool:
+    def _global_state(self, step: int) -> dict[str, Any]:
+        state = {name: obj.state_dict() for name, obj in self.global_states.items()}
+        state.update(ema=self.ema.meta_state_dict(), config=self.config)
+        return {**state, "step": step, "world_size": self.world_size, "format": self.strategy.checkpoint_format}
+
+    def save(self, step: int, force: bool = False) -> bool:
         """Save if the cadence says so (or `force`). Collective: every rank calls it every step."""
         self.poll()
         if not (force or self.should_save(step, last_step=step == self.max_steps)):
@@ -91,31 +128,21 @@ class Checkpointer:
                 shutil.rmtree(tmp)  # left by a crash: never write into it
             tmp.mkdir(parents=True)
         dist.barrier()
-        torch.save(rank_state, tmp / f"rank_{self.rank}.pt")
+        torch.save({name: obj.state_dict() for name, obj in self.rank_states.items()}, tmp / f"rank_{self.rank}.pt")
         if self.rank == 0:
             with open(tmp / "trainer_state.json", "w") as f:
-                json.dump({**global_state, "step": step, "world_size": self.world_size, "format": self.format}, f, indent=1)
+                json.dump(self._global_state(step), f, indent=1)
         self.fault_hook("after_rank_files", step)
-        if self.zero is not None:
-            self.zero.save(tmp, ema)
-            self.fault_hook("after_shards", step)
-            dist.barrier()  # every rank's files are on disk before rank 0 renames the folder
-            self._finalize(step)
-            return True
-        state = self._tensor_state(model, optimizer, ema)
-        if self.args.async_save:
-            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg)
-            self._pending = (step, fut)
+        pending = self.strategy.save(tmp, self.ema, process_group=self._pg)
+        if pending is not None:
+            self._pending = (step, pending)
             self.fault_hook("during_async_save", step)
-        else:
-            dcp.save(state, checkpoint_id=str(tmp))
-            self.fault_hook("after_shards", step)
-            self._finalize(step)
+            return True
+        self.fault_hook("after_shards", step)
+        if not self.strategy.writes_completion_marker:
+            dist.barrier()  # every rank's files are on disk before rank 0 renames the folder
+        self._finalize(step)
         return True
-
-    def _tensor_state(self, model, optimizer, ema) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        return {"model": model_sd, "optim": optim_sd, "ema": ema.tensor_state_dict()}
 
     def poll(self) -> None:
         """Finish an async save whose background write is done (cheap; called every step)."""
@@ -132,8 +159,8 @@ class Checkpointer:
         self._finalize(step)
 
     def _finalize(self, step: int) -> None:
-        """Rank 0 renames the partial folder once DCP's coordinator has written `.metadata` (which it
-        does only after every rank reported its shards written), then applies retention."""
+        """Rank 0 renames the partial folder once it is complete (DCP's coordinator writes
+        `.metadata` only after every rank reported its shards written), then applies retention."""
         if self.rank != 0:
             return
         tmp = partial_dir(self.root, step)
@@ -145,7 +172,7 @@ class Checkpointer:
             # back to this step). Keep it for inspection under a name that never counts.
             os.replace(final, final.with_name(f"{final.name}.broken-{int(time.time())}"))
         os.replace(tmp, final)
-        log.info("checkpoint saved: %s", step_dir(self.root, step))
+        log.info("checkpoint saved: %s", final)
         self.fault_hook("before_retention", step)
         self.apply_retention()
 
@@ -159,11 +186,11 @@ class Checkpointer:
         if self.args.keep_last_k >= 2:
             for s in steps[: -self.args.keep_last_k]:
                 shutil.rmtree(step_dir(self.root, s), ignore_errors=True)
+        in_flight = self._pending[0] if self._pending is not None else None
         for entry in self.root.iterdir():
-            if entry.name.endswith(PARTIAL_SUFFIX):
-                m = re.search(r"step_(\d{8})", entry.name)
-                if m and int(m.group(1)) <= newest and (self._pending is None or int(m.group(1)) != self._pending[0]):
-                    shutil.rmtree(entry, ignore_errors=True)
+            s = partial_step(entry.name)
+            if s is not None and s <= newest and s != in_flight:
+                shutil.rmtree(entry, ignore_errors=True)
 
     # ---- loading --------------------------------------------------------------------------------
 
@@ -177,17 +204,16 @@ class Checkpointer:
             return [step_dir(self.root, self.args.load_step)]
         return [step_dir(self.root, s) for s in reversed(complete_steps(self.root))]
 
-    def load(self, model, optimizer, ema, load_global: Callable[[dict], None]) -> Optional[tuple[dict, dict]]:
-        """Load the newest loadable checkpoint. Returns (global_state, rank_state or None), or None
-        when there is nothing to resume. rank_state is None when the world size changed (the
-        caller then restarts RNG and data position; see README)."""
+    def load(self) -> Optional[Loaded]:
+        """Load the newest loadable checkpoint into everything registered, or return None when there
+        is nothing to resume."""
         folders = self.candidates()
         if not folders:
             return None
         errors = []
         for folder in folders:
             try:
-                result = self._load_one(folder, model, optimizer, ema, load_global)
+                loaded = self._load_one(folder)
             except _LoadFailed as e:
                 errors.append(f"{folder}: {e}")
                 log.warning("checkpoint %s could not be loaded (%s); trying the previous one", folder, e)
@@ -195,65 +221,70 @@ class Checkpointer:
                     print(f"WARNING: checkpoint {folder} could not be loaded: {e}. Trying the previous one.", flush=True)
                 continue
             self.loaded_folder = folder
-            self._last_saved_step = int(result[0]["step"])  # never re-save into the folder we came from
+            self._last_saved_step = loaded.step  # never re-save into the folder we came from
             if errors and self.rank == 0:
                 print(f"WARNING: resumed from older checkpoint {folder} after: {'; '.join(errors)}", flush=True)
-            return result
+            return loaded
         raise CheckpointLoadError(
-            "checkpoints exist but none could be loaded, refusing to start from step 0:\n  " + "\n  ".join(errors)
+            "checkpoints exist but none could be loaded, refusing to start from step 0:\n  "
+            + "\n  ".join(errors)
             + "\nFix or remove the broken folders, or set checkpoint.resume=none with a new output_dir"
         )
 
-    def _load_one(self, folder: Path, model, optimizer, ema, load_global) -> tuple[dict, Optional[dict]]:
-        # Each rank checks what it will read; the ranks agree before any collective load, so one
-        # rank's broken file makes all of them move on together.
-        problem = _check_files(folder, self.rank)
-        saved_world = None
+    def _read_small_files(self, folder: Path) -> tuple[dict, Optional[dict], Optional[str]]:
+        """(trainer state, this rank's rank state or None on another world size, problem)."""
+        problem = _check_files(folder)
         global_state: dict = {}
         if problem is None:
             try:
                 with open(folder / "trainer_state.json") as f:
                     global_state = json.load(f)
-                saved_world = int(global_state["world_size"])
+                int(global_state["world_size"])
             except (OSError, ValueError, KeyError) as e:
                 problem = f"trainer_state.json unreadable: {e}"
-        if problem is None:
-            _check_compatible(folder, global_state, self.format, self.world_size)
-            if self.zero is not None:
-                problem = self.zero.missing_files(folder)
+        if problem is not None:
+            return global_state, None, problem
+        _check_compatible(folder, global_state, self.strategy.checkpoint_format, self.world_size)
+        problem = self.strategy.missing_files(folder)
+        saved_world = int(global_state["world_size"])
+        # On another world size this rank's counterpart is the nearest saved rank.
+        rank_file = folder / f"rank_{min(self.rank, saved_world - 1)}.pt"
         rank_state = None
-        if problem is None and saved_world == self.world_size:
+        if problem is None:
             try:
-                rank_state = torch.load(folder / f"rank_{self.rank}.pt", weights_only=False)
+                rank_state = torch.load(rank_file, weights_only=False)
             except Exception as e:  # truncated or corrupt pickle: report which file
-                problem = f"rank_{self.rank}.pt unreadable: {type(e).__name__}: {e}"
+                problem = f"{rank_file.name} unreadable: {type(e).__name__}: {e}"
+        return global_state, rank_state, problem
+
+    def _load_one(self, folder: Path) -> Loaded:
+        # Each rank checks what it will read; the ranks agree before any collective load, so one
+        # rank's broken file makes all of them move on together.
+        global_state, rank_state, problem = self._read_small_files(folder)
         _agree(problem)
-        ema.load_meta_state_dict(global_state["ema"])
-        if self.zero is not None:
-            try:
-                self.zero.load(folder, ema)
-                problem = None
-            except Exception as e:  # a truncated file on one rank: every rank must move on together
-                problem = f"{type(e).__name__}: {str(e)[:300]}"
-            _agree(problem)
-            load_global(global_state)
-            return global_state, rank_state
+        self.ema.load_meta_state_dict(global_state["ema"])
         try:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd, "ema": ema.tensor_state_dict()}
-            dcp.load(state, checkpoint_id=str(folder))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        except (Exception, CheckpointException) as e:  # DCP raises CheckpointException (a BaseException) on every rank
-            raise _LoadFailed(_name_broken_file(folder, e)) from e
-        load_global(global_state)
-        return global_state, rank_state
+            self.strategy.load(folder, self.ema)
+            problem = None
+        except (Exception, CheckpointException) as e:  # DCP raises CheckpointException (a BaseException)
+            problem = self.strategy.describe_load_error(folder, e)
+        _agree(problem)  # a truncated file on one rank: every rank must move on together
+        for name, obj in self.global_states.items():
+            obj.load_state_dict(global_state[name])
+        saved_world = int(global_state["world_size"])
+        for name, obj in self.rank_states.items():
+            if saved_world == self.world_size:
+                obj.load_state_dict(rank_state[name])
+            else:
+                obj.load_state_dict_from_other_world(rank_state[name])
+        return Loaded(folder, int(global_state["step"]), saved_world)
 
 
 class _LoadFailed(Exception):
     pass
 
 
-def _check_files(folder: Path, rank: int) -> Optional[str]:
+def _check_files(folder: Path) -> Optional[str]:
     if not (folder / "trainer_state.json").is_file():
         return "no trainer_state.json"
     if not checkpoint_is_complete(folder):
@@ -291,21 +322,3 @@ def _agree(problem: Optional[str]) -> None:
     bad = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
     if bad:
         raise _LoadFailed("; ".join(bad))
-
-
-def _name_broken_file(folder: Path, err: Exception) -> str:
-    """DCP's errors do not always name the file; find shard files that are shorter than the
-    metadata says, so the warning points at the culprit."""
-    text = f"{type(err).__name__}: {str(err)[:300]}"
-    try:
-        md = dcp.FileSystemReader(str(folder)).read_metadata()
-        need: dict[str, int] = {}
-        for info in (md.storage_data or {}).values():
-            name = info.relative_path
-            need[name] = max(need.get(name, 0), info.offset + info.length)
-        short = [n for n, size in need.items() if not (folder / n).is_file() or (folder / n).stat().st_size < size]
-        if short:
-            return f"truncated or missing shard file(s) {[str(folder / n) for n in sorted(short)]} ({text})"
-    except Exception:  # the metadata itself is unreadable: the original error says enough
-        pass
-    return text

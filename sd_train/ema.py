@@ -16,59 +16,14 @@ import contextlib
 from typing import Iterator
 
 import torch
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
-
 from sd_train.ema_plan import EMAPlan
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if isinstance(p, DTensor) else p
-
-
-class DTensorLayout:
-    """Where a rank's piece of each parameter lives under FSDP2 (`p.to_local()`) or DDP (`p`),
-    and how to label or gather the EMA of that piece. DeepSpeed's layouts are in sd_train.zero."""
-
-    # `DTensor.to_local()` per parameter per update costs more than the lerp itself on small
-    # models, so the views are looked up once per window. The optimizer updates the sharded
-    # storage in place, so they stay current (test_distributed checks it).
-    cache_views = True
-    name = "dtensor"
-
-    def __init__(self, model: torch.nn.Module | None = None):
-        self.model = model
-
-    def release(self) -> None:
-        """Drop every parameter FSDP2 still holds gathered, so the next forward gathers from the
-        sharded storage. The root is wrapped with `reshard_after_forward=False` and reshards only
-        after a backward: after a `no_grad` forward its unsharded conv_in, time embedding and
-        conv_out stay registered, and a forward right after an EMA swap would use those raw
-        weights (measured on 2 ranks: off by 5.5 against a plain module holding the EMA, where raw
-        and EMA differ by 8.4; 0.0 after resharding)."""
-        if self.model is None:
-            return
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
-
-    def views(self, named_params: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
-        return [_local(p).detach() for _, p in named_params]
-
-    def global_tensor(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
-        """The shard labelled as the global tensor it is a piece of, for DCP."""
-        if isinstance(p, DTensor):
-            return DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
-        return shard
-
-    def full(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
-        """The whole tensor (a collective for sharded params)."""
-        t = self.global_tensor(p, shard)
-        return t.full_tensor() if isinstance(t, DTensor) else t
+from sd_train.parallel.fsdp import DTensorLayout
 
 
 class ShardedEMA:
-    """Owns the EMA shadow of this rank's parameter shards and the window's progress."""
+    """Owns the EMA shadow of this rank's parameter shards and the window's progress. Where each
+    rank's piece of a parameter lives is the layout's business (`Strategy.ema_layout()`: DTensor
+    shards under FSDP2/DDP, ZeRO-3 partitions, or ZeRO-2's replicas)."""
 
     def __init__(self, model: torch.nn.Module, plan: EMAPlan, layout=None):
         self.plan = plan

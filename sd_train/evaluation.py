@@ -4,12 +4,14 @@ The validation loss is the plain denoising MSE of a fixed set of held-out sample
 fixed timesteps with noise fixed by (sample index, timestep): the same number for the same weights
 whatever the world size, so runs can be compared. Sample grids use fixed prompts and seeds.
 
-Under FSDP2 every forward is a collective, so every rank runs the same number of UNet calls here;
-only the main process writes files.
+`Evaluator` owns the cadence (`should_run(step)`) and the variants: the raw weights, and the EMA
+swapped into the model once its window is open. Under FSDP2 every forward is a collective, so every
+rank runs the same number of UNet calls here; only the main process writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -19,8 +21,8 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from sd_train.config import TrainConfig
-from sd_train.distributed import DistInfo, all_reduce_sum
-from sd_train.model import SDParts, encode_pixels, encode_text
+from sd_train.parallel.process_group import DistInfo, all_reduce_sum
+from sd_train.model.parts import SDParts, encode_pixels, encode_text
 from sd_train.objective import DiffusionObjective
 
 VAL_BATCH = 16
@@ -123,3 +125,42 @@ def save_grid(images: np.ndarray, path: Path, cols: int | None = None) -> Path:
     scale = max(1, 128 // h)
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
     return path
+
+
+class Evaluator:
+    """Owns when to evaluate and what: the held-out loss and the sample grid, for the raw weights
+    and, once the window is open, for the EMA (swapped into the model's shards, then swapped back).
+    The same swap serves the loss and the grid."""
+
+    def __init__(self, cfg: TrainConfig, parts: SDParts, objective: DiffusionObjective, info: DistInfo, ema, metrics, out: Path):
+        every = cfg.eval.every_steps
+        self.every = every
+        self.max_steps = cfg.max_steps
+        self.validator = Validator(cfg, parts, objective, info) if cfg.data.val_shards and every else None
+        self.sampler = Sampler(cfg, parts, info) if every and cfg.eval.prompts else None
+        self.ema = ema
+        self.metrics = metrics
+        self.out = Path(out)
+        self.is_main = info.is_main
+
+    def should_run(self, step: int) -> bool:
+        return self.every > 0 and (step % self.every == 0 or step == self.max_steps)
+
+    def baseline(self, model: torch.nn.Module) -> dict:
+        """The raw held-out loss before the first step: the figure the run must beat."""
+        return {"val/loss_raw": self.validator.loss(model)} if self.validator is not None else {}
+
+    def run(self, step: int, model: torch.nn.Module) -> dict:
+        """Every variant's held-out loss (returned) and sample grid (written and logged)."""
+        out: dict = {}
+        variants = [("raw", None)] + ([("ema", self.ema)] if self.ema.is_open else [])
+        for name, ema in variants:
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                if self.validator is not None:
+                    out[f"val/loss_{name}"] = self.validator.loss(model)
+                if self.sampler is not None:
+                    images = self.sampler.sample(model)
+                    if self.is_main:
+                        path = save_grid(images, self.out / "samples" / f"step_{step:08d}_{name}.png")
+                        self.metrics.log_image(step, f"samples/{name}", str(path))
+        return out

@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 import torch.distributed.checkpoint as dcp
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from sd_train.parallel.deepspeed import offline_state
 from sd_train.paths import check_model_folder, checkpoint_is_complete
 
 
@@ -46,15 +46,9 @@ def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir:
     return out_dir
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole FSDP2/DDP UNet on CPU (a collective under FSDP2; every rank gets it)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def export_from_training(gather_model: Callable[[], dict], ema, model_path: str, out_root: Path, prediction_type: str, is_main: bool) -> list[Path]:
     """Gather and export the raw UNet and (if the window opened) the EMA UNet. Collective.
-    `gather_model` returns the full raw state on the main process (`full_model_state` for
-    FSDP2/DDP, `ZeroEngine.full_model_state` for DeepSpeed)."""
+    `gather_model` returns the full raw state on the main process (`Strategy.full_model_state`)."""
     written = []
     raw = gather_model()
     if is_main:
@@ -78,8 +72,6 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
     if weights == "ema" and not trainer_state["ema"]["open"]:
         raise ValueError(f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead")
     if trainer_state.get("format") == "zero":
-        from sd_train.zero import offline_state
-
         return trainer_state, offline_state(checkpoint, weights)
     model_path = trainer_state["config"]["model"]["pretrained_path"]
     config = UNet2DConditionModel.load_config(model_path, subfolder="unet")

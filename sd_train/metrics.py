@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import secrets
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sd_train.config import MetricsArgs
 
@@ -131,3 +134,68 @@ def build_metrics(args: MetricsArgs, output_dir: str, run_name: str, is_main: bo
         return NullMetrics(args)
     os.makedirs(output_dir, exist_ok=True)
     return Metrics(args, output_dir, run_name)
+
+
+class StepWindow:
+    """Owns the throughput figures between two logged steps: samples trained, wall time, time spent
+    waiting for data, and the duration of the last step. `read()` returns the `speed/` and
+    `memory/` metrics and starts a new window."""
+
+    def __init__(self, global_batch_size: int, device: torch.device):
+        self.global_batch_size = global_batch_size
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.samples = 0
+        self.step_start = self.start
+
+    def step_started(self) -> None:
+        self.step_start = time.perf_counter()
+
+    def step_ended(self, data_wait: float, taken: bool) -> None:
+        self.data_wait += data_wait
+        self.samples += self.global_batch_size if taken else 0
+
+    def read(self) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = now - self.start
+        values = {
+            "speed/img_per_s": self.samples / elapsed,
+            "speed/step_time_s": now - self.step_start,
+            "speed/data_wait_share": self.data_wait / elapsed,
+            "memory/peak_gb": peak_memory_gb(self.device),
+        }
+        self._reset()
+        return values
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class KeyLog:
+    """The audit log of consumed sample keys (`data.log_keys`): `<output_dir>/keys/rank{R}.txt`,
+    one `step<TAB>key` line per sample, the step negated for a skipped step. Each launch appends a
+    `# start` line, because a relaunch may recompute steps after it."""
+
+    def __init__(self, output_dir: Path, rank: int, enabled: bool):
+        self.path = Path(output_dir) / "keys" / f"rank{rank}.txt" if enabled else None
+
+    def start(self, step: int) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(f"# start\t{step}\n")
+
+    def record(self, step: int, taken: bool, keys: list[str]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write("".join(f"{step if taken else -step}\t{k}\n" for k in keys))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Optional
 
 from sd_train.errors import ConfigError
 
@@ -25,6 +26,12 @@ def step_dir(root: Path, step: int) -> Path:
 
 def partial_dir(root: Path, step: int) -> Path:
     return Path(root) / f"{PARTIAL_PREFIX}step_{step:08d}{PARTIAL_SUFFIX}"
+
+
+def partial_step(name: str) -> Optional[int]:
+    """The step of a partial folder's name (`.step_00000100.partial` -> 100), else None."""
+    m = re.search(r"step_(\d{8})", name) if name.endswith(PARTIAL_SUFFIX) else None
+    return int(m.group(1)) if m else None
 
 
 def checkpoint_is_complete(folder: Path) -> bool:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,3 +29,21 @@ def load_rng_state_dict(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class RankRNG:
+    """This rank's generators as a checkpoint entry (rank_R.pt). On another world size the saved
+    per-rank streams have no counterpart: the rank takes a fresh seed, mixed with the step so that
+    it differs from the run's start."""
+
+    def __init__(self, seed: int, rank: int, step: Callable[[], int]):
+        self.seed, self.rank, self.step = seed, rank, step
+
+    def state_dict(self) -> dict:
+        return rng_state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        load_rng_state_dict(state)
+
+    def load_state_dict_from_other_world(self, state: dict) -> None:  # noqa: ARG002
+        seed_all(self.seed + 7919 * self.step() + self.rank)

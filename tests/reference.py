@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from sd_train.config import load_config
-from sd_train.distributed import DistInfo
+from sd_train.parallel.process_group import DistInfo
 from sd_train.evaluation import Validator
-from sd_train.model import encode_text, load_sd_parts
+from sd_train.model.parts import encode_text, load_sd_parts
 from sd_train.objective import DiffusionObjective
 
 

@@ -82,7 +82,7 @@ def check_topology(out: Path, stage: int) -> dict:
 
 @pytest.mark.multiproc
 def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
-    from sd_train.zero import offline_state
+    from sd_train.parallel.deepspeed import offline_state
 
     # Every step checkpointed, so the EMA can be recomputed from the weights below.
     a, _ = straight_and_resumed(3, tiny_assets, tmp_path, every=1)

@@ -41,7 +41,7 @@ MEMBERS = {"latent_mean.npy", "latent_std.npy", "text_embeds.npy", "txt", "json"
 
 @pytest.fixture(scope="module")
 def parts(tiny_assets):
-    from sd_train.model import load_sd_parts
+    from sd_train.model.parts import load_sd_parts
 
     return load_sd_parts(ModelArgs(pretrained_path=str(tiny_assets["model"])), torch.device("cpu"), seed=0)
 
@@ -79,7 +79,7 @@ def test_format_and_manifest(tiny_assets, latents):
 
 
 def test_latents_and_text_equal_online_encoding(tiny_assets, latents, parts):
-    from sd_train.model import encode_pixels, encode_text
+    from sd_train.model.parts import encode_pixels, encode_text
 
     out, _ = latents
     cpu = torch.device("cpu")
@@ -101,7 +101,7 @@ def test_latents_and_text_equal_online_encoding(tiny_assets, latents, parts):
 def test_float16_storage_within_rounding(tiny_assets, parts, tmp_path):
     """float16 storage rounds mean, std and text embeddings to 11 significant bits: each latent is
     then within 2^-11 x (|mean| + |std x eps|) x scale of the online one (+ float32 slack)."""
-    from sd_train.model import encode_pixels, encode_text
+    from sd_train.model.parts import encode_pixels, encode_text
 
     shard = tiny_assets["data"] / "train-000000.tar"
     manifest = precompute(str(tiny_assets["model"]), str(shard), str(tmp_path), 32, batch_size=BATCH, dtype="float16")

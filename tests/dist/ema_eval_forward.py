@@ -18,7 +18,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor, Shard
 
 from sd_train.config import DistArgs, EMAArgs
-from sd_train.distributed import init_distributed, shard_unet, unwrap
+from sd_train.parallel.build import shard_unet
+from sd_train.parallel.process_group import init_distributed
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
 
@@ -47,7 +48,7 @@ def plain_forward(state: dict, x, t, c) -> torch.Tensor:
 def check(strategy: str, info) -> dict:
     torch.manual_seed(0)
     model = shard_unet(UNet2DConditionModel(**CONFIG), DistArgs(strategy=strategy), info)
-    ema = ShardedEMA(unwrap(model), plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.9), STEPS))
+    ema = ShardedEMA(getattr(model, "module", model), plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.9), STEPS))
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     for step in range(1, STEPS + 1):
         x, t, c = inputs(step * 10 + info.rank, BATCH)
@@ -55,7 +56,7 @@ def check(strategy: str, info) -> dict:
         opt.step()
         opt.zero_grad()
         ema.update(step)
-    params = list(unwrap(model).parameters())
+    params = list(getattr(model, "module", model).parameters())
     report = {
         "world_size": info.world_size,
         "sharded_shard0": all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in params),

@@ -19,7 +19,8 @@ from diffusers import UNet2DConditionModel
 from torch.distributed.tensor import DTensor, Shard
 
 from sd_train.config import DistArgs, EMAArgs
-from sd_train.distributed import init_distributed, shard_unet
+from sd_train.parallel.build import shard_unet
+from sd_train.parallel.process_group import init_distributed
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
 

@@ -2,8 +2,8 @@
 
 `dist.strategy=deepspeed` (or `auto` under `accelerate launch --config_file
 launch/accelerate/zero3.yaml`). The sd-train config is the one source of the DeepSpeed settings:
-`deepspeed_config()` derives batch sizes, accumulation and clipping from it, and the trainer hands
-that dict to `accelerate.DeepSpeedPlugin`. Unlike FSDP, accelerate's DeepSpeed path does run on CPU
+`deepspeed_config()` derives batch sizes, accumulation and clipping from it, and
+`DeepSpeedStrategy.wrap` hands that dict to `accelerate.DeepSpeedPlugin`. Unlike FSDP, accelerate's DeepSpeed path does run on CPU
 (over gloo), so CI exercises the same engine the GPU runs use.
 
 What ZeRO partitions, and where the EMA lives:
@@ -26,10 +26,12 @@ new run from the export).
 
 from __future__ import annotations
 
+import datetime
 import glob
 import importlib
 import os
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Optional
 
@@ -37,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from sd_train.config import TrainConfig
-from sd_train.distributed import DistInfo
+from sd_train.parallel.process_group import DistInfo
+from sd_train.parallel.strategy import OptimizerFactory, Strategy
 
 ZERO_DIR = "zero"  # DeepSpeed's checkpoint "tag": the folder inside a step folder
 
@@ -86,35 +89,46 @@ def _prepare_environment(info: DistInfo) -> None:
             os.environ.pop(k)
 
 
-class ZeroEngine:
+class DeepSpeedStrategy(Strategy):
     """Owns the DeepSpeed engine: wrap, backward/step, checkpoint I/O, gathers for export."""
 
-    def __init__(self, unet: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, info: DistInfo, accum: int):
-        import datetime
+    name = "deepspeed"
+    checkpoint_format = "zero"
+    # DeepSpeed's per-rank files carry no index written after the others: the checkpointer holds a
+    # barrier before renaming the folder, so every rank's files are on disk first.
+    writes_completion_marker = False
 
-        _prepare_environment(info)
-        from accelerate import Accelerator, DeepSpeedPlugin
-        from accelerate.utils import InitProcessGroupKwargs
-
+    def __init__(self, cfg: TrainConfig, info: DistInfo, accum: int):
         self.stage = int(cfg.dist.zero_stage)
         self.info = info
+        self.timeout_s = cfg.dist.timeout_s
         self.config = deepspeed_config(cfg, info.world_size, accum)
-        # The process group already exists (sd_train.distributed); the kwargs make accelerate agree
-        # on its backend: without them, on CPU it believes there is one process.
-        pg = InitProcessGroupKwargs(backend=dist.get_backend(), timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+
+    def wrap(self, unet: torch.nn.Module, make_optimizer: OptimizerFactory) -> None:
+        _prepare_environment(self.info)
+        # Lazy: deepspeed (through accelerate's plugin) is heavy and only this strategy needs it.
+        from accelerate import Accelerator, DeepSpeedPlugin
+        from accelerate.utils import InitProcessGroupKwargs
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        optimizer = make_optimizer(unet)
+        # The process group already exists (sd_train.parallel.process_group); the kwargs make
+        # accelerate agree on its backend: without them, on CPU it believes there is one process.
+        pg = InitProcessGroupKwargs(backend=dist.get_backend(), timeout=datetime.timedelta(seconds=self.timeout_s))
         self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=self.config), kwargs_handlers=[pg])
         self.engine, _ = self.accelerator.prepare(unet, optimizer)
+        self.model = self.engine
         # accelerate registers the ZeRO-3 config with transformers, which then builds every later
         # `from_pretrained` model under deepspeed.zero.Init: a collective. Export loads the frozen
         # parts on the main process only, and hung there waiting for the other ranks (seen). The
         # engine no longer needs the registration once prepared.
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
         unset_hf_deepspeed_config()
         # The LR schedule drives the torch optimizer DeepSpeed wraps: its param_groups now hold
         # this rank's fp32 partitions, and DeepSpeed steps it with their `lr`.
         self.optimizer = optimizer
-        self.layout = Zero3Layout() if self.stage == 3 else ReplicatedLayout()
+
+    def ema_layout(self):
+        return Zero3Layout() if self.stage == 3 else ReplicatedLayout()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -143,17 +157,18 @@ class ZeroEngine:
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def save(self, folder: Path, ema) -> None:
-        """Collective: DeepSpeed writes every rank's partitions under `folder/zero/`."""
+    def save(self, folder: Path, ema, process_group=None) -> Optional[Future]:
+        """Collective: DeepSpeed writes every rank's partitions under `folder/zero/`. Always
+        synchronous (config validation refuses checkpoint.async_save with DeepSpeed)."""
         self.engine.save_checkpoint(str(folder), tag=ZERO_DIR, save_latest=False)
         torch.save(self._ema_payload(ema), ema_file(folder, self.info.rank))
+        return None
 
     def _ema_payload(self, ema) -> dict:
         shapes = {n: list(p.ds_shape if self.stage == 3 else p.shape) for n, p in ema.named_params}
         return {"zero_stage": self.stage, "world_size": self.info.world_size, "shapes": shapes, "pieces": ema.local_state_dict()}
 
     def missing_files(self, folder: Path) -> Optional[str]:
-        """What this rank would read and cannot find, checked before any collective load."""
         rank = self.info.rank
         need = [ema_file(folder, rank)]
         optim = glob.glob(str(Path(folder) / ZERO_DIR / f"zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
@@ -163,7 +178,6 @@ class ZeroEngine:
         return f"missing or empty {missing}" if missing else None
 
     def load(self, folder: Path, ema) -> None:
-        """Collective. `ema.load_meta_state_dict` has run, so the shadow exists to receive the pieces."""
         path, _ = self.engine.load_checkpoint(str(folder), tag=ZERO_DIR, load_optimizer_states=True,
                                               load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:
@@ -177,7 +191,7 @@ class ZeroEngine:
         """The whole UNet on the main process (collective under ZeRO-3: one parameter at a time)."""
         if self.stage != 3:
             return {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()} if is_main else {}
-        import deepspeed
+        import deepspeed  # lazy: heavy, and only this strategy needs it
 
         out = {}
         for name, p in self.module.named_parameters():
@@ -214,7 +228,7 @@ class Zero3Layout:
         return [p.ds_tensor for _, p in named_params]
 
     def global_tensor(self, p, shard):
-        raise NotImplementedError("ZeRO-3 EMA pieces are saved per rank (sd_train.zero), not through DCP")
+        raise NotImplementedError("ZeRO-3 EMA pieces are saved per rank (sd_train.parallel.deepspeed), not through DCP")
 
     def full(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         """All-gather the equal-size pieces, drop the padding, restore the shape. Collective."""
@@ -236,7 +250,7 @@ class ReplicatedLayout:
         return [p.detach() for _, p in named_params]
 
     def global_tensor(self, p, shard):
-        raise NotImplementedError("ZeRO-2 EMA pieces are saved per rank (sd_train.zero), not through DCP")
+        raise NotImplementedError("ZeRO-2 EMA pieces are saved per rank (sd_train.parallel.deepspeed), not through DCP")
 
     def full(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         return shard

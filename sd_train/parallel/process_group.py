@@ -1,9 +1,8 @@
-"""Process group, device mesh and UNet sharding.
+"""The process group, the device mesh and the few collectives the loop needs.
 
-We apply FSDP2 (`fully_shard`) ourselves instead of through `Accelerator.prepare`: accelerate
-enables FSDP only for GPU setups and silently runs unsharded on CPU, so going through it would make
-the CPU tests exercise a different path than the GPU runs. `accelerate launch` and `torchrun` are
-used only to start the processes; both set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
+`accelerate launch` and `torchrun` are used only to start the processes; both set RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT. How the UNet is spread over the ranks is a Strategy's job
+(sd_train.parallel.strategy).
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sd_train.config import DistArgs
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 @dataclass
 class DistInfo:
@@ -30,7 +27,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh
+    mesh: DeviceMesh | None
 
     @property
     def is_main(self) -> bool:
@@ -72,44 +69,6 @@ def init_distributed(args: DistArgs) -> DistInfo:
         )
     mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
     return DistInfo(rank, world_size, local_rank, device, mesh)
-
-
-def shard_unet(unet: torch.nn.Module, args: DistArgs, info: DistInfo) -> torch.nn.Module:
-    """Wrap the UNet for data parallelism: FSDP2 on each down/mid/up block and then the root, or DDP.
-
-    Sharding per block means one block's full parameters exist at a time during forward/backward;
-    the root wrap takes the rest (conv_in/out, time and class embeddings)."""
-    if args.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(unet, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    if args.strategy == "deepspeed":
-        raise ValueError("dist.strategy=deepspeed: the DeepSpeed engine wraps the UNet (sd_train.zero.ZeroEngine), not shard_unet")
-    # "auto" reaches here only from code that builds DistArgs itself (tests, benchmarks): config
-    # validation resolves it, and outside accelerate's DeepSpeed launcher it means fsdp2.
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=DTYPES[args.param_dtype], reduce_dtype=DTYPES[args.reduce_dtype])
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    for block in blocks:
-        if block is not None:
-            fully_shard(block, mesh=info.mesh, reshard_after_forward=args.reshard_after_forward, mp_policy=mp)
-    # The root's params are needed again right at the start of backward: keep them gathered.
-    fully_shard(unet, mesh=info.mesh, reshard_after_forward=False, mp_policy=mp)
-    return unet
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The UNet itself (DDP wraps it in `.module`; FSDP2 keeps the module, with a new class)."""
-    return getattr(model, "module", model)
-
-
-def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
-    """Skip the gradient reduction on all but the last micro-batch of an accumulation."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(enabled)
-    elif hasattr(model, "require_backward_grad_sync"):  # DDP
-        model.require_backward_grad_sync = enabled
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

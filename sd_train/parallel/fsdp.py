@@ -1,0 +1,200 @@
+"""FSDP2 (or DDP) data parallelism, with checkpoints through torch.distributed.checkpoint (DCP).
+
+We apply FSDP2 (`fully_shard`) ourselves instead of through `Accelerator.prepare`: accelerate
+enables FSDP only for GPU setups and silently runs unsharded on CPU, so going through it would make
+the CPU tests exercise a different path than the GPU runs. Which submodules become FSDP units is
+the model's business (sd_train.model.parallelize); this module only applies the wrapping.
+
+Under FSDP2 every parameter is a DTensor sharded `Shard(0)` over the 1-D mesh; the EMA keeps one
+plain tensor per local shard (`DTensorLayout`), and DCP writes one file per rank that reloads on any
+world size, or in one process with no process group.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from sd_train.config import DistArgs
+from sd_train.parallel.process_group import DistInfo
+from sd_train.parallel.strategy import OptimizerFactory, Strategy
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+class DTensorLayout:
+    """Where a rank's piece of each parameter lives under FSDP2 (`p.to_local()`) or DDP (`p`),
+    and how to label or gather the EMA of that piece. DeepSpeed's layouts are in
+    sd_train.parallel.deepspeed."""
+
+    # `DTensor.to_local()` per parameter per update costs more than the lerp itself on small
+    # models, so the views are looked up once per window. The optimizer updates the sharded
+    # storage in place, so they stay current (tests/e2e/test_distributed checks it).
+    cache_views = True
+    name = "dtensor"
+
+    def __init__(self, model: torch.nn.Module | None = None):
+        self.model = model
+
+    def views(self, named_params: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        return [_local(p).detach() for _, p in named_params]
+
+    def release(self) -> None:
+        """Drop every parameter FSDP2 still holds gathered, so the next forward gathers from the
+        sharded storage. The root is wrapped with `reshard_after_forward=False` and reshards only
+        after a backward: after a `no_grad` forward its unsharded conv_in, time embedding and
+        conv_out stay registered, and a forward right after an EMA swap would use those raw
+        weights (measured on 2 ranks: off by 5.5 against a plain module holding the EMA, where raw
+        and EMA differ by 8.4; 0.0 after resharding)."""
+        if self.model is None:
+            return
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def global_tensor(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """The shard labelled as the global tensor it is a piece of, for DCP. The global shape and
+        stride are passed because FSDP2 pads uneven shards."""
+        if isinstance(p, DTensor):
+            return DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+        return shard
+
+    def full(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
+        """The whole tensor (a collective for sharded params)."""
+        t = self.global_tensor(p, shard)
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class FSDPStrategy(Strategy):
+    """FSDP2 on each unit the model names and then the root (`dist.strategy=fsdp2`), or DDP
+    (`ddp`); gradients clipped to the global norm; DCP checkpoints."""
+
+    checkpoint_format = "dcp"
+    writes_completion_marker = True  # DCP's coordinator writes .metadata after every rank's shards
+    supports_async_save = True
+
+    def __init__(
+        self,
+        args: DistArgs,
+        info: DistInfo,
+        max_grad_norm: float,
+        units: Callable[[torch.nn.Module], list[torch.nn.Module]],
+    ):
+        self.args = args
+        self.info = info
+        self.name = "ddp" if args.strategy == "ddp" else "fsdp2"
+        self.max_grad_norm = max_grad_norm
+        self.units = units
+
+    def wrap(self, unet: torch.nn.Module, make_optimizer: OptimizerFactory) -> None:
+        self.model = self.wrap_model(unet)
+        self.optimizer = make_optimizer(self.model)
+
+    def wrap_model(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """DDP, or FSDP2 on each unit and then the root; returns the model the loop calls."""
+        if self.name == "ddp":
+            device_ids = [self.info.device.index] if self.info.device.type == "cuda" else None
+            return DistributedDataParallel(unet, device_ids=device_ids)
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[self.args.param_dtype], reduce_dtype=DTYPES[self.args.reduce_dtype])
+        for unit in self.units(unet):
+            fully_shard(unit, mesh=self.info.mesh, reshard_after_forward=self.args.reshard_after_forward, mp_policy=mp)
+        # The root's params are needed again right at the start of backward: keep them gathered.
+        fully_shard(unet, mesh=self.info.mesh, reshard_after_forward=False, mp_policy=mp)
+        return unet
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """DDP wraps the UNet in `.module`; FSDP2 keeps the module, with a new class."""
+        return getattr(self.model, "module", self.model)
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        if isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(enabled)
+        else:  # DDP reads it in forward
+            self.model.require_backward_grad_sync = enabled
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        loss.backward()
+
+    def step(self) -> tuple[bool, float]:
+        """Clip to the global norm, and step only if it is finite. A NaN anywhere reaches every
+        rank's norm through the gradient reduction, so all ranks skip together."""
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        return finite, grad_norm
+
+    def ema_layout(self) -> DTensorLayout:
+        return DTensorLayout(self.module)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def _tensor_state(self, ema) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd, "ema": ema.tensor_state_dict()}
+
+    def save(self, folder: Path, ema, process_group=None) -> Optional[Future]:
+        state = self._tensor_state(ema)
+        if process_group is not None:
+            return dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group)
+        dcp.save(state, checkpoint_id=str(folder))
+        return None
+
+    def load(self, folder: Path, ema) -> None:
+        state = self._tensor_state(ema)
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def describe_load_error(self, folder: Path, error: BaseException) -> str:
+        """DCP's errors do not always name the file; find shard files that are shorter than the
+        metadata says, so the warning points at the culprit."""
+        text = f"{type(error).__name__}: {str(error)[:300]}"
+        try:
+            md = dcp.FileSystemReader(str(folder)).read_metadata()
+            need: dict[str, int] = {}
+            for item in (md.storage_data or {}).values():
+                name = item.relative_path
+                need[name] = max(need.get(name, 0), item.offset + item.length)
+            short = [n for n, size in need.items() if not (folder / n).is_file() or (folder / n).stat().st_size < size]
+            if short:
+                return f"truncated or missing shard file(s) {[str(folder / n) for n in sorted(short)]} ({text})"
+        except Exception:  # the metadata itself is unreadable: the original error says enough
+            pass
+        return text
+
+    # ---- export and topology ----------------------------------------------------------------------
+
+    def full_model_state(self, is_main: bool) -> dict[str, torch.Tensor]:
+        """The whole UNet on CPU (a collective under FSDP2; with cpu_offload only rank 0 keeps it)."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def topology(self) -> dict:
+        params = [p for _, p in self.module.named_parameters()]
+        return {
+            "local_param_bytes": sum(_local(p).numel() * p.element_size() for p in params),
+            "placements": sorted({str(p.placements) if isinstance(p, DTensor) else "replicated" for p in params}),
+            "all_dtensor": all(isinstance(p, DTensor) for p in params),
+        }

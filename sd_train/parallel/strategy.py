@@ -1,0 +1,101 @@
+"""The one interface between the training loop and how the UNet is spread over the ranks.
+
+Two implementations: `FSDPStrategy` (sd_train.parallel.fsdp: FSDP2 or DDP, checkpoints through
+torch.distributed.checkpoint) and `DeepSpeedStrategy` (sd_train.parallel.deepspeed: ZeRO-2/3 through
+accelerate's DeepSpeed plugin, DeepSpeed's own per-rank checkpoint files). The trainer, the
+checkpointer and export call only what is declared here, so neither holds a branch on the backend.
+
+A Strategy owns the wrapped model and the optimizer it steps:
+- `wrap` wraps the UNet and builds the optimizer (DeepSpeed needs the optimizer to wrap);
+- `set_grad_sync` / `backward` / `step` are one optimizer step over micro-batches;
+- `ema_layout` says where each rank's piece of each parameter lives, for ShardedEMA;
+- `save` / `load` / `missing_files` move the tensor state (model, optimizer, EMA) of a step folder;
+- `full_model_state` gathers the raw UNet for export; `topology` says how it is really laid out.
+"""
+
+from __future__ import annotations
+
+import abc
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+
+
+class Strategy(abc.ABC):
+    """Owns the wrapped UNet (`model`), the plain UNet inside it (`module`) and the optimizer."""
+
+    name: str
+    # Written into trainer_state.json; a run refuses a checkpoint of another format.
+    checkpoint_format: str
+    # True when the tensor writer publishes its own completion marker only after every rank's
+    # files are written (DCP's coordinator writes `.metadata` last). Otherwise the checkpointer
+    # holds a barrier before it renames the folder.
+    writes_completion_marker: bool
+    # Whether `save(..., process_group=...)` can write in the background.
+    supports_async_save: bool = False
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+    @abc.abstractmethod
+    def wrap(self, unet: torch.nn.Module, make_optimizer: OptimizerFactory) -> None:
+        """Wrap `unet` for data parallelism and build the optimizer over its trainable parameters."""
+
+    @property
+    @abc.abstractmethod
+    def module(self) -> torch.nn.Module:
+        """The UNet itself, whose named parameters the EMA follows."""
+
+    # ---- one optimizer step ---------------------------------------------------------------------
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Before each micro-batch's forward: reduce gradients only on the last one."""
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        """Backward of one micro-batch; the loss is already divided by the accumulation count."""
+
+    @abc.abstractmethod
+    def step(self) -> tuple[bool, float]:
+        """The optimizer step at the accumulation boundary: (taken, global grad norm). Every rank
+        must reach the same decision with no extra collective."""
+
+    # ---- the EMA ------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def ema_layout(self) -> Any:
+        """A ShardedEMA layout: `views`, `global_tensor`, `full`, `release`, `cache_views`, `name`."""
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def save(self, folder: Path, ema, process_group=None) -> Optional[Future]:
+        """Write this rank's model, optimizer and EMA tensors into `folder` (collective). With a
+        `process_group` (async saves), return the future of a background write."""
+
+    def missing_files(self, folder: Path) -> Optional[str]:
+        """What this rank would read from `folder` and cannot find, checked before any collective."""
+        return None
+
+    @abc.abstractmethod
+    def load(self, folder: Path, ema) -> None:
+        """Load the tensors of `folder` (collective). `ema.load_meta_state_dict` has run, so the
+        shadow exists to receive its pieces. Raises on any failure."""
+
+    def describe_load_error(self, folder: Path, error: BaseException) -> str:
+        """A one-line account of a failed `load`, naming the broken file where possible."""
+        return f"{type(error).__name__}: {str(error)[:300]}"
+
+    # ---- export and topology ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def full_model_state(self, is_main: bool) -> dict[str, torch.Tensor]:
+        """The whole raw UNet on CPU, on the main process at least (collective)."""
+
+    @abc.abstractmethod
+    def topology(self) -> dict:
+        """This rank's layout: local parameter bytes, placements, whether all are DTensors."""
