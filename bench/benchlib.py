@@ -31,7 +31,7 @@ _SD_LIKE = dict(
     layers_per_block=1,
 )
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    # FINDINGS' two-level tiny layout: 1.45M params with a 64-wide text encoder (the demo UNet is 1.69M).
+    # The two-level tiny layout: 1.45M params with a 64-wide text encoder (the demo UNet is 1.69M).
     "tiny": dict(
         in_channels=4,
         out_channels=4,
@@ -44,7 +44,7 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     # 28.6M params.
     "30m": dict(_SD_LIKE, block_out_channels=(96, 192, 384), cross_attention_dim=256),
-    # 203.4M params: the size of FINDINGS' "204M UNet" column.
+    # 203.4M params: the "204M UNet" of the measured CPU timings (EMA update, train step).
     "200m": dict(_SD_LIKE, block_out_channels=(256, 512, 1024), cross_attention_dim=768),
 }
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import TrainConfig, config_to_dict, dump_config
@@ -317,9 +318,7 @@ class Trainer:
 KNOWN_ERRORS: tuple = (NonFiniteError, CheckpointLoadError, BadDataError)
 
 
-def _progress(enabled: bool, start: int, total: int):
-    from tqdm import tqdm
-
+def _progress(enabled: bool, start: int, total: int) -> tqdm:
     return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, desc="train")
 
 

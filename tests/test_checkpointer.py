@@ -1,0 +1,136 @@
+"""The Checkpointer in one process (a 1-rank gloo group, the FSDP2 strategy on a small module):
+retention, stale `.partial` cleanup, newest-first fallback past a broken folder, and that a load
+restores everything registered. Tensors are compared with torch.equal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sd_train.checkpoint import Checkpointer
+from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
+from sd_train.ema import ShardedEMA
+from sd_train.ema_plan import plan_from_config
+from sd_train.errors import CheckpointLoadError
+from sd_train.parallel.fsdp import FSDPStrategy
+from sd_train.parallel.process_group import free_port, init_distributed
+from sd_train.paths import complete_steps, partial_dir, step_dir
+
+
+@pytest.fixture(scope="module")
+def info():
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    yield init_distributed(DistArgs(backend="gloo"))
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+class Counter:
+    """A registered state: a number and a list, so a load can be told apart from the default."""
+
+    def __init__(self) -> None:
+        self.value, self.history = 0, []
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.history = state["value"], list(state["history"])
+
+
+class Run:
+    """Everything a Checkpointer is handed: strategy (module + SGD), EMA, global and rank states."""
+
+    def __init__(self, info, out, **ckpt):
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+        self.strategy = FSDPStrategy(DistArgs(strategy="fsdp2"), info, 0.0, lambda m: [m[0]])
+        self.strategy.wrap(module, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
+        self.ema = ShardedEMA(self.strategy.module, plan_from_config(EMAArgs(decay=0.5, step_start_ema=2, tolerance=0.9), 10),
+                              self.strategy.ema_layout())
+        self.train, self.data = Counter(), Counter()
+        args = CheckpointArgs(every_steps=1, **ckpt)
+        self.ckpt = Checkpointer(args, str(out), 0, 1, 10, self.strategy, self.ema, {"train": self.train},
+                                 {"data": self.data}, config={"note": "test"})
+
+    def step(self, step: int) -> None:
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        self.strategy.model(x).square().mean().backward()
+        self.strategy.step()
+        self.strategy.optimizer.zero_grad()
+        self.ema.update(step)
+        self.train.value, self.data.value = step, 100 + step
+        self.data.history.append(step)
+        self.ckpt.save(step)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.full_tensor().clone() for n, p in self.strategy.module.named_parameters()}
+
+    def ema_weights(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in self.ema.full_tensors().items()}
+
+
+def test_retention_keeps_newest_k_and_cleans_stale_partials(info, tmp_path):
+    run = Run(info, tmp_path, keep_last_k=2)
+    root = tmp_path / "checkpoints"
+    for s in (1, 2):
+        run.step(s)
+    stale, newer = partial_dir(root, 1), partial_dir(root, 9)
+    stale.mkdir()
+    newer.mkdir()
+    for s in (3, 4):
+        run.step(s)
+    assert complete_steps(root) == [3, 4]
+    assert not stale.exists(), "a partial folder older than the newest complete checkpoint is cleaned up"
+    assert newer.exists(), "a partial folder newer than every complete one is left alone"
+    state = json.loads((step_dir(root, 4) / "trainer_state.json").read_text())
+    assert (state["step"], state["world_size"], state["format"], state["train"]["value"]) == (4, 1, "dcp", 4)
+    assert state["config"] == {"note": "test"} and state["ema"]["open"]
+    assert not run.ckpt.save(4, force=True), "never re-saves into the folder of a step already saved"
+
+
+def test_load_restores_every_registered_state(info, tmp_path):
+    a = Run(info, tmp_path, keep_last_k=0)
+    for s in range(1, 6):
+        a.step(s)
+    weights, ema, momentum = a.weights(), a.ema_weights(), {
+        k: v["momentum_buffer"].full_tensor().clone() for k, v in a.strategy.optimizer.state_dict()["state"].items()}
+    b = Run(info, tmp_path, keep_last_k=0)
+    loaded = b.ckpt.load()
+    assert (loaded.step, loaded.saved_world_size, loaded.folder) == (5, 1, step_dir(tmp_path / "checkpoints", 5))
+    assert all(torch.equal(weights[n], t) for n, t in b.weights().items())
+    assert b.ema.is_open and b.ema.num_updates == a.ema.num_updates
+    assert all(torch.equal(ema[n], t) for n, t in b.ema_weights().items())
+    got = {k: v["momentum_buffer"].full_tensor() for k, v in b.strategy.optimizer.state_dict()["state"].items()}
+    assert got.keys() == momentum.keys() and all(torch.equal(momentum[k], got[k]) for k in got)
+    assert (b.train.value, b.data.value, b.data.history) == (5, 105, [1, 2, 3, 4, 5])
+
+
+def test_broken_newest_falls_back_then_refuses(info, tmp_path, capsys):
+    a = Run(info, tmp_path, keep_last_k=0)
+    for s in range(1, 4):
+        a.step(s)
+        if s == 2:
+            at_two = a.weights()
+    root = tmp_path / "checkpoints"
+    shard = next(step_dir(root, 3).glob("__0_*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    b = Run(info, tmp_path, keep_last_k=0)
+    loaded = b.ckpt.load()
+    assert loaded.step == 2
+    out = capsys.readouterr().out
+    assert "could not be loaded" in out and str(shard) in out, "the warning names the truncated file"
+    assert all(torch.equal(at_two[n], t) for n, t in b.weights().items())
+    assert b.train.value == 2
+
+    for folder in (step_dir(root, 1), step_dir(root, 2)):
+        (folder / "rank_0.pt").write_bytes(b"")
+    with pytest.raises(CheckpointLoadError, match="none could be loaded, refusing to start from step 0"):
+        Run(info, tmp_path, keep_last_k=0).ckpt.load()
