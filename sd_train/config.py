@@ -551,7 +551,7 @@ def _check_strategy(cfg: TrainConfig, environ: typing.Mapping[str, str]) -> None
 
 
 def _check_shards(name: str, spec: str, world_size: int, workers: int, exact: bool) -> None:
-    from sd_train.shards import expand_sources  # local: shards is small, but keep config standalone
+    from sd_train.data.sources import expand_sources  # local: sources is small, but keep config standalone
 
     try:
         sources = expand_sources(spec)

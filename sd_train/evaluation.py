@@ -30,7 +30,7 @@ class Validator:
     """Owns the fixed validation set (latents, text embeddings, noise) of this rank's share."""
 
     def __init__(self, cfg: TrainConfig, parts: SDParts, objective: DiffusionObjective, info: DistInfo):
-        from sd_train.data import val_samples
+        from sd_train.data.loader import val_samples
 
         self.objective = objective
         self.info = info

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sd_train.config import MODEL_SUBFOLDERS, ConfigError, ModelArgs
-from sd_train.data import pixels_to_float as uint8_to_unit_range
+from sd_train.data.decode import pixels_to_float as uint8_to_unit_range
 
 
 

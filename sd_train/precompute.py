@@ -50,7 +50,6 @@ A re-run overwrites the output shards (each is written to a temp file, then rena
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -59,60 +58,25 @@ import re
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from sd_train.config import ConfigError, ModelArgs
-from sd_train.data import stack_pixels
-from sd_train.samples import (
-    LATENT_MEAN,
-    LATENT_STD,
-    TEXT_EMBEDS,
-    BadInputLog,
-    BadSample,
-    DecodedSample,
-    ImageTransform,
-    RawSample,
-    decode_image_sample,
-    read_shards,
-)
-from sd_train.shards import expand_sources
+from sd_train.data.bad_input import BadInputLog, BadSample
+from sd_train.data.decode import DecodedSample, ImageTransform, decode_image_sample, pixels_to_float, stack_pixels
+from sd_train.data.precomputed import IDENTITY, LATENT_MEAN, LATENT_STD, TEXT_EMBEDS, model_fingerprint
+from sd_train.data.sources import expand_sources
+from sd_train.data.tar import RawSample, read_shards
 
 MANIFEST = "precompute.json"
-IDENTITY = "sd_train_precompute"  # the KEY.json entry check_precomputed reads
 DTYPES = {"float32": np.float32, "float16": np.float16}
-_FINGERPRINT_PARTS = ("vae", "text_encoder", "tokenizer")  # the UNet does not shape the stored arrays
-_HEAD = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
-# Identity: what the stored arrays depend on.
+# Output names (what the arrays depend on: sd_train.data.precomputed.model_fingerprint).
 # --------------------------------------------------------------------------------------------
-
-
-def model_fingerprint(path: str) -> str:
-    """A hash of the VAE, text encoder and tokenizer files of a model folder.
-
-    Small files are hashed whole; weight files by size, first and last MiB: enough to tell two
-    checkpoints apart in milliseconds, where hashing a real SD's 800 MB would cost every run's
-    start seconds. A moved folder keeps its fingerprint; a re-saved one in another format does not.
-    """
-    h = hashlib.blake2b(digest_size=12)
-    for part in _FINGERPRINT_PARTS:
-        folder = Path(path) / part
-        if not folder.is_dir():
-            raise ConfigError(f"model.pretrained_path={path!r} has no {part}/: it must be a diffusers SD folder")
-        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-            size = f.stat().st_size
-            h.update(f"{f.relative_to(path)}\0{size}\0".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(_HEAD))
-                if size > 2 * _HEAD:
-                    fh.seek(size - _HEAD)
-                    h.update(fh.read(_HEAD))
-    return h.hexdigest()
 
 
 def output_name(url: str) -> str:
@@ -153,7 +117,7 @@ class _Encoder:
     """Owns the frozen VAE and text encoder of one precompute run and the output dtype."""
 
     def __init__(self, model_path: str, device: torch.device, dtype: np.dtype) -> None:
-        from sd_train.model import load_sd_parts  # local: diffusers is heavy, check_precomputed avoids it
+        from sd_train.model import load_sd_parts  # lazy: diffusers is slow to import; --help need not wait
 
         # The trainer's own loader, so the encoders are set up exactly as online training sets them;
         # loaded on CPU, then only the two encoders move: the UNet is never run here.
@@ -167,9 +131,9 @@ class _Encoder:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, captions: list[str], crops: int) -> tuple[np.ndarray, ...]:
         """uint8 [N*K,3,R,R] (K crops per sample, adjacent) -> mean, std [N,K,4,h,w] and text [N,77,D]."""
-        from sd_train.model import encode_text, pixels_to_float
+        from sd_train.model import encode_text  # lazy, as above
 
-        dist = self.parts.vae.encode(pixels_to_float(pixels, self.device)).latent_dist
+        dist = self.parts.vae.encode(pixels_to_float(pixels.to(self.device))).latent_dist
         text = encode_text(self.parts, captions, self.device)
 
         def out(t: torch.Tensor) -> np.ndarray:
@@ -293,73 +257,6 @@ def precompute(
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
-
-
-# --------------------------------------------------------------------------------------------
-# Training side: the config check and the posterior draw.
-# --------------------------------------------------------------------------------------------
-
-
-def _first_sample(urls: list[str]) -> Optional[RawSample]:
-    for raw in read_shards(urls, BadInputLog()):
-        return raw
-    return None
-
-
-def check_precomputed(spec: str, cfg: Any) -> None:
-    """Refuse a run whose config does not fit its precomputed shards. Raises ConfigError naming the field.
-
-    `spec` is `data.train_shards` (any spec, or the precompute output folder); `cfg` a TrainConfig.
-    Each source is judged by its first sample's `KEY.json` (that works for `pipe:` sources too).
-    """
-    d, field = cfg.data, "data.train_shards"
-    if d.random_flip:
-        raise ConfigError("data.random_flip=true with data.precomputed=true: flips are not precomputed. Set data.random_flip=false")
-    fingerprint: Optional[str] = None  # hashed once, after the shards are known to be precomputed
-    for src in expand_sources(spec):
-        raw = _first_sample(src.urls)
-        if raw is None:
-            raise ConfigError(f"{field}={spec!r}: no readable sample in {src.pattern!r}")
-        if LATENT_MEAN not in raw.members:
-            raise ConfigError(
-                f"{field}: {raw.shard} holds no KEY.{LATENT_MEAN}: not `sd-train precompute` output. Precompute it, "
-                "or set data.precomputed=false to train from images"
-            )
-        try:
-            ident = json.loads(raw.members.get("json", b"{}")).get(IDENTITY)
-        except (ValueError, AttributeError):
-            ident = None
-        if not isinstance(ident, dict):
-            raise ConfigError(f"{field}: {raw.shard} has no `{IDENTITY}` record in its KEY.json; re-run `sd-train precompute`")
-        where = f"{raw.shard} was precomputed"
-        if ident["resolution"] != d.resolution:
-            raise ConfigError(
-                f"data.resolution={d.resolution} but {where} at resolution {ident['resolution']}: set "
-                f"data.resolution={ident['resolution']}, or re-run `sd-train precompute --resolution {d.resolution}`"
-            )
-        fingerprint = fingerprint or model_fingerprint(cfg.model.pretrained_path)
-        if ident["model_fingerprint"] != fingerprint:
-            raise ConfigError(
-                f"model.pretrained_path={cfg.model.pretrained_path!r}: its VAE/text encoder/tokenizer differ from those "
-                f"{where} with (see precompute.json there): use that model, or re-run `sd-train precompute --model ...`"
-            )
-        if (ident["crops"] == 1) != d.center_crop:
-            stored, fix = ("the center crop", "true") if ident["crops"] == 1 else (f"{ident['crops']} random crops", "false")
-            raise ConfigError(
-                f"data.center_crop={str(d.center_crop).lower()} but {where} with {stored}: set "
-                f"data.center_crop={fix}, or re-run `sd-train precompute` with {'--crops 1' if d.center_crop else '--crops K > 1'}"
-            )
-
-
-def sample_posterior(mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scaled latents drawn from a stored posterior, bitwise as `encode_pixels` draws them.
-
-    `DiagonalGaussianDistribution.sample` calls `randn_tensor(mean.shape, generator=None,
-    device=..., dtype=...)`, i.e. `torch.randn` on the global RNG of the tensor's device, then
-    mean + std * sample; `encode_pixels` multiplies by the scale after. Same calls here.
-    """
-    noise = torch.randn(mean.shape, generator=None, device=mean.device, dtype=mean.dtype, layout=torch.strided)
-    return (mean + std * noise) * scale
 
 
 # --------------------------------------------------------------------------------------------

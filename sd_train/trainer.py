@@ -29,6 +29,8 @@ import torch.distributed as dist
 from sd_train import distributed as D
 from sd_train.checkpoint import CheckpointLoadError, Checkpointer
 from sd_train.config import ConfigError, TrainConfig, config_to_dict, dump_config
+from sd_train.data.bad_input import BadDataError
+from sd_train.data.precomputed import sample_posterior
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
 from sd_train.evaluation import Sampler, Validator, save_grid
@@ -37,9 +39,7 @@ from sd_train.metrics import build_metrics
 from sd_train.model import encode_pixels, encode_text, load_sd_parts
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_lr_schedule, build_optimizer
-from sd_train.precompute import sample_posterior
 from sd_train.rng import load_rng_state_dict, rng_state_dict, seed_all
-from sd_train.samples import BadDataError
 
 log = logging.getLogger("sd_train")
 
@@ -116,7 +116,7 @@ class Trainer:
         empty = encode_text(self.parts, [""], self.info.device)
         self.objective = DiffusionObjective(cfg.objective, self.parts.noise_scheduler.alphas_cumprod, empty)
 
-        from sd_train.data import build_train_loader
+        from sd_train.data.loader import build_train_loader
 
         self.loader = build_train_loader(cfg, self.info.rank, self.info.world_size)
         self.validator = Validator(cfg, self.parts, self.objective, self.info) if cfg.data.val_shards and cfg.eval.every_steps else None
@@ -308,7 +308,7 @@ class Trainer:
 
     def data_health(self) -> dict:
         """Sum bad-sample counts over ranks and stop above data.max_bad_fraction."""
-        from sd_train.data import check_bad_fraction
+        from sd_train.data.bad_input import check_bad_fraction
 
         counts = self.loader.bad_counts()
         names = sorted(counts)

@@ -21,9 +21,11 @@ import pytest
 import torch
 
 from sd_train.config import TrainConfig
-from sd_train.data import ShardStream, TrainLoader, build_train_loader, val_samples
-from sd_train.samples import BadDataError, ImageTransform, check_bad_fraction
-from sd_train.shards import expand_sources
+from sd_train.data.bad_input import BadDataError, check_bad_fraction
+from sd_train.data.decode import ImageTransform
+from sd_train.data.loader import TrainLoader, build_train_loader, val_samples
+from sd_train.data.sources import expand_sources
+from sd_train.data.stream import ShardStream
 
 ASSETS = Path(__file__).parent / "assets"
 SPEC = str(ASSETS / "tiny-{000000..000005}.tar")
@@ -341,7 +343,8 @@ def test_build_train_loader_and_val_samples() -> None:
 
 @pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_tar_reader_names_and_pipe_sources(tmp_path: Path, tar_format: int) -> None:
-    from sd_train.samples import BadInputLog, read_shards
+    from sd_train.data.bad_input import BadInputLog
+    from sd_train.data.tar import read_shards
 
     folder = "sub/" + "d" * 120 if tar_format != tarfile.USTAR_FORMAT else "sub/dir"  # > 100 chars: pax/GNU long names
     members = [(f"{folder}/{k}.{ext}", d) for n, d in _members(ASSETS / "tiny-000000.tar") for k, ext in [n.split(".", 1)]]

@@ -68,7 +68,7 @@ def _corrupt_copy(assets: dict, dst: Path) -> tuple[dict, list[str]]:
     2 undecodable images and 1 missing caption in the first, the second truncated, the third
     deleted (still named by the pattern). A short run then reads all three and nothing twice."""
     from sd_train.config import load_config
-    from sd_train.data import build_train_loader
+    from sd_train.data.loader import build_train_loader
 
     dst.mkdir()
     for t in sorted(assets["data"].glob("train-*.tar")):
