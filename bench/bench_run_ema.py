@@ -35,7 +35,7 @@ from sd_train.config import DistArgs, EMAArgs
 from sd_train.distributed import destroy, init_distributed, shard_unet
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import EMAPlan, plan_from_config
-from sd_train.quality import LATE_WINDOW_FRACTION, largest_safe_decay
+from sd_train.tools.quality import LATE_WINDOW_FRACTION, largest_safe_decay
 
 TOLERANCE = EMAArgs().tolerance
 

@@ -1,6 +1,7 @@
-"""Precomputed latents (sd_train.precompute, sd_train.data.precomputed): the stored format, bitwise equality with online
-encoding, a real training run from precomputed shards against the same run encoding online, bad
-input and crops, and the config checks that refuse mismatched shards.
+"""Precomputed latents (writer sd_train.tools.precompute, reader sd_train.data.precomputed): the
+stored format, bitwise equality with online encoding, a real training run from precomputed shards
+against the same run encoding online, bad input and crops, and the config checks that refuse
+mismatched shards.
 
 Bitwise equality needs the VAE to see the same batches: it is not batch-invariant (~1e-6 apart
 on CPU between a batch of 4 and one of 16). So the fixture precomputes in batches of 4,
@@ -30,7 +31,7 @@ from sd_train.data.decode import ImageTransform, decode_image_sample, stack_pixe
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import check_precomputed, decode_precomputed_sample, sample_posterior, stack_precomputed
 from sd_train.data.tar import read_shards
-from sd_train.precompute import precompute
+from sd_train.tools.precompute import precompute
 
 BATCH = 4  # = micro_batch_size in configs/test.yaml
 MEMBERS = {"latent_mean.npy", "latent_std.npy", "text_embeds.npy", "txt", "json"}

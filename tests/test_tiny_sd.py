@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers read it
 
-from sd_train import prepare, tiny_sd  # noqa: E402
+from sd_train.tools import prepare, tiny_sd  # noqa: E402
 
 
 @pytest.fixture(scope="module")
