@@ -68,7 +68,7 @@ from sd_train.data.bad_input import BadInputLog, BadSample
 from sd_train.data.decode import DecodedSample, ImageTransform, decode_image_sample, pixels_to_float, stack_pixels
 from sd_train.data.precomputed import IDENTITY, LATENT_MEAN, LATENT_STD, TEXT_EMBEDS, model_fingerprint
 from sd_train.data.sources import expand_sources
-from sd_train.data.tar import RawSample, read_shards
+from sd_train.data.tar import RawSample, add_member, read_shards
 
 MANIFEST = "precompute.json"
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -90,12 +90,6 @@ def output_name(url: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Writing.
 # --------------------------------------------------------------------------------------------
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: same input, same bytes
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -169,11 +163,11 @@ def _write_shard(
             captions = [ds[0].caption for _, ds in pending]
             mean, std, text = enc.encode(pixels, captions, crops)
             for i, (raw, ds) in enumerate(pending):
-                _add_member(tar, f"{raw.key}.{LATENT_MEAN}", _npy(mean[i]))
-                _add_member(tar, f"{raw.key}.{LATENT_STD}", _npy(std[i]))
-                _add_member(tar, f"{raw.key}.{TEXT_EMBEDS}", _npy(text[i]))
-                _add_member(tar, f"{raw.key}.txt", ds[0].caption.encode())
-                _add_member(tar, f"{raw.key}.json", _meta(raw, ds[0].caption, identity))
+                add_member(tar, f"{raw.key}.{LATENT_MEAN}", _npy(mean[i]))
+                add_member(tar, f"{raw.key}.{LATENT_STD}", _npy(std[i]))
+                add_member(tar, f"{raw.key}.{TEXT_EMBEDS}", _npy(text[i]))
+                add_member(tar, f"{raw.key}.txt", ds[0].caption.encode())
+                add_member(tar, f"{raw.key}.json", _meta(raw, ds[0].caption, identity))
             written += len(pending)
             pending.clear()
 

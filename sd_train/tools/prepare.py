@@ -31,11 +31,11 @@ from typing import Any
 
 from PIL import Image
 
+from sd_train.data.tar import add_member
+
 TWEMOJI_LICENSE = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 KEY_DIGITS = 9  # img2dataset's key width: 000000123
-# Fixed tar header fields so the same input gives the same shard bytes (diffable, cacheable).
-_TAR_MTIME = 0
 _JPEG_QUALITY = 95
 
 Color = tuple[int, int, int]
@@ -179,26 +179,16 @@ def shard_slices(n: int, num_shards: int) -> list[slice]:
     return slices
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = _TAR_MTIME
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_tar(path: str, samples: Iterable[Sample], image_format: str = "png") -> int:
     """Write one shard (temp file, then rename, so a reader never sees a half-written tar). Returns its sample count."""
     tmp = path + ".tmp"
     count = 0
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for s in samples:
-            _add_member(tar, f"{s.key}.{image_format}", encode_image(s.image, image_format))
-            _add_member(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
+            add_member(tar, f"{s.key}.{image_format}", encode_image(s.image, image_format))
+            add_member(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
             meta = dict(s.meta, key=s.key, caption=s.caption)
-            _add_member(tar, f"{s.key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+            add_member(tar, f"{s.key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
             count += 1
     os.replace(tmp, path)
     return count
