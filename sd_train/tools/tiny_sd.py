@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import tarfile
 import time
 import unicodedata
 from typing import Any
@@ -30,6 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from sd_train.data.bad_input import BadInputLog
+from sd_train.data.decode import IMAGE_SUFFIXES, pixels_to_float
+from sd_train.data.tar import read_shards as read_tar_shards
 
 # CLIP's pre-tokenizer (transformers' CLIPTokenizer uses the same): special tokens, English
 # contractions, runs of letters, single digits, runs of other non-space characters.
@@ -251,21 +254,26 @@ def shard_paths(data_dir: str, split: str) -> list[str]:
     return sorted(glob.glob(os.path.join(data_dir, f"{split}-*.tar")))
 
 
-def read_shards(paths: list[str], resolution: int, max_images: int | None = None) -> tuple[list[str], torch.Tensor]:
-    """(captions, uint8 images N x 3 x R x R) from webdataset tars, Lanczos-resized to `resolution`."""
+def load_captioned_images(
+    paths: list[str], resolution: int, max_images: int | None = None
+) -> tuple[list[str], torch.Tensor]:
+    """(captions, uint8 images N x 3 x R x R) of the image + caption samples of prepared shards,
+    in key order within each shard, each image squashed to `resolution` x `resolution` (Lanczos, no
+    crop): the VAE pretraining and tokenizer data, not the training stream's decode. Tars are read
+    with the data package's reader; a shard it cannot read fully raises ValueError."""
     captions: list[str] = []
     images: list[np.ndarray] = []
     for path in paths:
+        log = BadInputLog()
         pending: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                pending.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+        for raw in read_tar_shards([path], log):
+            pending.setdefault(raw.key, {}).update(raw.members)
+        if log.total():
+            bad = [k for k, v in log.counts.items() if v]
+            raise ValueError(f"{path}: {bad} shard; rewrite it with `sd-train prepare`")
         for key in sorted(pending):
             parts = pending[key]
-            img_bytes = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+            img_bytes = next((parts[e] for e in IMAGE_SUFFIXES if e in parts), None)
             if img_bytes is None or "txt" not in parts:
                 continue
             image = Image.open(io.BytesIO(img_bytes)).convert("RGB")
@@ -280,11 +288,6 @@ def read_shards(paths: list[str], resolution: int, max_images: int | None = None
     return captions, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def _to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], the range SD's VAE works in."""
-    return images.float() / 127.5 - 1.0
-
-
 # --------------------------------------------------------------------------- VAE pretraining
 
 
@@ -295,7 +298,7 @@ def vae_psnr(vae: Any, images: torch.Tensor, batch: int = 64) -> float:
     vae.eval()
     sq_err, count = 0.0, 0
     for i in range(0, len(images), batch):
-        x = _to_model_range(images[i : i + batch])
+        x = pixels_to_float(images[i : i + batch])
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         sq_err += float((((recon - x) / 2) ** 2).sum())  # /2: [-1, 1] -> [0, 1] units
         count += x.numel()
@@ -326,7 +329,7 @@ def pretrain_vae(
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for step in range(steps):
-        x = _to_model_range(images[torch.randint(0, len(images), (batch,), generator=gen)])
+        x = pixels_to_float(images[torch.randint(0, len(images), (batch,), generator=gen)])
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         rec_loss = torch.nn.functional.mse_loss(recon, x)
@@ -350,7 +353,7 @@ def latent_stats(vae: Any, images: torch.Tensor, seed: int, batch: int = 64) -> 
     gen = torch.Generator().manual_seed(seed)
     samples, means = [], []
     for i in range(0, len(images), batch):
-        posterior = vae.encode(_to_model_range(images[i : i + batch])).latent_dist
+        posterior = vae.encode(pixels_to_float(images[i : i + batch])).latent_dist
         samples.append(posterior.sample(generator=gen))
         means.append(posterior.mean)
     z, m = torch.cat(samples), torch.cat(means)
@@ -401,8 +404,8 @@ def build_tiny_sd(data_dir: str, out_dir: str, resolution: int = 32, vae_steps: 
     train_paths, val_paths = shard_paths(data_dir, "train"), shard_paths(data_dir, "val")
     if not train_paths:
         raise FileNotFoundError(f"{data_dir}: no train shards; run `sd-train prepare-emoji --out {data_dir}`")
-    captions, train_images = read_shards(train_paths, resolution, VAE_MAX_IMAGES)
-    val_images = read_shards(val_paths, resolution)[1] if val_paths else train_images[:256]
+    captions, train_images = load_captioned_images(train_paths, resolution, VAE_MAX_IMAGES)
+    val_images = load_captioned_images(val_paths, resolution)[1] if val_paths else train_images[:256]
 
     os.makedirs(out_dir, exist_ok=True)
     tok_dir = os.path.join(out_dir, "tokenizer")
