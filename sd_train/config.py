@@ -551,7 +551,7 @@ def _check_strategy(cfg: TrainConfig, environ: typing.Mapping[str, str]) -> None
 
 
 def _check_shards(name: str, spec: str, world_size: int, workers: int, exact: bool) -> None:
-    from sd_train.data.sources import expand_sources  # local: sources is small, but keep config standalone
+    from sd_train.data.sources import check_epoch_shard_count, expand_sources  # local: data.sources imports config
 
     try:
         sources = expand_sources(spec)
@@ -560,9 +560,5 @@ def _check_shards(name: str, spec: str, world_size: int, workers: int, exact: bo
     for src in sources:
         if not src.urls:
             raise ConfigError(f"{name}={spec!r}: pattern {src.pattern!r} matches no shard. Check the path, or run `make data`")
-        if exact and len(src.urls) < world_size * workers:
-            raise ConfigError(
-                f"{name}: {len(src.urls)} shards in {src.pattern!r} is fewer than world_size x data.num_workers = "
-                f"{world_size} x {workers}; in data.mode=epoch every worker needs a shard. Write more shards, "
-                f"lower data.num_workers, or set data.mode=resampled"
-            )
+        if exact:
+            check_epoch_shard_count(name, src, world_size, workers)

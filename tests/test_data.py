@@ -20,7 +20,7 @@ from typing import Optional
 import pytest
 import torch
 
-from sd_train.config import TrainConfig
+from sd_train.config import ConfigError, TrainConfig
 from sd_train.data.bad_input import BadDataError, check_bad_fraction
 from sd_train.data.decode import ImageTransform
 from sd_train.data.loader import TrainLoader, build_train_loader, val_samples
@@ -263,6 +263,11 @@ def test_too_few_shards_for_epoch_mode() -> None:
     with pytest.raises(ValueError, match=r"3 shards is fewer than world_size x num_workers = 2 x 2 = 4"):
         make_loader(spec, world=2, workers=2)
     make_loader(spec, world=2, workers=2, mode="resampled")  # resampled mode needs no minimum
+    cfg = TrainConfig()
+    cfg.data.train_shards, cfg.data.num_workers = spec, 2
+    refused = r"data.train_shards: 3 shards in .* is fewer than world_size x data.num_workers = 2 x 2"
+    with pytest.raises(ConfigError, match=refused):
+        build_train_loader(cfg, rank=0, world_size=2)  # the config check, also for callers that skip validation
 
 
 # --------------------------------------------------------------------------- 6. resampled

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from sd_train.data.bad_input import BAD_CATEGORIES, MAX_BAD_SHARDS, BadInputLog, BadSample
 from sd_train.data.decode import DecodedSample, ImageTransform, decode_image_sample, stack_pixels
 from sd_train.data.precomputed import check_precomputed, decode_precomputed_sample
-from sd_train.data.sources import expand_sources
+from sd_train.data.sources import check_epoch_shard_count, expand_sources
 from sd_train.data.stream import Decoder, ShardStream, WorkerPosition
 from sd_train.data.tar import read_shards
 
@@ -195,8 +195,12 @@ def build_train_loader(cfg: Any, rank: int, world_size: int, max_epochs: Optiona
     d = cfg.data
     if d.precomputed:
         check_precomputed(d.train_shards, cfg)  # ConfigError naming the field, before any worker starts
+    sources = expand_sources(d.train_shards)
+    if d.mode == "epoch":  # the check config validation makes, for callers that skip it
+        for src in sources:
+            check_epoch_shard_count("data.train_shards", src, world_size, max(1, d.num_workers))
     stream = ShardStream(
-        expand_sources(d.train_shards),
+        sources,
         rank=rank,
         world_size=world_size,
         num_workers=d.num_workers,

@@ -307,7 +307,10 @@ def vae_psnr(vae: Any, images: torch.Tensor, batch: int = 64) -> float:
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 0: the decay alone gave ~1 dB over a constant lr."""
+    """Linear warmup, then cosine decay to 0: the decay alone gave ~1 dB over a constant lr.
+
+    Not `sd_train.optim.lr_factor` with schedule=cosine: that one rounds pi * ((s - w) / n) where
+    this rounds pi * (s - w) / n, so its LRs differ in the last bits and the built VAE would too."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
