@@ -29,7 +29,7 @@ $(DATA)/.done: $(STAMP) sd_train/tools/prepare.py sd_train/data/tar.py
 
 tiny-sd: $(TINY)/.done
 
-$(TINY)/.done: $(DATA)/.done sd_train/tools/tiny_sd.py
+$(TINY)/.done: $(DATA)/.done sd_train/tools/tiny_sd.py sd_train/data/tar.py sd_train/data/decode.py
 	OMP_NUM_THREADS=$(CORES) $(BIN)/sd-train build-tiny --data $(DATA) --out $(TINY)
 	touch $@
 
