@@ -35,7 +35,6 @@ class BadSample(Exception):
         self.category = category
 
 
-
 @dataclass
 class BadInputLog:
     """Owns one worker's cumulative bad-input counts and the first MAX_BAD_SHARDS offending shards.

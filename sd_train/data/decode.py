@@ -97,7 +97,6 @@ def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random
     return DecodedSample(raw.key, transform_image(rgb, tf, rng), caption)
 
 
-
 def pixels_to_float(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [B,3,H,W] in 0..255 -> `dtype` in [-1, 1], the range the SD VAE expects. Do it on device."""
     return pixels.to(dtype).div_(127.5).sub_(1.0)

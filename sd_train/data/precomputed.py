@@ -75,7 +75,6 @@ def decode_precomputed_sample(raw: RawSample, tf: ImageTransform, rng: Optional[
     return PrecomputedSample(raw.key, mean[k], std[k], text, caption)
 
 
-
 def stack_precomputed(samples: list[PrecomputedSample]) -> dict[str, Any]:
     """Precomputed samples -> float tensors latent_mean/latent_std [B,4,h,w] and text_embeds
     [B,77,D] in their stored dtype. The posterior is sampled on device by the trainer, from its
@@ -112,6 +111,7 @@ def model_fingerprint(path: str) -> str:
                     fh.seek(size - _HEAD)
                     h.update(fh.read(_HEAD))
     return h.hexdigest()
+
 
 def _first_sample(urls: list[str]) -> Optional[RawSample]:
     for raw in read_shards(urls, BadInputLog()):

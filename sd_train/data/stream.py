@@ -54,7 +54,6 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
-
 def shuffled(items: Iterator[T], size: int, rng: random.Random) -> Iterator[T]:
     """A shuffle buffer of `size` items; 0 or 1 keeps the order. Drains fully when `items` ends.
 

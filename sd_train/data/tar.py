@@ -30,7 +30,6 @@ class TarFormatError(Exception):
         self.member = member
 
 
-
 def _read_exact(f: BinaryIO, n: int) -> bytes:
     # Pipes may return short reads before their end; loop until n bytes or EOF.
     data = f.read(n)
@@ -200,7 +199,6 @@ def read_shards(
                 f.close()
             except OSError:
                 pass  # a `pipe:` whose command failed reports it again on close; already logged
-
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
