@@ -23,13 +23,13 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 
 data: $(DATA)/.done
 
-$(DATA)/.done: $(STAMP) sd_train/prepare.py
+$(DATA)/.done: $(STAMP) sd_train/tools/prepare.py sd_train/data/tar.py
 	$(BIN)/sd-train prepare-emoji --out $(DATA)
 	touch $@
 
 tiny-sd: $(TINY)/.done
 
-$(TINY)/.done: $(DATA)/.done sd_train/tiny_sd.py
+$(TINY)/.done: $(DATA)/.done sd_train/tools/tiny_sd.py sd_train/data/tar.py sd_train/data/decode.py
 	OMP_NUM_THREADS=$(CORES) $(BIN)/sd-train build-tiny --data $(DATA) --out $(TINY)
 	touch $@
 

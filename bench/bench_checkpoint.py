@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import benchlib
 import torch
 import torch.distributed as dist
-
-import benchlib
 
 DCP = "sharded DCP (Checkpointer.save)"
 FULL = "rank-0 full state dict + torch.save"
@@ -64,7 +63,11 @@ def one_adamw_step(unet: torch.nn.Module, size: str) -> torch.optim.Optimizer:
 
 def full_state_save(unet: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, rank: int) -> None:
     """The rank-0 pattern of diffusers' scripts and accelerate's FULL_STATE_DICT, on FSDP2."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = {"model": get_model_state_dict(unet, options=options), "optim": get_optimizer_state_dict(unet, optimizer, options=options)}
@@ -78,10 +81,14 @@ def full_state_save(unet: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
 def worker(size: str, warmup: int, reps: int, root: Path) -> None:
     from sd_train.checkpoint import Checkpointer
     from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
-    from sd_train.parallel.build import shard_unet
-    from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
     from sd_train.ema import ShardedEMA
     from sd_train.ema_plan import plan_from_config
+    from sd_train.parallel.build import shard_unet
+    from sd_train.parallel.process_group import (
+        all_gather_object,
+        destroy,
+        init_distributed,
+    )
     from sd_train.paths import step_dir
 
     info = init_distributed(DistArgs())

@@ -30,9 +30,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import benchlib
 import torch
 
-import benchlib
 from sd_train.config import EMAArgs
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
@@ -107,7 +107,11 @@ def world2_worker(size: str, warmup: int, reps: int) -> None:
 
     from sd_train.config import DistArgs
     from sd_train.parallel.build import shard_unet
-    from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
+    from sd_train.parallel.process_group import (
+        all_gather_object,
+        destroy,
+        init_distributed,
+    )
 
     info = init_distributed(DistArgs())
     unet = shard_unet(benchlib.build_unet(size, LATENT_SIZE), DistArgs(), info)

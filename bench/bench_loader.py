@@ -30,9 +30,12 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sd_train.data import ShardStream, TrainLoader, pixels_to_float
-from sd_train.samples import BadInputLog, BadSample, ImageTransform, decode_image_sample, read_shards
-from sd_train.shards import expand_sources
+from sd_train.data.bad_input import BadInputLog, BadSample
+from sd_train.data.decode import ImageTransform, decode_image_sample, pixels_to_float
+from sd_train.data.loader import TrainLoader
+from sd_train.data.sources import expand_sources
+from sd_train.data.stream import ShardStream
+from sd_train.data.tar import read_shards
 
 NUM_SHARDS = 8
 

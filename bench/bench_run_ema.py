@@ -27,16 +27,16 @@ import sys
 import time
 from typing import Any
 
+import benchlib
 import torch
 import torch.nn.functional as F
 
-import benchlib
 from sd_train.config import DistArgs, EMAArgs
-from sd_train.parallel.build import shard_unet
-from sd_train.parallel.process_group import destroy, init_distributed
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import EMAPlan, plan_from_config
-from sd_train.quality import LATE_WINDOW_FRACTION, largest_safe_decay
+from sd_train.parallel.build import shard_unet
+from sd_train.parallel.process_group import destroy, init_distributed
+from sd_train.tools.quality import LATE_WINDOW_FRACTION, largest_safe_decay
 
 TOLERANCE = EMAArgs().tolerance
 

@@ -22,11 +22,10 @@ import os
 import sys
 from typing import Any
 
+import benchlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-import benchlib
 from bench_step import make_batches
 
 
@@ -113,7 +112,11 @@ def bench_size(size: str, batch: int, latent: int, warmup: int, reps: int, info:
 
 def worker(sizes: list[str], batch: int, latent: int, warmup: int, reps: int) -> None:
     from sd_train.config import DistArgs
-    from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
+    from sd_train.parallel.process_group import (
+        all_gather_object,
+        destroy,
+        init_distributed,
+    )
 
     info = init_distributed(DistArgs())
     mine = {size: bench_size(size, batch, latent, warmup, reps, info) for size in sizes}

@@ -35,7 +35,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from sd_train.config import CheckpointArgs
 from sd_train.errors import CheckpointLoadError
-from sd_train.paths import checkpoint_is_complete, complete_steps, partial_dir, partial_step, step_dir
+from sd_train.paths import (
+    checkpoint_is_complete,
+    complete_steps,
+    partial_dir,
+    partial_step,
+    step_dir,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+
 from sd_train.ema_plan import EMAPlan
 from sd_train.parallel.fsdp import DTensorLayout
 

@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(cfg)
         print("config OK")
         return 0
-    from sd_train.trainer import run  # lazy: torch and diffusers, paid only once the config is accepted
+    from sd_train.trainer import (
+        run,  # lazy: torch and diffusers, paid only once the config is accepted
+    )
 
     return run(cfg)
 

@@ -21,9 +21,10 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from sd_train.config import TrainConfig
-from sd_train.parallel.process_group import DistInfo, all_reduce_sum
+from sd_train.data.loader import val_samples
 from sd_train.model.parts import SDParts, encode_pixels, encode_text
 from sd_train.objective import DiffusionObjective
+from sd_train.parallel.process_group import DistInfo, all_reduce_sum
 
 VAL_BATCH = 16
 
@@ -32,8 +33,6 @@ class Validator:
     """Owns the fixed validation set (latents, text embeddings, noise) of this rank's share."""
 
     def __init__(self, cfg: TrainConfig, parts: SDParts, objective: DiffusionObjective, info: DistInfo):
-        from sd_train.data import val_samples
-
         self.objective = objective
         self.info = info
         self.timesteps = list(cfg.eval.val_timesteps)

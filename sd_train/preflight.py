@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sd_train.config import TrainConfig
+from sd_train.data.sources import check_epoch_shard_count, expand_sources
 from sd_train.ema_plan import plan_from_config
 from sd_train.errors import ConfigError
 from sd_train.paths import check_model_folder, checkpoint_is_complete, step_dir
-from sd_train.shards import expand_sources
 
 
 def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os.environ) -> TrainConfig:
@@ -46,12 +46,8 @@ def check_shards(name: str, spec: str, world_size: int, workers: int, epoch_mode
     for src in sources:
         if not src.urls:
             raise ConfigError(f"{name}={spec!r}: pattern {src.pattern!r} matches no shard. Check the path, or run `make data`")
-        if epoch_mode and len(src.urls) < world_size * workers:
-            raise ConfigError(
-                f"{name}: {len(src.urls)} shards in {src.pattern!r} is fewer than world_size x data.num_workers = "
-                f"{world_size} x {workers}; in data.mode=epoch every worker needs a shard. Write more shards, "
-                f"lower data.num_workers, or set data.mode=resampled"
-            )
+        if epoch_mode:
+            check_epoch_shard_count(name, src, world_size, workers)
 
 
 def check_checkpoint_folders(cfg: TrainConfig) -> None:

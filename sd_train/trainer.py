@@ -28,10 +28,17 @@ from tqdm import tqdm
 
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import TrainConfig, config_to_dict, dump_config
-from sd_train.data import build_train_loader, check_bad_fraction
+from sd_train.data.bad_input import check_bad_fraction
+from sd_train.data.loader import build_train_loader
+from sd_train.data.precomputed import sample_posterior
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
-from sd_train.errors import BadDataError, CheckpointLoadError, ConfigError, NonFiniteError
+from sd_train.errors import (
+    BadDataError,
+    CheckpointLoadError,
+    ConfigError,
+    NonFiniteError,
+)
 from sd_train.evaluation import Evaluator
 from sd_train.export import export_from_training
 from sd_train.faults import FaultInjector
@@ -48,7 +55,6 @@ from sd_train.parallel.process_group import (
     destroy,
     init_distributed,
 )
-from sd_train.precompute import sample_posterior
 from sd_train.rng import RankRNG, seed_all
 
 log = logging.getLogger("sd_train")

@@ -16,8 +16,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict:
     """8 train shards + 1 val shard of real Twemoji samples at 32 px, and a tiny SD folder."""
-    from sd_train.prepare import prepare_emoji
-    from sd_train.tiny_sd import build_tiny_sd
+    from sd_train.tools.prepare import prepare_emoji
+    from sd_train.tools.tiny_sd import build_tiny_sd
 
     root = tmp_path_factory.mktemp("assets")
     data = root / "emoji"
@@ -38,8 +38,9 @@ def tiny_assets(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def straight_run(tiny_assets, tmp_path_factory):
     """The uninterrupted 2-rank reference run that resume and fault tests compare against."""
-    from launch import run
     from test_train import train_cmd
+
+    from launch import run
 
     out = tmp_path_factory.mktemp("straight") / "a"
     run(train_cmd(2, out, tiny_assets), timeout=300)

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from sd_train.config import load_config
-from sd_train.parallel.process_group import DistInfo
 from sd_train.evaluation import Validator
 from sd_train.model.parts import encode_text, load_sd_parts
 from sd_train.objective import DiffusionObjective
+from sd_train.parallel.process_group import DistInfo
 
 
 def exported_val_loss(run_dir: Path, weights: str) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_train.config import ConfigError, MODEL_SUBFOLDERS
+from sd_train.config import MODEL_SUBFOLDERS, ConfigError
 from sd_train.entry import validated_config
 from sd_train.preflight import preflight
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from sd_train.config import MODEL_SUBFOLDERS, ConfigError, TrainConfig, load_config, parse_overrides
+from sd_train.config import (
+    MODEL_SUBFOLDERS,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    parse_overrides,
+)
 from sd_train.paths import step_dir
 from sd_train.preflight import preflight
 

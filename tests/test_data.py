@@ -20,11 +20,13 @@ from typing import Optional
 import pytest
 import torch
 
-from sd_train.config import TrainConfig
-from sd_train.data import ShardStream, TrainLoader, build_train_loader, val_samples
+from sd_train.config import ConfigError, TrainConfig
+from sd_train.data.bad_input import check_bad_fraction
+from sd_train.data.decode import ImageTransform
+from sd_train.data.loader import TrainLoader, build_train_loader, val_samples
+from sd_train.data.sources import expand_sources
+from sd_train.data.stream import ShardStream
 from sd_train.errors import BadDataError
-from sd_train.samples import ImageTransform, check_bad_fraction
-from sd_train.shards import expand_sources
 
 ASSETS = Path(__file__).parent / "assets"
 SPEC = str(ASSETS / "tiny-{000000..000005}.tar")
@@ -262,6 +264,11 @@ def test_too_few_shards_for_epoch_mode() -> None:
     with pytest.raises(ValueError, match=r"3 shards is fewer than world_size x num_workers = 2 x 2 = 4"):
         make_loader(spec, world=2, workers=2)
     make_loader(spec, world=2, workers=2, mode="resampled")  # resampled mode needs no minimum
+    cfg = TrainConfig()
+    cfg.data.train_shards, cfg.data.num_workers = spec, 2
+    refused = r"data.train_shards: 3 shards in .* is fewer than world_size x data.num_workers = 2 x 2"
+    with pytest.raises(ConfigError, match=refused):
+        build_train_loader(cfg, rank=0, world_size=2)  # the config check, also for callers that skip validation
 
 
 # --------------------------------------------------------------------------- 6. resampled
@@ -342,7 +349,8 @@ def test_build_train_loader_and_val_samples() -> None:
 
 @pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_tar_reader_names_and_pipe_sources(tmp_path: Path, tar_format: int) -> None:
-    from sd_train.samples import BadInputLog, read_shards
+    from sd_train.data.bad_input import BadInputLog
+    from sd_train.data.tar import read_shards
 
     folder = "sub/" + "d" * 120 if tar_format != tarfile.USTAR_FORMAT else "sub/dir"  # > 100 chars: pax/GNU long names
     members = [(f"{folder}/{k}.{ext}", d) for n, d in _members(ASSETS / "tiny-000000.tar") for k, ext in [n.split(".", 1)]]

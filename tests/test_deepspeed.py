@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import assert_logged_val_matches_export
 from safetensors.torch import load_file
 
 from launch import BIN, REPO, free_port, run
-from reference import assert_logged_val_matches_export
 
 # Window at step 8 of 12 with decay 0.5: 4 EMA updates, 0.5^4 = 6.25% pre-window share.
 COMMON = ["max_steps=12", "ema.step_start_ema=8", "ema.decay=0.5", "ema.tolerance=0.1", "checkpoint.keep_last_k=0",

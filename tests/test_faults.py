@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train import assert_states_equal, full_state, train_cmd
 
 from launch import run
 from sd_train.paths import complete_steps
-from test_train import assert_states_equal, full_state, train_cmd
 
 pytestmark = pytest.mark.multiproc
 FAST = ["eval.every_steps=0", "export_at_end=false"]

@@ -116,7 +116,10 @@ EXPECTED_PROCESSES = {"cpu2.yaml": 2, "gpu1node.yaml": 8, "ddp.yaml": 8, "multin
 
 
 def test_accelerate_configs_are_valid_launcher_configs() -> None:
-    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.config.config_args import (
+        ClusterConfig,
+        load_config_from_file,
+    )
     from accelerate.utils import ComputeEnvironment, DistributedType
 
     files = sorted(p.name for p in ACCEL_DIR.iterdir())

@@ -1,6 +1,7 @@
-"""Precomputed latents (sd_train.precompute): the stored format, bitwise equality with online
-encoding, a real training run from precomputed shards against the same run encoding online, bad
-input and crops, and the config checks that refuse mismatched shards.
+"""Precomputed latents (writer sd_train.tools.precompute, reader sd_train.data.precomputed): the
+stored format, bitwise equality with online encoding, a real training run from precomputed shards
+against the same run encoding online, bad input and crops, and the config checks that refuse
+mismatched shards.
 
 Bitwise equality needs the VAE to see the same batches: it is not batch-invariant (~1e-6 apart
 on CPU between a batch of 4 and one of 16). So the fixture precomputes in batches of 4,
@@ -25,15 +26,17 @@ import torch
 
 from launch import REPO, run
 from sd_train.config import ConfigError, ModelArgs, load_config
-from sd_train.data import build_train_loader, stack_pixels, stack_precomputed
-from sd_train.precompute import check_precomputed, precompute, sample_posterior
-from sd_train.samples import (
-    BadInputLog,
-    ImageTransform,
-    decode_image_sample,
+from sd_train.data.bad_input import BadInputLog
+from sd_train.data.decode import ImageTransform, decode_image_sample, stack_pixels
+from sd_train.data.loader import build_train_loader
+from sd_train.data.precomputed import (
+    check_precomputed,
     decode_precomputed_sample,
-    read_shards,
+    sample_posterior,
+    stack_precomputed,
 )
+from sd_train.data.tar import read_shards
+from sd_train.tools.precompute import precompute
 
 BATCH = 4  # = micro_batch_size in configs/test.yaml
 MEMBERS = {"latent_mean.npy", "latent_std.npy", "text_embeds.npy", "txt", "json"}
@@ -211,7 +214,8 @@ def test_training_on_precomputed_equals_online(tiny_assets, latents, tmp_path):
 
 
 def test_decoder_counts_broken_precomputed_samples(latents):
-    from sd_train.samples import BadSample, RawSample
+    from sd_train.data.bad_input import BadSample
+    from sd_train.data.tar import RawSample
 
     out, _ = latents
     good = next(iter(read_shards([str(out / "train-000000.tar")], BadInputLog())))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_train import prepare
+from sd_train.tools import prepare
 
 
 def _members(path: str) -> list[str]:

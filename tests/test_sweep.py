@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-import sd_train.sweep as sweep_mod
+import sd_train.tools.sweep as sweep_mod
 from launch import REPO, fake_slurm_bin, slurm_env
 from sd_train.config import load_config
-from sd_train.sweep import main_sweep
+from sd_train.tools.sweep import main_sweep
 
 BASE = str(REPO / "configs" / "test.yaml")
 

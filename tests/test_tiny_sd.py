@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers read it
 
-from sd_train import prepare, tiny_sd  # noqa: E402
+from sd_train.tools import prepare, tiny_sd  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,12 @@ def test_tokenizer_loads_and_pads_to_77(built: tuple[str, dict]) -> None:
 
 
 def test_parts_load_like_the_trainer(built: tuple[str, dict], caplog: pytest.LogCaptureFixture) -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel
 
     out, summary = built

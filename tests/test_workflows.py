@@ -8,12 +8,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-import pytest
 import torch
-
-from launch import REPO, run
 from reference import assert_logged_val_matches_export
 from test_train import train_cmd, unet_weights
+
+from launch import run
 
 FAST = ["eval.every_steps=0", "export_at_end=false", "max_steps=4", "ema.step_start_ema=2", "ema.tolerance=0.3", "checkpoint.every_steps=2"]
 
@@ -75,7 +74,7 @@ def _corrupt_copy(assets: dict, dst: Path) -> tuple[dict, list[str]]:
     2 undecodable images and 1 missing caption in the first, the second truncated, the third
     deleted (still named by the pattern). A short run then reads all three and nothing twice."""
     from sd_train.config import load_config
-    from sd_train.data import build_train_loader
+    from sd_train.data.loader import build_train_loader
 
     dst.mkdir()
     for t in sorted(assets["data"].glob("train-*.tar")):

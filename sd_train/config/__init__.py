@@ -4,7 +4,13 @@ Import-light and torch-free, so a bad config is refused in well under a second. 
 are re-exported here: `from sd_train.config import TrainConfig, ConfigError, load_config, ...`.
 """
 
-from sd_train.config.load import config_to_dict, dump_config, env_world_size, load_config, parse_overrides
+from sd_train.config.load import (
+    config_to_dict,
+    dump_config,
+    env_world_size,
+    load_config,
+    parse_overrides,
+)
 from sd_train.config.schema import (
     CheckpointArgs,
     DataArgs,

@@ -15,9 +15,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sd_train.config import ModelArgs
-from sd_train.data import pixels_to_float as uint8_to_unit_range
+from sd_train.data.decode import pixels_to_float as uint8_to_unit_range
 from sd_train.paths import check_model_folder
-
 
 
 @dataclass

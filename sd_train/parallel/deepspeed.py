@@ -262,7 +262,9 @@ def offline_state(checkpoint: Path, weights: str) -> dict[str, torch.Tensor]:
     ranks' EMA pieces."""
     checkpoint = Path(checkpoint)
     if weights == "raw":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ZERO_DIR))
     files = sorted(checkpoint.glob("ema_rank_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))

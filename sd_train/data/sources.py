@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from braceexpand import braceexpand
 
+from sd_train.config import ConfigError
+
 
 @dataclass
 class Source:
@@ -82,3 +84,14 @@ def expand_sources(spec: str) -> list[Source]:
     if not sources:
         raise ValueError("no shard source given")
     return sources
+
+
+def check_epoch_shard_count(name: str, source: Source, world_size: int, workers: int) -> None:
+    """In data.mode=epoch every worker of every rank reads a shard of each source: ConfigError naming
+    the config field `name` when `source` has fewer than world_size x workers shards."""
+    if len(source.urls) < world_size * workers:
+        raise ConfigError(
+            f"{name}: {len(source.urls)} shards in {source.pattern!r} is fewer than world_size x data.num_workers = "
+            f"{world_size} x {workers}; in data.mode=epoch every worker needs a shard. Write more shards, "
+            f"lower data.num_workers, or set data.mode=resampled"
+        )

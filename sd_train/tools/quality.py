@@ -34,7 +34,7 @@ from sd_train.config import ConfigError, TrainConfig, load_config
 from sd_train.ema_plan import plan_from_config
 from sd_train.preflight import preflight
 
-TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
+TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"  # the repository root, above sd_train/tools/
 LATE_WINDOW_FRACTION = 0.035
 VARIANTS = ("no_ema", "ema_whole_run", "ema_late_window")
 

@@ -50,7 +50,6 @@ A re-run overwrites the output shards (each is written to a temp file, then rena
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -59,60 +58,39 @@ import re
 import tarfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from sd_train.config import ConfigError, ModelArgs
-from sd_train.data import stack_pixels
-from sd_train.samples import (
+from sd_train.data.bad_input import BadInputLog, BadSample
+from sd_train.data.decode import (
+    DecodedSample,
+    ImageTransform,
+    decode_image_sample,
+    pixels_to_float,
+    stack_pixels,
+)
+from sd_train.data.precomputed import (
+    IDENTITY,
     LATENT_MEAN,
     LATENT_STD,
     TEXT_EMBEDS,
-    BadInputLog,
-    BadSample,
-    DecodedSample,
-    ImageTransform,
-    RawSample,
-    decode_image_sample,
-    read_shards,
+    model_fingerprint,
 )
-from sd_train.shards import expand_sources
+from sd_train.data.sources import expand_sources
+from sd_train.data.tar import RawSample, add_member, read_shards
+from sd_train.model.parts import encode_text, load_sd_parts
 
 MANIFEST = "precompute.json"
-IDENTITY = "sd_train_precompute"  # the KEY.json entry check_precomputed reads
 DTYPES = {"float32": np.float32, "float16": np.float16}
-_FINGERPRINT_PARTS = ("vae", "text_encoder", "tokenizer")  # the UNet does not shape the stored arrays
-_HEAD = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
-# Identity: what the stored arrays depend on.
+# Output names (what the arrays depend on: sd_train.data.precomputed.model_fingerprint).
 # --------------------------------------------------------------------------------------------
-
-
-def model_fingerprint(path: str) -> str:
-    """A hash of the VAE, text encoder and tokenizer files of a model folder.
-
-    Small files are hashed whole; weight files by size, first and last MiB: enough to tell two
-    checkpoints apart in milliseconds, where hashing a real SD's 800 MB would cost every run's
-    start seconds. A moved folder keeps its fingerprint; a re-saved one in another format does not.
-    """
-    h = hashlib.blake2b(digest_size=12)
-    for part in _FINGERPRINT_PARTS:
-        folder = Path(path) / part
-        if not folder.is_dir():
-            raise ConfigError(f"model.pretrained_path={path!r} has no {part}/: it must be a diffusers SD folder")
-        for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-            size = f.stat().st_size
-            h.update(f"{f.relative_to(path)}\0{size}\0".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(_HEAD))
-                if size > 2 * _HEAD:
-                    fh.seek(size - _HEAD)
-                    h.update(fh.read(_HEAD))
-    return h.hexdigest()
 
 
 def output_name(url: str) -> str:
@@ -126,12 +104,6 @@ def output_name(url: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Writing.
 # --------------------------------------------------------------------------------------------
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: same input, same bytes
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -153,8 +125,6 @@ class _Encoder:
     """Owns the frozen VAE and text encoder of one precompute run and the output dtype."""
 
     def __init__(self, model_path: str, device: torch.device, dtype: np.dtype) -> None:
-        from sd_train.model import load_sd_parts  # local: diffusers is heavy, check_precomputed avoids it
-
         # The trainer's own loader, so the encoders are set up exactly as online training sets them;
         # loaded on CPU, then only the two encoders move: the UNet is never run here.
         self.parts = load_sd_parts(ModelArgs(pretrained_path=model_path), torch.device("cpu"), seed=0)
@@ -167,9 +137,7 @@ class _Encoder:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, captions: list[str], crops: int) -> tuple[np.ndarray, ...]:
         """uint8 [N*K,3,R,R] (K crops per sample, adjacent) -> mean, std [N,K,4,h,w] and text [N,77,D]."""
-        from sd_train.model import encode_text, pixels_to_float
-
-        dist = self.parts.vae.encode(pixels_to_float(pixels, self.device)).latent_dist
+        dist = self.parts.vae.encode(pixels_to_float(pixels.to(self.device))).latent_dist
         text = encode_text(self.parts, captions, self.device)
 
         def out(t: torch.Tensor) -> np.ndarray:
@@ -205,11 +173,11 @@ def _write_shard(
             captions = [ds[0].caption for _, ds in pending]
             mean, std, text = enc.encode(pixels, captions, crops)
             for i, (raw, ds) in enumerate(pending):
-                _add_member(tar, f"{raw.key}.{LATENT_MEAN}", _npy(mean[i]))
-                _add_member(tar, f"{raw.key}.{LATENT_STD}", _npy(std[i]))
-                _add_member(tar, f"{raw.key}.{TEXT_EMBEDS}", _npy(text[i]))
-                _add_member(tar, f"{raw.key}.txt", ds[0].caption.encode())
-                _add_member(tar, f"{raw.key}.json", _meta(raw, ds[0].caption, identity))
+                add_member(tar, f"{raw.key}.{LATENT_MEAN}", _npy(mean[i]))
+                add_member(tar, f"{raw.key}.{LATENT_STD}", _npy(std[i]))
+                add_member(tar, f"{raw.key}.{TEXT_EMBEDS}", _npy(text[i]))
+                add_member(tar, f"{raw.key}.txt", ds[0].caption.encode())
+                add_member(tar, f"{raw.key}.json", _meta(raw, ds[0].caption, identity))
             written += len(pending)
             pending.clear()
 
@@ -263,8 +231,6 @@ def precompute(
     start = time.perf_counter()  # throughput counts reading + encoding + writing, not the model load
     identity = {"model_fingerprint": model_fingerprint(model_path), "resolution": resolution, "crops": crops}
     log, written = BadInputLog(), 0
-    from tqdm import tqdm
-
     for url, name in zip(tqdm(urls, desc="precompute", unit="shard", dynamic_ncols=True), names):
         written += _write_shard(url, os.path.join(out_dir, name), enc, log, identity, batch_size, seed)
     seconds = time.perf_counter() - start
@@ -293,73 +259,6 @@ def precompute(
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
-
-
-# --------------------------------------------------------------------------------------------
-# Training side: the config check and the posterior draw.
-# --------------------------------------------------------------------------------------------
-
-
-def _first_sample(urls: list[str]) -> Optional[RawSample]:
-    for raw in read_shards(urls, BadInputLog()):
-        return raw
-    return None
-
-
-def check_precomputed(spec: str, cfg: Any) -> None:
-    """Refuse a run whose config does not fit its precomputed shards. Raises ConfigError naming the field.
-
-    `spec` is `data.train_shards` (any spec, or the precompute output folder); `cfg` a TrainConfig.
-    Each source is judged by its first sample's `KEY.json` (that works for `pipe:` sources too).
-    """
-    d, field = cfg.data, "data.train_shards"
-    if d.random_flip:
-        raise ConfigError("data.random_flip=true with data.precomputed=true: flips are not precomputed. Set data.random_flip=false")
-    fingerprint: Optional[str] = None  # hashed once, after the shards are known to be precomputed
-    for src in expand_sources(spec):
-        raw = _first_sample(src.urls)
-        if raw is None:
-            raise ConfigError(f"{field}={spec!r}: no readable sample in {src.pattern!r}")
-        if LATENT_MEAN not in raw.members:
-            raise ConfigError(
-                f"{field}: {raw.shard} holds no KEY.{LATENT_MEAN}: not `sd-train precompute` output. Precompute it, "
-                "or set data.precomputed=false to train from images"
-            )
-        try:
-            ident = json.loads(raw.members.get("json", b"{}")).get(IDENTITY)
-        except (ValueError, AttributeError):
-            ident = None
-        if not isinstance(ident, dict):
-            raise ConfigError(f"{field}: {raw.shard} has no `{IDENTITY}` record in its KEY.json; re-run `sd-train precompute`")
-        where = f"{raw.shard} was precomputed"
-        if ident["resolution"] != d.resolution:
-            raise ConfigError(
-                f"data.resolution={d.resolution} but {where} at resolution {ident['resolution']}: set "
-                f"data.resolution={ident['resolution']}, or re-run `sd-train precompute --resolution {d.resolution}`"
-            )
-        fingerprint = fingerprint or model_fingerprint(cfg.model.pretrained_path)
-        if ident["model_fingerprint"] != fingerprint:
-            raise ConfigError(
-                f"model.pretrained_path={cfg.model.pretrained_path!r}: its VAE/text encoder/tokenizer differ from those "
-                f"{where} with (see precompute.json there): use that model, or re-run `sd-train precompute --model ...`"
-            )
-        if (ident["crops"] == 1) != d.center_crop:
-            stored, fix = ("the center crop", "true") if ident["crops"] == 1 else (f"{ident['crops']} random crops", "false")
-            raise ConfigError(
-                f"data.center_crop={str(d.center_crop).lower()} but {where} with {stored}: set "
-                f"data.center_crop={fix}, or re-run `sd-train precompute` with {'--crops 1' if d.center_crop else '--crops K > 1'}"
-            )
-
-
-def sample_posterior(mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scaled latents drawn from a stored posterior, bitwise as `encode_pixels` draws them.
-
-    `DiagonalGaussianDistribution.sample` calls `randn_tensor(mean.shape, generator=None,
-    device=..., dtype=...)`, i.e. `torch.randn` on the global RNG of the tensor's device, then
-    mean + std * sample; `encode_pixels` multiplies by the scale after. Same calls here.
-    """
-    noise = torch.randn(mean.shape, generator=None, device=mean.device, dtype=mean.dtype, layout=torch.strided)
-    return (mean + std * noise) * scale
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,14 +22,28 @@ import io
 import json
 import math
 import os
-import tarfile
 import time
 import unicodedata
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from sd_train.data.bad_input import BadInputLog
+from sd_train.data.decode import IMAGE_SUFFIXES, pixels_to_float
+from sd_train.data.tar import read_shards as read_tar_shards
 
 # CLIP's pre-tokenizer (transformers' CLIPTokenizer uses the same): special tokens, English
 # contractions, runs of letters, single digits, runs of other non-space characters.
@@ -73,9 +87,6 @@ def _normalize_caption(text: str) -> str:
 
 def _learn_merges(captions: list[str], num_merges: int) -> list[tuple[str, str]]:
     """BPE merges learnt by `tokenizers` with CLIP's normalizer, pre-tokenizer and `</w>` suffix."""
-    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import BPE
-
     tok = Tokenizer(BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -113,8 +124,6 @@ def train_tokenizer(captions: list[str], out_dir: str, num_merges: int = 1000) -
     `<|startoftext|>` and `<|endoftext|>` (also the pad token, as in SD). Raises RuntimeError if a
     caption does not survive encode -> decode.
     """
-    from transformers import CLIPTokenizer
-
     merges = _learn_merges(captions, num_merges)
     byte_symbols = list(bytes_to_unicode().values())
     tokens = byte_symbols + [s + "</w>" for s in byte_symbols]
@@ -151,8 +160,6 @@ def _check_round_trip(tokenizer: Any, captions: list[str]) -> None:
 def build_text_encoder(tokenizer: Any, seed: int) -> Any:
     """A random CLIPTextModel (hidden 64, 2 layers): frozen in training, so it only needs to map
     captions to distinct embeddings. Token ids come from `tokenizer`."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN_SIZE,
@@ -173,8 +180,6 @@ def build_text_encoder(tokenizer: Any, seed: int) -> Any:
 
 def build_vae(resolution: int, seed: int) -> Any:
     """A tiny AutoencoderKL: two levels (32, 64), 4 latent channels, so the latent is resolution/2."""
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -197,8 +202,6 @@ def build_unet(latent_size: int, cross_attention_dim: int, seed: int) -> Any:
     (single-thread train step at batch 8 on 16x16 latents: 228 ms vs 318 ms CPU time), because
     attention over 16x16 = 256 tokens is what costs; no attention runs at the top level.
     """
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=latent_size,
@@ -216,8 +219,6 @@ def build_unet(latent_size: int, cross_attention_dim: int, seed: int) -> Any:
 
 def build_scheduler() -> Any:
     """SD 1.x's training noise schedule; steps_offset/clip_sample set to avoid deprecation warnings."""
-    from diffusers import DDPMScheduler
-
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -251,21 +252,26 @@ def shard_paths(data_dir: str, split: str) -> list[str]:
     return sorted(glob.glob(os.path.join(data_dir, f"{split}-*.tar")))
 
 
-def read_shards(paths: list[str], resolution: int, max_images: int | None = None) -> tuple[list[str], torch.Tensor]:
-    """(captions, uint8 images N x 3 x R x R) from webdataset tars, Lanczos-resized to `resolution`."""
+def load_captioned_images(
+    paths: list[str], resolution: int, max_images: int | None = None
+) -> tuple[list[str], torch.Tensor]:
+    """(captions, uint8 images N x 3 x R x R) of the image + caption samples of prepared shards,
+    in key order within each shard, each image squashed to `resolution` x `resolution` (Lanczos, no
+    crop): the VAE pretraining and tokenizer data, not the training stream's decode. Tars are read
+    with the data package's reader; a shard it cannot read fully raises ValueError."""
     captions: list[str] = []
     images: list[np.ndarray] = []
     for path in paths:
+        log = BadInputLog()
         pending: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                pending.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+        for raw in read_tar_shards([path], log):
+            pending.setdefault(raw.key, {}).update(raw.members)
+        if log.total():
+            bad = [k for k, v in log.counts.items() if v]
+            raise ValueError(f"{path}: {bad} shard; rewrite it with `sd-train prepare`")
         for key in sorted(pending):
             parts = pending[key]
-            img_bytes = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+            img_bytes = next((parts[e] for e in IMAGE_SUFFIXES if e in parts), None)
             if img_bytes is None or "txt" not in parts:
                 continue
             image = Image.open(io.BytesIO(img_bytes)).convert("RGB")
@@ -280,11 +286,6 @@ def read_shards(paths: list[str], resolution: int, max_images: int | None = None
     return captions, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
-def _to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], the range SD's VAE works in."""
-    return images.float() / 127.5 - 1.0
-
-
 # --------------------------------------------------------------------------- VAE pretraining
 
 
@@ -295,7 +296,7 @@ def vae_psnr(vae: Any, images: torch.Tensor, batch: int = 64) -> float:
     vae.eval()
     sq_err, count = 0.0, 0
     for i in range(0, len(images), batch):
-        x = _to_model_range(images[i : i + batch])
+        x = pixels_to_float(images[i : i + batch])
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         sq_err += float((((recon - x) / 2) ** 2).sum())  # /2: [-1, 1] -> [0, 1] units
         count += x.numel()
@@ -304,7 +305,10 @@ def vae_psnr(vae: Any, images: torch.Tensor, batch: int = 64) -> float:
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 0: the decay alone gave ~1 dB over a constant lr."""
+    """Linear warmup, then cosine decay to 0: the decay alone gave ~1 dB over a constant lr.
+
+    Not `sd_train.optim.lr_factor` with schedule=cosine: that one rounds pi * ((s - w) / n) where
+    this rounds pi * (s - w) / n, so its LRs differ in the last bits and the built VAE would too."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
@@ -326,7 +330,7 @@ def pretrain_vae(
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for step in range(steps):
-        x = _to_model_range(images[torch.randint(0, len(images), (batch,), generator=gen)])
+        x = pixels_to_float(images[torch.randint(0, len(images), (batch,), generator=gen)])
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         rec_loss = torch.nn.functional.mse_loss(recon, x)
@@ -350,7 +354,7 @@ def latent_stats(vae: Any, images: torch.Tensor, seed: int, batch: int = 64) -> 
     gen = torch.Generator().manual_seed(seed)
     samples, means = [], []
     for i in range(0, len(images), batch):
-        posterior = vae.encode(_to_model_range(images[i : i + batch])).latent_dist
+        posterior = vae.encode(pixels_to_float(images[i : i + batch])).latent_dist
         samples.append(posterior.sample(generator=gen))
         means.append(posterior.mean)
     z, m = torch.cat(samples), torch.cat(means)
@@ -394,15 +398,13 @@ def build_tiny_sd(data_dir: str, out_dir: str, resolution: int = 32, vae_steps: 
     Returns sd_train_tiny.json's content. Same seed and data -> bitwise-same weights (the VAE
     pretraining also, given the same thread count).
     """
-    from diffusers import StableDiffusionPipeline
-
     if resolution <= 0 or resolution % 2:
         raise ValueError(f"resolution={resolution} must be a positive even number (the VAE halves it)")
     train_paths, val_paths = shard_paths(data_dir, "train"), shard_paths(data_dir, "val")
     if not train_paths:
         raise FileNotFoundError(f"{data_dir}: no train shards; run `sd-train prepare-emoji --out {data_dir}`")
-    captions, train_images = read_shards(train_paths, resolution, VAE_MAX_IMAGES)
-    val_images = read_shards(val_paths, resolution)[1] if val_paths else train_images[:256]
+    captions, train_images = load_captioned_images(train_paths, resolution, VAE_MAX_IMAGES)
+    val_images = load_captioned_images(val_paths, resolution)[1] if val_paths else train_images[:256]
 
     os.makedirs(out_dir, exist_ok=True)
     tok_dir = os.path.join(out_dir, "tokenizer")
@@ -437,9 +439,6 @@ def build_tiny_sd(data_dir: str, out_dir: str, resolution: int = 32, vae_steps: 
 
 def _summary(data_dir: str, resolution: int, seed: int, tokenizer: Any, text_encoder: Any, vae: Any, unet: Any, report: dict[str, Any]) -> dict[str, Any]:
     """sd_train_tiny.json: what was built, from what, and how big."""
-    import diffusers
-    import transformers
-
     params = {"unet": count_params(unet), "vae": count_params(vae), "text_encoder": count_params(text_encoder)}
     return {
         "data_dir": os.path.abspath(data_dir),

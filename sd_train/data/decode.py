@@ -1,0 +1,111 @@
+"""Decoding one raw sample into training pixels: caption check, PIL decode, resize/crop/flip, and
+the one uint8 -> [-1, 1] float conversion every path (training, validation, precompute, the tiny
+model's VAE pretraining) feeds the VAE with."""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sd_train.data.bad_input import BadSample
+from sd_train.data.tar import RawSample
+
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Owns the image geometry: shorter side to `resolution`, then a square crop, optional flip."""
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+
+    @property
+    def uses_rng(self) -> bool:
+        return not self.center_crop or self.random_flip
+
+
+@dataclass
+class DecodedSample:
+    """A usable sample: HWC uint8 RGB pixels (resolution x resolution), caption, key."""
+
+    key: str
+    pixels: np.ndarray
+    caption: str
+
+
+def caption_of(raw: RawSample) -> str:
+    """The `.txt` caption, stripped. Raises BadSample if it is missing or blank."""
+    data = raw.members.get("txt")
+    if data is None:
+        raise BadSample("missing_caption")
+    caption = data.decode("utf-8", "replace").strip()
+    if not caption:
+        raise BadSample("empty_caption")
+    return caption
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    # Transparent pixels carry arbitrary RGB (often black): composite on white, as prepare.py does.
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def transform_image(image: Image.Image, tf: ImageTransform, rng: Optional[random.Random]) -> np.ndarray:
+    """Resize (shorter side = resolution), crop square (center, or at `rng`'s offset), maybe flip."""
+    res = tf.resolution
+    w, h = image.size
+    scale = res / min(w, h)
+    size = (max(res, round(w * scale)), max(res, round(h * scale)))
+    if size != (w, h):
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    w, h = size
+    if tf.center_crop or rng is None:
+        left, top = (w - res) // 2, (h - res) // 2
+    else:
+        left, top = rng.randrange(w - res + 1), rng.randrange(h - res + 1)
+    if (w, h) != (res, res):
+        image = image.crop((left, top, left + res, top + res))
+    if tf.random_flip and rng is not None and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.array(image)  # a writable copy: torch.from_numpy warns on read-only PIL views
+
+
+def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random.Random]) -> DecodedSample:
+    """Caption check, then PIL decode and `transform_image`. Raises BadSample."""
+    suffix = next((s for s in IMAGE_SUFFIXES if s in raw.members), None)
+    if suffix is None:
+        raise BadSample("missing_image")
+    caption = caption_of(raw)  # checked before the costly decode
+    try:
+        with Image.open(io.BytesIO(raw.members[suffix])) as image:
+            # JPEG can decode at 1/2, 1/4, 1/8 scale in the DCT: much faster, and still >= res.
+            image.draft("RGB", (tf.resolution, tf.resolution))
+            rgb = _to_rgb(image)
+    except Exception:  # noqa: BLE001 -- PIL's format plugins raise many types on corrupt bytes
+        raise BadSample("undecodable") from None
+    return DecodedSample(raw.key, transform_image(rgb, tf, rng), caption)
+
+
+def pixels_to_float(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B,3,H,W] in 0..255 -> `dtype` in [-1, 1], the range the SD VAE expects. Do it on device."""
+    return pixels.to(dtype).div_(127.5).sub_(1.0)
+
+
+def stack_pixels(samples: list[DecodedSample], resolution: int) -> torch.Tensor:
+    """HWC uint8 samples -> one contiguous uint8 [B,3,R,R] tensor (a single copy per sample)."""
+    pixels = torch.empty((len(samples), 3, resolution, resolution), dtype=torch.uint8)
+    for i, s in enumerate(samples):
+        pixels[i].copy_(torch.from_numpy(s.pixels).permute(2, 0, 1))
+    return pixels
+

@@ -1,0 +1,250 @@
+"""The training loader (`TrainLoader`) over one rank's `ShardStream`, its resumable state, and
+the validation samples. The stream itself: `sd_train.data.stream`.
+
+Position = per worker (epoch, offset): raw samples emitted from the shuffle buffer in that epoch.
+Every batch carries its worker's position and cumulative counts after the batch; `TrainLoader`
+keeps the latest per worker as seen by the main process (prefetched batches do not count) and
+takes batches in a fixed worker rotation of its own, so the order survives a restart.
+`load_state_dict` makes each worker replay its current epoch up to its offset without decoding,
+then go on: the batches after a resume are exactly those of an uninterrupted run.
+
+Changed world_size, num_workers, seed, mode, shuffle_buffer or shard list: the saved offsets mean
+nothing any more. The loader then warns once and starts every worker at the beginning of the next
+epoch (highest saved epoch + 1): the rest of the interrupted epoch is skipped, and no sample is
+seen twice within an epoch. Ranks must agree on that epoch: the trainer should all-reduce (MAX)
+`TrainLoader.reshard_epoch` (None when no change) and pass it to `start_at_epoch`.
+"""
+
+from __future__ import annotations
+
+import signal
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from sd_train.data.bad_input import (
+    BAD_CATEGORIES,
+    MAX_BAD_SHARDS,
+    BadInputLog,
+    BadSample,
+)
+from sd_train.data.decode import (
+    DecodedSample,
+    ImageTransform,
+    decode_image_sample,
+    stack_pixels,
+)
+from sd_train.data.precomputed import check_precomputed, decode_precomputed_sample
+from sd_train.data.sources import check_epoch_shard_count, expand_sources
+from sd_train.data.stream import Decoder, ShardStream, WorkerPosition
+from sd_train.data.tar import read_shards
+
+STATE_VERSION = 1
+
+
+def select_decoder(precomputed: bool) -> Decoder:
+    """The per-sample decode function for a shard layout: images + captions, or the latents and
+    text embeddings `sd-train precompute` writes. The stream, replay and counting are the same."""
+    return decode_precomputed_sample if precomputed else decode_image_sample
+
+
+def _ignore_termination(worker_id: int) -> None:  # noqa: ARG001
+    """Loader workers ignore SIGTERM/SIGINT. A preemption signal reaches the whole process group;
+    the main process handles it (agree, save, exit 0) and shuts its workers down itself. A worker
+    killed first would make the main process crash in its next collective instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class TrainLoader:
+    """Owns the DataLoader over one rank's ShardStream, the latest position of each worker as seen
+    by the main process, and the worker rotation that fixes the batch order.
+
+    Iterating continues from the recorded positions (a second `iter()` does not restart). Fresh
+    worker processes are started per iterator (persistent_workers=False): a persistent worker's
+    own position is ahead of the main process by its prefetched batches, so it cannot resume.
+    """
+
+    def __init__(self, dataset: ShardStream, num_workers: int, prefetch_factor: int = 4, pin_memory: bool = False) -> None:
+        if max(1, num_workers) != dataset.num_workers:
+            raise ValueError(f"num_workers={num_workers} but the stream was planned for {dataset.num_workers}")
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self._positions = [WorkerPosition() for _ in range(dataset.num_workers)]
+        self._next_worker = 0
+        self.reshard_epoch: Optional[int] = None
+        """Set by load_state_dict when the saved state could not be resumed exactly (see module doc)."""
+
+    def _dataloader(self) -> DataLoader:
+        self.dataset.start = {w: WorkerPosition.from_dict(asdict(p)) for w, p in enumerate(self._positions)}
+        extra: dict[str, Any] = {}
+        if self.num_workers > 0:
+            extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+        if self.num_workers > 0:
+            extra["worker_init_fn"] = _ignore_termination
+        # A private generator: without one, creating the iterator draws a base seed from the global
+        # torch RNG, which would shift the training noise of a resumed run against a straight one.
+        # The stream's own randomness is seeded explicitly and does not use this seed.
+        gen = torch.Generator().manual_seed(0)
+        return DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, generator=gen, **extra
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches in worker rotation order; each one's position is recorded as it is handed out."""
+        n = self.dataset.num_workers
+        pending: dict[int, deque] = {w: deque() for w in range(n)}
+        live = list(range(n))
+        for item in self._dataloader():
+            pending[item["worker"]].append(item)
+            # Hand out batches only in our own rotation: the DataLoader's order restarts at worker
+            # 0 on every iterator, ours continues from `_next_worker` across a resume.
+            while live and pending[self._next_worker]:
+                worker = self._next_worker
+                batch = pending[worker].popleft()
+                after = live[(live.index(worker) + 1) % len(live)]
+                if batch["end"]:
+                    live.remove(worker)
+                self._next_worker = after if live else 0
+                self._positions[worker] = WorkerPosition.from_dict(batch["position"])
+                if not batch["end"]:
+                    yield batch
+
+    # -------------------------------------------------------------- progress and bad input
+
+    def samples_seen(self) -> int:
+        """Good samples handed to the trainer by this rank."""
+        return sum(p.good for p in self._positions)
+
+    def bad_counts(self) -> dict[str, int]:
+        """Bad input of this rank by category (sum over workers). All-reduce before judging."""
+        return {k: sum(p.bad[k] for p in self._positions) for k in BAD_CATEGORIES}
+
+    def samples_read(self) -> int:
+        """Good + bad input read by this rank: the denominator of the bad-input share."""
+        return self.samples_seen() + sum(self.bad_counts().values())
+
+    def bad_shards(self) -> list[str]:
+        """Shards where this rank met bad input (first MAX_BAD_SHARDS)."""
+        names = dict.fromkeys(s for p in self._positions for s in p.bad_shards)
+        return list(names)[:MAX_BAD_SHARDS]
+
+    # -------------------------------------------------------------- state
+
+    def _identity(self) -> dict[str, Any]:
+        d = self.dataset
+        return {
+            "world_size": d.world_size,
+            "num_workers": d.num_workers,
+            "seed": d.seed,
+            "mode": d.mode,
+            "shuffle_buffer": d.shuffle_buffer,
+            "shards": d.fingerprint(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict, one per rank (save it under the rank's name):
+
+        identity: version, rank, world_size, num_workers (>= 1), seed, mode, shuffle_buffer, shards
+        (fingerprint of shard base names); order: next_worker (the rotation), workers (per worker:
+        epoch, offset, good, bad {category: n}, bad_shards); summary, not read back: samples_seen,
+        samples_read, bad, bad_shards (this rank's sums).
+        """
+        return {
+            "version": STATE_VERSION,
+            "rank": self.dataset.rank,
+            **self._identity(),
+            "next_worker": self._next_worker,
+            "workers": [asdict(p) for p in self._positions],
+            "samples_seen": self.samples_seen(),
+            "samples_read": self.samples_read(),
+            "bad": self.bad_counts(),
+            "bad_shards": self.bad_shards(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Resume exactly where `sd` was taken, or, if the stream changed, at the next epoch (warns)."""
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {sd.get('version')!r}; this code reads version {STATE_VERSION}")
+        ident = self._identity()
+        changed = {k: (sd.get(k), v) for k, v in ident.items() if sd.get(k) != v}
+        if not changed:
+            if sd["rank"] != self.dataset.rank:
+                raise ValueError(
+                    f"data state of rank {sd['rank']} loaded into rank {self.dataset.rank}: load each rank's own file"
+                )
+            self._positions = [WorkerPosition.from_dict(w) for w in sd["workers"]]
+            self._next_worker = int(sd["next_worker"])
+            self.reshard_epoch = None
+            return
+        epoch = max(int(w["epoch"]) for w in sd["workers"]) + 1
+        what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        warnings.warn(
+            f"data resume: {what}; the saved positions do not apply, so every worker of rank "
+            f"{self.dataset.rank} starts at the beginning of epoch {epoch} (the rest of the interrupted "
+            "epoch is skipped; bad-input counts restart at 0)",
+            stacklevel=2,
+        )
+        self.reshard_epoch = epoch
+        self.start_at_epoch(epoch)
+
+    def start_at_epoch(self, epoch: int) -> None:
+        """Put every worker at the start of `epoch` (after a reshard, with the epoch agreed by all ranks)."""
+        self._positions = [WorkerPosition(epoch=epoch) for _ in range(self.dataset.num_workers)]
+        self._next_worker = 0
+
+
+def build_train_loader(cfg: Any, rank: int, world_size: int, max_epochs: Optional[int] = None) -> TrainLoader:
+    """The training loader of `rank` from `cfg` (a TrainConfig): `cfg.data.*`, `cfg.seed`, `cfg.micro_batch_size`."""
+    d = cfg.data
+    if d.precomputed:
+        check_precomputed(d.train_shards, cfg)  # ConfigError naming the field, before any worker starts
+    sources = expand_sources(d.train_shards)
+    if d.mode == "epoch":  # the check config validation makes, for callers that skip it
+        for src in sources:
+            check_epoch_shard_count("data.train_shards", src, world_size, max(1, d.num_workers))
+    stream = ShardStream(
+        sources,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.num_workers,
+        seed=cfg.seed,
+        batch_size=cfg.micro_batch_size,
+        transform=ImageTransform(d.resolution, d.center_crop, d.random_flip),
+        mode=d.mode,
+        shuffle_buffer=d.shuffle_buffer,
+        max_epochs=max_epochs,
+        decoder=select_decoder(d.precomputed),
+    )
+    return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available())
+
+
+def val_samples(spec: str, n: int, resolution: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The first `n` good samples of the shards in `spec`, in shard order, center-cropped.
+
+    Returns (uint8 [N,3,R,R], captions, keys). Warns when the shards hold fewer than `n`.
+    """
+    tf = ImageTransform(resolution, center_crop=True, random_flip=False)
+    decode = select_decoder(False)
+    urls = [u for s in expand_sources(spec) for u in s.urls]
+    log = BadInputLog()
+    kept: list[DecodedSample] = []
+    for raw in read_shards(urls, log):
+        if len(kept) >= n:
+            break
+        try:
+            kept.append(decode(raw, tf, None))
+        except BadSample as e:
+            log.add(e.category, raw.shard)
+    if len(kept) < n:
+        warnings.warn(f"val_samples: {spec!r} holds {len(kept)} good samples, fewer than the {n} asked for", stacklevel=2)
+    if log.total():
+        bad = {k: v for k, v in log.counts.items() if v}
+        warnings.warn(f"val_samples: skipped bad input {bad} in {log.shards}", stacklevel=2)
+    return stack_pixels(kept, resolution), [s.caption for s in kept], [s.key for s in kept]
