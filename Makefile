@@ -11,7 +11,7 @@ RUN ?= runs/demo
 # builds and the demo use every core.
 CORES := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: demo test venv data tiny-sd clean
+.PHONY: demo test test-unit lint venv data tiny-sd clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,15 @@ demo: $(TINY)/.done
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 tests
+
+# In-process tests only (under a minute): tests/unit. tests/e2e starts real processes.
+test-unit: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/unit
+
+# One formatter and one linter (ruff, settings in pyproject.toml), as CI runs them.
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) data models runs

@@ -1,8 +1,8 @@
 """Train a Stable Diffusion UNet. A thin entry point: everything lives in sd_train/.
 
-    python train.py --config configs/demo.yaml [section.key=value ...]
-    accelerate launch --config_file launch/accelerate/cpu2.yaml train.py --config configs/test.yaml
-    torchrun --nproc_per_node 8 train.py --config configs/NAME.yaml output_dir=runs/x
+python train.py --config configs/demo.yaml [section.key=value ...]
+accelerate launch --config_file launch/accelerate/cpu2.yaml train.py --config configs/test.yaml
+torchrun --nproc_per_node 8 train.py --config configs/NAME.yaml output_dir=runs/x
 """
 
 import sys

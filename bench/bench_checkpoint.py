@@ -70,7 +70,10 @@ def full_state_save(unet: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = {"model": get_model_state_dict(unet, options=options), "optim": get_optimizer_state_dict(unet, optimizer, options=options)}
+    state = {
+        "model": get_model_state_dict(unet, options=options),
+        "optim": get_optimizer_state_dict(unet, optimizer, options=options),
+    }
     if rank == 0:
         with open(path, "wb") as f:
             torch.save(state, f)
@@ -96,8 +99,16 @@ def worker(size: str, warmup: int, reps: int, root: Path) -> None:
     optimizer = one_adamw_step(unet, size)
     ema = ShardedEMA(unet, plan_from_config(EMAArgs(enabled=False), max_steps=1))
     max_steps = 1_000_000
-    sync_ckpt = Checkpointer(CheckpointArgs(every_steps=max_steps, keep_last_k=0), str(root / "dcp"), info.rank, info.world_size, max_steps)
-    async_ckpt = Checkpointer(CheckpointArgs(every_steps=max_steps, keep_last_k=0, async_save=True), str(root / "async"), info.rank, info.world_size, max_steps)
+    sync_ckpt = Checkpointer(
+        CheckpointArgs(every_steps=max_steps, keep_last_k=0), str(root / "dcp"), info.rank, info.world_size, max_steps
+    )
+    async_ckpt = Checkpointer(
+        CheckpointArgs(every_steps=max_steps, keep_last_k=0, async_save=True),
+        str(root / "async"),
+        info.rank,
+        info.world_size,
+        max_steps,
+    )
     global_state = {"ema": ema.meta_state_dict()}
     rank_state = {"rank": info.rank}
     step = 0
@@ -152,7 +163,7 @@ def worker(size: str, warmup: int, reps: int, root: Path) -> None:
             candidates[name]()
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             samples[name].append(candidates[name]())
     mine = {
         "rank": info.rank,
@@ -167,23 +178,36 @@ def worker(size: str, warmup: int, reps: int, root: Path) -> None:
 
 def report(result: dict[str, Any], size: str, reps: int, load_before: float) -> None:
     ranks = result["ranks"]
-    print(f"\nworld 2 (FSDP2, gloo, 1 thread per rank): {result['params']:,}-param UNet + AdamW state; median of {reps} saves")
+    print(
+        f"\nworld 2 (FSDP2, gloo, 1 thread per rank): {result['params']:,}-param UNet + AdamW state; "
+        f"median of {reps} saves"
+    )
     baseline = max(r["s"][DCP]["total"] for r in ranks)
     rows = []
-    for name, times in ranks[0]["s"].items():
+    for name in ranks[0]["s"]:
         per_rank = [r["s"][name]["total"] for r in ranks]
         blocked = max(r["s"][name].get("blocking", r["s"][name]["total"]) for r in ranks)
         rows.append([name, max(per_rank), max(per_rank) / baseline, blocked, ranks[0]["bytes_written"][name] / 2**20])
     benchlib.print_table(["save", "seconds (slowest rank)", "x sharded DCP", "caller blocked s", "MiB written"], rows)
     load_after = benchlib.load_average()
     print(f"\nload average (1 min): {load_before:.2f} before, {load_after:.2f} after (2 shared cores)")
-    benchlib.emit_json("checkpoint", {"size": size, "reps": reps, **result, "load_avg_1m_before": load_before, "load_avg_1m_after": load_after})
+    benchlib.emit_json(
+        "checkpoint",
+        {"size": size, "reps": reps, **result, "load_avg_1m_before": load_before, "load_avg_1m_after": load_after},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(benchlib.UNET_CONFIGS), default="200m", help="UNet config (see bench/benchlib.py)")
-    p.add_argument("--reps", type=int, default=1, help="timed saves per variant (each round of three saves of the 200m model takes about a minute)")
+    p.add_argument(
+        "--size", choices=sorted(benchlib.UNET_CONFIGS), default="200m", help="UNet config (see bench/benchlib.py)"
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=1,
+        help="timed saves per variant (each round of three saves of the 200m model takes about a minute)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed saves per variant first")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary checkpoint folder goes")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # the torchrun relaunch: its folder
@@ -194,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     load_before = benchlib.load_average()
     root = tempfile.mkdtemp(prefix="bench_checkpoint_", dir=args.dir)
     try:
-        result = benchlib.run_torchrun(os.path.abspath(__file__), ["--worker", root, "--size", args.size, "--reps", str(args.reps), "--warmup", str(args.warmup)])
+        result = benchlib.run_torchrun(
+            os.path.abspath(__file__),
+            ["--worker", root, "--size", args.size, "--reps", str(args.reps), "--warmup", str(args.warmup)],
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report(result, args.size, args.reps, load_before)

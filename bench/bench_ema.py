@@ -136,14 +136,23 @@ def world2_worker(size: str, warmup: int, reps: int) -> None:
 
 
 def report(w1: dict[str, Any] | None, w2: dict[str, Any] | None, size: str, load_before: float) -> None:
-    out: dict[str, Any] = {"size": size, "load_avg_1m_before": load_before, "load_avg_1m_after": benchlib.load_average()}
+    out: dict[str, Any] = {
+        "size": size,
+        "load_avg_1m_before": load_before,
+        "load_avg_1m_after": benchlib.load_average(),
+    }
     if w1 is not None:
         floor = w1["ms"]["floor (_foreach_copy_)"]
         print(f"\nworld 1: {w1['params']:,} params ({w1['param_bytes'] / 2**20:.0f} MiB fp32), {w1['threads']} threads")
-        benchlib.print_table(["per EMA update", "median ms", "x floor"], [[n, ms, ms / floor] for n, ms in w1["ms"].items()])
+        benchlib.print_table(
+            ["per EMA update", "median ms", "x floor"], [[n, ms, ms / floor] for n, ms in w1["ms"].items()]
+        )
         out["world1"] = {**w1, "ratio_vs_floor": {n: ms / floor for n, ms in w1["ms"].items()}}
     if w2 is not None:
-        print(f"\nworld 2 (FSDP2, gloo, 1 thread per rank): {w2['params']:,} params; diffusers EMAModel: no FSDP path, not run")
+        print(
+            f"\nworld 2 (FSDP2, gloo, 1 thread per rank): {w2['params']:,} params; diffusers EMAModel: no "
+            "FSDP path, not run"
+        )
         rows = []
         for r in w2["ranks"]:
             floor = r["ms"]["floor (_foreach_copy_)"]
@@ -153,18 +162,36 @@ def report(w1: dict[str, Any] | None, w2: dict[str, Any] | None, size: str, load
     print("\nEMA bytes per rank (MiB)")
     rows = []
     if w1 is not None:
-        rows.append(["world 1", w1["ema_bytes_before_window"] / 2**20, w1["ema_bytes_inside_window"] / 2**20, w1["diffusers_ema_bytes_from_init"] / 2**20])
+        rows.append(
+            [
+                "world 1",
+                w1["ema_bytes_before_window"] / 2**20,
+                w1["ema_bytes_inside_window"] / 2**20,
+                w1["diffusers_ema_bytes_from_init"] / 2**20,
+            ]
+        )
     if w2 is not None:
         for r in w2["ranks"]:
-            rows.append([f"world 2 rank {r['rank']}", r["ema_bytes_before_window"] / 2**20, r["ema_bytes_inside_window"] / 2**20, "n/a (no FSDP path)"])
-    benchlib.print_table(["", "ShardedEMA before window", "ShardedEMA inside window", "diffusers EMAModel (from init)"], rows)
+            rows.append(
+                [
+                    f"world 2 rank {r['rank']}",
+                    r["ema_bytes_before_window"] / 2**20,
+                    r["ema_bytes_inside_window"] / 2**20,
+                    "n/a (no FSDP path)",
+                ]
+            )
+    benchlib.print_table(
+        ["", "ShardedEMA before window", "ShardedEMA inside window", "diffusers EMAModel (from init)"], rows
+    )
     print(f"\nload average (1 min): {load_before:.2f} before, {out['load_avg_1m_after']:.2f} after (2 shared cores)")
     benchlib.emit_json("ema", out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(benchlib.UNET_CONFIGS), default="200m", help="UNet config (see bench/benchlib.py)")
+    p.add_argument(
+        "--size", choices=sorted(benchlib.UNET_CONFIGS), default="200m", help="UNet config (see bench/benchlib.py)"
+    )
     p.add_argument("--reps", type=int, default=7, help="timed updates per candidate")
     p.add_argument("--warmup", type=int, default=2, help="untimed updates per candidate first")
     p.add_argument("--world", default="1,2", help="world sizes to run: 1, 2 or 1,2")
@@ -183,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()  # free the world-1 model and shadows before the two ranks build theirs
     w2 = None
     if 2 in worlds:
-        w2 = benchlib.run_torchrun(os.path.abspath(__file__), ["--worker", "--size", args.size, "--reps", str(args.reps), "--warmup", str(args.warmup)])
+        w2 = benchlib.run_torchrun(
+            os.path.abspath(__file__),
+            ["--worker", "--size", args.size, "--reps", str(args.reps), "--warmup", str(args.warmup)],
+        )
     report(w1, w2, args.size, load_before)
     return 0
 

@@ -121,8 +121,14 @@ def rate(items: Iterator, samples: int, size_of: Callable[[Any], int], warmup: i
 def measure(spec: str, resolution: int, workers: int, path: str, batch: int, samples: int) -> float:
     if path == "uint8":
         stream = ShardStream(
-            expand_sources(spec), rank=0, world_size=1, num_workers=workers, seed=0, batch_size=batch,
-            transform=ImageTransform(resolution), shuffle_buffer=0,
+            expand_sources(spec),
+            rank=0,
+            world_size=1,
+            num_workers=workers,
+            seed=0,
+            batch_size=batch,
+            transform=ImageTransform(resolution),
+            shuffle_buffer=0,
         )
         warmup = 2 * PREFETCH * max(1, workers)
         return rate(TrainLoader(stream, workers, prefetch_factor=PREFETCH), samples, lambda b: len(b["keys"]), warmup)
@@ -145,7 +151,9 @@ def main() -> None:
             spec = write_set(folder, kind, args.count)
             for workers in (0, 1, 2):
                 for path in ("uint8", "float"):
-                    runs = [measure(spec, resolution, workers, path, args.batch, args.samples) for _ in range(args.repeat)]
+                    runs = [
+                        measure(spec, resolution, workers, path, args.batch, args.samples) for _ in range(args.repeat)
+                    ]
                     total = max(runs)
                     results.setdefault(kind, {})[f"w{workers}_{path}"] = round(total / max(1, workers), 1)
     cores = os.cpu_count()

@@ -47,7 +47,9 @@ def plans(steps: int) -> dict[str, EMAPlan]:
     out = {
         "no EMA": plan_from_config(EMAArgs(enabled=False), steps),
         "EMA whole run": plan_from_config(EMAArgs(decay=decay, step_start_ema=0), steps),
-        f"EMA late window ({LATE_WINDOW_FRACTION:.1%})": plan_from_config(EMAArgs(decay=decay, window_fraction=LATE_WINDOW_FRACTION), steps),
+        f"EMA late window ({LATE_WINDOW_FRACTION:.1%})": plan_from_config(
+            EMAArgs(decay=decay, window_fraction=LATE_WINDOW_FRACTION), steps
+        ),
     }
     for plan in out.values():
         plan.check()
@@ -89,7 +91,10 @@ def run(size: str, steps: int, batch: int, latent: int) -> dict[str, Any]:
          torch.randn(batch, 77, cross, generator=g), torch.randn(batch, 4, latent, latent, generator=g))
         for _ in range(steps)
     ]  # fmt: skip
-    runs = {name: Run(shard_unet(benchlib.build_unet(size, latent, seed=0), DistArgs(), info), plan) for name, plan in plans(steps).items()}
+    runs = {
+        name: Run(shard_unet(benchlib.build_unet(size, latent, seed=0), DistArgs(), info), plan)
+        for name, plan in plans(steps).items()
+    }
     names = list(runs)
     for step in range(1, steps + 1):
         shift = step % len(names)
@@ -100,39 +105,84 @@ def run(size: str, steps: int, batch: int, latent: int) -> dict[str, Any]:
     return {
         "params": params,
         "runs": {
-            name: {"total_s": r.total_s, "ema_update_s": r.ema_s, "peak_ema_bytes": r.peak_ema_bytes, "decay": r.plan.decay if r.plan.enabled else None,
-                   "step_start_ema": r.plan.step_start_ema if r.plan.enabled else None, "ema_updates": r.ema.num_updates}
+            name: {
+                "total_s": r.total_s,
+                "ema_update_s": r.ema_s,
+                "peak_ema_bytes": r.peak_ema_bytes,
+                "decay": r.plan.decay if r.plan.enabled else None,
+                "step_start_ema": r.plan.step_start_ema if r.plan.enabled else None,
+                "ema_updates": r.ema.num_updates,
+            }
             for name, r in runs.items()
         },
-    }  # fmt: skip
+    }
 
 
 def report(result: dict[str, Any], args: argparse.Namespace, load_before: float) -> None:
     runs = result["runs"]
     base = runs["no EMA"]["total_s"]
-    print(f"\n{args.size} UNet ({result['params'] / 1e6:.1f}M), {args.steps} steps, batch {args.batch}, {args.latent}x{args.latent} latents, "
-          f"{torch.get_num_threads()} thread(s), world 1 (FSDP2)")
+    print(
+        f"\n{args.size} UNet ({result['params'] / 1e6:.1f}M), {args.steps} steps, batch {args.batch}, "
+        f"{args.latent}x{args.latent} latents, "
+        f"{torch.get_num_threads()} thread(s), world 1 (FSDP2)"
+    )
     rows = []
     for name, r in runs.items():
         window = f"{r['step_start_ema']}..{args.steps}" if r["step_start_ema"] is not None else "-"
-        rows.append([name, window, r["ema_updates"], r["total_s"], 100 * (r["total_s"] - base) / base, r["ema_update_s"],
-                     100 * r["ema_update_s"] / base, r["peak_ema_bytes"] / 2**20])  # fmt: skip
+        rows.append(
+            [
+                name,
+                window,
+                r["ema_updates"],
+                r["total_s"],
+                100 * (r["total_s"] - base) / base,
+                r["ema_update_s"],
+                100 * r["ema_update_s"] / base,
+                r["peak_ema_bytes"] / 2**20,
+            ]
+        )
         r["overhead_pct"] = 100 * (r["total_s"] - base) / base
         r["ema_update_pct_of_no_ema_run"] = 100 * r["ema_update_s"] / base
-    benchlib.print_table(["run", "window", "updates", "wall s", "overhead % (wall)", "in ema.update s", "ema.update % of run", "peak EMA MiB"], rows)
+    benchlib.print_table(
+        [
+            "run",
+            "window",
+            "updates",
+            "wall s",
+            "overhead % (wall)",
+            "in ema.update s",
+            "ema.update % of run",
+            "peak EMA MiB",
+        ],
+        rows,
+    )
     load_after = benchlib.load_average()
     print(f"\nload average (1 min): {load_before:.2f} before, {load_after:.2f} after (2 shared cores)")
-    benchlib.emit_json("run_ema", {"size": args.size, "steps": args.steps, "batch": args.batch, "latent": args.latent, **result,
-                                   "load_avg_1m_before": load_before, "load_avg_1m_after": load_after})  # fmt: skip
+    benchlib.emit_json(
+        "run_ema",
+        {
+            "size": args.size,
+            "steps": args.steps,
+            "batch": args.batch,
+            "latent": args.latent,
+            **result,
+            "load_avg_1m_before": load_before,
+            "load_avg_1m_after": load_after,
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(benchlib.UNET_CONFIGS), default="30m", help="UNet config (see bench/benchlib.py)")
+    p.add_argument(
+        "--size", choices=sorted(benchlib.UNET_CONFIGS), default="30m", help="UNet config (see bench/benchlib.py)"
+    )
     p.add_argument("--steps", type=int, default=30, help="optimizer steps of each run")
     p.add_argument("--batch", type=int, default=2, help="samples per step")
     p.add_argument("--latent", type=int, default=8, help="latent height and width")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (2 on a loaded 2-core machine mostly measures contention)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (2 on a loaded 2-core machine mostly measures contention)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = benchlib.load_average()

@@ -103,8 +103,10 @@ def worker(sizes: list[str], batch: int, latent: int, warmup: int, reps: int) ->
 
 def report(result: dict[str, Any], args: argparse.Namespace, load_before: float) -> None:
     ranks = result["ranks"]
-    print(f"\nworld 2 (gloo, 1 thread per rank), batch {args.batch} per rank, {args.latent}x{args.latent} latents; "
-          f"median of {args.reps} steps, slowest rank")
+    print(
+        f"\nworld 2 (gloo, 1 thread per rank), batch {args.batch} per rank, {args.latent}x{args.latent} latents; "
+        f"median of {args.reps} steps, slowest rank"
+    )
     rows = []
     for size in ranks[0]:
         ms = {name: max(r[size]["ms"][name] for r in ranks) for name in ranks[0][size]["ms"]}
@@ -114,13 +116,24 @@ def report(result: dict[str, Any], args: argparse.Namespace, load_before: float)
     benchlib.print_table(["UNet", "FSDP2 ms/step", "DDP ms/step", "FSDP2 / DDP", "max |loss diff|"], rows)
     load_after = benchlib.load_average()
     print(f"\nload average (1 min): {load_before:.2f} before, {load_after:.2f} after (2 shared cores)")
-    benchlib.emit_json("step", {"batch_per_rank": args.batch, "latent": args.latent, "reps": args.reps, **result,
-                                "load_avg_1m_before": load_before, "load_avg_1m_after": load_after})
+    benchlib.emit_json(
+        "step",
+        {
+            "batch_per_rank": args.batch,
+            "latent": args.latent,
+            "reps": args.reps,
+            **result,
+            "load_avg_1m_before": load_before,
+            "load_avg_1m_after": load_after,
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="tiny,30m", help=f"comma-separated UNet configs from {sorted(benchlib.UNET_CONFIGS)}")
+    p.add_argument(
+        "--sizes", default="tiny,30m", help=f"comma-separated UNet configs from {sorted(benchlib.UNET_CONFIGS)}"
+    )
     p.add_argument("--batch", type=int, default=4, help="samples per rank per step")
     p.add_argument("--latent", type=int, default=32, help="latent height and width")
     p.add_argument("--reps", type=int, default=3, help="timed steps per path")
@@ -135,7 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         worker(sizes, args.batch, args.latent, args.warmup, args.reps)
         return 0
     load_before = benchlib.load_average()
-    flags = ["--sizes", args.sizes, "--batch", str(args.batch), "--latent", str(args.latent), "--reps", str(args.reps), "--warmup", str(args.warmup)]
+    flags = [
+        "--sizes",
+        args.sizes,
+        "--batch",
+        str(args.batch),
+        "--latent",
+        str(args.latent),
+        "--reps",
+        str(args.reps),
+        "--warmup",
+        str(args.warmup),
+    ]
     report(benchlib.run_torchrun(os.path.abspath(__file__), ["--worker", *flags]), args, load_before)
     return 0
 

@@ -74,7 +74,9 @@ def ema_for(module: torch.nn.Module, layout) -> Any:
     from sd_train.ema import ShardedEMA
     from sd_train.ema_plan import plan_from_config
 
-    ema = ShardedEMA(module, plan_from_config(EMAArgs(decay=0.9999, step_start_ema=0, tolerance=1.0), max_steps=10), layout)
+    ema = ShardedEMA(
+        module, plan_from_config(EMAArgs(decay=0.9999, step_start_ema=0, tolerance=1.0), max_steps=10), layout
+    )
     ema.update(0)  # opens the window: allocates the shadow
     return ema
 
@@ -88,15 +90,24 @@ def bench_size(size: str, batch: int, latent: int, warmup: int, reps: int, info:
     fsdp = shard_unet(benchlib.build_unet(size, latent, seed=0), DistArgs(strategy="fsdp2"), info)
     z3 = zero_engine(size, latent, 3, batch, info)
     z2 = zero_engine(size, latent, 2, batch, info)
-    steppers = {"FSDP2": Stepper(fsdp, batches), "ZeRO-3": Stepper(z3.module, batches, z3), "ZeRO-2": Stepper(z2.module, batches, z2)}
+    steppers = {
+        "FSDP2": Stepper(fsdp, batches),
+        "ZeRO-3": Stepper(z3.module, batches, z3),
+        "ZeRO-2": Stepper(z2.module, batches, z2),
+    }
     times = benchlib.interleaved(steppers, warmup, reps, sync=dist.barrier)
-    emas = {"FSDP2": ema_for(fsdp, None), "ZeRO-3": ema_for(z3.module, Zero3Layout()), "ZeRO-2": ema_for(z2.module, ReplicatedLayout())}
+    emas = {
+        "FSDP2": ema_for(fsdp, None),
+        "ZeRO-3": ema_for(z3.module, Zero3Layout()),
+        "ZeRO-2": ema_for(z2.module, ReplicatedLayout()),
+    }
     counter = {"n": 0}
 
     def updater(ema):
         def go():
             counter["n"] += 1
             ema.update(counter["n"])
+
         return go
 
     ema_times = benchlib.interleaved({k: updater(e) for k, e in emas.items()}, warmup=2, reps=max(reps, 10))
@@ -106,7 +117,9 @@ def bench_size(size: str, batch: int, latent: int, warmup: int, reps: int, info:
         "ms": {name: benchlib.median_ms(t) for name, t in times.items()},
         "ema_ms": {name: benchlib.median_ms(t) for name, t in ema_times.items()},
         "ema_bytes": {name: e.local_bytes() for name, e in emas.items()},
-        "max_loss_diff_vs_fsdp2": {n: max(abs(x - y) for x, y in zip(losses["FSDP2"], losses[n])) for n in ("ZeRO-3", "ZeRO-2")},
+        "max_loss_diff_vs_fsdp2": {
+            n: max(abs(x - y) for x, y in zip(losses["FSDP2"], losses[n])) for n in ("ZeRO-3", "ZeRO-2")
+        },
     }
 
 
@@ -128,8 +141,10 @@ def worker(sizes: list[str], batch: int, latent: int, warmup: int, reps: int) ->
 
 def report(result: dict[str, Any], args: argparse.Namespace, load_before: float) -> None:
     ranks = result["ranks"]
-    print(f"\nworld 2 (gloo, 1 thread per rank), batch {args.batch} per rank, {args.latent}x{args.latent} latents; "
-          f"median of {args.reps} steps, slowest rank")
+    print(
+        f"\nworld 2 (gloo, 1 thread per rank), batch {args.batch} per rank, {args.latent}x{args.latent} latents; "
+        f"median of {args.reps} steps, slowest rank"
+    )
     rows = []
     for size in ranks[0]:
         r0 = ranks[0][size]
@@ -137,18 +152,40 @@ def report(result: dict[str, Any], args: argparse.Namespace, load_before: float)
         ema = {name: max(r[size]["ema_ms"][name] for r in ranks) for name in r0["ema_ms"]}
         for name in ms:
             diff = max(r[size]["max_loss_diff_vs_fsdp2"].get(name, 0.0) for r in ranks)
-            rows.append([f"{size} ({r0['params'] / 1e6:.2f}M)", name, ms[name], ms[name] / ms["FSDP2"], ema[name],
-                         r0["ema_bytes"][name] / 2**20, f"{diff:.1e}"])
-    benchlib.print_table(["UNet", "path", "ms/step", "/ FSDP2", "EMA update ms", "EMA MiB/rank", "max |loss diff| vs FSDP2"], rows)
+            rows.append(
+                [
+                    f"{size} ({r0['params'] / 1e6:.2f}M)",
+                    name,
+                    ms[name],
+                    ms[name] / ms["FSDP2"],
+                    ema[name],
+                    r0["ema_bytes"][name] / 2**20,
+                    f"{diff:.1e}",
+                ]
+            )
+    benchlib.print_table(
+        ["UNet", "path", "ms/step", "/ FSDP2", "EMA update ms", "EMA MiB/rank", "max |loss diff| vs FSDP2"], rows
+    )
     load_after = benchlib.load_average()
     print(f"\nload average (1 min): {load_before:.2f} before, {load_after:.2f} after (2 shared cores)")
-    benchlib.emit_json("zero", {"batch_per_rank": args.batch, "latent": args.latent, "reps": args.reps, **result,
-                                "load_avg_1m_before": load_before, "load_avg_1m_after": load_after})
+    benchlib.emit_json(
+        "zero",
+        {
+            "batch_per_rank": args.batch,
+            "latent": args.latent,
+            "reps": args.reps,
+            **result,
+            "load_avg_1m_before": load_before,
+            "load_avg_1m_after": load_after,
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="tiny,30m", help=f"comma-separated UNet configs from {sorted(benchlib.UNET_CONFIGS)}")
+    p.add_argument(
+        "--sizes", default="tiny,30m", help=f"comma-separated UNet configs from {sorted(benchlib.UNET_CONFIGS)}"
+    )
     p.add_argument("--batch", type=int, default=4, help="samples per rank per step")
     p.add_argument("--latent", type=int, default=32, help="latent height and width")
     p.add_argument("--reps", type=int, default=3, help="timed steps per path")
@@ -163,7 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         worker(sizes, args.batch, args.latent, args.warmup, args.reps)
         return 0
     load_before = benchlib.load_average()
-    flags = ["--sizes", args.sizes, "--batch", str(args.batch), "--latent", str(args.latent), "--reps", str(args.reps), "--warmup", str(args.warmup)]
+    flags = [
+        "--sizes",
+        args.sizes,
+        "--batch",
+        str(args.batch),
+        "--latent",
+        str(args.latent),
+        "--reps",
+        str(args.reps),
+        "--warmup",
+        str(args.warmup),
+    ]
     report(benchlib.run_torchrun(os.path.abspath(__file__), ["--worker", *flags]), args, load_before)
     return 0
 

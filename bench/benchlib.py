@@ -75,7 +75,9 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> flo
     return time.perf_counter() - t0
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, reps: int, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], warmup: int, reps: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
     """Time each function `reps` times, round-robin with the order rotated every rep, after `warmup`
     untimed rounds. On a shared machine the load drifts during a run; interleaving spreads that
     drift over all candidates instead of charging it to whichever ran last."""
@@ -85,7 +87,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, reps: int, sync:
             fns[name]()
     out: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             out[name].append(timed(fns[name], sync))
     return out
@@ -141,7 +143,7 @@ def run_torchrun(script: str, args: Sequence[str], nproc: int = 2, timeout_s: fl
     result: dict[str, Any] | None = None
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
+            result = json.loads(line[len(RESULT_PREFIX) :])
     if proc.returncode != 0 or result is None:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise RuntimeError(f"torchrun {script} failed (exit {proc.returncode}); its output is above")

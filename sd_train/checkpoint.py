@@ -224,7 +224,9 @@ class Checkpointer:
                 errors.append(f"{folder}: {e}")
                 log.warning("checkpoint %s could not be loaded (%s); trying the previous one", folder, e)
                 if self.rank == 0:
-                    print(f"WARNING: checkpoint {folder} could not be loaded: {e}. Trying the previous one.", flush=True)
+                    print(
+                        f"WARNING: checkpoint {folder} could not be loaded: {e}. Trying the previous one.", flush=True
+                    )
                 continue
             self.loaded_folder = folder
             self._last_saved_step = loaded.step  # never re-save into the folder we came from
@@ -314,7 +316,8 @@ def _check_compatible(folder: Path, global_state: dict, fmt: str, world_size: in
         raise CheckpointLoadError(
             f"{folder} holds DeepSpeed ZeRO partitions of {saved_world} ranks and this run has {world_size}: DeepSpeed "
             f"checkpoints resume on the same world size. Relaunch with {saved_world} processes, or export it "
-            f"(`sd-train export --checkpoint {folder}`) and start a new run from the export with model.pretrained_path. "
+            f"(`sd-train export --checkpoint {folder}`) and start a new run from the export with "
+            "model.pretrained_path. "
             "FSDP2 checkpoints (dist.strategy=fsdp2) reshard to any world size"
         )
 

@@ -11,14 +11,34 @@ import sys
 # command -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("sd_train.entry", "main", "train (same as python train.py)"),
-    "prepare-emoji": ("sd_train.tools.prepare", "main_prepare_emoji", "write the embedded Twemoji data set as webdataset shards"),
-    "prepare": ("sd_train.tools.prepare", "main_prepare_folder", "turn a folder of images + caption .txt files into shards"),
-    "build-tiny": ("sd_train.tools.tiny_sd", "main_build_tiny", "build the tiny offline SD model folder (tokenizer, text encoder, VAE, UNet)"),
+    "prepare-emoji": (
+        "sd_train.tools.prepare",
+        "main_prepare_emoji",
+        "write the embedded Twemoji data set as webdataset shards",
+    ),
+    "prepare": (
+        "sd_train.tools.prepare",
+        "main_prepare_folder",
+        "turn a folder of images + caption .txt files into shards",
+    ),
+    "build-tiny": (
+        "sd_train.tools.tiny_sd",
+        "main_build_tiny",
+        "build the tiny offline SD model folder (tokenizer, text encoder, VAE, UNet)",
+    ),
     "export": ("sd_train.export", "main_export", "turn a checkpoint folder into a diffusers pipeline folder"),
     "plan": ("sd_train.entry", "main_plan", "print the EMA window plan of a config and check it"),
     "sweep": ("sd_train.tools.sweep", "main_sweep", "expand a sweep file into runs; run them locally or under SLURM"),
-    "precompute": ("sd_train.tools.precompute", "main_precompute", "encode shards once into latent + text-embedding shards"),
-    "quality": ("sd_train.tools.quality", "main_quality", "train the demo three ways (no EMA, whole-run EMA, late EMA) and compare val loss"),
+    "precompute": (
+        "sd_train.tools.precompute",
+        "main_precompute",
+        "encode shards once into latent + text-embedding shards",
+    ),
+    "quality": (
+        "sd_train.tools.quality",
+        "main_quality",
+        "train the demo three ways (no EMA, whole-run EMA, late EMA) and compare val loss",
+    ),
 }
 
 

@@ -63,7 +63,10 @@ class ShardedEMA:
             locals_ = self.layout.views(self.named_params)
             self._locals = locals_ if self.layout.cache_views else []
             # fp32 shadow even for bf16 params: 1 - decay = 1e-4 is below bf16's resolution.
-            self.shadow = [t.to(torch.float32, copy=True) if copy_weights else torch.zeros_like(t, dtype=torch.float32) for t in locals_]
+            self.shadow = [
+                t.to(torch.float32, copy=True) if copy_weights else torch.zeros_like(t, dtype=torch.float32)
+                for t in locals_
+            ]
         self.num_updates = 0
 
     def local_bytes(self) -> int:
@@ -130,7 +133,10 @@ class ShardedEMA:
         with torch.no_grad():
             for (n, _), s in zip(self.named_params, self.shadow):
                 if n not in state or state[n].shape != s.shape:
-                    raise ValueError(f"EMA piece {n!r}: saved {tuple(state[n].shape) if n in state else 'missing'}, expected {tuple(s.shape)}")
+                    raise ValueError(
+                        f"EMA piece {n!r}: saved {tuple(state[n].shape) if n in state else 'missing'}, "
+                        f"expected {tuple(s.shape)}"
+                    )
                 s.copy_(state[n])
 
     def full_tensors(self) -> dict[str, torch.Tensor]:

@@ -116,7 +116,9 @@ class EMAPlan:
         return min_window(self.decay, self.tolerance) * self.update_every
 
     def _args(self) -> EMAArgs:
-        return EMAArgs(decay=self.decay, tolerance=self.tolerance, warmup=self.warmup, inv_gamma=self.inv_gamma, power=self.power)
+        return EMAArgs(
+            decay=self.decay, tolerance=self.tolerance, warmup=self.warmup, inv_gamma=self.inv_gamma, power=self.power
+        )
 
     def check(self) -> None:
         """Raise ConfigError if the plan is unsafe: the message gives the numbers and the fix."""
@@ -133,7 +135,11 @@ class EMAPlan:
             raise ConfigError(
                 f"ema window ({self.window_steps} steps) is longer than the run (max_steps={self.max_steps}): "
                 f"ema.step_start_ema={self.step_start_ema} must be >= 0. "
-                + (f"decay {self.decay} needs {safe} steps; lower ema.decay or raise max_steps" if safe else "Lower ema.decay")
+                + (
+                    f"decay {self.decay} needs {safe} steps; lower ema.decay or raise max_steps"
+                    if safe
+                    else "Lower ema.decay"
+                )
             )
         if self.window_steps <= 0:
             raise ConfigError(
@@ -144,11 +150,15 @@ class EMAPlan:
         if share > self.tolerance:
             if safe is None or safe > self.max_steps:
                 fix = (
-                    f"decay {self.decay} needs a window of {safe or 'more than 10x max_steps'} steps, longer than the run "
+                    f"decay {self.decay} needs a window of {safe or 'more than 10x max_steps'} steps, "
+                    "longer than the run "
                     f"(max_steps={self.max_steps}): lower ema.decay or raise max_steps"
                 )
             else:
-                fix = f"smallest safe window is {safe} steps: set ema.step_start_ema <= {self.max_steps - safe}, or lower ema.decay"
+                fix = (
+                    f"smallest safe window is {safe} steps: set ema.step_start_ema <= {self.max_steps - safe}, "
+                    "or lower ema.decay"
+                )
             raise ConfigError(
                 f"ema: {share:.1%} of the final EMA would come from pre-window weights (decay {self.decay}, "
                 f"window {self.window_steps} steps), over ema.tolerance={self.tolerance:.2%}; {fix}"
@@ -205,7 +215,12 @@ def resolve_step_start(args: EMAArgs, max_steps: int) -> int:
 
 
 def plan_from_config(args: EMAArgs, max_steps: int) -> EMAPlan:
-    if args.enabled and not args.window_from_tolerance and args.step_start_ema is None and not 0 < args.window_fraction <= 1:
+    if (
+        args.enabled
+        and not args.window_from_tolerance
+        and args.step_start_ema is None
+        and not 0 < args.window_fraction <= 1
+    ):
         raise ConfigError(f"ema.window_fraction={args.window_fraction} must be in (0, 1]")
     return EMAPlan(
         enabled=args.enabled,

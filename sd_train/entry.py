@@ -18,7 +18,9 @@ from sd_train.preflight import preflight
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train.py", description="Train a Stable Diffusion UNet. Overrides: section.key=value ...")
+    p = argparse.ArgumentParser(
+        prog="train.py", description="Train a Stable Diffusion UNet. Overrides: section.key=value ..."
+    )
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/demo.yaml")
     p.add_argument("--plan", action="store_true", help="validate the config, print the EMA plan, and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4 output_dir=runs/x")

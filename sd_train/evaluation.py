@@ -47,8 +47,18 @@ class Validator:
         self.weights = torch.tensor([1.0] * len(idx) + [0.0] * (per_rank - len(idx)))
         idx = idx + [idx[0] if idx else 0] * (per_rank - len(idx))
         dev = info.device
-        self.latents = torch.cat([encode_pixels(parts, pixels[idx[i : i + VAL_BATCH]], dev, sample=False) for i in range(0, per_rank, VAL_BATCH)])
-        self.embeds = torch.cat([encode_text(parts, [captions[j] for j in idx[i : i + VAL_BATCH]], dev) for i in range(0, per_rank, VAL_BATCH)])
+        self.latents = torch.cat(
+            [
+                encode_pixels(parts, pixels[idx[i : i + VAL_BATCH]], dev, sample=False)
+                for i in range(0, per_rank, VAL_BATCH)
+            ]
+        )
+        self.embeds = torch.cat(
+            [
+                encode_text(parts, [captions[j] for j in idx[i : i + VAL_BATCH]], dev)
+                for i in range(0, per_rank, VAL_BATCH)
+            ]
+        )
         self.noise = {}
         for t in self.timesteps:
             self.noise[t] = torch.stack([self._fixed_noise(j, t) for j in idx]).to(dev)
@@ -71,7 +81,7 @@ class Validator:
                 err = self.objective.denoising_loss(model, self.latents[sl], self.embeds[sl], self.noise[t][sl], ts)
                 total += float((err.cpu() * self.weights[sl]).sum())
         model.train(was_training)
-        s, = all_reduce_sum([total], self.info.device)
+        (s,) = all_reduce_sum([total], self.info.device)
         return s / (self.num_samples * len(self.timesteps))
 
 
@@ -85,7 +95,9 @@ class Sampler:
         prompts = cfg.eval.prompts
         self.cond = encode_text(parts, prompts, info.device)
         self.uncond = encode_text(parts, [""] * len(prompts), info.device)
-        self.scheduler = DDIMScheduler.from_config(parts.noise_scheduler.config, prediction_type=cfg.objective.prediction_type)
+        self.scheduler = DDIMScheduler.from_config(
+            parts.noise_scheduler.config, prediction_type=cfg.objective.prediction_type
+        )
         factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
         size = cfg.data.resolution // factor
         self.shape = (len(prompts), parts.vae.config.latent_channels, size, size)
@@ -131,7 +143,9 @@ class Evaluator:
     and, once the window is open, for the EMA (swapped into the model's shards, then swapped back).
     The same swap serves the loss and the grid."""
 
-    def __init__(self, cfg: TrainConfig, parts: SDParts, objective: DiffusionObjective, info: DistInfo, ema, metrics, out: Path):
+    def __init__(
+        self, cfg: TrainConfig, parts: SDParts, objective: DiffusionObjective, info: DistInfo, ema, metrics, out: Path
+    ):
         every = cfg.eval.every_steps
         self.every = every
         self.max_steps = cfg.max_steps

@@ -32,7 +32,9 @@ def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir:
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
     missing, unexpected = unet.load_state_dict(unet_state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"export: UNet weights do not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(
+            f"export: UNet weights do not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     pipe = StableDiffusionPipeline.from_pretrained(
         model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
@@ -46,7 +48,9 @@ def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir:
     return out_dir
 
 
-def export_from_training(gather_model: Callable[[], dict], ema, model_path: str, out_root: Path, prediction_type: str, is_main: bool) -> list[Path]:
+def export_from_training(
+    gather_model: Callable[[], dict], ema, model_path: str, out_root: Path, prediction_type: str, is_main: bool
+) -> list[Path]:
     """Gather and export the raw UNet and (if the window opened) the EMA UNet. Collective.
     `gather_model` returns the full raw state on the main process (`Strategy.full_model_state`)."""
     written = []
@@ -66,18 +70,26 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
     process. Returns (trainer_state, state_dict)."""
     checkpoint = Path(checkpoint)
     if not checkpoint_is_complete(checkpoint):
-        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/)")
+        raise FileNotFoundError(
+            f"{checkpoint} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/)"
+        )
     with open(checkpoint / "trainer_state.json") as f:
         trainer_state = json.load(f)
     if weights == "ema" and not trainer_state["ema"]["open"]:
-        raise ValueError(f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead")
+        raise ValueError(
+            f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead"
+        )
     if trainer_state.get("format") == "zero":
         return trainer_state, offline_state(checkpoint, weights)
     model_path = trainer_state["config"]["model"]["pretrained_path"]
     config = UNet2DConditionModel.load_config(model_path, subfolder="unet")
     template = UNet2DConditionModel.from_config(config).state_dict()
     prefix = "model" if weights == "raw" else "ema"
-    names = template.keys() if weights == "raw" else [n for n, p in UNet2DConditionModel.from_config(config).named_parameters()]
+    names = (
+        template.keys()
+        if weights == "raw"
+        else [n for n, p in UNet2DConditionModel.from_config(config).named_parameters()]
+    )
     state = {prefix: {n: torch.empty_like(template[n]) for n in names}}
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     return trainer_state, state[prefix]
@@ -89,11 +101,14 @@ def main_export(argv: list[str]) -> int:
     p.add_argument("--checkpoint", required=True, help="a complete step folder, e.g. runs/x/checkpoints/step_00001000")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema")
-    p.add_argument("--model-path", default=None, help="frozen parts from here instead of the run's model.pretrained_path")
+    p.add_argument(
+        "--model-path", default=None, help="frozen parts from here instead of the run's model.pretrained_path"
+    )
     ns = p.parse_args(argv)
     trainer_state, unet_state = load_checkpoint_unet(Path(ns.checkpoint), ns.weights)
     cfg = trainer_state["config"]
-    out = save_pipeline(ns.model_path or cfg["model"]["pretrained_path"], unet_state, Path(ns.out), cfg["objective"]["prediction_type"])
+    out = save_pipeline(
+        ns.model_path or cfg["model"]["pretrained_path"], unet_state, Path(ns.out), cfg["objective"]["prediction_type"]
+    )
     print(f"exported {ns.weights} UNet of step {trainer_state['step']} to {out}")
     return 0
-

@@ -40,7 +40,13 @@ def parse_fault(spec: Optional[str]) -> Optional[Fault]:
         return None
     fields = dict(item.split("=", 1) for item in spec.split(",") if item)
     try:
-        return Fault(int(fields["rank"]), int(fields["step"]), fields["phase"], fields.get("action", "kill"), int(fields.get("count", 1)))
+        return Fault(
+            int(fields["rank"]),
+            int(fields["step"]),
+            fields["phase"],
+            fields.get("action", "kill"),
+            int(fields.get("count", 1)),
+        )
     except (KeyError, ValueError) as e:
         raise ValueError(f"SD_TRAIN_FAULT={spec!r}: expected rank=R,step=S,phase=P[,action=A][,count=N] ({e})") from e
 

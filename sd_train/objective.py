@@ -65,7 +65,9 @@ class DiffusionObjective:
         noise = torch.randn_like(latents)
         if self.args.noise_offset > 0:
             # Offset noise: a per-sample, per-channel constant lets the model change mean brightness.
-            noise = noise + self.args.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype)
+            noise = noise + self.args.noise_offset * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, device=latents.device, dtype=latents.dtype
+            )
         return noise
 
     def loss(self, unet: torch.nn.Module, latents: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,12 @@ class DiffusionObjective:
 
     @torch.no_grad()
     def denoising_loss(
-        self, unet: torch.nn.Module, latents: torch.Tensor, text_embeds: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+        self,
+        unet: torch.nn.Module,
+        latents: torch.Tensor,
+        text_embeds: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
     ) -> torch.Tensor:
         """Unweighted per-sample MSE at given timesteps and noise (the validation figure)."""
         pred = unet(self.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=text_embeds).sample

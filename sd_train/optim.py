@@ -14,7 +14,9 @@ def build_optimizer(model: torch.nn.Module, args: OptimArgs) -> torch.optim.Opti
     if args.name == "sgd":
         return torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
     # foreach=True: one fused kernel launch per op over all (local-shard) tensors.
-    return torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay, foreach=True)
+    return torch.optim.AdamW(
+        params, lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay, foreach=True
+    )
 
 
 def lr_factor(step: int, args: OptimArgs, max_steps: int) -> float:
@@ -30,5 +32,7 @@ def lr_factor(step: int, args: OptimArgs, max_steps: int) -> float:
     return 1.0 - progress
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, args: OptimArgs, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_schedule(
+    optimizer: torch.optim.Optimizer, args: OptimArgs, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args, max_steps))

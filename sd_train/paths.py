@@ -40,7 +40,9 @@ def checkpoint_is_complete(folder: Path) -> bool:
     make a folder with a final name complete by construction (see sd_train.checkpoint); this
     check guards against folders damaged or assembled by hand."""
     folder = Path(folder)
-    return (folder / "trainer_state.json").is_file() and ((folder / ".metadata").is_file() or (folder / "zero").is_dir())
+    return (folder / "trainer_state.json").is_file() and (
+        (folder / ".metadata").is_file() or (folder / "zero").is_dir()
+    )
 
 
 def complete_steps(root: Path) -> list[int]:

@@ -45,7 +45,9 @@ def check_shards(name: str, spec: str, world_size: int, workers: int, epoch_mode
         raise ConfigError(f"{name}={spec!r}: {e}") from e
     for src in sources:
         if not src.urls:
-            raise ConfigError(f"{name}={spec!r}: pattern {src.pattern!r} matches no shard. Check the path, or run `make data`")
+            raise ConfigError(
+                f"{name}={spec!r}: pattern {src.pattern!r} matches no shard. Check the path, or run `make data`"
+            )
         if epoch_mode:
             check_epoch_shard_count(name, src, world_size, workers)
 
@@ -60,7 +62,8 @@ def check_checkpoint_folders(cfg: TrainConfig) -> None:
             )
         if not checkpoint_is_complete(Path(c.resume)):
             raise ConfigError(
-                f"checkpoint.resume={c.resume!r} is not a complete checkpoint (no .metadata or zero/, or no trainer_state.json)"
+                f"checkpoint.resume={c.resume!r} is not a complete checkpoint (no .metadata or zero/, or "
+                "no trainer_state.json)"
             )
     if c.load_step is not None:
         want = step_dir(Path(cfg.output_dir) / "checkpoints", c.load_step)
@@ -89,7 +92,9 @@ def resolve_strategy(cfg: TrainConfig, environ: Mapping[str, str]) -> TrainConfi
     zero_stage = d.zero_stage
     if strategy != "deepspeed":
         if zero_stage is not None:
-            raise ConfigError(f"dist.zero_stage={zero_stage} applies only to dist.strategy=deepspeed (now {strategy}); remove it")
+            raise ConfigError(
+                f"dist.zero_stage={zero_stage} applies only to dist.strategy=deepspeed (now {strategy}); remove it"
+            )
         return dataclasses.replace(cfg, dist=dataclasses.replace(d, strategy=strategy))
     if zero_stage is None:
         zero_stage = int(launch_stage) if launch_stage and launch_stage.isdigit() else 3
@@ -102,14 +107,19 @@ def resolve_strategy(cfg: TrainConfig, environ: Mapping[str, str]) -> TrainConfi
         )
     # find_spec, not import: deepspeed pulls in torch, which the startup checks must not pay for.
     if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("dist.strategy=deepspeed but the deepspeed package is not installed: "
-                          "pip install -c constraints.txt deepspeed==0.19.8 (it is in requirements.txt; `make venv`)")
+        raise ConfigError(
+            "dist.strategy=deepspeed but the deepspeed package is not installed: "
+            "pip install -c constraints.txt deepspeed==0.19.8 (it is in requirements.txt; `make venv`)"
+        )
     if cfg.checkpoint.async_save:
-        raise ConfigError("checkpoint.async_save=true is FSDP2-only (DCP async_save); DeepSpeed writes its "
-                          "checkpoints synchronously: set checkpoint.async_save=false")
+        raise ConfigError(
+            "checkpoint.async_save=true is FSDP2-only (DCP async_save); DeepSpeed writes its "
+            "checkpoints synchronously: set checkpoint.async_save=false"
+        )
     if d.param_dtype != "fp32" or d.reduce_dtype != "fp32":
         raise ConfigError(
-            f"dist.param_dtype={d.param_dtype} / dist.reduce_dtype={d.reduce_dtype} are FSDP2 settings; under DeepSpeed "
+            f"dist.param_dtype={d.param_dtype} / dist.reduce_dtype={d.reduce_dtype} are FSDP2 settings; "
+            "under DeepSpeed "
             "the UNet's params stay fp32 (the EMA and optimizer read them): use mixed_precision=bf16 for bf16 compute"
         )
     return dataclasses.replace(cfg, dist=dataclasses.replace(d, strategy=strategy, zero_stage=zero_stage))

@@ -90,7 +90,7 @@ class Preemption:
         self.requested = True
 
     def agreed(self, device: torch.device) -> bool:
-        flag, = all_reduce_sum([1.0 if self.requested else 0.0], device)
+        (flag,) = all_reduce_sum([1.0 if self.requested else 0.0], device)
         return flag > 0
 
 
@@ -146,10 +146,18 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.parts, self.objective, self.info, self.ema, self.metrics, self.out)
         self.state = TrainState()
         self.checkpointer = Checkpointer(
-            cfg.checkpoint, cfg.output_dir, self.info.rank, self.info.world_size, cfg.max_steps, self.strategy, self.ema,
+            cfg.checkpoint,
+            cfg.output_dir,
+            self.info.rank,
+            self.info.world_size,
+            cfg.max_steps,
+            self.strategy,
+            self.ema,
             global_states={"train": self.state, "lr_scheduler": self.lr_schedule},
-            rank_states={"rng": RankRNG(cfg.seed, self.info.rank, lambda: self.state.step),
-                         "data": DataPosition(self.loader, self.info.device)},
+            rank_states={
+                "rng": RankRNG(cfg.seed, self.info.rank, lambda: self.state.step),
+                "data": DataPosition(self.loader, self.info.device),
+            },
             config=config_to_dict(cfg),
         )
         self.checkpointer.fault_hook = lambda phase, step: self.faults.trip(phase, step)
@@ -158,19 +166,27 @@ class Trainer:
         if self.info.is_main:
             print(self.plan.describe(), flush=True)
             (self.out / "ema_plan.json").write_text(json.dumps(self.plan.figures(), indent=1))
-        write_topology(self.out / "topology.json", self.strategy, self.info, {
-            "strategy": cfg.dist.strategy, "zero_stage": cfg.dist.zero_stage, "grad_accum_steps": self.accum})
+        write_topology(
+            self.out / "topology.json",
+            self.strategy,
+            self.info,
+            {"strategy": cfg.dist.strategy, "zero_stage": cfg.dist.zero_stage, "grad_accum_steps": self.accum},
+        )
         self._resume()
 
     def _resume(self) -> None:
         if self.cfg.checkpoint.resume == "none" and self.checkpointer.candidates_exist():
             raise ConfigError(
-                f"checkpoint.resume=none but {self.checkpointer.root} holds checkpoints: use a new output_dir, or resume=auto"
+                f"checkpoint.resume=none but {self.checkpointer.root} holds checkpoints: use a new "
+                "output_dir, or resume=auto"
             )
         loaded = self.checkpointer.load()
         if loaded is not None and self.info.is_main:
-            print(f"resumed from {loaded.folder} at step {self.state.step} "
-                  f"(saved by {loaded.saved_world_size} ranks, now {self.info.world_size})", flush=True)
+            print(
+                f"resumed from {loaded.folder} at step {self.state.step} "
+                f"(saved by {loaded.saved_world_size} ranks, now {self.info.world_size})",
+                flush=True,
+            )
 
     # ---- one optimizer step ------------------------------------------------------------------
 
@@ -233,8 +249,11 @@ class Trainer:
         bad_ranks = [r for r, v in enumerate(all_gather_object(math.isfinite(local_loss))) if not v]
         where = f"rank(s) {bad_ranks}" if bad_ranks else "a gradient (losses were finite)"
         if self.info.is_main:
-            print(f"WARNING: step {step}: non-finite loss/gradient on {where}; step skipped "
-                  f"(weights, optimizer, LR schedule and EMA untouched)", flush=True)
+            print(
+                f"WARNING: step {step}: non-finite loss/gradient on {where}; step skipped "
+                f"(weights, optimizer, LR schedule and EMA untouched)",
+                flush=True,
+            )
         if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
             raise NonFiniteError(
                 f"{self.state.consecutive_skips} consecutive non-finite steps, the last at step {step} on {where}; "
@@ -251,13 +270,15 @@ class Trainer:
         totals = {n: int(v) for n, v in zip(names, summed)}
         read = int(summed[-1])
         shards = sorted({s for lst in all_gather_object(self.loader.bad_shards()) for s in lst})
-        check_bad_fraction(totals, read, self.cfg.data.max_bad_fraction, self.cfg.data.min_samples_for_bad_check, shards)
+        check_bad_fraction(
+            totals, read, self.cfg.data.max_bad_fraction, self.cfg.data.min_samples_for_bad_check, shards
+        )
         return {"data/samples_read": read, "data/bad_shards": shards, **{f"data/bad_{n}": v for n, v in totals.items()}}
 
     def log_step(self, step: int, result: dict) -> None:
         """The logged figures of a step: the loss averaged over ranks, optimizer, speed window, EMA
         and data health (the last two are collectives, so every rank calls this at the same steps)."""
-        loss, = all_reduce_sum([result["loss"]], self.info.device)
+        (loss,) = all_reduce_sum([result["loss"]], self.info.device)
         values = {
             "train/loss": loss / self.info.world_size,
             "optim/lr": self.lr_schedule.get_last_lr()[0],
@@ -310,9 +331,14 @@ class Trainer:
             summary = {"step": self.state.step, "skipped_steps": self.state.skipped_steps, **health}
             (self.out / "data_summary.json").write_text(json.dumps(summary, indent=1))
         if self.cfg.export_at_end:
-            paths = export_from_training(lambda: self.strategy.full_model_state(self.info.is_main), self.ema,
-                                         self.cfg.model.pretrained_path, self.out / "export",
-                                         self.cfg.objective.prediction_type, self.info.is_main)
+            paths = export_from_training(
+                lambda: self.strategy.full_model_state(self.info.is_main),
+                self.ema,
+                self.cfg.model.pretrained_path,
+                self.out / "export",
+                self.cfg.objective.prediction_type,
+                self.info.is_main,
+            )
             if self.info.is_main:
                 print("exported:", ", ".join(str(p) for p in paths), flush=True)
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-# tests/launch.py is a plain helper module; make it importable as `launch`.
+# tests/launch.py and tests/reference.py are plain helper modules, and e2e tests share helpers of
+# tests/e2e/test_train.py: make both folders importable.
+sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -38,9 +40,8 @@ def tiny_assets(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def straight_run(tiny_assets, tmp_path_factory):
     """The uninterrupted 2-rank reference run that resume and fault tests compare against."""
-    from test_train import train_cmd
-
     from launch import run
+    from test_train import train_cmd
 
     out = tmp_path_factory.mktemp("straight") / "a"
     run(train_cmd(2, out, tiny_assets), timeout=300)

@@ -36,13 +36,25 @@ def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
 
 
 def accelerate_cmd(config: str, script: str, *args: str) -> list[str]:
-    return [str(BIN / "accelerate"), "launch", "--config_file", config, "--main_process_port", str(free_port()), script, *args]
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        config,
+        "--main_process_port",
+        str(free_port()),
+        script,
+        *args,
+    ]
 
 
 def run(cmd: list[str], timeout: int = 300, check: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- "
+            f"stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

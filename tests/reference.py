@@ -23,7 +23,9 @@ def exported_val_loss(run_dir: Path, weights: str) -> float:
     cfg.model.init_unet = "pretrained"
     device = torch.device("cpu")
     parts = load_sd_parts(cfg.model, device, cfg.seed)
-    objective = DiffusionObjective(cfg.objective, parts.noise_scheduler.alphas_cumprod, encode_text(parts, [""], device))
+    objective = DiffusionObjective(
+        cfg.objective, parts.noise_scheduler.alphas_cumprod, encode_text(parts, [""], device)
+    )
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, mesh=None)
     return Validator(cfg, parts, objective, info).loss(parts.unet)
 

@@ -42,7 +42,6 @@ class ObjectiveArgs:
     noise_offset: float = 0.0
     """Offset noise strength (adds per-channel constant noise); 0 disables, 0.05-0.1 typical."""
 
-
     def validate(self) -> None:
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"objective.caption_dropout={self.caption_dropout} must be in [0, 1)")
@@ -84,12 +83,12 @@ class DataArgs:
     log_keys: bool = False
     """Write every consumed sample key to `<output_dir>/keys/rank{R}.txt` (for audits/tests)."""
 
-
     def validate(self) -> None:
         """Field values only; sd_train.preflight checks that the shards exist and are enough."""
         if self.resolution <= 0 or self.resolution % 8 != 0:
             raise ConfigError(
-                f"data.resolution={self.resolution} must be a positive multiple of 8 (e.g. {max(8, self.resolution // 8 * 8)})"
+                f"data.resolution={self.resolution} must be a positive multiple of 8 (e.g. "
+                f"{max(8, self.resolution // 8 * 8)})"
             )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
@@ -118,7 +117,6 @@ class OptimArgs:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still measured,
     because a non-finite norm is how a bad step is detected on every rank)."""
-
 
     def validate(self) -> None:
         _positive("optim.lr", self.lr)
@@ -175,7 +173,6 @@ class CheckpointArgs:
     load_step: Optional[int] = None
     """With resume=auto: load this step instead of the newest (must exist and be complete)."""
 
-
     def validate(self) -> None:
         """Field values only; sd_train.preflight checks the `resume` and `load_step` folders."""
         _positive("checkpoint.every_steps", self.every_steps)
@@ -210,7 +207,6 @@ class DistArgs:
     timeout_s: int = 600
     """Collective timeout. A hung rank makes the job exit non-zero after this."""
 
-
     def validate(self) -> None:
         """Field values only; sd_train.preflight resolves `strategy` and `zero_stage` against the launcher."""
         _positive("dist.timeout_s", self.timeout_s)
@@ -241,7 +237,6 @@ class EvalArgs:
     guidance_scale: float = 4.0
     """Classifier-free guidance scale of the sample grid."""
 
-
     def validate(self) -> None:
         if self.every_steps < 0:
             raise ConfigError(f"eval.every_steps={self.every_steps} must be >= 0 (0 disables)")
@@ -263,7 +258,6 @@ class MetricsArgs:
     """wandb group (sweeps set this)."""
     tensorboard: bool = False
     """Also write tensorboard event files under `<output_dir>/tensorboard`."""
-
 
     def validate(self) -> None:
         _positive("metrics.log_every", self.log_every)

@@ -69,7 +69,9 @@ def encode_text(parts: SDParts, captions: list[str], device: torch.device) -> to
     # A tokenizer saved without model_max_length reports a huge sentinel; the text encoder's
     # position table is the real limit (77 for every SD).
     length = min(parts.tokenizer.model_max_length, parts.text_encoder.config.max_position_embeddings)
-    ids = parts.tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids.to(device)
+    ids = parts.tokenizer(
+        captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
     return parts.text_encoder(ids)[0]
 
 

@@ -34,7 +34,13 @@ def write_topology(path: Path, strategy: Strategy, info: DistInfo, run: dict) ->
     process: accelerate can silently run unsharded, so a run states what it did. Collective."""
     ranks = all_gather_object({"rank": info.rank, **strategy.topology()})
     if info.is_main:
-        topo = {"world_size": info.world_size, "backend": dist.get_backend(), "strategy": run["strategy"],
-                "zero_stage": run["zero_stage"], "device": str(info.device), "grad_accum_steps": run["grad_accum_steps"],
-                "ranks": ranks}
+        topo = {
+            "world_size": info.world_size,
+            "backend": dist.get_backend(),
+            "strategy": run["strategy"],
+            "zero_stage": run["zero_stage"],
+            "device": str(info.device),
+            "grad_accum_steps": run["grad_accum_steps"],
+            "ranks": ranks,
+        }
         Path(path).write_text(json.dumps(topo, indent=1))

@@ -3,8 +3,8 @@
 `dist.strategy=deepspeed` (or `auto` under `accelerate launch --config_file
 launch/accelerate/zero3.yaml`). The sd-train config is the one source of the DeepSpeed settings:
 `deepspeed_config()` derives batch sizes, accumulation and clipping from it, and
-`DeepSpeedStrategy.wrap` hands that dict to `accelerate.DeepSpeedPlugin`. Unlike FSDP, accelerate's DeepSpeed path does run on CPU
-(over gloo), so CI exercises the same engine the GPU runs use.
+`DeepSpeedStrategy.wrap` hands that dict to `accelerate.DeepSpeedPlugin`. Unlike FSDP, accelerate's
+DeepSpeed path does run on CPU (over gloo), so CI exercises the same engine the GPU runs use.
 
 What ZeRO partitions, and where the EMA lives:
 - ZeRO-3: every parameter is a 1-D partition `p.ds_tensor` of ceil(numel / world) elements per
@@ -75,7 +75,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int) -> dict:
 def _prepare_environment(info: DistInfo) -> None:
     # DeepSpeed 0.19 calls torch.distributed.all_gather_into_tensor / reduce_scatter_tensor, which
     # torch 2.13 marks deprecated: two warnings per rank per step otherwise.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning
+    )
     # On CPU DeepSpeed's first init_distributed compiles a shared-memory op with g++/ninja (50-70 s,
     # or a failure without a compiler). We run over gloo and never use it. The module must be
     # fetched with import_module: `import deepspeed.comm.torch as m` binds the torch package.
@@ -84,8 +86,11 @@ def _prepare_environment(info: DistInfo) -> None:
     # `accelerate launch` with a DeepSpeed config exports these; accelerate then refuses a config
     # dict ("variables will be ignored"). config.validate already checked they agree with ours.
     for k in list(os.environ):
-        if k.startswith("ACCELERATE_DEEPSPEED_") or k in ("ACCELERATE_CONFIG_DS_FIELDS", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
-                                                           "ACCELERATE_GRADIENT_CLIPPING"):
+        if k.startswith("ACCELERATE_DEEPSPEED_") or k in (
+            "ACCELERATE_CONFIG_DS_FIELDS",
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+            "ACCELERATE_GRADIENT_CLIPPING",
+        ):
             os.environ.pop(k)
 
 
@@ -166,7 +171,12 @@ class DeepSpeedStrategy(Strategy):
 
     def _ema_payload(self, ema) -> dict:
         shapes = {n: list(p.ds_shape if self.stage == 3 else p.shape) for n, p in ema.named_params}
-        return {"zero_stage": self.stage, "world_size": self.info.world_size, "shapes": shapes, "pieces": ema.local_state_dict()}
+        return {
+            "zero_stage": self.stage,
+            "world_size": self.info.world_size,
+            "shapes": shapes,
+            "pieces": ema.local_state_dict(),
+        }
 
     def missing_files(self, folder: Path) -> Optional[str]:
         rank = self.info.rank
@@ -178,8 +188,13 @@ class DeepSpeedStrategy(Strategy):
         return f"missing or empty {missing}" if missing else None
 
     def load(self, folder: Path, ema) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=ZERO_DIR, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False, load_module_strict=True)
+        path, _ = self.engine.load_checkpoint(
+            str(folder),
+            tag=ZERO_DIR,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=True,
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / ZERO_DIR}")
         payload = torch.load(ema_file(folder, self.info.rank), weights_only=False)
@@ -273,7 +288,9 @@ def offline_state(checkpoint: Path, weights: str) -> dict[str, torch.Tensor]:
     payloads = [torch.load(f, weights_only=False) for f in files]
     first = payloads[0]
     if len(payloads) != first["world_size"]:
-        raise FileNotFoundError(f"{checkpoint}: {len(payloads)} ema_rank_*.pt files for a world size of {first['world_size']}")
+        raise FileNotFoundError(
+            f"{checkpoint}: {len(payloads)} ema_rank_*.pt files for a world size of {first['world_size']}"
+        )
     out = {}
     for name, shape in first["shapes"].items():
         if first["zero_stage"] != 3:

@@ -74,7 +74,9 @@ class DTensorLayout:
         """The shard labelled as the global tensor it is a piece of, for DCP. The global shape and
         stride are passed because FSDP2 pads uneven shards."""
         if isinstance(p, DTensor):
-            return DTensor.from_local(shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+            return DTensor.from_local(
+                shard, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
+            )
         return shard
 
     def full(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,9 @@ class FSDPStrategy(Strategy):
         if self.name == "ddp":
             device_ids = [self.info.device.index] if self.info.device.type == "cuda" else None
             return DistributedDataParallel(unet, device_ids=device_ids)
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES[self.args.param_dtype], reduce_dtype=DTYPES[self.args.reduce_dtype])
+        mp = MixedPrecisionPolicy(
+            param_dtype=DTYPES[self.args.param_dtype], reduce_dtype=DTYPES[self.args.reduce_dtype]
+        )
         for unit in self.units(unet):
             fully_shard(unit, mesh=self.info.mesh, reshard_after_forward=self.args.reshard_after_forward, mp_policy=mp)
         # The root's params are needed again right at the start of backward: keep them gathered.

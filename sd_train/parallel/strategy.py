@@ -52,8 +52,9 @@ class Strategy(abc.ABC):
 
     # ---- one optimizer step ---------------------------------------------------------------------
 
-    def set_grad_sync(self, enabled: bool) -> None:
-        """Before each micro-batch's forward: reduce gradients only on the last one."""
+    def set_grad_sync(self, enabled: bool) -> None:  # noqa: B027 (a no-op where the engine decides itself)
+        """Before each micro-batch's forward: reduce gradients only on the last one. DeepSpeed
+        decides this itself from its accumulation count, so the default does nothing."""
 
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:

@@ -14,7 +14,7 @@ key (no other members, and no image):
   `sd_train_precompute`, what the arrays depend on (model fingerprint, resolution, crops).
 Arrays are float32 by default: then training is bitwise identical to online encoding (see below).
 `--dtype float16` halves the size (at 512 px: 231 KiB -> 116 KiB of text embeddings, 128 -> 64 KiB
-of posterior per sample) at a rounding error of ~2^-11 relative, which tests/test_precompute.py
+of posterior per sample) at a rounding error of ~2^-11 relative, which tests/e2e/test_precompute.py
 measures. `precompute.json` in the output folder records the model, resolution, dtype, shapes,
 VAE scaling_factor, text hidden size and the counts.
 
@@ -248,8 +248,12 @@ def precompute(
         "text_hidden_size": int(text_encoder.hidden_size),
         "source": src_spec,
         "shards": names,
-        "counts": {"samples_written": written, "samples_read": written + sum(log.counts.values()), "bad": log.counts,
-                   "bad_shards": log.shards},
+        "counts": {
+            "samples_written": written,
+            "samples_read": written + sum(log.counts.values()),
+            "bad": log.counts,
+            "bad_shards": log.shards,
+        },
         "load_seconds": round(start - t0, 3),
         "seconds": round(seconds, 3),
         "samples_per_s": round(written / seconds, 2) if seconds > 0 else None,
@@ -271,13 +275,17 @@ def main_precompute(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sd-train precompute", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="diffusers SD folder (its VAE, text encoder, tokenizer are used)")
     p.add_argument("--src", required=True, help="input image shards: any data.train_shards spec")
-    p.add_argument("--out", required=True, help="output folder: one shard per input shard, same names, + precompute.json")
+    p.add_argument(
+        "--out", required=True, help="output folder: one shard per input shard, same names, + precompute.json"
+    )
     p.add_argument("--resolution", type=int, required=True, help="training resolution (data.resolution)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per encoder call (x crops images)")
     p.add_argument("--crops", type=int, default=1, help="1: center crop; K>1: K seeded random crops per sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the random crops")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="float32: bitwise-exact training; float16: half size")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32", help="float32: bitwise-exact training; float16: half size"
+    )
     a = p.parse_args(argv)
     try:
         m = precompute(a.model, a.src, a.out, a.resolution, a.batch_size, a.crops, a.seed, a.device, a.dtype)
@@ -285,6 +293,8 @@ def main_precompute(argv: list[str]) -> int:
         print(f"sd-train precompute: {e}")
         return 2
     bad = {k: v for k, v in m["counts"]["bad"].items() if v}
-    print(f"wrote {m['counts']['samples_written']} samples in {len(m['shards'])} shards to {a.out} "
-          f"({m['samples_per_s']} samples/s on {a.device}); bad input skipped: {bad or 'none'}")
+    print(
+        f"wrote {m['counts']['samples_written']} samples in {len(m['shards'])} shards to {a.out} "
+        f"({m['samples_per_s']} samples/s on {a.device}); bad input skipped: {bad or 'none'}"
+    )
     return 0

@@ -196,7 +196,9 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def write_shards(samples: Sequence[Sample], out_dir: str, prefix: str, num_shards: int, image_format: str = "png") -> list[str]:
+def write_shards(
+    samples: Sequence[Sample], out_dir: str, prefix: str, num_shards: int, image_format: str = "png"
+) -> list[str]:
     """Write `samples` in order as `prefix-000000.tar`... (at most one shard per sample). Returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -396,7 +398,9 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-count", type=int, default=256, help="held-out samples in val-000000.tar (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val permutation (default 0)")
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding (default png)")
-    p.add_argument("--background", type=_parse_color, default=(255, 255, 255), help="fill behind transparency (default white)")
+    p.add_argument(
+        "--background", type=_parse_color, default=(255, 255, 255), help="fill behind transparency (default white)"
+    )
 
 
 def _summary(manifest: dict[str, Any], out_dir: str, seconds: float) -> str:
@@ -417,7 +421,14 @@ def main_prepare_emoji(argv: list[str]) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     manifest = prepare_emoji(
-        args.out, args.resolution, args.num_train_shards, args.val_count, args.seed, args.limit, args.format, args.background
+        args.out,
+        args.resolution,
+        args.num_train_shards,
+        args.val_count,
+        args.seed,
+        args.limit,
+        args.format,
+        args.background,
     )
     print(_summary(manifest, args.out, time.perf_counter() - t0))
     return 0
@@ -431,7 +442,14 @@ def main_prepare_folder(argv: list[str]) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     manifest = prepare_folder(
-        args.src, args.out, args.resolution, args.num_train_shards, args.val_count, args.seed, args.format, args.background
+        args.src,
+        args.out,
+        args.resolution,
+        args.num_train_shards,
+        args.val_count,
+        args.seed,
+        args.format,
+        args.background,
     )
     print(_summary(manifest, args.out, time.perf_counter() - t0))
     return 0

@@ -52,7 +52,13 @@ def largest_safe_decay(window_updates: int, tolerance: float) -> float:
 def variant_overrides(decay: float) -> dict[str, list[str]]:
     """The overrides that make each variant; they reset every EMA key a config might set, so the
     three runs differ only where the figure says they do."""
-    common = ["ema.enabled=true", "ema.warmup=false", "ema.window_from_tolerance=false", "ema.update_every=1", f"ema.decay={decay!r}"]
+    common = [
+        "ema.enabled=true",
+        "ema.warmup=false",
+        "ema.window_from_tolerance=false",
+        "ema.update_every=1",
+        f"ema.decay={decay!r}",
+    ]
     return {
         "no_ema": ["ema.enabled=false"],
         "ema_whole_run": [*common, "ema.step_start_ema=0"],
@@ -62,8 +68,15 @@ def variant_overrides(decay: float) -> dict[str, list[str]]:
 
 def late_window_updates(cfg: TrainConfig) -> int:
     """Updates in the late window of this run (what the default decay is computed for)."""
-    late = dataclasses.replace(cfg.ema, enabled=True, step_start_ema=None, window_from_tolerance=False,
-                               window_fraction=LATE_WINDOW_FRACTION, update_every=1, warmup=False)
+    late = dataclasses.replace(
+        cfg.ema,
+        enabled=True,
+        step_start_ema=None,
+        window_from_tolerance=False,
+        window_fraction=LATE_WINDOW_FRACTION,
+        update_every=1,
+        warmup=False,
+    )
     return plan_from_config(late, cfg.max_steps).num_updates
 
 
@@ -75,7 +88,9 @@ def resolved_configs(config: str, base: list[str], decay: float) -> dict[str, Tr
         cfg.validate(1)
         cfg = preflight(cfg, 1)
         if cfg.eval.every_steps <= 0 or not cfg.data.val_shards:
-            raise ConfigError("the quality figure needs the validation loss: set eval.every_steps > 0 and data.val_shards")
+            raise ConfigError(
+                "the quality figure needs the validation loss: set eval.every_steps > 0 and data.val_shards"
+            )
         out[name] = cfg
     return out
 
@@ -106,7 +121,10 @@ def final_val_losses(metrics_path: Path) -> dict[str, Any]:
 
 
 def print_report(rows: dict[str, dict[str, Any]]) -> None:
-    header = f"{'variant':<16} {'EMA window (steps)':>20} {'decay':>10} {'val/loss_raw':>13} {'val/loss_ema':>13} {'wall s':>7}"
+    header = (
+        f"{'variant':<16} {'EMA window (steps)':>20} {'decay':>10} "
+        f"{'val/loss_raw':>13} {'val/loss_ema':>13} {'wall s':>7}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in rows.items():
         window = f"{r['step_start_ema']}..{r['max_steps']}" if r["ema_enabled"] else "none"
@@ -116,17 +134,27 @@ def print_report(rows: dict[str, dict[str, Any]]) -> None:
     raws = {r["val/loss_raw"] for r in rows.values()}
     # The EMA never feeds back into training, so the raw weights (and their loss) should be the
     # same in all three runs; a difference means the runs did not see the same steps.
-    print(f"raw weights' val loss identical across the three runs: {'yes' if len(raws) == 1 else 'NO: ' + str(sorted(raws))}")
+    print(
+        "raw weights' val loss identical across the three runs: "
+        f"{'yes' if len(raws) == 1 else 'NO: ' + str(sorted(raws))}"
+    )
 
 
 def main_quality(argv: list[str]) -> int:
     """`sd-train quality`: train the demo model three ways (no EMA, EMA over the whole run, EMA over
     the last 3.5%) and compare the final held-out validation loss."""
-    p = argparse.ArgumentParser(prog="sd-train quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sd-train quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="configs/demo.yaml", help="the run to repeat three ways")
     p.add_argument("--steps", type=int, default=None, help="max_steps of every run (default: the config's)")
     p.add_argument("--out", default="runs/quality", help="OUT/VARIANT gets each run's output_dir; must not exist yet")
-    p.add_argument("--decay", type=float, default=None, help="EMA decay of both EMA variants (default: the largest the late window allows)")
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=None,
+        help="EMA decay of both EMA variants (default: the largest the late window allows)",
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value for all three runs")
     ns = p.parse_args(argv)
     base = list(ns.overrides) + ([f"max_steps={ns.steps}"] if ns.steps is not None else [])
@@ -140,12 +168,19 @@ def main_quality(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         if ns.decay is not None and "window" in locals():
-            print(f"(the late window has {window} updates: at ema.tolerance={cfg.ema.tolerance} its largest decay is {safe:.6g})", file=sys.stderr)
+            print(
+                f"(the late window has {window} updates: at ema.tolerance={cfg.ema.tolerance} its largest "
+                f"decay is {safe:.6g})",
+                file=sys.stderr,
+            )
         return 2
     taken = [str(out / name) for name in VARIANTS if (out / name).exists()]
     if taken:
-        print(f"sd-train quality: {taken} already exist (a rerun would resume or append to them); "
-              "pick another --out or delete them", file=sys.stderr)
+        print(
+            f"sd-train quality: {taken} already exist (a rerun would resume or append to them); "
+            "pick another --out or delete them",
+            file=sys.stderr,
+        )
         return 2
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
@@ -161,7 +196,17 @@ def main_quality(argv: list[str]) -> int:
             **final_val_losses(out / name / "metrics.jsonl"), "wall_s": wall,
         }  # fmt: skip
     print_report(rows)
-    print(json.dumps({"bench": "quality", "config": ns.config, "steps": configs["no_ema"].max_steps, "decay": decay, "variants": rows}))
+    print(
+        json.dumps(
+            {
+                "bench": "quality",
+                "config": ns.config,
+                "steps": configs["no_ema"].max_steps,
+                "decay": decay,
+                "variants": rows,
+            }
+        )
+    )
     return 0
 
 

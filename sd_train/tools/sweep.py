@@ -370,8 +370,9 @@ def slurm_array_script(sweep: Sweep, n_runs: int, out_root: Path, ns: argparse.N
             f"cd {q(str(repo))}",
             f"runs={q(str(out / RUNS_FILE))}",
             'line=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$runs")',
-            'if [[ -z $line ]]; then',
-            '    echo "sweep.sbatch: no line $((SLURM_ARRAY_TASK_ID + 1)) in $runs: rewrite it with sd-train sweep --slurm" >&2',
+            "if [[ -z $line ]]; then",
+            '    echo "sweep.sbatch: no line $((SLURM_ARRAY_TASK_ID + 1)) in $runs: rewrite it with '
+            'sd-train sweep --slurm" >&2',
             "    exit 2",
             "fi",
             "# The lines were written with Python's shlex.quote, so eval gives back the exact arguments.",
@@ -388,7 +389,10 @@ def write_slurm(sweep: Sweep, runs: list[Run], out_root: Path, ns: argparse.Name
     if not Path("launch/slurm/sd_train.sbatch").is_file():
         raise SweepError(f"launch/slurm/sd_train.sbatch not found in {Path.cwd()}: run from the repository root")
     if ns.submit and shutil.which("sbatch") is None:
-        raise SweepError("--submit: sbatch not found on PATH. Run this on a SLURM login node, or drop --submit and submit the script there")
+        raise SweepError(
+            "--submit: sbatch not found on PATH. Run this on a SLURM login node, or drop --submit and "
+            "submit the script there"
+        )
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / RUNS_FILE).write_text("".join(shlex.join(run.overrides) + "\n" for run in runs))
     script = out_root / ARRAY_SCRIPT
@@ -422,9 +426,19 @@ def wandb_sweep_config(sweep: Sweep, out_root: Path, extra: list[str]) -> dict[s
         "method": sweep.method,
         "parameters": parameters,
         "command": [
-            "bash", "-c", per_run, "sd-train-sweep",
-            "${env}", "python", "${program}", "--config", sweep.base_config, "${args_no_hyphens}",
-            "metrics.wandb=true", f"metrics.wandb_group={sweep.name}", *extra,
+            "bash",
+            "-c",
+            per_run,
+            "sd-train-sweep",
+            "${env}",
+            "python",
+            "${program}",
+            "--config",
+            sweep.base_config,
+            "${args_no_hyphens}",
+            "metrics.wandb=true",
+            f"metrics.wandb_group={sweep.name}",
+            *extra,
         ],
     }
     if sweep.method == "random":
@@ -446,7 +460,10 @@ def write_wandb(sweep: Sweep, out_root: Path, extra: list[str]) -> int:
     out_root.mkdir(parents=True, exist_ok=True)
     path = out_root / WANDB_FILE
     path.write_text(yaml.safe_dump(config, sort_keys=False, width=1 << 30))
-    print(f"wrote {path}\nthen, from the repository root:\n  wandb sweep --project {config['project']} {path}\n  wandb agent <sweep id it prints>")
+    print(
+        f"wrote {path}\nthen, from the repository root:\n  wandb sweep --project {config['project']} "
+        f"{path}\n  wandb agent <sweep id it prints>"
+    )
     return 0
 
 
@@ -472,7 +489,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1, help="with --slurm: nodes per run (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="with --slurm: GPUs per node (default 8)")
     p.add_argument("--max-parallel", type=int, help="with --slurm: at most this many runs at once (--array=0-N%%K)")
-    p.add_argument("--sbatch-arg", action="append", default=[], help="with --slurm: extra #SBATCH line, e.g. --sbatch-arg=--partition=gpu")
+    p.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        help="with --slurm: extra #SBATCH line, e.g. --sbatch-arg=--partition=gpu",
+    )
     return p
 
 

@@ -88,7 +88,9 @@ def _normalize_caption(text: str) -> str:
 def _learn_merges(captions: list[str], num_merges: int) -> list[tuple[str, str]]:
     """BPE merges learnt by `tokenizers` with CLIP's normalizer, pre-tokenizer and `</w>` suffix."""
     tok = Tokenizer(BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
@@ -315,7 +317,13 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 def pretrain_vae(
-    vae: Any, images: torch.Tensor, steps: int, seed: int, batch: int = VAE_BATCH, lr: float = VAE_LR, log_every: int = 100
+    vae: Any,
+    images: torch.Tensor,
+    steps: int,
+    seed: int,
+    batch: int = VAE_BATCH,
+    lr: float = VAE_LR,
+    log_every: int = 100,
 ) -> float:
     """Train `vae` in place on uint8 `images`: MSE reconstruction + VAE_KL_WEIGHT x KL, AdamW.
 
@@ -358,13 +366,20 @@ def latent_stats(vae: Any, images: torch.Tensor, seed: int, batch: int = 64) -> 
         samples.append(posterior.sample(generator=gen))
         means.append(posterior.mean)
     z, m = torch.cat(samples), torch.cat(means)
-    return {"sample_mean": float(z.mean()), "sample_std": float(z.std()), "mode_mean": float(m.mean()), "mode_std": float(m.std())}
+    return {
+        "sample_mean": float(z.mean()),
+        "sample_std": float(z.std()),
+        "mode_mean": float(m.mean()),
+        "mode_std": float(m.std()),
+    }
 
 
 # --------------------------------------------------------------------------- the build
 
 
-def _build_vae(train_images: torch.Tensor, val_images: torch.Tensor, resolution: int, vae_steps: int, seed: int) -> tuple[Any, dict[str, Any]]:
+def _build_vae(
+    train_images: torch.Tensor, val_images: torch.Tensor, resolution: int, vae_steps: int, seed: int
+) -> tuple[Any, dict[str, Any]]:
     """Build, pretrain and scale the VAE; returns it and the vae_report.json content."""
     vae = build_vae(resolution, seed + 1)
     psnr_before = vae_psnr(vae, val_images)
@@ -392,7 +407,9 @@ def _build_vae(train_images: torch.Tensor, val_images: torch.Tensor, resolution:
     return vae, report
 
 
-def build_tiny_sd(data_dir: str, out_dir: str, resolution: int = 32, vae_steps: int = VAE_STEPS, seed: int = 0) -> dict[str, Any]:
+def build_tiny_sd(
+    data_dir: str, out_dir: str, resolution: int = 32, vae_steps: int = VAE_STEPS, seed: int = 0
+) -> dict[str, Any]:
     """Build the tiny SD folder in `out_dir` from the prepared shards in `data_dir`.
 
     Returns sd_train_tiny.json's content. Same seed and data -> bitwise-same weights (the VAE
@@ -437,7 +454,16 @@ def build_tiny_sd(data_dir: str, out_dir: str, resolution: int = 32, vae_steps: 
     return summary
 
 
-def _summary(data_dir: str, resolution: int, seed: int, tokenizer: Any, text_encoder: Any, vae: Any, unet: Any, report: dict[str, Any]) -> dict[str, Any]:
+def _summary(
+    data_dir: str,
+    resolution: int,
+    seed: int,
+    tokenizer: Any,
+    text_encoder: Any,
+    vae: Any,
+    unet: Any,
+    report: dict[str, Any],
+) -> dict[str, Any]:
     """sd_train_tiny.json: what was built, from what, and how big."""
     params = {"unet": count_params(unet), "vae": count_params(vae), "text_encoder": count_params(text_encoder)}
     return {
@@ -451,7 +477,11 @@ def _summary(data_dir: str, resolution: int, seed: int, tokenizer: Any, text_enc
         "vae_scaling_factor": report["scaling_factor"],
         "vae_psnr_db": report["psnr_db"],
         "unet_block_out_channels": list(unet.config.block_out_channels),
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
     }
 
 
@@ -461,7 +491,9 @@ def main_build_tiny(argv: list[str]) -> int:
     p.add_argument("--data", default="data/emoji", help="folder written by `sd-train prepare-emoji` / `prepare`")
     p.add_argument("--out", default="models/tiny-sd", help="output diffusers folder")
     p.add_argument("--resolution", type=int, default=32, help="training resolution in pixels (latent = resolution/2)")
-    p.add_argument("--vae-steps", type=int, default=VAE_STEPS, help=f"VAE pretraining steps of batch {VAE_BATCH} (0 skips)")
+    p.add_argument(
+        "--vae-steps", type=int, default=VAE_STEPS, help=f"VAE pretraining steps of batch {VAE_BATCH} (0 skips)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every random init and of VAE batches")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -470,7 +502,8 @@ def main_build_tiny(argv: list[str]) -> int:
         report = json.load(f)
     n = summary["params"]
     print(
-        f"built {args.out} in {time.perf_counter() - t0:.0f}s: unet {n['unet']:,} vae {n['vae']:,} text {n['text_encoder']:,} params; "
+        f"built {args.out} in {time.perf_counter() - t0:.0f}s: unet {n['unet']:,} vae {n['vae']:,} text "
+        f"{n['text_encoder']:,} params; "
         f"VAE PSNR {report['psnr_db_before']:.1f} -> {report['psnr_db']:.1f} dB after {report['steps']} steps "
         f"({report['seconds']:.0f}s); scaling_factor {report['scaling_factor']:.4f}"
     )

@@ -73,7 +73,9 @@ def test_prepare_emoji_layout_split_and_determinism(tmp_path: Path) -> None:
     for name in man["train_shards"] + man["val_shards"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # A different seed draws a different held-out set.
-    other = prepare.prepare_emoji(str(tmp_path / "c"), resolution=16, num_train_shards=3, val_count=10, seed=2, limit=64)
+    other = prepare.prepare_emoji(
+        str(tmp_path / "c"), resolution=16, num_train_shards=3, val_count=10, seed=2, limit=64
+    )
     assert other["counts"]["val"] == 10
     assert set(_captions([str(tmp_path / "c" / "val-000000.tar")])) != val_keys
 
@@ -118,7 +120,9 @@ def _write_folder(src: Path) -> None:
 def test_prepare_folder(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     _write_folder(src)
-    man = prepare.prepare_folder(str(src), str(out), resolution=8, num_train_shards=2, val_count=1, seed=0, image_format="png")
+    man = prepare.prepare_folder(
+        str(src), str(out), resolution=8, num_train_shards=2, val_count=1, seed=0, image_format="png"
+    )
     assert man["counts"] == {"total": 4, "train": 3, "val": 1, "skipped_no_caption": 1}
     assert man["skipped_no_caption"] == ["d_nocap.png"]
     paths = [str(out / n) for n in man["train_shards"] + man["val_shards"]]
@@ -155,7 +159,9 @@ def test_prepare_folder_rejects_bad_val_count(tmp_path: Path) -> None:
 
 
 def test_cli_prepare_emoji(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = prepare.main_prepare_emoji(["--out", str(tmp_path), "--resolution", "8", "--limit", "20", "--val-count", "4", "--num-train-shards", "2"])
+    rc = prepare.main_prepare_emoji(
+        ["--out", str(tmp_path), "--resolution", "8", "--limit", "20", "--val-count", "4", "--num-train-shards", "2"]
+    )
     assert rc == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("wrote 16 train samples in 2 shards + 4 val")

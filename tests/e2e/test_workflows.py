@@ -9,20 +9,39 @@ import tarfile
 from pathlib import Path
 
 import torch
+from launch import run
 from reference import assert_logged_val_matches_export
 from test_train import train_cmd, unet_weights
 
-from launch import run
-
-FAST = ["eval.every_steps=0", "export_at_end=false", "max_steps=4", "ema.step_start_ema=2", "ema.tolerance=0.3", "checkpoint.every_steps=2"]
+FAST = [
+    "eval.every_steps=0",
+    "export_at_end=false",
+    "max_steps=4",
+    "ema.step_start_ema=2",
+    "ema.tolerance=0.3",
+    "checkpoint.every_steps=2",
+]
 
 
 def test_export_command_matches_training_export(straight_run, tmp_path):
     """`sd-train export` reads a 2-rank DCP checkpoint in one process, no process group, and
     writes the same EMA UNet the run exported at its end."""
     out = tmp_path / "pipe"
-    run([sys.executable, "-m", "sd_train", "export", "--checkpoint", str(straight_run / "checkpoints" / "step_00000016"),
-         "--out", str(out), "--weights", "ema"], timeout=120)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "sd_train",
+            "export",
+            "--checkpoint",
+            str(straight_run / "checkpoints" / "step_00000016"),
+            "--out",
+            str(out),
+            "--weights",
+            "ema",
+        ],
+        timeout=120,
+    )
     a, b = unet_weights(straight_run / "export" / "ema"), unet_weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     from diffusers import StableDiffusionPipeline
@@ -39,20 +58,62 @@ def test_logged_ema_val_loss_is_the_exported_ema(straight_run):
 def test_plan_mosaic_window_runs_short_window_refused(tiny_assets):
     """decay 0.9999 over the last 50,000 of 1.4M steps: 0.67% pre-window, accepted. The same decay
     over a 1,000-step window: refused, saying 90.5%."""
-    ok = run([sys.executable, "train.py", "--config", "configs/test.yaml", *tiny_assets["overrides"], "--plan",
-              "ema.decay=0.9999", "max_steps=1400000", "ema.step_start_ema=1350000", "ema.tolerance=0.01"], timeout=60)
+    ok = run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/test.yaml",
+            *tiny_assets["overrides"],
+            "--plan",
+            "ema.decay=0.9999",
+            "max_steps=1400000",
+            "ema.step_start_ema=1350000",
+            "ema.tolerance=0.01",
+        ],
+        timeout=60,
+    )
     assert "pre-window share      0.67%" in ok.stdout and "config OK" in ok.stdout
-    bad = run([sys.executable, "train.py", "--config", "configs/test.yaml", *tiny_assets["overrides"],
-               "ema.decay=0.9999", "max_steps=1400000", "ema.step_start_ema=1399000", "ema.tolerance=0.01"], timeout=60, check=False)
+    bad = run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/test.yaml",
+            *tiny_assets["overrides"],
+            "ema.decay=0.9999",
+            "max_steps=1400000",
+            "ema.step_start_ema=1399000",
+            "ema.tolerance=0.01",
+        ],
+        timeout=60,
+        check=False,
+    )
     assert bad.returncode == 2
     assert "90.5% of the final EMA would come from pre-window weights" in bad.stderr
 
 
 def test_local_sweep_two_runs(tiny_assets, tmp_path):
     sweep = tmp_path / "s.yaml"
-    sweep.write_text("name: tiny\nbase_config: configs/test.yaml\nmethod: grid\nparameters:\n  optim.lr: [1.0e-3, 5.0e-4]\n")
-    run([sys.executable, "-m", "sd_train", "sweep", str(sweep), "--local", "--out", str(tmp_path / "runs"), "--",
-         *tiny_assets["overrides"], *FAST], timeout=300)
+    sweep.write_text(
+        "name: tiny\nbase_config: configs/test.yaml\nmethod: grid\nparameters:\n  optim.lr: [1.0e-3, 5.0e-4]\n"
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "sd_train",
+            "sweep",
+            str(sweep),
+            "--local",
+            "--out",
+            str(tmp_path / "runs"),
+            "--",
+            *tiny_assets["overrides"],
+            *FAST,
+        ],
+        timeout=300,
+    )
     folders = sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
     assert len(folders) == 2
     for f in folders:
@@ -62,8 +123,14 @@ def test_local_sweep_two_runs(tiny_assets, tmp_path):
 
 def test_wandb_without_key_warns_once_and_trains(tiny_assets, tmp_path):
     out = tmp_path / "nokey"
-    proc = run(train_cmd(1, out, tiny_assets, *FAST, "metrics.wandb=true", "data.log_keys=false"), timeout=300,
-               WANDB_MODE="", WANDB_API_KEY="", WANDB_DIR=str(tmp_path), HOME=str(tmp_path))
+    proc = run(
+        train_cmd(1, out, tiny_assets, *FAST, "metrics.wandb=true", "data.log_keys=false"),
+        timeout=300,
+        WANDB_MODE="",
+        WANDB_API_KEY="",
+        WANDB_DIR=str(tmp_path),
+        HOME=str(tmp_path),
+    )
     assert proc.stderr.count("wandb disabled for this run") == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in r for r in rows)
@@ -79,7 +146,9 @@ def _corrupt_copy(assets: dict, dst: Path) -> tuple[dict, list[str]]:
     dst.mkdir()
     for t in sorted(assets["data"].glob("train-*.tar")):
         shutil.copy(t, dst / t.name)
-    cfg = load_config("configs/test.yaml", [*assets["overrides"], f"data.train_shards={dst}/train-{{000000..000007}}.tar"])
+    cfg = load_config(
+        "configs/test.yaml", [*assets["overrides"], f"data.train_shards={dst}/train-{{000000..000007}}.tar"]
+    )
     first, second, third = [Path(u) for u in build_train_loader(cfg, 0, 1).dataset.worker_shards(0, 0)[:3]]
     with tarfile.open(first) as tf:
         members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
@@ -95,14 +164,27 @@ def _corrupt_copy(assets: dict, dst: Path) -> tuple[dict, list[str]]:
             tf.addfile(m, io.BytesIO(data))
     second.write_bytes(second.read_bytes()[:700])
     third.unlink()
-    return {"undecodable": 2, "missing_caption": 1, "truncated": 1, "unreadable_shard": 1}, [first.name, second.name, third.name]
+    return {"undecodable": 2, "missing_caption": 1, "truncated": 1, "unreadable_shard": 1}, [
+        first.name,
+        second.name,
+        third.name,
+    ]
 
 
 def test_corrupted_data_trains_and_threshold_stops(tiny_assets, tmp_path):
     bad = tmp_path / "bad"
     expected, names = _corrupt_copy(tiny_assets, bad)
-    overrides = [*tiny_assets["overrides"], f"data.train_shards={bad}/train-{{000000..000007}}.tar", "data.max_bad_fraction=0.5",
-                 "eval.every_steps=0", "export_at_end=false", "max_steps=6", "checkpoint.every_steps=6", "ema.step_start_ema=4", "ema.tolerance=0.3"]
+    overrides = [
+        *tiny_assets["overrides"],
+        f"data.train_shards={bad}/train-{{000000..000007}}.tar",
+        "data.max_bad_fraction=0.5",
+        "eval.every_steps=0",
+        "export_at_end=false",
+        "max_steps=6",
+        "checkpoint.every_steps=6",
+        "ema.step_start_ema=4",
+        "ema.tolerance=0.3",
+    ]
     out = tmp_path / "ok"
     run([sys.executable, "train.py", "--config", "configs/test.yaml", *overrides, f"output_dir={out}"], timeout=300)
     summary = json.loads((out / "data_summary.json").read_text())
@@ -112,7 +194,19 @@ def test_corrupted_data_trains_and_threshold_stops(tiny_assets, tmp_path):
     assert summary["data/bad_empty_caption"] == 0 and summary["data/bad_missing_image"] == 0
     assert all(any(n in s for s in summary["data/bad_shards"]) for n in names)
 
-    stop = run([sys.executable, "train.py", "--config", "configs/test.yaml", *overrides, "data.max_bad_fraction=0.01",
-                "data.min_samples_for_bad_check=8", f"output_dir={tmp_path / 'stop'}"], timeout=300, check=False)
+    stop = run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/test.yaml",
+            *overrides,
+            "data.max_bad_fraction=0.01",
+            "data.min_samples_for_bad_check=8",
+            f"output_dir={tmp_path / 'stop'}",
+        ],
+        timeout=300,
+        check=False,
+    )
     assert stop.returncode == 1
     assert names[0] in stop.stderr and "data.max_bad_fraction" in stop.stderr

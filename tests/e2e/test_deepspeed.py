@@ -11,20 +11,40 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import BIN, REPO, free_port, run
 from reference import assert_logged_val_matches_export
 from safetensors.torch import load_file
 
-from launch import BIN, REPO, free_port, run
-
 # Window at step 8 of 12 with decay 0.5: 4 EMA updates, 0.5^4 = 6.25% pre-window share.
-COMMON = ["max_steps=12", "ema.step_start_ema=8", "ema.decay=0.5", "ema.tolerance=0.1", "checkpoint.keep_last_k=0",
-          "eval.every_steps=12", "metrics.log_every=2"]
+COMMON = [
+    "max_steps=12",
+    "ema.step_start_ema=8",
+    "ema.decay=0.5",
+    "ema.tolerance=0.1",
+    "checkpoint.keep_last_k=0",
+    "eval.every_steps=12",
+    "metrics.log_every=2",
+]
 
 
 def zero_cmd(stage: int, out: Path, assets: dict, *extra: str) -> list[str]:
-    return [str(BIN / "accelerate"), "launch", "--config_file", f"launch/accelerate/zero{stage}.yaml", "--num_processes", "2",
-            "--main_process_port", str(free_port()), str(REPO / "train.py"), "--config", "configs/test.yaml",
-            *assets["overrides"], *COMMON, f"output_dir={out}", *extra]
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        f"launch/accelerate/zero{stage}.yaml",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        str(REPO / "train.py"),
+        "--config",
+        "configs/test.yaml",
+        *assets["overrides"],
+        *COMMON,
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
 def exported(out: Path, weights: str) -> dict[str, torch.Tensor]:
@@ -75,7 +95,12 @@ def straight_and_resumed(stage: int, assets: dict, tmp_path: Path, every: int, *
 
 def check_topology(out: Path, stage: int) -> dict:
     topo = json.loads((out / "topology.json").read_text())
-    assert (topo["world_size"], topo["strategy"], topo["zero_stage"], topo["backend"]) == (2, "deepspeed", stage, "gloo")
+    assert (topo["world_size"], topo["strategy"], topo["zero_stage"], topo["backend"]) == (
+        2,
+        "deepspeed",
+        stage,
+        "gloo",
+    )
     assert [r["rank"] for r in topo["ranks"]] == [0, 1]
     return topo
 
@@ -124,7 +149,9 @@ def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
 def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     # A NaN loss on rank 1 at step 5: DeepSpeed sees non-finite reduced gradients on every rank and
     # skips the step everywhere; the trainer retries step 5 with the next batch.
-    a, proc = straight_and_resumed(2, tiny_assets, tmp_path, every=4, SD_TRAIN_FAULT="rank=1,step=5,phase=mid_step,action=nan")
+    a, proc = straight_and_resumed(
+        2, tiny_assets, tmp_path, every=4, SD_TRAIN_FAULT="rank=1,step=5,phase=mid_step,action=nan"
+    )
     assert "step 5: non-finite loss/gradient on rank(s) [1]; step skipped" in proc.stdout
     summary = json.loads((a / "data_summary.json").read_text())
     assert (summary["step"], summary["skipped_steps"]) == (12, 1)
@@ -132,7 +159,9 @@ def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     raw = exported(a, "raw")
     full_bytes = sum(t.numel() * 4 for t in raw.values())
     topo = check_topology(a, 2)
-    assert all(r["local_param_bytes"] == full_bytes and r["placements"][0].startswith("replicated") for r in topo["ranks"])
+    assert all(
+        r["local_param_bytes"] == full_bytes and r["placements"][0].startswith("replicated") for r in topo["ranks"]
+    )
     # ZeRO-2 keeps the EMA replicated (README): both ranks hold the same full tensors.
     pieces = [torch.load(step(a, 12) / f"ema_rank_{r}.pt", weights_only=False)["pieces"] for r in range(2)]
     assert_equal_states(pieces[0], pieces[1], "replicated EMA on rank 0 vs rank 1")
@@ -140,11 +169,29 @@ def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     assert_logged_val_matches_export(a, 12)
 
 
-@pytest.mark.parametrize("saved,fmt,world,match", [
-    ({"format": "zero", "world_size": 2}, "zero", 1, r"DeepSpeed ZeRO partitions of 2 ranks and this run has 1: .*Relaunch with 2 processes"),
-    ({"format": "zero", "world_size": 2}, "dcp", 2, r"written with dist.strategy=deepspeed but this run uses dist.strategy=fsdp2"),
-    ({"world_size": 2}, "zero", 2, r"written with dist.strategy=fsdp2 \(or ddp\) but this run uses dist.strategy=deepspeed"),
-])
+@pytest.mark.parametrize(
+    "saved,fmt,world,match",
+    [
+        (
+            {"format": "zero", "world_size": 2},
+            "zero",
+            1,
+            r"DeepSpeed ZeRO partitions of 2 ranks and this run has 1: .*Relaunch with 2 processes",
+        ),
+        (
+            {"format": "zero", "world_size": 2},
+            "dcp",
+            2,
+            r"written with dist.strategy=deepspeed but this run uses dist.strategy=fsdp2",
+        ),
+        (
+            {"world_size": 2},
+            "zero",
+            2,
+            r"written with dist.strategy=fsdp2 \(or ddp\) but this run uses dist.strategy=deepspeed",
+        ),
+    ],
+)
 def test_incompatible_checkpoint_refused_with_the_way_out(saved, fmt, world, match):
     """Refused outright (not 'broken, try the previous one': every older folder is the same kind),
     naming the fix. A DCP checkpoint on another world size is fine: it reshards."""

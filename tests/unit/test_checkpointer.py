@@ -53,12 +53,25 @@ class Run:
         module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
         self.strategy = FSDPStrategy(DistArgs(strategy="fsdp2"), info, 0.0, lambda m: [m[0]])
         self.strategy.wrap(module, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
-        self.ema = ShardedEMA(self.strategy.module, plan_from_config(EMAArgs(decay=0.5, step_start_ema=2, tolerance=0.9), 10),
-                              self.strategy.ema_layout())
+        self.ema = ShardedEMA(
+            self.strategy.module,
+            plan_from_config(EMAArgs(decay=0.5, step_start_ema=2, tolerance=0.9), 10),
+            self.strategy.ema_layout(),
+        )
         self.train, self.data = Counter(), Counter()
         args = CheckpointArgs(every_steps=1, **ckpt)
-        self.ckpt = Checkpointer(args, str(out), 0, 1, 10, self.strategy, self.ema, {"train": self.train},
-                                 {"data": self.data}, config={"note": "test"})
+        self.ckpt = Checkpointer(
+            args,
+            str(out),
+            0,
+            1,
+            10,
+            self.strategy,
+            self.ema,
+            {"train": self.train},
+            {"data": self.data},
+            config={"note": "test"},
+        )
 
     def step(self, step: int) -> None:
         x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
@@ -100,8 +113,11 @@ def test_load_restores_every_registered_state(info, tmp_path):
     a = Run(info, tmp_path, keep_last_k=0)
     for s in range(1, 6):
         a.step(s)
-    weights, ema, momentum = a.weights(), a.ema_weights(), {
-        k: v["momentum_buffer"].full_tensor().clone() for k, v in a.strategy.optimizer.state_dict()["state"].items()}
+    weights, ema, momentum = (
+        a.weights(),
+        a.ema_weights(),
+        {k: v["momentum_buffer"].full_tensor().clone() for k, v in a.strategy.optimizer.state_dict()["state"].items()},
+    )
     b = Run(info, tmp_path, keep_last_k=0)
     loaded = b.ckpt.load()
     assert (loaded.step, loaded.saved_world_size, loaded.folder) == (5, 1, step_dir(tmp_path / "checkpoints", 5))

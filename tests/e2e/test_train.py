@@ -7,15 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
 from launch import REPO, run, torchrun_cmd
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 TRAIN = str(REPO / "train.py")
 # 16 steps x 8 samples = 128 = exactly one epoch of the fixture's train split. Evaluation every 3
 # steps: raw and EMA evaluations (steps 12 and 15) fall between training steps inside the window.
-COMMON = ["max_steps=16", "ema.step_start_ema=10", "ema.decay=0.5", "ema.tolerance=0.3", "checkpoint.every_steps=4",
-          "checkpoint.keep_last_k=0", "eval.every_steps=3", "data.log_keys=true", "metrics.log_every=4"]
+COMMON = [
+    "max_steps=16",
+    "ema.step_start_ema=10",
+    "ema.decay=0.5",
+    "ema.tolerance=0.3",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last_k=0",
+    "eval.every_steps=3",
+    "data.log_keys=true",
+    "metrics.log_every=4",
+]
 
 
 def train_cmd(nproc: int, out: Path, assets: dict, *extra: str) -> list[str]:
@@ -86,8 +94,12 @@ def test_two_ranks_resume_exact_and_reshard(tiny_assets, straight_run, tmp_path)
 
     # B: SIGTERM at step 6 (before the window), then relaunch; wandb offline continues its run.
     b = tmp_path / "b"
-    first = run(train_cmd(2, b, tiny_assets, "metrics.wandb=true"), timeout=300, WANDB_MODE="offline",
-                SD_TRAIN_FAULT="rank=1,step=6,phase=mid_step,action=term")
+    first = run(
+        train_cmd(2, b, tiny_assets, "metrics.wandb=true"),
+        timeout=300,
+        WANDB_MODE="offline",
+        SD_TRAIN_FAULT="rank=1,step=6,phase=mid_step,action=term",
+    )
     assert "preempted (SIGTERM)" in first.stdout
     assert (b / "checkpoints" / "step_00000006" / ".metadata").is_file()
     run_id = (b / "wandb_run_id.txt").read_text()
@@ -99,7 +111,9 @@ def test_two_ranks_resume_exact_and_reshard(tiny_assets, straight_run, tmp_path)
 
     # C: kill -9 of rank 1 mid-step 14 (inside the window; newest complete checkpoint: 12).
     c = tmp_path / "c"
-    crashed = run(train_cmd(2, c, tiny_assets), timeout=300, check=False, SD_TRAIN_FAULT="rank=1,step=14,phase=mid_step")
+    crashed = run(
+        train_cmd(2, c, tiny_assets), timeout=300, check=False, SD_TRAIN_FAULT="rank=1,step=14,phase=mid_step"
+    )
     assert crashed.returncode != 0
     assert not (c / "checkpoints" / "step_00000016").exists()
     resumed = run(train_cmd(2, c, tiny_assets), timeout=300)
@@ -122,7 +136,9 @@ def test_evaluation_leaves_training_unchanged(tiny_assets, straight_run, tmp_pat
     run with evaluation off ends with every checkpoint tensor equal, and the same per-step losses."""
     e = tmp_path / "e"
     run(train_cmd(2, e, tiny_assets, "eval.every_steps=0", "export_at_end=false"), timeout=300)
-    assert_states_equal(full_state(straight_run / "checkpoints" / "step_00000016"), full_state(e / "checkpoints" / "step_00000016"))
+    assert_states_equal(
+        full_state(straight_run / "checkpoints" / "step_00000016"), full_state(e / "checkpoints" / "step_00000016")
+    )
 
     def losses(out: Path) -> dict:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

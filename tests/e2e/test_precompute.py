@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from launch import REPO, run
+
 from sd_train.config import ConfigError, ModelArgs, load_config
 from sd_train.data.bad_input import BadInputLog
 from sd_train.data.decode import ImageTransform, decode_image_sample, stack_pixels
@@ -160,7 +160,9 @@ def test_bad_input_counted_and_random_crops(tiny_assets, tmp_path):
 
 
 def _cfg(tiny_assets, spec: str, *extra: str):
-    return load_config("configs/test.yaml", [*tiny_assets["overrides"], "data.precomputed=true", f"data.train_shards={spec}", *extra])
+    return load_config(
+        "configs/test.yaml", [*tiny_assets["overrides"], "data.precomputed=true", f"data.train_shards={spec}", *extra]
+    )
 
 
 def test_mismatched_config_refused_with_field_named(tiny_assets, latents, tmp_path):
@@ -196,16 +198,33 @@ def test_training_on_precomputed_equals_online(tiny_assets, latents, tmp_path):
     out, _ = latents
     # ddp: the encode path does not depend on the strategy, and FSDP2's first AdamW step spends
     # ~10-30 s in DTensor sharding propagation on CPU, which would triple this test's time.
-    common = ["--config", "configs/test.yaml", *tiny_assets["overrides"], "max_steps=4", "eval.every_steps=0",
-              "metrics.log_every=1", "data.shuffle_buffer=0", "ema.enabled=false", "export_at_end=false",
-              "data.log_keys=true", "dist.strategy=ddp"]
+    common = [
+        "--config",
+        "configs/test.yaml",
+        *tiny_assets["overrides"],
+        "max_steps=4",
+        "eval.every_steps=0",
+        "metrics.log_every=1",
+        "data.shuffle_buffer=0",
+        "ema.enabled=false",
+        "export_at_end=false",
+        "data.log_keys=true",
+        "dist.strategy=ddp",
+    ]
     runs = {
         "online": [f"output_dir={tmp_path / 'online'}"],
-        "precomputed": [f"output_dir={tmp_path / 'precomputed'}", "data.precomputed=true",
-                        f"data.train_shards={out}/train-{{000000..000007}}.tar"],
+        "precomputed": [
+            f"output_dir={tmp_path / 'precomputed'}",
+            "data.precomputed=true",
+            f"data.train_shards={out}/train-{{000000..000007}}.tar",
+        ],
     }
     with ThreadPoolExecutor(2) as pool:  # two single-threaded processes on two cores
-        list(pool.map(lambda extra: run([sys.executable, str(REPO / "train.py"), *common, *extra], timeout=240), runs.values()))
+        list(
+            pool.map(
+                lambda extra: run([sys.executable, str(REPO / "train.py"), *common, *extra], timeout=240), runs.values()
+            )
+        )
     online, pre = _losses(tmp_path / "online"), _losses(tmp_path / "precomputed")
     assert sorted(online) == [1, 2, 3, 4]
     assert pre == online  # bitwise: same batches, same posterior draws, same noise

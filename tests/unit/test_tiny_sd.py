@@ -73,7 +73,11 @@ def test_parts_load_like_the_trainer(built: tuple[str, dict], caplog: pytest.Log
     assert unet.config.sample_size == 8 and unet.config.cross_attention_dim == text.config.hidden_size
     assert vae.config.scaling_factor == pytest.approx(summary["vae_scaling_factor"])
     assert summary["params"]["unet"] == sum(p.numel() for p in unet.parameters())
-    assert (sched.config.beta_schedule, sched.config.beta_start, sched.config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert (sched.config.beta_schedule, sched.config.beta_start, sched.config.beta_end) == (
+        "scaled_linear",
+        0.00085,
+        0.012,
+    )
     assert sched.config.prediction_type == "epsilon" and sched.config.steps_offset == 1
     assert DDIMScheduler.from_config(sched.config).config.set_alpha_to_one is False
     with open(os.path.join(out, "vae_report.json")) as f:
@@ -87,7 +91,9 @@ def test_text_encoder_gives_distinct_embeddings(built: tuple[str, dict]) -> None
     out, _ = built
     tok = CLIPTokenizer.from_pretrained(out, subfolder="tokenizer")
     text = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
-    ids = tok(["an emoji of hamburger", "an emoji of red heart", ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = tok(
+        ["an emoji of hamburger", "an emoji of red heart", ""], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         emb = text(ids).last_hidden_state
     assert emb.shape == (3, 77, 64)
@@ -100,7 +106,14 @@ def test_pipeline_reloads_offline_and_generates(built: tuple[str, dict]) -> None
     out, _ = built
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    result = pipe("an emoji of hamburger", num_inference_steps=1, height=16, width=16, output_type="np", generator=torch.Generator().manual_seed(0))
+    result = pipe(
+        "an emoji of hamburger",
+        num_inference_steps=1,
+        height=16,
+        width=16,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert result.images.shape == (1, 16, 16, 3)
 
 
@@ -125,7 +138,9 @@ def test_seeded_build_is_bitwise_reproducible(data_dir: str, built: tuple[str, d
 
 
 def test_cli_vae_steps_zero(data_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = tiny_sd.main_build_tiny(["--data", data_dir, "--out", str(tmp_path / "m"), "--resolution", "16", "--vae-steps", "0"])
+    rc = tiny_sd.main_build_tiny(
+        ["--data", data_dir, "--out", str(tmp_path / "m"), "--resolution", "16", "--vae-steps", "0"]
+    )
     assert rc == 0
     assert "VAE PSNR" in capsys.readouterr().out
     with open(tmp_path / "m" / "sd_train_tiny.json") as f:
@@ -134,10 +149,18 @@ def test_cli_vae_steps_zero(data_dir: str, tmp_path: Path, capsys: pytest.Captur
 
 def test_train_tokenizer_handles_long_and_odd_captions(tmp_path: Path) -> None:
     long_caption = " ".join(["a very long caption"] * 40)  # > 77 tokens: truncated, still 77 ids
-    captions = ["an emoji of Côte d’Ivoire", "an emoji of keycap: #", "an   emoji\tof  man-technologist", long_caption] * 3
+    captions = [
+        "an emoji of Côte d’Ivoire",
+        "an emoji of keycap: #",
+        "an   emoji\tof  man-technologist",
+        long_caption,
+    ] * 3
     tok = tiny_sd.train_tokenizer(captions, str(tmp_path), num_merges=20)
     assert len((tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()) == 1 + 20
     assert len(tok) <= 512 + 20 + 2  # two merges that spell the same token share one id
     ids = tok(long_caption, padding="max_length", max_length=77, truncation=True).input_ids
     assert len(ids) == 77 and ids[-1] == tok.eos_token_id
-    assert tok.decode(tok("an emoji of Côte d’Ivoire").input_ids, skip_special_tokens=True) == "an emoji of côte d ’ ivoire"
+    assert (
+        tok.decode(tok("an emoji of Côte d’Ivoire").input_ids, skip_special_tokens=True)
+        == "an emoji of côte d ’ ivoire"
+    )

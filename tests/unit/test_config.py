@@ -17,7 +17,7 @@ from sd_train.config import (
 from sd_train.paths import step_dir
 from sd_train.preflight import preflight
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_precedence_defaults_yaml_overrides(tmp_path):
@@ -98,8 +98,15 @@ def machine(tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
     (ckpt / ".metadata").write_bytes(b"")
-    return [f"model.pretrained_path={model}", f"data.train_shards={shards}", "data.val_shards=",
-            f"output_dir={tmp_path / 'run'}", "max_steps=100", "ema.decay=0.5", "ema.step_start_ema=50"]
+    return [
+        f"model.pretrained_path={model}",
+        f"data.train_shards={shards}",
+        "data.val_shards=",
+        f"output_dir={tmp_path / 'run'}",
+        "max_steps=100",
+        "ema.decay=0.5",
+        "ema.step_start_ema=50",
+    ]
 
 
 def test_preflight_resolves_without_mutating(machine):
@@ -130,6 +137,11 @@ def test_preflight_does_not_import_torch(machine):
         "assert cfg.checkpoint.load_step == 4; "
         "assert 'torch' not in sys.modules, 'preflight imported torch'"
     )
-    proc = subprocess.run([sys.executable, "-c", code, *machine, "checkpoint.load_step=4"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *machine, "checkpoint.load_step=4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr

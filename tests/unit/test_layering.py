@@ -17,8 +17,17 @@ LAYERS: list[tuple[str, ...]] = [
     ("sd_train.entry",),
     ("sd_train.trainer", "sd_train.preflight"),
     ("sd_train.evaluation", "sd_train.metrics", "sd_train.checkpoint", "sd_train.export"),
-    ("sd_train.parallel", "sd_train.data", "sd_train.model", "sd_train.ema", "sd_train.ema_plan",
-     "sd_train.objective", "sd_train.optim", "sd_train.rng", "sd_train.faults"),
+    (
+        "sd_train.parallel",
+        "sd_train.data",
+        "sd_train.model",
+        "sd_train.ema",
+        "sd_train.ema_plan",
+        "sd_train.objective",
+        "sd_train.optim",
+        "sd_train.rng",
+        "sd_train.faults",
+    ),
     ("sd_train.config",),
     ("sd_train.errors", "sd_train.paths", "sd_train"),
 ]
@@ -105,7 +114,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
             elif nxt not in state:
                 walk(nxt, path + [nxt])
         state[node] = 2
@@ -141,5 +150,7 @@ def test_startup_modules_stay_torch_free(module):
     import subprocess
     import sys
 
-    code = f"import sys, {module}; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]"
+    code = (
+        f"import sys, {module}; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT.parent)

@@ -1,4 +1,4 @@
-"""Run under torchrun with 1 or 2 ranks (tests/test_distributed.py does). For FSDP2 and DDP, trains a
+"""Run under torchrun with 1 or 2 ranks (tests/e2e/test_distributed.py does). For FSDP2 and DDP, trains a
 tiny UNet a few SGD steps through sd_train's own sharding and EMA, then checks what evaluation
 consumes: the forward with the EMA swapped in, against an independent reference, a plain unwrapped
 UNet loaded with the gathered EMA weights.

@@ -8,13 +8,21 @@ from sd_train.objective import DiffusionObjective
 
 
 def sd_scheduler(prediction_type="epsilon"):
-    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
-                         prediction_type=prediction_type, clip_sample=False)
+    return DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
 
 
 def make(prediction_type="epsilon", **kw):
     sched = sd_scheduler(prediction_type)
-    return sched, DiffusionObjective(ObjectiveArgs(prediction_type=prediction_type, **kw), sched.alphas_cumprod, torch.zeros(1, 3, 8))
+    return sched, DiffusionObjective(
+        ObjectiveArgs(prediction_type=prediction_type, **kw), sched.alphas_cumprod, torch.zeros(1, 3, 8)
+    )
 
 
 def test_add_noise_and_velocity_match_diffusers():

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+from launch import run
 from test_train import assert_states_equal, full_state, train_cmd
 
-from launch import run
 from sd_train.paths import complete_steps
 
 pytestmark = pytest.mark.multiproc
@@ -51,7 +51,9 @@ def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_pa
     steps = complete_steps(ckpts(out))
     assert steps == [14, 16], f"keep_last_k=2 keeps the two newest complete checkpoints, got {steps}"
     assert not list(ckpts(out).glob(".*partial")), "stale partial folders are cleaned up"
-    assert_states_equal(full_state(straight_run / "checkpoints" / "step_00000016"), full_state(ckpts(out) / "step_00000016"))
+    assert_states_equal(
+        full_state(straight_run / "checkpoints" / "step_00000016"), full_state(ckpts(out) / "step_00000016")
+    )
 
 
 def test_truncated_shard_falls_back_then_refuses(tiny_assets, straight_run, tmp_path):
@@ -65,7 +67,9 @@ def test_truncated_shard_falls_back_then_refuses(tiny_assets, straight_run, tmp_
     proc = run(train_cmd(2, out, tiny_assets, *FAST), timeout=300)
     assert "could not be loaded" in proc.stdout and str(broken) in proc.stdout
     assert "resumed from" in proc.stdout and "step_00000008" in proc.stdout
-    assert_states_equal(full_state(straight_run / "checkpoints" / "step_00000016"), full_state(ckpts(out) / "step_00000016"))
+    assert_states_equal(
+        full_state(straight_run / "checkpoints" / "step_00000016"), full_state(ckpts(out) / "step_00000016")
+    )
 
     for step_dir in ckpts(out).glob("step_*"):
         for shard in step_dir.glob("__*_0.distcp"):
@@ -79,8 +83,11 @@ def test_nonfinite_steps_skipped_then_stop(tiny_assets, tmp_path):
     """A NaN loss on rank 1 only: every rank skips the step together (counter up, schedule and EMA
     untouched). Five in a row stop the run, naming step and rank, with no checkpoint written."""
     out = tmp_path / "nan"
-    proc = run(train_cmd(2, out, tiny_assets, *FAST, "max_steps=12", "checkpoint.every_steps=12"), timeout=300,
-               SD_TRAIN_FAULT="rank=1,step=11,phase=mid_step,action=nan")
+    proc = run(
+        train_cmd(2, out, tiny_assets, *FAST, "max_steps=12", "checkpoint.every_steps=12"),
+        timeout=300,
+        SD_TRAIN_FAULT="rank=1,step=11,phase=mid_step,action=nan",
+    )
     assert "step 11: non-finite loss/gradient on rank(s) [1]; step skipped" in proc.stdout
     import json
 
@@ -90,8 +97,12 @@ def test_nonfinite_steps_skipped_then_stop(tiny_assets, tmp_path):
     assert state["ema"]["num_updates"] == 2, "EMA: opened at 10, updated at 11 and 12 only"
 
     out2 = tmp_path / "nan5"
-    proc = run(train_cmd(2, out2, tiny_assets, *FAST, "max_steps=12", "checkpoint.every_steps=4"), timeout=300, check=False,
-               SD_TRAIN_FAULT="rank=0,step=3,phase=mid_step,action=nan,count=5")
+    proc = run(
+        train_cmd(2, out2, tiny_assets, *FAST, "max_steps=12", "checkpoint.every_steps=4"),
+        timeout=300,
+        check=False,
+        SD_TRAIN_FAULT="rank=0,step=3,phase=mid_step,action=nan,count=5",
+    )
     assert proc.returncode != 0
     assert "5 consecutive non-finite steps, the last at step 3 on rank(s) [0]" in proc.stdout + proc.stderr
     assert complete_steps(ckpts(out2)) == [], "no checkpoint is written once training diverged"
@@ -106,8 +117,12 @@ def test_hung_rank_exits_nonzero(tiny_assets, tmp_path):
     out = tmp_path / "hang"
     start = time.monotonic()
     try:
-        proc = run(train_cmd(2, out, tiny_assets, *FAST, "dist.timeout_s=10"), timeout=150, check=False,
-                   SD_TRAIN_FAULT="rank=1,step=3,phase=mid_step,action=hang")
+        proc = run(
+            train_cmd(2, out, tiny_assets, *FAST, "dist.timeout_s=10"),
+            timeout=150,
+            check=False,
+            SD_TRAIN_FAULT="rank=1,step=3,phase=mid_step,action=hang",
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the job hung past its collective timeout")
     assert proc.returncode != 0

@@ -12,8 +12,8 @@ from sd_train.config import MODEL_SUBFOLDERS, ConfigError
 from sd_train.entry import validated_config
 from sd_train.preflight import preflight
 
-ASSETS = Path(__file__).parent / "assets"
-REPO = Path(__file__).parents[1]
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +29,25 @@ def good(tmp_path_factory):
     tars = sorted(ASSETS.glob("*.tar"))
     for i, t in enumerate(tars[:4]):
         shutil.copy(t, shards / f"s-{i:06d}.tar")
-    return root, [f"model.pretrained_path={model}", f"data.train_shards={shards}/s-{{000000..000003}}.tar",
-                  f"data.val_shards={shards}/s-000000.tar", f"output_dir={root}/run"]
+    return root, [
+        f"model.pretrained_path={model}",
+        f"data.train_shards={shards}/s-{{000000..000003}}.tar",
+        f"data.val_shards={shards}/s-000000.tar",
+        f"output_dir={root}/run",
+    ]
 
 
 BAD = [
     (["global_batch_size=10"], "global_batch_size=10 is not divisible by"),
     (["ema.decay=1.5"], r"ema.decay=1.5 must be in \[0, 1\)"),
-    (["ema.decay=0.9999", "ema.step_start_ema=27572", "max_steps=28572", "ema.tolerance=0.01"], r"90\.5% of the final EMA would come from pre-window weights"),
-    (["checkpoint.resume=/no/such/step_00000010"], "checkpoint.resume='/no/such/step_00000010': no such checkpoint folder"),
+    (
+        ["ema.decay=0.9999", "ema.step_start_ema=27572", "max_steps=28572", "ema.tolerance=0.01"],
+        r"90\.5% of the final EMA would come from pre-window weights",
+    ),
+    (
+        ["checkpoint.resume=/no/such/step_00000010"],
+        "checkpoint.resume='/no/such/step_00000010': no such checkpoint folder",
+    ),
     (["checkpoint.load_step=999"], "checkpoint.load_step=999: no complete checkpoint"),
     (["data.train_shards=/nowhere/x-{000000..000009}.tar"], "matches no shard"),
     (["data.resolution=30"], "data.resolution=30 must be a positive multiple of 8"),
@@ -72,10 +82,16 @@ def test_bad_config_refused(good, bad, match):
 LAUNCHED_ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["dist.strategy=fsdp2"], r"dist.strategy=fsdp2 but `accelerate launch` was given a DeepSpeed config \(ZeRO stage 3\)"),
-    (["dist.zero_stage=2"], "dist.zero_stage=2 but the accelerate launch config says zero_stage 3"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (
+            ["dist.strategy=fsdp2"],
+            r"dist.strategy=fsdp2 but `accelerate launch` was given a DeepSpeed config \(ZeRO stage 3\)",
+        ),
+        (["dist.zero_stage=2"], "dist.zero_stage=2 but the accelerate launch config says zero_stage 3"),
+    ],
+)
 def test_launcher_disagreement_refused(good, monkeypatch, extra, match):
     """Under launch/accelerate/zero3.yaml a config that shards otherwise is a mistake: refused."""
     _, overrides = good
@@ -107,8 +123,13 @@ ENTRY = (
 def test_refused_before_torch_or_process_group(good):
     """The real entry point: exit code 2, the field in the message, and torch never imported."""
     _, overrides = good
-    proc = subprocess.run([sys.executable, "-c", ENTRY, "--config", "configs/test.yaml", *overrides, "data.resolution=30"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENTRY, "--config", "configs/test.yaml", *overrides, "data.resolution=30"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "config error: data.resolution=30" in proc.stderr
 
@@ -119,8 +140,13 @@ def test_yaml_syntax_error_refused(good, tmp_path):
     _, overrides = good
     broken = tmp_path / "broken.yaml"
     broken.write_text("max_steps: 12\noptim:\n  lr: 1e-3\n    warmup_steps: 2\n")
-    proc = subprocess.run([sys.executable, "-c", ENTRY, "--config", str(broken), *overrides],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENTRY, "--config", str(broken), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert f"config error: --config {broken}: YAML syntax error at line 4, column 17" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
