@@ -1,22 +1,17 @@
-"""Helpers to start real multi-process jobs from tests: a free port, a hard timeout, one BLAS
+"""Helpers to start real multi-process jobs from tests: a free port (sd_train's own), a hard timeout, one BLAS
 thread per rank (2 ranks on 2 cores), and the log in the failure message."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from sd_train.parallel.process_group import free_port  # noqa: F401 (the tests' one free port, re-exported)
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra: str) -> dict:
