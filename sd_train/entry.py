@@ -56,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(cfg)
         print("config OK")
         return 0
-    from sd_train.trainer import (
-        run,  # lazy: torch and diffusers, paid only once the config is accepted
-    )
+    # Lazy: torch and diffusers are paid for only once the config is accepted.
+    from sd_train.trainer import run
 
     return run(cfg)
 

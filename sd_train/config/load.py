@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from sd_train.config.launcher import read_launch_env
 from sd_train.config.schema import TrainConfig
 from sd_train.errors import ConfigError
 
@@ -156,5 +157,6 @@ def dump_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
 
 
 def env_world_size() -> int:
-    """World size as set by torchrun / accelerate launch, before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """World size as set by torchrun / accelerate launch or srun, before any process group exists
+    (raises ConfigError for a SLURM job of several tasks with no rendezvous)."""
+    return read_launch_env(os.environ).world_size

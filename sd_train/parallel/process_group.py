@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sd_train.config import DistArgs
+from sd_train.config.launcher import read_launch_env
 
 
 @dataclass
@@ -41,22 +42,32 @@ def free_port() -> int:
 
 
 def init_distributed(args: DistArgs) -> DistInfo:
-    """Join (or, for a plain `python train.py`, create a one-process) process group.
+    """Join (or, for a plain `python train.py`, create a one-process) process group. Ranks come
+    from torchrun / accelerate, or from srun's SLURM variables (sd_train.config.launcher).
 
     One process still gets a process group and a 1-device mesh, so that a single CPU run goes
     through the same FSDP2 and DCP code as a 64-GPU job.
     """
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    rank = int(os.environ["RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launch = read_launch_env(os.environ)
+    if launch.source != "torchrun":
+        # torch.distributed's env:// rendezvous (and accelerate, DeepSpeed) read these variables.
+        port = launch.master_port or os.environ.get("MASTER_PORT") or str(free_port())
+        os.environ.update(
+            RANK=str(launch.rank),
+            WORLD_SIZE=str(launch.world_size),
+            LOCAL_RANK=str(launch.local_rank),
+            MASTER_ADDR=launch.master_addr or "127.0.0.1",
+            MASTER_PORT=port,
+        )
+    rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
     use_cuda = torch.cuda.is_available() and args.backend != "gloo"
     backend = args.backend if args.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # Where each task sees only its own GPU (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per
+        # task), the local rank is not a device index.
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():

@@ -4,17 +4,20 @@ real, including SIGTERM -> requeue), and cpu2.yaml really starts 2 processes."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from launch import REPO, accelerate_cmd, fake_slurm_bin, run, slurm_env
+from launch import REPO, accelerate_cmd, env, fake_slurm_bin, free_port, run, slurm_env
+from test_train import keys_by_step
 
 SBATCH = REPO / "launch" / "slurm" / "sd_train.sbatch"
 ACCEL_DIR = REPO / "launch" / "accelerate"
@@ -320,3 +323,39 @@ def test_local_cpu_script_launches_cpu2_with_gloo() -> None:
     assert "--config_file launch/accelerate/cpu2.yaml" in launch and "configs/demo.yaml" in launch
     assert launch.index("dist.backend=gloo") < launch.index('"$@"'), "user overrides must come last"
     assert "export OMP_NUM_THREADS=1" in text
+
+
+@pytest.mark.multiproc
+def test_srun_tasks_form_one_sharded_job(tiny_assets, tmp_path: Path) -> None:
+    """`srun python train.py` with 2 tasks: each process reads its rank from SLURM_PROCID /
+    SLURM_NTASKS / SLURM_LOCALID (no RANK set) and the two join one 2-rank FSDP2 job, sharded, each
+    sample read once; not two 1-process runs writing into the same folder."""
+    out = tmp_path / "srun"
+    port = str(free_port())
+    args = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--config",
+        "configs/test.yaml",
+        *tiny_assets["overrides"],
+        f"output_dir={out}",
+        "max_steps=4",
+        "ema.step_start_ema=2",
+        "ema.tolerance=0.5",
+        "eval.every_steps=0",
+        "export_at_end=false",
+        "data.log_keys=true",
+    ]
+    procs = [
+        subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), SLURM_JOB_ID="7",
+                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for r in (0, 1)
+    ]  # fmt: skip
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    topo = json.loads((out / "topology.json").read_text())
+    assert topo["world_size"] == 2 and [r["rank"] for r in topo["ranks"]] == [0, 1]
+    assert all(r["all_dtensor"] and r["placements"] == ["(Shard(dim=0),)"] for r in topo["ranks"])
+    keys = [k for r in (0, 1) for ks in keys_by_step(out, r).values() for k in ks]
+    assert len(keys) == 4 * 8 and len(set(keys)) == len(keys), "2 ranks x 4 steps x 4 samples, none twice"

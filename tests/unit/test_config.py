@@ -1,6 +1,7 @@
 """Config loading (precedence, types, unknown keys), the sections' field checks, and preflight's
 machine checks: errors that name the field, a resolved config that leaves its input alone, no torch."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,34 @@ def test_preflight_does_not_import_torch(machine):
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_launch_env_from_torchrun_srun_or_nothing():
+    """torchrun's variables win; srun's SLURM variables give the ranks when they are absent; a SLURM
+    job of several tasks with no rendezvous is refused naming the fix; nothing means one process."""
+    from sd_train.config.launcher import read_launch_env
+
+    env = read_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (3, 8, 3, "torchrun")
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "MASTER_ADDR": "gpu-01"}
+    env = read_launch_env(slurm)
+    assert (env.rank, env.world_size, env.local_rank, env.source, env.master_port) == (5, 16, 1, "slurm", "29500")
+    with pytest.raises(ConfigError, match=r"SLURM_NTASKS=16.*export MASTER_ADDR=\$\(scontrol show hostnames"):
+        read_launch_env({k: v for k, v in slurm.items() if k != "MASTER_ADDR"})
+    assert read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "single"
+    assert read_launch_env({}).world_size == 1
+
+
+def test_srun_without_rendezvous_exits_2_before_torch(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0")
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/test.yaml", "--plan"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "no rendezvous is set" in proc.stderr and "Traceback" not in proc.stderr
