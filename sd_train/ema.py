@@ -139,9 +139,16 @@ class ShardedEMA:
                     )
                 s.copy_(state[n])
 
-    def full_tensors(self) -> dict[str, torch.Tensor]:
-        """Gather the EMA into full tensors, one parameter at a time (a collective when sharded:
-        every rank must call it). Used only for export, never for an update."""
+    def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Gather the EMA into full tensors on the host, one parameter at a time (a collective when
+        sharded: every rank must call it). With `keep=False` this rank takes part in the gathers but
+        keeps nothing (export keeps the copies on the main process only). Used only for export, never
+        for an update."""
         if self.shadow is None:
             return {}
-        return {n: self.layout.full(p, s).detach().cpu() for (n, p), s in zip(self.named_params, self.shadow)}
+        out = {}
+        for (n, p), s in zip(self.named_params, self.shadow):
+            full = self.layout.full(p, s)
+            if keep:
+                out[n] = full.detach().cpu()
+        return out

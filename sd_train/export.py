@@ -49,19 +49,30 @@ def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir:
 
 
 def export_from_training(
-    gather_model: Callable[[], dict], ema, model_path: str, out_root: Path, prediction_type: str, is_main: bool
+    gather_model: Callable[[], dict],
+    ema,
+    model_path: str,
+    out_root: Path,
+    prediction_type: str,
+    is_main: bool,
+    before_write: Callable[[], None] = lambda: None,
 ) -> list[Path]:
     """Gather and export the raw UNet and (if the window opened) the EMA UNet. Collective.
-    `gather_model` returns the full raw state on the main process (`Strategy.full_model_state`)."""
-    written = []
+    `gather_model` returns the full raw state on the main process (`Strategy.full_model_state`).
+
+    Every gather comes first, and only the main process keeps the host copies; the files are
+    written after that, with no collective pending. A write that takes longer than the collective
+    timeout (multi-GB pipelines on a slow file system) then cannot kill the job at its last step, as
+    it did when the other ranks waited in the EMA gather while the main process wrote the raw UNet."""
     raw = gather_model()
-    if is_main:
-        written.append(save_pipeline(model_path, raw, out_root / "raw", prediction_type))
+    full = ema.full_tensors(keep=is_main) if ema.is_open else {}
+    if not is_main:
+        return []
+    before_write()
+    written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type)]
     del raw
     if ema.is_open:
-        full = ema.full_tensors()
-        if is_main:
-            written.append(save_pipeline(model_path, full, out_root / "ema", prediction_type))
+        written.append(save_pipeline(model_path, full, out_root / "ema", prediction_type))
     return written
 
 

@@ -3,10 +3,12 @@ and phase, so the fault-tolerance tests can kill, poison or hang a real run.
 
     SD_TRAIN_FAULT="rank=1,step=6,phase=after_shards"            kill -9 itself there
     SD_TRAIN_FAULT="rank=0,step=4,phase=mid_step,action=nan,count=3"   NaN loss on 3 attempts from step 4
+    SD_TRAIN_FAULT="rank=0,step=12,phase=export_write,action=sleep,seconds=20"   a slow write
 
 Phases: mid_step (between backward and optimizer step), after_rank_files (checkpoint: rank file
 written, shards not), after_shards (shards written, folder not yet renamed), before_retention,
-during_async_save. Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM).
+during_async_save, export_write (main process, the end-of-run export, before its files are written).
+Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM), sleep (`seconds`).
 Unset, it costs one dict lookup per phase.
 """
 
@@ -26,6 +28,7 @@ class Fault:
     phase: str
     action: str = "kill"
     count: int = 1
+    seconds: float = 0.0
 
     fired: int = 0
 
@@ -46,9 +49,12 @@ def parse_fault(spec: Optional[str]) -> Optional[Fault]:
             fields["phase"],
             fields.get("action", "kill"),
             int(fields.get("count", 1)),
+            float(fields.get("seconds", 0)),
         )
     except (KeyError, ValueError) as e:
-        raise ValueError(f"SD_TRAIN_FAULT={spec!r}: expected rank=R,step=S,phase=P[,action=A][,count=N] ({e})") from e
+        raise ValueError(
+            f"SD_TRAIN_FAULT={spec!r}: expected rank=R,step=S,phase=P[,action=A][,count=N][,seconds=T] ({e})"
+        ) from e
 
 
 class FaultInjector:
@@ -71,6 +77,8 @@ class FaultInjector:
             os.kill(os.getpid(), signal.SIGKILL)
         elif f.action == "term":
             os.kill(os.getpid(), signal.SIGTERM)
+        elif f.action == "sleep":
+            time.sleep(f.seconds)
         elif f.action == "hang":
             while True:
                 time.sleep(3600)

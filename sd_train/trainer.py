@@ -338,6 +338,7 @@ class Trainer:
                 self.out / "export",
                 self.cfg.objective.prediction_type,
                 self.info.is_main,
+                before_write=lambda: self.faults.trip("export_write", self.state.step),
             )
             if self.info.is_main:
                 print("exported:", ", ".join(str(p) for p in paths), flush=True)
