@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sd_train.config import TrainConfig
+from sd_train.config.launcher import read_launch_env, shard_group_size
 from sd_train.data.sources import check_epoch_shard_count, expand_sources
 from sd_train.ema_plan import plan_from_config
 from sd_train.errors import ConfigError
@@ -31,6 +32,7 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
         check_shards("data.val_shards", d.val_shards, 1, 1, False)
     check_checkpoint_folders(cfg)
     resolved = resolve_strategy(cfg, environ)
+    check_shard_group(resolved, world_size, environ)
     check_model_folder(cfg.model.pretrained_path)
     plan_from_config(cfg.ema, cfg.max_steps).check()
     return resolved
@@ -69,6 +71,25 @@ def check_checkpoint_folders(cfg: TrainConfig) -> None:
         want = step_dir(Path(cfg.output_dir) / "checkpoints", c.load_step)
         if not checkpoint_is_complete(want):
             raise ConfigError(f"checkpoint.load_step={c.load_step}: no complete checkpoint at {want}")
+
+
+def check_shard_group(cfg: TrainConfig, world_size: int, environ: Mapping[str, str]) -> None:
+    """`dist.shard_group_size` (default: one node) divides the world, and applies to FSDP2 only."""
+    d = cfg.dist
+    if d.strategy != "fsdp2":
+        if d.shard_group_size is not None:
+            raise ConfigError(
+                f"dist.shard_group_size={d.shard_group_size} applies to dist.strategy=fsdp2 only (now {d.strategy}): "
+                "remove it"
+            )
+        return
+    shard = shard_group_size(d.shard_group_size, read_launch_env(environ))
+    if shard > world_size or world_size % shard:
+        raise ConfigError(
+            f"dist.shard_group_size={shard} must divide the world size {world_size} (the mesh is replicas x shard "
+            f"group): set it to the ranks per node, to {world_size} for FSDP over every rank, or to a divisor of "
+            f"{world_size}"
+        )
 
 
 def resolve_strategy(cfg: TrainConfig, environ: Mapping[str, str]) -> TrainConfig:

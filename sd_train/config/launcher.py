@@ -12,6 +12,7 @@ A SLURM job of several tasks with no rendezvous is refused: without it every tas
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -30,6 +31,20 @@ class LaunchEnv:
     source: str  # "torchrun" (also accelerate), "slurm" or "single"
     master_addr: Optional[str] = None
     master_port: Optional[str] = None
+    local_world_size: int = 1  # ranks on this node
+
+
+def _slurm_tasks_per_node(environ: Mapping[str, str], ntasks: int) -> int:
+    """SLURM_NTASKS_PER_NODE, else the first count of SLURM_TASKS_PER_NODE ("8(x4)" -> 8)."""
+    if environ.get("SLURM_NTASKS_PER_NODE", "").isdigit():
+        return int(environ["SLURM_NTASKS_PER_NODE"])
+    m = re.match(r"(\d+)", environ.get("SLURM_TASKS_PER_NODE", ""))
+    return int(m.group(1)) if m else ntasks
+
+
+def shard_group_size(configured: Optional[int], launch: LaunchEnv) -> int:
+    """`dist.shard_group_size`, its default being one node's ranks."""
+    return configured if configured is not None else launch.local_world_size
 
 
 def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
@@ -42,6 +57,7 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
             "torchrun",
             environ.get("MASTER_ADDR"),
             environ.get("MASTER_PORT"),
+            int(environ.get("LOCAL_WORLD_SIZE", environ.get("WORLD_SIZE", "1"))),
         )
     ntasks = int(environ.get("SLURM_NTASKS", "1") or "1")
     if "SLURM_PROCID" in environ and ntasks > 1:
@@ -59,5 +75,6 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
             "slurm",
             environ["MASTER_ADDR"],
             environ.get("MASTER_PORT") or SLURM_DEFAULT_PORT,
+            _slurm_tasks_per_node(environ, ntasks),
         )
     return LaunchEnv(0, 1, 0, "single")

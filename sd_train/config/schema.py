@@ -206,10 +206,19 @@ class DistArgs:
     backward (ZeRO-2 like: more memory, one all-gather fewer)."""
     timeout_s: int = 600
     """Collective timeout. A hung rank makes the job exit non-zero after this."""
+    shard_group_size: Optional[int] = None
+    """FSDP2 only: ranks that shard the UNet among themselves. Unset: one node (torchrun's and srun's
+    ranks per node), so on one node this is plain FSDP over all ranks; on many nodes it is HSDP:
+    sharded inside a node, replicated across nodes, so the per-step all-gathers and reduce-scatters
+    stay on the node's fast links and only the gradient all-reduce crosses nodes. Set it to the world
+    size for FSDP across every rank, or to a divisor of it. The EMA follows the shard dimension: each
+    replica keeps its shard's EMA, identical across replicas, with no collective."""
 
     def validate(self) -> None:
         """Field values only; sd_train.preflight resolves `strategy` and `zero_stage` against the launcher."""
         _positive("dist.timeout_s", self.timeout_s)
+        if self.shard_group_size is not None:
+            _positive("dist.shard_group_size", self.shard_group_size)
 
 
 @dataclass

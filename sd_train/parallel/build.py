@@ -41,6 +41,8 @@ def write_topology(path: Path, strategy: Strategy, info: DistInfo, run: dict) ->
             "zero_stage": run["zero_stage"],
             "device": str(info.device),
             "grad_accum_steps": run["grad_accum_steps"],
+            # ("dp",) for FSDP/DDP/DeepSpeed over every rank; ("replicate", "shard") for HSDP.
+            "mesh": dict(zip(info.mesh.mesh_dim_names, info.mesh.mesh.shape)),
             "ranks": ranks,
         }
         Path(path).write_text(json.dumps(topo, indent=1))

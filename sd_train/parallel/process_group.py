@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sd_train.config import DistArgs
-from sd_train.config.launcher import read_launch_env
+from sd_train.config.launcher import LaunchEnv, read_launch_env, shard_group_size
 
 
 @dataclass
@@ -78,8 +78,17 @@ def init_distributed(args: DistArgs) -> DistInfo:
             timeout=datetime.timedelta(seconds=args.timeout_s),
             device_id=device if backend == "nccl" else None,
         )
-    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
-    return DistInfo(rank, world_size, local_rank, device, mesh)
+    return DistInfo(rank, world_size, local_rank, device, build_mesh(device, world_size, args, launch))
+
+
+def build_mesh(device: torch.device, world_size: int, args: DistArgs, launch: LaunchEnv) -> DeviceMesh:
+    """The data-parallel mesh: 1-D ("dp") when one shard group spans every rank (FSDP), else 2-D
+    ("replicate", "shard") for HSDP. Consecutive ranks share a shard group, so with the default
+    group of one node the shard dimension stays inside a node."""
+    shard = shard_group_size(args.shard_group_size, launch) if args.strategy == "fsdp2" else world_size
+    if shard >= world_size:
+        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+    return init_device_mesh(device.type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

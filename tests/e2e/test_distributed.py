@@ -44,3 +44,18 @@ def test_ema_eval_forward_equals_plain_unet_with_ema_weights(tmp_path, nproc):
             assert s["raw_forward_equal"] and s["after_swap_forward_equal"], strategy
         # The control: without releasing FSDP2's gathered copies the swap is not seen (the old bug).
         assert rep["fsdp2"]["unreleased_swap_max_diff"] > 1.0
+
+
+def test_hsdp_ema_follows_the_shard_dimension_and_reshards(tmp_path):
+    """HSDP as (replicate 2, shard 1): params placed (Replicate, Shard(0)); the replicas' EMA equal
+    bitwise with no collective, and equal to the EMA of the gathered params; an HSDP checkpoint
+    reloads into FSDP over 2 ranks and into one process with raw and EMA weights equal."""
+    out = tmp_path / "report"
+    run(torchrun_cmd(2, str(REPO / "tests/e2e/dist/hsdp.py"), str(out)), timeout=180)
+    reports = [json.loads((tmp_path / f"report.rank{r}.json").read_text()) for r in (0, 1)]
+    for rep in reports:
+        assert rep["world_size"] == 2 and rep["mesh"] == {"replicate": 2, "shard": 1}
+        assert rep["placements_hsdp"] and rep["placements_fsdp"]
+        assert rep["ema_equal_across_replicas"] and rep["ema_equal_gathered_reference"]
+        assert rep["fsdp_raw_equal"] and rep["fsdp_ema_equal"] and rep["raw_vs_ema_differ"]
+    assert reports[0]["one_process_raw_equal"] and reports[0]["one_process_ema_equal"]

@@ -2,6 +2,7 @@
 world-size changes. Final weights, EMA and optimizer state are compared with torch.equal."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -147,6 +148,26 @@ def test_evaluation_leaves_training_unchanged(tiny_assets, straight_run, tmp_pat
     assert losses(e) == losses(straight_run)
     logged = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"] for r in logged if "val/loss_ema" in r} == {12, 15, 16}
+
+
+@pytest.mark.multiproc
+def test_hsdp_run_resumes_exactly(tiny_assets, tmp_path):
+    """A 2-rank HSDP run (dist.shard_group_size=1: replicate 2 x shard 1) says so in topology.json,
+    and a relaunch from its step-8 checkpoint ends with every checkpoint tensor equal."""
+    fast = ["dist.shard_group_size=1", "max_steps=12", "eval.every_steps=0", "export_at_end=false"]
+    h = tmp_path / "h"
+    run(train_cmd(2, h, tiny_assets, *fast), timeout=300)
+    topo = json.loads((h / "topology.json").read_text())
+    assert topo["world_size"] == 2 and topo["mesh"] == {"replicate": 2, "shard": 1}
+    assert all(r["placements"] == ["(Replicate(), Shard(dim=0))"] and r["all_dtensor"] for r in topo["ranks"])
+    r = tmp_path / "r"
+    (r / "checkpoints").mkdir(parents=True)
+    shutil.copytree(h / "checkpoints" / "step_00000008", r / "checkpoints" / "step_00000008")
+    resumed = run(train_cmd(2, r, tiny_assets, *fast), timeout=300)
+    assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
+    assert_states_equal(
+        full_state(h / "checkpoints" / "step_00000012"), full_state(r / "checkpoints" / "step_00000012")
+    )
 
 
 def test_single_process_run_then_two_ranks_resume(tiny_assets, tmp_path):
