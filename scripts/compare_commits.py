@@ -10,7 +10,10 @@ proof; this script compares every bit a run writes, for two revisions, and anyon
 
 What it compares (each line printed as PASS/FAIL with a count; exit status 0 only if all pass):
   assets  `sd-train prepare-emoji` and `sd-train build-tiny` run by each revision, as `make data
-          tiny-sd` does: the sha256 of every file of data/emoji and models/tiny-sd.
+          tiny-sd` does: the sha256 of every file of data/emoji and models/tiny-sd. Two json
+          reports of the build are not byte-stable and pass only if equal without the build's
+          `seconds` and with paths normalised (vae_report.json, sd_train_tiny.json's data_dir);
+          the output names them.
   fsdp2   for each, a 2-rank CPU run of configs/test.yaml (torchrun for fsdp2, `accelerate launch`
   zero2   with launch/accelerate/zero{2,3}.yaml for DeepSpeed), with data.log_keys=true and
   zero3   checkpoint.keep_last_k=0, then:
@@ -33,10 +36,11 @@ the BASE revision's assets. Ranks run with OMP_NUM_THREADS=1, as the test suite 
 builds with one thread per core, as the Makefile does.
 
 --vae-steps N is passed to `build-tiny` of both revisions (default: the revision's own default, 600
-steps). The VAE pretraining dominates the asset phase: about 2.5 min per revision on 2 idle cores,
-10 to 12 min when the cores are shared with other jobs; with --vae-steps 0 a build takes 1.5 min.
-The comparison stays exact either way, since both revisions build the same way, and the output
-says which was used. The script does not import sd_train: it drives two different checkouts of it.
+steps). The VAE pretraining dominates the asset phase: roughly 2.5 min per revision on 2 idle
+cores, 10 to 12 min when the cores are shared with other jobs; with --vae-steps 0 a build takes
+about 1.5 min. The comparison stays exact either way, since both revisions build the same way, and
+the output says which was used. The script does not import sd_train: it drives two different
+checkouts of it.
 
 Expected cost on 2 CPU cores: the asset builds above, then about 30 s per 2-rank run (6 runs).
 """
