@@ -162,8 +162,13 @@ def env_for(co: Checkout, threads: int) -> dict[str, str]:
     e = dict(os.environ)
     for k in LAUNCHER_VARS:
         e.pop(k, None)
-    e.update(PYTHONPATH=str(co.wt), OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-             WANDB_MODE="disabled")
+    e.update(
+        PYTHONPATH=str(co.wt),
+        OMP_NUM_THREADS=str(threads),
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+    )
     return e
 
 
@@ -177,8 +182,15 @@ def launch(cmd: list[str], co: Checkout, threads: int, log: Path) -> None:
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.run(cmd, check=False, cwd=co.wt, env=env_for(co, threads), stdout=f, stderr=subprocess.STDOUT,
-                              timeout=RUN_TIMEOUT_S)
+        proc = subprocess.run(
+            cmd,
+            check=False,
+            cwd=co.wt,
+            env=env_for(co, threads),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=RUN_TIMEOUT_S,
+        )
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RunFailed(f"{' '.join(cmd)} exited {proc.returncode} (log {log})\n{tail}")
@@ -190,20 +202,39 @@ def build_assets(co: Checkout, work: Path, vae_steps: int | None) -> None:
     cores = os.cpu_count() or 2
     launch([*cli, "prepare-emoji", "--out", str(co.data)], co, cores, work / "logs" / f"{co.label}-prepare-emoji.log")
     extra = [] if vae_steps is None else ["--vae-steps", str(vae_steps)]
-    launch([*cli, "build-tiny", "--data", str(co.data), "--out", str(co.model), *extra], co, cores,
-           work / "logs" / f"{co.label}-build-tiny.log")
+    launch(
+        [*cli, "build-tiny", "--data", str(co.data), "--out", str(co.model), *extra],
+        co,
+        cores,
+        work / "logs" / f"{co.label}-build-tiny.log",
+    )
 
 
 def train_cmd(mode: str, out: Path, assets: Checkout) -> list[str]:
     args = [
-        "train.py", "--config", "configs/test.yaml", f"output_dir={out}", "data.log_keys=true",
-        "checkpoint.keep_last_k=0", f"model.pretrained_path={assets.model}",
-        f"data.train_shards={assets.data}/train-{{000000..000007}}.tar", f"data.val_shards={assets.data}/val-000000.tar",
+        "train.py",
+        "--config",
+        "configs/test.yaml",
+        f"output_dir={out}",
+        "data.log_keys=true",
+        "checkpoint.keep_last_k=0",
+        f"model.pretrained_path={assets.model}",
+        f"data.train_shards={assets.data}/train-{{000000..000007}}.tar",
+        f"data.val_shards={assets.data}/val-000000.tar",
     ]
     if mode == "fsdp2":
         return [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", *args]
-    return [str(BIN / "accelerate"), "launch", "--config_file", f"launch/accelerate/{mode}.yaml", "--num_processes", "2",
-            "--main_process_port", str(free_port()), *args]
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        f"launch/accelerate/{mode}.yaml",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        *args,
+    ]
 
 
 # ---- comparing ----------------------------------------------------------------------------------
@@ -368,8 +399,12 @@ def compare_digests(group: str, name: str, a: Path, b: Path, pa: Paths, pb: Path
             continue
         if rel.endswith(".json") and without_timing(pa.json_file(fa[rel])) == without_timing(pb.json_file(fb[rel])):
             check.notes.append(f"{rel}: bytes differ, equal without {sorted(BUILD_TIMING_KEYS)} and worktree paths")
-        elif rel.endswith("merges.txt") and sorted(fa[rel].read_text().splitlines()) == sorted(fb[rel].read_text().splitlines()):
-            check.diffs.append(f"{rel}: sha256 differs: the same merges in another order (BPE tie-break, see the docstring)")
+        elif rel.endswith("merges.txt") and sorted(fa[rel].read_text().splitlines()) == sorted(
+            fb[rel].read_text().splitlines()
+        ):
+            check.diffs.append(
+                f"{rel}: sha256 differs: the same merges in another order (BPE tie-break, see the docstring)"
+            )
         else:
             check.diffs.append(f"{rel}: sha256 differs")
     return check
@@ -409,8 +444,16 @@ def compare_checkpoints(group: str, a: Path, b: Path, pa: Paths, pb: Paths, tmp:
     rank = Check(group, "rank_R.pt (RNG, data position)")
     trainer = Check(group, "trainer_state.json")
     other = Check(group, "other checkpoint files")
-    sa = {p.name: p for p in (a / "checkpoints").iterdir() if STEP_RE.match(p.name)} if (a / "checkpoints").is_dir() else {}
-    sb = {p.name: p for p in (b / "checkpoints").iterdir() if STEP_RE.match(p.name)} if (b / "checkpoints").is_dir() else {}
+    sa = (
+        {p.name: p for p in (a / "checkpoints").iterdir() if STEP_RE.match(p.name)}
+        if (a / "checkpoints").is_dir()
+        else {}
+    )
+    sb = (
+        {p.name: p for p in (b / "checkpoints").iterdir() if STEP_RE.match(p.name)}
+        if (b / "checkpoints").is_dir()
+        else {}
+    )
     common = same_names(steps, sa, sb)
     steps.count = len(common)
     if not sa:
@@ -418,8 +461,10 @@ def compare_checkpoints(group: str, a: Path, b: Path, pa: Paths, pb: Paths, tmp:
     for step in common:
         fa, fb = files_under(sa[step]), files_under(sb[step])
         files.count += 1
-        for d in [*(f"{step}/{n}: only in base" for n in sorted(set(fa) - set(fb))),
-                  *(f"{step}/{n}: only in new" for n in sorted(set(fb) - set(fa)))]:
+        for d in [
+            *(f"{step}/{n}: only in base" for n in sorted(set(fa) - set(fb))),
+            *(f"{step}/{n}: only in new" for n in sorted(set(fb) - set(fa))),
+        ]:
             files.diffs.append(d)
         if ".metadata" in fa and ".metadata" in fb:
             loaded = []
@@ -435,8 +480,15 @@ def compare_checkpoints(group: str, a: Path, b: Path, pa: Paths, pb: Paths, tmp:
                 continue  # read through dcp_to_torch_save above
             if rel.endswith(".pt"):
                 name = rel.rsplit("/", 1)[-1]
-                check = zero if rel.startswith("zero/") else ema if name.startswith("ema_rank_") else \
-                    rank if name.startswith("rank_") else other
+                check = (
+                    zero
+                    if rel.startswith("zero/")
+                    else ema
+                    if name.startswith("ema_rank_")
+                    else rank
+                    if name.startswith("rank_")
+                    else other
+                )
                 Tree(check).walk(pa.obj(torch_load(fa[rel])), pb.obj(torch_load(fb[rel])), where)
             else:
                 check = trainer if rel == "trainer_state.json" else zero if rel.startswith("zero/") else other
@@ -463,7 +515,9 @@ def compare_metrics(group: str, a: Path, b: Path, pa: Paths, pb: Paths) -> Check
         if ra != rb:
             keys = sorted(k for k in set(ra) | set(rb) if not scalars_equal(ra.get(k), rb.get(k)))
             first = keys[0] if keys else None
-            check.diffs.append(f"line {i} (step {ra.get('step')}): {keys}; e.g. {first}: {ra.get(first)!r} vs {rb.get(first)!r}")
+            check.diffs.append(
+                f"line {i} (step {ra.get('step')}): {keys}; e.g. {first}: {ra.get(first)!r} vs {rb.get(first)!r}"
+            )
     return check
 
 
@@ -493,8 +547,10 @@ def compare_export(group: str, a: Path, b: Path, pa: Paths, pb: Paths) -> list[C
                 ta, tb = load_file(fa[rel]), load_file(fb[rel])
                 sub = Check(group, rel)
                 Tree(sub).walk(ta, tb, rel)
-                weights.diffs.append(f"{rel}: sha256 differs; {len(sub.diffs)} of {sub.count} tensors differ"
-                                     + (f", e.g. {sub.diffs[0]}" if sub.diffs else " (metadata or layout)"))
+                weights.diffs.append(
+                    f"{rel}: sha256 differs; {len(sub.diffs)} of {sub.count} tensors differ"
+                    + (f", e.g. {sub.diffs[0]}" if sub.diffs else " (metadata or layout)")
+                )
         else:
             compare_text(rest, rel, fa[rel], fb[rel], pa, pb)
     return [weights, rest]
@@ -550,8 +606,17 @@ def run_mode(mode: str, cos: list[Checkout], assets: Checkout, work: Path, timin
         timings[f"{mode} {co.label}"] = time.perf_counter() - t0
         print(f"[{mode}] {co.label}: done in {timings[f'{mode} {co.label}']:.0f}s", flush=True)
         outs.append(out)
-        paths.append(Paths([(assets.data, "<DATA>"), (assets.model, "<MODEL>"), (out, "<OUT>"), (co.wt, "<WORKTREE>"),
-                            (work, "<WORK>")]))
+        paths.append(
+            Paths(
+                [
+                    (assets.data, "<DATA>"),
+                    (assets.model, "<MODEL>"),
+                    (out, "<OUT>"),
+                    (co.wt, "<WORKTREE>"),
+                    (work, "<WORK>"),
+                ]
+            )
+        )
     t0 = time.perf_counter()
     tmp = work / "tmp"
     tmp.mkdir(exist_ok=True)
@@ -598,7 +663,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, rev in (("base", ns.base), ("new", ns.new)):
         sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
         cos.append(Checkout(label, rev, sha, work / f"wt-{label}"))
-    print(f"base {ns.base} = {cos[0].sha}\nnew  {ns.new} = {cos[1].sha}\nwork {work}\npython {sys.executable}", flush=True)
+    print(
+        f"base {ns.base} = {cos[0].sha}\nnew  {ns.new} = {cos[1].sha}\nwork {work}\npython {sys.executable}", flush=True
+    )
     timings: dict[str, float] = {}
     checks: list[Check] = []
     try:
@@ -618,8 +685,11 @@ def main(argv: list[str] | None = None) -> int:
             checks.append(compare_digests("assets", "models/tiny-sd sha256", cos[0].model, cos[1].model, pa, pb))
             print("\n".join(c.line() for c in checks), flush=True)
         if modes:
-            print(f"training runs of both revisions use the BASE revision's assets: {cos[0].data} and {cos[0].model}"
-                  + ("" if ns.vae_steps is None else f" (built with --vae-steps {ns.vae_steps})"), flush=True)
+            print(
+                f"training runs of both revisions use the BASE revision's assets: {cos[0].data} and {cos[0].model}"
+                + ("" if ns.vae_steps is None else f" (built with --vae-steps {ns.vae_steps})"),
+                flush=True,
+            )
         for mode in modes:
             mine = run_mode(mode, cos, cos[0], work, timings)
             print("\n".join(c.line() for c in mine), flush=True)
