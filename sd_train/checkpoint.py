@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from sd_train.config import CheckpointArgs
@@ -286,6 +287,37 @@ class Checkpointer:
             else:
                 obj.load_state_dict_from_other_world(rank_state[name])
         return Loaded(folder, int(global_state["step"]), saved_world)
+
+    def init_from(self, folder: Path) -> None:
+        """Start this run from another run's UNet weights and optimizer state (checkpoint.init_from):
+        everything else registered stays fresh. Refused, naming the tensors, when the shapes differ."""
+        folder = Path(folder)
+        with open(folder / "trainer_state.json") as f:
+            saved = json.load(f)
+        _check_compatible(folder, saved, self.strategy.checkpoint_format, self.world_size)
+        stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        mismatched = []
+        for name, p in self.strategy.module.named_parameters():
+            meta = stored.get(f"model.{name}")
+            if meta is None or tuple(meta.size) != tuple(p.shape):
+                mismatched.append(f"{name}: here {tuple(p.shape)}, saved {tuple(meta.size) if meta else 'missing'}")
+        if mismatched:
+            raise CheckpointLoadError(
+                f"checkpoint.init_from={folder}: {len(mismatched)} UNet tensors do not match this run's model "
+                f"(e.g. {'; '.join(mismatched[:3])}): use the same model config as the run that wrote it"
+            )
+        try:
+            self.strategy.load_model_and_optimizer(folder)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointLoadError(
+                f"checkpoint.init_from={folder}: {self.strategy.describe_load_error(folder, e)}"
+            ) from e
+        if self.rank == 0:
+            print(
+                f"initialised from {folder} (step {saved['step']} of that run): UNet weights and optimizer state; "
+                "step, LR schedule, data position and EMA start fresh",
+                flush=True,
+            )
 
 
 class _LoadFailed(Exception):

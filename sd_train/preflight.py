@@ -33,6 +33,12 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
     check_checkpoint_folders(cfg)
     resolved = resolve_strategy(cfg, environ)
     check_shard_group(resolved, world_size, environ)
+    if resolved.checkpoint.init_from and resolved.dist.strategy == "deepspeed":
+        raise ConfigError(
+            "checkpoint.init_from reads an FSDP2/DDP (DCP) checkpoint; under dist.strategy=deepspeed export the "
+            "stage-1 checkpoint (`sd-train export --checkpoint DIR --weights raw`) and start from it with "
+            "model.pretrained_path instead (weights only)"
+        )
     check_model_folder(cfg.model.pretrained_path)
     plan_from_config(cfg.ema, cfg.max_steps).check()
     return resolved
@@ -71,6 +77,18 @@ def check_checkpoint_folders(cfg: TrainConfig) -> None:
         want = step_dir(Path(cfg.output_dir) / "checkpoints", c.load_step)
         if not checkpoint_is_complete(want):
             raise ConfigError(f"checkpoint.load_step={c.load_step}: no complete checkpoint at {want}")
+    if c.init_from:
+        folder = Path(c.init_from)
+        if not checkpoint_is_complete(folder) or not (folder / ".metadata").is_file():
+            raise ConfigError(
+                f"checkpoint.init_from={c.init_from!r} is not a complete FSDP2/DDP checkpoint step folder (it needs "
+                "trainer_state.json and DCP's .metadata): point it at <stage-1 output_dir>/checkpoints/step_NNNNNNNN"
+            )
+        if c.resume not in ("auto",):
+            raise ConfigError(
+                f"checkpoint.init_from is set together with checkpoint.resume={c.resume!r}: init_from starts a new run "
+                "(it applies only while this output_dir has no checkpoint), so leave checkpoint.resume=auto"
+            )
 
 
 def check_shard_group(cfg: TrainConfig, world_size: int, environ: Mapping[str, str]) -> None:

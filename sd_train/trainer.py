@@ -181,6 +181,10 @@ class Trainer:
                 "output_dir, or resume=auto"
             )
         loaded = self.checkpointer.load()
+        if loaded is None and self.cfg.checkpoint.init_from:
+            self.checkpointer.init_from(Path(self.cfg.checkpoint.init_from))
+        elif loaded is not None and self.cfg.checkpoint.init_from and self.info.is_main:
+            print(f"checkpoint.init_from ignored: this run already has checkpoints ({loaded.folder})", flush=True)
         if loaded is not None and self.info.is_main:
             print(
                 f"resumed from {loaded.folder} at step {self.state.step} "

@@ -172,9 +172,14 @@ class CheckpointArgs:
     Or a path to a checkpoint step folder."""
     load_step: Optional[int] = None
     """With resume=auto: load this step instead of the newest (must exist and be complete)."""
+    init_from: str = ""
+    """A step folder of another run (FSDP2/DDP) to start this one from: its UNet weights and
+    optimizer state, with step 0, a fresh LR schedule, a fresh data position and a fresh EMA window
+    (MosaicML's 256 px -> 512 px second stage). Used only when this run's own output_dir holds no
+    checkpoint yet, so a preempted stage 2 resumes from its own checkpoints. Shapes must match."""
 
     def validate(self) -> None:
-        """Field values only; sd_train.preflight checks the `resume` and `load_step` folders."""
+        """Field values only; sd_train.preflight checks the `resume`, `load_step` and `init_from` folders."""
         _positive("checkpoint.every_steps", self.every_steps)
         if self.keep_last_k == 1 or self.keep_last_k < 0:
             raise ConfigError(

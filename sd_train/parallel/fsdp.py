@@ -172,6 +172,12 @@ class FSDPStrategy(Strategy):
         dcp.load(state, checkpoint_id=str(folder))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
+    def load_model_and_optimizer(self, folder: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
     def describe_load_error(self, folder: Path, error: BaseException) -> str:
         """DCP's errors do not always name the file; find shard files that are shorter than the
         metadata says, so the warning points at the culprit."""

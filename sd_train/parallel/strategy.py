@@ -87,6 +87,14 @@ class Strategy(abc.ABC):
         """Load the tensors of `folder` (collective). `ema.load_meta_state_dict` has run, so the
         shadow exists to receive its pieces. Raises on any failure."""
 
+    def load_model_and_optimizer(self, folder: Path) -> None:
+        """Load only the UNet weights and the optimizer state of `folder` (collective): the start of
+        a new run from another run's checkpoint (`checkpoint.init_from`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot start from another run's checkpoint (checkpoint.init_from); export that "
+            "checkpoint and use model.pretrained_path"
+        )
+
     def describe_load_error(self, folder: Path, error: BaseException) -> str:
         """A one-line account of a failed `load`, naming the broken file where possible."""
         return f"{type(error).__name__}: {str(error)[:300]}"

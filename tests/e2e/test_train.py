@@ -170,6 +170,33 @@ def test_hsdp_run_resumes_exactly(tiny_assets, tmp_path):
     )
 
 
+@pytest.mark.multiproc
+def test_second_stage_starts_from_first_stage_weights_and_optimizer(tiny_assets, straight_run, tmp_path):
+    """checkpoint.init_from: stage 2 starts from stage 1's last checkpoint. Its step-0 held-out loss is
+    stage 1's final one (the weights), Adam's step counts carry on (the optimizer), while its own
+    step, EMA window and data position start fresh."""
+    s2 = tmp_path / "stage2"
+    init = straight_run / "checkpoints" / "step_00000016"
+    proc = run(
+        train_cmd(2, s2, tiny_assets, f"checkpoint.init_from={init}", "max_steps=4", "ema.step_start_ema=2",
+                  "eval.every_steps=4", "export_at_end=false", "checkpoint.every_steps=4"),
+        timeout=300,
+    )  # fmt: skip
+    assert f"initialised from {init} (step 16 of that run)" in proc.stdout
+
+    def val_raw(out: Path, step: int) -> float:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return next(r["val/loss_raw"] for r in rows if r.get("step") == step and "val/loss_raw" in r)
+
+    assert val_raw(s2, 0) == val_raw(straight_run, 16), "stage 2 starts from stage 1's weights"
+    state = full_state(s2 / "checkpoints" / "step_00000004")
+    assert state["optim.state.conv_in.weight.step"].item() == 20, "Adam's state carried over: 16 + 4 steps"
+    trainer_state = json.loads((s2 / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert trainer_state["step"] == 4 and trainer_state["ema"]["num_updates"] == 2
+    keys = keys_by_step(s2, 0)
+    assert keys_by_step(straight_run, 0)[1] == keys[1], "the data position starts fresh (same first batch)"
+
+
 def test_single_process_run_then_two_ranks_resume(tiny_assets, tmp_path):
     """One process trains, validates, samples and exports a pipeline diffusers loads; its checkpoint
     then resumes on 2 ranks (1 -> 2) with equal weights and EMA."""

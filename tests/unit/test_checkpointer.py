@@ -48,9 +48,9 @@ class Counter:
 class Run:
     """Everything a Checkpointer is handed: strategy (module + SGD), EMA, global and rank states."""
 
-    def __init__(self, info, out, **ckpt):
+    def __init__(self, info, out, hidden: int = 5, **ckpt):
         torch.manual_seed(0)
-        module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+        module = torch.nn.Sequential(torch.nn.Linear(6, hidden), torch.nn.Linear(hidden, 3))
         self.strategy = FSDPStrategy(DistArgs(strategy="fsdp2"), info, 0.0, lambda m: [m[0]])
         self.strategy.wrap(module, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))
         self.ema = ShardedEMA(
@@ -150,3 +150,20 @@ def test_broken_newest_falls_back_then_refuses(info, tmp_path, capsys):
         (folder / "rank_0.pt").write_bytes(b"")
     with pytest.raises(CheckpointLoadError, match="none could be loaded, refusing to start from step 0"):
         Run(info, tmp_path, keep_last_k=0).ckpt.load()
+
+
+def test_init_from_takes_weights_and_optimizer_only_and_refuses_other_shapes(info, tmp_path):
+    a = Run(info, tmp_path / "a", keep_last_k=0)
+    for s in range(1, 5):
+        a.step(s)
+    weights = a.weights()
+    b = Run(info, tmp_path / "b", keep_last_k=0)
+    b.ckpt.init_from(step_dir(tmp_path / "a" / "checkpoints", 4))
+    assert all(torch.equal(weights[n], t) for n, t in b.weights().items())
+    steps = [v["momentum_buffer"] is not None for v in b.strategy.optimizer.state_dict()["state"].values()]
+    assert steps and all(steps), "the optimizer state came along"
+    assert not b.ema.is_open and (b.train.value, b.data.value) == (0, 0), "EMA, progress and data start fresh"
+    with pytest.raises(
+        CheckpointLoadError, match=r"3 UNet tensors do not match.*0.weight: here \(4, 6\), saved \(5, 6\)"
+    ):
+        Run(info, tmp_path / "c", hidden=4, keep_last_k=0).ckpt.init_from(step_dir(tmp_path / "a" / "checkpoints", 4))
