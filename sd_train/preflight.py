@@ -33,6 +33,7 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
     check_checkpoint_folders(cfg)
     resolved = resolve_strategy(cfg, environ)
     check_shard_group(resolved, world_size, environ)
+    check_deepspeed_knobs(resolved)
     if resolved.checkpoint.init_from and resolved.dist.strategy == "deepspeed":
         raise ConfigError(
             "checkpoint.init_from reads an FSDP2/DDP (DCP) checkpoint; under dist.strategy=deepspeed export the "
@@ -108,6 +109,26 @@ def check_shard_group(cfg: TrainConfig, world_size: int, environ: Mapping[str, s
             f"group): set it to the ranks per node, to {world_size} for FSDP over every rank, or to a divisor of "
             f"{world_size}"
         )
+
+
+DEEPSPEED_KNOBS = {  # field -> the ZeRO stages it applies to
+    "zero_overlap_comm": (2, 3),
+    "zero_reduce_bucket_size": (2, 3),
+    "zero_allgather_bucket_size": (2,),
+    "zero_prefetch_bucket_size": (3,),
+}
+
+
+def check_deepspeed_knobs(cfg: TrainConfig) -> None:
+    """The `dist.zero_*` knobs are set only where DeepSpeed at that stage reads them."""
+    d = cfg.dist
+    for name, stages in DEEPSPEED_KNOBS.items():
+        if getattr(d, name) is None:
+            continue
+        if d.strategy != "deepspeed" or d.zero_stage not in stages:
+            where = f"dist.strategy=deepspeed with dist.zero_stage in {list(stages)}"
+            now = f"dist.strategy={d.strategy}" + (f", zero_stage {d.zero_stage}" if d.strategy == "deepspeed" else "")
+            raise ConfigError(f"dist.{name} applies only to {where} (now {now}): remove it")
 
 
 def resolve_strategy(cfg: TrainConfig, environ: Mapping[str, str]) -> TrainConfig:

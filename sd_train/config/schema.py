@@ -219,11 +219,24 @@ class DistArgs:
     size for FSDP across every rank, or to a divisor of it. The EMA follows the shard dimension: each
     replica keeps its shard's EMA, identical across replicas, with no collective."""
 
+    zero_overlap_comm: Optional[bool] = None
+    """DeepSpeed only: overlap the gradient reduction with backward (more memory for buckets).
+    Unset: DeepSpeed's default for the stage."""
+    zero_reduce_bucket_size: Optional[int] = None
+    """DeepSpeed only: elements per gradient reduce bucket. Unset: DeepSpeed's default (5e8)."""
+    zero_allgather_bucket_size: Optional[int] = None
+    """DeepSpeed ZeRO-2 only: elements per parameter all-gather bucket. Unset: DeepSpeed's (5e8)."""
+    zero_prefetch_bucket_size: Optional[int] = None
+    """DeepSpeed ZeRO-3 only: elements of parameters fetched ahead of use. Unset: DeepSpeed's (5e7)."""
+
     def validate(self) -> None:
         """Field values only; sd_train.preflight resolves `strategy` and `zero_stage` against the launcher."""
         _positive("dist.timeout_s", self.timeout_s)
         if self.shard_group_size is not None:
             _positive("dist.shard_group_size", self.shard_group_size)
+        for name in ("zero_reduce_bucket_size", "zero_allgather_bucket_size", "zero_prefetch_bucket_size"):
+            if getattr(self, name) is not None:
+                _positive(f"dist.{name}", getattr(self, name))
 
 
 @dataclass

@@ -56,6 +56,14 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int) -> dict:
         # No parameter stays gathered between forwards (see the module docstring: the EMA swap).
         # Costs one all-gather per small tensor (biases, norms) per forward on big models.
         zero["stage3_param_persistence_threshold"] = 0
+    d = cfg.dist
+    knobs = {
+        "overlap_comm": d.zero_overlap_comm,
+        "reduce_bucket_size": d.zero_reduce_bucket_size,
+        "allgather_bucket_size": d.zero_allgather_bucket_size,
+        "stage3_prefetch_bucket_size": d.zero_prefetch_bucket_size,
+    }
+    zero.update({k: v for k, v in knobs.items() if v is not None})  # unset: DeepSpeed's own defaults
     return {
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,

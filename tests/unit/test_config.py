@@ -177,3 +177,28 @@ def test_srun_without_rendezvous_exits_2_before_torch(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "no rendezvous is set" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_deepspeed_knobs_reach_the_engine_config_and_only_where_they_apply():
+    from sd_train.parallel.deepspeed import deepspeed_config
+    from sd_train.preflight import check_deepspeed_knobs
+
+    base = load_config(
+        None, ["dist.strategy=deepspeed", "dist.zero_stage=3", "global_batch_size=8", "micro_batch_size=4"]
+    )
+    assert set(deepspeed_config(base, 2, 1)["zero_optimization"]) == {"stage", "stage3_param_persistence_threshold"}
+    knobs = [
+        "dist.zero_overlap_comm=true",
+        "dist.zero_reduce_bucket_size=200000000",
+        "dist.zero_prefetch_bucket_size=50000000",
+    ]
+    tuned = load_config(None, ["dist.strategy=deepspeed", "dist.zero_stage=3", *knobs])
+    check_deepspeed_knobs(tuned)
+    zero = deepspeed_config(tuned, 2, 1)["zero_optimization"]
+    assert (zero["overlap_comm"], zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (True, 2e8, 5e7)
+    with pytest.raises(ConfigError, match=r"dist.zero_prefetch_bucket_size applies only to .*zero_stage in \[3\]"):
+        check_deepspeed_knobs(
+            load_config(None, ["dist.strategy=deepspeed", "dist.zero_stage=2", "dist.zero_prefetch_bucket_size=5"])
+        )
+    with pytest.raises(ConfigError, match=r"dist.zero_overlap_comm applies only to .*now dist.strategy=fsdp2"):
+        check_deepspeed_knobs(load_config(None, ["dist.strategy=fsdp2", "dist.zero_overlap_comm=true"]))
