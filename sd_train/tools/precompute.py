@@ -44,7 +44,13 @@ Use:
     python train.py --config configs/demo.yaml data.precomputed=true \\
         data.train_shards='data/emoji-latents/train-{000000..000007}.tar'
 Validation (`data.val_shards`) and sample grids still use image shards and the online encoders.
-A re-run overwrites the output shards (each is written to a temp file, then renamed).
+
+Many processes. Under torchrun, `accelerate launch` or srun (`torchrun --nproc_per_node 8 -m
+sd_train.cli precompute ...`), rank r encodes shards r, r + W, ... on its own GPU; rank 0 writes the
+manifest with every process's throughput. Each shard is written to a temp file and renamed, then a
+done marker (`.NAME.done.json`: the recipe it was made with and its counts) is written, so a re-run
+on any number of processes skips the finished shards and redoes the rest; a changed recipe (model,
+resolution, crops, seed, dtype, batch size) redoes them all.
 """
 
 from __future__ import annotations
@@ -58,13 +64,14 @@ import re
 import tarfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from sd_train.config import ConfigError, ModelArgs
+from sd_train.config import ConfigError, DistArgs, ModelArgs
+from sd_train.config.launcher import read_launch_env
 from sd_train.data.bad_input import BadInputLog, BadSample
 from sd_train.data.decode import (
     DecodedSample,
@@ -83,6 +90,7 @@ from sd_train.data.precomputed import (
 from sd_train.data.sources import expand_sources
 from sd_train.data.tar import RawSample, add_member, read_shards
 from sd_train.model.parts import encode_text, load_sd_parts
+from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
 
 MANIFEST = "precompute.json"
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -196,6 +204,23 @@ def _write_shard(
     return written
 
 
+def done_marker(out_dir: str, name: str) -> str:
+    """The marker written after shard `name` is complete: what it was made with, and its counts."""
+    return os.path.join(out_dir, f".{name}.done.json")
+
+
+def _done(out_dir: str, name: str, recipe: dict) -> dict | None:
+    """The marker of a shard finished earlier with this exact recipe, or None (then it is redone)."""
+    path, marker = done_marker(out_dir, name), None
+    if os.path.isfile(path) and os.path.isfile(os.path.join(out_dir, name)):
+        try:
+            with open(path) as f:
+                marker = json.load(f)
+        except ValueError:
+            return None
+    return marker if marker is not None and marker.get("recipe") == recipe else None
+
+
 def precompute(
     model_path: str,
     src_spec: str,
@@ -206,11 +231,17 @@ def precompute(
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "float32",
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[dict], list[dict]] = lambda part: [part],
 ) -> dict[str, Any]:
     """Encode every sample of `src_spec` (any `expand_sources` spec) into shards in `out_dir`.
 
-    Bad input is skipped and counted by the training reader's categories. Returns the manifest,
-    also written to `out_dir/precompute.json`.
+    With `world_size` processes, rank r encodes shards r, r + W, ... (`gather` collects every
+    rank's counts; rank 0 writes the manifest). Each finished shard leaves a done marker with the
+    recipe it was made with, so a re-run, on any number of processes, skips it and redoes only the
+    missing shards. Bad input is skipped and counted by the training reader's categories. Returns
+    the manifest, also written to `out_dir/precompute.json`.
     """
     if resolution <= 0 or resolution % 8:
         raise ValueError(f"resolution={resolution} must be a positive multiple of 8")
@@ -230,11 +261,45 @@ def precompute(
     enc = _Encoder(model_path, torch.device(device), np.dtype(DTYPES[dtype]))
     start = time.perf_counter()  # throughput counts reading + encoding + writing, not the model load
     identity = {"model_fingerprint": model_fingerprint(model_path), "resolution": resolution, "crops": crops}
-    log, written = BadInputLog(), 0
-    for url, name in zip(tqdm(urls, desc="precompute", unit="shard", dynamic_ncols=True), names):
-        written += _write_shard(url, os.path.join(out_dir, name), enc, log, identity, batch_size, seed)
+    # Everything the bytes of a shard depend on (the VAE is not batch-invariant: batch size counts).
+    recipe = {**identity, "seed": seed, "dtype": dtype, "batch_size": batch_size}
+    log, written, encoded, skipped = BadInputLog(), 0, 0, 0
+    mine = list(zip(urls, names))[rank::world_size]
+    for url, name in tqdm(mine, desc=f"precompute rank {rank}", unit="shard", dynamic_ncols=True, disable=rank > 0):
+        marker = _done(out_dir, name, recipe)
+        if marker is None:
+            shard_log = BadInputLog()
+            n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, seed)
+            marker = {"recipe": recipe, "written": n, "bad": shard_log.counts, "bad_shards": shard_log.shards}
+            tmp = done_marker(out_dir, name) + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(marker, f)
+            os.replace(tmp, done_marker(out_dir, name))
+            encoded += n
+        else:
+            skipped += 1
+        written += marker["written"]
+        for category, count in marker["bad"].items():
+            log.counts[category] += count
+        log.shards.extend(s for s in marker["bad_shards"] if s not in log.shards)
     seconds = time.perf_counter() - start
-
+    part = {
+        "rank": rank,
+        "shards": len(mine),
+        "shards_skipped": skipped,
+        "samples_written": written,
+        "samples_encoded": encoded,
+        "bad": log.counts,
+        "bad_shards": log.shards,
+        "shapes": enc.shapes,
+        "load_seconds": round(start - t0, 3),
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(encoded / seconds, 2) if seconds > 0 else None,
+    }
+    parts = gather(part)
+    written = sum(p["samples_written"] for p in parts)
+    bad = {c: sum(p["bad"][c] for p in parts) for c in log.counts}
+    shapes = next((p["shapes"] for p in parts if p["shapes"]), {})
     vae, text_encoder = enc.parts.vae.config, enc.parts.text_encoder.config
     manifest = {
         "model_path": str(Path(model_path).resolve()),
@@ -243,25 +308,31 @@ def precompute(
         "seed": seed,
         "dtype": dtype,
         "latents": "unscaled VAE posterior; train on (latent_mean + latent_std * randn) * vae_scaling_factor",
-        **enc.shapes,
+        **shapes,
         "vae_scaling_factor": float(vae.scaling_factor),
         "text_hidden_size": int(text_encoder.hidden_size),
         "source": src_spec,
         "shards": names,
         "counts": {
             "samples_written": written,
-            "samples_read": written + sum(log.counts.values()),
-            "bad": log.counts,
-            "bad_shards": log.shards,
+            "samples_read": written + sum(bad.values()),
+            "bad": bad,
+            "bad_shards": sorted({s for p in parts for s in p["bad_shards"]}),
         },
-        "load_seconds": round(start - t0, 3),
-        "seconds": round(seconds, 3),
-        "samples_per_s": round(written / seconds, 2) if seconds > 0 else None,
+        "load_seconds": max(p["load_seconds"] for p in parts),
+        "seconds": max(p["seconds"] for p in parts),
+        "samples_per_s": round(sum(p["samples_encoded"] for p in parts) / max(p["seconds"] for p in parts), 2)
+        if max(p["seconds"] for p in parts) > 0
+        else None,
+        "processes": [
+            {k: p[k] for k in ("rank", "shards", "shards_skipped", "samples_encoded", "samples_per_s")} for p in parts
+        ],
         "device": device,
         "batch_size": batch_size,
     }
-    with open(os.path.join(out_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
+    if rank == 0:
+        with open(os.path.join(out_dir, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
     return manifest
 
 
@@ -282,19 +353,39 @@ def main_precompute(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="samples per encoder call (x crops images)")
     p.add_argument("--crops", type=int, default=1, help="1: center crop; K>1: K seeded random crops per sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the random crops")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", default=None, help="default: this process's GPU under torchrun/accelerate/srun, else cuda or cpu"
+    )
     p.add_argument(
         "--dtype", choices=list(DTYPES), default="float32", help="float32: bitwise-exact training; float16: half size"
     )
     a = p.parse_args(argv)
     try:
-        m = precompute(a.model, a.src, a.out, a.resolution, a.batch_size, a.crops, a.seed, a.device, a.dtype)
+        launch = read_launch_env()
+    except ConfigError as e:
+        print(f"sd-train precompute: {e}")
+        return 2
+    info = init_distributed(DistArgs()) if launch.world_size > 1 else None
+    device = a.device or (str(info.device) if info else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        m = precompute(
+            a.model, a.src, a.out, a.resolution, a.batch_size, a.crops, a.seed, device, a.dtype,
+            rank=launch.rank, world_size=launch.world_size, gather=all_gather_object if info else lambda part: [part],
+        )  # fmt: skip
     except (ValueError, ConfigError) as e:
         print(f"sd-train precompute: {e}")
         return 2
+    finally:
+        if info is not None:
+            destroy()
+    if launch.rank > 0:
+        return 0
     bad = {k: v for k, v in m["counts"]["bad"].items() if v}
+    per_process = ", ".join(f"rank {p['rank']} {p['samples_per_s']}" for p in m["processes"])
+    skipped = sum(p["shards_skipped"] for p in m["processes"])
     print(
         f"wrote {m['counts']['samples_written']} samples in {len(m['shards'])} shards to {a.out} "
-        f"({m['samples_per_s']} samples/s on {a.device}); bad input skipped: {bad or 'none'}"
+        f"({m['samples_per_s']} samples/s on {device}; per process: {per_process}; {skipped} shards already done); "
+        f"bad input skipped: {bad or 'none'}"
     )
     return 0

@@ -11,6 +11,7 @@ the `micro_batch_size` of configs/test.yaml, and the training comparison reads s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launch import REPO, run
+from launch import REPO, run, torchrun_cmd
 
 from sd_train.config import ConfigError, ModelArgs, load_config
 from sd_train.data.bad_input import BadInputLog
@@ -247,3 +248,29 @@ def test_decoder_counts_broken_precomputed_samples(latents):
         with pytest.raises(BadSample) as e:
             decode_precomputed_sample(RawSample(good.key, good.shard, members), tf, None)
         assert e.value.category == category
+
+
+@pytest.mark.multiproc
+def test_two_processes_split_the_shards_and_a_rerun_skips_done_ones(tiny_assets, latents, tmp_path):
+    """`torchrun -m sd_train.cli precompute` on 2 processes: each encodes half the shards, and the
+    shards are byte-equal to the one-process output (same batches per shard). A re-run on one process
+    finds every shard done and rewrites nothing."""
+    single, _ = latents
+    out = tmp_path / "dist-latents"
+    src = f"{tiny_assets['data']}/train-{{000000..000007}}.tar"
+    args = ["precompute", "--model", str(tiny_assets["model"]), "--src", src, "--out", str(out), "--resolution", "32",
+            "--batch-size", str(BATCH)]  # fmt: skip
+    run(torchrun_cmd(2, "-m", "sd_train.cli", *args), timeout=300)
+    manifest = json.loads((out / "precompute.json").read_text())
+    assert [(p["rank"], p["shards"], p["shards_skipped"]) for p in manifest["processes"]] == [(0, 4, 0), (1, 4, 0)]
+    assert manifest["counts"]["samples_written"] == 128
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
+
+    assert digests(out) == digests(single) and len(digests(out)) == 8
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = run([sys.executable, "-m", "sd_train.cli", *args], timeout=300)
+    assert "8 shards already done" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
+    assert json.loads((out / "precompute.json").read_text())["counts"]["samples_written"] == 128
