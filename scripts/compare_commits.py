@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -88,6 +89,10 @@ STEP_RE = re.compile(r"^step_\d{8}$")
 # metrics.jsonl keys that measure the machine, not the numerics.
 VOLATILE_PREFIXES = ("speed/", "memory/")
 VOLATILE_KEYS = {"time"}
+# --allow-added-keys: keys that only the NEW revision writes (a config field, a metric, a topology
+# entry that a feature added) are listed as notes instead of failing; every key both write must
+# still be equal. For "this feature changed no number", not for a pure refactor.
+ALLOW_ADDED = False
 # Keys of the asset builds' json reports that time the build (tiny_sd.py's vae_report.json).
 BUILD_TIMING_KEYS = {"seconds", "time"}
 # The processes of a run: the test suite's environment (tests/launch.py).
@@ -316,7 +321,10 @@ class Tree:
             for k in sorted(ka - kb, key=str):
                 self.diff(f"{path}.{k}", "only in base")
             for k in sorted(kb - ka, key=str):
-                self.diff(f"{path}.{k}", "only in new")
+                if ALLOW_ADDED:
+                    self.check.notes.append(f"{path}.{k}: added in new")
+                else:
+                    self.diff(f"{path}.{k}", "only in new")
             for k in sorted(ka & kb, key=str):
                 self.walk(a[k], b[k], f"{path}.{k}" if path else str(k))
         elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -419,12 +427,13 @@ def compare_text(check: Check, rel: str, a: Path, b: Path, pa: Paths, pb: Paths)
         if sha256(a) != sha256(b):
             check.diffs.append(f"{rel}: bytes differ")
         return
-    if rel.endswith(".json"):
-        ja, jb = json.loads(ta), json.loads(tb)
+    if rel.endswith(".json") or (ALLOW_ADDED and rel.endswith(".yaml")):
+        ja, jb = (json.loads(ta), json.loads(tb)) if rel.endswith(".json") else (yaml.safe_load(ta), yaml.safe_load(tb))
         if ja != jb:
             sub = Check(check.group, rel)
             Tree(sub).walk(ja, jb, rel)
-            check.diffs.extend(sub.diffs or [f"{rel}: json differs"])
+            check.diffs.extend(sub.diffs or ([] if sub.notes else [f"{rel}: differs"]))
+            check.notes.extend(sub.notes)
     elif ta != tb:
         line = next((i for i, (x, y) in enumerate(zip(ta.splitlines(), tb.splitlines()), 1) if x != y), None)
         check.diffs.append(f"{rel}: text differs" + (f" from line {line}" if line else " in length"))
@@ -496,6 +505,13 @@ def compare_checkpoints(group: str, a: Path, b: Path, pa: Paths, pb: Paths, tmp:
     return [c for c in (steps, files, dcp, zero, ema, rank, trainer, other) if c.count or c.diffs]
 
 
+def without_added(base: Any, new: Any) -> Any:
+    """`new` without the dict keys (at any depth) that `base` does not have."""
+    if isinstance(base, dict) and isinstance(new, dict):
+        return {k: without_added(base[k], v) for k, v in new.items() if k in base}
+    return new
+
+
 def stable_metrics(line: str) -> dict:
     row = json.loads(line)
     return {k: v for k, v in row.items() if k not in VOLATILE_KEYS and not k.startswith(VOLATILE_PREFIXES)}
@@ -512,6 +528,11 @@ def compare_metrics(group: str, a: Path, b: Path, pa: Paths, pb: Paths) -> Check
         check.diffs.append(f"{len(la)} lines vs {len(lb)}")
     for i, (x, y) in enumerate(zip(la, lb), 1):
         ra, rb = stable_metrics(x), stable_metrics(y)
+        if ALLOW_ADDED:
+            pruned = without_added(ra, rb)
+            if pruned != rb:
+                check.notes.append(f"line {i}: keys added in new, not compared")
+            rb = pruned
         if ra != rb:
             keys = sorted(k for k in set(ra) | set(rb) if not scalars_equal(ra.get(k), rb.get(k)))
             first = keys[0] if keys else None
@@ -633,6 +654,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     p.add_argument("--keep", action="store_true", help="keep the worktrees and runs under --work")
     p.add_argument("--vae-steps", type=int, default=None, help="pass --vae-steps N to build-tiny of both revisions")
+    p.add_argument(
+        "--allow-added-keys",
+        action="store_true",
+        help="keys only NEW writes (config fields, metrics, topology) are notes, not failures; shared keys must match",
+    )
     ns = p.parse_args(argv)
     ns.only = [x.strip() for x in ns.only.split(",") if x.strip()]
     bad = [x for x in ns.only if x not in PHASES]
@@ -654,6 +680,8 @@ def summary(checks: list[Check], timings: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    global ALLOW_ADDED
+    ALLOW_ADDED = ns.allow_added_keys
     # A TERM (a killed job) still removes the worktrees: it unwinds through the `finally` below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.perf_counter()
