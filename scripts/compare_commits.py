@@ -42,12 +42,14 @@ about 1.5 min. The comparison stays exact either way, since both revisions build
 the output says which was used. The script does not import sd_train: it drives two different
 checkouts of it.
 
-Known: models/tiny-sd's tokenizer is not always byte-stable, even for identical code. The BPE
-trainer of `tokenizers` (0.23) breaks ties between equal-count merges by token ids it assigns in
-hash-map order, which changes from process to process (huggingface/tokenizers#1794); about one
-build in five then lists the same merges in another order, and tokenizer/merges.txt, vocab.json
-and tokenizer.json differ. The script reports that as a FAIL and says so on the merges.txt line;
-the training runs are not affected (both revisions train on the base's assets).
+Known: before sd_train learnt its BPE merges itself, models/tiny-sd's tokenizer was not always
+byte-stable, even for identical code. The BPE trainer of `tokenizers` (0.23) breaks ties between
+equal-count merges by token ids it assigns in hash-map order, which changes from process to process
+(huggingface/tokenizers#1794); about one build in five listed the same merges in another order,
+and tokenizer/merges.txt, vocab.json and tokenizer.json differed. The script reports that as a FAIL
+and says so on the merges.txt line. Now ties go to the lexicographically smallest pair, so builds
+are byte-stable, but a revision from before that change lists other merges than one after it (also
+a FAIL). The training runs are not affected (both revisions train on the base's assets).
 
 Expected cost on 2 CPU cores: the asset builds above, then about 30 s per 2-rank run (6 runs).
 """

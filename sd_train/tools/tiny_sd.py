@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import heapq
 import io
 import json
 import math
@@ -37,8 +38,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
-from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
-from tokenizers.models import BPE
+from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sd_train.data.bad_input import BadInputLog
@@ -85,29 +85,88 @@ def _normalize_caption(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split()).lower()
 
 
-def _learn_merges(captions: list[str], num_merges: int) -> list[tuple[str, str]]:
-    """BPE merges learnt by `tokenizers` with CLIP's normalizer, pre-tokenizer and `</w>` suffix."""
-    tok = Tokenizer(BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence(
+def _word_counts(captions: list[str]) -> dict[str, int]:
+    """How often each pre-tokenized word occurs, in the byte-level alphabet: CLIP's normalizer (NFC,
+    whitespace collapsed, lowercase) and pre-tokenizer regex, run by `tokenizers` so that encoding
+    later splits text exactly the same way."""
+    normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    # vocab_size is an upper bound: base symbols (<= 512) + merges; the list is cut at num_merges.
-    trainer = trainers.BpeTrainer(
-        vocab_size=512 + num_merges + 2,
-        min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(captions, trainer)
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    return [(a, b) for a, b in merges[:num_merges]]
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)):
+            counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def _merge_word(symbols: tuple[str, ...], a: str, b: str) -> tuple[str, ...]:
+    """`symbols` with every (a, b) replaced by a + b, left to right ("a a a" -> "aa a")."""
+    out: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
+
+
+def _learn_merges(captions: list[str], num_merges: int, min_count: int = 2) -> list[tuple[str, str]]:
+    """BPE merges over the captions' words, each spelt as byte symbols with `</w>` on the last one.
+
+    Each step merges the adjacent pair with the highest count (summed over word occurrences,
+    overlapping pairs counted as `tokenizers` does), ties broken by the lexicographically smallest
+    (left, right) strings; it stops after `num_merges` or when no pair occurs `min_count` times.
+    `tokenizers`' BpeTrainer is not used: it breaks ties by token ids it assigns in hash-map
+    order, so about 1 build in 5 gave a different merges.txt (huggingface/tokenizers#1794).
+    """
+    word_counts = _word_counts(captions)
+    words = [(*w[:-1], w[-1] + "</w>") for w in sorted(word_counts)]
+    counts = [word_counts[w] for w in sorted(word_counts)]
+    pair_counts: dict[tuple[str, str], int] = {}
+    where: dict[tuple[str, str], set[int]] = {}  # words that hold (or once held) the pair
+    for i, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            pair_counts[pair] = pair_counts.get(pair, 0) + counts[i]
+            where.setdefault(pair, set()).add(i)
+    # Max-heap on count, then min on (a, b); an entry whose count is no longer current is skipped.
+    heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    while heap and len(merges) < num_merges:
+        neg_count, a, b = heapq.heappop(heap)
+        if pair_counts.get((a, b)) != -neg_count:
+            continue
+        if -neg_count < min_count:
+            break
+        merges.append((a, b))
+        changed: set[tuple[str, str]] = set()
+        for i in sorted(where.pop((a, b))):
+            old, new = words[i], _merge_word(words[i], a, b)
+            if new == old:  # the pair left this word in an earlier merge
+                continue
+            for pair in zip(old, old[1:]):
+                pair_counts[pair] -= counts[i]
+                changed.add(pair)
+            for pair in zip(new, new[1:]):
+                pair_counts[pair] = pair_counts.get(pair, 0) + counts[i]
+                where.setdefault(pair, set()).add(i)
+                changed.add(pair)
+            words[i] = new
+        for pair in sorted(changed):
+            if pair_counts[pair] > 0:
+                heapq.heappush(heap, (-pair_counts[pair], *pair))
+            else:
+                del pair_counts[pair]
+    return merges
 
 
 def _write_bpe_files(out_dir: str, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
