@@ -15,7 +15,7 @@ def test_one_host_sync_per_plain_step_and_readable_throughput(tiny_assets, tmp_p
     cmd = [
         sys.executable, TRAIN, "--config", "configs/test.yaml", *tiny_assets["overrides"], f"output_dir={out}",
         "max_steps=8", "metrics.log_every=4", "checkpoint.every_steps=8", "eval.every_steps=0",
-        "export_at_end=false", "perf.peak_tflops=0.001",
+        "ema.step_start_ema=4", "export_at_end=false", "perf.peak_tflops=0.001",
     ]  # fmt: skip
     proc = run(cmd, timeout=300)
     assert "hot path: cpu, AdamW foreach" in proc.stdout and "GFLOP" in proc.stdout
