@@ -273,7 +273,7 @@ class PerfArgs:
     step over 686 DTensors), `foreach` elsewhere (the CPU numerics the checkpoints were made with)."""
     tf32: bool = True
     """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer): 10-bit mantissa inputs,
-    fp32 accumulation. Off under `deterministic` only if set false."""
+    fp32 accumulation. Rounds differently from fp32 but repeatably: `deterministic` leaves it as set."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its convolution algorithms on the first step of each shape and keep the
     fastest. The pick can differ between runs, so `deterministic=true` turns it off."""
