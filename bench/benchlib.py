@@ -63,13 +63,16 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
 SD2_BASE_PARAMS = 865_910_724
 
 
-def build_unet(size: str, latent_size: int, seed: int = 0) -> torch.nn.Module:
+def build_unet(size: str, latent_size: int, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
     """A randomly initialised UNet of one of UNET_CONFIGS; the same seed gives the same weights on
-    every rank (fully_shard then cuts identical full tensors)."""
+    every rank (fully_shard then cuts identical full tensors). On a GPU `device` initialises it
+    there (SD2-base takes ~15 s to initialise on a CPU); the weights then come from the device's
+    generator, so they differ from the CPU-built ones."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=latent_size, **UNET_CONFIGS[size])
+    with torch.device(device):
+        return UNet2DConditionModel(sample_size=latent_size, **UNET_CONFIGS[size])
 
 
 def count_params(module: torch.nn.Module) -> int:
