@@ -280,6 +280,9 @@ class PerfArgs:
     compile: bool = False
     """`torch.compile` each FSDP unit (down/mid/up block) before it is sharded, as torchtitan does;
     the collectives stay outside the compiled regions. Costs a compile on the first steps."""
+    compile_backend: str = "inductor"
+    """The `torch.compile` backend of `compile`: `inductor` (generated kernels) or `aot_eager`
+    (the same captured forward and backward graphs run by eager kernels: for debugging)."""
     channels_last: bool = False
     """Keep the UNet's conv weights (and so its activations) in channels_last memory format, which
     cuDNN's tensor-core convolutions prefer. Changes the floating-point summation order."""

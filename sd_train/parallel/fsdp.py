@@ -126,11 +126,12 @@ class FSDPStrategy(Strategy):
         `perf.compile` compiles each unit first, so that FSDP2's hooks (registered by
         `fully_shard` afterwards) stay outside the compiled graphs."""
         if self.perf.channels_last:
-            unet.to(memory_format=torch.channels_last)
+            if self.name == "ddp":  # FSDP2 refuses non-contiguous parameters; there the input decides
+                unet.to(memory_format=torch.channels_last)
             unet.register_forward_pre_hook(_channels_last_input)
         if self.perf.compile:
             for unit in self.units(unet):
-                compile_module(unit)
+                compile_module(unit, self.perf.compile_backend)
         if self.name == "ddp":
             device_ids = [self.info.device.index] if self.info.device.type == "cuda" else None
             return DistributedDataParallel(unet, device_ids=device_ids)
