@@ -1,4 +1,5 @@
-"""Training step time at world size 2: sd_train's FSDP2 path vs a plain DDP loop, same UNet and batch.
+"""Training step time at world size 2: sd_train's FSDP2 path (today's and the new hot path) vs a
+plain DDP loop, same UNet and batch, with the time of each phase of the step.
 
     .venv/bin/python bench/bench_step.py [--sizes tiny,30m] [--batch 4] [--latent 32] [--reps 3] [--warmup 1]
 
@@ -11,6 +12,13 @@ the same per-rank batches (`--batch` samples of `--latent`^2 latents, 77 random 
 barrier before each timed step; ms/step is the median over `--reps` after `--warmup`. The losses
 of the two paths are compared too: data parallelism must not change the numbers.
 
+Paths: "FSDP2 today" (foreach AdamW, the loss read every step: what the loop did before the hot
+path), "FSDP2 new" (the hot path as a CPU run gets it by default: foreach AdamW on CPU, no
+per-step loss read), "FSDP2 new, fused" (`perf.optimizer_impl=fused`, what CUDA gets by default),
+"FSDP2 new, fused, no reshard" (plus `dist.reshard_after_forward=false`: no second all-gather per
+block in backward) and "DDP". Each step is timed by phase (forward, backward, clip, optimizer), on
+the host clock, so the table says where the FSDP2 overhead goes.
+
 Prints a table and one JSON line.
 """
 
@@ -19,12 +27,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any
 
 import benchlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from sd_train.config import OptimArgs
+from sd_train.optim import build_optimizer
 
 TEXT_TOKENS = 77
 
@@ -44,25 +56,42 @@ def make_batches(size: str, batch: int, latent: int, count: int, rank: int) -> l
     ]
 
 
-class Stepper:
-    """One model + optimizer walking through the same batches as its rival."""
+PHASES = ("forward", "backward", "clip", "optimizer")
 
-    def __init__(self, model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]]):
+
+class Stepper:
+    """One model + optimizer walking through the same batches as its rivals."""
+
+    def __init__(self, model: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]], fused: bool, read_loss: bool):
         self.model = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.optimizer = build_optimizer(model, OptimArgs(lr=1e-4, weight_decay=0.01), fused=fused)
         self.batches = batches
-        self.losses: list[float] = []
+        self.read_loss = read_loss
+        self.losses: list[torch.Tensor] = []
+        self.phase_s: dict[str, list[float]] = {p: [] for p in PHASES}
 
     def __call__(self) -> None:
         x, t, text, noise = self.batches[len(self.losses) % len(self.batches)]
+        clock = [time.perf_counter()]
+
+        def lap(phase: str) -> None:
+            clock.append(time.perf_counter())
+            self.phase_s[phase].append(clock[-1] - clock[-2])
+
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.mse_loss(self.model(x + noise, t, encoder_hidden_states=text).sample, noise)
+        lap("forward")
         loss.backward()
+        lap("backward")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         # FSDP2 returns the norm as a DTensor; reading it is the trainer's non-finite check.
         float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        lap("clip")
         self.optimizer.step()
-        self.losses.append(float(loss.detach()))
+        lap("optimizer")
+        if self.read_loss:  # today's loop read the loss on the host every step
+            float(loss.detach())
+        self.losses.append(loss.detach())
 
 
 def bench_size(size: str, batch: int, latent: int, warmup: int, reps: int, info: Any) -> dict[str, Any]:
@@ -72,16 +101,31 @@ def bench_size(size: str, batch: int, latent: int, warmup: int, reps: int, info:
     from sd_train.parallel.build import shard_unet
 
     batches = make_batches(size, batch, latent, warmup + reps, info.rank)
-    fsdp = shard_unet(benchlib.build_unet(size, latent, seed=0), DistArgs(), info)
+
+    def fsdp(**dist_args: Any) -> torch.nn.Module:
+        return shard_unet(benchlib.build_unet(size, latent, seed=0), DistArgs(**dist_args), info)
+
     ddp = DistributedDataParallel(benchlib.build_unet(size, latent, seed=0))
-    steppers = {"FSDP2 (sd_train shard_unet)": Stepper(fsdp, batches), "DDP (torch)": Stepper(ddp, batches)}
+    steppers = {
+        "FSDP2 today": Stepper(fsdp(), batches, fused=False, read_loss=True),
+        "FSDP2 new": Stepper(fsdp(), batches, fused=False, read_loss=False),
+        "FSDP2 new, fused": Stepper(fsdp(), batches, fused=True, read_loss=False),
+        "FSDP2 new, fused, no reshard": Stepper(
+            fsdp(reshard_after_forward=False), batches, fused=True, read_loss=False
+        ),
+        "DDP": Stepper(ddp, batches, fused=False, read_loss=True),
+    }
     times = benchlib.interleaved(steppers, warmup, reps, sync=dist.barrier)
-    losses = {name: s.losses for name, s in steppers.items()}
-    a, b = losses.values()
+    reference = steppers["DDP"].losses
     return {
         "params": benchlib.count_params(ddp.module),
         "ms": {name: benchlib.median_ms(t) for name, t in times.items()},
-        "max_loss_diff": max(abs(x - y) for x, y in zip(a, b)),
+        "phase_ms": {
+            name: {p: benchlib.median_ms(v[warmup:]) for p, v in s.phase_s.items()} for name, s in steppers.items()
+        },
+        "max_loss_diff": {
+            name: max(abs(float(x) - float(y)) for x, y in zip(s.losses, reference)) for name, s in steppers.items()
+        },
     }
 
 
@@ -110,10 +154,14 @@ def report(result: dict[str, Any], args: argparse.Namespace, load_before: float)
     rows = []
     for size in ranks[0]:
         ms = {name: max(r[size]["ms"][name] for r in ranks) for name in ranks[0][size]["ms"]}
-        fsdp, ddp = ms.values()
-        loss_diff = max(r[size]["max_loss_diff"] for r in ranks)
-        rows.append([f"{size} ({ranks[0][size]['params'] / 1e6:.2f}M)", fsdp, ddp, fsdp / ddp, f"{loss_diff:.1e}"])
-    benchlib.print_table(["UNet", "FSDP2 ms/step", "DDP ms/step", "FSDP2 / DDP", "max |loss diff|"], rows)
+        label = f"{size} ({ranks[0][size]['params'] / 1e6:.2f}M)"
+        for name, value in ms.items():
+            phases = [max(r[size]["phase_ms"][name][p] for r in ranks) for p in PHASES]
+            loss_diff = max(r[size]["max_loss_diff"][name] for r in ranks)
+            rows.append([label, name, value, value / ms["DDP"], value / ms["FSDP2 today"], *phases, f"{loss_diff:.1e}"])
+    benchlib.print_table(
+        ["UNet", "path", "ms/step", "/ DDP", "/ today", *(f"{p} ms" for p in PHASES), "max |loss - DDP|"], rows
+    )
     load_after = benchlib.load_average()
     print(f"\nload average (1 min): {load_before:.2f} before, {load_after:.2f} after (2 shared cores)")
     benchlib.emit_json(

@@ -46,16 +46,33 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
     "30m": dict(_SD_LIKE, block_out_channels=(96, 192, 384), cross_attention_dim=256),
     # 203.4M params: the "204M UNet" of the measured CPU timings (EMA update, train step).
     "200m": dict(_SD_LIKE, block_out_channels=(256, 512, 1024), cross_attention_dim=768),
+    # Stable Diffusion 2 base, as in its diffusers unet/config.json: 865,910,724 params in 686
+    # tensors (SD2_BASE_PARAMS), built locally. Latents are 32x32 at 256 px, 64x64 at 512 px.
+    "sd2_base": dict(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+    ),
 }
+SD2_BASE_PARAMS = 865_910_724
 
 
-def build_unet(size: str, latent_size: int, seed: int = 0) -> torch.nn.Module:
+def build_unet(size: str, latent_size: int, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
     """A randomly initialised UNet of one of UNET_CONFIGS; the same seed gives the same weights on
-    every rank (fully_shard then cuts identical full tensors)."""
+    every rank (fully_shard then cuts identical full tensors). On a GPU `device` initialises it
+    there (SD2-base takes ~15 s to initialise on a CPU); the weights then come from the device's
+    generator, so they differ from the CPU-built ones."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=latent_size, **UNET_CONFIGS[size])
+    with torch.device(device):
+        return UNet2DConditionModel(sample_size=latent_size, **UNET_CONFIGS[size])
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -68,11 +85,20 @@ def param_bytes(tensors: Sequence[torch.Tensor]) -> int:
 
 def timed(fn: Callable[[], Any], sync: Callable[[], None] = lambda: None) -> float:
     """Seconds one call of `fn` takes; `sync` runs before the clock starts (e.g. a barrier, so both
-    ranks contend for the cores at the same time, as they do in training)."""
+    ranks contend for the cores at the same time, as they do in training). On CUDA the device is
+    synchronized before the clock starts and before it stops: kernels are queued asynchronously,
+    so without it the figure is the launch time, not the work."""
     sync()
+    cuda_sync()
     t0 = time.perf_counter()
     fn()
+    cuda_sync()
     return time.perf_counter() - t0
+
+
+def cuda_sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def interleaved(

@@ -14,12 +14,16 @@ import resource
 import secrets
 import time
 import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from sd_train.config import MetricsArgs
+from sd_train.parallel.process_group import all_reduce_max as reduce_max
 
 
 def _jsonable(v: Any) -> Any:
@@ -137,20 +141,44 @@ def build_metrics(args: MetricsArgs, output_dir: str, run_name: str, is_main: bo
 
 
 class StepWindow:
-    """Owns the throughput figures between two logged steps: samples trained, wall time, time spent
-    waiting for data, and the duration of the last step. `read()` returns the `speed/` and
-    `memory/` metrics and starts a new window."""
+    """Owns the throughput figures between two logged steps: samples trained, wall time (and the
+    part of it spent in evaluation and checkpoints, which `speed/img_per_s_per_gpu` leaves out),
+    time per phase of the step, the host syncs of plain steps and the peak memory. `read()`
+    returns the `speed/` and `memory/` metrics and starts a new window; it is a collective (the
+    memory peak is the max over ranks), called at the same steps on every rank.
 
-    def __init__(self, global_batch_size: int, device: torch.device):
+    Phase times come from CUDA events on a GPU (device time, read at log time, when the loop may
+    sync) and from the host clock on CPU; `data` is always the host's wait for the loader."""
+
+    def __init__(
+        self,
+        global_batch_size: int,
+        device: torch.device,
+        world_size: int = 1,
+        flops_per_image: Optional[float] = None,
+        peak_tflops: Optional[float] = None,
+    ):
         self.global_batch_size = global_batch_size
         self.device = device
+        self.world_size = world_size
+        self.flops_per_image = flops_per_image
+        self.peak_tflops = peak_tflops
+        self.run_peak_gb = 0.0
         self._reset()
 
     def _reset(self) -> None:
         self.start = time.perf_counter()
         self.data_wait = 0.0
+        self.excluded_s = 0.0
         self.samples = 0
+        self.steps = 0
         self.step_start = self.start
+        self.phase_host: dict[str, float] = defaultdict(float)
+        self.phase_events: dict[str, list] = defaultdict(list)
+        self.plain_steps = 0
+        self.plain_step_syncs = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def step_started(self) -> None:
         self.step_start = time.perf_counter()
@@ -158,16 +186,66 @@ class StepWindow:
     def step_ended(self, data_wait: float, taken: bool) -> None:
         self.data_wait += data_wait
         self.samples += self.global_batch_size if taken else 0
+        self.steps += 1
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time one phase of a step (`forward_backward`, `optimizer`, `ema`); phases add up
+        over micro-batches and steps."""
+        if self.device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            yield
+            end.record()
+            self.phase_events[name].append((begin, end))
+        else:
+            t = time.perf_counter()
+            yield
+            self.phase_host[name] += time.perf_counter() - t
+
+    @contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Wall time inside this block (evaluation, checkpoint saves) is not training time."""
+        t = time.perf_counter()
+        yield
+        self.excluded_s += time.perf_counter() - t
+
+    def count_host_syncs(self, count: int) -> None:
+        """The host reads of one step that neither logged, evaluated nor saved (sd_train.host_sync)."""
+        self.plain_steps += 1
+        self.plain_step_syncs += count
+
+    def _phase_seconds(self) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return dict(self.phase_host)
+        torch.cuda.synchronize(self.device)
+        return {n: sum(b.elapsed_time(e) for b, e in pairs) / 1000 for n, pairs in self.phase_events.items()}
 
     def read(self) -> dict[str, float]:
         now = time.perf_counter()
         elapsed = now - self.start
+        train_time = max(elapsed - self.excluded_s, 1e-9)
+        per_gpu = self.samples / train_time / self.world_size
+        steps = max(self.steps, 1)
+        allocated, reserved = reduce_max(list(window_peak_memory_gb(self.device)), self.device)
+        self.run_peak_gb = max(self.run_peak_gb, peak_memory_gb(self.device))
         values = {
             "speed/img_per_s": self.samples / elapsed,
+            "speed/img_per_s_per_gpu": per_gpu,
             "speed/step_time_s": now - self.step_start,
             "speed/data_wait_share": self.data_wait / elapsed,
-            "memory/peak_gb": peak_memory_gb(self.device),
+            "speed/data_ms": 1000 * self.data_wait / steps,
+            **{f"speed/{n}_ms": 1000 * v / steps for n, v in sorted(self._phase_seconds().items())},
+            "memory/peak_gb": self.run_peak_gb,
+            "memory/peak_allocated_gb": allocated,
+            "memory/peak_reserved_gb": reserved,
         }
+        if self.flops_per_image:
+            values["speed/tflops_per_gpu"] = per_gpu * self.flops_per_image / 1e12
+            if self.peak_tflops:
+                values["speed/mfu"] = values["speed/tflops_per_gpu"] / self.peak_tflops
+        if self.plain_steps:
+            values["speed/host_syncs_per_step"] = self.plain_step_syncs / self.plain_steps
         self._reset()
         return values
 
@@ -177,6 +255,15 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def window_peak_memory_gb(device: torch.device) -> tuple[float, float]:
+    """(allocated, reserved) peak since the window's reset on CUDA; on CPU, where there is no
+    resettable peak, the process's peak RSS for both."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
+    rss = peak_memory_gb(device)
+    return rss, rss
 
 
 class KeyLog:

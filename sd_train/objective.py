@@ -18,7 +18,8 @@ class DiffusionObjective:
 
     def __init__(self, args: ObjectiveArgs, alphas_cumprod: torch.Tensor, empty_text_embed: torch.Tensor):
         self.args = args
-        self.alphas_cumprod = alphas_cumprod.to(torch.float32)
+        # On the device once: indexing it by device timesteps then needs no copy and no sync.
+        self.alphas_cumprod = alphas_cumprod.to(empty_text_embed.device, torch.float32)
         self.num_timesteps = alphas_cumprod.shape[0]
         # The embedding of "" stands in for dropped captions; computed once, so dropout works the
         # same for online text encoding and precomputed embeddings.
@@ -57,8 +58,10 @@ class DiffusionObjective:
         p = self.args.caption_dropout
         if p <= 0:
             return text_embeds
-        keep = torch.rand(text_embeds.shape[0]) >= p
-        keep = keep.to(text_embeds.device).view(-1, 1, 1)
+        # Drawn where the embeddings are: on CPU the same numbers as ever, on CUDA from the CUDA
+        # generator (checkpointed by sd_train.rng) with no host-to-device copy.
+        keep = torch.rand(text_embeds.shape[0], device=text_embeds.device) >= p
+        keep = keep.view(-1, 1, 1)
         return torch.where(keep, text_embeds, self.empty_text_embed.to(text_embeds.dtype))
 
     def sample_noise(self, latents: torch.Tensor) -> torch.Tensor:
@@ -71,10 +74,12 @@ class DiffusionObjective:
         return noise
 
     def loss(self, unet: torch.nn.Module, latents: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """One micro-batch's training loss. Draws timesteps, noise and caption dropout from the
-        global RNG, whose per-rank state every checkpoint saves."""
+        """One micro-batch's training loss, as a device tensor (nothing here reads a value on the
+        host). Draws timesteps, noise and caption dropout from the global generator of the
+        latents' device, whose per-rank state every checkpoint saves (on CPU exactly the draws of
+        the host-side sampling it replaced)."""
         b = latents.shape[0]
-        timesteps = torch.randint(0, self.num_timesteps, (b,)).to(latents.device)
+        timesteps = torch.randint(0, self.num_timesteps, (b,), device=latents.device)
         noise = self.sample_noise(latents)
         text_embeds = self.drop_captions(text_embeds)
         noisy = self.add_noise(latents, noise, timesteps)

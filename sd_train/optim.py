@@ -9,13 +9,16 @@ import torch
 from sd_train.config import OptimArgs
 
 
-def build_optimizer(model: torch.nn.Module, args: OptimArgs) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, args: OptimArgs, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (or SGD) over the trainable parameters. `fused` (sd_train.perf.use_fused_adamw):
+    one kernel for the whole update instead of foreach's one launch per op over all tensors;
+    measured over 688 DTensors on 2 ranks, 22-25 ms of CPU per step against 35-42 ms."""
     params = [p for p in model.parameters() if p.requires_grad]
     if args.name == "sgd":
         return torch.optim.SGD(params, lr=args.lr, weight_decay=args.weight_decay)
-    # foreach=True: one fused kernel launch per op over all (local-shard) tensors.
+    kernels = {"fused": True} if fused else {"foreach": True}
     return torch.optim.AdamW(
-        params, lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay, foreach=True
+        params, lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay, **kernels
     )
 
 

@@ -42,6 +42,8 @@ from sd_train.errors import (
 from sd_train.evaluation import Evaluator
 from sd_train.export import export_from_training
 from sd_train.faults import FaultInjector
+from sd_train.host_sync import COUNTER as HOST_SYNCS
+from sd_train.host_sync import read_float
 from sd_train.metrics import KeyLog, StepWindow, build_metrics
 from sd_train.model.parts import encode_pixels, encode_text, load_sd_parts
 from sd_train.objective import DiffusionObjective
@@ -54,7 +56,9 @@ from sd_train.parallel.process_group import (
     barrier,
     destroy,
     init_distributed,
+    reduce_tensor_,
 )
+from sd_train.perf import apply_backend_flags, peak_tflops, training_flops_per_image, use_fused_adamw
 from sd_train.rng import RankRNG, seed_all
 
 log = logging.getLogger("sd_train")
@@ -80,7 +84,12 @@ class TrainState:
 class Preemption:
     """SIGTERM sets a flag; the ranks agree on it once per step (any rank's signal counts), then
     save a complete checkpoint and exit 0. The handler itself does nothing else: no I/O in a signal
-    handler, and no rank may leave a collective half-done."""
+    handler, and no rank may leave a collective half-done.
+
+    The per-step agreement costs no host sync of its own: `flag` is summed over ranks on the
+    device and read together with the grad norm (Strategy.step). Steps that log, evaluate or save
+    already read values on the host and ask `agreed` once more after those, so a signal that
+    arrives while a checkpoint is written stops the run at that step."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -92,6 +101,10 @@ class Preemption:
     def agreed(self, device: torch.device) -> bool:
         (flag,) = all_reduce_sum([1.0 if self.requested else 0.0], device)
         return flag > 0
+
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """The number of ranks that were signalled, as a device tensor (all-reduced, not read)."""
+        return reduce_tensor_(torch.full((1,), 1.0 if self.requested else 0.0, device=device))
 
 
 class DataPosition:
@@ -120,6 +133,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.info = init_distributed(cfg.dist)
+        self.backend_flags = apply_backend_flags(cfg.perf, self.info.device)
         self.out = Path(cfg.output_dir)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -131,8 +145,11 @@ class Trainer:
         self.accum = cfg.grad_accum_steps(self.info.world_size)
 
         self.parts = load_sd_parts(cfg.model, self.info.device, cfg.seed)
+        self.flops_per_image = self._count_flops() if cfg.perf.count_flops else None
+        self.peak_tflops = peak_tflops(cfg.perf, self.info.device)
         self.strategy = build_strategy(cfg, self.info, self.accum)
-        self.strategy.wrap(self.parts.unet, lambda module: build_optimizer(module, cfg.optim))
+        fused = use_fused_adamw(cfg.perf, self.info.device)
+        self.strategy.wrap(self.parts.unet, lambda module: build_optimizer(module, cfg.optim, fused=fused))
         self.model, self.optimizer = self.strategy.model, self.strategy.optimizer
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.max_steps)
         self.plan = plan_from_config(cfg.ema, cfg.max_steps)
@@ -165,6 +182,7 @@ class Trainer:
         self.metrics.log_config(config_to_dict(cfg), self.plan.figures())
         if self.info.is_main:
             print(self.plan.describe(), flush=True)
+            print(self._describe_hot_path(fused), flush=True)
             (self.out / "ema_plan.json").write_text(json.dumps(self.plan.figures(), indent=1))
         write_topology(
             self.out / "topology.json",
@@ -173,6 +191,26 @@ class Trainer:
             {"strategy": cfg.dist.strategy, "zero_stage": cfg.dist.zero_stage, "grad_accum_steps": self.accum},
         )
         self._resume()
+
+    def _count_flops(self) -> float:
+        """Forward+backward FLOPs of one training image at this run's shape, on the plain UNet
+        before it is wrapped (sd_train.perf.training_flops_per_image)."""
+        unet, vae, text = self.parts.unet, self.parts.vae, self.parts.text_encoder
+        latent = self.cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        tokens = min(self.parts.tokenizer.model_max_length, text.config.max_position_embeddings)
+        return training_flops_per_image(
+            unet, (unet.config.in_channels, latent, latent), (tokens, text.config.hidden_size), self.info.device
+        )
+
+    def _describe_hot_path(self, fused: bool) -> str:
+        flops = f"{self.flops_per_image / 1e9:.2f} GFLOP" if self.flops_per_image else "not counted"
+        peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown (no speed/mfu)"
+        flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
+        return (
+            f"hot path: {self.info.device.type}, AdamW {'fused' if fused else 'foreach'}, {flags}, "
+            f"compile={self.cfg.perf.compile}, channels_last={self.cfg.perf.channels_last}; "
+            f"forward+backward per image {flops}; peak {peak}"
+        )
 
     def _resume(self) -> None:
         if self.cfg.checkpoint.resume == "none" and self.checkpointer.candidates_exist():
@@ -199,10 +237,13 @@ class Trainer:
         if "latent_mean" in batch:  # precomputed shards (sd-train precompute): the stored posterior
             # is sampled here, on device, from the checkpointed global RNG, with the call
             # `encode_pixels` makes: the same random numbers as online encoding, bitwise.
+            # Copied as stored (fp16 shards stay fp16 on the wire) without blocking the host (the
+            # loader pins its batches), then converted on the device.
             vae_dtype, text_dtype = self.parts.vae.dtype, self.parts.text_encoder.dtype
-            mean, std = batch["latent_mean"].to(dev, vae_dtype), batch["latent_std"].to(dev, vae_dtype)
+            mean = batch["latent_mean"].to(dev, non_blocking=True).to(vae_dtype)
+            std = batch["latent_std"].to(dev, non_blocking=True).to(vae_dtype)
             latents = sample_posterior(mean, std, self.parts.vae_scale)
-            embeds = batch["text_embeds"].to(dev, text_dtype)
+            embeds = batch["text_embeds"].to(dev, non_blocking=True).to(text_dtype)
         else:
             latents = encode_pixels(self.parts, batch["pixels"], dev)
             embeds = encode_text(self.parts, batch["captions"], dev)
@@ -214,43 +255,58 @@ class Trainer:
 
     def train_step(self, data_iter) -> dict:
         """Accumulate gradients over micro-batches, then step unless any rank saw a non-finite
-        value; the Strategy's step is the agreement (see Strategy.step)."""
+        value; the Strategy's step is the agreement (see Strategy.step). Its read of the grad
+        norm (with the preemption flag) is the step's only host sync: the loss stays on the
+        device until a logged step reads it."""
         cfg = self.cfg
         step = self.state.step + 1
+        window = self.window
         self.optimizer.zero_grad(set_to_none=True)
-        local_loss, data_wait, keys = 0.0, 0.0, []
+        # float64, summed micro-batch by micro-batch: the same value, bit for bit, as the Python
+        # float sum of each micro-batch's loss that this replaced.
+        local_loss = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        data_wait, keys = 0.0, []
         autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
         for micro in range(self.accum):
             t = time.perf_counter()
             batch = next(data_iter)
             data_wait += time.perf_counter() - t
             keys.extend(batch.get("keys", []))
-            latents, embeds = self._encode(batch)
-            last = micro == self.accum - 1
-            self.strategy.set_grad_sync(last)
-            with autocast:
-                loss = self.objective.loss(self.model, latents, embeds) / self.accum
-            if self.faults.trip("mid_step", step):
-                loss = loss * float("nan")
-            self.strategy.backward(loss, last)
-            local_loss += float(loss.detach())
-        finite, grad_norm = self.strategy.step()
+            with window.phase("forward_backward"):
+                latents, embeds = self._encode(batch)
+                last = micro == self.accum - 1
+                self.strategy.set_grad_sync(last)
+                with autocast:
+                    loss = self.objective.loss(self.model, latents, embeds) / self.accum
+                if self.faults.trip("mid_step", step):
+                    loss = loss * float("nan")
+                self.strategy.backward(loss, last)
+                local_loss += loss.detach().double()
+        with window.phase("optimizer"):
+            finite, grad_norm, (signalled,) = self.strategy.step([self.preemption.flag(self.info.device)])
         if finite:
             self.lr_schedule.step()
             self.state.step = step
             self.state.consecutive_skips = 0
             self.state.samples_seen += cfg.global_batch_size
-            self.ema.update(step)
+            with window.phase("ema"):
+                self.ema.update(step)
         else:
             self._skip(step, local_loss)
         self.key_log.record(step, finite, keys)
-        return {"loss": local_loss, "grad_norm": grad_norm, "data_wait": data_wait, "finite": finite}
+        return {
+            "loss": local_loss,
+            "grad_norm": grad_norm,
+            "data_wait": data_wait,
+            "finite": finite,
+            "preempt": signalled > 0,
+        }
 
-    def _skip(self, step: int, local_loss: float) -> None:
+    def _skip(self, step: int, local_loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.skipped_steps += 1
         self.state.consecutive_skips += 1
-        bad_ranks = [r for r, v in enumerate(all_gather_object(math.isfinite(local_loss))) if not v]
+        bad_ranks = [r for r, v in enumerate(all_gather_object(math.isfinite(read_float(local_loss)))) if not v]
         where = f"rank(s) {bad_ranks}" if bad_ranks else "a gradient (losses were finite)"
         if self.info.is_main:
             print(
@@ -282,7 +338,7 @@ class Trainer:
     def log_step(self, step: int, result: dict) -> None:
         """The logged figures of a step: the loss averaged over ranks, optimizer, speed window, EMA
         and data health (the last two are collectives, so every rank calls this at the same steps)."""
-        (loss,) = all_reduce_sum([result["loss"]], self.info.device)
+        loss = read_float(reduce_tensor_(result["loss"].clone()))
         values = {
             "train/loss": loss / self.info.world_size,
             "optim/lr": self.lr_schedule.get_last_lr()[0],
@@ -306,19 +362,27 @@ class Trainer:
             self.metrics.log(0, self.evaluator.baseline(self.model))
         data_iter = iter(self.loader)
         self.bar = _progress(self.info.is_main, self.state.step, cfg.max_steps)
-        self.window = StepWindow(cfg.global_batch_size, self.info.device)
+        self.window = StepWindow(
+            cfg.global_batch_size, self.info.device, self.info.world_size, self.flops_per_image, self.peak_tflops
+        )
         while self.state.step < cfg.max_steps:
+            syncs_before = HOST_SYNCS.count
             self.window.step_started()
             result = self.train_step(data_iter)
             step = self.state.step
             self.window.step_ended(result["data_wait"], result["finite"])
             self.bar.update(1 if result["finite"] else 0)
-            if self.metrics.should_log(step) and result["finite"] or step == cfg.max_steps:
+            logged = self.metrics.should_log(step) and result["finite"] or step == cfg.max_steps
+            if logged:
                 self.log_step(step, result)
-            if self.evaluator.should_run(step) and result["finite"]:
-                self.metrics.log(step, self.evaluator.run(step, self.model))
-            self.checkpointer.save(step)
-            if self.preemption.agreed(self.info.device):
+            evaluated = self.evaluator.should_run(step) and result["finite"]
+            with self.window.excluded():  # img/s per GPU counts training time only
+                if evaluated:
+                    self.metrics.log(step, self.evaluator.run(step, self.model))
+                saved = self.checkpointer.save(step)
+            if not (logged or evaluated or saved):
+                self.window.count_host_syncs(HOST_SYNCS.count - syncs_before)
+            if result["preempt"] or ((logged or evaluated or saved) and self.preemption.agreed(self.info.device)):
                 self.checkpointer.save(step, force=True)
                 self.checkpointer.wait()
                 if self.info.is_main:

@@ -21,6 +21,7 @@ from sd_train.config.schema import (
     ModelArgs,
     ObjectiveArgs,
     OptimArgs,
+    PerfArgs,
     TrainConfig,
 )
 from sd_train.errors import ConfigError
@@ -38,6 +39,7 @@ __all__ = [
     "ModelArgs",
     "ObjectiveArgs",
     "OptimArgs",
+    "PerfArgs",
     "TrainConfig",
     "config_to_dict",
     "dump_config",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from sd_train.config import DistArgs, TrainConfig
+from sd_train.config import DistArgs, PerfArgs, TrainConfig
 from sd_train.model.parallelize import fsdp_units
 from sd_train.parallel.deepspeed import DeepSpeedStrategy
 from sd_train.parallel.fsdp import FSDPStrategy
@@ -20,13 +21,16 @@ def build_strategy(cfg: TrainConfig, info: DistInfo, accum: int) -> Strategy:
     """`dist.strategy` is resolved by preflight: fsdp2, ddp or deepspeed, never auto."""
     if cfg.dist.strategy == "deepspeed":
         return DeepSpeedStrategy(cfg, info, accum)
-    return FSDPStrategy(cfg.dist, info, cfg.optim.max_grad_norm, fsdp_units)
+    return FSDPStrategy(cfg.dist, info, cfg.optim.max_grad_norm, fsdp_units, cfg.perf)
 
 
-def shard_unet(unet: torch.nn.Module, args: DistArgs, info: DistInfo) -> torch.nn.Module:
+def shard_unet(
+    unet: torch.nn.Module, args: DistArgs, info: DistInfo, perf: Optional[PerfArgs] = None
+) -> torch.nn.Module:
     """The UNet wrapped exactly as a training run wraps it (FSDP2 per block, then the root; or
-    DDP), for benchmarks and tests that build their own optimizer."""
-    return FSDPStrategy(args, info, 0.0, fsdp_units).wrap_model(unet)
+    DDP; compiled per block with `perf.compile`), for benchmarks and tests that build their own
+    optimizer."""
+    return FSDPStrategy(args, info, 0.0, fsdp_units, perf).wrap_model(unet)
 
 
 def write_topology(path: Path, strategy: Strategy, info: DistInfo, run: dict) -> None:

@@ -31,6 +31,7 @@ import glob
 import importlib
 import os
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Optional
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from sd_train.config import TrainConfig
+from sd_train.host_sync import read_floats
 from sd_train.parallel.process_group import DistInfo
 from sd_train.parallel.strategy import OptimizerFactory, Strategy
 
@@ -157,7 +159,7 @@ class DeepSpeedStrategy(Strategy):
             # it does, and the gradient reduction waits for the boundary's backward.
             self.engine.step()
 
-    def step(self) -> tuple[bool, float]:
+    def step(self, also_read: Sequence[torch.Tensor] = ()) -> tuple[bool, float, list[float]]:
         """The optimizer step at the accumulation boundary: (taken, global grad norm). DeepSpeed
         checks the reduced gradients of every rank and skips a non-finite step on all of them;
         we read its decision from its skip counter, so every rank agrees with no extra collective."""
@@ -166,7 +168,10 @@ class DeepSpeedStrategy(Strategy):
         taken = self.engine.skipped_steps == skipped
         norm = self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
-        return taken, (norm if taken else float("inf"))
+        # DeepSpeed reads its overflow flag and the norm on the host inside engine.step(); ours
+        # come on top, in one read.
+        extra = read_floats(list(also_read)) if also_read else []
+        return taken, (norm if taken else float("inf")), extra
 
     # ---- checkpoints ----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ world size, or in one process with no process group.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,15 +30,23 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from sd_train.config import DistArgs
+from sd_train.config import DistArgs, PerfArgs
+from sd_train.host_sync import read_floats
 from sd_train.parallel.process_group import DistInfo
 from sd_train.parallel.strategy import OptimizerFactory, Strategy
+from sd_train.perf import compile_module
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _channels_last_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of `perf.channels_last`: the latents enter in channels_last, and the
+    convolutions keep that layout (FSDP2 gathers weights contiguous, so the input decides)."""
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
 class DTensorLayout:
@@ -99,8 +108,10 @@ class FSDPStrategy(Strategy):
         info: DistInfo,
         max_grad_norm: float,
         units: Callable[[torch.nn.Module], list[torch.nn.Module]],
+        perf: Optional[PerfArgs] = None,
     ):
         self.args = args
+        self.perf = perf or PerfArgs()
         self.info = info
         self.name = "ddp" if args.strategy == "ddp" else "fsdp2"
         self.max_grad_norm = max_grad_norm
@@ -111,7 +122,16 @@ class FSDPStrategy(Strategy):
         self.optimizer = make_optimizer(self.model)
 
     def wrap_model(self, unet: torch.nn.Module) -> torch.nn.Module:
-        """DDP, or FSDP2 on each unit and then the root; returns the model the loop calls."""
+        """DDP, or FSDP2 on each unit and then the root; returns the model the loop calls.
+        `perf.compile` compiles each unit first, so that FSDP2's hooks (registered by
+        `fully_shard` afterwards) stay outside the compiled graphs."""
+        if self.perf.channels_last:
+            if self.name == "ddp":  # FSDP2 refuses non-contiguous parameters; there the input decides
+                unet.to(memory_format=torch.channels_last)
+            unet.register_forward_pre_hook(_channels_last_input)
+        if self.perf.compile:
+            for unit in self.units(unet):
+                compile_module(unit, self.perf.compile_backend)
         if self.name == "ddp":
             device_ids = [self.info.device.index] if self.info.device.type == "cuda" else None
             return DistributedDataParallel(unet, device_ids=device_ids)
@@ -140,16 +160,18 @@ class FSDPStrategy(Strategy):
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         loss.backward()
 
-    def step(self) -> tuple[bool, float]:
+    def step(self, also_read: Sequence[torch.Tensor] = ()) -> tuple[bool, float, list[float]]:
         """Clip to the global norm, and step only if it is finite. A NaN anywhere reaches every
-        rank's norm through the gradient reduction, so all ranks skip together."""
+        rank's norm through the gradient reduction, so all ranks skip together. Reading the norm
+        is the step's one host sync; `also_read` rides along in the same transfer."""
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        grad_norm, *extra = read_floats([grad_norm, *also_read])
         finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-        return finite, grad_norm
+        return finite, grad_norm, extra
 
     def ema_layout(self) -> DTensorLayout:
         return DTensorLayout(self.module)

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from sd_train.config import DistArgs
 from sd_train.config.launcher import LaunchEnv, read_launch_env, shard_group_size
+from sd_train.host_sync import read_floats
 
 
 @dataclass
@@ -92,18 +93,21 @@ def build_mesh(device: torch.device, world_size: int, args: DistArgs, launch: La
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few scalars over ranks, in float64 so sample counts stay exact."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+    """Sum a few scalars over ranks, in float64 so sample counts stay exact (one host read)."""
+    return read_floats([reduce_tensor_(torch.tensor(values, dtype=torch.float64, device=device))])
 
 
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
+    return read_floats([reduce_tensor_(t, dist.ReduceOp.MAX)])
+
+
+def reduce_tensor_(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce `t` in place and return it, with no host read: on NCCL the reduction is queued
+    on the device, and whoever needs the value reads it later (sd_train.host_sync)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+        dist.all_reduce(t, op=op)
+    return t
 
 
 def all_gather_object(obj: object) -> list[object]:

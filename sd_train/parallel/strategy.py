@@ -16,6 +16,7 @@ A Strategy owns the wrapped model and the optimizer it steps:
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -61,9 +62,11 @@ class Strategy(abc.ABC):
         """Backward of one micro-batch; the loss is already divided by the accumulation count."""
 
     @abc.abstractmethod
-    def step(self) -> tuple[bool, float]:
-        """The optimizer step at the accumulation boundary: (taken, global grad norm). Every rank
-        must reach the same decision with no extra collective."""
+    def step(self, also_read: Sequence[torch.Tensor] = ()) -> tuple[bool, float, list[float]]:
+        """The optimizer step at the accumulation boundary: (taken, global grad norm, the values of
+        `also_read`). Every rank must reach the same decision with no extra collective. The norm
+        is read on the host once (sd_train.host_sync); the loop's other per-step figures
+        (`also_read`, e.g. the preemption flag) come back in that same read."""
 
     # ---- the EMA ------------------------------------------------------------------------------------
 

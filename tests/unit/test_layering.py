@@ -27,6 +27,8 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.optim",
         "sd_train.rng",
         "sd_train.faults",
+        "sd_train.host_sync",
+        "sd_train.perf",
     ),
     ("sd_train.config",),
     ("sd_train.errors", "sd_train.paths", "sd_train"),

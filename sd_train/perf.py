@@ -1,0 +1,91 @@
+"""The hardware side of the hot path: backend switches (TF32, cuDNN autotuning, deterministic
+mode), which AdamW kernels to use, the peak a device can reach, and the FLOPs of one training image.
+
+Everything here is decided once at startup from `perf` (sd_train.config.PerfArgs). On CPU the
+switches are no-ops, so the CPU numerics stay those the tests pin down.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sd_train.config import PerfArgs
+
+# Dense bf16 tensor-core peak of one device, TFLOP/s (vendor datasheets, without sparsity). The
+# first name that is a substring of `torch.cuda.get_device_name()` wins, so the more specific
+# names come first.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM and NVL report "H100 80GB HBM3" / "H100 NVL"
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+]
+
+
+def apply_backend_flags(args: PerfArgs, device: torch.device) -> dict[str, object]:
+    """Set TF32, cuDNN benchmark and deterministic mode for this process; returns what was set,
+    for the startup plan. On CPU only `deterministic` does anything (it is harmless there)."""
+    if args.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it is read when the first handle is
+        # created, so it must be set before the first CUDA matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark and not args.deterministic
+        torch.backends.cudnn.deterministic = args.deterministic
+    return {
+        "tf32": device.type == "cuda" and args.tf32,
+        "cudnn_benchmark": device.type == "cuda" and args.cudnn_benchmark and not args.deterministic,
+        "deterministic": args.deterministic,
+    }
+
+
+def use_fused_adamw(args: PerfArgs, device: torch.device) -> bool:
+    """`auto` picks fused kernels only on CUDA: on CPU the foreach kernels keep the numerics that
+    every CPU checkpoint and test was made with (fused rounds differently)."""
+    if args.optimizer_impl == "auto":
+        return device.type == "cuda"
+    return args.optimizer_impl == "fused"
+
+
+def peak_tflops(args: PerfArgs, device: torch.device) -> Optional[float]:
+    """`perf.peak_tflops`, else the table's figure for this GPU, else None (no MFU)."""
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def training_flops_per_image(
+    unet: torch.nn.Module, latent_shape: tuple[int, int, int], text_shape: tuple[int, int], device: torch.device
+) -> float:
+    """Forward+backward FLOPs of one image through `unet` (the plain, unwrapped module), counted by
+    `FlopCounterMode` on a batch of one (the count is linear in the batch). Matmuls and convolutions
+    only, as MFU conventionally counts; with gradient checkpointing the recompute is included.
+    Touches neither the weights nor the random state; the gradients it makes are dropped."""
+    dtype = next(unet.parameters()).dtype
+    x = torch.zeros(1, *latent_shape, device=device, dtype=dtype)
+    text = torch.zeros(1, *text_shape, device=device, dtype=dtype)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        unet(x, t, encoder_hidden_states=text).sample.float().square().mean().backward()
+    for p in unet.parameters():
+        p.grad = None
+    return float(counter.get_total_flops())
+
+
+def compile_module(module: torch.nn.Module, backend: str = "inductor") -> None:
+    """Compile `module`'s forward in place: its parameters keep their names (no `_orig_mod.`
+    prefix in checkpoints), and hooks registered on it afterwards (FSDP2's all-gather and
+    reduce-scatter) run outside the compiled graph, as with torchtitan's per-block compile."""
+    module.forward = torch.compile(module.forward, backend=backend)
