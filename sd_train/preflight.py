@@ -96,6 +96,11 @@ def check_shard_group(cfg: TrainConfig, world_size: int, environ: Mapping[str, s
     """`dist.shard_group_size` (default: one node) divides the world, and applies to FSDP2 only."""
     d = cfg.dist
     if d.strategy != "fsdp2":
+        for name, default in (("fsdp_units", "blocks"), ("prefetch", 0)):
+            if getattr(d, name) != default:
+                raise ConfigError(
+                    f"dist.{name}={getattr(d, name)} applies to dist.strategy=fsdp2 only (now {d.strategy}): remove it"
+                )
         if d.shard_group_size is not None:
             raise ConfigError(
                 f"dist.shard_group_size={d.shard_group_size} applies to dist.strategy=fsdp2 only (now {d.strategy}): "

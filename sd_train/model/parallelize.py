@@ -1,6 +1,8 @@
 """Which submodules of a diffusers UNet2DConditionModel become FSDP units: model knowledge, kept
 next to the model (as torchtitan keeps `parallelize.py` beside each model), while the generic
-wrapping lives in sd_train.parallel.fsdp."""
+wrapping lives in sd_train.parallel.fsdp. `dist.fsdp_units=blocks` wraps the 9 down/mid/up blocks
+(SD2-base: 10.9M to 260.3M params each); `layers` wraps each resnet and transformer block of them
+as well (about 40 units for SD2), the block keeping only its up/downsampler."""
 
 from __future__ import annotations
 
@@ -13,3 +15,21 @@ def fsdp_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
     conv_out, the time and class embeddings)."""
     blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     return [block for block in blocks if block is not None]
+
+
+def block_layers(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The resnets and transformer blocks of one UNet block, in the order its forward runs them
+    (diffusers registers `attentions` before `resnets`, but runs resnet, attention, resnet, ...; the
+    mid block runs one resnet first). Up- and downsamplers are left to the block's own unit."""
+    resnets, attentions = list(getattr(block, "resnets", [])), list(getattr(block, "attentions", None) or [])
+    if not attentions:
+        return resnets
+    if len(resnets) == len(attentions) + 1:  # UNetMidBlock2DCrossAttn: resnet, (attention, resnet)*
+        order = [resnets[0]]
+        for attention, resnet in zip(attentions, resnets[1:]):
+            order += [attention, resnet]
+        return order
+    order = []
+    for resnet, attention in zip(resnets, attentions):
+        order += [resnet, attention]
+    return order

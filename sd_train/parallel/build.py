@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from sd_train.config import DistArgs, PerfArgs, TrainConfig
-from sd_train.model.parallelize import fsdp_units
+from sd_train.model.parallelize import block_layers, fsdp_units
 from sd_train.parallel.deepspeed import DeepSpeedStrategy
 from sd_train.parallel.fsdp import FSDPStrategy
 from sd_train.parallel.process_group import DistInfo, all_gather_object
@@ -21,7 +21,7 @@ def build_strategy(cfg: TrainConfig, info: DistInfo, accum: int) -> Strategy:
     """`dist.strategy` is resolved by preflight: fsdp2, ddp or deepspeed, never auto."""
     if cfg.dist.strategy == "deepspeed":
         return DeepSpeedStrategy(cfg, info, accum)
-    return FSDPStrategy(cfg.dist, info, cfg.optim.max_grad_norm, fsdp_units, cfg.perf)
+    return FSDPStrategy(cfg.dist, info, cfg.optim.max_grad_norm, fsdp_units, cfg.perf, block_layers)
 
 
 def shard_unet(
@@ -30,7 +30,7 @@ def shard_unet(
     """The UNet wrapped exactly as a training run wraps it (FSDP2 per block, then the root; or
     DDP; compiled per block with `perf.compile`), for benchmarks and tests that build their own
     optimizer."""
-    return FSDPStrategy(args, info, 0.0, fsdp_units, perf).wrap_model(unet)
+    return FSDPStrategy(args, info, 0.0, fsdp_units, perf, block_layers).wrap_model(unet)
 
 
 def write_topology(path: Path, strategy: Strategy, info: DistInfo, run: dict) -> None:

@@ -109,13 +109,15 @@ class FSDPStrategy(Strategy):
         max_grad_norm: float,
         units: Callable[[torch.nn.Module], list[torch.nn.Module]],
         perf: Optional[PerfArgs] = None,
+        layers: Callable[[torch.nn.Module], list[torch.nn.Module]] = lambda unit: [],
     ):
         self.args = args
         self.perf = perf or PerfArgs()
         self.info = info
         self.name = "ddp" if args.strategy == "ddp" else "fsdp2"
         self.max_grad_norm = max_grad_norm
-        self.units = units
+        self.units = units  # the model's FSDP units (blocks), in forward order
+        self.layers = layers  # the finer units inside one of them (dist.fsdp_units=layers)
 
     def wrap(self, unet: torch.nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.model = self.wrap_model(unet)
@@ -138,10 +140,23 @@ class FSDPStrategy(Strategy):
         mp = MixedPrecisionPolicy(
             param_dtype=DTYPES[self.args.param_dtype], reduce_dtype=DTYPES[self.args.reduce_dtype]
         )
+        forward_order: list[torch.nn.Module] = []  # the units, in the order forward gathers them
         for unit in self.units(unet):
+            inner = self.layers(unit) if self.args.fsdp_units == "layers" else []
+            for layer in inner:  # children first: a parent's unit then holds only what is left
+                fully_shard(
+                    layer, mesh=self.info.mesh, reshard_after_forward=self.args.reshard_after_forward, mp_policy=mp
+                )
             fully_shard(unit, mesh=self.info.mesh, reshard_after_forward=self.args.reshard_after_forward, mp_policy=mp)
+            forward_order += [unit, *inner]
         # The root's params are needed again right at the start of backward: keep them gathered.
         fully_shard(unet, mesh=self.info.mesh, reshard_after_forward=False, mp_policy=mp)
+        if self.args.prefetch > 0:
+            k = self.args.prefetch
+            for i, unit in enumerate(forward_order):
+                unit.set_modules_to_forward_prefetch(forward_order[i + 1 : i + 1 + k])
+                unit.set_modules_to_backward_prefetch(forward_order[max(0, i - k) : i][::-1])
+        self.num_units = len(forward_order)
         return unet
 
     @property
