@@ -21,6 +21,7 @@ from sd_train.config.schema import (
     ModelArgs,
     ObjectiveArgs,
     OptimArgs,
+    PosthocArgs,
     TrainConfig,
 )
 from sd_train.errors import ConfigError
@@ -33,6 +34,7 @@ __all__ = [
     "DataArgs",
     "DistArgs",
     "EMAArgs",
+    "PosthocArgs",
     "EvalArgs",
     "MetricsArgs",
     "ModelArgs",
