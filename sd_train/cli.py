@@ -34,6 +34,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main_precompute",
         "encode shards once into latent + text-embedding shards",
     ),
+    "posthoc": (
+        "sd_train.tools.posthoc",
+        "main_posthoc",
+        "reconstruct EMAs of any length from a run's post-hoc EMA snapshots (--eval scores them)",
+    ),
     "quality": (
         "sd_train.tools.quality",
         "main_quality",
