@@ -42,7 +42,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "quality": (
         "sd_train.tools.quality",
         "main_quality",
-        "train the demo three ways (no EMA, whole-run EMA, late EMA) and compare val loss",
+        "one constant-LR run with post-hoc EMA, then held-out loss vs EMA length (raw, late EMA, a grid)",
     ),
 }
 
