@@ -101,8 +101,9 @@ def plan_targets(snaps: Snapshots, sigma_rels: list[float], decays: list[float],
         if t.fit.fit_error > max_fit_error:
             t.refused = (
                 f"fit error {t.fit.fit_error:.3g} > {max_fit_error}: the {len(snaps.folders)} snapshots (every "
-                f"{_spacing(snaps)} steps over a window of {n} steps) cannot express this EMA length; snapshot "
-                "more often (ema.posthoc.snapshot_every), or choose a longer EMA"
+                f"{_spacing(snaps)} steps over a window of {n} steps, profiles sigma_rel {snaps.sigma_rels}) cannot "
+                "express this EMA: a short one needs more frequent snapshots (ema.posthoc.snapshot_every), one "
+                "wider than the profiles a wider profile in ema.posthoc.sigma_rels"
             )
     return targets
 
