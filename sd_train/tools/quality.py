@@ -29,7 +29,7 @@ from sd_train.tools.posthoc import main_posthoc
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"  # the repository root, above sd_train/tools/
 LATE_WINDOW_FRACTION = 0.035  # MosaicML SD2's late EMA window (bench/bench_run_ema.py uses it too)
 SIGMA_GRID = "0.01,0.02,0.03,0.05,0.07,0.1,0.15,0.2,0.25"
-DECAY_GRID = "0.9,0.95,0.98,0.99,0.995"
+DECAY_GRID = "0.9,0.95,0.98,0.99,0.995,0.998"
 
 
 def largest_safe_decay(window_updates: int, tolerance: float) -> float:
@@ -63,7 +63,7 @@ def main_quality(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=None, help="max_steps (default: the config's)")
     p.add_argument("--out", default="runs/quality", help="OUT/run is the run's output_dir; must not exist yet")
     p.add_argument("--window-fraction", type=float, default=0.5, help="share of the run the profiles cover")
-    p.add_argument("--snapshots", type=int, default=10, help="snapshots over the profiles' window")
+    p.add_argument("--snapshots", type=int, default=40, help="snapshots over the profiles' window")
     p.add_argument("--sigma-rel", default=SIGMA_GRID, help="power-function targets")
     p.add_argument("--decay", default=DECAY_GRID, help="classic EMA targets (from the profiles' start)")
     p.add_argument("overrides", nargs="*", help="section.key=value for the run")
