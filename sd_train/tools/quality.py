@@ -1,7 +1,7 @@
 """`sd-train quality`: the EMA quality figure, from one training run and post-hoc EMA.
 
     sd-train quality [--config configs/demo.yaml] [--steps N] [--out runs/quality]
-                     [--window-fraction 0.5] [--snapshots 10] [--sigma-rel LIST] [--decay LIST] [key=value ...]
+                     [--window-fraction 0.5] [--snapshots 40] [--sigma-rel LIST] [--decay LIST] [key=value ...]
 
 One `python train.py` run (the real trainer) with a constant LR after warmup, where the EMA length
 matters most, tracks EDM2's two power-function profiles (sigma_rel 0.05, 0.10) over the last
