@@ -66,7 +66,8 @@ class Checkpointer:
     """Owns checkpoint cadence, the atomic write, retention and resume of everything registered.
 
     Registered once at construction: the Strategy (model, optimizer and their tensor I/O), the
-    ShardedEMA (tensors through the Strategy, window state in trainer_state.json), `global_states`
+    ShardedEMA (tensors through the Strategy, window state in trainer_state.json) and any
+    `extra_shadows` with the same contract (the post-hoc EMA profiles), `global_states`
     (the same on every rank: trainer progress, LR schedule), `rank_states` (this rank's: RNG, data
     position) and the resolved config. `save(step)` then needs nothing else.
 
@@ -85,6 +86,7 @@ class Checkpointer:
         global_states: dict[str, Stateful],
         rank_states: dict[str, Stateful],
         config: dict,
+        extra_shadows: Optional[dict[str, Any]] = None,
     ):
         self.args = args
         self.strategy = strategy
@@ -92,6 +94,9 @@ class Checkpointer:
         self.global_states = global_states
         self.rank_states = rank_states
         self.config = config
+        # Shadows besides the EMA (the post-hoc profiles, under "posthoc"): the same contract as
+        # ShardedEMA, tensors through the Strategy under their name, window state in the JSON.
+        self.extra_shadows = dict(extra_shadows or {})
         self.root = Path(output_dir) / "checkpoints"
         self.rank = rank
         self.world_size = world_size
@@ -115,6 +120,7 @@ class Checkpointer:
     def _global_state(self, step: int) -> dict[str, Any]:
         state = {name: obj.state_dict() for name, obj in self.global_states.items()}
         state.update(ema=self.ema.meta_state_dict(), config=self.config)
+        state.update({name: shadow.meta_state_dict() for name, shadow in self.extra_shadows.items()})
         return {**state, "step": step, "world_size": self.world_size, "format": self.strategy.checkpoint_format}
 
     def save(self, step: int, force: bool = False) -> bool:
@@ -140,7 +146,7 @@ class Checkpointer:
             with open(tmp / "trainer_state.json", "w") as f:
                 json.dump(self._global_state(step), f, indent=1)
         self.fault_hook("after_rank_files", step)
-        pending = self.strategy.save(tmp, self.ema, process_group=self._pg)
+        pending = self.strategy.save(tmp, self.shadows(), process_group=self._pg)
         if pending is not None:
             self._pending = (step, pending)
             self.fault_hook("during_async_save", step)
@@ -150,6 +156,10 @@ class Checkpointer:
             dist.barrier()  # every rank's files are on disk before rank 0 renames the folder
         self._finalize(step)
         return True
+
+    def shadows(self) -> dict[str, Any]:
+        """Every shadow the Strategy saves and loads, by checkpoint key ("ema" first)."""
+        return {"ema": self.ema, **self.extra_shadows}
 
     def poll(self) -> None:
         """Finish an async save whose background write is done (cheap; called every step)."""
@@ -272,8 +282,18 @@ class Checkpointer:
         global_state, rank_state, problem = self._read_small_files(folder)
         _agree(problem)
         self.ema.load_meta_state_dict(global_state["ema"])
+        for name, shadow in self.extra_shadows.items():
+            if name not in global_state:
+                raise CheckpointLoadError(
+                    f"{folder} was written without {name} state (ema.{name} was off) and this run has it on: "
+                    f"resume with ema.{name} off, or start a new run"
+                )
+            try:
+                shadow.load_meta_state_dict(global_state[name])
+            except ValueError as e:
+                raise CheckpointLoadError(f"{folder}: {e}") from e
         try:
-            self.strategy.load(folder, self.ema)
+            self.strategy.load(folder, self.shadows())
             problem = None
         except (Exception, CheckpointException) as e:  # DCP raises CheckpointException (a BaseException)
             problem = self.strategy.describe_load_error(folder, e)

@@ -34,10 +34,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main_precompute",
         "encode shards once into latent + text-embedding shards",
     ),
+    "posthoc": (
+        "sd_train.tools.posthoc",
+        "main_posthoc",
+        "reconstruct EMAs of any length from a run's post-hoc EMA snapshots (--eval scores them)",
+    ),
     "quality": (
         "sd_train.tools.quality",
         "main_quality",
-        "train the demo three ways (no EMA, whole-run EMA, late EMA) and compare val loss",
+        "one constant-LR run with post-hoc EMA, then held-out loss vs EMA length (raw, late EMA, a grid)",
     ),
 }
 

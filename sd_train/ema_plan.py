@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from sd_train.config import EMAArgs
 from sd_train.errors import ConfigError
+from sd_train.posthoc_math import sigma_rel_to_gamma
 
 
 def warmup_decay(decay: float, k: int, inv_gamma: float, power: float) -> float:
@@ -233,3 +234,80 @@ def plan_from_config(args: EMAArgs, max_steps: int) -> EMAPlan:
         inv_gamma=args.inv_gamma,
         power=args.power,
     )
+
+
+@dataclass
+class PosthocPlan:
+    """The post-hoc EMA profiles of this run: when they start, which steps are snapshotted, and
+    what that costs on disk. `check()` refuses a start outside the run."""
+
+    sigma_rels: list[float]
+    step_start: int
+    snapshot_every: int
+    max_steps: int
+    dtype: str
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sigma_rels)
+
+    @property
+    def gammas(self) -> list[float]:
+        return [sigma_rel_to_gamma(s) for s in self.sigma_rels]
+
+    def is_snapshot_step(self, step: int) -> bool:
+        return step >= self.step_start and (step % self.snapshot_every == 0 or step == self.max_steps)
+
+    def snapshot_steps(self) -> list[int]:
+        steps = [s for s in range(self.step_start, self.max_steps + 1) if s % self.snapshot_every == 0]
+        return steps if steps and steps[-1] == self.max_steps else [*steps, self.max_steps]
+
+    def bytes_per_snapshot(self, num_params: int, world_size: int) -> int:
+        """K profiles x P parameters x dtype bytes / W: what one rank writes per snapshot."""
+        return len(self.sigma_rels) * num_params * SNAPSHOT_BYTES[self.dtype] // world_size
+
+    def check(self) -> None:
+        if not self.enabled:
+            return
+        if not 0 <= self.step_start < self.max_steps:
+            raise ConfigError(
+                f"ema.posthoc.step_start={self.step_start} must be in [0, max_steps={self.max_steps}): the profiles "
+                "need at least one step before the last. Lower ema.posthoc.step_start (or ema.step_start_ema)"
+            )
+
+    def figures(self, num_params: int, world_size: int) -> dict[str, float | int | list]:
+        per_rank = self.bytes_per_snapshot(num_params, world_size)
+        n = len(self.snapshot_steps())
+        return {
+            "ema/posthoc/sigma_rels": list(self.sigma_rels),
+            "ema/posthoc/gammas": self.gammas,
+            "ema/posthoc/step_start": self.step_start,
+            "ema/posthoc/snapshots": n,
+            "ema/posthoc/bytes_per_snapshot_per_rank": per_rank,
+            "ema/posthoc/bytes_on_disk": per_rank * world_size * n,
+        }
+
+    def describe(self, num_params: int, world_size: int) -> str:
+        f = self.figures(num_params, world_size)
+        profiles = ", ".join(f"sigma_rel {s} (gamma {g:.2f})" for s, g in zip(self.sigma_rels, self.gammas))
+        return "\n".join(
+            [
+                "Post-hoc EMA plan:",
+                f"  profiles              {profiles}",
+                f"  start                 step {self.step_start} (t = 1 there)",
+                f"  snapshots             {f['ema/posthoc/snapshots']} in {self.dtype} "
+                f"(every {self.snapshot_every} steps and the last)",
+                f"  bytes per snapshot    {f['ema/posthoc/bytes_per_snapshot_per_rank'] / 2**20:.1f} MiB per rank "
+                f"({len(self.sigma_rels)} x {num_params} params / {world_size} ranks); "
+                f"{f['ema/posthoc/bytes_on_disk'] / 2**20:.1f} MiB on disk in all",
+            ]
+        )
+
+
+SNAPSHOT_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def posthoc_plan_from_config(args: EMAArgs, max_steps: int) -> PosthocPlan:
+    ph = args.posthoc
+    start = ph.step_start if ph.step_start is not None else resolve_step_start(args, max_steps)
+    return PosthocPlan(list(ph.sigma_rels), start, ph.snapshot_every, max_steps, ph.dtype)

@@ -71,3 +71,22 @@ def check_model_folder(path: str) -> None:
             f"model.pretrained_path={path!r} lacks {missing}: it must be a diffusers Stable Diffusion folder "
             "(unet/ vae/ text_encoder/ tokenizer/ scheduler/). Run `make tiny-sd` for the demo model"
         )
+
+
+# Post-hoc EMA snapshots: `<output_dir>/posthoc/step_00000100/` (DCP's `.metadata` and `__R_0.distcp`,
+# plus SNAPSHOT_META written last), first written under the partial name like a checkpoint.
+POSTHOC_DIR = "posthoc"
+SNAPSHOT_META = "snapshot.json"
+
+
+def snapshot_is_complete(folder: Path) -> bool:
+    folder = Path(folder)
+    return (folder / SNAPSHOT_META).is_file() and (folder / ".metadata").is_file()
+
+
+def snapshot_steps(root: Path) -> list[int]:
+    """Steps with a complete post-hoc snapshot under `root` (`<output_dir>/posthoc`), oldest first."""
+    if not Path(root).is_dir():
+        return []
+    found = (STEP_RE.match(e.name) for e in Path(root).iterdir())
+    return sorted(int(m.group(1)) for m in found if m and snapshot_is_complete(Path(root) / m.group(0)))

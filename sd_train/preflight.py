@@ -18,7 +18,7 @@ from pathlib import Path
 from sd_train.config import TrainConfig
 from sd_train.config.launcher import read_launch_env, shard_group_size
 from sd_train.data.sources import check_epoch_shard_count, expand_sources
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
 from sd_train.errors import ConfigError
 from sd_train.paths import check_model_folder, checkpoint_is_complete, step_dir
 
@@ -42,6 +42,13 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
         )
     check_model_folder(cfg.model.pretrained_path)
     plan_from_config(cfg.ema, cfg.max_steps).check()
+    posthoc_plan_from_config(cfg.ema, cfg.max_steps).check()
+    if cfg.ema.posthoc.sigma_rels and resolved.dist.strategy == "deepspeed":
+        raise ConfigError(
+            f"ema.posthoc.sigma_rels={cfg.ema.posthoc.sigma_rels} with dist.strategy=deepspeed: post-hoc EMA is built "
+            "for FSDP2 and DDP only (not yet for DeepSpeed's per-partition files). Use dist.strategy=fsdp2, or set "
+            "ema.posthoc.sigma_rels=[]"
+        )
     return resolved
 
 

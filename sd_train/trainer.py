@@ -32,7 +32,8 @@ from sd_train.data.bad_input import check_bad_fraction
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import sample_posterior
 from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
+from sd_train.ema_posthoc import PowerEMAProfiles
 from sd_train.errors import (
     BadDataError,
     CheckpointLoadError,
@@ -58,6 +59,7 @@ from sd_train.parallel.process_group import (
     init_distributed,
     reduce_tensor_,
 )
+from sd_train.paths import POSTHOC_DIR
 from sd_train.perf import apply_backend_flags, peak_tflops, training_flops_per_image, use_fused_adamw
 from sd_train.rng import RankRNG, seed_all
 
@@ -155,6 +157,13 @@ class Trainer:
         self.plan = plan_from_config(cfg.ema, cfg.max_steps)
         self.plan.check()
         self.ema = ShardedEMA(self.strategy.module, self.plan, self.strategy.ema_layout())
+        self.posthoc_plan = posthoc_plan_from_config(cfg.ema, cfg.max_steps)
+        self.posthoc_plan.check()
+        self.posthoc = (
+            PowerEMAProfiles(self.strategy.module, self.posthoc_plan, self.strategy.ema_layout())
+            if self.posthoc_plan.enabled
+            else None
+        )
         empty = encode_text(self.parts, [""], self.info.device)
         self.objective = DiffusionObjective(cfg.objective, self.parts.noise_scheduler.alphas_cumprod, empty)
 
@@ -176,14 +185,21 @@ class Trainer:
                 "data": DataPosition(self.loader, self.info.device),
             },
             config=config_to_dict(cfg),
+            extra_shadows={"posthoc": self.posthoc} if self.posthoc is not None else None,
         )
         self.checkpointer.fault_hook = lambda phase, step: self.faults.trip(phase, step)
         self.key_log = KeyLog(self.out, self.info.rank, cfg.data.log_keys)
-        self.metrics.log_config(config_to_dict(cfg), self.plan.figures())
+        figures = self.plan.figures()
+        if self.posthoc is not None:
+            num_params = sum(p.numel() for _, p in self.posthoc.named_params)
+            figures.update(self.posthoc_plan.figures(num_params, self.info.world_size))
+        self.metrics.log_config(config_to_dict(cfg), figures)
         if self.info.is_main:
             print(self.plan.describe(), flush=True)
             print(self._describe_hot_path(fused), flush=True)
-            (self.out / "ema_plan.json").write_text(json.dumps(self.plan.figures(), indent=1))
+            if self.posthoc is not None:
+                print(self.posthoc_plan.describe(num_params, self.info.world_size), flush=True)
+            (self.out / "ema_plan.json").write_text(json.dumps(figures, indent=1))
         write_topology(
             self.out / "topology.json",
             self.strategy,
@@ -291,6 +307,8 @@ class Trainer:
             self.state.samples_seen += cfg.global_batch_size
             with window.phase("ema"):
                 self.ema.update(step)
+                if self.posthoc is not None:
+                    self.posthoc.update(step)
         else:
             self._skip(step, local_loss)
         self.key_log.record(step, finite, keys)
@@ -379,6 +397,8 @@ class Trainer:
             with self.window.excluded():  # img/s per GPU counts training time only
                 if evaluated:
                     self.metrics.log(step, self.evaluator.run(step, self.model))
+                if self.posthoc is not None:
+                    self.posthoc.maybe_snapshot(self.out / POSTHOC_DIR, step, self.info.rank)
                 saved = self.checkpointer.save(step)
             if not (logged or evaluated or saved):
                 self.window.count_host_syncs(HOST_SYNCS.count - syncs_before)

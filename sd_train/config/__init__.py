@@ -22,6 +22,7 @@ from sd_train.config.schema import (
     ObjectiveArgs,
     OptimArgs,
     PerfArgs,
+    PosthocArgs,
     TrainConfig,
 )
 from sd_train.errors import ConfigError
@@ -34,6 +35,7 @@ __all__ = [
     "DataArgs",
     "DistArgs",
     "EMAArgs",
+    "PosthocArgs",
     "EvalArgs",
     "MetricsArgs",
     "ModelArgs",

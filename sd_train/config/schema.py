@@ -129,6 +129,39 @@ class OptimArgs:
 
 
 @dataclass
+class PosthocArgs:
+    """Post-hoc EMA (EDM2): power-function EMA profiles tracked over the late window and saved as
+    snapshots, from which `sd-train posthoc --run DIR` reconstructs an EMA of any length after
+    training. Off unless `sigma_rels` is set."""
+
+    sigma_rels: list[float] = field(default_factory=list)
+    """Relative standard deviations of the tracked profiles (EDM2 uses [0.05, 0.10]); each is
+    tracked as its own sharded shadow. Empty (the default) turns post-hoc EMA off."""
+    snapshot_every: int = 100
+    """Write a snapshot of every profile every this many optimizer steps (and at the last step).
+    Reconstruction can express EMA lengths that the snapshots' spacing resolves."""
+    step_start: Optional[int] = None
+    """Step at which the profiles start (copies of the weights); t is counted from here. Unset:
+    the plain EMA's resolved `ema.step_start_ema`."""
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp32"
+    """Storage dtype of the snapshots (the live profiles stay fp32)."""
+
+    def validate(self) -> None:
+        """Field values only; sd_train.preflight checks the start against the run."""
+        _positive("ema.posthoc.snapshot_every", self.snapshot_every)
+        if len(set(self.sigma_rels)) != len(self.sigma_rels):
+            raise ConfigError(f"ema.posthoc.sigma_rels={self.sigma_rels} has duplicates: list each once")
+        for s in self.sigma_rels:
+            if not 0.0 < s < 0.2886:
+                raise ConfigError(
+                    f"ema.posthoc.sigma_rels: {s} must be in (0, 0.2886) (sqrt(1/12), a uniform average, is the "
+                    "widest profile); EDM2 uses [0.05, 0.10]"
+                )
+        if self.step_start is not None and self.step_start < 0:
+            raise ConfigError(f"ema.posthoc.step_start={self.step_start} must be >= 0 (or null for ema.step_start_ema)")
+
+
+@dataclass
 class EMAArgs:
     enabled: bool = True
     """Keep an exponential moving average of the UNet weights over the last part of the run."""
@@ -154,6 +187,8 @@ class EMAArgs:
     """Decay warmup exponent (only with warmup)."""
     update_every: int = 1
     """Update the EMA every this many optimizer steps (the window math counts updates)."""
+    posthoc: PosthocArgs = field(default_factory=PosthocArgs)
+    """Post-hoc EMA profiles and snapshots (see PosthocArgs); off by default."""
 
 
 @dataclass
@@ -391,7 +426,7 @@ class TrainConfig:
             )
         # `model` and `ema` have no value-only checks here: the model folder and the EMA plan (in
         # sd_train.ema_plan, above this package) are checked by sd_train.preflight.
-        for section in (
+        sections = (
             self.data,
             self.objective,
             self.optim,
@@ -400,5 +435,6 @@ class TrainConfig:
             self.eval,
             self.metrics,
             self.perf,
-        ):
+        )
+        for section in (*sections, self.ema.posthoc):
             section.validate()

@@ -175,11 +175,12 @@ class DeepSpeedStrategy(Strategy):
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def save(self, folder: Path, ema, process_group=None) -> Optional[Future]:
+    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[Future]:
         """Collective: DeepSpeed writes every rank's partitions under `folder/zero/`. Always
-        synchronous (config validation refuses checkpoint.async_save with DeepSpeed)."""
+        synchronous (config validation refuses checkpoint.async_save with DeepSpeed). Only the
+        "ema" shadow: preflight refuses post-hoc EMA profiles with DeepSpeed."""
         self.engine.save_checkpoint(str(folder), tag=ZERO_DIR, save_latest=False)
-        torch.save(self._ema_payload(ema), ema_file(folder, self.info.rank))
+        torch.save(self._ema_payload(shadows["ema"]), ema_file(folder, self.info.rank))
         return None
 
     def _ema_payload(self, ema) -> dict:
@@ -200,7 +201,7 @@ class DeepSpeedStrategy(Strategy):
         missing = [str(p) for p in need if not p.is_file() or p.stat().st_size == 0]
         return f"missing or empty {missing}" if missing else None
 
-    def load(self, folder: Path, ema) -> None:
+    def load(self, folder: Path, shadows: dict) -> None:
         path, _ = self.engine.load_checkpoint(
             str(folder),
             tag=ZERO_DIR,
@@ -211,7 +212,7 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / ZERO_DIR}")
         payload = torch.load(ema_file(folder, self.info.rank), weights_only=False)
-        ema.load_local_state_dict(payload["pieces"])
+        shadows["ema"].load_local_state_dict(payload["pieces"])
 
     # ---- export and topology ----------------------------------------------------------------------
 

@@ -193,19 +193,19 @@ class FSDPStrategy(Strategy):
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def _tensor_state(self, ema) -> dict:
+    def _tensor_state(self, shadows: dict) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd, "ema": ema.tensor_state_dict()}
+        return {"model": model_sd, "optim": optim_sd, **{k: s.tensor_state_dict() for k, s in shadows.items()}}
 
-    def save(self, folder: Path, ema, process_group=None) -> Optional[Future]:
-        state = self._tensor_state(ema)
+    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[Future]:
+        state = self._tensor_state(shadows)
         if process_group is not None:
             return dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group)
         dcp.save(state, checkpoint_id=str(folder))
         return None
 
-    def load(self, folder: Path, ema) -> None:
-        state = self._tensor_state(ema)
+    def load(self, folder: Path, shadows: dict) -> None:
+        state = self._tensor_state(shadows)
         dcp.load(state, checkpoint_id=str(folder))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 

@@ -77,18 +77,20 @@ class Strategy(abc.ABC):
     # ---- checkpoints --------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def save(self, folder: Path, ema, process_group=None) -> Optional[Future]:
-        """Write this rank's model, optimizer and EMA tensors into `folder` (collective). With a
-        `process_group` (async saves), return the future of a background write."""
+    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[Future]:
+        """Write this rank's model, optimizer and shadow tensors into `folder` (collective).
+        `shadows` maps a checkpoint key to a ShardedEMA-like object: "ema" always, "posthoc" when
+        post-hoc EMA is on. With a `process_group` (async saves), return the future of a
+        background write."""
 
     def missing_files(self, folder: Path) -> Optional[str]:
         """What this rank would read from `folder` and cannot find, checked before any collective."""
         return None
 
     @abc.abstractmethod
-    def load(self, folder: Path, ema) -> None:
-        """Load the tensors of `folder` (collective). `ema.load_meta_state_dict` has run, so the
-        shadow exists to receive its pieces. Raises on any failure."""
+    def load(self, folder: Path, shadows: dict) -> None:
+        """Load the tensors of `folder` (collective). Every shadow's `load_meta_state_dict` has
+        run, so the shadows exist to receive their pieces. Raises on any failure."""
 
     def load_model_and_optimizer(self, folder: Path) -> None:
         """Load only the UNet weights and the optimizer state of `folder` (collective): the start of

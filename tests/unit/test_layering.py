@@ -23,6 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.model",
         "sd_train.ema",
         "sd_train.ema_plan",
+        "sd_train.ema_posthoc",
+        "sd_train.posthoc_math",
         "sd_train.objective",
         "sd_train.optim",
         "sd_train.rng",

@@ -1,0 +1,169 @@
+"""Sharded power-function EMA profiles for post-hoc EMA (EDM2), and their snapshots.
+
+Each profile is a shadow exactly like ShardedEMA's: every rank keeps the profile of its own local
+shard of each parameter (the same `Strategy.ema_layout()`), and an update is one
+`torch._foreach_lerp_` per profile with no collective. Nothing is allocated before the profiles'
+start step.
+
+Convention: t counts the steps from the profiles' start, t = 1 at the start step itself, where
+beta_1 = 0 makes each profile a copy of the weights; at step s > start, t = s - start + 1 and
+beta_t = (1 - 1/t)^(gamma + 1) (sd_train.posthoc_math has the closed form of the result).
+
+Snapshots: `<output_dir>/posthoc/step_XXXXXXXX/`, one DCP save in which each rank writes its shard
+of every profile (stored in `ema.posthoc.dtype`), plus `snapshot.json` (step, start, sigma_rels,
+gammas). Written as a `.partial` folder and renamed, like checkpoints; never deleted by retention.
+DCP reloads them on any world size, or in one process with no process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from sd_train.ema_plan import PosthocPlan
+from sd_train.paths import SNAPSHOT_META, partial_dir, snapshot_is_complete, step_dir
+
+SNAPSHOT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def profile_key(index: int) -> str:
+    """DCP key of the index-th profile (sigma_rels order), in checkpoints and snapshots."""
+    return f"p{index}"
+
+
+class PowerEMAProfiles:
+    """The K power-function profiles of this rank's parameter shards, and their snapshots."""
+
+    def __init__(self, model: torch.nn.Module, plan: PosthocPlan, layout):
+        self.plan = plan
+        self.gammas = plan.gammas
+        self.layout = layout
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.shadows: list[list[torch.Tensor]] | None = None
+        self._locals: list[torch.Tensor] = []
+
+    @property
+    def is_open(self) -> bool:
+        return self.shadows is not None
+
+    def update(self, step: int) -> None:
+        """Call after every optimizer step taken, with the number of steps taken so far."""
+        if not self.plan.enabled or step < self.plan.step_start:
+            return
+        if self.shadows is None:
+            self.allocate(copy_weights=True)  # t = 1: beta 0, a copy of the weights
+            return
+        t = step - self.plan.step_start + 1
+        locals_ = self._locals if self.layout.cache_views else self.layout.views(self.named_params)
+        with torch.no_grad():
+            for gamma, shadow in zip(self.gammas, self.shadows):
+                torch._foreach_lerp_(shadow, locals_, 1.0 - (1.0 - 1.0 / t) ** (gamma + 1.0))
+
+    def allocate(self, copy_weights: bool) -> None:
+        with torch.no_grad():
+            locals_ = self.layout.views(self.named_params)
+            self._locals = locals_ if self.layout.cache_views else []
+            self.shadows = [
+                [
+                    t.to(torch.float32, copy=True) if copy_weights else torch.zeros_like(t, dtype=torch.float32)
+                    for t in locals_
+                ]
+                for _ in self.gammas
+            ]
+
+    def local_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.shadows for t in s) if self.shadows else 0
+
+    # ---- checkpoint state (the same contract as ShardedEMA's) ---------------------------------
+
+    def meta_state_dict(self) -> dict:
+        return {"open": self.is_open, "step_start": self.plan.step_start, "sigma_rels": list(self.plan.sigma_rels)}
+
+    def load_meta_state_dict(self, state: dict) -> None:
+        if list(state["sigma_rels"]) != list(self.plan.sigma_rels) or state["step_start"] != self.plan.step_start:
+            raise ValueError(
+                f"checkpoint tracked post-hoc profiles sigma_rels={state['sigma_rels']} from step {state['step_start']}"
+                f", this run has {self.plan.sigma_rels} from step {self.plan.step_start}: resume with the same "
+                "ema.posthoc settings"
+            )
+        if state["open"]:
+            self.allocate(copy_weights=False)
+        else:
+            self.shadows = None
+
+    def tensor_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Every profile as global tensors (DTensors over the parameters' mesh when sharded), cast
+        to `dtype` if given (snapshots)."""
+        if self.shadows is None:
+            return {}
+        return {
+            profile_key(i): {
+                n: self.layout.global_tensor(p, s if dtype in (None, s.dtype) else s.to(dtype))
+                for (n, p), s in zip(self.named_params, shadow)
+            }
+            for i, shadow in enumerate(self.shadows)
+        }
+
+    # ---- snapshots ----------------------------------------------------------------------------
+
+    def maybe_snapshot(self, root: Path, step: int, rank: int) -> Path | None:
+        """Write the snapshot of `step` if the plan says so (collective: every rank calls it)."""
+        if not self.plan.enabled or self.shadows is None or not self.plan.is_snapshot_step(step):
+            return None
+        return self.write_snapshot(root, step, rank)
+
+    def write_snapshot(self, root: Path, step: int, rank: int) -> Path:
+        root = Path(root)
+        tmp, final = partial_dir(root, step), step_dir(root, step)
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crash: never write into it
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = {"profiles": self.tensor_state_dict(SNAPSHOT_DTYPES[self.plan.dtype])}
+        dcp.save(state, checkpoint_id=str(tmp))  # the coordinator writes .metadata after every rank's shard
+        if rank == 0:
+            meta = {
+                "step": step,
+                "step_start": self.plan.step_start,
+                "sigma_rels": list(self.plan.sigma_rels),
+                "gammas": self.gammas,
+                "dtype": self.plan.dtype,
+                "world_size": dist.get_world_size(),
+            }
+            (tmp / SNAPSHOT_META).write_text(json.dumps(meta, indent=1))
+            if final.exists():
+                # The same step again after a resume from an older checkpoint: the run is bitwise
+                # deterministic, so the new one replaces it.
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        return final
+
+
+def read_snapshot_meta(folder: Path) -> dict:
+    if not snapshot_is_complete(folder):
+        raise FileNotFoundError(f"{folder} is not a complete post-hoc snapshot (no {SNAPSHOT_META} or .metadata)")
+    return json.loads((Path(folder) / SNAPSHOT_META).read_text())
+
+
+def load_snapshot_profile(folder: Path, index: int) -> dict[str, torch.Tensor]:
+    """One profile of a snapshot as full fp32 tensors, in this process with no process group,
+    whatever world size wrote it. Only that profile is read."""
+    md = dcp.FileSystemReader(str(folder)).read_metadata()
+    prefix = f"profiles.{profile_key(index)}."
+    state = {
+        key[len(prefix) :]: torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        for key, item in md.state_dict_metadata.items()
+        if key.startswith(prefix)
+    }
+    if not state:
+        raise KeyError(f"{folder} has no profile {index}")
+    wrapped = {"profiles": {profile_key(index): state}}
+    dcp.load(wrapped, checkpoint_id=str(folder), no_dist=True)
+    return {n: t.float() for n, t in wrapped["profiles"][profile_key(index)].items()}
