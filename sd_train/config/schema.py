@@ -7,6 +7,7 @@ Each section checks its own fields in `validate()` (values only: no file system,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -16,6 +17,39 @@ from sd_train.errors import ConfigError
 def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name}={value} must be positive")
+
+
+FILTER_OPS = (">=", "<=", "!=", "==", ">", "<")  # two-character operators first: ">=" is not ">" then "=5"
+_FILTER_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(>=|<=|!=|==|>|<)\s*(\S+)\s*$")
+
+
+@dataclass(frozen=True)
+class FilterRule:
+    """One `data.filters` rule, "field<op>literal": the json field, the operator, the number."""
+
+    text: str
+    field: str
+    op: str
+    value: float
+
+
+def parse_filter_rule(text: str) -> FilterRule:
+    """Parse "original_width>=512" into a FilterRule. ConfigError naming the rule when the operator
+    is not one of FILTER_OPS or the literal is not a number (checked at startup, not mid-run)."""
+    match = _FILTER_RULE.match(text)
+    if match is None:
+        raise ConfigError(
+            f"data.filters: rule {text!r} is not FIELD<op>NUMBER with op one of {' '.join(FILTER_OPS)} "
+            "(e.g. 'original_width>=512', 'punsafe<0.1')"
+        )
+    name, op, literal = match.groups()
+    try:
+        value = float(literal)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"data.filters: rule {text!r} compares with {literal!r}, which is not a finite number")
+    return FilterRule(text.strip(), name, op, value)
 
 
 @dataclass
@@ -82,6 +116,16 @@ class DataArgs:
     and text encoder are not run during training."""
     log_keys: bool = False
     """Write every consumed sample key to `<output_dir>/keys/rank{R}.txt` (for audits/tests)."""
+    filters: list[str] = field(default_factory=list)
+    """Metadata filters on each sample's `.json` (the fields img2dataset writes: `width`, `height`,
+    `original_width`, `original_height`, plus the input parquet's columns), e.g.
+    `["original_width>=512", "punsafe<0.1", "aesthetic>=5.0"]`. A rule is FIELD<op>NUMBER with op one
+    of `>= <= > < == !=`; a sample is kept when every rule holds. Judged before the image is decoded.
+    Filtered samples are not bad input: counted per rule as `data/filtered_<rule>` (under the first
+    rule that rejects them) and in `data/filtered`, never toward `max_bad_fraction`."""
+    filter_missing: Literal["keep", "drop"] = "keep"
+    """A sample whose `.json` lacks a filter's field (or has no readable `.json`, or a non-numeric
+    value there): `keep` lets that rule pass, `drop` filters the sample (counted under that rule)."""
 
     def validate(self) -> None:
         """Field values only; sd_train.preflight checks that the shards exist and are enough."""
@@ -96,6 +140,8 @@ class DataArgs:
             raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        for rule in self.filters:
+            parse_filter_rule(rule)
 
 
 @dataclass

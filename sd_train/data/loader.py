@@ -39,6 +39,7 @@ from sd_train.data.decode import (
     decode_image_sample,
     stack_pixels,
 )
+from sd_train.data.filters import MetadataFilter
 from sd_train.data.precomputed import check_precomputed, decode_precomputed_sample
 from sd_train.data.sources import check_epoch_shard_count, expand_sources
 from sd_train.data.stream import Decoder, ShardStream, WorkerPosition
@@ -126,6 +127,15 @@ class TrainLoader:
         """Bad input of this rank by category (sum over workers). All-reduce before judging."""
         return {k: sum(p.bad[k] for p in self._positions) for k in BAD_CATEGORIES}
 
+    def filtered_counts(self) -> dict[str, int]:
+        """Samples of this rank rejected by `data.filters`, per rule (sum over workers). Not bad input."""
+        rules = self.dataset.sample_filter.names
+        counts = dict.fromkeys(rules, 0)
+        for p in self._positions:
+            for rule, n in p.filtered.items():
+                counts[rule] = counts.get(rule, 0) + n
+        return counts
+
     def samples_read(self) -> int:
         """Good + bad input read by this rank: the denominator of the bad-input share."""
         return self.samples_seen() + sum(self.bad_counts().values())
@@ -154,7 +164,7 @@ class TrainLoader:
         identity: version, rank, world_size, num_workers (>= 1), seed, mode, shuffle_buffer, shards
         (fingerprint of shard base names); order: next_worker (the rotation), workers (per worker:
         epoch, offset, good, bad {category: n}, bad_shards); summary, not read back: samples_seen,
-        samples_read, bad, bad_shards (this rank's sums).
+        samples_read, bad, bad_shards, filtered (this rank's sums).
         """
         return {
             "version": STATE_VERSION,
@@ -166,6 +176,7 @@ class TrainLoader:
             "samples_read": self.samples_read(),
             "bad": self.bad_counts(),
             "bad_shards": self.bad_shards(),
+            "filtered": self.filtered_counts(),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -221,6 +232,7 @@ def build_train_loader(cfg: Any, rank: int, world_size: int, max_epochs: Optiona
         shuffle_buffer=d.shuffle_buffer,
         max_epochs=max_epochs,
         decoder=select_decoder(d.precomputed),
+        sample_filter=MetadataFilter.from_config(d.filters, d.filter_missing),
     )
     return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available())
 

@@ -16,7 +16,8 @@ so a rank never runs dry and ranks never wait on each other; `max_epochs` stops 
 
 Pipeline in each worker: raw tar members grouped by key (undecoded) -> shuffle buffer (RNG seeded
 by (seed, world_size, rank, num_workers, worker, epoch); drained at each epoch end) -> position
-count -> decode + caption check (bad samples are counted and skipped, but still advance the
+count -> metadata filters (`data.filters`, from the json only; a rejected sample advances the
+position but is never decoded) -> decode + caption check (bad samples are counted and skipped, but still advance the
 position) -> resize/crop/flip, with an RNG seeded by the sample's position -> `micro_batch_size`
 samples stacked as uint8 in the worker (measured 3x faster than moving float samples, with
 `bench/bench_loader.py`). With `data.precomputed` the decode reads stored latents instead
@@ -45,6 +46,7 @@ from sd_train.data.decode import (
     decode_image_sample,
     stack_pixels,
 )
+from sd_train.data.filters import MetadataFilter
 from sd_train.data.precomputed import PrecomputedSample, stack_precomputed
 from sd_train.data.sources import Source
 from sd_train.data.tar import RawSample, read_shards
@@ -83,18 +85,23 @@ def shuffled(items: Iterator[T], size: int, rng: random.Random) -> Iterator[T]:
 
 @dataclass
 class WorkerPosition:
-    """One worker's resumable state: epoch, raw samples emitted in it, and cumulative counts."""
+    """One worker's resumable state: epoch, raw samples emitted in it, and cumulative counts
+    (`filtered`: samples rejected by `data.filters`, by rule text)."""
 
     epoch: int = 0
     offset: int = 0
     good: int = 0
     bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_CATEGORIES, 0))
     bad_shards: list[str] = field(default_factory=list)
+    filtered: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> WorkerPosition:
         bad = dict.fromkeys(BAD_CATEGORIES, 0) | {k: int(v) for k, v in d.get("bad", {}).items()}
-        return cls(int(d["epoch"]), int(d["offset"]), int(d.get("good", 0)), bad, list(d.get("bad_shards", [])))
+        filtered = {k: int(v) for k, v in d.get("filtered", {}).items()}
+        return cls(
+            int(d["epoch"]), int(d["offset"]), int(d.get("good", 0)), bad, list(d.get("bad_shards", [])), filtered
+        )
 
 
 class ShardStream(IterableDataset):
@@ -115,6 +122,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 0,
         max_epochs: Optional[int] = None,
         decoder: Optional[Decoder] = None,
+        sample_filter: Optional[MetadataFilter] = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
@@ -129,6 +137,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.transform, self.mode = batch_size, transform, mode
         self.shuffle_buffer, self.max_epochs = shuffle_buffer, max_epochs
         self.decoder = decoder or decode_image_sample
+        self.sample_filter = sample_filter or MetadataFilter()
         self.start: dict[int, WorkerPosition] = {}
         slots = world_size * self.num_workers
         if not self.urls:
@@ -202,6 +211,7 @@ class ShardStream(IterableDataset):
         """Epoch after epoch: replay to the start offset, then decode, batch and yield; an `end`
         marker after `max_epochs` tells TrainLoader to drop this worker from its rotation."""
         log = BadInputLog(dict(start.bad), list(start.bad_shards))
+        filtered = dict(start.filtered)  # the replay judges nothing, so nothing is counted twice
         epoch, skip, good = start.epoch, start.offset, start.good
         batch: list[DecodedSample | PrecomputedSample] = []
         while self.max_epochs is None or epoch < self.max_epochs:
@@ -209,10 +219,14 @@ class ShardStream(IterableDataset):
             offset = self._replay(samples, skip, log) if skip else 0
             skip = 0
             for raw in samples:
+                index, offset = offset, offset + 1
+                rule = self.sample_filter.rejecting_rule(raw)  # from the json alone: no decode
+                if rule is not None:
+                    filtered[rule] = filtered.get(rule, 0) + 1
+                    continue
                 rng = None
                 if self.transform.uses_rng:
-                    rng = random.Random(_seed("augment", *self._stream_key(worker), epoch, offset))
-                offset += 1
+                    rng = random.Random(_seed("augment", *self._stream_key(worker), epoch, index))
                 try:
                     batch.append(self.decoder(raw, self.transform, rng))
                 except BadSample as e:
@@ -220,10 +234,11 @@ class ShardStream(IterableDataset):
                     continue
                 good += 1
                 if len(batch) == self.batch_size:
-                    yield self._pack(batch, worker, WorkerPosition(epoch, offset, good, dict(log.counts), list(log.shards)))
+                    position = WorkerPosition(epoch, offset, good, dict(log.counts), list(log.shards), dict(filtered))
+                    yield self._pack(batch, worker, position)
                     batch = []
             epoch += 1
-        end = WorkerPosition(epoch, 0, good, dict(log.counts), list(log.shards))
+        end = WorkerPosition(epoch, 0, good, dict(log.counts), list(log.shards), dict(filtered))
         if batch:  # only with max_epochs: the last, short batch
             yield self._pack(batch, worker, end)
         yield {"worker": worker, "end": True, "position": asdict(end)}

@@ -1,0 +1,252 @@
+"""Data stream on img2dataset-style metadata: filters (`data.filters`), exact over ranks x workers
+and through a resume, judged without decoding.
+
+The shards are the committed metadata set in tests/assets/meta (20 samples in 4 shards, keys
+000000100..000000119, two undecodable images and one sample without `.txt`; see
+tests/assets/make_assets.py). Expected counts come from a reference that reads the shards with
+`tarfile` and applies the rules with plain comparisons, not from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+
+from sd_train.config import ConfigError, TrainConfig
+from sd_train.config.schema import parse_filter_rule
+from sd_train.data.decode import ImageTransform, decode_image_sample
+from sd_train.data.filters import MetadataFilter
+from sd_train.data.loader import TrainLoader, build_train_loader
+from sd_train.data.sources import expand_sources
+from sd_train.data.stream import Decoder, ShardStream
+from sd_train.errors import BadDataError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+META = ASSETS / "meta"
+META_SPEC = str(META / "meta-{000000..000003}.tar")
+RULES = ["original_width>=512", "punsafe<0.9", "aesthetic>=4.5"]
+
+
+def make_loader(
+    *,
+    rules: list[str] = RULES,
+    missing: str = "keep",
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 2,
+    max_epochs: Optional[int] = None,
+    decoder: Optional[Decoder] = None,
+) -> TrainLoader:
+    stream = ShardStream(
+        expand_sources(META_SPEC),
+        rank=rank,
+        world_size=world,
+        num_workers=workers,
+        seed=0,
+        batch_size=2,
+        transform=ImageTransform(16, center_crop=False, random_flip=True),
+        shuffle_buffer=3,
+        max_epochs=max_epochs,
+        decoder=decoder,
+        sample_filter=MetadataFilter.from_config(rules, missing),
+    )
+    return TrainLoader(stream, workers)
+
+
+def take(loader: TrainLoader, n: int) -> list[dict]:
+    it = iter(loader)
+    batches = list(islice(it, n))
+    it.close()
+    return batches
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["keys"]]
+
+
+def reference(rules: list[str], missing: str) -> tuple[set[str], Counter, Counter]:
+    """(kept keys, filtered per rule, bad per category) of one epoch, by an independent reading."""
+    ops = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b}
+    ops |= {"<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+    samples: dict[str, dict[str, bytes]] = {}
+    for path in sorted(META.glob("meta-*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    kept, filtered, bad = set(), Counter(), Counter()
+    for key, members in samples.items():
+        meta = json.loads(members["json"])
+        rejected = None
+        for rule in rules:
+            op = next(o for o in (">=", "<=", "==", "!=", ">", "<") if o in rule)
+            name, literal = rule.split(op)
+            if name not in meta:
+                if missing == "drop":
+                    rejected = rule
+                    break
+            elif not ops[op](meta[name], float(literal)):
+                rejected = rule
+                break
+        if rejected:
+            filtered[rejected] += 1
+        elif members["png"] == b"not an image":
+            bad["undecodable"] += 1
+        elif "txt" not in members:
+            bad["missing_caption"] += 1
+        else:
+            kept.add(key)
+    return kept, filtered, bad
+
+
+@pytest.mark.parametrize("missing", ["keep", "drop"])
+def test_filters_are_exact_over_ranks_and_workers(missing: str) -> None:
+    want_keys, want_filtered, want_bad = reference(RULES, missing)
+    # The set exercises every path: each rule rejects something, and bad input is both filtered
+    # (key 104: never decoded, so not counted undecodable) and kept (key 113: undecodable).
+    assert all(want_filtered[r] for r in RULES) and want_bad["undecodable"] == 1 and want_bad["missing_caption"] == 1
+    keys: list[str] = []
+    filtered: Counter = Counter()
+    bad: Counter = Counter()
+    for rank in (0, 1):
+        loader = make_loader(missing=missing, rank=rank, world=2, workers=2, max_epochs=1)
+        keys += keys_of(list(loader))
+        filtered.update(loader.filtered_counts())
+        bad.update({k: v for k, v in loader.bad_counts().items() if v})
+        assert loader.samples_read() == loader.samples_seen() + sum(loader.bad_counts().values())
+        assert set(loader.state_dict()["filtered"]) == set(RULES)
+    assert Counter(keys) == Counter(want_keys)
+    assert filtered == want_filtered and bad == want_bad
+    if missing == "drop":
+        assert want_filtered["aesthetic>=4.5"] > reference(RULES, "keep")[1]["aesthetic>=4.5"]
+
+
+def test_filtered_samples_are_never_decoded() -> None:
+    calls: list[str] = []
+
+    def counting(raw, tf, rng):  # in-process (num_workers=0), so the list sees every call
+        calls.append(raw.key)
+        return decode_image_sample(raw, tf, rng)
+
+    loader = make_loader(workers=0, max_epochs=1, decoder=counting)
+    kept = keys_of(list(loader))
+    want_keys, want_filtered, want_bad = reference(RULES, "keep")
+    assert set(kept) == want_keys and loader.filtered_counts() == dict(want_filtered)
+    assert len(calls) == len(want_keys) + sum(want_bad.values())  # kept + bad: no filtered sample
+
+
+@pytest.mark.parametrize("cuts", [[2], [1, 5]])
+def test_filtered_resume_is_exact_and_replays_without_decoding(cuts: list[int]) -> None:
+    total = 12  # ~2.5 epochs of 13 usable samples in batches of 2, two workers
+    ref_loader = make_loader()
+    ref = take(ref_loader, total)
+    assert len({b["position"]["epoch"] for b in ref}) >= 2
+    resumed: list[dict] = []
+    state = None
+    for stop in cuts + [total]:
+        loader = make_loader()
+        if state is not None:
+            loader.load_state_dict(state)
+        resumed += take(loader, stop - len(resumed))
+        state = loader.state_dict()
+    assert keys_of(resumed) == keys_of(ref)
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(resumed, ref))
+    assert all(a["position"] == b["position"] for a, b in zip(resumed, ref))
+    assert state["filtered"] == ref_loader.state_dict()["filtered"]
+
+    calls: list[str] = []
+
+    def counting(raw, tf, rng):
+        calls.append(raw.key)
+        return decode_image_sample(raw, tf, rng)
+
+    head = make_loader(workers=1)
+    take(head, 3)
+    tail = make_loader(workers=0, decoder=counting)
+    tail.load_state_dict(head.state_dict())  # one worker in-process reads as one worker
+    before = head.state_dict()
+    take(tail, 2)
+    after = tail.state_dict()
+    decoded = after["samples_read"] - before["samples_read"]
+    assert len(calls) == decoded  # the replay decoded nothing; only samples judged after it were
+
+
+def test_filter_rules_parse_and_refuse() -> None:
+    rule = parse_filter_rule(" punsafe < 0.1 ")
+    assert (rule.field, rule.op, rule.value, rule.text) == ("punsafe", "<", 0.1, "punsafe < 0.1")
+    assert parse_filter_rule("original_width>=512").op == ">="
+    for bad, match in [
+        ("width=>512", "not FIELD<op>NUMBER"),
+        ("width~512", "not FIELD<op>NUMBER"),
+        ("width>=big", "'big', which is not a finite number"),
+        ("width>=nan", "not a finite number"),
+        ("width>=>5", "not a finite number"),
+    ]:
+        with pytest.raises(ConfigError, match=f"data.filters: rule {bad!r}.*{match}"):
+            parse_filter_rule(bad)
+    cfg = TrainConfig()
+    cfg.data.filters = ["aesthetic>=5", "punsafe<<0.1"]
+    with pytest.raises(ConfigError, match="rule 'punsafe<<0.1'"):
+        cfg.validate(world_size=1)
+
+
+def test_filter_reads_nested_and_treats_non_numbers_as_missing() -> None:
+    from sd_train.data.tar import RawSample
+
+    def raw(meta: object) -> RawSample:
+        return RawSample("k", "s", {"json": json.dumps(meta).encode()})
+
+    f = MetadataFilter.from_config(["meta.width>=512", "punsafe<0.1"], "drop")
+    assert f.rejecting_rule(raw({"meta": {"width": 600}, "punsafe": 0.05})) is None
+    assert f.rejecting_rule(raw({"meta": {"width": 600}, "punsafe": 0.5})) == "punsafe<0.1"
+    assert f.rejecting_rule(raw({"meta": {"width": "600"}, "punsafe": 0.05})) == "meta.width>=512"
+    assert f.rejecting_rule(RawSample("k", "s", {"json": b"{not json"})) == "meta.width>=512"
+    keep = MetadataFilter.from_config(["meta.width>=512"], "keep")
+    assert keep.rejecting_rule(raw({"punsafe": None})) is None
+    assert keep.rejecting_rule(RawSample("k", "s", {})) is None
+
+
+def test_build_train_loader_applies_the_configured_filters() -> None:
+    cfg = TrainConfig()
+    cfg.data.train_shards, cfg.data.resolution, cfg.data.num_workers = META_SPEC, 8, 0
+    cfg.data.filters, cfg.data.filter_missing = RULES, "drop"
+    cfg.micro_batch_size = 2
+    loader = build_train_loader(cfg, rank=0, world_size=1, max_epochs=1)
+    keys = keys_of(list(loader))
+    want_keys, want_filtered, _ = reference(RULES, "drop")
+    assert set(keys) == want_keys and loader.filtered_counts() == dict(want_filtered)
+
+
+def test_trainer_reports_filtered_counts_apart_from_bad_input(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from sd_train.trainer import Trainer
+
+    loader = make_loader(workers=0, max_epochs=1)
+    list(loader)
+    cfg = TrainConfig()
+    cfg.data.max_bad_fraction, cfg.data.min_samples_for_bad_check = 0.25, 1  # 2 bad of 9 read: 22%
+    stub = SimpleNamespace(loader=loader, info=SimpleNamespace(device=torch.device("cpu")), cfg=cfg)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)  # a group of one: sums are this rank's
+    try:
+        health = Trainer.data_health(stub)
+        cfg.data.max_bad_fraction = 0.2  # 2 of 9 stops the run: the 11 filtered samples do not dilute it
+        with pytest.raises(BadDataError, match="2 of 9 samples read were bad"):
+            Trainer.data_health(stub)
+    finally:
+        dist.destroy_process_group()
+    _, want_filtered, want_bad = reference(RULES, "keep")
+    assert {r: health[f"data/filtered_{r}"] for r in RULES} == dict(want_filtered)
+    assert health["data/filtered"] == sum(want_filtered.values()) > sum(want_bad.values())
+    assert health["data/samples_read"] == loader.samples_seen() + sum(want_bad.values())
+    assert health["data/bad_undecodable"] == 1 and health["data/bad_missing_caption"] == 1
