@@ -23,6 +23,20 @@ FILTER_OPS = (">=", "<=", "!=", "==", ">", "<")  # two-character operators first
 _FILTER_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(>=|<=|!=|==|>|<)\s*(\S+)\s*$")
 
 
+def parse_caption_key(spec: str) -> tuple[str, ...]:
+    """`data.caption_key` -> its fields, each `txt` or `json:FIELD`. ConfigError naming the field."""
+    fields = tuple(part.strip() for part in spec.split(","))
+    for f in fields:
+        if f != "txt" and not (f.startswith("json:") and f[5:].strip()):
+            raise ConfigError(
+                f"data.caption_key={spec!r}: {f!r} is neither 'txt' nor 'json:FIELD'; write e.g. 'txt', "
+                "'json:caption' or 'json:caption,json:recaption'"
+            )
+    if len(set(fields)) != len(fields):
+        raise ConfigError(f"data.caption_key={spec!r} names a field twice")
+    return fields
+
+
 @dataclass(frozen=True)
 class FilterRule:
     """One `data.filters` rule, "field<op>literal": the json field, the operator, the number."""
@@ -116,6 +130,13 @@ class DataArgs:
     and text encoder are not run during training."""
     log_keys: bool = False
     """Write every consumed sample key to `<output_dir>/keys/rank{R}.txt` (for audits/tests)."""
+    caption_key: str = "txt"
+    """Where a sample's caption comes from: `txt` (the `.txt` member), `json:FIELD` (a string field
+    of the `.json`, e.g. `json:caption`), or several, comma-separated (`json:caption,json:recaption`):
+    then each sample's caption is one of its present, non-blank fields, drawn by an RNG seeded by
+    the sample's stream position (so resumable, and different in each epoch). No field present is
+    `missing_caption`; present but all blank is `empty_caption`. Image shards only: precomputed
+    shards carry the embeddings of the caption chosen at precompute time."""
     filters: list[str] = field(default_factory=list)
     """Metadata filters on each sample's `.json` (the fields img2dataset writes: `width`, `height`,
     `original_width`, `original_height`, plus the input parquet's columns), e.g.
@@ -142,6 +163,12 @@ class DataArgs:
             raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
         for rule in self.filters:
             parse_filter_rule(rule)
+        parse_caption_key(self.caption_key)
+        if self.precomputed and self.caption_key != "txt":
+            raise ConfigError(
+                f"data.caption_key={self.caption_key!r} applies to image shards; precomputed shards hold the "
+                "text embeddings of the captions chosen at precompute time. Leave data.caption_key=txt"
+            )
 
 
 @dataclass

@@ -5,6 +5,7 @@ model's VAE pretraining) feeds the VAE with."""
 from __future__ import annotations
 
 import io
+import json
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sd_train.config.schema import parse_caption_key
 from sd_train.data.bad_input import BadSample
 from sd_train.data.tar import RawSample
 
@@ -39,6 +41,56 @@ class DecodedSample:
     key: str
     pixels: np.ndarray
     caption: str
+
+
+@dataclass(frozen=True)
+class CaptionSource:
+    """Owns where captions come from (`data.caption_key`): the `.txt` member and/or `.json` fields.
+
+    `resolve` puts the chosen caption in the sample's `txt` member, so every decoder reads one
+    place and the bad-input categories stay those of a `.txt` (see `caption_of`).
+    """
+
+    fields: tuple[str, ...] = ("txt",)
+
+    @classmethod
+    def from_config(cls, caption_key: str) -> CaptionSource:
+        return cls(parse_caption_key(caption_key))
+
+    @property
+    def uses_rng(self) -> bool:
+        return len(self.fields) > 1
+
+    def _candidates(self, raw: RawSample) -> list[bytes]:
+        meta: dict = {}
+        if any(f.startswith("json:") for f in self.fields) and "json" in raw.members:
+            try:
+                loaded = json.loads(raw.members["json"])
+            except ValueError:
+                loaded = {}  # an unreadable json holds no caption: missing_caption, if nothing else does
+            meta = loaded if isinstance(loaded, dict) else {}
+        found = []
+        for f in self.fields:
+            if f == "txt":
+                if "txt" in raw.members:
+                    found.append(raw.members["txt"])
+            elif isinstance(meta.get(f[5:]), str):
+                found.append(meta[f[5:]].encode())
+        return found
+
+    def resolve(self, raw: RawSample, rng: Optional[random.Random]) -> RawSample:
+        """`raw` with its caption in `txt`: drawn by `rng` among the present, non-blank fields (the
+        first one without an `rng`); without any field, no `txt` (missing_caption); all blank, blank."""
+        if self.fields == ("txt",):
+            return raw
+        found = self._candidates(raw)
+        members = {k: v for k, v in raw.members.items() if k != "txt"}
+        usable = [c for c in found if c.decode("utf-8", "replace").strip()]
+        if usable:
+            members["txt"] = usable[rng.randrange(len(usable))] if rng is not None else usable[0]
+        elif found:
+            members["txt"] = found[0]  # blank: empty_caption
+        return RawSample(raw.key, raw.shard, members)
 
 
 def caption_of(raw: RawSample) -> str:

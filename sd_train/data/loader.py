@@ -34,6 +34,7 @@ from sd_train.data.bad_input import (
     BadSample,
 )
 from sd_train.data.decode import (
+    CaptionSource,
     DecodedSample,
     ImageTransform,
     decode_image_sample,
@@ -233,17 +234,22 @@ def build_train_loader(cfg: Any, rank: int, world_size: int, max_epochs: Optiona
         max_epochs=max_epochs,
         decoder=select_decoder(d.precomputed),
         sample_filter=MetadataFilter.from_config(d.filters, d.filter_missing),
+        captions=CaptionSource.from_config(d.caption_key),
     )
     return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available())
 
 
-def val_samples(spec: str, n: int, resolution: int) -> tuple[torch.Tensor, list[str], list[str]]:
-    """The first `n` good samples of the shards in `spec`, in shard order, center-cropped.
+def val_samples(
+    spec: str, n: int, resolution: int, caption_key: str = "txt"
+) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The first `n` good samples of the shards in `spec`, in shard order, center-cropped; the
+    caption is the first present, non-blank field of `caption_key` (no draw: a fixed set).
 
     Returns (uint8 [N,3,R,R], captions, keys). Warns when the shards hold fewer than `n`.
     """
     tf = ImageTransform(resolution, center_crop=True, random_flip=False)
     decode = select_decoder(False)
+    captions = CaptionSource.from_config(caption_key)
     urls = [u for s in expand_sources(spec) for u in s.urls]
     log = BadInputLog()
     kept: list[DecodedSample] = []
@@ -251,7 +257,7 @@ def val_samples(spec: str, n: int, resolution: int) -> tuple[torch.Tensor, list[
         if len(kept) >= n:
             break
         try:
-            kept.append(decode(raw, tf, None))
+            kept.append(decode(captions.resolve(raw, None), tf, None))
         except BadSample as e:
             log.add(e.category, raw.shard)
     if len(kept) < n:

@@ -41,6 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sd_train.data.bad_input import BAD_CATEGORIES, BadInputLog, BadSample
 from sd_train.data.decode import (
+    CaptionSource,
     DecodedSample,
     ImageTransform,
     decode_image_sample,
@@ -123,6 +124,7 @@ class ShardStream(IterableDataset):
         max_epochs: Optional[int] = None,
         decoder: Optional[Decoder] = None,
         sample_filter: Optional[MetadataFilter] = None,
+        captions: Optional[CaptionSource] = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
@@ -138,6 +140,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.max_epochs = shuffle_buffer, max_epochs
         self.decoder = decoder or decode_image_sample
         self.sample_filter = sample_filter or MetadataFilter()
+        self.captions = captions or CaptionSource()
         self.start: dict[int, WorkerPosition] = {}
         slots = world_size * self.num_workers
         if not self.urls:
@@ -224,6 +227,10 @@ class ShardStream(IterableDataset):
                 if rule is not None:
                     filtered[rule] = filtered.get(rule, 0) + 1
                     continue
+                if self.captions.uses_rng:
+                    raw = self.captions.resolve(raw, random.Random(_seed("caption", *self._stream_key(worker), epoch, index)))
+                else:
+                    raw = self.captions.resolve(raw, None)
                 rng = None
                 if self.transform.uses_rng:
                     rng = random.Random(_seed("augment", *self._stream_key(worker), epoch, index))

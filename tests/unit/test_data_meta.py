@@ -21,7 +21,7 @@ import torch
 
 from sd_train.config import ConfigError, TrainConfig
 from sd_train.config.schema import parse_filter_rule
-from sd_train.data.decode import ImageTransform, decode_image_sample
+from sd_train.data.decode import CaptionSource, ImageTransform, decode_image_sample
 from sd_train.data.filters import MetadataFilter
 from sd_train.data.loader import TrainLoader, build_train_loader
 from sd_train.data.sources import expand_sources
@@ -43,19 +43,22 @@ def make_loader(
     workers: int = 2,
     max_epochs: Optional[int] = None,
     decoder: Optional[Decoder] = None,
+    caption_key: str = "txt",
+    seed: int = 0,
 ) -> TrainLoader:
     stream = ShardStream(
         expand_sources(META_SPEC),
         rank=rank,
         world_size=world,
         num_workers=workers,
-        seed=0,
+        seed=seed,
         batch_size=2,
         transform=ImageTransform(16, center_crop=False, random_flip=True),
         shuffle_buffer=3,
         max_epochs=max_epochs,
         decoder=decoder,
         sample_filter=MetadataFilter.from_config(rules, missing),
+        captions=CaptionSource.from_config(caption_key),
     )
     return TrainLoader(stream, workers)
 
@@ -71,16 +74,22 @@ def keys_of(batches: list[dict]) -> list[str]:
     return [k for b in batches for k in b["keys"]]
 
 
-def reference(rules: list[str], missing: str) -> tuple[set[str], Counter, Counter]:
-    """(kept keys, filtered per rule, bad per category) of one epoch, by an independent reading."""
-    ops = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b}
-    ops |= {"<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+def read_meta_set() -> dict[str, dict[str, bytes]]:
+    """key -> members of every sample of the metadata set, read with tarfile."""
     samples: dict[str, dict[str, bytes]] = {}
     for path in sorted(META.glob("meta-*.tar")):
         with tarfile.open(path) as tar:
             for m in tar.getmembers():
                 key, ext = m.name.split(".", 1)
                 samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def reference(rules: list[str], missing: str) -> tuple[set[str], Counter, Counter]:
+    """(kept keys, filtered per rule, bad per category) of one epoch, by an independent reading."""
+    ops = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b}
+    ops |= {"<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
+    samples = read_meta_set()
     kept, filtered, bad = set(), Counter(), Counter()
     for key, members in samples.items():
         meta = json.loads(members["json"])
@@ -250,3 +259,77 @@ def test_trainer_reports_filtered_counts_apart_from_bad_input(tmp_path: Path) ->
     assert health["data/filtered"] == sum(want_filtered.values()) > sum(want_bad.values())
     assert health["data/samples_read"] == loader.samples_seen() + sum(want_bad.values())
     assert health["data/bad_undecodable"] == 1 and health["data/bad_missing_caption"] == 1
+
+
+# --------------------------------------------------------------------------- caption fields
+
+
+def captions_by_key(loader: TrainLoader) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    pairs = [(k, c) for b in loader for k, c in zip(b["keys"], b["captions"])]
+    return pairs, {k: v for k, v in loader.bad_counts().items() if v}
+
+
+@pytest.mark.parametrize(
+    "caption_key,field,want_bad",
+    [
+        ("txt", "txt", {"undecodable": 2, "missing_caption": 1}),  # key 112 has no .txt
+        ("json:caption", "caption", {"undecodable": 2}),  # ... but its json has a caption
+        ("json:recaption", "recaption", {"undecodable": 2, "empty_caption": 3}),  # blank in keys 103, 110, 117
+        ("json:nowhere", None, {"missing_caption": 20}),  # the caption is checked before the decode
+    ],
+)
+def test_caption_key_single_field(caption_key: str, field: Optional[str], want_bad: dict[str, int]) -> None:
+    samples = read_meta_set()
+    pairs, bad = captions_by_key(make_loader(rules=[], workers=0, max_epochs=1, caption_key=caption_key))
+    assert bad == want_bad
+    for key, caption in pairs:
+        m = samples[key]
+        want = m["txt"].decode() if field == "txt" else json.loads(m["json"])[field]
+        assert caption == want.strip()
+    assert len(pairs) == 20 - sum(want_bad.values())
+
+
+def test_caption_key_several_fields_draws_per_sample_and_resumes() -> None:
+    samples = read_meta_set()
+    key = "json:caption,json:recaption"
+    ref_loader = make_loader(rules=[], workers=2, caption_key=key)
+    ref = take(ref_loader, 27)  # three epochs of 18 good samples
+    seen: dict[str, set[str]] = {}
+    for b in ref:
+        for k, c in zip(b["keys"], b["captions"]):
+            meta = json.loads(samples[k]["json"])
+            assert c in {meta["caption"], meta["recaption"]} - {""}  # a blank field is never drawn
+            seen.setdefault(k, set()).add(c)
+    # Both fields are drawn, and a sample's draw changes between epochs (the RNG is the position's).
+    captions = [c for b in ref for c in b["captions"]]
+    assert any(c.startswith("a flat icon") for c in captions) and any(c.startswith("an emoji") for c in captions)
+    assert any(len(v) == 2 for v in seen.values())
+    assert not any(len(v) == 2 for k, v in seen.items() if json.loads(samples[k]["json"])["recaption"] == "")
+    # Deterministic, seed-dependent, and the same after a resume.
+    assert [b["captions"] for b in take(make_loader(rules=[], caption_key=key), 27)] == [b["captions"] for b in ref]
+    assert [b["captions"] for b in take(make_loader(rules=[], caption_key=key, seed=3), 27)] != [
+        b["captions"] for b in ref
+    ]
+    first = make_loader(rules=[], caption_key=key)
+    head = take(first, 10)
+    second = make_loader(rules=[], caption_key=key)
+    second.load_state_dict(first.state_dict())
+    tail = take(second, 17)
+    assert [b["captions"] for b in head + tail] == [b["captions"] for b in ref]
+    assert keys_of(head + tail) == keys_of(ref)
+    # `txt` in a list is a field like the others; the .txt-less key 112 then falls back to json.
+    pairs, bad = captions_by_key(make_loader(rules=[], workers=0, max_epochs=1, caption_key="txt,json:recaption"))
+    assert bad == {"undecodable": 2} and dict(pairs)["000000112"] == "a flat icon of a red circle"
+
+
+def test_caption_key_config_checks() -> None:
+    for bad in ["caption", "json:", "txt,json:caption,txt", "Json:caption", "txt,"]:
+        cfg = TrainConfig()
+        cfg.data.caption_key = bad
+        with pytest.raises(ConfigError, match="data.caption_key="):
+            cfg.validate(world_size=1)
+    cfg = TrainConfig()
+    cfg.data.caption_key, cfg.data.precomputed = "json:caption", True
+    with pytest.raises(ConfigError, match="applies to image shards"):
+        cfg.validate(world_size=1)
+    assert CaptionSource.from_config(" json:caption , txt ").fields == ("json:caption", "txt")
