@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sd_train.config.schema import parse_caption_key
 from sd_train.data.bad_input import BadSample
@@ -104,13 +104,36 @@ def caption_of(raw: RawSample) -> str:
     return caption
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I")  # 16-bit grayscale PNGs open as one of these
+_ORIENTATION = 0x0112  # the EXIF tag; 1 (or absent) means the pixels are stored upright
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    # Transparent pixels carry arbitrary RGB (often black): composite on white, as prepare.py does.
+    """Any decoded image -> 8-bit RGB, pixels upright."""
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        # Phones store pixels as the sensor read them and record the rotation in EXIF.
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT:
+        # PIL's convert("RGB") clips 0..65535 to 0..255, turning a 16-bit image almost white:
+        # scale to 8 bits instead (65535 / 257 = 255), rounding to nearest.
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    # Transparent pixels carry arbitrary RGB (often black): composite on white, the background
+    # `sd-train prepare` uses by default (its `to_square_rgb`), so both paths give the same pixels.
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def draft_jpeg(image: Image.Image, resolution: int) -> None:
+    """Before the decode: let a JPEG at least 2x `resolution` on its shorter side decode at 1/2,
+    1/4 or 1/8 scale in the DCT (the largest that keeps both sides >= resolution), which is several
+    times faster and then resized down anyway (`bench/bench_loader.py` measures speed and PSNR).
+    Other formats, and JPEGs under 2x, decode in full: PIL's draft is a no-op for them."""
+    if image.format in ("JPEG", "MPO") and min(image.size) >= 2 * resolution:  # MPO: a camera JPEG
+        image.draft("RGB", (resolution, resolution))
 
 
 def transform_image(image: Image.Image, tf: ImageTransform, rng: Optional[random.Random]) -> np.ndarray:
@@ -141,8 +164,7 @@ def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random
     caption = caption_of(raw)  # checked before the costly decode
     try:
         with Image.open(io.BytesIO(raw.members[suffix])) as image:
-            # JPEG can decode at 1/2, 1/4, 1/8 scale in the DCT: much faster, and still >= res.
-            image.draft("RGB", (tf.resolution, tf.resolution))
+            draft_jpeg(image, tf.resolution)
             rgb = _to_rgb(image)
     except Exception:  # noqa: BLE001 -- PIL's format plugins raise many types on corrupt bytes
         raise BadSample("undecodable") from None
