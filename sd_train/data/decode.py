@@ -108,7 +108,7 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I")  # 16-bit grayscale PNGs open as 
 _ORIENTATION = 0x0112  # the EXIF tag; 1 (or absent) means the pixels are stored upright
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Any decoded image -> 8-bit RGB, pixels upright."""
     if image.getexif().get(_ORIENTATION, 1) != 1:
         # Phones store pixels as the sensor read them and record the rotation in EXIF.
@@ -165,7 +165,7 @@ def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random
     try:
         with Image.open(io.BytesIO(raw.members[suffix])) as image:
             draft_jpeg(image, tf.resolution)
-            rgb = _to_rgb(image)
+            rgb = to_rgb(image)
     except Exception:  # noqa: BLE001 -- PIL's format plugins raise many types on corrupt bytes
         raise BadSample("undecodable") from None
     return DecodedSample(raw.key, transform_image(rgb, tf, rng), caption)
