@@ -279,12 +279,20 @@ class Trainer:
             totals, read, self.cfg.data.max_bad_fraction, self.cfg.data.min_samples_for_bad_check, shards
         )
         bad = {f"data/bad_{n}": v for n, v in totals.items()}
+        per_source: dict[str, int] = {}
+        mixed = self.loader.source_counts()  # data.mix=weighted: per-source samples (sum) and epoch (max)
+        if mixed:
+            samples = all_reduce_sum([n for n, _ in mixed], self.info.device)
+            epochs = all_reduce_max([e for _, e in mixed], self.info.device)
+            for i, (n, e) in enumerate(zip(samples, epochs)):
+                per_source |= {f"data/source{i}_samples": int(n), f"data/source{i}_epoch": int(e)}
         return {
             "data/samples_read": read,
             "data/bad_shards": shards,
             **bad,
             **per_rule,
             "data/filtered": int(summed[-2]),
+            **per_source,
         }
 
     def log_step(self, step: int, result: dict) -> None:

@@ -119,6 +119,12 @@ class DataArgs:
     mode: Literal["epoch", "resampled"] = "epoch"
     """`epoch`: every sample exactly once per epoch across ranks x workers (needs at least that
     many shards). `resampled`: shards drawn with replacement, an endless stream."""
+    mix: Literal["concat", "weighted"] = "concat"
+    """How several `::` sources share an epoch-mode stream. `concat`: one shard list, every sample
+    exactly once per epoch, weights ignored. `weighted`: each sample drawn from a source chosen by
+    its weight (so shares follow the weights, not the source sizes); each source is read exactly once
+    per its own epoch and starts its next epoch by itself when it runs out. Needs world_size x
+    num_workers shards in every source. Deterministic and resumable like the rest of the stream."""
     max_bad_fraction: float = 0.05
     """Stop the run when more than this share of samples read so far was bad (undecodable,
     no caption, truncated)."""
@@ -164,6 +170,10 @@ class DataArgs:
         for rule in self.filters:
             parse_filter_rule(rule)
         parse_caption_key(self.caption_key)
+        if self.mix == "weighted" and self.mode != "epoch":
+            raise ConfigError(
+                "data.mix=weighted applies to data.mode=epoch; data.mode=resampled already draws sources by weight"
+            )
         if self.precomputed and self.caption_key != "txt":
             raise ConfigError(
                 f"data.caption_key={self.caption_key!r} applies to image shards; precomputed shards hold the "

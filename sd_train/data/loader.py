@@ -137,6 +137,17 @@ class TrainLoader:
                 counts[rule] = counts.get(rule, 0) + n
         return counts
 
+    def source_counts(self) -> list[tuple[int, int]]:
+        """`data.mix=weighted`: per source, (good samples handed out, highest epoch started) over
+        this rank's workers; empty for a concatenated stream. Sum the first, max the second over ranks."""
+        if self.dataset.mix != "weighted":
+            return []
+        out = []
+        for i in range(len(self.dataset.sources)):
+            states = [p.sources[i] if p.sources else [p.epoch, 0, 0] for p in self._positions]
+            out.append((sum(st[2] for st in states), max(st[0] for st in states)))
+        return out
+
     def samples_read(self) -> int:
         """Good + bad input read by this rank: the denominator of the bad-input share."""
         return self.samples_seen() + sum(self.bad_counts().values())
@@ -165,7 +176,7 @@ class TrainLoader:
         identity: version, rank, world_size, num_workers (>= 1), seed, mode, shuffle_buffer, shards
         (fingerprint of shard base names); order: next_worker (the rotation), workers (per worker:
         epoch, offset, good, bad {category: n}, bad_shards); summary, not read back: samples_seen,
-        samples_read, bad, bad_shards, filtered (this rank's sums).
+        samples_read, bad, bad_shards, filtered, sources (this rank's sums; `data.mix=weighted`).
         """
         return {
             "version": STATE_VERSION,
@@ -178,6 +189,7 @@ class TrainLoader:
             "bad": self.bad_counts(),
             "bad_shards": self.bad_shards(),
             "filtered": self.filtered_counts(),
+            "sources": [{"samples": n, "epoch": e} for n, e in self.source_counts()],
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -195,7 +207,7 @@ class TrainLoader:
             self._next_worker = int(sd["next_worker"])
             self.reshard_epoch = None
             return
-        epoch = max(int(w["epoch"]) for w in sd["workers"]) + 1
+        epoch = max(WorkerPosition.from_dict(w).latest_epoch() for w in sd["workers"]) + 1
         what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
         warnings.warn(
             f"data resume: {what}; the saved positions do not apply, so every worker of rank "
@@ -235,6 +247,7 @@ def build_train_loader(cfg: Any, rank: int, world_size: int, max_epochs: Optiona
         decoder=select_decoder(d.precomputed),
         sample_filter=MetadataFilter.from_config(d.filters, d.filter_missing),
         captions=CaptionSource.from_config(d.caption_key),
+        mix=d.mix,
     )
     return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available())
 
