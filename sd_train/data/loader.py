@@ -100,10 +100,22 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         """Batches in worker rotation order; each one's position is recorded as it is handed out."""
+        items = iter(self._dataloader())
+        try:
+            yield from self._in_rotation(items)
+        finally:
+            # Stop the workers now, also when one raised (e.g. BadDataError): they ignore SIGTERM
+            # (see _ignore_termination), so workers left to the garbage collector would keep the
+            # process from exiting while a traceback still holds their iterator.
+            shutdown = getattr(items, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _in_rotation(self, items: Iterator[dict]) -> Iterator[dict]:
         n = self.dataset.num_workers
         pending: dict[int, deque] = {w: deque() for w in range(n)}
         live = list(range(n))
-        for item in self._dataloader():
+        for item in items:
             pending[item["worker"]].append(item)
             # Hand out batches only in our own rotation: the DataLoader's order restarts at worker
             # 0 on every iterator, ours continues from `_next_worker` across a resume.

@@ -57,6 +57,7 @@ from sd_train.data.sources import Source
 from sd_train.data.tar import RawSample, read_shards
 from sd_train.errors import BadDataError
 
+EMPTY_EPOCHS = 3  # epochs in a row without a usable sample before a worker gives up (BadDataError)
 Mode = Literal["epoch", "resampled"]
 Mix = Literal["concat", "weighted"]
 Decoder = Callable[[RawSample, ImageTransform, Optional[random.Random]], DecodedSample | PrecomputedSample]
@@ -265,10 +266,11 @@ class ShardStream(IterableDataset):
         filtered = dict(start.filtered)  # the replay judges nothing, so nothing is counted twice
         epoch, skip, good = start.epoch, start.offset, start.good
         batch: list[DecodedSample | PrecomputedSample] = []
+        empty = 0  # epochs in a row that gave no usable sample
         while self.max_epochs is None or epoch < self.max_epochs:
             samples = self.epoch_samples(worker, epoch, log)
             offset = self._replay(samples, skip, log) if skip else 0
-            skip = 0
+            skip, good_before = 0, good
             for raw in samples:
                 index, offset = offset, offset + 1
                 sample = self._usable(raw, worker, log, filtered, epoch, index)
@@ -280,6 +282,9 @@ class ShardStream(IterableDataset):
                     position = WorkerPosition(epoch, offset, good, dict(log.counts), list(log.shards), dict(filtered))
                     yield self._pack(batch, worker, position)
                     batch = []
+            empty = 0 if good > good_before else empty + 1
+            if empty >= EMPTY_EPOCHS:
+                self._nothing_usable(worker, log, filtered)
             epoch += 1
         end = WorkerPosition(epoch, 0, good, dict(log.counts), list(log.shards), dict(filtered))
         if batch:  # only with max_epochs: the last, short batch
@@ -304,11 +309,22 @@ class ShardStream(IterableDataset):
             log.add(e.category, raw.shard)
             return None
 
+    def _nothing_usable(self, worker: int, log: BadInputLog, filtered: dict[str, int]) -> None:
+        """Raise instead of spinning forever: a worker that reads epoch after epoch and keeps nothing
+        has filters that reject everything, or nothing but bad input."""
+        bad = {k: v for k, v in log.counts.items() if v}
+        raise BadDataError(
+            f"worker {worker} of rank {self.rank} kept no sample in {EMPTY_EPOCHS} epochs in a row "
+            f"(filtered so far: {filtered or 'none'}; bad input so far: {bad or 'none'}; shards with bad input: "
+            f"{log.shards[:5]}). Check data.filters / data.filter_missing against the shards' .json, and the shards"
+        )
+
     def _mixed_batches(self, worker: int, start: WorkerPosition) -> Iterator[dict]:
         """`data.mix=weighted`: each draw picks a source by weight (an RNG seeded by the draw's
         number, so no state to save) and takes that source's next raw sample. Each source runs
         through its own epochs, exactly once each, and starts its next epoch by itself when it runs
-        out. A resume replays each source's current epoch to its offset, without decoding."""
+        out. A resume replays each source's current epoch to its offset, without decoding. With
+        `max_epochs`, the worker ends once every source has run out `max_epochs` times."""
         log = BadInputLog(dict(start.bad), list(start.bad_shards))
         filtered, good, draw = dict(start.filtered), start.good, start.offset
         state = [list(src) for src in start.sources] or [[start.epoch, 0, 0] for _ in self.sources]
@@ -320,6 +336,7 @@ class ShardStream(IterableDataset):
             streams.append(samples)
         choices, weights = range(len(self.sources)), [src.weight for src in self.sources]
         batch: list[DecodedSample | PrecomputedSample] = []
+        kept_at = [src[0] for src in state]  # source epochs when a sample was last kept
 
         def position() -> WorkerPosition:
             lowest = min(src[0] for src in state)
@@ -343,9 +360,12 @@ class ShardStream(IterableDataset):
             draw, state[source][1] = draw + 1, state[source][1] + 1
             sample = self._usable(raw, worker, log, filtered, *where)
             if sample is None:
+                if all(st[0] - k >= EMPTY_EPOCHS for st, k in zip(state, kept_at)):
+                    self._nothing_usable(worker, log, filtered)
                 continue
             batch.append(sample)
             good, state[source][2] = good + 1, state[source][2] + 1
+            kept_at = [src[0] for src in state]
             if len(batch) == self.batch_size:
                 yield self._pack(batch, worker, position())
                 batch = []

@@ -10,6 +10,9 @@ tests/assets/make_assets.py). Expected counts come from a reference that reads t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from itertools import islice
@@ -23,7 +26,7 @@ from sd_train.config import ConfigError, TrainConfig
 from sd_train.config.schema import parse_filter_rule
 from sd_train.data.decode import CaptionSource, ImageTransform, decode_image_sample
 from sd_train.data.filters import MetadataFilter
-from sd_train.data.loader import TrainLoader, build_train_loader
+from sd_train.data.loader import TrainLoader, build_train_loader, val_samples
 from sd_train.data.sources import expand_sources
 from sd_train.data.stream import Decoder, ShardStream
 from sd_train.errors import BadDataError
@@ -65,9 +68,10 @@ def make_loader(
 
 def take(loader: TrainLoader, n: int) -> list[dict]:
     it = iter(loader)
-    batches = list(islice(it, n))
-    it.close()
-    return batches
+    try:
+        return list(islice(it, n))
+    finally:
+        it.close()  # also on an error: its workers stop
 
 
 def keys_of(batches: list[dict]) -> list[str]:
@@ -322,6 +326,14 @@ def test_caption_key_several_fields_draws_per_sample_and_resumes() -> None:
     assert bad == {"undecodable": 2} and dict(pairs)["000000112"] == "a flat icon of a red circle"
 
 
+def test_val_samples_read_the_caption_key() -> None:
+    samples = read_meta_set()
+    _, captions, keys = val_samples(META_SPEC, 4, 16, "json:recaption,txt")  # the first usable field, no draw
+    assert keys == ["000000100", "000000101", "000000102", "000000103"]
+    want = [json.loads(samples[k]["json"])["recaption"] or samples[k]["txt"].decode() for k in keys]
+    assert captions == want and captions[3].startswith("an emoji")  # 103's recaption is blank: .txt
+
+
 def test_caption_key_config_checks() -> None:
     for bad in ["caption", "json:", "txt,json:caption,txt", "Json:caption", "txt,"]:
         cfg = TrainConfig()
@@ -333,3 +345,28 @@ def test_caption_key_config_checks() -> None:
     with pytest.raises(ConfigError, match="applies to image shards"):
         cfg.validate(world_size=1)
     assert CaptionSource.from_config(" json:caption , txt ").fields == ("json:caption", "txt")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_filters_that_reject_everything_stop_instead_of_spinning(workers: int) -> None:
+    loader = make_loader(rules=["original_width>=100000"], workers=workers)  # endless stream, nothing kept
+    with pytest.raises(BadDataError, match=r"kept no sample in 3 epochs in a row \(filtered so far: \{'original_w"):
+        take(loader, 1)
+
+
+def test_a_worker_error_lets_the_process_exit(tmp_path: Path) -> None:
+    # Workers ignore SIGTERM, so workers left running after an error would block interpreter exit.
+    script = tmp_path / "raise.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_data_meta import make_loader, take\n"
+        "try:\n"
+        "    take(make_loader(rules=['original_width>=100000'], workers=2), 1)\n"
+        "except Exception as e:\n"
+        "    print('raised', type(e).__name__)\n"
+        "    raise\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and "raised BadDataError" in proc.stdout and "kept no sample" in proc.stderr

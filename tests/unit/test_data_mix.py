@@ -21,6 +21,7 @@ from sd_train.data.decode import ImageTransform
 from sd_train.data.loader import TrainLoader
 from sd_train.data.sources import expand_sources
 from sd_train.data.stream import ShardStream
+from sd_train.errors import BadDataError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 A, B = str(ASSETS / "tiny-{000000..000002}.tar"), str(ASSETS / "tiny-{000003..000005}.tar")
@@ -48,9 +49,10 @@ def make_loader(
 
 def take(loader: TrainLoader, n: int) -> list[dict]:
     it = iter(loader)
-    batches = list(islice(it, n))
-    it.close()
-    return batches
+    try:
+        return list(islice(it, n))
+    finally:
+        it.close()  # also on an error: its workers stop
 
 
 def keys_of(batches: list[dict]) -> list[str]:
@@ -170,3 +172,12 @@ def test_trainer_logs_per_source_samples_and_epochs(tmp_path: Path) -> None:
     assert health["data/source1_samples"] == sum(k in KEYS_B for k in keys)
     last = {b["worker"]: b["position"]["sources"] for b in batches}
     assert health["data/source0_epoch"] == max(s[0][0] for s in last.values()) >= 1
+
+
+def test_weighted_mix_that_keeps_nothing_stops() -> None:
+    from sd_train.data.filters import MetadataFilter
+
+    loader = make_loader(workers=0)
+    loader.dataset.sample_filter = MetadataFilter.from_config(["width>=100000"])  # the tiny set's json has width
+    with pytest.raises(BadDataError, match="kept no sample in 3 epochs in a row"):
+        take(loader, 1)
