@@ -10,6 +10,11 @@ in 8 shards each), then reads each with 0 (in-process), 1 and 2 DataLoader worke
 Timing starts after the first item arrives (worker start-up excluded) and covers `--samples`
 samples (the stream loops epochs); the best of `--repeat` runs is kept. Prints a table of
 samples/s per worker and one JSON line.
+
+JPEG draft mode (`--only draft` runs just this part): photo-like 512 px and 1024 px JPEGs decoded
+to 256 px by the training decoder (draft: reduced-scale DCT, since both are >= 2x 256) and by the
+same decoder with draft off (full decode, then resize), timed side by side in one process (best of
+`--repeat`, alternating), with the mean PSNR of the draft result against the full decode.
 """
 
 from __future__ import annotations
@@ -31,11 +36,11 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sd_train.data.bad_input import BadInputLog, BadSample
-from sd_train.data.decode import ImageTransform, decode_image_sample, pixels_to_float
+from sd_train.data.decode import ImageTransform, decode_image_sample, pixels_to_float, to_rgb, transform_image
 from sd_train.data.loader import TrainLoader
 from sd_train.data.sources import expand_sources
 from sd_train.data.stream import ShardStream
-from sd_train.data.tar import read_shards
+from sd_train.data.tar import RawSample, read_shards
 
 NUM_SHARDS = 8
 
@@ -137,14 +142,67 @@ def measure(spec: str, resolution: int, workers: int, path: str, batch: int, sam
     return rate(loader, samples, lambda item: 1, 2 * PREFETCH * max(1, workers))
 
 
+def full_decode(data: bytes, tf: ImageTransform) -> np.ndarray:
+    """The training decode with draft mode off: every DCT coefficient, then the resize."""
+    with Image.open(io.BytesIO(data)) as image:
+        return transform_image(to_rgb(image), tf, None)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def draft_vs_full(count: int, repeat: int, resolution: int = 256) -> dict[str, dict[str, float]]:
+    """Per source size: ms per image with and without draft, the speed-up, and the PSNR."""
+    tf = ImageTransform(resolution)
+    out: dict[str, dict[str, float]] = {}
+    for size in (512, 1024):
+        rng = random.Random(size)
+        jpegs = []
+        for _ in range(count):
+            buf = io.BytesIO()
+            photo_like(rng, size).save(buf, format="JPEG", quality=90)
+            jpegs.append(buf.getvalue())
+        samples = [RawSample(f"{i}", "bench", {"jpg": d, "txt": b"x"}) for i, d in enumerate(jpegs)]
+        times: dict[str, list[float]] = {"draft": [], "full": []}
+        for _ in range(repeat):  # alternate, so a busy moment slows both
+            start = time.perf_counter()
+            drafted = [decode_image_sample(s, tf, None).pixels for s in samples]
+            times["draft"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            full = [full_decode(d, tf) for d in jpegs]
+            times["full"].append(time.perf_counter() - start)
+        draft_s, full_s = min(times["draft"]), min(times["full"])
+        out[f"jpeg{size}_to{resolution}"] = {
+            "draft_ms": round(1000 * draft_s / count, 2),
+            "full_ms": round(1000 * full_s / count, 2),
+            "speedup": round(full_s / draft_s, 2),
+            "psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(drafted, full)])), 1),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=512, help="images per shard set")
     parser.add_argument("--batch", type=int, default=32, help="micro batch size of the uint8 path")
     parser.add_argument("--samples", type=int, default=1024, help="samples timed per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="best of N (a busy machine only slows runs down)")
+    parser.add_argument("--only", choices=("all", "draft"), default="all", help="`draft`: only the JPEG draft part")
+    parser.add_argument("--draft-count", type=int, default=64, help="JPEGs per size in the draft part")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the main process only receives; keep it off the workers' cores
+    draft = draft_vs_full(args.draft_count, args.repeat)
+    print(f"JPEG -> 256 px, ms per image, best of {args.repeat}: draft (reduced-scale DCT) vs full decode")
+    for name, row in draft.items():
+        print(
+            f"{name:<16} draft {row['draft_ms']:>7.2f}  full {row['full_ms']:>7.2f}  "
+            f"speed-up {row['speedup']:.2f}x  PSNR vs full {row['psnr_db']:.1f} dB"
+        )
+    if args.only == "draft":
+        print(json.dumps({"bench": "loader_draft", "repeat": args.repeat, "draft": draft}))
+        return
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for kind, resolution in (("png64", 64), ("jpeg256", 256)):
@@ -163,7 +221,7 @@ def main() -> None:
     for kind, row in results.items():
         print(f"{kind:<9}" + "".join(f"{row[c]:>12.0f}" for c in cols))
     summary = {"bench": "loader", "unit": "samples/s/worker", "batch": args.batch, "repeat": args.repeat}
-    print(json.dumps(summary | {"cores": os.cpu_count(), "results": results}))
+    print(json.dumps(summary | {"cores": os.cpu_count(), "results": results, "draft": draft}))
 
 
 if __name__ == "__main__":

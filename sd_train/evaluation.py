@@ -36,7 +36,9 @@ class Validator:
         self.objective = objective
         self.info = info
         self.timesteps = list(cfg.eval.val_timesteps)
-        pixels, captions, _ = val_samples(cfg.data.val_shards, cfg.eval.num_val_samples, cfg.data.resolution)
+        pixels, captions, _ = val_samples(
+            cfg.data.val_shards, cfg.eval.num_val_samples, cfg.data.resolution, cfg.data.caption_key
+        )
         n = len(captions)
         if n == 0:
             raise ValueError(f"data.val_shards={cfg.data.val_shards!r} gave no readable samples")

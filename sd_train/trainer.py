@@ -341,17 +341,37 @@ class Trainer:
     # ---- side jobs with their own cadence -------------------------------------------------------
 
     def data_health(self) -> dict:
-        """Sum bad-sample counts over ranks and stop above data.max_bad_fraction."""
+        """Sum bad-sample and filtered counts over ranks and stop above data.max_bad_fraction
+        (filtered samples are not bad input: they are reported, never judged)."""
         counts = self.loader.bad_counts()
         names = sorted(counts)
-        summed = all_reduce_sum([counts[n] for n in names] + [self.loader.samples_read()], self.info.device)
+        filtered = self.loader.filtered_counts()
+        rules = list(self.loader.dataset.sample_filter.names)  # the same list on every rank
+        local = [counts[n] for n in names] + [filtered.get(r, 0) for r in rules] + [sum(filtered.values())]
+        summed = all_reduce_sum(local + [self.loader.samples_read()], self.info.device)
         totals = {n: int(v) for n, v in zip(names, summed)}
+        per_rule = {f"data/filtered_{r}": int(v) for r, v in zip(rules, summed[len(names) :])}
         read = int(summed[-1])
         shards = sorted({s for lst in all_gather_object(self.loader.bad_shards()) for s in lst})
         check_bad_fraction(
             totals, read, self.cfg.data.max_bad_fraction, self.cfg.data.min_samples_for_bad_check, shards
         )
-        return {"data/samples_read": read, "data/bad_shards": shards, **{f"data/bad_{n}": v for n, v in totals.items()}}
+        bad = {f"data/bad_{n}": v for n, v in totals.items()}
+        per_source: dict[str, int] = {}
+        mixed = self.loader.source_counts()  # data.mix=weighted: per-source samples (sum) and epoch (max)
+        if mixed:
+            samples = all_reduce_sum([n for n, _ in mixed], self.info.device)
+            epochs = all_reduce_max([e for _, e in mixed], self.info.device)
+            for i, (n, e) in enumerate(zip(samples, epochs)):
+                per_source |= {f"data/source{i}_samples": int(n), f"data/source{i}_epoch": int(e)}
+        return {
+            "data/samples_read": read,
+            "data/bad_shards": shards,
+            **bad,
+            **per_rule,
+            "data/filtered": int(summed[-2]),
+            **per_source,
+        }
 
     def log_step(self, step: int, result: dict) -> None:
         """The logged figures of a step: the loss averaged over ranks, optimizer, speed window, EMA

@@ -7,6 +7,7 @@ Each section checks its own fields in `validate()` (values only: no file system,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -16,6 +17,53 @@ from sd_train.errors import ConfigError
 def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name}={value} must be positive")
+
+
+FILTER_OPS = (">=", "<=", "!=", "==", ">", "<")  # two-character operators first: ">=" is not ">" then "=5"
+_FILTER_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(>=|<=|!=|==|>|<)\s*(\S+)\s*$")
+
+
+def parse_caption_key(spec: str) -> tuple[str, ...]:
+    """`data.caption_key` -> its fields, each `txt` or `json:FIELD`. ConfigError naming the field."""
+    fields = tuple(part.strip() for part in spec.split(","))
+    for f in fields:
+        if f != "txt" and not (f.startswith("json:") and f[5:].strip()):
+            raise ConfigError(
+                f"data.caption_key={spec!r}: {f!r} is neither 'txt' nor 'json:FIELD'; write e.g. 'txt', "
+                "'json:caption' or 'json:caption,json:recaption'"
+            )
+    if len(set(fields)) != len(fields):
+        raise ConfigError(f"data.caption_key={spec!r} names a field twice")
+    return fields
+
+
+@dataclass(frozen=True)
+class FilterRule:
+    """One `data.filters` rule, "field<op>literal": the json field, the operator, the number."""
+
+    text: str
+    field: str
+    op: str
+    value: float
+
+
+def parse_filter_rule(text: str) -> FilterRule:
+    """Parse "original_width>=512" into a FilterRule. ConfigError naming the rule when the operator
+    is not one of FILTER_OPS or the literal is not a number (checked at startup, not mid-run)."""
+    match = _FILTER_RULE.match(text)
+    if match is None:
+        raise ConfigError(
+            f"data.filters: rule {text!r} is not FIELD<op>NUMBER with op one of {' '.join(FILTER_OPS)} "
+            "(e.g. 'original_width>=512', 'punsafe<0.1')"
+        )
+    name, op, literal = match.groups()
+    try:
+        value = float(literal)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"data.filters: rule {text!r} compares with {literal!r}, which is not a finite number")
+    return FilterRule(text.strip(), name, op, value)
 
 
 @dataclass
@@ -71,6 +119,12 @@ class DataArgs:
     mode: Literal["epoch", "resampled"] = "epoch"
     """`epoch`: every sample exactly once per epoch across ranks x workers (needs at least that
     many shards). `resampled`: shards drawn with replacement, an endless stream."""
+    mix: Literal["concat", "weighted"] = "concat"
+    """How several `::` sources share an epoch-mode stream. `concat`: one shard list, every sample
+    exactly once per epoch, weights ignored. `weighted`: each sample drawn from a source chosen by
+    its weight (so shares follow the weights, not the source sizes); each source is read exactly once
+    per its own epoch and starts its next epoch by itself when it runs out. Needs world_size x
+    num_workers shards in every source. Deterministic and resumable like the rest of the stream."""
     max_bad_fraction: float = 0.05
     """Stop the run when more than this share of samples read so far was bad (undecodable,
     no caption, truncated)."""
@@ -82,6 +136,23 @@ class DataArgs:
     and text encoder are not run during training."""
     log_keys: bool = False
     """Write every consumed sample key to `<output_dir>/keys/rank{R}.txt` (for audits/tests)."""
+    caption_key: str = "txt"
+    """Where a sample's caption comes from: `txt` (the `.txt` member), `json:FIELD` (a string field
+    of the `.json`, e.g. `json:caption`), or several, comma-separated (`json:caption,json:recaption`):
+    then each sample's caption is one of its present, non-blank fields, drawn by an RNG seeded by
+    the sample's stream position (so resumable, and different in each epoch). No field present is
+    `missing_caption`; present but all blank is `empty_caption`. Image shards only: precomputed
+    shards carry the embeddings of the caption chosen at precompute time."""
+    filters: list[str] = field(default_factory=list)
+    """Metadata filters on each sample's `.json` (the fields img2dataset writes: `width`, `height`,
+    `original_width`, `original_height`, plus the input parquet's columns), e.g.
+    `["original_width>=512", "punsafe<0.1", "aesthetic>=5.0"]`. A rule is FIELD<op>NUMBER with op one
+    of `>= <= > < == !=`; a sample is kept when every rule holds. Judged before the image is decoded.
+    Filtered samples are not bad input: counted per rule as `data/filtered_<rule>` (under the first
+    rule that rejects them) and in `data/filtered`, never toward `max_bad_fraction`."""
+    filter_missing: Literal["keep", "drop"] = "keep"
+    """A sample whose `.json` lacks a filter's field (or has no readable `.json`, or a non-numeric
+    value there): `keep` lets that rule pass, `drop` filters the sample (counted under that rule)."""
 
     def validate(self) -> None:
         """Field values only; sd_train.preflight checks that the shards exist and are enough."""
@@ -96,6 +167,18 @@ class DataArgs:
             raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        for rule in self.filters:
+            parse_filter_rule(rule)
+        parse_caption_key(self.caption_key)
+        if self.mix == "weighted" and self.mode != "epoch":
+            raise ConfigError(
+                "data.mix=weighted applies to data.mode=epoch; data.mode=resampled already draws sources by weight"
+            )
+        if self.precomputed and self.caption_key != "txt":
+            raise ConfigError(
+                f"data.caption_key={self.caption_key!r} applies to image shards; precomputed shards hold the "
+                "text embeddings of the captions chosen at precompute time. Leave data.caption_key=txt"
+            )
 
 
 @dataclass

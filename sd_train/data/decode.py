@@ -5,14 +5,16 @@ model's VAE pretraining) feeds the VAE with."""
 from __future__ import annotations
 
 import io
+import json
 import random
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
+from sd_train.config.schema import parse_caption_key
 from sd_train.data.bad_input import BadSample
 from sd_train.data.tar import RawSample
 
@@ -41,6 +43,56 @@ class DecodedSample:
     caption: str
 
 
+@dataclass(frozen=True)
+class CaptionSource:
+    """Owns where captions come from (`data.caption_key`): the `.txt` member and/or `.json` fields.
+
+    `resolve` puts the chosen caption in the sample's `txt` member, so every decoder reads one
+    place and the bad-input categories stay those of a `.txt` (see `caption_of`).
+    """
+
+    fields: tuple[str, ...] = ("txt",)
+
+    @classmethod
+    def from_config(cls, caption_key: str) -> CaptionSource:
+        return cls(parse_caption_key(caption_key))
+
+    @property
+    def uses_rng(self) -> bool:
+        return len(self.fields) > 1
+
+    def _candidates(self, raw: RawSample) -> list[bytes]:
+        meta: dict = {}
+        if any(f.startswith("json:") for f in self.fields) and "json" in raw.members:
+            try:
+                loaded = json.loads(raw.members["json"])
+            except ValueError:
+                loaded = {}  # an unreadable json holds no caption: missing_caption, if nothing else does
+            meta = loaded if isinstance(loaded, dict) else {}
+        found = []
+        for f in self.fields:
+            if f == "txt":
+                if "txt" in raw.members:
+                    found.append(raw.members["txt"])
+            elif isinstance(meta.get(f[5:]), str):
+                found.append(meta[f[5:]].encode())
+        return found
+
+    def resolve(self, raw: RawSample, rng: Optional[random.Random]) -> RawSample:
+        """`raw` with its caption in `txt`: drawn by `rng` among the present, non-blank fields (the
+        first one without an `rng`); without any field, no `txt` (missing_caption); all blank, blank."""
+        if self.fields == ("txt",):
+            return raw
+        found = self._candidates(raw)
+        members = {k: v for k, v in raw.members.items() if k != "txt"}
+        usable = [c for c in found if c.decode("utf-8", "replace").strip()]
+        if usable:
+            members["txt"] = usable[rng.randrange(len(usable))] if rng is not None else usable[0]
+        elif found:
+            members["txt"] = found[0]  # blank: empty_caption
+        return RawSample(raw.key, raw.shard, members)
+
+
 def caption_of(raw: RawSample) -> str:
     """The `.txt` caption, stripped. Raises BadSample if it is missing or blank."""
     data = raw.members.get("txt")
@@ -52,13 +104,36 @@ def caption_of(raw: RawSample) -> str:
     return caption
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    # Transparent pixels carry arbitrary RGB (often black): composite on white, as prepare.py does.
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I")  # 16-bit grayscale PNGs open as one of these
+_ORIENTATION = 0x0112  # the EXIF tag; 1 (or absent) means the pixels are stored upright
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded image -> 8-bit RGB, pixels upright."""
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        # Phones store pixels as the sensor read them and record the rotation in EXIF.
+        image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT:
+        # PIL's convert("RGB") clips 0..65535 to 0..255, turning a 16-bit image almost white:
+        # scale to 8 bits instead (65535 / 257 = 255), rounding to nearest.
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    # Transparent pixels carry arbitrary RGB (often black): composite on white, the background
+    # `sd-train prepare` uses by default (its `to_square_rgb`), so both paths give the same pixels.
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def draft_jpeg(image: Image.Image, resolution: int) -> None:
+    """Before the decode: let a JPEG at least 2x `resolution` on its shorter side decode at 1/2,
+    1/4 or 1/8 scale in the DCT (the largest that keeps both sides >= resolution), which is several
+    times faster and then resized down anyway (`bench/bench_loader.py` measures speed and PSNR).
+    Other formats, and JPEGs under 2x, decode in full: PIL's draft is a no-op for them."""
+    if image.format in ("JPEG", "MPO") and min(image.size) >= 2 * resolution:  # MPO: a camera JPEG
+        image.draft("RGB", (resolution, resolution))
 
 
 def transform_image(image: Image.Image, tf: ImageTransform, rng: Optional[random.Random]) -> np.ndarray:
@@ -89,9 +164,8 @@ def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random
     caption = caption_of(raw)  # checked before the costly decode
     try:
         with Image.open(io.BytesIO(raw.members[suffix])) as image:
-            # JPEG can decode at 1/2, 1/4, 1/8 scale in the DCT: much faster, and still >= res.
-            image.draft("RGB", (tf.resolution, tf.resolution))
-            rgb = _to_rgb(image)
+            draft_jpeg(image, tf.resolution)
+            rgb = to_rgb(image)
     except Exception:  # noqa: BLE001 -- PIL's format plugins raise many types on corrupt bytes
         raise BadSample("undecodable") from None
     return DecodedSample(raw.key, transform_image(rgb, tf, rng), caption)

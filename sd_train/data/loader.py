@@ -34,11 +34,13 @@ from sd_train.data.bad_input import (
     BadSample,
 )
 from sd_train.data.decode import (
+    CaptionSource,
     DecodedSample,
     ImageTransform,
     decode_image_sample,
     stack_pixels,
 )
+from sd_train.data.filters import MetadataFilter
 from sd_train.data.precomputed import check_precomputed, decode_precomputed_sample
 from sd_train.data.sources import check_epoch_shard_count, expand_sources
 from sd_train.data.stream import Decoder, ShardStream, WorkerPosition
@@ -98,10 +100,22 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         """Batches in worker rotation order; each one's position is recorded as it is handed out."""
+        items = iter(self._dataloader())
+        try:
+            yield from self._in_rotation(items)
+        finally:
+            # Stop the workers now, also when one raised (e.g. BadDataError): they ignore SIGTERM
+            # (see _ignore_termination), so workers left to the garbage collector would keep the
+            # process from exiting while a traceback still holds their iterator.
+            shutdown = getattr(items, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _in_rotation(self, items: Iterator[dict]) -> Iterator[dict]:
         n = self.dataset.num_workers
         pending: dict[int, deque] = {w: deque() for w in range(n)}
         live = list(range(n))
-        for item in self._dataloader():
+        for item in items:
             pending[item["worker"]].append(item)
             # Hand out batches only in our own rotation: the DataLoader's order restarts at worker
             # 0 on every iterator, ours continues from `_next_worker` across a resume.
@@ -125,6 +139,26 @@ class TrainLoader:
     def bad_counts(self) -> dict[str, int]:
         """Bad input of this rank by category (sum over workers). All-reduce before judging."""
         return {k: sum(p.bad[k] for p in self._positions) for k in BAD_CATEGORIES}
+
+    def filtered_counts(self) -> dict[str, int]:
+        """Samples of this rank rejected by `data.filters`, per rule (sum over workers). Not bad input."""
+        rules = self.dataset.sample_filter.names
+        counts = dict.fromkeys(rules, 0)
+        for p in self._positions:
+            for rule, n in p.filtered.items():
+                counts[rule] = counts.get(rule, 0) + n
+        return counts
+
+    def source_counts(self) -> list[tuple[int, int]]:
+        """`data.mix=weighted`: per source, (good samples handed out, highest epoch started) over
+        this rank's workers; empty for a concatenated stream. Sum the first, max the second over ranks."""
+        if self.dataset.mix != "weighted":
+            return []
+        out = []
+        for i in range(len(self.dataset.sources)):
+            states = [p.sources[i] if p.sources else [p.epoch, 0, 0] for p in self._positions]
+            out.append((sum(st[2] for st in states), max(st[0] for st in states)))
+        return out
 
     def samples_read(self) -> int:
         """Good + bad input read by this rank: the denominator of the bad-input share."""
@@ -154,7 +188,7 @@ class TrainLoader:
         identity: version, rank, world_size, num_workers (>= 1), seed, mode, shuffle_buffer, shards
         (fingerprint of shard base names); order: next_worker (the rotation), workers (per worker:
         epoch, offset, good, bad {category: n}, bad_shards); summary, not read back: samples_seen,
-        samples_read, bad, bad_shards (this rank's sums).
+        samples_read, bad, bad_shards, filtered, sources (this rank's sums; `data.mix=weighted`).
         """
         return {
             "version": STATE_VERSION,
@@ -166,6 +200,8 @@ class TrainLoader:
             "samples_read": self.samples_read(),
             "bad": self.bad_counts(),
             "bad_shards": self.bad_shards(),
+            "filtered": self.filtered_counts(),
+            "sources": [{"samples": n, "epoch": e} for n, e in self.source_counts()],
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -183,7 +219,7 @@ class TrainLoader:
             self._next_worker = int(sd["next_worker"])
             self.reshard_epoch = None
             return
-        epoch = max(int(w["epoch"]) for w in sd["workers"]) + 1
+        epoch = max(WorkerPosition.from_dict(w).latest_epoch() for w in sd["workers"]) + 1
         what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
         warnings.warn(
             f"data resume: {what}; the saved positions do not apply, so every worker of rank "
@@ -221,17 +257,24 @@ def build_train_loader(cfg: Any, rank: int, world_size: int, max_epochs: Optiona
         shuffle_buffer=d.shuffle_buffer,
         max_epochs=max_epochs,
         decoder=select_decoder(d.precomputed),
+        sample_filter=MetadataFilter.from_config(d.filters, d.filter_missing),
+        captions=CaptionSource.from_config(d.caption_key),
+        mix=d.mix,
     )
     return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available())
 
 
-def val_samples(spec: str, n: int, resolution: int) -> tuple[torch.Tensor, list[str], list[str]]:
-    """The first `n` good samples of the shards in `spec`, in shard order, center-cropped.
+def val_samples(
+    spec: str, n: int, resolution: int, caption_key: str = "txt"
+) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The first `n` good samples of the shards in `spec`, in shard order, center-cropped; the
+    caption is the first present, non-blank field of `caption_key` (no draw: a fixed set).
 
     Returns (uint8 [N,3,R,R], captions, keys). Warns when the shards hold fewer than `n`.
     """
     tf = ImageTransform(resolution, center_crop=True, random_flip=False)
     decode = select_decoder(False)
+    captions = CaptionSource.from_config(caption_key)
     urls = [u for s in expand_sources(spec) for u in s.urls]
     log = BadInputLog()
     kept: list[DecodedSample] = []
@@ -239,7 +282,7 @@ def val_samples(spec: str, n: int, resolution: int) -> tuple[torch.Tensor, list[
         if len(kept) >= n:
             break
         try:
-            kept.append(decode(raw, tf, None))
+            kept.append(decode(captions.resolve(raw, None), tf, None))
         except BadSample as e:
             log.add(e.category, raw.shard)
     if len(kept) < n:

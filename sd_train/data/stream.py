@@ -3,20 +3,25 @@
 The stream of a rank is a pure function of (seed, rank, world_size, num_workers, worker id) and the
 shard list, so a position is just a pair of numbers per worker and a resume is a replay.
 
-Shards. `epoch` mode: each epoch the full shard list (all sources concatenated; mixing weights are
-ignored, since exactly-once cannot honour them) is permuted by an RNG seeded with (seed, epoch),
+Shards. `epoch` mode with `data.mix=concat`: each epoch the full shard list (all sources
+concatenated; mixing weights are ignored, since exactly-once over the union cannot honour them) is permuted by an RNG seeded with (seed, epoch),
 the same on every rank; rank r takes `shards[r::world_size]`, worker w takes `[w::num_workers]` of
 that. Every sample is seen exactly once per epoch across ranks x workers; this needs at least
 world_size x num_workers shards (else ValueError). `resampled` mode: each worker draws shards with
 replacement (a source by its weight, then a shard uniformly) with an RNG seeded by (seed, rank,
 worker, round); a round is ceil(shards / (world_size x num_workers)) draws and plays the role of
 an epoch. Endless and the same for the same seed, but NOT exactly-once: shards repeat and some
-are not drawn. Each worker moves on to its next epoch (round) by itself when its shards run out,
+are not drawn. `epoch` mode with `data.mix=weighted`: every source has its own epochs, each
+permuted and split over ranks x workers as above (so each needs world_size x num_workers shards);
+each raw sample of a worker is taken from a source drawn by weight with an RNG seeded by (seed,
+rank, worker, draw number). A source is read exactly once per its own epoch and starts its next
+epoch by itself when it runs out; shares follow the weights. Each worker moves on to its next epoch (round) by itself when its shards run out,
 so a rank never runs dry and ranks never wait on each other; `max_epochs` stops after N.
 
 Pipeline in each worker: raw tar members grouped by key (undecoded) -> shuffle buffer (RNG seeded
 by (seed, world_size, rank, num_workers, worker, epoch); drained at each epoch end) -> position
-count -> decode + caption check (bad samples are counted and skipped, but still advance the
+count -> metadata filters (`data.filters`, from the json only; a rejected sample advances the
+position but is never decoded) -> decode + caption check (bad samples are counted and skipped, but still advance the
 position) -> resize/crop/flip, with an RNG seeded by the sample's position -> `micro_batch_size`
 samples stacked as uint8 in the worker (measured 3x faster than moving float samples, with
 `bench/bench_loader.py`). With `data.precomputed` the decode reads stored latents instead
@@ -40,16 +45,21 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sd_train.data.bad_input import BAD_CATEGORIES, BadInputLog, BadSample
 from sd_train.data.decode import (
+    CaptionSource,
     DecodedSample,
     ImageTransform,
     decode_image_sample,
     stack_pixels,
 )
+from sd_train.data.filters import MetadataFilter
 from sd_train.data.precomputed import PrecomputedSample, stack_precomputed
 from sd_train.data.sources import Source
 from sd_train.data.tar import RawSample, read_shards
+from sd_train.errors import BadDataError
 
+EMPTY_EPOCHS = 3  # epochs in a row without a usable sample before a worker gives up (BadDataError)
 Mode = Literal["epoch", "resampled"]
+Mix = Literal["concat", "weighted"]
 Decoder = Callable[[RawSample, ImageTransform, Optional[random.Random]], DecodedSample | PrecomputedSample]
 T = TypeVar("T")
 
@@ -83,18 +93,37 @@ def shuffled(items: Iterator[T], size: int, rng: random.Random) -> Iterator[T]:
 
 @dataclass
 class WorkerPosition:
-    """One worker's resumable state: epoch, raw samples emitted in it, and cumulative counts."""
+    """One worker's resumable state: epoch, raw samples emitted in it, and cumulative counts
+    (`filtered`: samples rejected by `data.filters`, by rule text)."""
 
     epoch: int = 0
     offset: int = 0
     good: int = 0
     bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_CATEGORIES, 0))
     bad_shards: list[str] = field(default_factory=list)
+    filtered: dict[str, int] = field(default_factory=dict)
+    sources: list[list[int]] = field(default_factory=list)
+    """`data.mix=weighted` only: per source [epoch, raw samples taken in it, good samples in all];
+    then `offset` counts the worker's mixing draws and `epoch` is the lowest source epoch."""
 
     @classmethod
     def from_dict(cls, d: dict) -> WorkerPosition:
         bad = dict.fromkeys(BAD_CATEGORIES, 0) | {k: int(v) for k, v in d.get("bad", {}).items()}
-        return cls(int(d["epoch"]), int(d["offset"]), int(d.get("good", 0)), bad, list(d.get("bad_shards", [])))
+        filtered = {k: int(v) for k, v in d.get("filtered", {}).items()}
+        sources = [[int(x) for x in src] for src in d.get("sources", [])]
+        return cls(
+            int(d["epoch"]),
+            int(d["offset"]),
+            int(d.get("good", 0)),
+            bad,
+            list(d.get("bad_shards", [])),
+            filtered,
+            sources,
+        )
+
+    def latest_epoch(self) -> int:
+        """The highest epoch any of this worker's sources has started."""
+        return max([self.epoch] + [src[0] for src in self.sources])
 
 
 class ShardStream(IterableDataset):
@@ -115,6 +144,9 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 0,
         max_epochs: Optional[int] = None,
         decoder: Optional[Decoder] = None,
+        sample_filter: Optional[MetadataFilter] = None,
+        captions: Optional[CaptionSource] = None,
+        mix: Mix = "concat",
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
@@ -122,6 +154,8 @@ class ShardStream(IterableDataset):
             raise ValueError(f"batch_size={batch_size} must be positive")
         if mode not in ("epoch", "resampled"):
             raise ValueError(f"mode={mode!r}: use 'epoch' or 'resampled'")
+        if mix not in ("concat", "weighted") or (mix == "weighted" and mode != "epoch"):
+            raise ValueError(f"mix={mix!r}: use 'concat' or, in mode=epoch, 'weighted'")
         self.sources = [s for s in sources if s.urls]
         self.urls = [u for s in self.sources for u in s.urls]
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -129,6 +163,9 @@ class ShardStream(IterableDataset):
         self.batch_size, self.transform, self.mode = batch_size, transform, mode
         self.shuffle_buffer, self.max_epochs = shuffle_buffer, max_epochs
         self.decoder = decoder or decode_image_sample
+        self.sample_filter = sample_filter or MetadataFilter()
+        self.captions = captions or CaptionSource()
+        self.mix = mix if len(self.sources) > 1 else "concat"  # one source: the same stream either way
         self.start: dict[int, WorkerPosition] = {}
         slots = world_size * self.num_workers
         if not self.urls:
@@ -139,8 +176,18 @@ class ShardStream(IterableDataset):
                 f"= {slots}; in epoch mode every worker needs at least one shard. Write more shards, lower "
                 "num_workers, or use mode=resampled"
             )
-        if mode == "epoch" and len({s.weight for s in self.sources}) > 1:
-            warnings.warn("data.mode=epoch reads every shard once per epoch: source weights are ignored", stacklevel=2)
+        short = [src.pattern for src in self.sources if len(src.urls) < slots]
+        if self.mix == "weighted" and short:
+            raise ValueError(
+                f"data.mix=weighted: sources {short} have fewer than world_size x num_workers = {slots} shards; "
+                "each source's epoch gives every worker a shard of it"
+            )
+        if mode == "epoch" and self.mix == "concat" and len({s.weight for s in self.sources}) > 1:
+            warnings.warn(
+                "data.mode=epoch with data.mix=concat reads every shard once per epoch: source weights are "
+                "ignored (data.mix=weighted interleaves the sources by weight)",
+                stacklevel=2,
+            )
 
     def fingerprint(self) -> str:
         """Identifies what the order depends on: shard names in order (and weights, when resampled).
@@ -149,8 +196,9 @@ class ShardStream(IterableDataset):
         added, removed or reordered shard is caught.
         """
         names = [[os.path.basename(u) for u in s.urls] for s in self.sources]
-        weights = [s.weight for s in self.sources] if self.mode == "resampled" else []
-        return hashlib.blake2b(repr((names, weights)).encode(), digest_size=8).hexdigest()
+        weights = [s.weight for s in self.sources] if self.mode == "resampled" or self.mix == "weighted" else []
+        parts = (names, weights) if self.mix == "concat" else (names, weights, self.mix)
+        return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
 
     # -------------------------------------------------------------- shard plan
 
@@ -166,6 +214,13 @@ class ShardStream(IterableDataset):
         picked = rng.choices(self.sources, weights=weights, k=draws)
         return [rng.choice(s.urls) for s in picked]
 
+    def source_shards(self, source: int, worker: int, epoch: int) -> list[str]:
+        """`data.mix=weighted`: the shards of `source` that `worker` of this rank reads in that
+        source's `epoch`: the source's own permutation, split over ranks x workers like epoch mode."""
+        perm = list(self.sources[source].urls)
+        random.Random(_seed("perm", self.seed, "source", source, epoch)).shuffle(perm)
+        return perm[self.rank :: self.world_size][worker :: self.num_workers]
+
     def _stream_key(self, worker: int) -> tuple:
         return (self.seed, self.world_size, self.rank, self.num_workers, worker)
 
@@ -173,6 +228,11 @@ class ShardStream(IterableDataset):
         """Raw samples of `worker` in `epoch`, after the shuffle buffer (undecoded)."""
         rng = random.Random(_seed("shuffle", *self._stream_key(worker), epoch))
         return shuffled(read_shards(self.worker_shards(worker, epoch), log), self.shuffle_buffer, rng)
+
+    def source_epoch_samples(self, source: int, worker: int, epoch: int, log: BadInputLog) -> Iterator[RawSample]:
+        """`data.mix=weighted`: raw samples of `source` for `worker` in that source's `epoch`."""
+        rng = random.Random(_seed("shuffle", *self._stream_key(worker), "source", source, epoch))
+        return shuffled(read_shards(self.source_shards(source, worker, epoch), log), self.shuffle_buffer, rng)
 
     # -------------------------------------------------------------- worker loop
 
@@ -182,7 +242,8 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.num_workers:
             raise RuntimeError(f"ShardStream planned for {self.num_workers} workers runs in {info.num_workers}")
-        return self._batches(worker, self.start.get(worker, WorkerPosition()))
+        start = self.start.get(worker, WorkerPosition())
+        return self._mixed_batches(worker, start) if self.mix == "weighted" else self._batches(worker, start)
 
     def _replay(self, samples: Iterator[RawSample], offset: int, log: BadInputLog) -> int:
         """Consume `offset` raw samples without decoding; returns how many there were."""
@@ -202,29 +263,114 @@ class ShardStream(IterableDataset):
         """Epoch after epoch: replay to the start offset, then decode, batch and yield; an `end`
         marker after `max_epochs` tells TrainLoader to drop this worker from its rotation."""
         log = BadInputLog(dict(start.bad), list(start.bad_shards))
+        filtered = dict(start.filtered)  # the replay judges nothing, so nothing is counted twice
         epoch, skip, good = start.epoch, start.offset, start.good
         batch: list[DecodedSample | PrecomputedSample] = []
+        empty = 0  # epochs in a row that gave no usable sample
         while self.max_epochs is None or epoch < self.max_epochs:
             samples = self.epoch_samples(worker, epoch, log)
             offset = self._replay(samples, skip, log) if skip else 0
-            skip = 0
+            skip, good_before = 0, good
             for raw in samples:
-                rng = None
-                if self.transform.uses_rng:
-                    rng = random.Random(_seed("augment", *self._stream_key(worker), epoch, offset))
-                offset += 1
-                try:
-                    batch.append(self.decoder(raw, self.transform, rng))
-                except BadSample as e:
-                    log.add(e.category, raw.shard)
+                index, offset = offset, offset + 1
+                sample = self._usable(raw, worker, log, filtered, epoch, index)
+                if sample is None:
                     continue
+                batch.append(sample)
                 good += 1
                 if len(batch) == self.batch_size:
-                    yield self._pack(batch, worker, WorkerPosition(epoch, offset, good, dict(log.counts), list(log.shards)))
+                    position = WorkerPosition(epoch, offset, good, dict(log.counts), list(log.shards), dict(filtered))
+                    yield self._pack(batch, worker, position)
                     batch = []
+            empty = 0 if good > good_before else empty + 1
+            if empty >= EMPTY_EPOCHS:
+                self._nothing_usable(worker, log, filtered)
             epoch += 1
-        end = WorkerPosition(epoch, 0, good, dict(log.counts), list(log.shards))
+        end = WorkerPosition(epoch, 0, good, dict(log.counts), list(log.shards), dict(filtered))
         if batch:  # only with max_epochs: the last, short batch
+            yield self._pack(batch, worker, end)
+        yield {"worker": worker, "end": True, "position": asdict(end)}
+
+    def _usable(
+        self, raw: RawSample, worker: int, log: BadInputLog, filtered: dict[str, int], *where: Any
+    ) -> Optional[DecodedSample | PrecomputedSample]:
+        """Filter, caption, decode one raw sample; None (counted) when filtered or bad. `where` (the
+        sample's place in the stream) seeds its caption draw and augmentation."""
+        rule = self.sample_filter.rejecting_rule(raw)  # from the json alone: no decode
+        if rule is not None:
+            filtered[rule] = filtered.get(rule, 0) + 1
+            return None
+        key = self._stream_key(worker)
+        raw = self.captions.resolve(raw, random.Random(_seed("caption", *key, *where)) if self.captions.uses_rng else None)
+        rng = random.Random(_seed("augment", *key, *where)) if self.transform.uses_rng else None
+        try:
+            return self.decoder(raw, self.transform, rng)
+        except BadSample as e:
+            log.add(e.category, raw.shard)
+            return None
+
+    def _nothing_usable(self, worker: int, log: BadInputLog, filtered: dict[str, int]) -> None:
+        """Raise instead of spinning forever: a worker that reads epoch after epoch and keeps nothing
+        has filters that reject everything, or nothing but bad input."""
+        bad = {k: v for k, v in log.counts.items() if v}
+        raise BadDataError(
+            f"worker {worker} of rank {self.rank} kept no sample in {EMPTY_EPOCHS} epochs in a row "
+            f"(filtered so far: {filtered or 'none'}; bad input so far: {bad or 'none'}; shards with bad input: "
+            f"{log.shards[:5]}). Check data.filters / data.filter_missing against the shards' .json, and the shards"
+        )
+
+    def _mixed_batches(self, worker: int, start: WorkerPosition) -> Iterator[dict]:
+        """`data.mix=weighted`: each draw picks a source by weight (an RNG seeded by the draw's
+        number, so no state to save) and takes that source's next raw sample. Each source runs
+        through its own epochs, exactly once each, and starts its next epoch by itself when it runs
+        out. A resume replays each source's current epoch to its offset, without decoding. With
+        `max_epochs`, the worker ends once every source has run out `max_epochs` times."""
+        log = BadInputLog(dict(start.bad), list(start.bad_shards))
+        filtered, good, draw = dict(start.filtered), start.good, start.offset
+        state = [list(src) for src in start.sources] or [[start.epoch, 0, 0] for _ in self.sources]
+        streams = []
+        for source, (epoch, offset, _) in enumerate(state):
+            samples = self.source_epoch_samples(source, worker, epoch, log)
+            if offset:
+                self._replay(samples, offset, log)
+            streams.append(samples)
+        choices, weights = range(len(self.sources)), [src.weight for src in self.sources]
+        batch: list[DecodedSample | PrecomputedSample] = []
+        kept_at = [src[0] for src in state]  # source epochs when a sample was last kept
+
+        def position() -> WorkerPosition:
+            lowest = min(src[0] for src in state)
+            return WorkerPosition(
+                lowest, draw, good, dict(log.counts), list(log.shards), dict(filtered), [list(x) for x in state]
+            )
+
+        while self.max_epochs is None or min(src[0] for src in state) < self.max_epochs:
+            source = random.Random(_seed("mix", *self._stream_key(worker), draw)).choices(choices, weights)[0]
+            raw = next(streams[source], None)
+            if raw is None:  # this source's epoch is over: it starts its next one by itself
+                state[source][0], state[source][1] = state[source][0] + 1, 0
+                streams[source] = self.source_epoch_samples(source, worker, state[source][0], log)
+                raw = next(streams[source], None)
+                if raw is None:
+                    raise BadDataError(
+                        f"data.mix=weighted: source {self.sources[source].pattern!r} gave worker {worker} of rank "
+                        f"{self.rank} no readable sample in a whole epoch (shards: {log.shards[:5]})"
+                    )
+            where = ("mix", draw)
+            draw, state[source][1] = draw + 1, state[source][1] + 1
+            sample = self._usable(raw, worker, log, filtered, *where)
+            if sample is None:
+                if all(st[0] - k >= EMPTY_EPOCHS for st, k in zip(state, kept_at)):
+                    self._nothing_usable(worker, log, filtered)
+                continue
+            batch.append(sample)
+            good, state[source][2] = good + 1, state[source][2] + 1
+            kept_at = [src[0] for src in state]
+            if len(batch) == self.batch_size:
+                yield self._pack(batch, worker, position())
+                batch = []
+        end = position()
+        if batch:
             yield self._pack(batch, worker, end)
         yield {"worker": worker, "end": True, "position": asdict(end)}
 
