@@ -86,31 +86,34 @@ def worker(size: str, warmup: int, reps: int, root: Path) -> None:
     from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
     from sd_train.ema import ShardedEMA
     from sd_train.ema_plan import plan_from_config
-    from sd_train.parallel.build import shard_unet
-    from sd_train.parallel.process_group import (
-        all_gather_object,
-        destroy,
-        init_distributed,
-    )
+    from sd_train.model.parallelize import fsdp_units
+    from sd_train.parallel.fsdp import FSDPStrategy
+    from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
     from sd_train.paths import step_dir
 
+    class RankNumber:
+        """The smallest rank state: which rank wrote the file."""
+
+        def state_dict(self) -> dict:
+            return {"rank": info.rank}
+
+        def load_state_dict(self, state: dict) -> None:
+            pass
+
     info = init_distributed(DistArgs())
-    unet = shard_unet(benchlib.build_unet(size, LATENT_SIZE), DistArgs(), info)
-    optimizer = one_adamw_step(unet, size)
+    strategy = FSDPStrategy(DistArgs(strategy="fsdp2"), info, 0.0, fsdp_units)
+    strategy.wrap(benchlib.build_unet(size, LATENT_SIZE), lambda m: one_adamw_step(m, size))
+    unet, optimizer = strategy.model, strategy.optimizer
     ema = ShardedEMA(unet, plan_from_config(EMAArgs(enabled=False), max_steps=1))
     max_steps = 1_000_000
-    sync_ckpt = Checkpointer(
-        CheckpointArgs(every_steps=max_steps, keep_last_k=0), str(root / "dcp"), info.rank, info.world_size, max_steps
-    )
-    async_ckpt = Checkpointer(
-        CheckpointArgs(every_steps=max_steps, keep_last_k=0, async_save=True),
-        str(root / "async"),
-        info.rank,
-        info.world_size,
-        max_steps,
-    )
-    global_state = {"ema": ema.meta_state_dict()}
-    rank_state = {"rank": info.rank}
+
+    def checkpointer(folder: str, **args) -> Checkpointer:
+        return Checkpointer(
+            CheckpointArgs(every_steps=max_steps, keep_last_k=0, **args), str(root / folder), info.rank,
+            info.world_size, max_steps, strategy, ema, global_states={}, rank_states={"rank": RankNumber()}, config={},
+        )  # fmt: skip
+
+    sync_ckpt, async_ckpt = checkpointer("dcp"), checkpointer("async", async_save=True)
     step = 0
     sizes: dict[str, int] = {}
 
@@ -134,7 +137,7 @@ def worker(size: str, warmup: int, reps: int, root: Path) -> None:
         step += 1
 
         def save() -> None:
-            sync_ckpt.save(step, unet, optimizer, ema, global_state, rank_state, force=True)
+            sync_ckpt.save(step, force=True)
 
         return measure("dcp", step_dir(sync_ckpt.root, step), save)
 
@@ -144,7 +147,7 @@ def worker(size: str, warmup: int, reps: int, root: Path) -> None:
 
         def save() -> float:
             t0 = time.perf_counter()
-            async_ckpt.save(step, unet, optimizer, ema, global_state, rank_state, force=True)
+            async_ckpt.save(step, force=True)
             blocking = time.perf_counter() - t0
             async_ckpt.wait()
             return blocking
