@@ -46,3 +46,24 @@ def straight_run(tiny_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "a"
     run(train_cmd(2, out, tiny_assets), timeout=300)
     return out
+
+
+@pytest.fixture(scope="module")
+def info():
+    """A 1-rank gloo process group in this process (the unit tests of the checkpointer and the
+    post-hoc profiles), torn down with the module; the launcher variables are restored after."""
+    import torch.distributed as dist
+
+    from sd_train.config import DistArgs
+    from sd_train.parallel.process_group import free_port, init_distributed
+
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    yield init_distributed(DistArgs(backend="gloo"))
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k)
+        else:
+            os.environ[k] = v

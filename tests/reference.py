@@ -6,28 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from sd_train.config import load_config
-from sd_train.evaluation import Validator
-from sd_train.model.parts import encode_text, load_sd_parts
-from sd_train.objective import DiffusionObjective
-from sd_train.parallel.process_group import DistInfo
+from sd_train.tools.posthoc import score_folders
 
 
 def exported_val_loss(run_dir: Path, weights: str) -> float:
     """The run's own validation loss (same samples, timesteps and noise) of `export/<weights>`,
-    computed by one process with no process group."""
-    cfg = load_config(str(run_dir / "config.yaml"))
-    cfg.model.pretrained_path = str(run_dir / "export" / weights)
-    cfg.model.init_unet = "pretrained"
-    device = torch.device("cpu")
-    parts = load_sd_parts(cfg.model, device, cfg.seed)
-    objective = DiffusionObjective(
-        cfg.objective, parts.noise_scheduler.alphas_cumprod, encode_text(parts, [""], device)
-    )
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, mesh=None)
-    return Validator(cfg, parts, objective, info).loss(parts.unet)
+    computed by a plain UNet loaded from the exported folder, in one process with no process group."""
+    return score_folders(run_dir, {weights: run_dir / "export" / weights})[weights]
 
 
 def logged_val_losses(run_dir: Path, step: int) -> dict[str, float]:

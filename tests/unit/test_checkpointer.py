@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
@@ -16,20 +15,7 @@ from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
 from sd_train.errors import CheckpointLoadError
 from sd_train.parallel.fsdp import FSDPStrategy
-from sd_train.parallel.process_group import free_port, init_distributed
 from sd_train.paths import complete_steps, partial_dir, step_dir
-
-
-@pytest.fixture(scope="module")
-def info():
-    import os
-
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    yield init_distributed(DistArgs(backend="gloo"))
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 class Counter:

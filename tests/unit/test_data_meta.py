@@ -15,12 +15,12 @@ import subprocess
 import sys
 import tarfile
 from collections import Counter
-from itertools import islice
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
+from streams import keys_of, take
 
 from sd_train.config import ConfigError, TrainConfig
 from sd_train.config.schema import parse_filter_rule
@@ -64,18 +64,6 @@ def make_loader(
         captions=CaptionSource.from_config(caption_key),
     )
     return TrainLoader(stream, workers)
-
-
-def take(loader: TrainLoader, n: int) -> list[dict]:
-    it = iter(loader)
-    try:
-        return list(islice(it, n))
-    finally:
-        it.close()  # also on an error: its workers stop
-
-
-def keys_of(batches: list[dict]) -> list[str]:
-    return [k for b in batches for k in b["keys"]]
 
 
 def read_meta_set() -> dict[str, dict[str, bytes]]:
@@ -359,7 +347,7 @@ def test_a_worker_error_lets_the_process_exit(tmp_path: Path) -> None:
     script = tmp_path / "raise.py"
     script.write_text(
         "import sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]\n"
         "from test_data_meta import make_loader, take\n"
         "try:\n"
         "    take(make_loader(rules=['original_width>=100000'], workers=2), 1)\n"

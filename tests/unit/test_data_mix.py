@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import tarfile
 from collections import Counter
-from itertools import islice
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
+from streams import keys_of, take
 
 from sd_train.config import ConfigError, TrainConfig
 from sd_train.data.decode import ImageTransform
@@ -45,18 +45,6 @@ def make_loader(
         mix=mix,
     )
     return TrainLoader(stream, workers)
-
-
-def take(loader: TrainLoader, n: int) -> list[dict]:
-    it = iter(loader)
-    try:
-        return list(islice(it, n))
-    finally:
-        it.close()  # also on an error: its workers stop
-
-
-def keys_of(batches: list[dict]) -> list[str]:
-    return [k for b in batches for k in b["keys"]]
 
 
 def shard_keys(url: str) -> list[str]:

@@ -5,12 +5,9 @@ round trip (torch.equal where the claim is exactness)."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from sd_train.checkpoint import Checkpointer
@@ -19,7 +16,6 @@ from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
 from sd_train.ema_posthoc import PowerEMAProfiles, load_snapshot_profile
 from sd_train.parallel.fsdp import FSDPStrategy
-from sd_train.parallel.process_group import free_port, init_distributed
 from sd_train.paths import snapshot_steps
 from sd_train.posthoc_math import (
     classic_weights,
@@ -70,16 +66,6 @@ def test_solve_reproduces_a_profile_from_itself_and_flags_what_snapshots_cannot_
     assert fit.fit_error < 1e-12 and np.abs(fit.coefficients - expected).max() < 1e-9
     # Two snapshots at the very end cannot express a short classic EMA: the fit error says so.
     assert solve([(40, g) for g in gammas], classic_weights(0.5, 40)).fit_error > MAX_FIT_ERROR
-
-
-@pytest.fixture(scope="module")
-def info():
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    yield init_distributed(DistArgs(backend="gloo"))
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 class Run:
