@@ -39,7 +39,7 @@ demo: $(TINY)/.done
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 tests
 
-# In-process tests only (under a minute): tests/unit. tests/e2e starts real processes.
+# In-process tests only (about a minute on 2 cores): tests/unit. tests/e2e starts real processes.
 test-unit: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/unit
 
