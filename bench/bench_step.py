@@ -188,28 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path first")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set by the torchrun relaunch
     args = p.parse_args(argv)
-    sizes = args.sizes.split(",")
-    unknown = [s for s in sizes if s not in benchlib.UNET_CONFIGS]
-    if unknown:
-        p.error(f"--sizes: unknown {unknown}; pick from {sorted(benchlib.UNET_CONFIGS)}")
-    if args.worker:
-        worker(sizes, args.batch, args.latent, args.warmup, args.reps)
-        return 0
-    load_before = benchlib.load_average()
-    flags = [
-        "--sizes",
-        args.sizes,
-        "--batch",
-        str(args.batch),
-        "--latent",
-        str(args.latent),
-        "--reps",
-        str(args.reps),
-        "--warmup",
-        str(args.warmup),
-    ]
-    report(benchlib.run_torchrun(os.path.abspath(__file__), ["--worker", *flags]), args, load_before)
-    return 0
+    return benchlib.sizes_main(p, args, os.path.abspath(__file__), worker, report)
 
 
 if __name__ == "__main__":

@@ -174,3 +174,20 @@ def run_torchrun(script: str, args: Sequence[str], nproc: int = 2, timeout_s: fl
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise RuntimeError(f"torchrun {script} failed (exit {proc.returncode}); its output is above")
     return result
+
+
+def sizes_main(parser, args, script: str, worker, report) -> int:
+    """The main() of a 2-rank bench over `--sizes`: check the sizes, then either be a torchrun worker
+    (`--worker`) or start the workers and `report` what they measured (with the load before)."""
+    sizes = args.sizes.split(",")
+    unknown = [s for s in sizes if s not in UNET_CONFIGS]
+    if unknown:
+        parser.error(f"--sizes: unknown {unknown}; pick from {sorted(UNET_CONFIGS)}")
+    if args.worker:
+        worker(sizes, args.batch, args.latent, args.warmup, args.reps)
+        return 0
+    load_before = load_average()
+    flags = ["--sizes", args.sizes, "--batch", str(args.batch), "--latent", str(args.latent)]
+    flags += ["--reps", str(args.reps), "--warmup", str(args.warmup)]
+    report(run_torchrun(script, ["--worker", *flags]), args, load_before)
+    return 0
