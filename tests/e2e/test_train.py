@@ -132,11 +132,24 @@ def test_two_ranks_resume_exact_and_reshard(tiny_assets, straight_run, tmp_path)
 
 
 @pytest.mark.multiproc
-def test_evaluation_leaves_training_unchanged(tiny_assets, straight_run, tmp_path):
+def test_evaluation_leaves_training_unchanged_and_a_slow_export_write_survives(tiny_assets, straight_run, tmp_path):
     """The reference run evaluates raw and EMA weights (loss and sample grid) between steps; the same
-    run with evaluation off ends with every checkpoint tensor equal, and the same per-step losses."""
+    run with evaluation off ends with every checkpoint tensor equal, and the same per-step losses.
+
+    The same run also shows that the end-of-run export gathers first and writes with no collective
+    pending: rank 0 sleeps 25 s before its write, past a 10 s collective timeout, and the job still
+    exits 0 with both pipelines written, equal to the reference run's (the other ranks used to time
+    out waiting in the EMA gather)."""
     e = tmp_path / "e"
-    run(train_cmd(2, e, tiny_assets, "eval.every_steps=0", "export_at_end=false"), timeout=300)
+    proc = run(
+        train_cmd(2, e, tiny_assets, "eval.every_steps=0", "dist.timeout_s=10"),
+        timeout=300,
+        SD_TRAIN_FAULT="rank=0,step=16,phase=export_write,action=sleep,seconds=25",
+    )
+    assert "[fault injection] rank 0 step 16 phase export_write: sleep" in proc.stdout
+    for kind in ("raw", "ema"):
+        wa, we = unet_weights(straight_run / "export" / kind), unet_weights(e / "export" / kind)
+        assert all(torch.equal(wa[k], we[k]) for k in wa), kind
     assert_states_equal(
         full_state(straight_run / "checkpoints" / "step_00000016"), full_state(e / "checkpoints" / "step_00000016")
     )
