@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 
 from sd_train.ema_plan import PosthocPlan
 from sd_train.paths import SNAPSHOT_META, partial_dir, snapshot_is_complete, step_dir
+from sd_train.posthoc_math import power_beta
 
 SNAPSHOT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -63,7 +64,7 @@ class PowerEMAProfiles:
         locals_ = self._locals if self.layout.cache_views else self.layout.views(self.named_params)
         with torch.no_grad():
             for gamma, shadow in zip(self.gammas, self.shadows):
-                torch._foreach_lerp_(shadow, locals_, 1.0 - (1.0 - 1.0 / t) ** (gamma + 1.0))
+                torch._foreach_lerp_(shadow, locals_, 1.0 - power_beta(gamma, t))
 
     def allocate(self, copy_weights: bool) -> None:
         with torch.no_grad():
