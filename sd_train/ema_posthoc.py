@@ -9,10 +9,21 @@ Convention: t counts the steps from the profiles' start, t = 1 at the start step
 beta_1 = 0 makes each profile a copy of the weights; at step s > start, t = s - start + 1 and
 beta_t = (1 - 1/t)^(gamma + 1) (sd_train.posthoc_math has the closed form of the result).
 
-Snapshots: `<output_dir>/posthoc/step_XXXXXXXX/`, one DCP save in which each rank writes its shard
+Where the profiles live follows the strategy's EMA layout: FSDP2 shards (DDP replicas), ZeRO-3
+partitions (`p.ds_tensor`, one fp32 piece per partition), ZeRO-2 replicas (every rank the whole
+profile, as it keeps the EMA). Checkpoints carry the live profiles through the strategy, like
+ShardedEMA's: DCP key `posthoc` (FSDP2/DDP), `posthoc_rank_R.pt` (DeepSpeed).
+
+Snapshots: `<output_dir>/posthoc/step_XXXXXXXX/`, one DCP save in which each rank writes its piece
 of every profile (stored in `ema.posthoc.dtype`), plus `snapshot.json` (step, start, sigma_rels,
 gammas). Written as a `.partial` folder and renamed, like checkpoints; never deleted by retention.
-DCP reloads them on any world size, or in one process with no process group.
+The rule that makes one reader serve every strategy: each piece is saved as what it is of a
+*global* tensor (`layout.global_tensor`). FSDP2's shards are DTensors of the parameter itself
+(Shard(0)); DDP's and ZeRO-2's replicas are plain tensors, which DCP writes once; a ZeRO-3
+partition is a slice of the flattened parameter, so it is saved as a 1-D DTensor of numel elements
+and `snapshot.json` records the parameters' shapes under `shapes` (absent for the other layouts,
+whose stored tensors have the parameter's shape). DCP reloads any of them in one process with no
+process group, whatever world size wrote them.
 """
 
 from __future__ import annotations
@@ -98,9 +109,30 @@ class PowerEMAProfiles:
         else:
             self.shadows = None
 
+    def local_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's profile pieces, keyed `p<i>.<param name>`, for per-rank files (DeepSpeed)."""
+        if self.shadows is None:
+            return {}
+        return {
+            f"{profile_key(i)}.{n}": s
+            for i, shadow in enumerate(self.shadows)
+            for (n, _), s in zip(self.named_params, shadow)
+        }
+
+    def load_local_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Fill the profiles (allocated by `load_meta_state_dict`) from `local_state_dict` output."""
+        if self.shadows is None:
+            return
+        with torch.no_grad():
+            for key, s in self.local_state_dict().items():
+                if key not in state or state[key].shape != s.shape:
+                    saved = tuple(state[key].shape) if key in state else "missing"
+                    raise ValueError(f"post-hoc profile piece {key!r}: saved {saved}, expected {tuple(s.shape)}")
+                s.copy_(state[key])
+
     def tensor_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """Every profile as global tensors (DTensors over the parameters' mesh when sharded), cast
-        to `dtype` if given (snapshots)."""
+        """Every profile as global tensors (`layout.global_tensor`: DTensors when sharded), cast to
+        `dtype` if given (snapshots)."""
         if self.shadows is None:
             return {}
         return {
@@ -137,7 +169,11 @@ class PowerEMAProfiles:
                 "gammas": self.gammas,
                 "dtype": self.plan.dtype,
                 "world_size": dist.get_world_size(),
+                "layout": self.layout.name,
             }
+            shapes = self.layout.stored_shapes(self.named_params)
+            if shapes:
+                meta["shapes"] = shapes
             (tmp / SNAPSHOT_META).write_text(json.dumps(meta, indent=1))
             if final.exists():
                 # The same step again after a resume from an older checkpoint: the run is bitwise
@@ -155,7 +191,8 @@ def read_snapshot_meta(folder: Path) -> dict:
 
 def load_snapshot_profile(folder: Path, index: int) -> dict[str, torch.Tensor]:
     """One profile of a snapshot as full fp32 tensors, in this process with no process group,
-    whatever world size wrote it. Only that profile is read."""
+    whatever world size and strategy wrote it. Only that profile is read."""
+    shapes = read_snapshot_meta(folder).get("shapes", {})  # ZeRO-3's flattened parameters
     md = dcp.FileSystemReader(str(folder)).read_metadata()
     prefix = f"profiles.{profile_key(index)}."
     state = {
@@ -167,4 +204,7 @@ def load_snapshot_profile(folder: Path, index: int) -> dict[str, torch.Tensor]:
         raise KeyError(f"{folder} has no profile {index}")
     wrapped = {"profiles": {profile_key(index): state}}
     dcp.load(wrapped, checkpoint_id=str(folder), no_dist=True)
-    return {n: t.float() for n, t in wrapped["profiles"][profile_key(index)].items()}
+    return {
+        n: t.float().view(shapes[n]) if n in shapes else t.float()
+        for n, t in wrapped["profiles"][profile_key(index)].items()
+    }

@@ -17,11 +17,15 @@ What ZeRO partitions, and where the EMA lives:
   parameters, so an EMA following it would depend on DeepSpeed's internal buffer layout. We keep
   the EMA replicated instead (every rank computes the same lerp): no communication, and the memory
   of one fp32 copy of the UNet per rank. The README says so.
+The post-hoc EMA profiles (sd_train.ema_posthoc) use the same layouts: per partition under ZeRO-3,
+replicated under ZeRO-2.
 
 Checkpoints: DeepSpeed's own per-rank files under `<step>/zero/` (model and optimizer partitions,
-readable by DeepSpeed's zero_to_fp32), plus `ema_rank_R.pt` with this rank's EMA pieces. They
+readable by DeepSpeed's zero_to_fp32), plus one `<key>_rank_R.pt` per shadow with this rank's
+pieces: `ema_rank_R.pt` (the EMA), `posthoc_rank_R.pt` (the post-hoc profiles, when on). They
 resume on the same world size; a different one is refused with the way out (export, then start a
-new run from the export).
+new run from the export). Post-hoc snapshots are not checkpoints: they go through DCP (the
+layouts' `global_tensor`), so `sd-train posthoc` reads them in one process.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import datetime
 import glob
 import importlib
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -38,6 +43,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from sd_train.config import TrainConfig
 from sd_train.host_sync import read_floats
@@ -47,8 +54,13 @@ from sd_train.parallel.strategy import OptimizerFactory, Strategy
 ZERO_DIR = "zero"  # DeepSpeed's checkpoint "tag": the folder inside a step folder
 
 
+def shadow_file(folder: Path, key: str, rank: int) -> Path:
+    """This rank's pieces of the shadow checkpointed under `key` ("ema", "posthoc")."""
+    return Path(folder) / f"{key}_rank_{rank}.pt"
+
+
 def ema_file(folder: Path, rank: int) -> Path:
-    return Path(folder) / f"ema_rank_{rank}.pt"
+    return shadow_file(folder, "ema", rank)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int) -> dict:
@@ -176,20 +188,23 @@ class DeepSpeedStrategy(Strategy):
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[Future]:
-        """Collective: DeepSpeed writes every rank's partitions under `folder/zero/`. Always
-        synchronous (config validation refuses checkpoint.async_save with DeepSpeed). Only the
-        "ema" shadow: preflight refuses post-hoc EMA profiles with DeepSpeed."""
+        """Collective: DeepSpeed writes every rank's partitions under `folder/zero/`, then each rank
+        its pieces of every shadow (`shadow_file`). Always synchronous (config validation refuses
+        checkpoint.async_save with DeepSpeed)."""
         self.engine.save_checkpoint(str(folder), tag=ZERO_DIR, save_latest=False)
-        torch.save(self._ema_payload(shadows["ema"]), ema_file(folder, self.info.rank))
+        for key, shadow in shadows.items():
+            torch.save(self._shadow_payload(shadow), shadow_file(folder, key, self.info.rank))
         return None
 
-    def _ema_payload(self, ema) -> dict:
-        shapes = {n: list(p.ds_shape if self.stage == 3 else p.shape) for n, p in ema.named_params}
+    def _shadow_payload(self, shadow) -> dict:
+        """The pieces of a ShardedEMA-like shadow (`local_state_dict`), with what `offline_state`
+        needs to reassemble them: the stage, the world size and every parameter's full shape."""
+        shapes = {n: list(p.ds_shape if self.stage == 3 else p.shape) for n, p in shadow.named_params}
         return {
             "zero_stage": self.stage,
             "world_size": self.info.world_size,
             "shapes": shapes,
-            "pieces": ema.local_state_dict(),
+            "pieces": shadow.local_state_dict(),
         }
 
     def missing_files(self, folder: Path) -> Optional[str]:
@@ -211,8 +226,9 @@ class DeepSpeedStrategy(Strategy):
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / ZERO_DIR}")
-        payload = torch.load(ema_file(folder, self.info.rank), weights_only=False)
-        shadows["ema"].load_local_state_dict(payload["pieces"])
+        for key, shadow in shadows.items():
+            payload = torch.load(shadow_file(folder, key, self.info.rank), weights_only=False)
+            shadow.load_local_state_dict(payload["pieces"])
 
     # ---- export and topology ----------------------------------------------------------------------
 
@@ -250,6 +266,9 @@ class Zero3Layout:
     cache_views = False
     name = "zero3"
 
+    def __init__(self):
+        self._meshes: dict[str, DeviceMesh] = {}
+
     def release(self) -> None:
         """Nothing stays gathered between forwards: stage3_param_persistence_threshold=0."""
 
@@ -257,7 +276,32 @@ class Zero3Layout:
         return [p.ds_tensor for _, p in named_params]
 
     def global_tensor(self, p, shard):
-        raise NotImplementedError("ZeRO-3 EMA pieces are saved per rank (sd_train.parallel.deepspeed), not through DCP")
+        """The piece labelled, for DCP, as its part of the *flattened* parameter: a 1-D DTensor of
+        `p.ds_numel` elements, Shard(0) over the world. ZeRO-3 gives rank r the elements
+        [r c, (r + 1) c) of the flat parameter, c = ceil(numel / world), the last ranks padded;
+        Shard(0) splits a dimension the same way (torch.chunk), so the piece minus its padding is
+        exactly the local shard. `stored_shapes` gives the shape to view the stored tensor as.
+        Checkpoints do not use this (they keep DeepSpeed's per-rank files); post-hoc snapshots do."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        numel = int(p.ds_numel)
+        if shard.dim() != 1 or shard.numel() != math.ceil(numel / world):
+            raise RuntimeError(
+                f"ZeRO-3 partition of a {tuple(p.ds_shape)} parameter has shape {tuple(shard.shape)} on rank "
+                f"{rank}, expected ({math.ceil(numel / world)},): a DeepSpeed partitioning sd-train does not describe"
+            )
+        valid = max(0, min(shard.numel(), numel - rank * shard.numel()))
+        mesh = self._mesh(shard.device.type)
+        return DTensor.from_local(shard[:valid], mesh, [Shard(0)], shape=(numel,), stride=(1,), run_check=False)
+
+    def _mesh(self, device_type: str) -> DeviceMesh:
+        # Over the default group (no new group, no collective): the world DeepSpeed partitions over.
+        if device_type not in self._meshes:
+            self._meshes[device_type] = DeviceMesh.from_group(dist.group.WORLD, device_type)
+        return self._meshes[device_type]
+
+    def stored_shapes(self, named_params) -> dict[str, list[int]]:
+        """`global_tensor` stores each parameter flattened: the shapes to view them as."""
+        return {n: list(p.ds_shape) for n, p in named_params}
 
     def full(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         """All-gather the equal-size pieces, drop the padding, restore the shape. Collective."""
@@ -279,7 +323,13 @@ class ReplicatedLayout:
         return [p.detach() for _, p in named_params]
 
     def global_tensor(self, p, shard):
-        raise NotImplementedError("ZeRO-2 EMA pieces are saved per rank (sd_train.parallel.deepspeed), not through DCP")
+        """The full tensor, replicated on every rank: DCP writes one copy (its planner spreads the
+        replicated tensors over the ranks). Post-hoc snapshots only; checkpoints keep per-rank files."""
+        return shard
+
+    def stored_shapes(self, named_params) -> dict[str, list[int]]:
+        """Stored with their own shapes: nothing to record."""
+        return {}
 
     def full(self, p: torch.Tensor, shard: torch.Tensor) -> torch.Tensor:
         return shard
@@ -296,20 +346,28 @@ def offline_state(checkpoint: Path, weights: str) -> dict[str, torch.Tensor]:
         )
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ZERO_DIR))
-    files = sorted(checkpoint.glob("ema_rank_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return offline_shadow(checkpoint, "ema")
+
+
+def offline_shadow(checkpoint: Path, key: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The full tensors of the shadow checkpointed under `key` (`shadow_file`), in one process with
+    no process group: the pieces named `prefix + parameter name` (the post-hoc profile i has
+    prefix `p<i>.`), concatenated over the ranks under ZeRO-3, rank 0's under ZeRO-2."""
+    checkpoint = Path(checkpoint)
+    files = sorted(checkpoint.glob(f"{key}_rank_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     if not files:
-        raise FileNotFoundError(f"{checkpoint}: no ema_rank_*.pt files")
+        raise FileNotFoundError(f"{checkpoint}: no {key}_rank_*.pt files")
     payloads = [torch.load(f, weights_only=False) for f in files]
     first = payloads[0]
     if len(payloads) != first["world_size"]:
         raise FileNotFoundError(
-            f"{checkpoint}: {len(payloads)} ema_rank_*.pt files for a world size of {first['world_size']}"
+            f"{checkpoint}: {len(payloads)} {key}_rank_*.pt files for a world size of {first['world_size']}"
         )
     out = {}
     for name, shape in first["shapes"].items():
         if first["zero_stage"] != 3:
-            out[name] = first["pieces"][name].view(shape)  # replicated: rank 0 has it all
+            out[name] = first["pieces"][prefix + name].view(shape)  # replicated: rank 0 has it all
             continue
         numel = int(torch.Size(shape).numel())
-        out[name] = torch.cat([pl["pieces"][name] for pl in payloads])[:numel].view(shape)
+        out[name] = torch.cat([pl["pieces"][prefix + name] for pl in payloads])[:numel].view(shape)
     return out

@@ -93,6 +93,10 @@ class DTensorLayout:
         t = self.global_tensor(p, shard)
         return t.full_tensor() if isinstance(t, DTensor) else t
 
+    def stored_shapes(self, named_params) -> dict[str, list[int]]:
+        """`global_tensor` keeps every parameter's own shape: nothing to record."""
+        return {}
+
 
 class FSDPStrategy(Strategy):
     """FSDP2 on each unit the model names and then the root (`dist.strategy=fsdp2`), or DDP

@@ -72,7 +72,8 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def ema_layout(self) -> Any:
-        """A ShardedEMA layout: `views`, `global_tensor`, `full`, `release`, `cache_views`, `name`."""
+        """A ShardedEMA layout: `views`, `global_tensor`, `full`, `release`, `cache_views`, `name`, and
+        `stored_shapes` (the shapes to view `global_tensor`'s stored tensors as, where it flattens)."""
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
