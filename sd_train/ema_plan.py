@@ -263,7 +263,9 @@ class PosthocPlan:
         return steps if steps and steps[-1] == self.max_steps else [*steps, self.max_steps]
 
     def bytes_per_snapshot(self, num_params: int, world_size: int) -> int:
-        """K profiles x P parameters x dtype bytes / W: what one rank writes per snapshot."""
+        """K profiles x P parameters x dtype bytes / W: what one rank writes per snapshot. Also where
+        the profiles are replicated (DDP, ZeRO-2): DCP writes one copy of a replicated tensor and
+        spreads those writes over the ranks."""
         return len(self.sigma_rels) * num_params * SNAPSHOT_BYTES[self.dtype] // world_size
 
     def check(self) -> None:
@@ -275,10 +277,14 @@ class PosthocPlan:
                 "need at least one step before the last. Lower ema.posthoc.step_start (or ema.step_start_ema)"
             )
 
-    def figures(self, num_params: int, world_size: int) -> dict[str, float | int | list]:
+    def figures(self, num_params: int, world_size: int, live_numel: int | None = None) -> dict[str, float | int | list]:
+        """The plan's figures; with `live_numel` (the parameter elements this rank's layout holds:
+        P / W when sharded, P when replicated) also the fp32 bytes of the live profiles per rank."""
         per_rank = self.bytes_per_snapshot(num_params, world_size)
         n = len(self.snapshot_steps())
+        live = {} if live_numel is None else {"ema/posthoc/live_bytes_per_rank": len(self.sigma_rels) * live_numel * 4}
         return {
+            **live,
             "ema/posthoc/sigma_rels": list(self.sigma_rels),
             "ema/posthoc/gammas": self.gammas,
             "ema/posthoc/step_start": self.step_start,
@@ -287,8 +293,9 @@ class PosthocPlan:
             "ema/posthoc/bytes_on_disk": per_rank * world_size * n,
         }
 
-    def describe(self, num_params: int, world_size: int) -> str:
-        f = self.figures(num_params, world_size)
+    def describe(self, num_params: int, world_size: int, live_numel: int | None = None) -> str:
+        f = self.figures(num_params, world_size, live_numel)
+        live = f.get("ema/posthoc/live_bytes_per_rank")
         profiles = ", ".join(f"sigma_rel {s} (gamma {g:.2f})" for s, g in zip(self.sigma_rels, self.gammas))
         return "\n".join(
             [
@@ -300,6 +307,14 @@ class PosthocPlan:
                 f"  bytes per snapshot    {f['ema/posthoc/bytes_per_snapshot_per_rank'] / 2**20:.1f} MiB per rank "
                 f"({len(self.sigma_rels)} x {num_params} params / {world_size} ranks); "
                 f"{f['ema/posthoc/bytes_on_disk'] / 2**20:.1f} MiB on disk in all",
+                *(
+                    []
+                    if live is None
+                    else [
+                        f"  live profiles         {live / 2**20:.1f} MiB fp32 per rank ({len(self.sigma_rels)} x "
+                        f"{live_numel} elements held by this rank: a shard, or the whole UNet where replicated)"
+                    ]
+                ),
             ]
         )
 

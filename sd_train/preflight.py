@@ -43,12 +43,6 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
     check_model_folder(cfg.model.pretrained_path)
     plan_from_config(cfg.ema, cfg.max_steps).check()
     posthoc_plan_from_config(cfg.ema, cfg.max_steps).check()
-    if cfg.ema.posthoc.sigma_rels and resolved.dist.strategy == "deepspeed":
-        raise ConfigError(
-            f"ema.posthoc.sigma_rels={cfg.ema.posthoc.sigma_rels} with dist.strategy=deepspeed: post-hoc EMA is built "
-            "for FSDP2 and DDP only (not yet for DeepSpeed's per-partition files). Use dist.strategy=fsdp2, or set "
-            "ema.posthoc.sigma_rels=[]"
-        )
     return resolved
 
 

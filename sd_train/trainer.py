@@ -151,6 +151,8 @@ class Trainer:
         self.peak_tflops = peak_tflops(cfg.perf, self.info.device)
         self.strategy = build_strategy(cfg, self.info, self.accum)
         fused = use_fused_adamw(cfg.perf, self.info.device)
+        # Counted before wrapping: ZeRO-3 leaves the module's parameters empty (numel 0).
+        num_params = sum(p.numel() for p in self.parts.unet.parameters() if p.requires_grad)
         self.strategy.wrap(self.parts.unet, lambda module: build_optimizer(module, cfg.optim, fused=fused))
         self.model, self.optimizer = self.strategy.model, self.strategy.optimizer
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.max_steps)
@@ -191,14 +193,14 @@ class Trainer:
         self.key_log = KeyLog(self.out, self.info.rank, cfg.data.log_keys)
         figures = self.plan.figures()
         if self.posthoc is not None:
-            num_params = sum(p.numel() for _, p in self.posthoc.named_params)
-            figures.update(self.posthoc_plan.figures(num_params, self.info.world_size))
+            live_numel = sum(v.numel() for v in self.posthoc.layout.views(self.posthoc.named_params))
+            figures.update(self.posthoc_plan.figures(num_params, self.info.world_size, live_numel))
         self.metrics.log_config(config_to_dict(cfg), figures)
         if self.info.is_main:
             print(self.plan.describe(), flush=True)
             print(self._describe_hot_path(fused), flush=True)
             if self.posthoc is not None:
-                print(self.posthoc_plan.describe(num_params, self.info.world_size), flush=True)
+                print(self.posthoc_plan.describe(num_params, self.info.world_size, live_numel), flush=True)
             (self.out / "ema_plan.json").write_text(json.dumps(figures, indent=1))
         write_topology(
             self.out / "topology.json",

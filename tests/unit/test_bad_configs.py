@@ -67,10 +67,6 @@ BAD = [
     (["ema.posthoc.sigma_rels=[0.05,0.3]"], r"ema.posthoc.sigma_rels: 0.3 must be in \(0, 0.2886\)"),
     (["ema.posthoc.sigma_rels=[0.1]", "ema.posthoc.snapshot_every=0"], "ema.posthoc.snapshot_every=0 must be positive"),
     (["ema.posthoc.sigma_rels=[0.1]", "ema.posthoc.step_start=12"], r"posthoc.step_start=12 must be in \[0, max"),
-    (
-        ["dist.strategy=deepspeed", "ema.posthoc.sigma_rels=[0.05,0.1]"],
-        "post-hoc EMA is built for FSDP2 and DDP only",
-    ),
     (["dist.strategy=deepspeed", "dist.param_dtype=bf16"], "are FSDP2 settings; under DeepSpeed"),
     (["max_steps=ten"], "max_steps must be an integer"),
     (["eval.val_timesteps=[5, 1000]"], r"eval.val_timesteps=\[5, 1000\] must lie in \[0, 1000\)"),
@@ -80,6 +76,15 @@ BAD = [
 def test_good_config_passes(good):
     _, overrides = good
     validated_config(["--config", "configs/test.yaml", *overrides])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_posthoc_ema_passes_under_deepspeed(good, stage):
+    """Post-hoc EMA runs under both ZeRO stages (per partition under ZeRO-3, replicated under ZeRO-2)."""
+    _, overrides = good
+    extra = ["dist.strategy=deepspeed", f"dist.zero_stage={stage}", "ema.posthoc.sigma_rels=[0.05,0.1]"]
+    cfg, _ = validated_config(["--config", "configs/test.yaml", *overrides, *extra])
+    assert (cfg.dist.strategy, cfg.dist.zero_stage, cfg.ema.posthoc.sigma_rels) == ("deepspeed", stage, [0.05, 0.1])
 
 
 @pytest.mark.parametrize("bad,match", BAD, ids=[b[0][0] for b in BAD])
