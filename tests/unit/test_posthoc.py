@@ -11,10 +11,11 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from sd_train.checkpoint import Checkpointer
-from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, PosthocArgs
+from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, PosthocArgs, TrainConfig
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
-from sd_train.ema_posthoc import PowerEMAProfiles, load_snapshot_profile
+from sd_train.ema_posthoc import PowerEMAProfiles, load_snapshot_profile, read_snapshot_meta
+from sd_train.parallel.deepspeed import DeepSpeedStrategy, offline_shadow
 from sd_train.parallel.fsdp import FSDPStrategy
 from sd_train.paths import snapshot_steps
 from sd_train.posthoc_math import (
@@ -148,3 +149,82 @@ def test_sharded_profiles_track_snapshot_reconstruct_and_resume(info, tmp_path):
     assert fresh.ckpt.load().step == STEPS
     for i in range(len(SIGMAS)):
         assert all(torch.equal(fresh.profile(i)[n], t) for n, t in saved[i].items())
+
+
+class _Engine:
+    """Stands in for the DeepSpeed engine: its own zero/ files are DeepSpeed's business (and
+    tests/e2e/test_deepspeed_posthoc.py runs the real one); this checks the shadows' files."""
+
+    def save_checkpoint(self, *args, **kwargs) -> None:
+        pass
+
+    def load_checkpoint(self, folder, **kwargs):
+        return folder, None
+
+
+def _deepspeed_like(stage: int, info):
+    """A module whose parameters look as DeepSpeed leaves them at world 1 (ZeRO-3: `ds_tensor` is
+    the flat partition, the parameter itself empty), and the strategy's EMA layout for it."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    if stage == 3:
+        for p in module.parameters():
+            p.ds_tensor, p.ds_shape, p.ds_numel = p.detach().flatten().clone(), p.shape, p.numel()
+    cfg = TrainConfig()
+    cfg.dist.strategy, cfg.dist.zero_stage = "deepspeed", stage
+    strategy = DeepSpeedStrategy(cfg, info, accum=1)
+    strategy.engine = _Engine()
+    return module, strategy
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_deepspeed_profiles_round_trip_a_checkpoint_and_a_snapshot(info, tmp_path, stage):
+    """Under ZeRO-3 (per partition) and ZeRO-2 (replicated) the live profiles go into the
+    checkpoint as `posthoc_rank_R.pt` and come back bitwise; a snapshot reads back in one process
+    as full tensors of the parameters' shapes."""
+    module, strategy = _deepspeed_like(stage, info)
+    args = EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.9, posthoc=PosthocArgs(SIGMAS, EVERY))
+    plan = posthoc_plan_from_config(args, STEPS)
+    layout = strategy.ema_layout()
+    profiles = PowerEMAProfiles(module, plan, layout)
+    ema = ShardedEMA(module, plan_from_config(args, STEPS), layout)
+    for step in range(1, 6):
+        with torch.no_grad():
+            for v in layout.views(profiles.named_params):
+                v.add_(torch.randn_like(v))
+        ema.update(step)
+        profiles.update(step)
+    assert profiles.is_open and not torch.equal(profiles.shadows[0][0], profiles.shadows[1][0])
+    strategy.save(tmp_path, {"ema": ema, "posthoc": profiles})
+    fresh = PowerEMAProfiles(module, plan, layout)
+    fresh.load_meta_state_dict(profiles.meta_state_dict())
+    fresh_ema = ShardedEMA(module, plan_from_config(args, STEPS), layout)
+    fresh_ema.load_meta_state_dict(ema.meta_state_dict())
+    strategy.load(tmp_path, {"ema": fresh_ema, "posthoc": fresh})
+    for a, b in zip(profiles.shadows, fresh.shadows):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(ema.shadow, fresh_ema.shadow))
+    # Offline (no strategy), each profile reassembles to full tensors of the parameters' shapes.
+    shapes = {n: p.shape for n, p in module.named_parameters()}
+    for i in range(len(SIGMAS)):
+        full = offline_shadow(tmp_path, "posthoc", f"p{i}.")
+        assert {n: t.shape for n, t in full.items()} == shapes
+        assert all(
+            torch.equal(full[n].flatten(), s.flatten()) for (n, _), s in zip(profiles.named_params, fresh.shadows[i])
+        )
+    # The snapshot: a ZeRO-3 partition is stored as part of the flattened parameter, and read back
+    # with the parameter's shape.
+    folder = profiles.write_snapshot(tmp_path / "posthoc", 5, 0)
+    meta = read_snapshot_meta(folder)
+    assert ("shapes" in meta) == (stage == 3) and meta["layout"] == layout.name
+    for i in range(len(SIGMAS)):
+        snap = load_snapshot_profile(folder, i)
+        assert {n: t.shape for n, t in snap.items()} == shapes
+        assert all(torch.equal(snap[n], offline_shadow(tmp_path, "posthoc", f"p{i}.")[n]) for n in snap)
+
+
+def test_zero3_layout_refuses_a_partitioning_it_does_not_describe(info):
+    module, strategy = _deepspeed_like(3, info)
+    p = next(module.parameters())
+    with pytest.raises(RuntimeError, match="a DeepSpeed partitioning sd-train does not describe"):
+        strategy.ema_layout().global_tensor(p, torch.zeros(p.ds_numel + 1))
