@@ -209,7 +209,9 @@ class DeepSpeedStrategy(Strategy):
 
     def missing_files(self, folder: Path) -> Optional[str]:
         rank = self.info.rank
-        need = [ema_file(folder, rank)]
+        # Every shadow rank 0 wrote (the EMA always, the post-hoc profiles when on), for this rank.
+        keys = {"ema"} | {f.name[: -len("_rank_0.pt")] for f in Path(folder).glob("*_rank_0.pt")}
+        need = [shadow_file(folder, key, rank) for key in sorted(keys)]
         optim = glob.glob(str(Path(folder) / ZERO_DIR / f"zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
         if not optim:
             return f"no {ZERO_DIR}/zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"

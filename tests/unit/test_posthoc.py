@@ -196,6 +196,9 @@ def test_deepspeed_profiles_round_trip_a_checkpoint_and_a_snapshot(info, tmp_pat
         profiles.update(step)
     assert profiles.is_open and not torch.equal(profiles.shadows[0][0], profiles.shadows[1][0])
     strategy.save(tmp_path, {"ema": ema, "posthoc": profiles})
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"DeepSpeed's")
+    assert strategy.missing_files(tmp_path) is None
     fresh = PowerEMAProfiles(module, plan, layout)
     fresh.load_meta_state_dict(profiles.meta_state_dict())
     fresh_ema = ShardedEMA(module, plan_from_config(args, STEPS), layout)
@@ -221,6 +224,15 @@ def test_deepspeed_profiles_round_trip_a_checkpoint_and_a_snapshot(info, tmp_pat
         snap = load_snapshot_profile(folder, i)
         assert {n: t.shape for n, t in snap.items()} == shapes
         assert all(torch.equal(snap[n], offline_shadow(tmp_path, "posthoc", f"p{i}.")[n]) for n in snap)
+
+
+def test_deepspeed_checkpoint_with_an_empty_profile_file_is_reported_before_loading(info, tmp_path):
+    _, strategy = _deepspeed_like(3, info)
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"DeepSpeed's")
+    torch.save({}, tmp_path / "ema_rank_0.pt")
+    (tmp_path / "posthoc_rank_0.pt").write_bytes(b"")  # truncated by a crash
+    assert "posthoc_rank_0.pt" in strategy.missing_files(tmp_path)
 
 
 def test_zero3_layout_refuses_a_partitioning_it_does_not_describe(info):
