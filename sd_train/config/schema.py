@@ -423,8 +423,10 @@ class PerfArgs:
     otherwise, so the CPU path (the tests, the bitwise-resume promise) is the same with or without it."""
 
     optimizer_impl: Literal["auto", "foreach", "fused"] = "auto"
-    """AdamW kernels. `auto`: `fused` on CUDA (one kernel over all tensors, ~40% less CPU time per
-    step over 686 DTensors), `foreach` elsewhere (the CPU numerics the checkpoints were made with)."""
+    """AdamW kernels. `auto`: `fused` on CUDA and CPU (one kernel over all tensors: ~40% less CPU
+    time per step over 686 DTensors, and a first step that skips foreach's quadratic DTensor
+    sharding propagation), `foreach` elsewhere. `foreach` reproduces runs made before fused was the
+    CPU default."""
     tf32: bool = True
     """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer): 10-bit mantissa inputs,
     fp32 accumulation. Rounds differently from fp32 but repeatably: `deterministic` leaves it as set."""

@@ -51,11 +51,11 @@ def test_read_floats_counts_one_sync_per_call_and_keeps_values():
     assert COUNTER.count - before == 2
 
 
-def test_perf_defaults_leave_cpu_numerics_alone():
+def test_perf_defaults_fused_everywhere_backend_flags_cuda_only():
     args = PerfArgs()
-    assert not use_fused_adamw(args, CPU), "auto keeps foreach on CPU (the numerics of every CPU checkpoint)"
-    assert use_fused_adamw(args, torch.device("cuda"))
-    assert use_fused_adamw(PerfArgs(optimizer_impl="fused"), CPU)
+    assert use_fused_adamw(args, CPU) and use_fused_adamw(args, torch.device("cuda")), "auto: fused on CPU and CUDA"
+    assert not use_fused_adamw(args, torch.device("mps"))
+    assert not use_fused_adamw(PerfArgs(optimizer_impl="foreach"), CPU)
     assert apply_backend_flags(args, CPU) == {"tf32": False, "cudnn_benchmark": False, "deterministic": False}
     model = torch.nn.Linear(3, 3)
     assert build_optimizer(model, OptimArgs()).defaults["foreach"] is True
