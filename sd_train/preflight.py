@@ -31,7 +31,7 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
     if d.val_shards:
         check_shards("data.val_shards", d.val_shards, 1, 1, False)
     check_checkpoint_folders(cfg)
-    resolved = resolve_strategy(cfg, environ)
+    resolved = resolve_precision(resolve_strategy(cfg, environ))
     check_shard_group(resolved, world_size, environ)
     check_deepspeed_knobs(resolved)
     if resolved.checkpoint.init_from and resolved.dist.strategy == "deepspeed":
@@ -44,6 +44,16 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
     plan_from_config(cfg.ema, cfg.max_steps).check()
     posthoc_plan_from_config(cfg.ema, cfg.max_steps).check()
     return resolved
+
+
+def resolve_precision(cfg: TrainConfig) -> TrainConfig:
+    """`dist.param_dtype=auto`: bf16 params under FSDP2 with `mixed_precision=bf16` (the one bf16
+    policy per strategy, see TrainConfig.mixed_precision), fp32 otherwise."""
+    d = cfg.dist
+    if d.param_dtype != "auto":
+        return cfg
+    dtype = "bf16" if cfg.mixed_precision == "bf16" and d.strategy == "fsdp2" else "fp32"
+    return dataclasses.replace(cfg, dist=dataclasses.replace(d, param_dtype=dtype))
 
 
 def check_shards(name: str, spec: str, world_size: int, workers: int, epoch_mode: bool) -> None:
@@ -182,7 +192,7 @@ def resolve_strategy(cfg: TrainConfig, environ: Mapping[str, str]) -> TrainConfi
             "checkpoint.async_save=true is FSDP2-only (DCP async_save); DeepSpeed writes its "
             "checkpoints synchronously: set checkpoint.async_save=false"
         )
-    if d.param_dtype != "fp32" or d.reduce_dtype != "fp32":
+    if d.param_dtype == "bf16" or d.reduce_dtype != "fp32":
         raise ConfigError(
             f"dist.param_dtype={d.param_dtype} / dist.reduce_dtype={d.reduce_dtype} are FSDP2 settings; "
             "under DeepSpeed "

@@ -284,7 +284,7 @@ class Trainer:
         # float sum of each micro-batch's loss that this replaced.
         local_loss = torch.zeros((), dtype=torch.float64, device=self.info.device)
         data_wait, keys = 0.0, []
-        autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+        autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16())
         for micro in range(self.accum):
             t = time.perf_counter()
             batch = next(data_iter)

@@ -320,8 +320,10 @@ class DistArgs:
     accelerate launch config's `zero_stage`, else 3."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend. auto: nccl with CUDA, else gloo."""
-    param_dtype: Literal["fp32", "bf16"] = "fp32"
-    """FSDP2 mixed precision: dtype of the gathered params in forward/backward."""
+    param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """FSDP2: dtype of the gathered params in forward/backward (the sharded master copy, the
+    optimizer and the EMA stay fp32). `auto` follows `mixed_precision`: bf16 under FSDP2 when it is
+    bf16, else fp32. With bf16 here the step runs without autocast (see `mixed_precision`)."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """FSDP2 mixed precision: dtype of gradient reduce-scatter."""
     reshard_after_forward: bool = True
@@ -423,8 +425,10 @@ class PerfArgs:
     otherwise, so the CPU path (the tests, the bitwise-resume promise) is the same with or without it."""
 
     optimizer_impl: Literal["auto", "foreach", "fused"] = "auto"
-    """AdamW kernels. `auto`: `fused` on CUDA (one kernel over all tensors, ~40% less CPU time per
-    step over 686 DTensors), `foreach` elsewhere (the CPU numerics the checkpoints were made with)."""
+    """AdamW kernels. `auto`: `fused` on CUDA and CPU (one kernel over all tensors: ~40% less CPU
+    time per step over 686 DTensors, and a first step that skips foreach's quadratic DTensor
+    sharding propagation), `foreach` elsewhere. `foreach` reproduces runs made before fused was the
+    CPU default."""
     tf32: bool = True
     """TF32 for fp32 matmuls and convolutions on CUDA (Ampere and newer): 10-bit mantissa inputs,
     fp32 accumulation. Rounds differently from fp32 but repeatably: `deterministic` leaves it as set."""
@@ -471,7 +475,12 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Samples per forward/backward on one rank."""
     mixed_precision: Literal["no", "bf16"] = "no"
-    """bf16 autocast for the forward pass (weights and optimizer stay fp32)."""
+    """bf16 compute, one policy per strategy (weights, optimizer and EMA stay fp32 everywhere).
+    FSDP2 gathers the params in bf16 (`dist.param_dtype=auto` -> bf16, reduce in
+    `dist.reduce_dtype`) and runs with no autocast: every activation is bf16, which
+    bench/bench_precision.py measures as the smallest saved-for-backward memory. DDP and DeepSpeed
+    autocast over fp32 params. FSDP2 with an explicit `dist.param_dtype=fp32` autocasts too (the
+    other policy, kept for comparison); bf16 params are never put under autocast as well."""
     max_consecutive_skips: int = 5
     """Stop the run after this many optimizer steps in a row were skipped for a non-finite loss or
     gradient (one skipped step is survivable; a streak means diverged training)."""
@@ -490,6 +499,13 @@ class TrainConfig:
 
     def grad_accum_steps(self, world_size: int) -> int:
         return self.global_batch_size // (world_size * self.micro_batch_size)
+
+    def autocast_bf16(self) -> bool:
+        """Whether the training step runs under bf16 autocast: `mixed_precision=bf16` unless FSDP2
+        already gathers bf16 params (autocast over bf16 params only adds casts, and on CUDA
+        its fp32 list turns the GroupNorm outputs back to fp32)."""
+        bf16_params = self.dist.strategy in ("fsdp2", "auto") and self.dist.param_dtype == "bf16"
+        return self.mixed_precision == "bf16" and not bf16_params
 
     def validate(self, world_size: int) -> None:
         """Every field-level check, section by section, and the batch arithmetic. Needs neither the

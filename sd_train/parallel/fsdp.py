@@ -36,7 +36,8 @@ from sd_train.parallel.process_group import DistInfo
 from sd_train.parallel.strategy import OptimizerFactory, Strategy
 from sd_train.perf import compile_module
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# `auto` is resolved by sd_train.preflight for a run; a bare DistArgs (benches, tests) means fp32.
+DTYPES = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

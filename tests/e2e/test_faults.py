@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from launch import run
-from test_train import assert_states_equal, full_state, train_cmd
+from test_train import assert_states_equal, full_state, keys_by_step, train_cmd
 
 from sd_train.paths import complete_steps
 
@@ -21,21 +21,29 @@ def ckpts(out: Path) -> Path:
 
 
 def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_path):
-    """kill -9 of rank 0 or 1 in each checkpoint phase, SIGTERM during a save, async saves and
-    keep-last-2 retention, relaunching after each: the final weights, EMA and optimizer state equal
-    the uninterrupted run's, and the newest complete checkpoint always survives."""
+    """kill -9 of rank 0 or 1 in each checkpoint phase, SIGTERM during a save and mid-step, kill -9
+    mid-step inside the EMA window, async saves and keep-last-2 retention, relaunching after each: the
+    final weights, EMA and optimizer state equal the uninterrupted run's, every step saw the same
+    sample keys, the newest complete checkpoint always survives, and wandb (offline) continues one
+    run id across the relaunches."""
     out = tmp_path / "chain"
     base = ["checkpoint.every_steps=2", "checkpoint.keep_last_k=2", *FAST]
+    wandb = ["metrics.wandb=true"]
     chain = [
         # (fault, extra overrides, newest complete checkpoint expected afterwards)
         ("rank=0,step=6,phase=after_shards", [], 4),  # shards + .metadata written, not renamed
         ("rank=1,step=8,phase=after_rank_files", [], 6),  # rank files written, no shards
         ("rank=0,step=10,phase=before_retention", [], 10),  # renamed, retention not yet run
         ("rank=1,step=12,phase=during_async_save", ["checkpoint.async_save=true"], 10),
-        ("rank=0,step=14,phase=after_rank_files,action=term", [], 14),  # SIGTERM while saving
+        ("rank=0,step=14,phase=after_rank_files,action=term", wandb, 14),  # SIGTERM while saving
+        ("rank=1,step=15,phase=mid_step,action=term", wandb, 15),  # SIGTERM on one rank, off the cadence
+        ("rank=1,step=16,phase=mid_step", wandb, 15),  # kill -9 mid-step inside the window
     ]
     for fault, extra, newest in chain:
-        proc = run(train_cmd(2, out, tiny_assets, *base, *extra), timeout=300, check=False, SD_TRAIN_FAULT=fault)
+        proc = run(
+            train_cmd(2, out, tiny_assets, *base, *extra), timeout=300, check=False, SD_TRAIN_FAULT=fault,
+            WANDB_MODE="offline",
+        )  # fmt: skip
         if "action=term" in fault:
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             assert "preempted (SIGTERM)" in proc.stdout
@@ -46,14 +54,18 @@ def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_pa
         # Partial folders never count: what complete_steps lists has .metadata and its state file.
         for s in steps:
             assert (ckpts(out) / f"step_{s:08d}" / ".metadata").is_file()
-    final = run(train_cmd(2, out, tiny_assets, *base), timeout=300)
-    assert "resumed from" in final.stdout
+    final = run(train_cmd(2, out, tiny_assets, *base, *wandb), timeout=300, WANDB_MODE="offline")
+    assert "resumed from" in final.stdout and "step 15" in final.stdout
     steps = complete_steps(ckpts(out))
-    assert steps == [14, 16], f"keep_last_k=2 keeps the two newest complete checkpoints, got {steps}"
+    assert steps == [15, 16], f"keep_last_k=2 keeps the two newest complete checkpoints, got {steps}"
     assert not list(ckpts(out).glob(".*partial")), "stale partial folders are cleaned up"
     assert_states_equal(
         full_state(straight_run / "checkpoints" / "step_00000016"), full_state(ckpts(out) / "step_00000016")
     )
+    for r in (0, 1):  # same sample keys per step as the uninterrupted run, no gaps, no repeats
+        assert keys_by_step(out, r) == keys_by_step(straight_run, r)
+    run_id = (out / "wandb_run_id.txt").read_text()
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 4, "the 4 wandb launches share one run id"
 
 
 def test_truncated_shard_falls_back_then_refuses(tiny_assets, straight_run, tmp_path):

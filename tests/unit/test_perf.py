@@ -4,6 +4,7 @@ throughput window, and a per-block compiled UNet against eager."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 
@@ -23,6 +24,7 @@ from sd_train.perf import (
     training_flops_per_image,
     use_fused_adamw,
 )
+from sd_train.preflight import resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -51,11 +53,11 @@ def test_read_floats_counts_one_sync_per_call_and_keeps_values():
     assert COUNTER.count - before == 2
 
 
-def test_perf_defaults_leave_cpu_numerics_alone():
+def test_perf_defaults_fused_everywhere_backend_flags_cuda_only():
     args = PerfArgs()
-    assert not use_fused_adamw(args, CPU), "auto keeps foreach on CPU (the numerics of every CPU checkpoint)"
-    assert use_fused_adamw(args, torch.device("cuda"))
-    assert use_fused_adamw(PerfArgs(optimizer_impl="fused"), CPU)
+    assert use_fused_adamw(args, CPU) and use_fused_adamw(args, torch.device("cuda")), "auto: fused on CPU and CUDA"
+    assert not use_fused_adamw(args, torch.device("mps"))
+    assert not use_fused_adamw(PerfArgs(optimizer_impl="foreach"), CPU)
     assert apply_backend_flags(args, CPU) == {"tf32": False, "cudnn_benchmark": False, "deterministic": False}
     model = torch.nn.Linear(3, 3)
     assert build_optimizer(model, OptimArgs()).defaults["foreach"] is True
@@ -161,3 +163,23 @@ def test_per_block_compile_matches_eager(backend):
     assert (ye - yc).abs().max() <= 1e-4 * ye.abs().max()
     assert (ge - gc).abs().max() <= 1e-4 * ge.abs().max()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+
+
+@pytest.mark.parametrize(
+    "strategy, mixed, param_dtype, resolved, autocast",
+    [
+        ("fsdp2", "bf16", "auto", "bf16", False),  # the FSDP2 policy: bf16 params, no autocast
+        ("ddp", "bf16", "auto", "fp32", True),  # DDP and DeepSpeed: autocast over fp32 params
+        ("deepspeed", "bf16", "auto", "fp32", True),
+        ("fsdp2", "bf16", "fp32", "fp32", True),  # the other policy, asked for explicitly
+        ("fsdp2", "bf16", "bf16", "bf16", False),  # never bf16 params under autocast as well
+        ("fsdp2", "no", "auto", "fp32", False),
+        ("fsdp2", "no", "bf16", "bf16", False),
+    ],
+)
+def test_one_bf16_policy_per_strategy(strategy, mixed, param_dtype, resolved, autocast):
+    cfg = TrainConfig(mixed_precision=mixed)
+    cfg.dist = dataclasses.replace(cfg.dist, strategy=strategy, param_dtype=param_dtype)
+    out = resolve_precision(cfg)
+    assert out.dist.param_dtype == resolved
+    assert out.autocast_bf16() is autocast
