@@ -13,8 +13,8 @@ barrier before each timed step; ms/step is the median over `--reps` after `--war
 of the two paths are compared too: data parallelism must not change the numbers.
 
 Paths: "FSDP2 today" (foreach AdamW, the loss read every step: what the loop did before the hot
-path), "FSDP2 new" (the hot path as a CPU run gets it by default: foreach AdamW on CPU, no
-per-step loss read), "FSDP2 new, fused" (`perf.optimizer_impl=fused`, what CUDA gets by default),
+path), "FSDP2 new" (the hot path with foreach AdamW, the CPU default when this bench was written, and
+no per-step loss read), "FSDP2 new, fused" (`perf.optimizer_impl=fused`, the default on CPU and CUDA),
 "FSDP2 new, fused, no reshard" (plus `dist.reshard_after_forward=false`: no second all-gather per
 block in backward) and "DDP". Each step is timed by phase (forward, backward, clip, optimizer), on
 the host clock, so the table says where the FSDP2 overhead goes.
