@@ -11,9 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from diffusers import UNet2DConditionModel
 from launch import BIN, REPO, free_port, run
 from reference import assert_logged_val_matches_export
 from safetensors.torch import load_file
+
+from sd_train.ema_posthoc import load_snapshot_profile
+from sd_train.parallel.deepspeed import offline_shadow, offline_state, shadow_file
+from sd_train.paths import snapshot_steps
+from sd_train.tools.posthoc import find_snapshots, main_posthoc, plan_targets, reconstruct
 
 # Window at step 8 of 12 with decay 0.5: 4 EMA updates, 0.5^4 = 6.25% pre-window share.
 COMMON = [
@@ -24,7 +31,12 @@ COMMON = [
     "checkpoint.keep_last_k=0",
     "eval.every_steps=12",
     "metrics.log_every=2",
+    # The post-hoc profiles start with the plain EMA; snapshots at 8, 10, 12: 3 x 2 profiles span
+    # the 5 weights w_8..w_12.
+    "ema.posthoc.sigma_rels=[0.05,0.1]",
+    "ema.posthoc.snapshot_every=2",
 ]
+SIGMAS, DECAYS, K = [0.1], [0.5], 2
 
 
 def zero_cmd(stage: int, out: Path, assets: dict, *extra: str) -> list[str]:
@@ -75,8 +87,8 @@ def assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 def straight_and_resumed(stage: int, assets: dict, tmp_path: Path, every: int, **fault_env: str):
     """Run A to step 12 (checkpoints every `every` steps, export at the end); run B from a copy of
     A's step-8 checkpoint (the window's first step) to step 12. Their final checkpoints must be
-    bitwise equal: every rank's optimizer partition (fp32 master weights, Adam moments, step) and
-    EMA pieces."""
+    bitwise equal: every rank's optimizer partition (fp32 master weights, Adam moments, step), EMA
+    pieces and post-hoc profile pieces, and so must their last snapshot."""
     a, b = tmp_path / "a", tmp_path / "b"
     proc = run(zero_cmd(stage, a, assets, f"checkpoint.every_steps={every}"), timeout=300, **fault_env)
     (b / "checkpoints").mkdir(parents=True)
@@ -90,6 +102,13 @@ def straight_and_resumed(stage: int, assets: dict, tmp_path: Path, every: int, *
         assert_equal_states(sa, sb, f"ZeRO-{stage} optimizer partition of rank {r} after resume")
         ea, eb = (torch.load(s / f"ema_rank_{r}.pt", weights_only=False)["pieces"] for s in (step(a, 12), step(b, 12)))
         assert_equal_states(ea, eb, f"ZeRO-{stage} EMA pieces of rank {r} after resume")
+        pa, pb = (torch.load(shadow_file(step(x, 12), "posthoc", r), weights_only=False) for x in (a, b))
+        assert pa["zero_stage"] == stage and pa["world_size"] == 2
+        assert_equal_states(pa["pieces"], pb["pieces"], f"ZeRO-{stage} profile pieces of rank {r} after resume")
+    assert snapshot_steps(b / "posthoc") == [10, 12]
+    for i in range(K):
+        sa, sb = (load_snapshot_profile(x / "posthoc" / "step_00000012", i) for x in (a, b))
+        assert_equal_states(sa, sb, f"ZeRO-{stage} snapshot profile {i} after resume")
     return a, proc
 
 
@@ -105,10 +124,78 @@ def check_topology(out: Path, stage: int) -> dict:
     return topo
 
 
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+def check_posthoc(stage: int, out: Path) -> None:
+    """The post-hoc checks on run A of a stage (see the module docstring)."""
+    assert not dist.is_initialized(), "the checks below read in one process with no process group"
+    topo = check_topology(out, stage)
+    last = step(out, 12)
+    raw, ema = offline_state(last, "raw"), offline_state(last, "ema")
+    full_numel = sum(t.numel() for t in raw.values())
+    pieces = [torch.load(shadow_file(last, "posthoc", r), weights_only=False)["pieces"] for r in range(2)]
+    assert pieces[0].keys() == {f"p{i}.{n}" for i in range(K) for n in raw}
+    plan = json.loads((out / "ema_plan.json").read_text())
+    if stage == 3:
+        # Parameters are partitioned, and so are the profiles: ceil(numel / 2) per rank per tensor.
+        for r in topo["ranks"]:
+            assert r["placements"] == ["zero3-partition"]
+            assert full_numel * 2 <= r["local_param_bytes"] <= full_numel * 2 + 4 * len(raw), r
+        for name, t in raw.items():
+            assert [p[f"p1.{name}"].numel() for p in pieces] == [math.ceil(t.numel() / 2)] * 2, name
+        live = K * 4 * sum(math.ceil(t.numel() / 2) for t in raw.values())
+    else:
+        # ZeRO-2 keeps the profiles replicated, as it keeps the EMA: both ranks hold the same full tensors.
+        assert all(r["placements"][0].startswith("replicated") for r in topo["ranks"])
+        assert_equal_states(pieces[0], pieces[1], "replicated profiles on rank 0 vs rank 1")
+        assert all(pieces[0][f"p0.{n}"].shape == t.shape for n, t in raw.items())
+        live = K * 4 * full_numel
+    assert plan["ema/posthoc/live_bytes_per_rank"] == live
+
+    root = out / "posthoc"
+    assert snapshot_steps(root) == [8, 10, 12]
+    meta = json.loads((root / "step_00000012" / "snapshot.json").read_text())
+    assert (meta["world_size"], meta["layout"]) == (2, "zero3" if stage == 3 else "replicated")
+    assert ("shapes" in meta) == (stage == 3)  # ZeRO-3 stores each parameter flattened
+    # DCP writes each element once (plus ~1.6 KB per stored tensor), the ranks about half each
+    # (replicated tensors spread over them): the plan's K x P x 4 / W bytes per rank, also for ZeRO-2.
+    sizes = [(root / "step_00000012" / f"__{r}_0.distcp").stat().st_size for r in range(2)]
+    payload = K * 4 * full_numel
+    assert payload <= sum(sizes) <= payload + 2 * K * len(raw) * 2048, sizes
+    assert all(s >= 0.4 * sum(sizes) for s in sizes), sizes
+    assert plan["ema/posthoc/bytes_per_snapshot_per_rank"] == payload // 2
+
+    # Written by 2 ranks, read in one process: the live profiles of the last checkpoint, bitwise.
+    tracked = [offline_shadow(last, "posthoc", f"p{i}.") for i in range(K)]
+    for i in range(K):
+        assert_equal_states(load_snapshot_profile(root / "step_00000012", i), tracked[i], f"snapshot profile {i}")
+
+    snaps = find_snapshots(out)
+    targets = plan_targets(snaps, SIGMAS, DECAYS, max_fit_error=0.05)
+    assert all(t.refused is None for t in targets), [t.refused for t in targets]
+    rec = reconstruct(snaps, targets)
+    profile_diff = max_diff(rec["sigma_rel_0.1"], tracked[1])
+    decay_diff = max_diff(rec["decay_0.5"], ema)
+    raw_vs_ema = max_diff(raw, ema)
+    print(
+        f"\nZeRO-{stage} max abs diff over tensors: reconstructed sigma_rel 0.1 vs tracked {profile_diff:.3g}, "
+        f"reconstructed decay 0.5 vs ShardedEMA {decay_diff:.3g}, raw vs EMA {raw_vs_ema:.3g}"
+    )
+    assert profile_diff <= 1e-6 and decay_diff <= 1e-5
+    assert raw_vs_ema > 100 * max(profile_diff, decay_diff), "raw and EMA must differ, or the match shows nothing"
+
+    # What a user consumes: `sd-train posthoc` writes diffusers pipelines holding the reconstruction.
+    assert main_posthoc(["--run", str(out), "--sigma-rel", "0.1", "--decay", "0.5"]) == 0
+    for name, state in rec.items():
+        unet = UNet2DConditionModel.from_pretrained(str(out / "posthoc_export" / name), subfolder="unet")
+        assert_equal_states(dict(unet.state_dict()), state, f"exported {name} vs the reconstruction")
+
+
 @pytest.mark.multiproc
 def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
-    from sd_train.parallel.deepspeed import offline_state
-
     # Every step checkpointed, so the EMA can be recomputed from the weights below.
     a, _ = straight_and_resumed(3, tiny_assets, tmp_path, every=1)
     raw = exported(a, "raw")
@@ -143,6 +230,7 @@ def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
     assert (plan["ema/step_start_ema"], plan["ema/pre_window_share"]) == (8, 0.0625)
     # The EMA evaluation (val/loss_ema, swapped into the partitions) is the exported EMA's.
     assert_logged_val_matches_export(a, 12)
+    check_posthoc(3, a)
 
 
 @pytest.mark.multiproc
@@ -167,6 +255,7 @@ def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     assert_equal_states(pieces[0], pieces[1], "replicated EMA on rank 0 vs rank 1")
     assert {n: list(t.shape) for n, t in pieces[0].items()} == {n: list(raw[n].shape) for n in pieces[0]}
     assert_logged_val_matches_export(a, 12)
+    check_posthoc(2, a)
 
 
 @pytest.mark.parametrize(
