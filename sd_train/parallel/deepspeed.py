@@ -32,7 +32,6 @@ import importlib
 import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Optional
 
@@ -42,7 +41,7 @@ import torch.distributed as dist
 from sd_train.config import TrainConfig
 from sd_train.host_sync import read_floats
 from sd_train.parallel.process_group import DistInfo
-from sd_train.parallel.strategy import OptimizerFactory, Strategy
+from sd_train.parallel.strategy import AsyncSave, OptimizerFactory, Strategy
 
 ZERO_DIR = "zero"  # DeepSpeed's checkpoint "tag": the folder inside a step folder
 
@@ -175,7 +174,7 @@ class DeepSpeedStrategy(Strategy):
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[Future]:
+    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
         """Collective: DeepSpeed writes every rank's partitions under `folder/zero/`. Always
         synchronous (config validation refuses checkpoint.async_save with DeepSpeed). Only the
         "ema" shadow: preflight refuses post-hoc EMA profiles with DeepSpeed."""
