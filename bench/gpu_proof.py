@@ -333,6 +333,7 @@ def checkpoint(s: Setup) -> dict[str, Any]:
         s.sync()
         t0 = time.perf_counter()
         ckpt.save(2, force=True)
+        ckpt.wait_staged()  # an async save's copy to CPU, waited for before the next optimizer step
         blocked = time.perf_counter() - t0
         ckpt.wait()
         total = time.perf_counter() - t0

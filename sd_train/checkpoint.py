@@ -12,6 +12,12 @@ so a folder with the final name is complete by construction; a crash leaves only
 folder, which never counts and is cleaned up. We never save into an existing folder (DCP's
 FileSystemWriter would overwrite in place and could mix old and new shards).
 
+Saving is due every `checkpoint.every_steps` steps, at the last step, and (with
+`checkpoint.every_minutes`) once that much wall time has passed on rank 0's clock; the ranks learn
+rank 0's vote (`clock_vote`) in the loop's per-step all-reduce. Each finished save leaves its
+figures for the loop to log (`take_figures`): the time it blocked the loop, its total time and the
+bytes per rank.
+
 Loading goes newest-first: a checkpoint that fails to load (a truncated shard, a missing rank file)
 is reported by file name and the previous one is tried. If checkpoints exist but none loads, the
 run stops: it never silently starts again from step 0.
@@ -22,9 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
@@ -36,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from sd_train.config import CheckpointArgs
 from sd_train.errors import CheckpointLoadError
+from sd_train.parallel.strategy import AsyncSave
 from sd_train.paths import (
     checkpoint_is_complete,
     complete_steps,
@@ -60,6 +67,18 @@ class Loaded:
     folder: Path
     step: int
     saved_world_size: int
+
+
+@dataclass
+class _InFlight:
+    """An async save between `save` and its rename: what the loop has been blocked by so far."""
+
+    step: int
+    save: AsyncSave
+    started: float
+    blocked: float
+    written_at: Optional[float] = None  # set by the writer thread when the files are done
+    staging_waited: bool = False
 
 
 class Checkpointer:
@@ -87,6 +106,7 @@ class Checkpointer:
         rank_states: dict[str, Stateful],
         config: dict,
         extra_shadows: Optional[dict[str, Any]] = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.args = args
         self.strategy = strategy
@@ -101,7 +121,11 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.max_steps = max_steps
-        self._pending: Optional[tuple[int, Future]] = None
+        self._pending: Optional[_InFlight] = None
+        # Seconds, for the time cadence and the save figures; a fake one in the tests.
+        self._clock = clock
+        self._last_save_time = clock()
+        self._figures: list[dict[str, float]] = []
         # Async saves run their collectives on a group of their own, so the background thread
         # never interleaves with the training loop's collectives on the default group.
         self._pg = dist.new_group(backend="gloo") if args.async_save and dist.is_initialized() else None
@@ -114,8 +138,17 @@ class Checkpointer:
 
     # ---- saving ---------------------------------------------------------------------------------
 
-    def should_save(self, step: int, last_step: bool = False) -> bool:
-        return last_step or step % self.args.every_steps == 0
+    def should_save(self, step: int, last_step: bool = False, clock_due: bool = False) -> bool:
+        return last_step or clock_due or step % self.args.every_steps == 0
+
+    def clock_vote(self) -> float:
+        """1.0 on rank 0 once `checkpoint.every_minutes` have passed since the last save began (or
+        the start), else 0.0; always 0.0 on the other ranks, whose clocks do not count. Summed over
+        the ranks (the loop folds it into the step's all-reduce), it is rank 0's decision on every
+        rank, which the loop hands to `save(step, clock_due=...)`."""
+        if self.rank != 0 or self.args.every_minutes <= 0:
+            return 0.0
+        return 1.0 if self._clock() - self._last_save_time >= 60.0 * self.args.every_minutes else 0.0
 
     def _global_state(self, step: int) -> dict[str, Any]:
         state = {name: obj.state_dict() for name, obj in self.global_states.items()}
@@ -123,10 +156,11 @@ class Checkpointer:
         state.update({name: shadow.meta_state_dict() for name, shadow in self.extra_shadows.items()})
         return {**state, "step": step, "world_size": self.world_size, "format": self.strategy.checkpoint_format}
 
-    def save(self, step: int, force: bool = False) -> bool:
-        """Save if the cadence says so (or `force`). Collective: every rank calls it every step."""
+    def save(self, step: int, force: bool = False, clock_due: bool = False) -> bool:
+        """Save if the cadence says so (or `force`, or `clock_due`: the agreed `clock_vote`).
+        Collective: every rank calls it every step, with the same arguments."""
         self.poll()
-        if not (force or self.should_save(step, last_step=step == self.max_steps)):
+        if not (force or self.should_save(step, last_step=step == self.max_steps, clock_due=clock_due)):
             return False
         if step == self._last_saved_step:
             # Already saved at this step (a preemption save right after a cadence save). Decided from
@@ -134,6 +168,7 @@ class Checkpointer:
             # rank looks, and ranks that disagree here would deadlock in the save's collectives.
             return False
         self.wait()  # one save in flight at a time
+        started = self._last_save_time = self._clock()
         self._last_saved_step = step
         tmp = partial_dir(self.root, step)
         if self.rank == 0:
@@ -148,13 +183,17 @@ class Checkpointer:
         self.fault_hook("after_rank_files", step)
         pending = self.strategy.save(tmp, self.shadows(), process_group=self._pg)
         if pending is not None:
-            self._pending = (step, pending)
+            flight = _InFlight(step, pending, started, blocked=self._clock() - started)
+            pending.written.add_done_callback(lambda _: setattr(flight, "written_at", self._clock()))
+            self._pending = flight
             self.fault_hook("during_async_save", step)
             return True
         self.fault_hook("after_shards", step)
         if not self.strategy.writes_completion_marker:
             dist.barrier()  # every rank's files are on disk before rank 0 renames the folder
-        self._finalize(step)
+        size = self._finalize(step)
+        elapsed = self._clock() - started
+        self._figures.append(_figures(step, blocked=elapsed, total=elapsed, size=size))
         return True
 
     def shadows(self) -> dict[str, Any]:
@@ -163,23 +202,57 @@ class Checkpointer:
 
     def poll(self) -> None:
         """Finish an async save whose background write is done (cheap; called every step)."""
-        if self._pending is not None and self._pending[1].done():
+        if self._pending is not None and self._pending.save.written.done():
             self.wait()
 
-    def wait(self) -> None:
-        """Block until the in-flight async save (if any) is written, then finalize it."""
-        if self._pending is None:
+    def wait_staged(self) -> None:
+        """Block until the in-flight async save has copied the tensors off the live state. The
+        loop calls it before every optimizer step, the first thing that changes them; the time
+        spent here counts as the save's blocked time. The write itself is never waited for here."""
+        flight = self._pending
+        if flight is None or flight.staging_waited:
             return
-        step, fut = self._pending
-        self._pending = None
-        fut.result()
-        self._finalize(step)
+        t = self._clock()
+        flight.save.staged.result()
+        flight.blocked += self._clock() - t
+        flight.staging_waited = True
 
-    def _finalize(self, step: int) -> None:
-        """Rank 0 renames the partial folder once it is complete (DCP's coordinator writes
-        `.metadata` only after every rank reported its shards written), then applies retention."""
-        if self.rank != 0:
+    def wait(self) -> None:
+        """Block until the in-flight async save (if any) is written, then finalize it. The loop
+        is blocked meanwhile, so the wait counts as the save's blocked time."""
+        flight = self._pending
+        if flight is None:
             return
+        self._pending = None
+        t = self._clock()
+        flight.save.written.result()
+        flight.blocked += self._clock() - t
+        size = self._finalize(flight.step)
+        written_at = flight.written_at if flight.written_at is not None else self._clock()
+        self._figures.append(_figures(flight.step, flight.blocked, written_at - flight.started, size))
+
+    def take_figures(self) -> list[dict[str, float]]:
+        """The figures of the saves finished since the last call, for the loop to log: the
+        saved step, `checkpoint/blocked_s` (the time the loop waited: the whole save when
+        synchronous; when async, the call itself plus the wait for staging before the next
+        optimizer step, plus any wait for the write), `checkpoint/save_s` (from the start to the
+        files being written) and, on rank 0, `checkpoint/bytes_per_rank` (the largest of any
+        rank's files in the step folder, read from the file system after the rename). Times are
+        this rank's; the loop logs rank 0's."""
+        figures, self._figures = self._figures, []
+        return figures
+
+    def close(self) -> None:
+        """Finish the in-flight save and release the staging buffers (end of the run)."""
+        self.wait()
+        self.strategy.close()
+
+    def _finalize(self, step: int) -> Optional[int]:
+        """Rank 0 renames the partial folder once it is complete (DCP's coordinator writes
+        `.metadata` only after every rank reported its shards written), then applies retention.
+        Returns the bytes of the largest rank's files there (rank 0; None on the others)."""
+        if self.rank != 0:
+            return None
         tmp = partial_dir(self.root, step)
         if not checkpoint_is_complete(tmp):
             raise RuntimeError(f"checkpoint at step {step}: {tmp} has no .metadata (or zero/) after save; not renaming")
@@ -190,8 +263,10 @@ class Checkpointer:
             os.replace(final, final.with_name(f"{final.name}.broken-{int(time.time())}"))
         os.replace(tmp, final)
         log.info("checkpoint saved: %s", final)
+        size = max(rank_bytes(final).values(), default=0)
         self.fault_hook("before_retention", step)
         self.apply_retention()
+        return size
 
     def apply_retention(self) -> None:
         """Keep the newest `keep_last_k` complete checkpoints; drop stale partial folders older than
@@ -203,7 +278,7 @@ class Checkpointer:
         if self.args.keep_last_k >= 2:
             for s in steps[: -self.args.keep_last_k]:
                 shutil.rmtree(step_dir(self.root, s), ignore_errors=True)
-        in_flight = self._pending[0] if self._pending is not None else None
+        in_flight = self._pending.step if self._pending is not None else None
         for entry in self.root.iterdir():
             s = partial_step(entry.name)
             if s is not None and s <= newest and s != in_flight:
@@ -342,6 +417,28 @@ class Checkpointer:
 
 class _LoadFailed(Exception):
     pass
+
+
+def _figures(step: int, blocked: float, total: float, size: Optional[int]) -> dict[str, float]:
+    figures = {"checkpoint/step": step, "checkpoint/blocked_s": blocked, "checkpoint/save_s": total}
+    return figures if size is None else {**figures, "checkpoint/bytes_per_rank": size}
+
+
+# Whose file a file of a step folder is: DCP's `__R_0.distcp`, our `rank_R.pt`, DeepSpeed's
+# `zero_pp_rank_R_...` and `ema_rank_R.pt` (the first `rank_N` in the name). The rest
+# (trainer_state.json, .metadata, DeepSpeed's model states) is written by rank 0.
+_RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$|(?:^|_)rank_(\d+)")
+
+
+def rank_bytes(folder: Path) -> dict[int, int]:
+    """Bytes of the files of `folder` (recursively) by the rank that wrote them."""
+    sizes: dict[int, int] = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            match = _RANK_FILE.search(path.name)
+            rank = int(next(g for g in match.groups() if g is not None)) if match else 0
+            sizes[rank] = sizes.get(rank, 0) + path.stat().st_size
+    return sizes
 
 
 def _check_files(folder: Path) -> Optional[str]:

@@ -168,14 +168,19 @@ class Evaluator:
     def run(self, step: int, model: torch.nn.Module) -> dict:
         """Every variant's held-out loss (returned) and sample grid (written and logged)."""
         out: dict = {}
+        grids: list[tuple[str, np.ndarray]] = []
         variants = [("raw", None)] + ([("ema", self.ema)] if self.ema.is_open else [])
         for name, ema in variants:
             with ema.swapped_in() if ema is not None else contextlib.nullcontext():
                 if self.validator is not None:
                     out[f"val/loss_{name}"] = self.validator.loss(model)
                 if self.sampler is not None:
-                    images = self.sampler.sample(model)
-                    if self.is_main:
-                        path = save_grid(images, self.out / "samples" / f"step_{step:08d}_{name}.png")
-                        self.metrics.log_image(step, f"samples/{name}", str(path))
+                    grids.append((name, self.sampler.sample(model)))
+        # The grids are written once every variant's forwards (collectives under FSDP2) are done:
+        # written between the raw grid and the EMA loss, a slow disk on the main process held every
+        # other rank inside the EMA forward's all-gather, against the collective timeout.
+        if self.is_main:
+            for name, images in grids:
+                path = save_grid(images, self.out / "samples" / f"step_{step:08d}_{name}.png")
+                self.metrics.log_image(step, f"samples/{name}", str(path))
         return out

@@ -117,6 +117,11 @@ def check_shard_group(cfg: TrainConfig, world_size: int, environ: Mapping[str, s
                 f"dist.shard_group_size={d.shard_group_size} applies to dist.strategy=fsdp2 only (now {d.strategy}): "
                 "remove it"
             )
+        if not isinstance(d.reshard_after_forward, bool):
+            raise ConfigError(
+                f"dist.reshard_after_forward={d.reshard_after_forward} (a group size) applies to dist.strategy=fsdp2 "
+                f"only (now {d.strategy}): remove it"
+            )
         return
     shard = shard_group_size(d.shard_group_size, read_launch_env(environ))
     if shard > world_size or world_size % shard:
@@ -124,6 +129,15 @@ def check_shard_group(cfg: TrainConfig, world_size: int, environ: Mapping[str, s
             f"dist.shard_group_size={shard} must divide the world size {world_size} (the mesh is replicas x shard "
             f"group): set it to the ranks per node, to {world_size} for FSDP over every rank, or to a divisor of "
             f"{world_size}"
+        )
+    n = d.reshard_after_forward
+    if not isinstance(n, bool) and (n >= shard or shard % n):
+        divisors = [k for k in range(2, shard) if shard % k == 0]
+        raise ConfigError(
+            f"dist.reshard_after_forward={n} must divide the shard group size {shard} and be smaller than it "
+            f"(FSDP2 reshards each block over groups of that many ranks after forward): "
+            + (f"use one of {divisors}, " if divisors else "")
+            + "or true (reshard over all of the shard group) or false (keep the gathered params)"
         )
 
 

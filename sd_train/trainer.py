@@ -88,10 +88,11 @@ class Preemption:
     save a complete checkpoint and exit 0. The handler itself does nothing else: no I/O in a signal
     handler, and no rank may leave a collective half-done.
 
-    The per-step agreement costs no host sync of its own: `flag` is summed over ranks on the
-    device and read together with the grad norm (Strategy.step). Steps that log, evaluate or save
-    already read values on the host and ask `agreed` once more after those, so a signal that
-    arrives while a checkpoint is written stops the run at that step."""
+    The per-step agreement costs no host sync of its own: `vote` is summed over ranks on the
+    device (in the loop's one per-step all-reduce) and read together with the grad norm
+    (Strategy.step). Steps that log, evaluate or save already read values on the host and ask
+    `agreed` once more after those, so a signal that arrives while a checkpoint is written stops
+    the run at that step."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -104,9 +105,9 @@ class Preemption:
         (flag,) = all_reduce_sum([1.0 if self.requested else 0.0], device)
         return flag > 0
 
-    def flag(self, device: torch.device) -> torch.Tensor:
-        """The number of ranks that were signalled, as a device tensor (all-reduced, not read)."""
-        return reduce_tensor_(torch.full((1,), 1.0 if self.requested else 0.0, device=device))
+    def vote(self) -> float:
+        """This rank's vote to stop: summed over ranks, the number of ranks that were signalled."""
+        return 1.0 if self.requested else 0.0
 
 
 class DataPosition:
@@ -301,7 +302,8 @@ class Trainer:
                 self.strategy.backward(loss, last)
                 local_loss += loss.detach().double()
         with window.phase("optimizer"):
-            finite, grad_norm, (signalled,) = self.strategy.step([self.preemption.flag(self.info.device)])
+            self.checkpointer.wait_staged()  # an async save's copy must be done before the weights change
+            finite, grad_norm, (signalled, clock_due) = self.strategy.step([self._votes()])
         if finite:
             self.lr_schedule.step()
             self.state.step = step
@@ -320,7 +322,18 @@ class Trainer:
             "data_wait": data_wait,
             "finite": finite,
             "preempt": signalled > 0,
+            "clock_due": clock_due > 0,
         }
+
+    def _votes(self) -> torch.Tensor:
+        """The per-step agreements in one all-reduce, read with the grad norm (no host sync of
+        their own): the ranks signalled to stop (Preemption), and rank 0's vote that
+        `checkpoint.every_minutes` have passed (the other ranks vote 0). Filled on the device, with
+        no host-to-device copy that could wait for the queue."""
+        votes = torch.zeros(2, device=self.info.device)
+        votes[0].fill_(self.preemption.vote())
+        votes[1].fill_(self.checkpointer.clock_vote())
+        return reduce_tensor_(votes)
 
     def _skip(self, step: int, local_loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -421,19 +434,27 @@ class Trainer:
                     self.metrics.log(step, self.evaluator.run(step, self.model))
                 if self.posthoc is not None:
                     self.posthoc.maybe_snapshot(self.out / POSTHOC_DIR, step, self.info.rank)
-                saved = self.checkpointer.save(step)
+                saved = self.checkpointer.save(step, clock_due=result["clock_due"])
+                self._log_saves(step)
             if not (logged or evaluated or saved):
                 self.window.count_host_syncs(HOST_SYNCS.count - syncs_before)
             if result["preempt"] or ((logged or evaluated or saved) and self.preemption.agreed(self.info.device)):
                 self.checkpointer.save(step, force=True)
                 self.checkpointer.wait()
+                self._log_saves(step)
                 if self.info.is_main:
                     print(f"preempted (SIGTERM): saved a complete checkpoint at step {step}; exiting 0", flush=True)
                 return 0
         self.bar.close()
         self.checkpointer.wait()
+        self._log_saves(self.state.step)
         self.finish()
         return 0
+
+    def _log_saves(self, step: int) -> None:
+        """The figures of each save finished by now (rank 0's times; only the main process logs)."""
+        for figures in self.checkpointer.take_figures():
+            self.metrics.log(step, figures)
 
     def finish(self) -> None:
         health = self.data_health()
@@ -454,6 +475,7 @@ class Trainer:
                 print("exported:", ", ".join(str(p) for p in paths), flush=True)
 
     def close(self) -> None:
+        self.checkpointer.close()
         self.metrics.close()
         destroy()
 

@@ -34,7 +34,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], path)
+        for tp_ in inner:  # `bool | int`: the first member the value is, in declared order
+            try:
+                return _coerce(value, tp_, path)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ConfigError(f"{path} must be {names}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}={value!r} is not one of {list(args)}: set {path} to one of them")

@@ -278,12 +278,19 @@ class EMAArgs:
 class CheckpointArgs:
     every_steps: int = 500
     """Save a checkpoint every this many optimizer steps (and always at the last step)."""
+    every_minutes: float = 0.0
+    """Also save once this many minutes of wall time have passed since the last save (or the
+    start), beside `every_steps`; 0 turns the time cadence off. Rank 0's clock decides, and the
+    ranks learn its decision in the step's existing all-reduce (no extra collective or host read),
+    so the save lands at the end of the step during which the time ran out."""
     keep_last_k: int = 3
     """Keep this many newest complete checkpoints; 0 keeps all. Must be >= 2 otherwise: the
     newest may be mid-save when retention runs, so the one before it must survive."""
     async_save: bool = False
-    """Write checkpoint shards in a background thread (torch.distributed.checkpoint.async_save);
-    the loop blocks only for the copy to CPU."""
+    """Write checkpoint shards in a background thread (torch.distributed.checkpoint.async_save).
+    The copy to CPU ("staging") also runs in the background, into buffers kept for the whole run
+    (pinned on CUDA); the loop waits for it only before the next optimizer step would change the
+    weights, and never for the write. `checkpoint/blocked_s` in the metrics is that wait."""
     resume: str = "auto"
     """`auto`: newest complete checkpoint in `<output_dir>/checkpoints` if any, else start fresh.
     `none`: start fresh (refuses if checkpoints exist, so nothing is overwritten by accident).
@@ -299,6 +306,8 @@ class CheckpointArgs:
     def validate(self) -> None:
         """Field values only; sd_train.preflight checks the `resume`, `load_step` and `init_from` folders."""
         _positive("checkpoint.every_steps", self.every_steps)
+        if self.every_minutes < 0:
+            raise ConfigError(f"checkpoint.every_minutes={self.every_minutes} must be >= 0 (0 turns it off)")
         if self.keep_last_k == 1 or self.keep_last_k < 0:
             raise ConfigError(
                 f"checkpoint.keep_last_k={self.keep_last_k}: must be 0 (keep all) or >= 2, because the newest "
@@ -326,9 +335,13 @@ class DistArgs:
     bf16, else fp32. With bf16 here the step runs without autocast (see `mixed_precision`)."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """FSDP2 mixed precision: dtype of gradient reduce-scatter."""
-    reshard_after_forward: bool = True
-    """FSDP2: free gathered params after forward (ZeRO-3 like) rather than keep them to
-    backward (ZeRO-2 like: more memory, one all-gather fewer)."""
+    reshard_after_forward: bool | int = True
+    """FSDP2: what a block keeps of its gathered params from forward to backward. `true`: nothing,
+    it is gathered again over the whole shard group in backward (ZeRO-3 like). `false`: all of it
+    (ZeRO-2 like: more memory, one all-gather fewer). An integer N: a copy resharded over groups of
+    N ranks, so the backward all-gather runs inside N ranks (e.g. the GPUs of one node, when
+    `dist.shard_group_size` spans nodes), for 1/N of the params per rank. N must divide the shard
+    group size and lie strictly between 1 and it. The root module always keeps its params."""
     fsdp_units: Literal["blocks", "layers"] = "blocks"
     """FSDP2: what one all-gather fetches. `blocks`: each of the UNet's down/mid/up blocks (9 for
     SD2, 10.9M-260.3M params). `layers`: each resnet and transformer block too (~40 units): a
@@ -363,6 +376,12 @@ class DistArgs:
             _positive("dist.shard_group_size", self.shard_group_size)
         if self.prefetch < 0:
             raise ConfigError(f"dist.prefetch={self.prefetch} must be >= 0 (0: FSDP2's implicit prefetching)")
+        if not isinstance(self.reshard_after_forward, bool) and self.reshard_after_forward < 2:
+            raise ConfigError(
+                f"dist.reshard_after_forward={self.reshard_after_forward}: an integer must be a group size of at "
+                "least 2 that divides dist.shard_group_size; write false to keep the gathered params, true to "
+                "reshard over the whole shard group"
+            )
         for name in ("zero_reduce_bucket_size", "zero_allgather_bucket_size", "zero_prefetch_bucket_size"):
             if getattr(self, name) is not None:
                 _positive(f"dist.{name}", getattr(self, name))

@@ -37,7 +37,6 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Optional
 
@@ -49,7 +48,7 @@ from torch.distributed.tensor import DTensor, Shard
 from sd_train.config import TrainConfig
 from sd_train.host_sync import read_floats
 from sd_train.parallel.process_group import DistInfo
-from sd_train.parallel.strategy import OptimizerFactory, Strategy
+from sd_train.parallel.strategy import AsyncSave, OptimizerFactory, Strategy
 
 ZERO_DIR = "zero"  # DeepSpeed's checkpoint "tag": the folder inside a step folder
 
@@ -187,7 +186,7 @@ class DeepSpeedStrategy(Strategy):
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[Future]:
+    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
         """Collective: DeepSpeed writes every rank's partitions under `folder/zero/`, then each rank
         its pieces of every shadow (`shadow_file`). Always synchronous (config validation refuses
         checkpoint.async_save with DeepSpeed)."""

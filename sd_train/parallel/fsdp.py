@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sd_train.config import DistArgs, PerfArgs
 from sd_train.host_sync import read_floats
 from sd_train.parallel.process_group import DistInfo
-from sd_train.parallel.strategy import OptimizerFactory, Strategy
+from sd_train.parallel.strategy import AsyncSave, OptimizerFactory, Strategy
 from sd_train.perf import compile_module
 
 # `auto` is resolved by sd_train.preflight for a run; a bare DistArgs (benches, tests) means fp32.
@@ -123,6 +123,7 @@ class FSDPStrategy(Strategy):
         self.max_grad_norm = max_grad_norm
         self.units = units  # the model's FSDP units (blocks), in forward order
         self.layers = layers  # the finer units inside one of them (dist.fsdp_units=layers)
+        self._stager: Optional[DefaultStager] = None  # async saves: one for the run, see _async_stager
 
     def wrap(self, unet: torch.nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.model = self.wrap_model(unet)
@@ -202,12 +203,41 @@ class FSDPStrategy(Strategy):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd, **{k: s.tensor_state_dict() for k, s in shadows.items()}}
 
-    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[Future]:
+    def _async_stager(self) -> DefaultStager:
+        """The stager of every async save of the run. It keeps one CPU buffer per tensor storage it
+        has copied (keyed by the live storage), so from the second save on staging is a copy into
+        buffers that already exist: pinned on CUDA, written from a side stream without blocking
+        the compute stream. Pinned memory and non-blocking copies need CUDA; on CPU the buffers are
+        ordinary (pageable) memory, still kept for the run. Staging runs in a background thread
+        either way; the loop waits for it only before the next optimizer step (the Checkpointer)."""
+        if self._stager is None:
+            cuda = self.info.device.type == "cuda"
+            options = StagingOptions(
+                use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda
+            )
+            self._stager = DefaultStager(options)
+            if self.info.rank == 0:
+                kind = "pinned" if cuda else "pageable (CPU run: pinned memory needs CUDA)"
+                print(f"async checkpoints: staging in the background into {kind} CPU buffers kept for the run")
+        return self._stager
+
+    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
         state = self._tensor_state(shadows)
-        if process_group is not None:
-            return dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group)
-        dcp.save(state, checkpoint_id=str(folder))
-        return None
+        if process_group is None:
+            dcp.save(state, checkpoint_id=str(folder))
+            return None
+        stager = self._async_stager()
+        if self.info.device.type == "cuda":
+            # The staging copies run on their own stream, which does not wait for this one: let the
+            # optimizer and EMA kernels still queued here finish first (a saving step may sync).
+            torch.cuda.current_stream(self.info.device).synchronize()
+        response = dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group, async_stager=stager)
+        return AsyncSave(staged=response.staging_completion, written=response.upload_completion)
+
+    def close(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def load(self, folder: Path, shadows: dict) -> None:
         state = self._tensor_state(shadows)

@@ -18,12 +18,22 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+
+
+@dataclass
+class AsyncSave:
+    """A background save: `staged` is done once the tensors are copied off the live state (the
+    next optimizer step may change the weights from then on), `written` once the files are."""
+
+    staged: Future
+    written: Future
 
 
 class Strategy(abc.ABC):
@@ -78,11 +88,14 @@ class Strategy(abc.ABC):
     # ---- checkpoints --------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[Future]:
+    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
         """Write this rank's model, optimizer and shadow tensors into `folder` (collective).
         `shadows` maps a checkpoint key to a ShardedEMA-like object: "ema" always, "posthoc" when
-        post-hoc EMA is on. With a `process_group` (async saves), return the future of a
-        background write."""
+        post-hoc EMA is on. With a `process_group` (async saves), stage and write in the
+        background and return the futures of both."""
+
+    def close(self) -> None:  # noqa: B027 (only strategies that keep save buffers hold anything)
+        """Release what saving keeps for the whole run (the async staging buffers)."""
 
     def missing_files(self, folder: Path) -> Optional[str]:
         """What this rank would read from `folder` and cannot find, checked before any collective."""

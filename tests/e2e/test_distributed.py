@@ -80,3 +80,19 @@ def test_finer_fsdp_units_and_prefetch_give_the_same_training(tmp_path):
         assert prefetch["losses"] == layers["losses"] and prefetch["weights"] == layers["weights"]
         assert max(abs(a - b) / abs(b) for a, b in zip(layers["losses"], blocks["losses"])) < 1e-6
         assert max(abs(a - b) for a, b in zip(layers["weights"], blocks["weights"])) < 1e-6
+
+
+def test_integer_reshard_after_forward_holds_a_smaller_shard_and_trains_the_same(tmp_path):
+    """dist.reshard_after_forward=2 on 4 ranks (the smallest world with an integer choice): between
+    forward and backward a block holds half of each weight (true: a quarter, false: all of it), and
+    the per-step losses and final weights equal the true and false runs' bitwise (resharding moves
+    bytes, it does no arithmetic). Params are DTensors sharded Shard(0) over the 4 ranks."""
+    out = tmp_path / "report"
+    run(torchrun_cmd(4, str(REPO / "tests/e2e/dist/reshard_after_forward.py"), str(out)), timeout=300)
+    for r in range(4):
+        rep = json.loads((tmp_path / f"report.rank{r}.json").read_text())
+        assert rep["world_size"] == 4
+        assert all(rep[k]["shard0"] for k in ("true", "false", "2"))
+        assert [rep[k]["held_after_forward"][0] for k in ("true", "2", "false")] == [0.25, 0.5, 1.0]
+        assert rep["2"]["losses"] == rep["true"]["losses"] == rep["false"]["losses"]
+        assert rep["2"]["weights"] == rep["true"]["weights"] == rep["false"]["weights"]

@@ -136,6 +136,39 @@ def test_evaluation_leaves_training_unchanged_and_a_slow_export_write_survives(t
 
 
 @pytest.mark.multiproc
+def test_async_saves_on_a_time_cadence_equal_the_reference_and_log_their_figures(tiny_assets, straight_run, tmp_path):
+    """checkpoint.async_save with checkpoint.every_minutes so short that every step saves (rank 0's
+    clock decides, the ranks agree in the step's all-reduce): each of steps 4, 8, 12, 16 holds
+    exactly the reference run's synchronous checkpoint, though the weights moved on while it was
+    written. Every save logs its figures once; bytes per rank is the largest rank's files."""
+    out = tmp_path / "async"
+    proc = run(
+        train_cmd(2, out, tiny_assets, "checkpoint.async_save=true", "checkpoint.every_minutes=0.000001",
+                  "eval.every_steps=0", "export_at_end=false"),
+        timeout=300,
+    )  # fmt: skip
+    assert "staging in the background into pageable (CPU run: pinned memory needs CUDA) CPU buffers" in proc.stdout
+    root = out / "checkpoints"
+    assert sorted(int(p.name[5:]) for p in root.glob("step_*") if p.is_dir()) == list(range(1, 17))
+    for s in (4, 8, 12, 16):  # the EMA window opens at step 10: model and optimizer only before it
+        want, got = full_state(straight_run / "checkpoints" / f"step_{s:08d}"), full_state(root / f"step_{s:08d}")
+        if s > 10:
+            assert_states_equal(want, got)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), s
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    saves = [r for r in rows if "checkpoint/step" in r]
+    assert [r["checkpoint/step"] for r in saves] == list(range(1, 17))
+    assert all(r["checkpoint/blocked_s"] >= 0 and r["checkpoint/save_s"] > 0 for r in saves)
+    folder = root / "step_00000016"
+
+    def size(*names: str) -> int:
+        return sum((folder / n).stat().st_size for n in names)
+
+    per_rank = [size("__0_0.distcp", "rank_0.pt", ".metadata", "trainer_state.json"), size("__1_0.distcp", "rank_1.pt")]
+    assert saves[-1]["checkpoint/bytes_per_rank"] == max(per_rank)
+
+
+@pytest.mark.multiproc
 def test_hsdp_run_resumes_exactly(tiny_assets, tmp_path):
     """A 2-rank HSDP run (dist.shard_group_size=1: replicate 2 x shard 1) says so in topology.json,
     and a relaunch from its step-8 checkpoint ends with every checkpoint tensor equal."""

@@ -70,6 +70,14 @@ BAD = [
     (["dist.strategy=deepspeed", "dist.param_dtype=bf16"], "are FSDP2 settings; under DeepSpeed"),
     (["max_steps=ten"], "max_steps must be an integer"),
     (["eval.val_timesteps=[5, 1000]"], r"eval.val_timesteps=\[5, 1000\] must lie in \[0, 1000\)"),
+    (["checkpoint.every_minutes=-1"], r"checkpoint.every_minutes=-1.0 must be >= 0"),
+    (["dist.reshard_after_forward=1.5"], "dist.reshard_after_forward must be bool or int, got 1.5"),
+    (["dist.reshard_after_forward=1"], "dist.reshard_after_forward=1: an integer must be a group size of at least 2"),
+    (["dist.reshard_after_forward=2"], "dist.reshard_after_forward=2 must divide the shard group size 1"),
+    (
+        ["dist.strategy=ddp", "dist.reshard_after_forward=2"],
+        r"dist.reshard_after_forward=2 \(a group size\) applies to dist.strategy=fsdp2 only",
+    ),
 ]
 
 

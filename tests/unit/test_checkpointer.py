@@ -5,6 +5,7 @@ restores everything registered. Tensors are compared with torch.equal."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ class Counter:
 class Run:
     """Everything a Checkpointer is handed: strategy (module + SGD), EMA, global and rank states."""
 
-    def __init__(self, info, out, hidden: int = 5, **ckpt):
+    def __init__(self, info, out, hidden: int = 5, clock=time.monotonic, **ckpt):
         torch.manual_seed(0)
         module = torch.nn.Sequential(torch.nn.Linear(6, hidden), torch.nn.Linear(hidden, 3))
         self.strategy = FSDPStrategy(DistArgs(strategy="fsdp2"), info, 0.0, lambda m: [m[0]])
@@ -45,7 +46,7 @@ class Run:
             self.strategy.ema_layout(),
         )
         self.train, self.data = Counter(), Counter()
-        args = CheckpointArgs(every_steps=1, **ckpt)
+        args = CheckpointArgs(**{"every_steps": 1, **ckpt})
         self.ckpt = Checkpointer(
             args,
             str(out),
@@ -57,17 +58,19 @@ class Run:
             {"train": self.train},
             {"data": self.data},
             config={"note": "test"},
+            clock=clock,
         )
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, clock_due: bool = False) -> bool:
         x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
         self.strategy.model(x).square().mean().backward()
+        self.ckpt.wait_staged()  # as the loop does: an async save's copy is done before the weights change
         self.strategy.step()
         self.strategy.optimizer.zero_grad()
         self.ema.update(step)
         self.train.value, self.data.value = step, 100 + step
         self.data.history.append(step)
-        self.ckpt.save(step)
+        return self.ckpt.save(step, clock_due=clock_due)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {n: p.full_tensor().clone() for n, p in self.strategy.module.named_parameters()}
@@ -153,3 +156,68 @@ def test_init_from_takes_weights_and_optimizer_only_and_refuses_other_shapes(inf
         CheckpointLoadError, match=r"3 UNet tensors do not match.*0.weight: here \(4, 6\), saved \(5, 6\)"
     ):
         Run(info, tmp_path / "c", hidden=4, keep_last_k=0).ckpt.init_from(step_dir(tmp_path / "a" / "checkpoints", 4))
+
+
+def test_every_minutes_follows_rank_0s_clock_beside_every_steps(info, tmp_path):
+    """A fake clock, 25 s per step, checkpoint.every_minutes=1 and every_steps=4: a save once 60 s
+    have passed since the last one began (steps 3 and 7), besides steps 4 and 8 and the last (10).
+    Only rank 0 votes. Each save's figures: blocked and total time (the clock moves 2 s inside a
+    synchronous save: blocked for all of it) and the bytes of the one rank's files."""
+    now = [0.0]
+    run = Run(info, tmp_path, clock=lambda: now[0], every_steps=4, every_minutes=1.0, keep_last_k=0)
+
+    def slow_write(phase: str, step: int) -> None:
+        if phase == "after_shards":
+            now[0] += 2.0
+
+    run.ckpt.fault_hook = slow_write
+    saved = []
+    for step in range(1, 11):
+        now[0] += 25.0
+        vote = run.ckpt.clock_vote()
+        if run.step(step, clock_due=vote > 0):
+            saved.append(step)
+    assert saved == [3, 4, 7, 8, 10]
+    figures = run.ckpt.take_figures()
+    assert [f["checkpoint/step"] for f in figures] == saved and run.ckpt.take_figures() == []
+    assert all(f["checkpoint/blocked_s"] == f["checkpoint/save_s"] == 2.0 for f in figures)
+    for f in figures:
+        folder = step_dir(tmp_path / "checkpoints", f["checkpoint/step"])
+        assert f["checkpoint/bytes_per_rank"] == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    now[0] += 3600.0
+    run.ckpt.rank = 1
+    assert run.ckpt.clock_vote() == 0.0, "other ranks' clocks never vote"
+    run.ckpt.rank = 0
+    assert run.ckpt.clock_vote() == 1.0
+    off = Run(info, tmp_path / "off", clock=lambda: now[0], every_minutes=0.0)
+    now[0] += 3600.0
+    assert off.ckpt.clock_vote() == 0.0, "every_minutes=0 is off"
+
+
+def test_async_save_stages_into_buffers_kept_for_the_run_and_writes_the_saved_step(info, tmp_path):
+    """checkpoint.async_save: the loop waits for staging before the next optimizer step, not for the
+    write; every checkpoint, reloaded, equals the live weights, EMA and momentum of its step bitwise
+    although the weights moved on while it was written; the second save copies into the CPU
+    buffers the first one made (the stager keeps one per live storage)."""
+    a = Run(info, tmp_path, keep_last_k=0, async_save=True)
+    live, buffers = {}, []
+    for s in range(1, 5):
+        a.step(s)
+        live[s] = (a.weights(), a.ema_weights())
+        if s in (2, 3):
+            a.ckpt.wait_staged()
+            # The stager's cache (torch internals): live storage -> its CPU buffer.
+            cache = a.strategy._stager._state_dict_stager._cached_storage_mapping
+            buffers.append(sorted(buf.data_ptr() for _, buf in cache.items()))
+    a.ckpt.wait()
+    assert buffers[0] and buffers[0] == buffers[1], "the second save reused the first one's buffers"
+    figures = a.ckpt.take_figures()
+    assert [f["checkpoint/step"] for f in figures] == [1, 2, 3, 4]
+    assert all(0 <= f["checkpoint/blocked_s"] and 0 < f["checkpoint/save_s"] for f in figures)
+    for s in range(1, 5):
+        b = Run(info, tmp_path, keep_last_k=0, load_step=s)
+        assert b.ckpt.load().step == s
+        weights, ema = live[s]
+        assert all(torch.equal(weights[n], t) for n, t in b.weights().items()), s
+        assert all(torch.equal(ema[n], t) for n, t in b.ema_weights().items()), s
+    a.ckpt.close()

@@ -16,7 +16,7 @@ from sd_train.config import (
     parse_overrides,
 )
 from sd_train.paths import step_dir
-from sd_train.preflight import preflight
+from sd_train.preflight import check_shard_group, preflight
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,6 +128,25 @@ def test_preflight_checks_the_machine(machine):
         preflight(load_config(None, [*machine, "data.num_workers=3"]), 4, environ={})
     with pytest.raises(ConfigError, match="lacks"):
         preflight(load_config(None, [*machine, f"model.pretrained_path={REPO / 'tests'}"]), 1, environ={})
+
+
+def test_reshard_after_forward_takes_a_group_size_that_divides_the_shard_group(machine):
+    """true, false, or a group size strictly between 1 and the shard group size that divides it:
+    checked against the launcher's ranks per node (the default shard group) before any process group."""
+    node8 = {"RANK": "0", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}
+
+    def check(*overrides: str):
+        cfg = load_config(None, [*machine, "dist.strategy=fsdp2", *overrides])
+        check_shard_group(cfg, 16, node8)
+        return cfg.dist.reshard_after_forward
+
+    assert [check(f"dist.reshard_after_forward={v}") for v in ("true", "false", "4", "2")] == [True, False, 4, 2]
+    assert type(check("dist.reshard_after_forward=true")) is bool and type(check("dist.reshard_after_forward=2")) is int
+    for value in ("3", "8", "16"):
+        match = rf"dist.reshard_after_forward={value} must divide the shard group size 8.*use one of \[2, 4\]"
+        with pytest.raises(ConfigError, match=match):
+            check(f"dist.reshard_after_forward={value}")
+    assert check("dist.shard_group_size=16", "dist.reshard_after_forward=8") == 8
 
 
 def test_preflight_does_not_import_torch(machine):
