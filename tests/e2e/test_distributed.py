@@ -61,38 +61,28 @@ def test_hsdp_ema_follows_the_shard_dimension_and_reshards(tmp_path):
     assert reports[0]["one_process_raw_equal"] and reports[0]["one_process_ema_equal"]
 
 
-def test_finer_fsdp_units_and_prefetch_give_the_same_training(tmp_path):
-    """dist.fsdp_units=layers (each resnet and transformer block its own unit) gives the losses and
-    weights of the per-block default to float32 rounding (measured: 2.3e-7 relative on the third
-    loss, 1.2e-7 on weights of magnitude 1: the gathered parameters sit in other buffers at other
-    offsets, and the CPU kernels round the last bit differently), and explicit prefetch changes no
-    bit at all. World 2, Shard(0)."""
+def test_fsdp_wrappings_hold_what_they_say_and_train_the_same(tmp_path):
+    """World 4 (the smallest with an integer reshard_after_forward), params DTensors Shard(0).
+    dist.reshard_after_forward=2: between forward and backward a block holds half of each weight
+    (true: a quarter, false: all of it), and the per-step losses and final weights equal the true and
+    false runs' bitwise (resharding moves bytes, it does no arithmetic). dist.fsdp_units=layers (each
+    resnet and transformer block its own unit) gives the losses and weights of the per-block default
+    to float32 rounding (measured at world 2: 2.3e-7 relative on the third loss, 1.2e-7 on weights of
+    magnitude 1: the gathered parameters sit in other buffers at other offsets, and the CPU kernels
+    round the last bit differently), and explicit prefetch changes no bit at all."""
     out = tmp_path / "report"
-    run(torchrun_cmd(2, str(REPO / "tests/e2e/dist/fsdp_units.py"), str(out)), timeout=180)
-    for r in (0, 1):
+    run(torchrun_cmd(4, str(REPO / "tests/e2e/dist/fsdp_wrappings.py"), str(out)), timeout=300)
+    for r in range(4):
         rep = json.loads((tmp_path / f"report.rank{r}.json").read_text())
-        assert rep["world_size"] == 2
-        blocks, layers, prefetch = rep["blocks"], rep["layers"], rep["layers_prefetch"]
-        assert all(v["shard0"] for v in (blocks, layers, prefetch))
-        # This UNet has 5 blocks (2 down, mid, 2 up) + the root; layers adds its 8 resnets and 4
+        assert rep["world_size"] == 4
+        assert all(rep[k]["shard0"] for k in ("true", "false", "2", "layers", "layers_prefetch"))
+        assert [rep[k]["held_after_forward"][0] for k in ("true", "2", "false")] == [0.25, 0.5, 1.0]
+        assert rep["2"]["losses"] == rep["true"]["losses"] == rep["false"]["losses"]
+        assert rep["2"]["weights"] == rep["true"]["weights"] == rep["false"]["weights"]
+        blocks, layers, prefetch = rep["true"], rep["layers"], rep["layers_prefetch"]
+        # This UNet has 5 blocks (2 down, mid, 2 up) + the root; layers adds its 12 resnets and
         # transformer blocks.
         assert (blocks["units"], layers["units"], prefetch["units"]) == (6, 18, 18)
         assert prefetch["losses"] == layers["losses"] and prefetch["weights"] == layers["weights"]
         assert max(abs(a - b) / abs(b) for a, b in zip(layers["losses"], blocks["losses"])) < 1e-6
         assert max(abs(a - b) for a, b in zip(layers["weights"], blocks["weights"])) < 1e-6
-
-
-def test_integer_reshard_after_forward_holds_a_smaller_shard_and_trains_the_same(tmp_path):
-    """dist.reshard_after_forward=2 on 4 ranks (the smallest world with an integer choice): between
-    forward and backward a block holds half of each weight (true: a quarter, false: all of it), and
-    the per-step losses and final weights equal the true and false runs' bitwise (resharding moves
-    bytes, it does no arithmetic). Params are DTensors sharded Shard(0) over the 4 ranks."""
-    out = tmp_path / "report"
-    run(torchrun_cmd(4, str(REPO / "tests/e2e/dist/reshard_after_forward.py"), str(out)), timeout=300)
-    for r in range(4):
-        rep = json.loads((tmp_path / f"report.rank{r}.json").read_text())
-        assert rep["world_size"] == 4
-        assert all(rep[k]["shard0"] for k in ("true", "false", "2"))
-        assert [rep[k]["held_after_forward"][0] for k in ("true", "2", "false")] == [0.25, 0.5, 1.0]
-        assert rep["2"]["losses"] == rep["true"]["losses"] == rep["false"]["losses"]
-        assert rep["2"]["weights"] == rep["true"]["weights"] == rep["false"]["weights"]
