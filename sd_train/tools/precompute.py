@@ -56,13 +56,16 @@ resolution, crops, seed, dtype, batch size) redoes them all.
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
+import multiprocessing
 import os
 import random
 import re
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -164,8 +167,67 @@ def _crops_of(raw: RawSample, resolution: int, crops: int, seed: int) -> list[De
     return [decode_image_sample(raw, tf, random.Random(f"{seed}/{raw.key}/{k}")) for k in range(crops)]
 
 
+Decoded = tuple[RawSample, "list[DecodedSample] | str"]
+"""A raw sample with its decoded crops, or with the bad-input category it was dropped for."""
+
+DECODE_CHUNK = 8  # samples per worker task: enough to amortise the pickling, small enough to keep order cheap
+
+
+def _decode_chunk(raws: list[RawSample], resolution: int, crops: int, seed: int) -> list[Decoded]:
+    """Decode a run of samples (in a worker process, or inline with no workers). A bad sample comes
+    back with its category instead of crops, in its place, so the order is kept."""
+    out: list[Decoded] = []
+    for raw in raws:
+        try:
+            out.append((raw, _crops_of(raw, resolution, crops, seed)))
+        except BadSample as e:
+            out.append((raw, e.category))
+    return out
+
+
+class Decoder:
+    """Owns the decode workers of one precompute run: `workers` processes (0: decode inline) fed
+    chunks of raw samples read once by this process, with at most `2 * workers` chunks in flight,
+    and results handed back in input order, so the output bytes do not depend on `workers`.
+
+    Spawned, not forked: under torchrun the parent has initialised CUDA before the pool starts, and a
+    forked child of a CUDA process is unusable. The workers import only the decoding code."""
+
+    def __init__(self, workers: int, resolution: int, crops: int, seed: int) -> None:
+        self.workers, self.args = workers, (resolution, crops, seed)
+        self.pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+
+    def decode(self, raws: Iterator[RawSample]) -> Iterator[Decoded]:
+        def chunks() -> Iterator[list[RawSample]]:
+            chunk: list[RawSample] = []
+            for raw in raws:
+                chunk.append(raw)
+                if len(chunk) == DECODE_CHUNK:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+
+        if self.pool is None:
+            for chunk in chunks():
+                yield from _decode_chunk(chunk, *self.args)
+            return
+        pending: collections.deque = collections.deque()
+        for chunk in chunks():
+            pending.append(self.pool.apply_async(_decode_chunk, (chunk, *self.args)))
+            if len(pending) >= 2 * self.workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
 def _write_shard(
-    url: str, out_path: str, enc: _Encoder, log: BadInputLog, identity: dict, batch_size: int, seed: int
+    url: str, out_path: str, enc: _Encoder, log: BadInputLog, identity: dict, batch_size: int, decoder: Decoder
 ) -> int:
     """Encode one input shard into `out_path` (temp file, then rename); returns the samples written."""
     crops, resolution = identity["crops"], identity["resolution"]
@@ -191,12 +253,11 @@ def _write_shard(
 
         # Batches never span shards, so with shuffle_buffer=0 and micro_batch_size == batch_size a
         # training batch is a precompute batch, and the VAE sees the same batch composition.
-        for raw in read_shards([url], log):
-            try:
-                pending.append((raw, _crops_of(raw, resolution, crops, seed)))
-            except BadSample as e:
-                log.add(e.category, raw.shard)
+        for raw, decoded in decoder.decode(read_shards([url], log)):
+            if isinstance(decoded, str):
+                log.add(decoded, raw.shard)
                 continue
+            pending.append((raw, decoded))
             if len(pending) == batch_size:
                 flush()
         flush()
@@ -234,19 +295,22 @@ def precompute(
     rank: int = 0,
     world_size: int = 1,
     gather: Callable[[dict], list[dict]] = lambda part: [part],
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Encode every sample of `src_spec` (any `expand_sources` spec) into shards in `out_dir`.
 
     With `world_size` processes, rank r encodes shards r, r + W, ... (`gather` collects every
     rank's counts; rank 0 writes the manifest). Each finished shard leaves a done marker with the
     recipe it was made with, so a re-run, on any number of processes, skips it and redoes only the
-    missing shards. Bad input is skipped and counted by the training reader's categories. Returns
-    the manifest, also written to `out_dir/precompute.json`.
+    missing shards. Bad input is skipped and counted by the training reader's categories. Images are
+    decoded in `workers` worker processes (0: in this one) while this process reads and encodes;
+    the output bytes are the same for any `workers`. Returns the manifest, also written to
+    `out_dir/precompute.json`.
     """
-    if resolution <= 0 or resolution % 8:
-        raise ValueError(f"resolution={resolution} must be a positive multiple of 8")
-    if crops < 1 or batch_size < 1:
-        raise ValueError(f"crops={crops} and batch_size={batch_size} must be >= 1")
+    if resolution <= 0:
+        raise ValueError(f"resolution={resolution} must be positive")
+    if crops < 1 or batch_size < 1 or workers < 0:
+        raise ValueError(f"crops={crops} and batch_size={batch_size} must be >= 1, workers={workers} >= 0")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: use one of {list(DTYPES)}")
     urls = [u for s in expand_sources(src_spec) for u in s.urls]
@@ -258,7 +322,12 @@ def precompute(
     os.makedirs(out_dir, exist_ok=True)
 
     t0 = time.perf_counter()
+    decoder = Decoder(workers, resolution, crops, seed)  # before the encoder: the workers start meanwhile
     enc = _Encoder(model_path, torch.device(device), np.dtype(DTYPES[dtype]))
+    factor = 2 ** (len(enc.parts.vae.config.block_out_channels) - 1)  # as diffusers' pipelines read it
+    if resolution % factor:
+        decoder.close()
+        raise ValueError(f"resolution={resolution} must be a multiple of {factor}, the VAE's downsampling factor")
     start = time.perf_counter()  # throughput counts reading + encoding + writing, not the model load
     identity = {"model_fingerprint": model_fingerprint(model_path), "resolution": resolution, "crops": crops}
     # Everything the bytes of a shard depend on (the VAE is not batch-invariant: batch size counts).
@@ -269,7 +338,7 @@ def precompute(
         marker = _done(out_dir, name, recipe)
         if marker is None:
             shard_log = BadInputLog()
-            n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, seed)
+            n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, decoder)
             marker = {"recipe": recipe, "written": n, "bad": shard_log.counts, "bad_shards": shard_log.shards}
             tmp = done_marker(out_dir, name) + ".tmp"
             with open(tmp, "w") as f:
@@ -283,6 +352,7 @@ def precompute(
             log.counts[category] += count
         log.shards.extend(s for s in marker["bad_shards"] if s not in log.shards)
     seconds = time.perf_counter() - start
+    decoder.close()
     part = {
         "rank": rank,
         "shards": len(mine),
@@ -292,6 +362,7 @@ def precompute(
         "bad": log.counts,
         "bad_shards": log.shards,
         "shapes": enc.shapes,
+        "decode_workers": workers,
         "load_seconds": round(start - t0, 3),
         "seconds": round(seconds, 3),
         "samples_per_s": round(encoded / seconds, 2) if seconds > 0 else None,
@@ -329,6 +400,7 @@ def precompute(
         ],
         "device": device,
         "batch_size": batch_size,
+        "decode_workers": workers,
     }
     if rank == 0:
         with open(os.path.join(out_dir, MANIFEST), "w") as f:
@@ -359,6 +431,9 @@ def main_precompute(argv: list[str]) -> int:
     p.add_argument(
         "--dtype", choices=list(DTYPES), default="float32", help="float32: bitwise-exact training; float16: half size"
     )
+    p.add_argument(
+        "--workers", type=int, default=2, help="decode worker processes per process (0: decode inline); same bytes"
+    )
     a = p.parse_args(argv)
     try:
         launch = read_launch_env()
@@ -371,6 +446,7 @@ def main_precompute(argv: list[str]) -> int:
         m = precompute(
             a.model, a.src, a.out, a.resolution, a.batch_size, a.crops, a.seed, device, a.dtype,
             rank=launch.rank, world_size=launch.world_size, gather=all_gather_object if info else lambda part: [part],
+            workers=a.workers,
         )  # fmt: skip
     except (ValueError, ConfigError) as e:
         print(f"sd-train precompute: {e}")

@@ -159,6 +159,13 @@ def test_bad_input_counted_and_random_crops(tiny_assets, tmp_path):
     picked = decode_precomputed_sample(raws["000000001"], ImageTransform(16, center_crop=False), rng)
     assert np.array_equal(picked.latent_mean, wide[k])
 
+    # Decoded in 2 worker processes instead of inline: the same bytes and the same bad-input counts
+    # (a bad sample comes back in its place, so the batches are the same).
+    again = precompute(str(tiny_assets["model"]), str(src), str(tmp_path / "w2"), 16, 2, 3, 7, workers=2)
+    assert again["counts"] == counts and again["decode_workers"] == 2
+    name = "mixed-000000.tar"
+    assert (tmp_path / "w2" / name).read_bytes() == (out / name).read_bytes()
+
 
 def _cfg(tiny_assets, spec: str, *extra: str):
     return load_config(
@@ -252,14 +259,15 @@ def test_decoder_counts_broken_precomputed_samples(latents):
 
 @pytest.mark.multiproc
 def test_two_processes_split_the_shards_and_a_rerun_skips_done_ones(tiny_assets, latents, tmp_path):
-    """`torchrun -m sd_train.cli precompute` on 2 processes: each encodes half the shards, and the
-    shards are byte-equal to the one-process output (same batches per shard). A re-run on one process
-    finds every shard done and rewrites nothing."""
+    """`torchrun -m sd_train.cli precompute` on 2 processes, each decoding in a worker process:
+    each encodes half the shards, and the shards are byte-equal to the one-process output decoded
+    inline (same batches per shard). A re-run on one process finds every shard done and rewrites
+    nothing."""
     single, _ = latents
     out = tmp_path / "dist-latents"
     src = f"{tiny_assets['data']}/train-{{000000..000007}}.tar"
     args = ["precompute", "--model", str(tiny_assets["model"]), "--src", src, "--out", str(out), "--resolution", "32",
-            "--batch-size", str(BATCH)]  # fmt: skip
+            "--batch-size", str(BATCH), "--workers", "1"]  # fmt: skip
     run(torchrun_cmd(2, "-m", "sd_train.cli", *args), timeout=300)
     manifest = json.loads((out / "precompute.json").read_text())
     assert [(p["rank"], p["shards"], p["shards_skipped"]) for p in manifest["processes"]] == [(0, 4, 0), (1, 4, 0)]
