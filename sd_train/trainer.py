@@ -239,7 +239,8 @@ class Trainer:
         flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
         frozen = ", ".join(self.parts.resident()) or "none"
         return (
-            f"hot path: {self.info.device.type}, AdamW {'fused' if fused else 'foreach'}, {flags}, "
+            f"hot path: {self.info.device.type}, AdamW {'fused' if fused else 'foreach'}"
+            f"{' (non-finite skip in the kernel)' if self.strategy.skip_on_device else ''}, {flags}, "
             f"compile={self.cfg.perf.compile}, channels_last={self.cfg.perf.channels_last}, "
             f"device_prefetch={self.loader.stager.lookahead > 0}; "
             f"frozen encoders {str(self.parts.frozen_dtype).removeprefix('torch.')} under inference_mode, "
