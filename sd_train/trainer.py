@@ -179,7 +179,9 @@ class Trainer:
         )
         self.metrics = build_metrics(cfg.metrics, cfg.output_dir, cfg.run_name or self.out.name, self.info.is_main)
         self.evaluator = Evaluator(cfg, self.parts, self.objective, self.info, self.ema, self.metrics, self.out)
-        if cfg.data.precomputed:
+        if not cfg.data.precomputed:
+            self.parts.load("vae", "text_encoder")  # the step runs both
+        else:
             # The step reads stored latents and embeddings: the text encoder was needed only for
             # the empty caption and the evaluator's fixed inputs, the VAE only to decode samples.
             self.parts.release("text_encoder", *(() if self.evaluator.sampler is not None else ("vae",)))

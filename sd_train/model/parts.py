@@ -70,6 +70,11 @@ class SDParts:
     def text_encoder(self) -> CLIPTextModel:
         return self._get("text_encoder")  # type: ignore[return-value]
 
+    def load(self, *names: str) -> None:
+        """Load frozen parts now (at startup, so a missing or oversized one fails before the first step)."""
+        for name in names:
+            self._get(name)
+
     def resident(self) -> list[str]:
         """The frozen parts loaded now."""
         return sorted(self._frozen)

@@ -53,6 +53,8 @@ def test_frozen_parts_load_on_first_use_and_release(tiny_assets) -> None:
     assert parts.resident() == ["vae"]
     parts.text_encoder  # noqa: B018 -- loads again, and counts
     assert parts.loads == {"text_encoder": 2, "vae": 1}
+    parts.load("vae", "text_encoder")  # already there: nothing loads
+    assert parts.loads == {"text_encoder": 2, "vae": 1} and parts.resident() == ["text_encoder", "vae"]
 
 
 def test_inference_mode_encoders_give_the_no_grad_step_bitwise(tiny_assets, batch) -> None:
