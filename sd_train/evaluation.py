@@ -22,7 +22,7 @@ from PIL import Image
 
 from sd_train.config import TrainConfig
 from sd_train.data.loader import val_samples
-from sd_train.model.parts import SDParts, encode_pixels, encode_text
+from sd_train.model.parts import SDParts, decode_latents, encode_pixels, encode_text
 from sd_train.objective import DiffusionObjective
 from sd_train.parallel.process_group import DistInfo, all_reduce_sum
 
@@ -49,18 +49,20 @@ class Validator:
         self.weights = torch.tensor([1.0] * len(idx) + [0.0] * (per_rank - len(idx)))
         idx = idx + [idx[0] if idx else 0] * (per_rank - len(idx))
         dev = info.device
+        # Encoded once (in bf16 with mixed_precision=bf16), kept in the UNet's dtype: the
+        # held-out forward runs without autocast.
         self.latents = torch.cat(
             [
                 encode_pixels(parts, pixels[idx[i : i + VAL_BATCH]], dev, sample=False)
                 for i in range(0, per_rank, VAL_BATCH)
             ]
-        )
+        ).to(parts.step_dtype)
         self.embeds = torch.cat(
             [
                 encode_text(parts, [captions[j] for j in idx[i : i + VAL_BATCH]], dev)
                 for i in range(0, per_rank, VAL_BATCH)
             ]
-        )
+        ).to(parts.step_dtype)
         self.noise = {}
         for t in self.timesteps:
             self.noise[t] = torch.stack([self._fixed_noise(j, t) for j in idx]).to(dev)
@@ -95,14 +97,14 @@ class Sampler:
         self.parts = parts
         self.info = info
         prompts = cfg.eval.prompts
-        self.cond = encode_text(parts, prompts, info.device)
-        self.uncond = encode_text(parts, [""] * len(prompts), info.device)
+        # The text encoder runs here once; each grid then needs only the VAE's decoder.
+        self.cond = encode_text(parts, prompts, info.device).to(parts.step_dtype)
+        self.uncond = encode_text(parts, [""] * len(prompts), info.device).to(parts.step_dtype)
         self.scheduler = DDIMScheduler.from_config(
             parts.noise_scheduler.config, prediction_type=cfg.objective.prediction_type
         )
-        factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-        size = cfg.data.resolution // factor
-        self.shape = (len(prompts), parts.vae.config.latent_channels, size, size)
+        size = cfg.data.resolution // parts.latent_downsampling
+        self.shape = (len(prompts), parts.vae_config["latent_channels"], size, size)
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module) -> np.ndarray:
@@ -119,7 +121,7 @@ class Sampler:
             out = model(inp, t.to(self.info.device), encoder_hidden_states=embeds).sample.float()
             uncond, cond = out.chunk(2)
             latents = self.scheduler.step(uncond + g * (cond - uncond), t, latents).prev_sample
-        images = self.parts.vae.decode(latents / self.parts.vae_scale).sample
+        images = decode_latents(self.parts, latents)
         model.train(was_training)
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 

@@ -29,8 +29,10 @@ from tqdm import tqdm
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import TrainConfig, config_to_dict, dump_config
 from sd_train.data.bad_input import check_bad_fraction
+from sd_train.data.decode import CaptionTokenizer
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import sample_posterior
+from sd_train.data.prefetch import stager_for
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
 from sd_train.ema_posthoc import PowerEMAProfiles
@@ -46,7 +48,7 @@ from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
 from sd_train.metrics import KeyLog, StepWindow, build_metrics
-from sd_train.model.parts import encode_pixels, encode_text, load_sd_parts
+from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_lr_schedule, build_optimizer
 from sd_train.parallel.build import build_strategy, write_topology
@@ -147,7 +149,8 @@ class Trainer:
         seed_all(cfg.seed + self.info.rank)  # per-rank noise/timesteps; weights come from the folder or `seed`
         self.accum = cfg.grad_accum_steps(self.info.world_size)
 
-        self.parts = load_sd_parts(cfg.model, self.info.device, cfg.seed)
+        frozen_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+        self.parts = load_sd_parts(cfg.model, self.info.device, cfg.seed, frozen_dtype)
         self.flops_per_image = self._count_flops() if cfg.perf.count_flops else None
         self.peak_tflops = peak_tflops(cfg.perf, self.info.device)
         self.strategy = build_strategy(cfg, self.info, self.accum)
@@ -167,12 +170,24 @@ class Trainer:
             if self.posthoc_plan.enabled
             else None
         )
-        empty = encode_text(self.parts, [""], self.info.device)
+        empty = as_step_input(encode_text(self.parts, [""], self.info.device), self.parts.step_dtype)
         self.objective = DiffusionObjective(cfg.objective, self.parts.noise_scheduler.alphas_cumprod, empty)
 
-        self.loader = build_train_loader(cfg, self.info.rank, self.info.world_size)
+        self.loader = build_train_loader(
+            cfg,
+            self.info.rank,
+            self.info.world_size,
+            tokenize=CaptionTokenizer(self.parts.tokenizer, self.parts.token_length),
+            stager=stager_for(self.info.device, cfg.perf.device_prefetch),
+        )
         self.metrics = build_metrics(cfg.metrics, cfg.output_dir, cfg.run_name or self.out.name, self.info.is_main)
         self.evaluator = Evaluator(cfg, self.parts, self.objective, self.info, self.ema, self.metrics, self.out)
+        if not cfg.data.precomputed:
+            self.parts.load("vae", "text_encoder")  # the step runs both
+        else:
+            # The step reads stored latents and embeddings: the text encoder was needed only for
+            # the empty caption and the evaluator's fixed inputs, the VAE only to decode samples.
+            self.parts.release("text_encoder", *(() if self.evaluator.sampler is not None else ("vae",)))
         self.state = TrainState()
         self.checkpointer = Checkpointer(
             cfg.checkpoint,
@@ -214,21 +229,27 @@ class Trainer:
     def _count_flops(self) -> float:
         """Forward+backward FLOPs of one training image at this run's shape, on the plain UNet
         before it is wrapped (sd_train.perf.training_flops_per_image)."""
-        unet, vae, text = self.parts.unet, self.parts.vae, self.parts.text_encoder
-        latent = self.cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-        tokens = min(self.parts.tokenizer.model_max_length, text.config.max_position_embeddings)
+        unet, parts = self.parts.unet, self.parts
+        latent = self.cfg.data.resolution // parts.latent_downsampling
         return training_flops_per_image(
-            unet, (unet.config.in_channels, latent, latent), (tokens, text.config.hidden_size), self.info.device
+            unet,
+            (unet.config.in_channels, latent, latent),
+            (parts.token_length, parts.text_config.hidden_size),
+            self.info.device,
         )
 
     def _describe_hot_path(self, fused: bool) -> str:
         flops = f"{self.flops_per_image / 1e9:.2f} GFLOP" if self.flops_per_image else "not counted"
         peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown (no speed/mfu)"
         flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
+        frozen = ", ".join(self.parts.resident()) or "none"
         return (
-            f"hot path: {self.info.device.type}, AdamW {'fused' if fused else 'foreach'}, {flags}, "
-            f"compile={self.cfg.perf.compile}, channels_last={self.cfg.perf.channels_last}; "
-            f"forward+backward per image {flops}; peak {peak}"
+            f"hot path: {self.info.device.type}, AdamW {'fused' if fused else 'foreach'}"
+            f"{' (non-finite skip in the kernel)' if self.strategy.skip_on_device else ''}, {flags}, "
+            f"compile={self.cfg.perf.compile}, channels_last={self.cfg.perf.channels_last}, "
+            f"device_prefetch={self.loader.stager.lookahead > 0}; "
+            f"frozen encoders {str(self.parts.frozen_dtype).removeprefix('torch.')} under inference_mode, "
+            f"resident for the step: {frozen}; forward+backward per image {flops}; peak {peak}"
         )
 
     def _resume(self) -> None:
@@ -252,25 +273,24 @@ class Trainer:
     # ---- one optimizer step ------------------------------------------------------------------
 
     def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = self.info.device
+        """(latents, text embeddings) of a batch, as contiguous tensors of the step's dtype."""
+        dev, dtype = self.info.device, self.parts.step_dtype
         if "latent_mean" in batch:  # precomputed shards (sd-train precompute): the stored posterior
             # is sampled here, on device, from the checkpointed global RNG, with the call
             # `encode_pixels` makes: the same random numbers as online encoding, bitwise.
             # Copied as stored (fp16 shards stay fp16 on the wire) without blocking the host (the
-            # loader pins its batches), then converted on the device.
-            vae_dtype, text_dtype = self.parts.vae.dtype, self.parts.text_encoder.dtype
-            mean = batch["latent_mean"].to(dev, non_blocking=True).to(vae_dtype)
-            std = batch["latent_std"].to(dev, non_blocking=True).to(vae_dtype)
-            latents = sample_posterior(mean, std, self.parts.vae_scale)
-            embeds = batch["text_embeds"].to(dev, non_blocking=True).to(text_dtype)
-        else:
-            latents = encode_pixels(self.parts, batch["pixels"], dev)
-            embeds = encode_text(self.parts, batch["captions"], dev)
-        # One layout for both paths. The VAE returns channels_last latents for batches > 1 on CPU
-        # (diffusers' attention reshape, kept by the convs after it), and the objective's randn_like
-        # follows the layout: on a channels_last tensor torch draws other numbers and advances the
-        # generator differently (measured). Contiguous latents make the noise independent of that.
-        return latents.contiguous(), embeds
+            # loader pins its batches; with the device prefetch they are already there), then
+            # converted on the device.
+            mean = batch["latent_mean"].to(dev, non_blocking=True).to(dtype)
+            std = batch["latent_std"].to(dev, non_blocking=True).to(dtype)
+            latents = sample_posterior(mean, std, self.parts.vae_scale).contiguous()
+            embeds = batch["text_embeds"].to(dev, non_blocking=True).to(dtype)
+            return latents, embeds
+        # The frozen encoders run under inference_mode (in bf16 with mixed_precision=bf16); the
+        # loader's workers tokenized the captions.
+        latents = encode_pixels(self.parts, batch["pixels"], dev)
+        embeds = encode_tokens(self.parts, batch["input_ids"], dev)
+        return as_step_input(latents, dtype), as_step_input(embeds, dtype)
 
     def train_step(self, data_iter) -> dict:
         """Accumulate gradients over micro-batches, then step unless any rank saw a non-finite

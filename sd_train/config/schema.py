@@ -473,6 +473,10 @@ class PerfArgs:
     count_flops: bool = True
     """Count the UNet's forward+backward FLOPs per image once at startup (one batch-1 step under
     `FlopCounterMode`), for `speed/mfu` and the startup plan."""
+    device_prefetch: bool = True
+    """On CUDA, copy the next training batch to the GPU on a side stream while the current step
+    runs (sd_train.data.prefetch). The same batches in the same order, and the checkpointed data
+    position counts only the batches handed to the step. No-op on CPU."""
 
     def validate(self) -> None:
         if self.peak_tflops is not None and not self.peak_tflops > 0:
@@ -499,7 +503,9 @@ class TrainConfig:
     `dist.reduce_dtype`) and runs with no autocast: every activation is bf16, which
     bench/bench_precision.py measures as the smallest saved-for-backward memory. DDP and DeepSpeed
     autocast over fp32 params. FSDP2 with an explicit `dist.param_dtype=fp32` autocasts too (the
-    other policy, kept for comparison); bf16 params are never put under autocast as well."""
+    other policy, kept for comparison); bf16 params are never put under autocast as well. `bf16`
+    also loads the frozen VAE and text encoder in bf16 (their outputs reach the step as fp32
+    tensors)."""
     max_consecutive_skips: int = 5
     """Stop the run after this many optimizer steps in a row were skipped for a non-finite loss or
     gradient (one skipped step is survivable; a streak means diverged training)."""

@@ -8,7 +8,7 @@ import io
 import json
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -174,6 +174,25 @@ def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random
 def pixels_to_float(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [B,3,H,W] in 0..255 -> `dtype` in [-1, 1], the range the SD VAE expects. Do it on device."""
     return pixels.to(dtype).div_(127.5).sub_(1.0)
+
+
+def tokenize_captions(tokenizer: Any, captions: list[str], length: int) -> torch.Tensor:
+    """Token ids [B, length] (int64) of `captions`, padded and truncated to `length`: the text
+    encoder's input. The training loader calls it in its workers, the trainer's encoders for
+    prompts and held-out captions, so both give the same ids."""
+    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+@dataclass(frozen=True)
+class CaptionTokenizer:
+    """Owns the tokenizer and caption length the loader workers tokenize with (a CLIPTokenizer is
+    picklable, so this travels to spawned workers too)."""
+
+    tokenizer: Any
+    length: int
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        return tokenize_captions(self.tokenizer, captions, self.length)
 
 
 def stack_pixels(samples: list[DecodedSample], resolution: int) -> torch.Tensor:

@@ -3,8 +3,9 @@ the validation samples. The stream itself: `sd_train.data.stream`.
 
 Position = per worker (epoch, offset): raw samples emitted from the shuffle buffer in that epoch.
 Every batch carries its worker's position and cumulative counts after the batch; `TrainLoader`
-keeps the latest per worker as seen by the main process (prefetched batches do not count) and
-takes batches in a fixed worker rotation of its own, so the order survives a restart.
+keeps the latest per worker as seen by the main process (batches the DataLoader or the device
+stager holds ahead do not count) and takes batches in a fixed worker rotation of its own, so the
+order survives a restart.
 `load_state_dict` makes each worker replay its current epoch up to its offset without decoding,
 then go on: the batches after a resume are exactly those of an uninterrupted run.
 
@@ -35,6 +36,7 @@ from sd_train.data.bad_input import (
 )
 from sd_train.data.decode import (
     CaptionSource,
+    CaptionTokenizer,
     DecodedSample,
     ImageTransform,
     decode_image_sample,
@@ -42,11 +44,13 @@ from sd_train.data.decode import (
 )
 from sd_train.data.filters import MetadataFilter
 from sd_train.data.precomputed import check_precomputed, decode_precomputed_sample
+from sd_train.data.prefetch import NO_STAGING, Stager
 from sd_train.data.sources import check_epoch_shard_count, expand_sources
 from sd_train.data.stream import Decoder, ShardStream, WorkerPosition
 from sd_train.data.tar import read_shards
 
 STATE_VERSION = 1
+_Commit = tuple[int, WorkerPosition, int]  # (worker, its position after a batch, next worker in the rotation)
 
 
 def select_decoder(precomputed: bool) -> Decoder:
@@ -72,12 +76,21 @@ class TrainLoader:
     own position is ahead of the main process by its prefetched batches, so it cannot resume.
     """
 
-    def __init__(self, dataset: ShardStream, num_workers: int, prefetch_factor: int = 4, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: ShardStream,
+        num_workers: int,
+        prefetch_factor: int = 4,
+        pin_memory: bool = False,
+        stager: Stager = NO_STAGING,
+    ) -> None:
         if max(1, num_workers) != dataset.num_workers:
             raise ValueError(f"num_workers={num_workers} but the stream was planned for {dataset.num_workers}")
         self.dataset = dataset
         self.num_workers = num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.stager = stager
+        """Copies batches to the device one ahead (sd_train.data.prefetch); NO_STAGING yields them as read."""
         self._positions = [WorkerPosition() for _ in range(dataset.num_workers)]
         self._next_worker = 0
         self.reshard_epoch: Optional[int] = None
@@ -102,7 +115,7 @@ class TrainLoader:
         """Batches in worker rotation order; each one's position is recorded as it is handed out."""
         items = iter(self._dataloader())
         try:
-            yield from self._in_rotation(items)
+            yield from self._hand_out(self._in_rotation(items))
         finally:
             # Stop the workers now, also when one raised (e.g. BadDataError): they ignore SIGTERM
             # (see _ignore_termination), so workers left to the garbage collector would keep the
@@ -111,24 +124,53 @@ class TrainLoader:
             if shutdown is not None:
                 shutdown()
 
-    def _in_rotation(self, items: Iterator[dict]) -> Iterator[dict]:
+    def _in_rotation(self, items: Iterator[dict]) -> Iterator[tuple[Optional[dict], _Commit]]:
+        """(batch, or None for a worker's end marker; the position to record when it is handed out)."""
         n = self.dataset.num_workers
         pending: dict[int, deque] = {w: deque() for w in range(n)}
         live = list(range(n))
+        cursor = self._next_worker
         for item in items:
             pending[item["worker"]].append(item)
             # Hand out batches only in our own rotation: the DataLoader's order restarts at worker
             # 0 on every iterator, ours continues from `_next_worker` across a resume.
-            while live and pending[self._next_worker]:
-                worker = self._next_worker
+            while live and pending[cursor]:
+                worker = cursor
                 batch = pending[worker].popleft()
                 after = live[(live.index(worker) + 1) % len(live)]
                 if batch["end"]:
                     live.remove(worker)
-                self._next_worker = after if live else 0
-                self._positions[worker] = WorkerPosition.from_dict(batch["position"])
-                if not batch["end"]:
-                    yield batch
+                cursor = after if live else 0
+                yield (None if batch["end"] else batch), (worker, WorkerPosition.from_dict(batch["position"]), cursor)
+
+    def _hand_out(self, rotation: Iterator[tuple[Optional[dict], _Commit]]) -> Iterator[dict]:
+        """Stage each batch as it arrives (sd_train.data.prefetch) and hand it out `lookahead`
+        batches later. Positions are recorded in rotation order, each when the batch it belongs
+        to (or the next one, for an end marker) is handed out: a staged batch is not consumed."""
+        queue: deque[tuple[Optional[dict], _Commit]] = deque()
+        staged = 0
+        for batch, commit in rotation:
+            queue.append((None if batch is None else self.stager.stage(batch), commit))
+            staged += batch is not None
+            if staged > self.stager.lookahead:
+                staged -= 1
+                yield self._next_from(queue)
+        for _ in range(staged):
+            yield self._next_from(queue)
+        while queue:  # end markers after the last batch
+            self._record(queue.popleft()[1])
+
+    def _next_from(self, queue: deque) -> dict:
+        while True:
+            batch, commit = queue.popleft()
+            self._record(commit)
+            if batch is not None:
+                return self.stager.ready(batch)
+
+    def _record(self, commit: _Commit) -> None:
+        worker, position, cursor = commit
+        self._positions[worker] = position
+        self._next_worker = cursor
 
     # -------------------------------------------------------------- progress and bad input
 
@@ -236,8 +278,17 @@ class TrainLoader:
         self._next_worker = 0
 
 
-def build_train_loader(cfg: Any, rank: int, world_size: int, max_epochs: Optional[int] = None) -> TrainLoader:
-    """The training loader of `rank` from `cfg` (a TrainConfig): `cfg.data.*`, `cfg.seed`, `cfg.micro_batch_size`."""
+def build_train_loader(
+    cfg: Any,
+    rank: int,
+    world_size: int,
+    max_epochs: Optional[int] = None,
+    tokenize: Optional[CaptionTokenizer] = None,
+    stager: Stager = NO_STAGING,
+) -> TrainLoader:
+    """The training loader of `rank` from `cfg` (a TrainConfig): `cfg.data.*`, `cfg.seed`, `cfg.micro_batch_size`.
+    `tokenize`: add the captions' token ids (`input_ids`) to image batches, in the workers.
+    `stager`: copy batches to the device one ahead (sd_train.data.prefetch)."""
     d = cfg.data
     if d.precomputed:
         check_precomputed(d.train_shards, cfg)  # ConfigError naming the field, before any worker starts
@@ -260,8 +311,9 @@ def build_train_loader(cfg: Any, rank: int, world_size: int, max_epochs: Optiona
         sample_filter=MetadataFilter.from_config(d.filters, d.filter_missing),
         captions=CaptionSource.from_config(d.caption_key),
         mix=d.mix,
+        tokenize=None if d.precomputed else tokenize,
     )
-    return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available())
+    return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available(), stager=stager)
 
 
 def val_samples(

@@ -147,6 +147,7 @@ class ShardStream(IterableDataset):
         sample_filter: Optional[MetadataFilter] = None,
         captions: Optional[CaptionSource] = None,
         mix: Mix = "concat",
+        tokenize: Optional[Callable[[list[str]], Any]] = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
@@ -166,6 +167,9 @@ class ShardStream(IterableDataset):
         self.sample_filter = sample_filter or MetadataFilter()
         self.captions = captions or CaptionSource()
         self.mix = mix if len(self.sources) > 1 else "concat"  # one source: the same stream either way
+        # Captions -> token ids [B, L] in the worker (image shards), so the training process does
+        # not tokenize; precomputed shards carry embeddings instead.
+        self.tokenize = tokenize
         self.start: dict[int, WorkerPosition] = {}
         slots = world_size * self.num_workers
         if not self.urls:
@@ -379,6 +383,8 @@ class ShardStream(IterableDataset):
             arrays = stack_precomputed(batch)  # type: ignore[arg-type]  # one decoder per stream
         else:
             arrays = {"pixels": stack_pixels(batch, self.transform.resolution)}  # type: ignore[arg-type]
+            if self.tokenize is not None:
+                arrays["input_ids"] = self.tokenize([s.caption for s in batch])
         return {
             **arrays,
             "captions": [s.caption for s in batch],

@@ -128,6 +128,8 @@ class FSDPStrategy(Strategy):
     def wrap(self, unet: torch.nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.model = self.wrap_model(unet)
         self.optimizer = make_optimizer(self.model)
+        self.skip_on_device = skips_on_device(self.optimizer)
+        """Fused Adam(W): the non-finite skip is decided by the kernel from a device flag (see step)."""
 
     def wrap_model(self, unet: torch.nn.Module) -> torch.nn.Module:
         """DDP, or FSDP2 on each unit and then the root; returns the model the loop calls.
@@ -184,10 +186,23 @@ class FSDPStrategy(Strategy):
     def step(self, also_read: Sequence[torch.Tensor] = ()) -> tuple[bool, float, list[float]]:
         """Clip to the global norm, and step only if it is finite. A NaN anywhere reaches every
         rank's norm through the gradient reduction, so all ranks skip together. Reading the norm
-        is the step's one host sync; `also_read` rides along in the same transfer."""
+        is the step's one host sync; `also_read` rides along in the same transfer.
+
+        With fused Adam(W) the update is queued before that read: the kernel takes `found_inf`
+        (1.0 when the norm is not finite, computed on the device) and then leaves parameters,
+        moments and step counts as they were, so no host round trip stands between the backward
+        and the optimizer kernels. The read still tells the loop whether the step counted."""
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        if self.skip_on_device:
+            self.optimizer.found_inf = (~torch.isfinite(grad_norm)).to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            grad_norm, *extra = read_floats([grad_norm, *also_read])
+            return math.isfinite(grad_norm), grad_norm, extra
         grad_norm, *extra = read_floats([grad_norm, *also_read])
         finite = math.isfinite(grad_norm)
         if finite:
@@ -280,3 +295,11 @@ class FSDPStrategy(Strategy):
             "placements": sorted({str(p.placements) if isinstance(p, DTensor) else "replicated" for p in params}),
             "all_dtensor": all(isinstance(p, DTensor) for p in params),
         }
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` skips a step itself when handed `found_inf`: torch's fused Adam and
+    AdamW read it (the attribute GradScaler sets); foreach kernels and SGD do not."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )

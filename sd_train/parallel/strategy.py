@@ -48,6 +48,9 @@ class Strategy(abc.ABC):
     writes_completion_marker: bool
     # Whether `save(..., process_group=...)` can write in the background.
     supports_async_save: bool = False
+    # Whether `step` queues the optimizer update before its host read, the optimizer itself
+    # skipping a non-finite step from a device flag (fused AdamW's `found_inf`).
+    skip_on_device: bool = False
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer

@@ -228,11 +228,15 @@ def test_training_on_precomputed_equals_online(tiny_assets, latents, tmp_path):
         ],
     }
     with ThreadPoolExecutor(2) as pool:  # two single-threaded processes on two cores
-        list(
+        procs = list(
             pool.map(
                 lambda extra: run([sys.executable, str(REPO / "train.py"), *common, *extra], timeout=240), runs.values()
             )
         )
+    # Online, the step runs both frozen encoders; from precomputed shards with evaluation off
+    # neither stays loaded (the text encoder ran once for the empty caption), the VAE never loads.
+    assert "resident for the step: text_encoder, vae;" in procs[0].stdout
+    assert "resident for the step: none;" in procs[1].stdout
     online, pre = _losses(tmp_path / "online"), _losses(tmp_path / "precomputed")
     assert sorted(online) == [1, 2, 3, 4]
     assert pre == online  # bitwise: same batches, same posterior draws, same noise

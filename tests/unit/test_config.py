@@ -221,3 +221,14 @@ def test_deepspeed_knobs_reach_the_engine_config_and_only_where_they_apply():
         )
     with pytest.raises(ConfigError, match=r"dist.zero_overlap_comm applies only to .*now dist.strategy=fsdp2"):
         check_deepspeed_knobs(load_config(None, ["dist.strategy=fsdp2", "dist.zero_overlap_comm=true"]))
+
+
+@pytest.mark.parametrize("resolution", [256, 512])
+def test_sd2_templates_train_from_fp16_precomputed_latents(resolution: int) -> None:
+    """The templates point at `sd-train precompute --dtype float16` output; parsing them reads no
+    file (the shards are checked when the run starts), and the comment says how to make them."""
+    path = Path(__file__).resolve().parents[2] / "configs" / f"sd2_base_{resolution}.yaml"
+    cfg = load_config(str(path))
+    assert cfg.data.precomputed and not cfg.data.random_flip and cfg.data.center_crop
+    assert cfg.data.resolution == resolution and f"latents-{resolution}" in cfg.data.train_shards
+    assert f"--resolution {resolution} --dtype float16" in path.read_text()
