@@ -146,6 +146,7 @@ DEEPSPEED_KNOBS = {  # field -> the ZeRO stages it applies to
     "zero_reduce_bucket_size": (2, 3),
     "zero_allgather_bucket_size": (2,),
     "zero_prefetch_bucket_size": (3,),
+    "zero_param_persistence_threshold": (3,),
 }
 
 

@@ -368,6 +368,11 @@ class DistArgs:
     """DeepSpeed ZeRO-2 only: elements per parameter all-gather bucket. Unset: DeepSpeed's (5e8)."""
     zero_prefetch_bucket_size: Optional[int] = None
     """DeepSpeed ZeRO-3 only: elements of parameters fetched ahead of use. Unset: DeepSpeed's (5e7)."""
+    zero_param_persistence_threshold: Optional[int] = None
+    """DeepSpeed ZeRO-3 only: parameters of at most this many elements stay gathered between
+    forwards (biases, norms: one all-gather each per forward saved). Unset: DeepSpeed's default
+    (1e5). 0 keeps none gathered. The EMA swap releases the persisted ones on its way in and out,
+    so an EMA evaluation sees the EMA in them too."""
 
     def validate(self) -> None:
         """Field values only; sd_train.preflight resolves `strategy` and `zero_stage` against the launcher."""
@@ -385,6 +390,11 @@ class DistArgs:
         for name in ("zero_reduce_bucket_size", "zero_allgather_bucket_size", "zero_prefetch_bucket_size"):
             if getattr(self, name) is not None:
                 _positive(f"dist.{name}", getattr(self, name))
+        if self.zero_param_persistence_threshold is not None and self.zero_param_persistence_threshold < 0:
+            raise ConfigError(
+                f"dist.zero_param_persistence_threshold={self.zero_param_persistence_threshold} must be >= 0 "
+                "(0: no parameter stays gathered), or unset for DeepSpeed's default"
+            )
 
 
 @dataclass

@@ -9,9 +9,12 @@ DeepSpeed path does run on CPU (over gloo), so CI exercises the same engine the 
 What ZeRO partitions, and where the EMA lives:
 - ZeRO-3: every parameter is a 1-D partition `p.ds_tensor` of ceil(numel / world) elements per
   rank (the last rank's padded). The EMA keeps one fp32 piece per partition and lerps it against
-  `p.ds_tensor`: no gather, no collective. `stage3_param_persistence_threshold=0` so no parameter
-  stays gathered between forwards: evaluation with the EMA swapped into the partitions then sees
-  the EMA in every layer.
+  `p.ds_tensor`: no gather, no collective. Small parameters (DeepSpeed's
+  `stage3_param_persistence_threshold`, 1e5 elements by default) stay gathered between forwards, so
+  their full copy would hide a swap into the partitions: `Zero3Layout.release` partitions them
+  (local, no communication) on the way in and out of the EMA swap, and the next forward gathers them
+  again from the partitions it sees. Evaluation with the EMA swapped in then sees the EMA in every
+  layer, as FSDP2's reshard does for its root.
 - ZeRO-2: gradients and optimizer state are partitioned, parameters are replicated. DeepSpeed's
   optimizer partition is a slice of one flat buffer per parameter group that cuts through
   parameters, so an EMA following it would depend on DeepSpeed's internal buffer layout. We keep
@@ -65,16 +68,13 @@ def ema_file(folder: Path, rank: int) -> Path:
 def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int) -> dict:
     """The DeepSpeed config, all derived from the sd-train config (none of it is 'auto')."""
     zero: dict = {"stage": cfg.dist.zero_stage}
-    if cfg.dist.zero_stage == 3:
-        # No parameter stays gathered between forwards (see the module docstring: the EMA swap).
-        # Costs one all-gather per small tensor (biases, norms) per forward on big models.
-        zero["stage3_param_persistence_threshold"] = 0
     d = cfg.dist
     knobs = {
         "overlap_comm": d.zero_overlap_comm,
         "reduce_bucket_size": d.zero_reduce_bucket_size,
         "allgather_bucket_size": d.zero_allgather_bucket_size,
         "stage3_prefetch_bucket_size": d.zero_prefetch_bucket_size,
+        "stage3_param_persistence_threshold": d.zero_param_persistence_threshold,
     }
     zero.update({k: v for k, v in knobs.items() if v is not None})  # unset: DeepSpeed's own defaults
     return {
@@ -154,7 +154,7 @@ class DeepSpeedStrategy(Strategy):
         self.optimizer = optimizer
 
     def ema_layout(self):
-        return Zero3Layout() if self.stage == 3 else ReplicatedLayout()
+        return Zero3Layout(list(self.module.parameters())) if self.stage == 3 else ReplicatedLayout()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -267,11 +267,18 @@ class Zero3Layout:
     cache_views = False
     name = "zero3"
 
-    def __init__(self):
+    def __init__(self, params: Sequence[torch.nn.Parameter] = ()):
         self._meshes: dict[str, DeviceMesh] = {}
+        # DeepSpeed marks them at engine creation (`ds_persist`) and keeps them gathered.
+        self.persisted = [p for p in params if getattr(p, "ds_persist", False)]
 
     def release(self) -> None:
-        """Nothing stays gathered between forwards: stage3_param_persistence_threshold=0."""
+        """Partition the persisted parameters: drop their gathered copy and keep the partition
+        (`ds_tensor`), with no communication, as DeepSpeed itself does before it rewrites partitions
+        on a checkpoint load. The next forward fetches them again from whatever the partitions then
+        hold (the EMA inside a swap, the raw weights after it) and keeps them gathered again."""
+        if self.persisted:
+            self.persisted[0].partition(self.persisted)
 
     def views(self, named_params) -> list[torch.Tensor]:
         return [p.ds_tensor for _, p in named_params]

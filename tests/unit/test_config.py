@@ -205,16 +205,19 @@ def test_deepspeed_knobs_reach_the_engine_config_and_only_where_they_apply():
     base = load_config(
         None, ["dist.strategy=deepspeed", "dist.zero_stage=3", "global_batch_size=8", "micro_batch_size=4"]
     )
-    assert set(deepspeed_config(base, 2, 1)["zero_optimization"]) == {"stage", "stage3_param_persistence_threshold"}
+    # Unset knobs are DeepSpeed's defaults (a persistence threshold of 1e5 elements included).
+    assert set(deepspeed_config(base, 2, 1)["zero_optimization"]) == {"stage"}
     knobs = [
         "dist.zero_overlap_comm=true",
         "dist.zero_reduce_bucket_size=200000000",
         "dist.zero_prefetch_bucket_size=50000000",
+        "dist.zero_param_persistence_threshold=0",
     ]
     tuned = load_config(None, ["dist.strategy=deepspeed", "dist.zero_stage=3", *knobs])
     check_deepspeed_knobs(tuned)
     zero = deepspeed_config(tuned, 2, 1)["zero_optimization"]
     assert (zero["overlap_comm"], zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (True, 2e8, 5e7)
+    assert zero["stage3_param_persistence_threshold"] == 0
     with pytest.raises(ConfigError, match=r"dist.zero_prefetch_bucket_size applies only to .*zero_stage in \[3\]"):
         check_deepspeed_knobs(
             load_config(None, ["dist.strategy=deepspeed", "dist.zero_stage=2", "dist.zero_prefetch_bucket_size=5"])
