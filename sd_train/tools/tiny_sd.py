@@ -7,8 +7,8 @@ They are saved as a diffusers `StableDiffusionPipeline` folder, so the trainer l
 `from_pretrained(path, subfolder=...)` and `StableDiffusionPipeline.from_pretrained(path)` works.
 
 Usage:
-    sd-train prepare-emoji --out data/emoji
-    sd-train build-tiny --data data/emoji --out models/tiny-sd [--resolution 32] [--vae-steps 800]
+    sd-train prepare-emoji --out data/emoji [--subset demo]
+    sd-train build-tiny --data data/emoji --out models/tiny-sd [--resolution 32] [--vae-steps 600]
 
 Writes OUT/{unet,vae,text_encoder,tokenizer,scheduler}/, OUT/model_index.json,
 OUT/vae_report.json (PSNR before/after, latent scaling factor) and OUT/sd_train_tiny.json.
