@@ -16,6 +16,10 @@ POSTHOC_FLAGS := --sigma-rel 0.03,0.05,0.07,0.1,0.15 --decay 0.95,0.98,0.99
 # Tests run 2 ranks on 2 cores: one BLAS thread each, or they fight over the cores. The single-process
 # builds and the demo use every core.
 CORES := $(shell nproc 2>/dev/null || echo 2)
+# BLAS threads of the demo's builds and training. On a machine busy with other jobs use 1
+# (`make demo THREADS=1`): with 2 threads on a 2-core box at load 3.5 a training step took 11 s,
+# with 1 thread at load 3.5-5 0.3-0.5 s (threads that wait for a descheduled peer spin).
+THREADS ?= $(CORES)
 
 .PHONY: demo test test-unit lint venv data tiny-sd clean
 
@@ -36,7 +40,7 @@ $(DATA)/.done: $(STAMP) Makefile sd_train/tools/prepare.py sd_train/data/tar.py
 tiny-sd: $(TINY)/.done
 
 $(TINY)/.done: $(DATA)/.done Makefile sd_train/tools/tiny_sd.py sd_train/data/tar.py sd_train/data/decode.py
-	OMP_NUM_THREADS=$(CORES) $(BIN)/sd-train build-tiny --data $(DATA) --out $(TINY) $(TINY_FLAGS)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/sd-train build-tiny --data $(DATA) --out $(TINY) $(TINY_FLAGS)
 	touch $@
 
 # Train (a second run resumes from the last checkpoint and only exports), then choose the EMA length
@@ -46,8 +50,8 @@ demo: $(TINY)/.done
 	@if [ -f $(RUN)/config.yaml ] && [ $(TINY)/.done -nt $(RUN)/config.yaml ]; then \
 		echo "$(RUN) was trained on an older $(TINY): moved to $(RUN).stale, training afresh"; \
 		rm -rf $(RUN).stale; mv $(RUN) $(RUN).stale; fi
-	OMP_NUM_THREADS=$(CORES) $(BIN)/python train.py --config configs/demo.yaml output_dir=$(RUN)
-	OMP_NUM_THREADS=$(CORES) $(BIN)/sd-train posthoc --run $(RUN) --eval $(POSTHOC_FLAGS)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python train.py --config configs/demo.yaml output_dir=$(RUN)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/sd-train posthoc --run $(RUN) --eval $(POSTHOC_FLAGS)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 tests
