@@ -17,8 +17,9 @@ POSTHOC_FLAGS := --sigma-rel 0.03,0.05,0.07,0.1,0.15 --decay 0.95,0.98,0.99
 # builds and the demo use every core.
 CORES := $(shell nproc 2>/dev/null || echo 2)
 # BLAS threads of the demo's builds and training. On a machine busy with other jobs use 1
-# (`make demo THREADS=1`): with 2 threads on a 2-core box at load 3.5 a training step took 11 s,
-# with 1 thread at load 3.5-5 0.3-0.5 s (threads that wait for a descheduled peer spin).
+# (`make demo THREADS=1`): on a 2-core box at load 3.5-7, 2 threads made a VAE step 5.7 s against
+# 0.58 s with 1, and the first training steps 11 s against 0.3-0.5 s (a thread that waits for a
+# descheduled peer spins).
 THREADS ?= $(CORES)
 
 .PHONY: demo test test-unit lint venv data tiny-sd clean
