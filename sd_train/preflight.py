@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,7 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
             "model.pretrained_path instead (weights only)"
         )
     check_model_folder(cfg.model.pretrained_path)
+    check_resolution_fits_vae(cfg.data.resolution, cfg.model.pretrained_path)
     plan_from_config(cfg.ema, cfg.max_steps).check()
     posthoc_plan_from_config(cfg.ema, cfg.max_steps).check()
     return resolved
@@ -70,6 +72,34 @@ def check_shards(name: str, spec: str, world_size: int, workers: int, epoch_mode
             )
         if epoch_mode:
             check_epoch_shard_count(name, src, world_size, workers)
+
+
+def vae_downsampling_factor(model_path: str) -> int:
+    """The VAE's pixels-per-latent factor, 2 ** (len(block_out_channels) - 1) as diffusers builds an
+    AutoencoderKL (every encoder block but the last halves the image): 8 for SD's VAE, 2 for the
+    tiny demo one. Read from `<model_path>/vae/config.json`; ConfigError if it is missing or unreadable."""
+    path = Path(model_path) / "vae" / "config.json"
+    try:
+        channels = json.loads(path.read_text())["block_out_channels"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"model.pretrained_path={model_path!r}: cannot read block_out_channels from {path} ({e}); "
+            "it must be a diffusers Stable Diffusion folder"
+        ) from e
+    return 2 ** (len(channels) - 1)
+
+
+def check_resolution_fits_vae(resolution: int, model_path: str) -> None:
+    """`data.resolution` is a multiple of the model's VAE downsampling factor, so that a latent
+    pixel covers a whole block of image pixels and decode(encode(x)) has x's size."""
+    factor = vae_downsampling_factor(model_path)
+    if resolution % factor:
+        lower = max(factor, resolution // factor * factor)
+        raise ConfigError(
+            f"data.resolution={resolution} must be a multiple of {factor}, the downsampling factor of the VAE in "
+            f"model.pretrained_path={model_path!r} (2**(len(block_out_channels)-1) from vae/config.json): use "
+            f"data.resolution={lower} or {lower + factor}"
+        )
 
 
 def check_checkpoint_folders(cfg: TrainConfig) -> None:

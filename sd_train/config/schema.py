@@ -107,7 +107,8 @@ class DataArgs:
     val_shards: str = "data/emoji/val-000000.tar"
     """Held-out shards for the validation loss. Empty string disables validation."""
     resolution: int = 32
-    """Square training resolution in pixels; a multiple of 8 (the SD VAE downsamples by 8)."""
+    """Square training resolution in pixels; a multiple of the model's VAE downsampling factor
+    (8 for SD's VAE, 2 for the tiny demo model), which sd_train.preflight reads from the VAE config."""
     center_crop: bool = True
     """Center crop after the resize; False takes a random crop (seeded, so resumable)."""
     random_flip: bool = False
@@ -156,11 +157,8 @@ class DataArgs:
 
     def validate(self) -> None:
         """Field values only; sd_train.preflight checks that the shards exist and are enough."""
-        if self.resolution <= 0 or self.resolution % 8 != 0:
-            raise ConfigError(
-                f"data.resolution={self.resolution} must be a positive multiple of 8 (e.g. "
-                f"{max(8, self.resolution // 8 * 8)})"
-            )
+        if self.resolution <= 0:  # the multiple the VAE needs is preflight's check: it depends on the model
+            raise ConfigError(f"data.resolution={self.resolution} must be positive")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.shuffle_buffer < 0:

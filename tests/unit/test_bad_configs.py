@@ -14,6 +14,8 @@ from sd_train.preflight import preflight
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 REPO = Path(__file__).resolve().parents[2]
+# A diffusers VAE config as SD's: four blocks, so a downsampling factor of 8.
+SD_VAE_CONFIG = '{"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]}'
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +26,7 @@ def good(tmp_path_factory):
     model = root / "model"
     for sub in MODEL_SUBFOLDERS:
         (model / sub).mkdir(parents=True)
+    (model / "vae" / "config.json").write_text(SD_VAE_CONFIG)
     shards = root / "shards"
     shards.mkdir()
     tars = sorted(ASSETS.glob("*.tar"))
@@ -50,7 +53,8 @@ BAD = [
     ),
     (["checkpoint.load_step=999"], "checkpoint.load_step=999: no complete checkpoint"),
     (["data.train_shards=/nowhere/x-{000000..000009}.tar"], "matches no shard"),
-    (["data.resolution=30"], "data.resolution=30 must be a positive multiple of 8"),
+    (["data.resolution=30"], "data.resolution=30 must be a multiple of 8, the downsampling factor of the VAE"),
+    (["data.resolution=0"], "data.resolution=0 must be positive"),
     (["optim.lrr=1"], "unknown config key optim.lrr"),
     (["checkpoint.keep_last_k=1"], "checkpoint.keep_last_k=1"),
     (["checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be positive"),

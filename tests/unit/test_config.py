@@ -1,12 +1,15 @@
 """Config loading (precedence, types, unknown keys), the sections' field checks, and preflight's
 machine checks: errors that name the field, a resolved config that leaves its input alone, no torch."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import AutoencoderKL
 
 from sd_train.config import (
     MODEL_SUBFOLDERS,
@@ -16,9 +19,11 @@ from sd_train.config import (
     parse_overrides,
 )
 from sd_train.paths import step_dir
-from sd_train.preflight import check_shard_group, preflight
+from sd_train.preflight import check_shard_group, preflight, vae_downsampling_factor
 
 REPO = Path(__file__).resolve().parents[2]
+# A diffusers VAE config as SD's: four blocks, so a downsampling factor of 8.
+SD_VAE_CONFIG = '{"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512]}'
 
 
 def test_precedence_defaults_yaml_overrides(tmp_path):
@@ -91,6 +96,7 @@ def machine(tmp_path):
     model = tmp_path / "model"
     for sub in MODEL_SUBFOLDERS:
         (model / sub).mkdir(parents=True)
+    (model / "vae" / "config.json").write_text(SD_VAE_CONFIG)
     shards = tmp_path / "shards"
     shards.mkdir()
     for i in range(8):
@@ -147,6 +153,44 @@ def test_reshard_after_forward_takes_a_group_size_that_divides_the_shard_group(m
         with pytest.raises(ConfigError, match=match):
             check(f"dist.reshard_after_forward={value}")
     assert check("dist.shard_group_size=16", "dist.reshard_after_forward=8") == 8
+
+
+@pytest.mark.parametrize(
+    "channels, good, bad, fix",
+    [
+        ([128, 256, 512, 512], 40, 36, "use data.resolution=32 or 40"),  # SD's VAE
+        ([32, 64, 64], 36, 34, "use data.resolution=32 or 36"),
+        ([32, 64], 34, 33, "use data.resolution=32 or 34"),  # the tiny demo VAE
+    ],
+)
+def test_resolution_must_fit_the_models_vae(machine, tmp_path, channels, good, bad, fix):
+    """The multiple data.resolution needs follows the model's VAE config, not a fixed 8."""
+    model = tmp_path / "model"
+    (model / "vae" / "config.json").write_text(json.dumps({"block_out_channels": channels}))
+    preflight(load_config(None, [*machine, f"data.resolution={good}"]), 1, environ={})
+    factor = 2 ** (len(channels) - 1)
+    with pytest.raises(ConfigError, match=rf"data.resolution={bad} must be a multiple of {factor}, .*{fix}"):
+        preflight(load_config(None, [*machine, f"data.resolution={bad}"]), 1, environ={})
+    (model / "vae" / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"model.pretrained_path=.*cannot read block_out_channels"):
+        preflight(load_config(None, machine), 1, environ={})
+
+
+def test_vae_factor_matches_what_diffusers_builds(tmp_path):
+    """The factor read from a saved VAE config equals image size / latent size of that VAE's encode."""
+    for channels in ((8,), (8, 8), (8, 8, 8)):
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * len(channels),
+            up_block_types=("UpDecoderBlock2D",) * len(channels),
+            block_out_channels=channels,
+            layers_per_block=1,
+            norm_num_groups=8,
+        )
+        folder = tmp_path / str(len(channels))
+        vae.save_pretrained(folder / "vae")
+        with torch.no_grad():
+            latent = vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mode()
+        assert vae_downsampling_factor(str(folder)) == 32 // latent.shape[-1] == 2 ** (len(channels) - 1)
 
 
 def test_preflight_does_not_import_torch(machine):

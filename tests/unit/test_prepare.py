@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sd_train.config import load_config
 from sd_train.tools import prepare
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _members(path: str) -> list[str]:
@@ -165,3 +168,47 @@ def test_cli_prepare_emoji(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert rc == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("wrote 16 train samples in 2 shards + 4 val")
+
+
+def _names(paths: list[str]) -> list[str]:
+    """The `name` field of every sample's .json, in shard order, read with plain tarfile."""
+    out = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            out += [json.load(tar.extractfile(m))["name"] for m in tar if m.name.endswith(".json")]
+    return out
+
+
+def test_subset_trains_the_named_emoji_and_holds_out_others(tmp_path: Path) -> None:
+    """--subset: the train shards hold exactly the named emoji, the val shard only others."""
+    names = ["red_apple", "hamburger", "grinning_face", "rocket", "pizza"]
+    rc = prepare.main_prepare_emoji(
+        ["--out", str(tmp_path), "--resolution", "8", "--subset", ",".join(names), "--val-count", "6"]
+        + ["--num-train-shards", "2"]
+    )
+    assert rc == 0
+    man = json.loads((tmp_path / "dataset.json").read_text())
+    assert man["subset"] == names and man["counts"]["train"] == 5 and man["counts"]["val"] == 6
+    train = _names([str(tmp_path / s) for s in man["train_shards"]])
+    val = _names([str(tmp_path / s) for s in man["val_shards"]])
+    assert train == [f":{n}:" for n in names]
+    assert len(val) == 6 and not set(val) & set(train)
+    captions = _captions([str(tmp_path / s) for s in man["train_shards"]])
+    assert sorted(captions.values()) == sorted(f"an emoji of {n.replace('_', ' ')}" for n in names)
+
+
+def test_demo_subset_names_exist_and_lead_with_the_grid_prompts() -> None:
+    samples = prepare.emoji_samples(resolution=8)
+    train, val = prepare.subset_indices(prepare.DEMO_EMOJI, samples, val_count=64, seed=0)
+    assert len(train) == len(set(train)) == len(prepare.DEMO_EMOJI) == 16
+    assert [samples[i].caption for i in train[:4]] == [
+        "an emoji of red apple",
+        "an emoji of hamburger",
+        "an emoji of grinning face",
+        "an emoji of rocket",
+    ]
+    assert len(val) == 64 and not set(val) & set(train)
+    demo = load_config(str(REPO / "configs" / "demo.yaml"))
+    assert set(demo.eval.prompts) <= {samples[i].caption for i in train}, "the demo grid asks for an untrained emoji"
+    with pytest.raises(ValueError, match=r"no emoji named \['red_aple'\]"):
+        prepare.subset_indices(["red_aple"], samples, val_count=1, seed=0)
