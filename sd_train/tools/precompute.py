@@ -413,6 +413,14 @@ def precompute(
 # --------------------------------------------------------------------------------------------
 
 
+def default_workers(device: str) -> int:
+    """Decode workers when `--workers` is not given. On a GPU the encoders run there and the host's
+    cores are free to decode ahead. On CPU the encoders need those cores themselves: on the 2-core
+    box, 1,849 72 px PNGs through the tiny VAE at 64 px went at 70 and 66 samples/s decoded inline
+    against 56 and 49 with one worker and 46 and 56 with two (interleaved runs)."""
+    return 4 if device.startswith("cuda") else 0
+
+
 def main_precompute(argv: list[str]) -> int:
     """`sd-train precompute`: see the module docstring."""
     p = argparse.ArgumentParser(prog="sd-train precompute", description=__doc__.split("\n")[0])
@@ -432,7 +440,10 @@ def main_precompute(argv: list[str]) -> int:
         "--dtype", choices=list(DTYPES), default="float32", help="float32: bitwise-exact training; float16: half size"
     )
     p.add_argument(
-        "--workers", type=int, default=2, help="decode worker processes per process (0: decode inline); same bytes"
+        "--workers",
+        type=int,
+        default=None,
+        help="decode worker processes per process (0: decode inline; default 4 on a GPU, 0 on CPU); same bytes",
     )
     a = p.parse_args(argv)
     try:
@@ -446,7 +457,7 @@ def main_precompute(argv: list[str]) -> int:
         m = precompute(
             a.model, a.src, a.out, a.resolution, a.batch_size, a.crops, a.seed, device, a.dtype,
             rank=launch.rank, world_size=launch.world_size, gather=all_gather_object if info else lambda part: [part],
-            workers=a.workers,
+            workers=a.workers if a.workers is not None else default_workers(device),
         )  # fmt: skip
     except (ValueError, ConfigError) as e:
         print(f"sd-train precompute: {e}")
