@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The demo learns a small set: the 32 emoji of `--subset demo` (sd_train/tools/prepare.py DEMO_EMOJI),
+# The demo learns a small set: the 16 emoji of `--subset demo` (sd_train/tools/prepare.py DEMO_EMOJI),
 # held-out loss on 64 others. The stamps depend on the Makefile too, so changing a flag here rebuilds.
 DATA := data/emoji
 DATA_FLAGS := --subset demo --val-count 64
