@@ -153,7 +153,10 @@ def test_sharded_profiles_track_snapshot_reconstruct_and_resume(info, tmp_path):
 
 class _Engine:
     """Stands in for the DeepSpeed engine: its own zero/ files are DeepSpeed's business (and
-    tests/e2e/test_deepspeed_posthoc.py runs the real one); this checks the shadows' files."""
+    tests/e2e/test_deepspeed.py runs the real one); this checks the shadows' files."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
 
     def save_checkpoint(self, *args, **kwargs) -> None:
         pass
@@ -173,7 +176,7 @@ def _deepspeed_like(stage: int, info):
     cfg = TrainConfig()
     cfg.dist.strategy, cfg.dist.zero_stage = "deepspeed", stage
     strategy = DeepSpeedStrategy(cfg, info, accum=1)
-    strategy.engine = _Engine()
+    strategy.engine = _Engine(module)
     return module, strategy
 
 
