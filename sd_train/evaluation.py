@@ -6,13 +6,15 @@ whatever the world size, so runs can be compared. Sample grids use fixed prompts
 
 `Evaluator` owns the cadence (`should_run(step)`) and the variants: the raw weights, and the EMA
 swapped into the model once its window is open. Under FSDP2 every forward is a collective, so every
-rank runs the same number of UNet calls here; only the main process writes files.
+rank runs the same number of UNet calls here; only the main process writes files, on a background
+thread (sd_train.background_writer), so no peer waits in a collective for its disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
+from sd_train.background_writer import BackgroundWriter
 from sd_train.config import TrainConfig
 from sd_train.data.loader import val_samples
 from sd_train.model.parts import SDParts, decode_latents, encode_pixels, encode_text
@@ -126,8 +129,8 @@ class Sampler:
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: np.ndarray, path: Path, cols: int | None = None) -> Path:
-    """Tile images [N, H, W, 3] into one PNG."""
+def grid_image(images: np.ndarray, cols: int | None = None) -> Image.Image:
+    """Tile images [N, H, W, 3] into one picture."""
     n, h, w, _ = images.shape
     cols = cols or min(n, 4)
     rows = math.ceil(n / cols)
@@ -135,11 +138,18 @@ def save_grid(images: np.ndarray, path: Path, cols: int | None = None) -> Path:
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Tiny demo images are upscaled (nearest) so a person can see them.
     scale = max(1, 128 // h)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
-    return path
+    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+
+
+def write_png(image: Image.Image, path: Path, before_write: Callable[[], None] = lambda: None) -> None:
+    """Runs on the background writer's thread (sd_train.background_writer)."""
+    before_write()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)  # a reader never sees half a PNG
 
 
 class Evaluator:
@@ -159,6 +169,8 @@ class Evaluator:
         self.metrics = metrics
         self.out = Path(out)
         self.is_main = info.is_main
+        self.writer = BackgroundWriter()
+        self.fault_hook: Callable[[str, int], None] = lambda phase, step: None  # set by the trainer (faults)
 
     def should_run(self, step: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == self.max_steps)
@@ -178,11 +190,17 @@ class Evaluator:
                     out[f"val/loss_{name}"] = self.validator.loss(model)
                 if self.sampler is not None:
                     grids.append((name, self.sampler.sample(model)))
-        # The grids are written once every variant's forwards (collectives under FSDP2) are done:
-        # written between the raw grid and the EMA loss, a slow disk on the main process held every
-        # other rank inside the EMA forward's all-gather, against the collective timeout.
+        # The grids are handed over once every variant's forwards (collectives under FSDP2) are done,
+        # and written by the background writer: a slow disk on the main process held every other
+        # rank inside the next collective (first the EMA forward's all-gather, then the next
+        # training step's), against the collective timeout. The metrics get the picture itself.
         if self.is_main:
             for name, images in grids:
-                path = save_grid(images, self.out / "samples" / f"step_{step:08d}_{name}.png")
-                self.metrics.log_image(step, f"samples/{name}", str(path))
+                path, image = self.out / "samples" / f"step_{step:08d}_{name}.png", grid_image(images)
+                self.writer.submit(write_png, image, path, lambda: self.fault_hook("grid_write", step))
+                self.metrics.log_image(step, f"samples/{name}", str(path), image)
         return out
+
+    def close(self) -> None:
+        """Wait for the grids still being written (after the process group is gone: no peer waits)."""
+        self.writer.close()

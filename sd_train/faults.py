@@ -7,7 +7,8 @@ and phase, so the fault-tolerance tests can kill, poison or hang a real run.
 
 Phases: mid_step (between backward and optimizer step), after_rank_files (checkpoint: rank file
 written, shards not), after_shards (shards written, folder not yet renamed), before_retention,
-during_async_save, export_write (main process, the end-of-run export, before its files are written).
+during_async_save, export_write (main process, the end-of-run export, before its files are written),
+grid_write (main process, on the background writer's thread, before a sample grid is written).
 Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM), sleep (`seconds`).
 Unset, it costs one dict lookup per phase.
 """

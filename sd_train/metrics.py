@@ -47,7 +47,7 @@ class NullMetrics:
     def log(self, step: int, values: dict[str, Any]) -> None:
         pass
 
-    def log_image(self, step: int, name: str, path: str) -> None:
+    def log_image(self, step: int, name: str, path: str, image=None) -> None:
         pass
 
     def log_config(self, config: dict, plan: dict) -> None:
@@ -113,12 +113,14 @@ class Metrics(NullMetrics):
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
 
-    def log_image(self, step: int, name: str, path: str) -> None:
+    def log_image(self, step: int, name: str, path: str, image=None) -> None:
+        """`path` is where the picture is (or is being) written; `image` (a PIL image), when
+        given, is what wandb gets, so that it never waits for or reads the file."""
         self.jsonl.write(json.dumps({"step": step, "image": name, "path": str(path)}) + "\n")
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({name: wandb.Image(str(path))}, step=step)
+            self.wandb.log({name: wandb.Image(image if image is not None else str(path))}, step=step)
 
     def log_config(self, config: dict, plan: dict) -> None:
         self.jsonl.write(json.dumps({"config": config, "ema_plan": {k: _jsonable(v) for k, v in plan.items()}}) + "\n")

@@ -182,6 +182,7 @@ class Trainer:
         )
         self.metrics = build_metrics(cfg.metrics, cfg.output_dir, cfg.run_name or self.out.name, self.info.is_main)
         self.evaluator = Evaluator(cfg, self.parts, self.objective, self.info, self.ema, self.metrics, self.out)
+        self.evaluator.fault_hook = lambda phase, step: self.faults.trip(phase, step)
         if not cfg.data.precomputed:
             self.parts.load("vae", "text_encoder")  # the step runs both
         else:
@@ -496,8 +497,11 @@ class Trainer:
 
     def close(self) -> None:
         self.checkpointer.close()
-        self.metrics.close()
         destroy()
+        # The sample grids still being written: waited for with no process group left, so a slow
+        # disk on the main process keeps no peer in a collective.
+        self.evaluator.close()
+        self.metrics.close()
 
 
 KNOWN_ERRORS: tuple = (NonFiniteError, CheckpointLoadError, BadDataError)

@@ -182,15 +182,23 @@ def test_hsdp_run_resumes_exactly(tiny_assets, tmp_path):
 def test_second_stage_starts_from_first_stage_weights_and_optimizer(tiny_assets, straight_run, tmp_path):
     """checkpoint.init_from: stage 2 starts from stage 1's last checkpoint. Its step-0 held-out loss is
     stage 1's final one (the weights), Adam's step counts carry on (the optimizer), while its own
-    step, EMA window and data position start fresh."""
+    step, EMA window and data position start fresh.
+
+    The same run shows that sample grids are written off the training thread: rank 0's first grid
+    write at step 4 sleeps 15 s, past a 10 s collective timeout, while the other rank goes on into
+    the step-4 checkpoint's collectives; the job still exits 0 with both grids written."""
     s2 = tmp_path / "stage2"
     init = straight_run / "checkpoints" / "step_00000016"
     proc = run(
         train_cmd(2, s2, tiny_assets, f"checkpoint.init_from={init}", "max_steps=4", "ema.step_start_ema=2",
-                  "eval.every_steps=4", "export_at_end=false", "checkpoint.every_steps=4"),
+                  "eval.every_steps=4", "export_at_end=false", "checkpoint.every_steps=4", "dist.timeout_s=10"),
         timeout=300,
+        SD_TRAIN_FAULT="rank=0,step=4,phase=grid_write,action=sleep,seconds=15",
     )  # fmt: skip
     assert f"initialised from {init} (step 16 of that run)" in proc.stdout
+    assert "[fault injection] rank 0 step 4 phase grid_write: sleep" in proc.stdout
+    for kind in ("raw", "ema"):
+        assert (s2 / "samples" / f"step_00000004_{kind}.png").is_file(), kind
 
     def val_raw(out: Path, step: int) -> float:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,13 +1,17 @@
 """The Evaluator's order of work: every variant's forwards (collectives under FSDP2) come before
-the main process writes a sample grid, so a slow disk never holds the other ranks inside them."""
+the main process writes a sample grid, and the grid is written on the background writer's thread,
+so a slow disk never holds the other ranks inside a collective. And the writer itself."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
+import pytest
 
 import sd_train.evaluation as evaluation
+from sd_train.background_writer import BackgroundWriter
 from sd_train.evaluation import Evaluator
 
 
@@ -34,10 +38,19 @@ def test_sample_grids_are_written_after_every_variants_forwards(tmp_path, monkey
             events.append("swap out")
 
     class Metrics:
-        def log_image(self, step: int, name: str, path: str) -> None:
+        def log_image(self, step: int, name: str, path: str, image) -> None:
+            assert image.size == (128, 128)  # the picture itself: the file may not be written yet
             events.append(f"log {name}")
 
-    monkeypatch.setattr(evaluation, "save_grid", lambda images, path: events.append(f"write {path.name}") or path)
+    released = threading.Event()
+    writes: list[tuple[str, str]] = []
+
+    def write_png(image, path, before_write):
+        before_write()
+        released.wait(10)  # a slow disk
+        writes.append((path.name, threading.current_thread().name))
+
+    monkeypatch.setattr(evaluation, "write_png", write_png)
     ev = Evaluator.__new__(Evaluator)  # the cadence and variants only: no model parts needed
     ev.validator, ev.sampler, ev.ema, ev.metrics, ev.out, ev.is_main = (
         Validator(),
@@ -47,8 +60,40 @@ def test_sample_grids_are_written_after_every_variants_forwards(tmp_path, monkey
         tmp_path,
         True,
     )
+    ev.writer, ev.fault_hook = BackgroundWriter(), lambda phase, step: events.append(f"{phase} {step}")
     assert ev.run(12, model=None) == {"val/loss_raw": 0.5, "val/loss_ema": 0.5}
-    assert events == [
-        "loss", "sample", "swap in", "loss", "sample", "swap out",
-        "write step_00000012_raw.png", "log samples/raw", "write step_00000012_ema.png", "log samples/ema",
+    # run() returned with the disk still busy: nothing was written on the training thread.
+    assert writes == [] and ev.writer.pending() == 2
+    released.set()
+    ev.close()
+    assert [e for e in events if not e.startswith("grid_write")] == [
+        "loss", "sample", "swap in", "loss", "sample", "swap out", "log samples/raw", "log samples/ema",
     ]  # fmt: skip
+    assert events.count("grid_write 12") == 2
+    assert [name for name, _ in writes] == ["step_00000012_raw.png", "step_00000012_ema.png"]
+    assert all(thread.startswith("sd-train-writer") for _, thread in writes)
+
+
+def test_background_writer_keeps_order_and_raises_a_failed_write():
+    writer, done = BackgroundWriter(), []
+    for i in range(5):
+        writer.submit(done.append, i)
+    writer.close()
+    assert done == [0, 1, 2, 3, 4]
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    writer = BackgroundWriter()
+    writer.submit(fail)
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+
+
+def test_grid_png_is_written_whole(tmp_path):
+    from PIL import Image
+
+    image = evaluation.grid_image(np.full((2, 8, 8, 3), 200, dtype=np.uint8))
+    path = tmp_path / "samples" / "step_00000001_raw.png"
+    evaluation.write_png(image, path)
+    assert Image.open(path).size == image.size and not list(path.parent.glob(".*partial"))

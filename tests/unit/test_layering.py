@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.faults",
         "sd_train.host_sync",
         "sd_train.perf",
+        "sd_train.background_writer",
     ),
     ("sd_train.config",),
     ("sd_train.errors", "sd_train.paths", "sd_train"),
