@@ -3,12 +3,12 @@ the job themselves; torchrun --max-restarts over gloo on one machine is unreliab
 
 import shutil
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
-from launch import run
-from test_train import assert_states_equal, full_state, keys_by_step, train_cmd
+from launch import REPO, env, free_port, run
+from test_train import TRAIN, assert_states_equal, full_state, keys_by_step, train_cmd
 
 from sd_train.paths import complete_steps
 
@@ -121,21 +121,28 @@ def test_nonfinite_steps_skipped_then_stop(tiny_assets, tmp_path):
 
 
 def test_hung_rank_exits_nonzero(tiny_assets, tmp_path):
-    """Rank 1 hangs; rank 0 hits the collective timeout and the job exits non-zero instead of
-    waiting forever (bounded by the subprocess timeout: 10 s timeout + torchrun's 30 s grace).
-    The grace is fixed: torchrun 2.13 honours --shutdown_timeout / TORCH_ELASTIC_SHUTDOWN_TIMEOUT
-    only when it is signalled itself, and stops the workers of a failed group with the default 30 s
-    (LocalElasticAgent._stop_workers), so this test cannot be made shorter from outside."""
-    out = tmp_path / "hang"
-    start = time.monotonic()
-    try:
-        proc = run(
-            train_cmd(2, out, tiny_assets, *FAST, "dist.timeout_s=10"),
-            timeout=150,
-            check=False,
-            SD_TRAIN_FAULT="rank=1,step=3,phase=mid_step,action=hang",
+    """Rank 1 hangs mid-step; rank 0 hits the 10 s collective timeout and exits non-zero instead of
+    waiting forever. The two ranks are started as srun starts them (SLURM_PROCID / SLURM_NTASKS, no
+    torchrun): torchrun 2.13 would add a fixed 30 s before it stops the workers of a failed group
+    (LocalElasticAgent._stop_workers ignores --shutdown_timeout unless torchrun itself is signalled),
+    which is the launcher's time, not ours. srun then stops the hung task (--kill-on-bad-exit); here
+    the test does."""
+    out, port, hang = tmp_path / "hang", str(free_port()), "rank=1,step=3,phase=mid_step,action=hang"
+    cmd = [sys.executable, TRAIN, *train_cmd(1, out, tiny_assets, *FAST, "dist.timeout_s=10")[2:]]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), SLURM_JOB_ID="7",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, SD_TRAIN_FAULT=hang),
         )
+        for r in (0, 1)
+    ]  # fmt: skip
+    try:
+        log0 = procs[0].communicate(timeout=150)[0]
     except subprocess.TimeoutExpired:
-        pytest.fail("the job hung past its collective timeout")
-    assert proc.returncode != 0
-    assert time.monotonic() - start < 150
+        pytest.fail("rank 0 hung past its collective timeout")
+    finally:
+        procs[1].kill()
+        log1 = procs[1].communicate()[0]
+    assert procs[0].returncode != 0, log0[-3000:]
+    assert "[fault injection] rank 1 step 3 phase mid_step: hang" in log1

@@ -114,7 +114,7 @@ def test_evaluation_off_async_time_cadence_saves_and_a_slow_export_write(tiny_as
     once; bytes per rank is the largest rank's files.
 
     The same run also shows that the end-of-run export gathers first and writes with no collective
-    pending: rank 0 sleeps 25 s before its write, past a 10 s collective timeout, and the job still
+    pending: rank 0 sleeps 15 s before its write, past a 10 s collective timeout, and the job still
     exits 0 with both pipelines written, equal to the reference run's (the other ranks used to time
     out waiting in the EMA gather)."""
     e = tmp_path / "e"
@@ -122,7 +122,7 @@ def test_evaluation_off_async_time_cadence_saves_and_a_slow_export_write(tiny_as
         train_cmd(2, e, tiny_assets, "eval.every_steps=0", "dist.timeout_s=10", "checkpoint.async_save=true",
                   "checkpoint.every_minutes=0.000001"),
         timeout=300,
-        SD_TRAIN_FAULT="rank=0,step=16,phase=export_write,action=sleep,seconds=25",
+        SD_TRAIN_FAULT="rank=0,step=16,phase=export_write,action=sleep,seconds=15",
     )  # fmt: skip
     assert "[fault injection] rank 0 step 16 phase export_write: sleep" in proc.stdout
     for kind in ("raw", "ema"):
