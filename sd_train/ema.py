@@ -21,6 +21,16 @@ from sd_train.ema_plan import EMAPlan
 from sd_train.parallel.fsdp import DTensorLayout
 
 
+def fp32_shadow(tensors: list[torch.Tensor], copy_weights: bool) -> list[torch.Tensor]:
+    """An fp32 shadow of each local tensor: a copy of the weights, or zeros to be filled by a load.
+    fp32 even for bf16 params: 1 - decay = 1e-4 is below bf16's resolution."""
+    with torch.no_grad():
+        return [
+            t.to(torch.float32, copy=True) if copy_weights else torch.zeros_like(t, dtype=torch.float32)
+            for t in tensors
+        ]
+
+
 class ShardedEMA:
     """Owns the EMA shadow of this rank's parameter shards and the window's progress. Where each
     rank's piece of a parameter lives is the layout's business (`Strategy.ema_layout()`: DTensor
@@ -59,14 +69,9 @@ class ShardedEMA:
 
     def allocate(self, copy_weights: bool) -> None:
         """Create the shadow shards (a copy of the weights, or zeros to be filled by a load)."""
-        with torch.no_grad():
-            locals_ = self.layout.views(self.named_params)
-            self._locals = locals_ if self.layout.cache_views else []
-            # fp32 shadow even for bf16 params: 1 - decay = 1e-4 is below bf16's resolution.
-            self.shadow = [
-                t.to(torch.float32, copy=True) if copy_weights else torch.zeros_like(t, dtype=torch.float32)
-                for t in locals_
-            ]
+        locals_ = self.layout.views(self.named_params)
+        self._locals = locals_ if self.layout.cache_views else []
+        self.shadow = fp32_shadow(locals_, copy_weights)
         self.num_updates = 0
 
     def local_bytes(self) -> int:

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from sd_train.ema import fp32_shadow
 from sd_train.ema_plan import PosthocPlan
 from sd_train.paths import SNAPSHOT_META, partial_dir, snapshot_is_complete, step_dir
 from sd_train.posthoc_math import power_beta
@@ -78,16 +79,9 @@ class PowerEMAProfiles:
                 torch._foreach_lerp_(shadow, locals_, 1.0 - power_beta(gamma, t))
 
     def allocate(self, copy_weights: bool) -> None:
-        with torch.no_grad():
-            locals_ = self.layout.views(self.named_params)
-            self._locals = locals_ if self.layout.cache_views else []
-            self.shadows = [
-                [
-                    t.to(torch.float32, copy=True) if copy_weights else torch.zeros_like(t, dtype=torch.float32)
-                    for t in locals_
-                ]
-                for _ in self.gammas
-            ]
+        locals_ = self.layout.views(self.named_params)
+        self._locals = locals_ if self.layout.cache_views else []
+        self.shadows = [fp32_shadow(locals_, copy_weights) for _ in self.gammas]
 
     def local_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.shadows for t in s) if self.shadows else 0
