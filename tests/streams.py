@@ -1,10 +1,44 @@
-"""Helpers shared by the data tests: read a number of batches from a loader, and their keys."""
+"""Helpers shared by the data tests: build a loader over a shard spec, read a number of batches
+from it, and their keys."""
 
 from __future__ import annotations
 
 from itertools import islice
+from typing import Any, Optional
 
+from sd_train.data.decode import ImageTransform
 from sd_train.data.loader import TrainLoader
+from sd_train.data.sources import expand_sources
+from sd_train.data.stream import ShardStream
+
+
+def augmented_loader(
+    spec: str,
+    *,
+    rank: int,
+    world: int,
+    workers: int,
+    seed: int,
+    batch: int,
+    shuffle: int,
+    max_epochs: Optional[int],
+    **stream_options: Any,
+) -> TrainLoader:
+    """A TrainLoader over `spec` at 16 px with random crops (the test assets are not all square)
+    and flips, so a resume must replay the augment RNG. `stream_options` go to ShardStream."""
+    stream = ShardStream(
+        expand_sources(spec),
+        rank=rank,
+        world_size=world,
+        num_workers=workers,
+        seed=seed,
+        batch_size=batch,
+        transform=ImageTransform(16, center_crop=False, random_flip=True),
+        shuffle_buffer=shuffle,
+        max_epochs=max_epochs,
+        **stream_options,
+    )
+    return TrainLoader(stream, workers)
 
 
 def take(loader: TrainLoader, n: int) -> list[dict]:

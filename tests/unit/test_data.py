@@ -13,19 +13,17 @@ import shutil
 import tarfile
 import warnings
 from collections import Counter
-from itertools import islice
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
+from streams import augmented_loader, take
 
 from sd_train.config import ConfigError, TrainConfig
 from sd_train.data.bad_input import check_bad_fraction
-from sd_train.data.decode import ImageTransform
 from sd_train.data.loader import TrainLoader, build_train_loader, val_samples
 from sd_train.data.sources import expand_sources
-from sd_train.data.stream import ShardStream
 from sd_train.errors import BadDataError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -45,28 +43,10 @@ def make_loader(
     mode: str = "epoch",
     max_epochs: Optional[int] = None,
 ) -> TrainLoader:
-    # Random crops (the assets are not all square) and flips, so resume must replay the augment RNG.
-    stream = ShardStream(
-        expand_sources(spec),
-        rank=rank,
-        world_size=world,
-        num_workers=workers,
-        seed=seed,
-        batch_size=batch,
-        transform=ImageTransform(16, center_crop=False, random_flip=True),
-        mode=mode,
-        shuffle_buffer=shuffle,
-        max_epochs=max_epochs,
-    )
-    return TrainLoader(stream, workers)
-
-
-def take(loader: TrainLoader, n: int) -> list[dict]:
-    """The next n batches; closes the iterator so its workers stop."""
-    it = iter(loader)
-    batches = list(islice(it, n))
-    it.close()
-    return batches
+    return augmented_loader(
+        spec, rank=rank, world=world, workers=workers, seed=seed, batch=batch, shuffle=shuffle,
+        max_epochs=max_epochs, mode=mode,
+    )  # fmt: skip
 
 
 def keys_of(batches: list[dict]) -> list[str]:

@@ -20,15 +20,14 @@ from typing import Optional
 
 import pytest
 import torch
-from streams import keys_of, take
+from streams import augmented_loader, keys_of, take
 
 from sd_train.config import ConfigError, TrainConfig
 from sd_train.config.schema import parse_filter_rule
-from sd_train.data.decode import CaptionSource, ImageTransform, decode_image_sample
+from sd_train.data.decode import CaptionSource, decode_image_sample
 from sd_train.data.filters import MetadataFilter
 from sd_train.data.loader import TrainLoader, build_train_loader, val_samples
-from sd_train.data.sources import expand_sources
-from sd_train.data.stream import Decoder, ShardStream
+from sd_train.data.stream import Decoder
 from sd_train.errors import BadDataError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -49,21 +48,11 @@ def make_loader(
     caption_key: str = "txt",
     seed: int = 0,
 ) -> TrainLoader:
-    stream = ShardStream(
-        expand_sources(META_SPEC),
-        rank=rank,
-        world_size=world,
-        num_workers=workers,
-        seed=seed,
-        batch_size=2,
-        transform=ImageTransform(16, center_crop=False, random_flip=True),
-        shuffle_buffer=3,
-        max_epochs=max_epochs,
-        decoder=decoder,
-        sample_filter=MetadataFilter.from_config(rules, missing),
+    return augmented_loader(
+        META_SPEC, rank=rank, world=world, workers=workers, seed=seed, batch=2, shuffle=3, max_epochs=max_epochs,
+        decoder=decoder, sample_filter=MetadataFilter.from_config(rules, missing),
         captions=CaptionSource.from_config(caption_key),
-    )
-    return TrainLoader(stream, workers)
+    )  # fmt: skip
 
 
 def read_meta_set() -> dict[str, dict[str, bytes]]:

@@ -14,13 +14,10 @@ from typing import Optional
 
 import pytest
 import torch
-from streams import keys_of, take
+from streams import augmented_loader, keys_of, take
 
 from sd_train.config import ConfigError, TrainConfig
-from sd_train.data.decode import ImageTransform
 from sd_train.data.loader import TrainLoader
-from sd_train.data.sources import expand_sources
-from sd_train.data.stream import ShardStream
 from sd_train.errors import BadDataError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -32,19 +29,10 @@ def make_loader(
     wa: float = 3.0, wb: float = 1.0, *, rank: int = 0, world: int = 1, workers: int = 2, seed: int = 0,
     max_epochs: Optional[int] = None, mix: str = "weighted",
 ) -> TrainLoader:  # fmt: skip
-    stream = ShardStream(
-        expand_sources(f"{A}@{wa}::{B}@{wb}"),
-        rank=rank,
-        world_size=world,
-        num_workers=workers,
-        seed=seed,
-        batch_size=3,
-        transform=ImageTransform(16, center_crop=False, random_flip=True),
-        shuffle_buffer=4,
-        max_epochs=max_epochs,
-        mix=mix,
-    )
-    return TrainLoader(stream, workers)
+    return augmented_loader(
+        f"{A}@{wa}::{B}@{wb}", rank=rank, world=world, workers=workers, seed=seed, batch=3, shuffle=4,
+        max_epochs=max_epochs, mix=mix,
+    )  # fmt: skip
 
 
 def shard_keys(url: str) -> list[str]:
