@@ -94,6 +94,7 @@ from sd_train.data.sources import expand_sources
 from sd_train.data.tar import RawSample, add_member, read_shards
 from sd_train.model.parts import encode_text, load_sd_parts
 from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
+from sd_train.preflight import vae_downsampling_factor
 
 MANIFEST = "precompute.json"
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -319,40 +320,41 @@ def precompute(
     names = [output_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError(f"{src_spec!r} holds two shards of the same base name; outputs would overwrite each other")
+    factor = vae_downsampling_factor(model_path)
+    if resolution % factor:
+        raise ValueError(f"resolution={resolution} must be a multiple of {factor}, the VAE's downsampling factor")
     os.makedirs(out_dir, exist_ok=True)
 
     t0 = time.perf_counter()
     decoder = Decoder(workers, resolution, crops, seed)  # before the encoder: the workers start meanwhile
-    enc = _Encoder(model_path, torch.device(device), np.dtype(DTYPES[dtype]))
-    factor = 2 ** (len(enc.parts.vae.config.block_out_channels) - 1)  # as diffusers' pipelines read it
-    if resolution % factor:
+    try:
+        enc = _Encoder(model_path, torch.device(device), np.dtype(DTYPES[dtype]))
+        start = time.perf_counter()  # throughput counts reading + encoding + writing, not the model load
+        identity = {"model_fingerprint": model_fingerprint(model_path), "resolution": resolution, "crops": crops}
+        # Everything the bytes of a shard depend on (the VAE is not batch-invariant: batch size counts).
+        recipe = {**identity, "seed": seed, "dtype": dtype, "batch_size": batch_size}
+        log, written, encoded, skipped = BadInputLog(), 0, 0, 0
+        mine = list(zip(urls, names))[rank::world_size]
+        for url, name in tqdm(mine, desc=f"precompute rank {rank}", unit="shard", dynamic_ncols=True, disable=rank > 0):
+            marker = _done(out_dir, name, recipe)
+            if marker is None:
+                shard_log = BadInputLog()
+                n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, decoder)
+                marker = {"recipe": recipe, "written": n, "bad": shard_log.counts, "bad_shards": shard_log.shards}
+                tmp = done_marker(out_dir, name) + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(marker, f)
+                os.replace(tmp, done_marker(out_dir, name))
+                encoded += n
+            else:
+                skipped += 1
+            written += marker["written"]
+            for category, count in marker["bad"].items():
+                log.counts[category] += count
+            log.shards.extend(s for s in marker["bad_shards"] if s not in log.shards)
+        seconds = time.perf_counter() - start
+    finally:
         decoder.close()
-        raise ValueError(f"resolution={resolution} must be a multiple of {factor}, the VAE's downsampling factor")
-    start = time.perf_counter()  # throughput counts reading + encoding + writing, not the model load
-    identity = {"model_fingerprint": model_fingerprint(model_path), "resolution": resolution, "crops": crops}
-    # Everything the bytes of a shard depend on (the VAE is not batch-invariant: batch size counts).
-    recipe = {**identity, "seed": seed, "dtype": dtype, "batch_size": batch_size}
-    log, written, encoded, skipped = BadInputLog(), 0, 0, 0
-    mine = list(zip(urls, names))[rank::world_size]
-    for url, name in tqdm(mine, desc=f"precompute rank {rank}", unit="shard", dynamic_ncols=True, disable=rank > 0):
-        marker = _done(out_dir, name, recipe)
-        if marker is None:
-            shard_log = BadInputLog()
-            n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, decoder)
-            marker = {"recipe": recipe, "written": n, "bad": shard_log.counts, "bad_shards": shard_log.shards}
-            tmp = done_marker(out_dir, name) + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(marker, f)
-            os.replace(tmp, done_marker(out_dir, name))
-            encoded += n
-        else:
-            skipped += 1
-        written += marker["written"]
-        for category, count in marker["bad"].items():
-            log.counts[category] += count
-        log.shards.extend(s for s in marker["bad_shards"] if s not in log.shards)
-    seconds = time.perf_counter() - start
-    decoder.close()
     part = {
         "rank": rank,
         "shards": len(mine),
