@@ -91,7 +91,10 @@ class ShardedEMA:
             yield False
             return
         self.layout.release()
-        locals_ = self.layout.views(self.named_params)
+        # Where the forward reads its weights: the same pieces as the EMA's source, except in
+        # DeepSpeed's bf16 mode (EMA of the fp32 master, forward from the bf16 partitions, which
+        # the copy rounds into).
+        locals_ = self.layout.forward_views(self.named_params)
         with torch.no_grad():
             backup = [t.clone() for t in locals_]
             for t, s in zip(locals_, self.shadow):

@@ -68,7 +68,7 @@ class Validator:
         ).to(parts.step_dtype)
         self.noise = {}
         for t in self.timesteps:
-            self.noise[t] = torch.stack([self._fixed_noise(j, t) for j in idx]).to(dev)
+            self.noise[t] = torch.stack([self._fixed_noise(j, t) for j in idx]).to(dev, self.latents.dtype)
         self.num_samples = n
 
     def _fixed_noise(self, index: int, t: int) -> torch.Tensor:
@@ -121,6 +121,8 @@ class Sampler:
         g = self.cfg.eval.guidance_scale
         for t in self.scheduler.timesteps:
             inp = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            # In the UNet's dtype (bf16 in DeepSpeed's bf16 mode); the scheduler steps in fp32.
+            inp = inp.to(self.parts.step_dtype)
             out = model(inp, t.to(self.info.device), encoder_hidden_states=embeds).sample.float()
             uncond, cond = out.chunk(2)
             latents = self.scheduler.step(uncond + g * (cond - uncond), t, latents).prev_sample

@@ -49,12 +49,14 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
 
 
 def resolve_precision(cfg: TrainConfig) -> TrainConfig:
-    """`dist.param_dtype=auto`: bf16 params under FSDP2 with `mixed_precision=bf16` (the one bf16
-    policy per strategy, see TrainConfig.mixed_precision), fp32 otherwise."""
+    """`dist.param_dtype=auto`: bf16 params with `mixed_precision=bf16` under FSDP2 and DeepSpeed
+    ZeRO-3 (DeepSpeed's bf16 mode), fp32 otherwise (the one bf16 policy per strategy, see
+    TrainConfig.mixed_precision). Runs after `resolve_strategy`."""
     d = cfg.dist
     if d.param_dtype != "auto":
         return cfg
-    dtype = "bf16" if cfg.mixed_precision == "bf16" and d.strategy == "fsdp2" else "fp32"
+    bf16_params = d.strategy == "fsdp2" or (d.strategy == "deepspeed" and d.zero_stage == 3)
+    dtype = "bf16" if cfg.mixed_precision == "bf16" and bf16_params else "fp32"
     return dataclasses.replace(cfg, dist=dataclasses.replace(d, param_dtype=dtype))
 
 
@@ -237,10 +239,18 @@ def resolve_strategy(cfg: TrainConfig, environ: Mapping[str, str]) -> TrainConfi
             "checkpoint.async_save=true is FSDP2-only (DCP async_save); DeepSpeed writes its "
             "checkpoints synchronously: set checkpoint.async_save=false"
         )
-    if d.param_dtype == "bf16" or d.reduce_dtype != "fp32":
+    if d.reduce_dtype != "fp32":
         raise ConfigError(
-            f"dist.param_dtype={d.param_dtype} / dist.reduce_dtype={d.reduce_dtype} are FSDP2 settings; "
-            "under DeepSpeed "
-            "the UNet's params stay fp32 (the EMA and optimizer read them): use mixed_precision=bf16 for bf16 compute"
+            f"dist.reduce_dtype={d.reduce_dtype} is an FSDP2 setting; DeepSpeed reduces gradients in the "
+            "params' dtype: remove it"
+        )
+    if d.param_dtype == "bf16" and zero_stage != 3:
+        # ZeRO-2's fp32 master partition is a slice of one flat buffer that cuts through
+        # parameters, while its bf16 params are replicated: an EMA of the fp32 master would need a
+        # gather per update, and an EMA of the bf16 params loses 1 - decay below bf16's resolution.
+        raise ConfigError(
+            "dist.param_dtype=bf16 under DeepSpeed is its bf16 mode, which sd-train runs with ZeRO-3 only "
+            "(the EMA reads the fp32 master partitions): use dist.zero_stage=3 (launch/accelerate/zero3.yaml), or "
+            "dist.param_dtype=fp32 (or auto) for ZeRO-2 with mixed_precision=bf16 autocasting over fp32 params"
         )
     return dataclasses.replace(cfg, dist=dataclasses.replace(d, strategy=strategy, zero_stage=zero_stage))

@@ -159,6 +159,9 @@ class Trainer:
         num_params = sum(p.numel() for p in self.parts.unet.parameters() if p.requires_grad)
         self.strategy.wrap(self.parts.unet, lambda module: build_optimizer(module, cfg.optim, fused=fused))
         self.model, self.optimizer = self.strategy.model, self.strategy.optimizer
+        # The inputs' dtype follows the params the forward reads: bf16 in DeepSpeed's bf16 mode,
+        # which casts the module but not its inputs (FSDP2 keeps fp32 params and casts both itself).
+        self.parts.step_dtype = next(self.strategy.module.parameters()).dtype
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.max_steps)
         self.plan = plan_from_config(cfg.ema, cfg.max_steps)
         self.plan.check()
@@ -244,8 +247,10 @@ class Trainer:
         peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown (no speed/mfu)"
         flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
         frozen = ", ".join(self.parts.resident()) or "none"
+        cfg = self.cfg
+        precision = f"params {cfg.dist.param_dtype}" + (" under bf16 autocast" if cfg.autocast_bf16() else "")
         return (
-            f"hot path: {self.info.device.type}, AdamW {'fused' if fused else 'foreach'}"
+            f"hot path: {self.info.device.type}, {precision}, AdamW {'fused' if fused else 'foreach'}"
             f"{' (non-finite skip in the kernel)' if self.strategy.skip_on_device else ''}, {flags}, "
             f"compile={self.cfg.perf.compile}, channels_last={self.cfg.perf.channels_last}, "
             f"device_prefetch={self.loader.stager.lookahead > 0}; "

@@ -328,9 +328,12 @@ class DistArgs:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend. auto: nccl with CUDA, else gloo."""
     param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    """FSDP2: dtype of the gathered params in forward/backward (the sharded master copy, the
-    optimizer and the EMA stay fp32). `auto` follows `mixed_precision`: bf16 under FSDP2 when it is
-    bf16, else fp32. With bf16 here the step runs without autocast (see `mixed_precision`)."""
+    """dtype of the params the forward and backward read. FSDP2: of the gathered params (the sharded
+    master copy, the optimizer and the EMA stay fp32). DeepSpeed ZeRO-3: bf16 is DeepSpeed's bf16
+    mode, bf16 partitions (half the all-gather bytes of fp32) with the fp32 master partitions in the
+    optimizer; the EMA reads the fp32 master. ZeRO-2 refuses bf16. `auto` follows `mixed_precision`:
+    bf16 under FSDP2 and ZeRO-3 when it is bf16, else fp32. With bf16 here the step runs without
+    autocast (see `mixed_precision`)."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """FSDP2 mixed precision: dtype of gradient reduce-scatter."""
     reshard_after_forward: bool | int = True
@@ -509,11 +512,12 @@ class TrainConfig:
     """bf16 compute, one policy per strategy (weights, optimizer and EMA stay fp32 everywhere).
     FSDP2 gathers the params in bf16 (`dist.param_dtype=auto` -> bf16, reduce in
     `dist.reduce_dtype`) and runs with no autocast: every activation is bf16, which
-    bench/bench_precision.py measures as the smallest saved-for-backward memory. DDP and DeepSpeed
-    autocast over fp32 params. FSDP2 with an explicit `dist.param_dtype=fp32` autocasts too (the
-    other policy, kept for comparison); bf16 params are never put under autocast as well. `bf16`
-    also loads the frozen VAE and text encoder in bf16 (their outputs reach the step as fp32
-    tensors)."""
+    bench/bench_precision.py measures as the smallest saved-for-backward memory. DeepSpeed ZeRO-3
+    runs the same way in its bf16 mode (bf16 partitions, fp32 master partitions in the optimizer,
+    which the EMA reads). DDP and ZeRO-2 autocast over fp32 params. FSDP2 and ZeRO-3 with an
+    explicit `dist.param_dtype=fp32` autocast too (the other policy, kept for comparison); bf16
+    params are never put under autocast as well. `bf16` also loads the frozen VAE and text encoder
+    in bf16 (their outputs reach the step in the UNet's input dtype)."""
     max_consecutive_skips: int = 5
     """Stop the run after this many optimizer steps in a row were skipped for a non-finite loss or
     gradient (one skipped step is survivable; a streak means diverged training)."""
@@ -534,10 +538,11 @@ class TrainConfig:
         return self.global_batch_size // (world_size * self.micro_batch_size)
 
     def autocast_bf16(self) -> bool:
-        """Whether the training step runs under bf16 autocast: `mixed_precision=bf16` unless FSDP2
-        already gathers bf16 params (autocast over bf16 params only adds casts, and on CUDA
+        """Whether the training step runs under bf16 autocast: `mixed_precision=bf16` unless the params
+        the forward reads are bf16 already (autocast over bf16 params only adds casts, and on CUDA
         its fp32 list turns the GroupNorm outputs back to fp32)."""
-        bf16_params = self.dist.strategy in ("fsdp2", "auto") and self.dist.param_dtype == "bf16"
+        # FSDP2's gathered params, or DeepSpeed's bf16 mode (preflight allows it with ZeRO-3 only).
+        bf16_params = self.dist.strategy != "ddp" and self.dist.param_dtype == "bf16"
         return self.mixed_precision == "bf16" and not bf16_params
 
     def validate(self, world_size: int) -> None:

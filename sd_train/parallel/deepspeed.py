@@ -15,6 +15,11 @@ What ZeRO partitions, and where the EMA lives:
   (local, no communication) on the way in and out of the EMA swap, and the next forward gathers them
   again from the partitions it sees. Evaluation with the EMA swapped in then sees the EMA in every
   layer, as FSDP2's reshard does for its root.
+- ZeRO-3 in DeepSpeed's bf16 mode (`dist.param_dtype=bf16`, the `auto` choice with
+  mixed_precision=bf16): `p.ds_tensor` is bf16 and the optimizer holds the fp32 master partition
+  of the same ceil(numel / world) elements. The EMA lerps against the fp32 master
+  (`Zero3Layout.views`); its swap for evaluation rounds into `p.ds_tensor` (`forward_views`), and
+  export gathers the fp32 master. ZeRO-2 refuses bf16 mode (sd_train.preflight says why).
 - ZeRO-2: gradients and optimizer state are partitioned, parameters are replicated. DeepSpeed's
   optimizer partition is a slice of one flat buffer per parameter group that cuts through
   parameters, so an EMA following it would depend on DeepSpeed's internal buffer layout. We keep
@@ -83,9 +88,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int) -> dict:
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optim.max_grad_norm,  # 0 disables, as in our config
         "zero_optimization": zero,
-        # Params and the master copy stay fp32; `mixed_precision: bf16` autocasts the forward, as
-        # under FSDP2. The EMA and the LR schedule read the fp32 params.
-        "bf16": {"enabled": False},
+        # `dist.param_dtype=bf16` (preflight: ZeRO-3 only; `auto` with mixed_precision=bf16) is
+        # DeepSpeed's bf16 mode: bf16 partitions, which the forward gathers (half the all-gather
+        # bytes), and fp32 master partitions in the optimizer, which the EMA reads. Otherwise params
+        # and master stay fp32 and `mixed_precision=bf16` autocasts the forward.
+        "bf16": {"enabled": cfg.dist.param_dtype == "bf16"},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,  # torch SGD (optim.name=sgd) is not on its list
         "steps_per_print": 2**31 - 1,  # our metrics component logs; keep DeepSpeed quiet
@@ -126,6 +133,7 @@ class DeepSpeedStrategy(Strategy):
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, accum: int):
         self.stage = int(cfg.dist.zero_stage)
+        self.bf16 = cfg.dist.param_dtype == "bf16"
         self.info = info
         self.timeout_s = cfg.dist.timeout_s
         self.config = deepspeed_config(cfg, info.world_size, accum)
@@ -154,7 +162,9 @@ class DeepSpeedStrategy(Strategy):
         self.optimizer = optimizer
 
     def ema_layout(self):
-        return Zero3Layout(list(self.module.parameters())) if self.stage == 3 else ReplicatedLayout()
+        if self.stage != 3:
+            return ReplicatedLayout()
+        return Zero3Layout(list(self.module.parameters()), fp32_master=self.bf16)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -211,9 +221,10 @@ class DeepSpeedStrategy(Strategy):
         # Every shadow rank 0 wrote (the EMA always, the post-hoc profiles when on), for this rank.
         keys = {"ema"} | {f.name[: -len("_rank_0.pt")] for f in Path(folder).glob("*_rank_0.pt")}
         need = [shadow_file(folder, key, rank) for key in sorted(keys)]
-        optim = glob.glob(str(Path(folder) / ZERO_DIR / f"zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
-        if not optim:
-            return f"no {ZERO_DIR}/zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"
+        # bf16 mode prefixes the optimizer files with `bf16_`.
+        pattern = f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"
+        if not glob.glob(str(Path(folder) / ZERO_DIR / pattern)):
+            return f"no {ZERO_DIR}/{pattern}"
         missing = [str(p) for p in need if not p.is_file() or p.stat().st_size == 0]
         return f"missing or empty {missing}" if missing else None
 
@@ -234,13 +245,21 @@ class DeepSpeedStrategy(Strategy):
     # ---- export and topology ----------------------------------------------------------------------
 
     def full_model_state(self, is_main: bool) -> dict[str, torch.Tensor]:
-        """The whole UNet on the main process (collective under ZeRO-3: one parameter at a time)."""
+        """The whole UNet on the main process (collective under ZeRO-3: one parameter at a time).
+        In bf16 mode these are the fp32 master weights, gathered from the optimizer's partitions:
+        the bf16 partitions the forward reads are their rounding."""
         if self.stage != 3:
             return {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()} if is_main else {}
         import deepspeed  # lazy: heavy, and only this strategy needs it
+        from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
         for name, p in self.module.named_parameters():
+            if self.bf16 and p.requires_grad:
+                full = safe_get_full_fp32_param(p)  # an all-gather of the fp32 partitions
+                if is_main:
+                    out[name] = full.detach().cpu().clone()
+                continue
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 if is_main:
                     out[name] = p.detach().cpu().clone()
@@ -256,21 +275,33 @@ class DeepSpeedStrategy(Strategy):
         else:
             local = sum(p.numel() * p.element_size() for p in params)
             placement = "replicated (zero2: grads and optimizer state partitioned)"
-        return {"local_param_bytes": local, "placements": [placement], "all_dtensor": False, "zero_stage": self.stage}
+        return {
+            "local_param_bytes": local,
+            "placements": [placement],
+            "all_dtensor": False,
+            "zero_stage": self.stage,
+            # bf16 in DeepSpeed's bf16 mode (the fp32 master partitions are in the optimizer).
+            "param_dtype": str(params[0].dtype).removeprefix("torch.") if params else None,
+        }
 
 
 class Zero3Layout:
-    """ShardedEMA layout under ZeRO-3: this rank's piece of each parameter is `p.ds_tensor`."""
+    """ShardedEMA layout under ZeRO-3: this rank's piece of each parameter is `p.ds_tensor`, or in
+    bf16 mode (`fp32_master`) the fp32 master partition of it in the optimizer, which is what the
+    optimizer steps; `p.ds_tensor` is its bf16 rounding. Both have ceil(numel / world) elements, so
+    everything below holds for either. The EMA swap still writes into `p.ds_tensor`
+    (`forward_views`): that is what the forward gathers."""
 
     # Re-read each update: DeepSpeed may re-point `ds_tensor.data` (defragmentation, offload);
     # an attribute read per parameter is far cheaper than the lerp on any real UNet.
     cache_views = False
     name = "zero3"
 
-    def __init__(self, params: Sequence[torch.nn.Parameter] = ()):
+    def __init__(self, params: Sequence[torch.nn.Parameter] = (), fp32_master: bool = False):
         self._meshes: dict[str, DeviceMesh] = {}
         # DeepSpeed marks them at engine creation (`ds_persist`) and keeps them gathered.
         self.persisted = [p for p in params if getattr(p, "ds_persist", False)]
+        self.fp32_master = fp32_master
 
     def release(self) -> None:
         """Partition the persisted parameters: drop their gathered copy and keep the partition
@@ -281,6 +312,17 @@ class Zero3Layout:
             self.persisted[0].partition(self.persisted)
 
     def views(self, named_params) -> list[torch.Tensor]:
+        """The pieces the EMA reads: the fp32 master partitions in bf16 mode (DeepSpeed's documented
+        `safe_get_local_fp32_param`: a narrow of the optimizer's flat fp32 partition, no copy
+        unless the optimizer is offloaded), else the partitions themselves."""
+        if not self.fp32_master:
+            return [p.ds_tensor for _, p in named_params]
+        from deepspeed.utils import safe_get_local_fp32_param  # lazy: only DeepSpeed runs get here
+
+        return [safe_get_local_fp32_param(p) for _, p in named_params]
+
+    def forward_views(self, named_params) -> list[torch.Tensor]:
+        """The pieces the forward gathers, which an EMA swap overwrites: the (bf16) partitions."""
         return [p.ds_tensor for _, p in named_params]
 
     def global_tensor(self, p, shard):
@@ -329,6 +371,8 @@ class ReplicatedLayout:
 
     def views(self, named_params) -> list[torch.Tensor]:
         return [p.detach() for _, p in named_params]
+
+    forward_views = views  # the EMA reads the weights the forward reads
 
     def global_tensor(self, p, shard):
         """The full tensor, replicated on every rank: DCP writes one copy (its planner spreads the

@@ -67,6 +67,8 @@ class DTensorLayout:
     def views(self, named_params: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
         return [_local(p).detach() for _, p in named_params]
 
+    forward_views = views  # the EMA reads the shards the forward gathers
+
     def release(self) -> None:
         """Drop every parameter FSDP2 still holds gathered, so the next forward gathers from the
         sharded storage. The root is wrapped with `reshard_after_forward=False` and reshards only

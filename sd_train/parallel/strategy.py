@@ -85,8 +85,10 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def ema_layout(self) -> Any:
-        """A ShardedEMA layout: `views`, `global_tensor`, `full`, `release`, `cache_views`, `name`, and
-        `stored_shapes` (the shapes to view `global_tensor`'s stored tensors as, where it flattens)."""
+        """A ShardedEMA layout: `views` (the pieces the EMA reads), `forward_views` (the pieces the
+        forward reads, which an EMA swap overwrites), `global_tensor`, `full`, `release`,
+        `cache_views`, `name`, and `stored_shapes` (the shapes to view `global_tensor`'s stored
+        tensors as, where it flattens)."""
 
     # ---- checkpoints --------------------------------------------------------------------------------
 

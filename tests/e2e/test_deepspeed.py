@@ -2,7 +2,8 @@
 `accelerate launch --config_file launch/accelerate/zero{2,3}.yaml` with the sd-train config left at
 `dist.strategy: auto`. Each test trains straight to the end, then resumes a copy of a mid-run
 checkpoint to the same end, and compares optimizer state (with the fp32 master weights) and EMA
-with torch.equal."""
+with torch.equal. ZeRO-3 runs in DeepSpeed's bf16 mode (`mixed_precision=bf16`: bf16 partitions,
+fp32 master partitions, the EMA of the master), as at scale; ZeRO-2 in fp32."""
 
 import json
 import math
@@ -84,19 +85,19 @@ def assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     assert not diff, f"{what}: {len(diff)} of {len(a)} tensors differ, e.g. {diff[:3]}"
 
 
-def straight_and_resumed(stage: int, assets: dict, tmp_path: Path, every: int, **fault_env: str):
+def straight_and_resumed(stage: int, assets: dict, tmp_path: Path, every: int, *extra: str, **fault_env: str):
     """Run A to step 12 (checkpoints every `every` steps, export at the end); run B from a copy of
     A's step-8 checkpoint (the window's first step) to step 12. Their final checkpoints must be
     bitwise equal: every rank's optimizer partition (fp32 master weights, Adam moments, step), EMA
     pieces and post-hoc profile pieces, and so must their last snapshot."""
     a, b = tmp_path / "a", tmp_path / "b"
-    proc = run(zero_cmd(stage, a, assets, f"checkpoint.every_steps={every}"), timeout=300, **fault_env)
+    proc = run(zero_cmd(stage, a, assets, f"checkpoint.every_steps={every}", *extra), timeout=300, **fault_env)
     (b / "checkpoints").mkdir(parents=True)
     shutil.copytree(step(a, 8), step(b, 8))
-    resumed = run(zero_cmd(stage, b, assets, "checkpoint.every_steps=4", "export_at_end=false"), timeout=300)
+    resumed = run(zero_cmd(stage, b, assets, "checkpoint.every_steps=4", "export_at_end=false", *extra), timeout=300)
     assert f"resumed from {step(b, 8)} at step 8 (saved by 2 ranks, now 2)" in resumed.stdout
     for r in range(2):
-        [fa] = (step(a, 12) / "zero").glob(f"zero_pp_rank_{r}_*optim_states.pt")
+        [fa] = (step(a, 12) / "zero").glob(f"*zero_pp_rank_{r}_*optim_states.pt")  # bf16_zero_pp... in bf16 mode
         fb = step(b, 12) / "zero" / fa.name
         sa, sb = (tensors(torch.load(f, weights_only=False)["optimizer_state_dict"]) for f in (fa, fb))
         assert_equal_states(sa, sb, f"ZeRO-{stage} optimizer partition of rank {r} after resume")
@@ -141,9 +142,10 @@ def check_posthoc(stage: int, out: Path) -> None:
     plan = json.loads((out / "ema_plan.json").read_text())
     if stage == 3:
         # Parameters are partitioned, and so are the profiles: ceil(numel / 2) per rank per tensor.
+        size = {"bfloat16": 2, "float32": 4}[topo["ranks"][0]["param_dtype"]]
         for r in topo["ranks"]:
             assert r["placements"] == ["zero3-partition"]
-            assert full_numel * 2 <= r["local_param_bytes"] <= full_numel * 2 + 4 * len(raw), r
+            assert full_numel * size / 2 <= r["local_param_bytes"] <= full_numel * size / 2 + size * len(raw), r
         for name, t in raw.items():
             assert [p[f"p1.{name}"].numel() for p in pieces] == [math.ceil(t.numel() / 2)] * 2, name
         live = K * 4 * sum(math.ceil(t.numel() / 2) for t in raw.values())
@@ -195,18 +197,24 @@ def check_posthoc(stage: int, out: Path) -> None:
 
 
 @pytest.mark.multiproc
-def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
-    # Every step checkpointed, so the EMA can be recomputed from the weights below.
-    a, _ = straight_and_resumed(3, tiny_assets, tmp_path, every=1)
+def test_zero3_bf16_partitioned_ema_of_the_fp32_master_and_exact_resume(tiny_assets, tmp_path):
+    # Every step checkpointed, so the EMA can be recomputed from the weights below. DeepSpeed's
+    # bf16 mode (`dist.param_dtype: auto` with mixed_precision=bf16 under ZeRO-3).
+    a, proc = straight_and_resumed(3, tiny_assets, tmp_path, 1, "mixed_precision=bf16")
+    assert "hot path: cpu, params bf16, AdamW" in proc.stdout  # no autocast on top
     raw = exported(a, "raw")
     full_bytes = sum(t.numel() * 4 for t in raw.values())
 
-    # Parameters are partitioned: each rank holds ~half (ceil per tensor, so up to 4 bytes per
-    # tensor of padding), not a replica.
+    # Parameters are partitioned in bf16: each rank holds ~half (ceil per tensor, so up to 2 bytes
+    # per tensor of padding) at 2 bytes each, not a replica.
     topo = check_topology(a, 3)
     for r in topo["ranks"]:
-        assert r["placements"] == ["zero3-partition"]
-        assert full_bytes / 2 <= r["local_param_bytes"] <= full_bytes / 2 + 4 * len(raw), r
+        assert r["placements"] == ["zero3-partition"] and r["param_dtype"] == "bfloat16"
+        assert full_bytes / 4 <= r["local_param_bytes"] <= full_bytes / 4 + 2 * len(raw), r
+    # The exported raw UNet is the fp32 master (zero_to_fp32 reads the optimizer's partitions),
+    # not the bf16 partitions the forward reads: the master holds values bf16 cannot.
+    assert_equal_states(offline_state(step(a, 12), "raw"), raw, "raw export vs the fp32 master partitions")
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in raw.values()), "the master is not fp32"
     # So is the EMA: rank r's piece of each parameter is its ZeRO-3 partition, ceil(numel / 2).
     pieces = [torch.load(step(a, 12) / f"ema_rank_{r}.pt", weights_only=False) for r in range(2)]
     for name, shape in pieces[0]["shapes"].items():
@@ -216,7 +224,8 @@ def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
     assert all(b <= full_bytes / 2 + 4 * len(raw) for b in ema_bytes), (ema_bytes, full_bytes)
 
     # It is the EMA of the weights, computed locally: recompute it from the full raw weights of
-    # every checkpoint in the window (DeepSpeed's zero_to_fp32 reassembles them offline).
+    # every checkpoint in the window (DeepSpeed's zero_to_fp32 reassembles them offline). In bf16
+    # mode those are the fp32 master weights: an EMA of the bf16 partitions would not match bitwise.
     expected = offline_state(step(a, 8), "raw")
     for s in range(9, 13):
         raw_s = offline_state(step(a, s), "raw")
@@ -228,8 +237,12 @@ def test_zero3_partitioned_ema_and_exact_resume(tiny_assets, tmp_path):
 
     plan = json.loads((a / "ema_plan.json").read_text())
     assert (plan["ema/step_start_ema"], plan["ema/pre_window_share"]) == (8, 0.0625)
-    # The EMA evaluation (val/loss_ema, swapped into the partitions) is the exported EMA's.
-    assert_logged_val_matches_export(a, 12)
+    # The EMA evaluation (val/loss_ema, swapped into the bf16 partitions) is the exported EMA's,
+    # scored here in fp32: to bf16's error (measured 1.7e-4 raw and 2.3e-5 EMA relative on a 6-step
+    # run; raw and EMA differ by 9%, and the unreleased persisted params of the negative control
+    # in sd_train.parallel.deepspeed by 5%).
+    figures = assert_logged_val_matches_export(a, 12, rel=1e-3)
+    print(f"\nZeRO-3 bf16 logged vs exported (fp32) val loss: {figures}")
     check_posthoc(3, a)
 
 

@@ -18,7 +18,7 @@ def test_one_host_sync_per_plain_step_and_readable_throughput(tiny_assets, tmp_p
         "ema.step_start_ema=4", "export_at_end=false", "perf.peak_tflops=0.001",
     ]  # fmt: skip
     proc = run(cmd, timeout=300)
-    assert "hot path: cpu, AdamW fused" in proc.stdout and "GFLOP" in proc.stdout
+    assert "hot path: cpu, params fp32, AdamW fused" in proc.stdout and "GFLOP" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in logged] == [4, 8]

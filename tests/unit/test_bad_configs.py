@@ -71,7 +71,11 @@ BAD = [
     (["ema.posthoc.sigma_rels=[0.05,0.3]"], r"ema.posthoc.sigma_rels: 0.3 must be in \(0, 0.2886\)"),
     (["ema.posthoc.sigma_rels=[0.1]", "ema.posthoc.snapshot_every=0"], "ema.posthoc.snapshot_every=0 must be positive"),
     (["ema.posthoc.sigma_rels=[0.1]", "ema.posthoc.step_start=12"], r"posthoc.step_start=12 must be in \[0, max"),
-    (["dist.strategy=deepspeed", "dist.param_dtype=bf16"], "are FSDP2 settings; under DeepSpeed"),
+    (
+        ["dist.strategy=deepspeed", "dist.zero_stage=2", "dist.param_dtype=bf16"],
+        r"dist.param_dtype=bf16 under DeepSpeed is its bf16 mode, which sd-train runs with ZeRO-3 only",
+    ),
+    (["dist.strategy=deepspeed", "dist.reduce_dtype=bf16"], "dist.reduce_dtype=bf16 is an FSDP2 setting"),
     (["max_steps=ten"], "max_steps must be an integer"),
     (["eval.val_timesteps=[5, 1000]"], r"eval.val_timesteps=\[5, 1000\] must lie in \[0, 1000\)"),
     (["checkpoint.every_minutes=-1"], r"checkpoint.every_minutes=-1.0 must be >= 0"),

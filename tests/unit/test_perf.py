@@ -169,8 +169,11 @@ def test_per_block_compile_matches_eager(backend):
     "strategy, mixed, param_dtype, resolved, autocast",
     [
         ("fsdp2", "bf16", "auto", "bf16", False),  # the FSDP2 policy: bf16 params, no autocast
-        ("ddp", "bf16", "auto", "fp32", True),  # DDP and DeepSpeed: autocast over fp32 params
-        ("deepspeed", "bf16", "auto", "fp32", True),
+        ("deepspeed3", "bf16", "auto", "bf16", False),  # DeepSpeed's bf16 mode, the same policy
+        ("ddp", "bf16", "auto", "fp32", True),  # DDP and ZeRO-2: autocast over fp32 params
+        ("deepspeed2", "bf16", "auto", "fp32", True),
+        ("ddp", "bf16", "bf16", "bf16", True),  # DDP has no bf16 params to gather
+        ("deepspeed3", "bf16", "fp32", "fp32", True),
         ("fsdp2", "bf16", "fp32", "fp32", True),  # the other policy, asked for explicitly
         ("fsdp2", "bf16", "bf16", "bf16", False),  # never bf16 params under autocast as well
         ("fsdp2", "no", "auto", "fp32", False),
@@ -179,7 +182,10 @@ def test_per_block_compile_matches_eager(backend):
 )
 def test_one_bf16_policy_per_strategy(strategy, mixed, param_dtype, resolved, autocast):
     cfg = TrainConfig(mixed_precision=mixed)
-    cfg.dist = dataclasses.replace(cfg.dist, strategy=strategy, param_dtype=param_dtype)
+    stage = None
+    if strategy.startswith("deepspeed"):  # deepspeed2, deepspeed3: the ZeRO stage
+        strategy, stage = "deepspeed", int(strategy[-1])
+    cfg.dist = dataclasses.replace(cfg.dist, strategy=strategy, zero_stage=stage, param_dtype=param_dtype)
     out = resolve_precision(cfg)
     assert out.dist.param_dtype == resolved
     assert out.autocast_bf16() is autocast
