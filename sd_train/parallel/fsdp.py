@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sd_train.config import DistArgs, PerfArgs
 from sd_train.host_sync import read_floats
+from sd_train.optim import clip_grad_norm_
 from sd_train.parallel.process_group import DistInfo
 from sd_train.parallel.strategy import AsyncSave, OptimizerFactory, Strategy
 from sd_train.perf import compile_module
@@ -195,8 +196,7 @@ class FSDPStrategy(Strategy):
         moments and step counts as they were, so no host round trip stands between the backward
         and the optimizer kernels. The read still tells the loop whether the step counted."""
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)
         if self.skip_on_device:
             self.optimizer.found_inf = (~torch.isfinite(grad_norm)).to(torch.float32)
             try:

@@ -49,7 +49,8 @@ def test_ema_eval_forward_equals_plain_unet_with_ema_weights(tmp_path, nproc):
 def test_hsdp_ema_follows_the_shard_dimension_and_reshards(tmp_path):
     """HSDP as (replicate 2, shard 1): params placed (Replicate, Shard(0)); the replicas' EMA equal
     bitwise with no collective, and equal to the EMA of the gathered params; an HSDP checkpoint
-    reloads into FSDP over 2 ranks and into one process with raw and EMA weights equal."""
+    reloads into FSDP over 2 ranks and into one process with raw and EMA weights equal. On both
+    meshes the shard-local clipping and AdamW (fused and foreach) equal torch's on the DTensors bitwise."""
     out = tmp_path / "report"
     run(torchrun_cmd(2, str(REPO / "tests/e2e/dist/hsdp.py"), str(out)), timeout=180)
     reports = [json.loads((tmp_path / f"report.rank{r}.json").read_text()) for r in (0, 1)]
@@ -58,6 +59,9 @@ def test_hsdp_ema_follows_the_shard_dimension_and_reshards(tmp_path):
         assert rep["placements_hsdp"] and rep["placements_fsdp"]
         assert rep["ema_equal_across_replicas"] and rep["ema_equal_gathered_reference"]
         assert rep["fsdp_raw_equal"] and rep["fsdp_ema_equal"] and rep["raw_vs_ema_differ"]
+        assert set(rep["local_optimizer"]) == {"hsdp_fused", "hsdp_foreach", "fsdp_fused", "fsdp_foreach"}
+        for case, checks in rep["local_optimizer"].items():
+            assert all(checks.values()), (case, checks)
     assert reports[0]["one_process_raw_equal"] and reports[0]["one_process_ema_equal"]
 
 

@@ -5,7 +5,9 @@ mesh, sharding and EMA: a 2-D mesh of (replicate 2, shard 1), trained a few SGD 
 - each rank's local EMA equals the other replica's bitwise (no collective keeps them so);
 - the gathered EMA equals an EMA kept of the gathered parameters, bitwise;
 - a DCP checkpoint written under HSDP reloads into FSDP over a 1-D mesh of 2 (resharding), and into
-  one process with no process group, with raw weights and EMA equal bitwise.
+  one process with no process group, with raw weights and EMA equal bitwise;
+- on both meshes, sd_train.optim's shard-local clipping and AdamW (fused and foreach) give the
+  norms, weights and moments of torch's clip_grad_norm_ and AdamW on the DTensors, bitwise.
 Writes a JSON report to argv[1].rank{R}.json; the checkpoint goes to argv[1].ckpt."""
 
 import json
@@ -23,6 +25,7 @@ from sd_train.config.launcher import read_launch_env
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
 from sd_train.parallel.build import shard_unet
+from sd_train.optim import ShardLocalAdamW, _shard_groups, clip_grad_norm_
 from sd_train.parallel.process_group import DistInfo, build_mesh, init_distributed
 
 STEPS, START, DECAY = 6, 3, 0.6
@@ -60,7 +63,11 @@ opt = torch.optim.SGD(model.parameters(), lr=0.2)
 reference = {}
 for step in range(1, STEPS + 1):
     g = torch.Generator().manual_seed(100 * step + rank)  # each replica its own data
-    x, t, c = torch.randn(2, 4, 8, 8, generator=g), torch.randint(0, 1000, (2,), generator=g), torch.randn(2, 5, 16, generator=g)
+    x, t, c = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.randint(0, 1000, (2,), generator=g),
+        torch.randn(2, 5, 16, generator=g),
+    )
     model(x, t, encoder_hidden_states=c).sample.square().mean().backward()
     opt.step()
     opt.zero_grad()
@@ -96,11 +103,57 @@ report["fsdp_ema_equal"] = all(torch.equal(fsdp_gathered[n], gathered[n]) for n 
 
 dist.barrier()
 if rank == 0:  # one process, no process group: plain tensors from the same files
-    plain = {"model": {n: torch.empty_like(t) for n, t in raw.items()}, "ema": {n: torch.empty_like(t) for n, t in gathered.items()}}
+    plain = {
+        "model": {n: torch.empty_like(t) for n, t in raw.items()},
+        "ema": {n: torch.empty_like(t) for n, t in gathered.items()},
+    }
     dcp.load(plain, checkpoint_id=ckpt, no_dist=True)
     report["one_process_raw_equal"] = all(torch.equal(plain["model"][n], raw[n]) for n in raw)
     report["one_process_ema_equal"] = all(torch.equal(plain["ema"][n], gathered[n]) for n in gathered)
 report["raw_vs_ema_differ"] = any(not torch.equal(raw[n], gathered[n]) for n in raw)
+
+
+def optimizer_run(args: DistArgs, ours: bool, kernel: str) -> tuple[list, dict, dict]:
+    """3 clipped AdamW steps: (norms, full weights, full moments), with sd_train's shard-local
+    clipping and AdamW or with torch's on the DTensors."""
+    model, _ = wrapped(args, info)
+    kind = ShardLocalAdamW if ours else torch.optim.AdamW
+    opt = kind(model.parameters(), lr=1e-2, weight_decay=0.01, **{kernel: True})
+    norms = []
+    for step in range(1, 4):
+        g = torch.Generator().manual_seed(7 * step + rank)
+        x, t, c = (
+            torch.randn(2, 4, 8, 8, generator=g),
+            torch.randint(0, 1000, (2,), generator=g),
+            torch.randn(2, 5, 16, generator=g),
+        )
+        model(x, t, encoder_hidden_states=c).sample.square().mean().backward()
+        if ours:
+            assert _shard_groups([p.grad for p in model.parameters()]) is not None, "the local path must apply"
+            norms.append(clip_grad_norm_(model.parameters(), 0.05))
+        else:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05).full_tensor())
+        opt.step()
+        opt.zero_grad()
+    weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+    moments = {
+        f"{n}.{k}": opt.state[p][k].full_tensor()
+        for n, p in model.named_parameters()
+        for k in ("exp_avg", "exp_avg_sq")
+    }
+    return norms, weights, moments
+
+
+report["local_optimizer"] = {}
+for name, args in (("hsdp", hsdp), ("fsdp", DistArgs(strategy="fsdp2", shard_group_size=2))):
+    for kernel in ("fused", "foreach"):
+        (na, wa, ma), (nb, wb, mb) = optimizer_run(args, False, kernel), optimizer_run(args, True, kernel)
+        report["local_optimizer"][f"{name}_{kernel}"] = {
+            "norms_equal": all(torch.equal(a, b) for a, b in zip(na, nb)),
+            "clipped": all(float(n) > 0.05 for n in na),
+            "weights_equal": all(torch.equal(wa[n], wb[n]) for n in wa),
+            "moments_equal": all(torch.equal(ma[n], mb[n]) for n in ma),
+        }  # fmt: skip
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump(report, f)
 dist.destroy_process_group()
