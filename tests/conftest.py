@@ -39,12 +39,13 @@ def tiny_assets(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def straight_run(tiny_assets, tmp_path_factory):
-    """The uninterrupted 2-rank reference run that resume and fault tests compare against."""
-    from launch import run
-    from test_train import train_cmd
+    """The uninterrupted 2-rank reference run that resume and fault tests compare against, started
+    with torchrun as users start it (the other runs use tests/spawn_ranks.py, which skips its agent)."""
+    from launch import run, torchrun_cmd
+    from test_train import TRAIN, train_cmd
 
     out = tmp_path_factory.mktemp("straight") / "a"
-    run(train_cmd(2, out, tiny_assets), timeout=300)
+    run(torchrun_cmd(2, TRAIN, *train_cmd(1, out, tiny_assets)[2:]), timeout=300)
     return out
 
 

@@ -30,6 +30,12 @@ def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
     return [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}", script, *args]
 
 
+def ranks_cmd(nproc: int, script: str, *args: str) -> list[str]:
+    """`nproc` ranks of `script` with torchrun's variables but without its agent (tests/spawn_ranks.py:
+    2.5 s less per launch); the user-facing launchers keep their own tests."""
+    return [sys.executable, str(REPO / "tests" / "spawn_ranks.py"), str(nproc), script, *args]
+
+
 def accelerate_cmd(config: str, script: str, *args: str) -> list[str]:
     return [
         str(BIN / "accelerate"),

@@ -3,14 +3,14 @@
 import json
 
 import pytest
-from launch import REPO, run, torchrun_cmd
+from launch import REPO, ranks_cmd, run
 
 pytestmark = pytest.mark.multiproc
 
 
 def test_sharded_ema_two_ranks(tmp_path):
     out = tmp_path / "report"
-    run(torchrun_cmd(2, str(REPO / "tests/e2e/dist/ema_fsdp2.py"), str(out)), timeout=180)
+    run(ranks_cmd(2, str(REPO / "tests/e2e/dist/ema_fsdp2.py"), str(out)), timeout=180)
     reports = [json.loads((tmp_path / f"report.rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
         assert rep["world_size"] == 2
@@ -32,7 +32,7 @@ def test_ema_eval_forward_equals_plain_unet_with_ema_weights(tmp_path, nproc):
     when FSDP2 keeps its root gathered) equals a plain UNet holding the gathered EMA, bitwise, for
     FSDP2 and DDP at world 1 and 2; so does the forward after swapping back, with the raw weights."""
     out = tmp_path / "report"
-    run(torchrun_cmd(nproc, str(REPO / "tests/e2e/dist/ema_eval_forward.py"), str(out)), timeout=180)
+    run(ranks_cmd(nproc, str(REPO / "tests/e2e/dist/ema_eval_forward.py"), str(out)), timeout=180)
     for r in range(nproc):
         rep = json.loads((tmp_path / f"report.rank{r}.json").read_text())
         assert rep["fsdp2"]["sharded_shard0"], "FSDP2 params must be DTensors sharded Shard(0)"
@@ -52,7 +52,7 @@ def test_hsdp_ema_follows_the_shard_dimension_and_reshards(tmp_path):
     reloads into FSDP over 2 ranks and into one process with raw and EMA weights equal. On both
     meshes the shard-local clipping and AdamW (fused and foreach) equal torch's on the DTensors bitwise."""
     out = tmp_path / "report"
-    run(torchrun_cmd(2, str(REPO / "tests/e2e/dist/hsdp.py"), str(out)), timeout=180)
+    run(ranks_cmd(2, str(REPO / "tests/e2e/dist/hsdp.py"), str(out)), timeout=180)
     reports = [json.loads((tmp_path / f"report.rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
         assert rep["world_size"] == 2 and rep["mesh"] == {"replicate": 2, "shard": 1}
@@ -75,7 +75,7 @@ def test_fsdp_wrappings_hold_what_they_say_and_train_the_same(tmp_path):
     magnitude 1: the gathered parameters sit in other buffers at other offsets, and the CPU kernels
     round the last bit differently), and explicit prefetch changes no bit at all."""
     out = tmp_path / "report"
-    run(torchrun_cmd(4, str(REPO / "tests/e2e/dist/fsdp_wrappings.py"), str(out)), timeout=300)
+    run(ranks_cmd(4, str(REPO / "tests/e2e/dist/fsdp_wrappings.py"), str(out)), timeout=300)
     for r in range(4):
         rep = json.loads((tmp_path / f"report.rank{r}.json").read_text())
         assert rep["world_size"] == 4

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from launch import REPO, run, torchrun_cmd
+from launch import REPO, ranks_cmd, run
 from test_train import TRAIN
 
 
@@ -51,7 +51,7 @@ def test_compiled_channels_last_fsdp2_matches_eager(tmp_path: Path):
     """perf.compile (per block, before fully_shard) and perf.channels_last on 2 FSDP2 ranks: the
     forward and the gathered gradients within 1e-4 of eager (relative to the largest value)."""
     out = tmp_path / "report.json"
-    run(torchrun_cmd(2, str(REPO / "tests/e2e/dist/compile_fsdp2.py"), str(out)), timeout=600)
+    run(ranks_cmd(2, str(REPO / "tests/e2e/dist/compile_fsdp2.py"), str(out)), timeout=600)
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and report["names_equal"] and report["graphs"] >= 5, report
     assert report["forward_rel"] <= 1e-4 and report["grad_rel"] <= 1e-4, report

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, run, torchrun_cmd
+from launch import REPO, ranks_cmd, run
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 TRAIN = str(REPO / "train.py")
@@ -29,7 +29,7 @@ COMMON = [
 
 def train_cmd(nproc: int, out: Path, assets: dict, *extra: str) -> list[str]:
     args = ["--config", "configs/test.yaml", *assets["overrides"], *COMMON, f"output_dir={out}", *extra]
-    return [sys.executable, TRAIN, *args] if nproc == 1 else torchrun_cmd(nproc, TRAIN, *args)
+    return [sys.executable, TRAIN, *args] if nproc == 1 else ranks_cmd(nproc, TRAIN, *args)
 
 
 def full_state(step_dir: Path) -> dict[str, torch.Tensor]:
