@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from launch import REPO, env, free_port, run
+from test_posthoc_runs import reconstruct_all
 from test_train import TRAIN, assert_states_equal, full_state, keys_by_step, train_cmd
 
-from sd_train.paths import complete_steps
+from sd_train.paths import complete_steps, snapshot_steps
 
 pytestmark = pytest.mark.multiproc
 FAST = ["eval.every_steps=0", "export_at_end=false"]
@@ -23,9 +25,10 @@ def ckpts(out: Path) -> Path:
 def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_path):
     """kill -9 of rank 0 or 1 in each checkpoint phase, SIGTERM during a save and mid-step, kill -9
     mid-step inside the EMA window, async saves and keep-last-2 retention, relaunching after each: the
-    final weights, EMA and optimizer state equal the uninterrupted run's, every step saw the same
-    sample keys, the newest complete checkpoint always survives, and wandb (offline) continues one
-    run id across the relaunches."""
+    final weights, EMA, post-hoc profiles and optimizer state equal the uninterrupted run's, every
+    step saw the same sample keys, the newest complete checkpoint always survives, wandb (offline)
+    continues one run id across the relaunches, and the post-hoc snapshots written across the
+    relaunches reconstruct bitwise like the uninterrupted run's."""
     out = tmp_path / "chain"
     base = ["checkpoint.every_steps=2", "checkpoint.keep_last_k=2", *FAST]
     wandb = ["metrics.wandb=true"]
@@ -66,6 +69,15 @@ def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_pa
         assert keys_by_step(out, r) == keys_by_step(straight_run, r)
     run_id = (out / "wandb_run_id.txt").read_text()
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 4, "the 4 wandb launches share one run id"
+    # Post-hoc EMA through the same kills: snapshots of 10, 12, 14 and 16 written across four
+    # launches (12 twice, after the kill during its save), and every reconstruction bitwise the
+    # uninterrupted run's.
+    assert snapshot_steps(out / "posthoc") == [10, 12, 14, 16]
+    a, b = reconstruct_all(straight_run), reconstruct_all(out)
+    assert a.keys() == b.keys() and len(a) == 5
+    for target in a:
+        diff = [n for n in a[target] if not torch.equal(a[target][n], b[target][n])]
+        assert not diff, f"{target}: {len(diff)} tensors differ, e.g. {diff[:3]}"
 
 
 def test_truncated_shard_falls_back_then_refuses(tiny_assets, straight_run, tmp_path):

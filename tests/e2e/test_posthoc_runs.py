@@ -1,27 +1,22 @@
-"""Post-hoc EMA on real 2-rank FSDP2 runs: one uninterrupted run serves several checks (snapshots
-read in one process equal the live profiles of the run's last checkpoint; a tracked profile and the
-plain EMA's decay reconstruct to what the run tracked), and a run killed with kill -9 mid-window
-and relaunched reconstructs bitwise like the uninterrupted one."""
+"""Post-hoc EMA on real 2-rank FSDP2 runs. The uninterrupted reference run (`straight_run`, whose
+configuration, tests/e2e/test_train.py COMMON, tracks two profiles) serves these checks: snapshots
+read in one process equal the live profiles of the run's last checkpoint, and a tracked profile and
+the plain EMA's decay reconstruct to what the run tracked. The kill chain
+(tests/e2e/test_faults.py) reconstructs its killed and relaunched run bitwise like this one."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from launch import run
-from test_train import full_state, train_cmd
+from test_train import full_state
 
 from sd_train.ema_posthoc import load_snapshot_profile
 from sd_train.paths import snapshot_steps
 from sd_train.tools.posthoc import find_snapshots, plan_targets, reconstruct
 
 pytestmark = pytest.mark.multiproc
-# configs/test.yaml + COMMON of test_train: 16 steps, the plain EMA (decay 0.5) from step 10.
-# Profiles from step 10 too, snapshots at 10, 12, 14, 16: 4 x 2 profiles span the 7 weights.
-POSTHOC = ["ema.posthoc.sigma_rels=[0.05,0.1]", "ema.posthoc.snapshot_every=2", "eval.every_steps=0"]
-POSTHOC += ["export_at_end=false"]
 SIGMAS, DECAYS = [0.05, 0.1, 0.2], [0.5, 0.8]
-KILL_AT_13 = "rank=1,step=13,phase=mid_step"  # after the snapshot and checkpoint of step 12
 
 
 def reconstruct_all(out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -31,14 +26,8 @@ def reconstruct_all(out: Path) -> dict[str, dict[str, torch.Tensor]]:
     return reconstruct(snaps, targets)
 
 
-@pytest.fixture(scope="module")
-def posthoc_run(tiny_assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("posthoc") / "a"
-    run(train_cmd(2, out, tiny_assets, *POSTHOC), timeout=400)
-    return out
-
-
-def test_snapshots_and_reconstruction_match_what_the_run_tracked(posthoc_run):
+def test_snapshots_and_reconstruction_match_what_the_run_tracked(straight_run):
+    posthoc_run = straight_run
     topo = json.loads((posthoc_run / "topology.json").read_text())
     assert topo["world_size"] == 2 and all(r["all_dtensor"] for r in topo["ranks"])
     assert {p for r in topo["ranks"] for p in r["placements"]} == {"(Shard(dim=0),)"}
@@ -64,17 +53,3 @@ def test_snapshots_and_reconstruction_match_what_the_run_tracked(posthoc_run):
     # Measured: 0 and 2.4e-7 against a raw-vs-EMA difference of 1.0e-3.
     assert profile_diff <= 1e-6 and decay_diff <= 1e-5
     assert raw_vs_ema > 100 * max(profile_diff, decay_diff), "raw and EMA must differ, or the match shows nothing"
-
-
-def test_kill_mid_window_then_relaunch_reconstructs_bitwise(tiny_assets, posthoc_run, tmp_path):
-    out = tmp_path / "killed"
-    proc = run(train_cmd(2, out, tiny_assets, *POSTHOC), timeout=400, check=False, SD_TRAIN_FAULT=KILL_AT_13)
-    assert proc.returncode != 0, "the run should have died at step 13"
-    assert snapshot_steps(out / "posthoc") == [10, 12]
-    again = run(train_cmd(2, out, tiny_assets, *POSTHOC), timeout=400)
-    assert "resumed from" in again.stdout
-    a, b = reconstruct_all(posthoc_run), reconstruct_all(out)
-    assert a.keys() == b.keys() and len(a) == len(SIGMAS) + len(DECAYS)
-    for target in a:
-        diff = [n for n in a[target] if not torch.equal(a[target][n], b[target][n])]
-        assert not diff, f"{target}: {len(diff)} tensors differ, e.g. {diff[:3]}"

@@ -24,6 +24,11 @@ COMMON = [
     "eval.every_steps=3",
     "data.log_keys=true",
     "metrics.log_every=4",
+    # Post-hoc EMA profiles in every run, so the reference run, the kill chain and the resumes check
+    # them with the rest: from step 10 with the plain EMA, snapshots at 10, 12, 14, 16 (4 x 2
+    # profiles span the 7 weights w_10..w_16).
+    "ema.posthoc.sigma_rels=[0.05,0.1]",
+    "ema.posthoc.snapshot_every=2",
 ]
 
 
@@ -51,7 +56,7 @@ def full_state(step_dir: Path) -> dict[str, torch.Tensor]:
 
 def assert_states_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for part in ("model.", "optim.", "ema."):
+    for part in ("model.", "optim.", "ema.", "posthoc."):
         assert any(k.startswith(part) for k in a), f"no {part} tensors in the checkpoint"
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:5]}"
