@@ -55,7 +55,7 @@ demo: $(TINY)/.done
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/sd-train posthoc --run $(RUN) --eval $(POSTHOC_FLAGS)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadgroup tests
 
 # In-process tests only (about a minute on 2 cores): tests/unit. tests/e2e starts real processes.
 test-unit: $(STAMP)

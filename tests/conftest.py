@@ -68,3 +68,14 @@ def info():
             os.environ.pop(k)
         else:
             os.environ[k] = v
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs 2 pytest-xdist workers (`--dist loadgroup`). Every test that starts several
+    ranks, or shares the 2-rank reference run, goes to one of them, one test at a time: 2 ranks
+    already fill 2 cores, and the session fixtures are built once. The single-process tests run on
+    the other worker beside them. Without xdist the group marks do nothing."""
+    for item in items:
+        shares_ranks = item.get_closest_marker("multiproc") or "straight_run" in item.fixturenames
+        if shares_ranks or item.path.name == "test_train.py":
+            item.add_marker(pytest.mark.xdist_group("ranks"))

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from launch import REPO, ranks_cmd, run
 from test_train import TRAIN
 
@@ -47,6 +48,7 @@ def test_gpu_proof_tiny_runs_every_section_on_cpu(tmp_path: Path):
     assert all(row["host_syncs_per_step"] <= 1 for row in sections["throughput"]["rows"] if row["path"] == "new")
 
 
+@pytest.mark.multiproc
 def test_compiled_channels_last_fsdp2_matches_eager(tmp_path: Path):
     """perf.compile (per block, before fully_shard) and perf.channels_last on 2 FSDP2 ranks: the
     forward and the gathered gradients within 1e-4 of eager (relative to the largest value)."""
