@@ -70,12 +70,11 @@ def info():
             os.environ[k] = v
 
 
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs 2 pytest-xdist workers (`--dist loadgroup`). Every test that starts several
-    ranks, or shares the 2-rank reference run, goes to one of them, one test at a time: 2 ranks
-    already fill 2 cores, and the session fixtures are built once. The single-process tests run on
-    the other worker beside them. Without xdist the group marks do nothing."""
-    for item in items:
-        shares_ranks = item.get_closest_marker("multiproc") or "straight_run" in item.fixturenames
-        if shares_ranks or item.path.name == "test_train.py":
-            item.add_marker(pytest.mark.xdist_group("ranks"))
+def pytest_itemcollected(item):
+    """`make test` runs two pytest sessions side by side: `-m multiproc` (every test that starts
+    several ranks, one at a time: 2 ranks already fill 2 cores) and `-m "not multiproc"` (the
+    single-process tests, beside them). The users of the 2-rank reference run, and test_train's
+    runs, count as multiproc too, so that run is built in one session only. Marked as each test is
+    collected, before `-m` selects."""
+    if "straight_run" in getattr(item, "fixturenames", ()) or item.path.name == "test_train.py":
+        item.add_marker(pytest.mark.multiproc)
