@@ -23,8 +23,9 @@ from torch.optim.adam import adam as _adam_update  # what torch's Adam(W).step c
 from sd_train.config import OptimArgs
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    # The attribute, not to_local(): to_local is an autograd Function call per tensor per step.
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (the tensor itself when it is not one), sharing its storage.
+    The attribute, not to_local(): to_local is an autograd Function call per tensor per step."""
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
@@ -42,7 +43,7 @@ class ShardLocalAdamW(torch.optim.AdamW):
             # torch's own lazy state init (moments as DTensors like their params, step counters).
             has_complex = self._init_group(group, *lists)
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = (
-                [_local(t) for t in ts] for ts in lists
+                [local_shard(t) for t in ts] for ts in lists
             )
             beta1, beta2 = group["betas"]
             _adam_update(
@@ -111,7 +112,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     if groups is None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
-    local = [_local(g) for g in grads]
+    local = [local_shard(g) for g in grads]
     # Each gradient's norm is reduced before they are stacked (DTensor's stack replicates its
     # partial inputs first): all of them in one all-reduce per sharded mesh dim.
     norms = torch.stack(torch._foreach_norm(local, 2.0))

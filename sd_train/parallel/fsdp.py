@@ -32,17 +32,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sd_train.config import DistArgs, PerfArgs
 from sd_train.host_sync import read_floats
-from sd_train.optim import clip_grad_norm_
+from sd_train.optim import clip_grad_norm_, local_shard
 from sd_train.parallel.process_group import DistInfo
 from sd_train.parallel.strategy import AsyncSave, OptimizerFactory, Strategy
 from sd_train.perf import compile_module
 
 # `auto` is resolved by sd_train.preflight for a run; a bare DistArgs (benches, tests) means fp32.
 DTYPES = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def _channels_last_input(module: torch.nn.Module, args: tuple) -> tuple:
@@ -66,7 +62,7 @@ class DTensorLayout:
         self.model = model
 
     def views(self, named_params: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
-        return [_local(p).detach() for _, p in named_params]
+        return [local_shard(p).detach() for _, p in named_params]
 
     forward_views = views  # the EMA reads the shards the forward gathers
 
@@ -293,7 +289,7 @@ class FSDPStrategy(Strategy):
     def topology(self) -> dict:
         params = [p for _, p in self.module.named_parameters()]
         return {
-            "local_param_bytes": sum(_local(p).numel() * p.element_size() for p in params),
+            "local_param_bytes": sum(local_shard(p).numel() * p.element_size() for p in params),
             "placements": sorted({str(p.placements) if isinstance(p, DTensor) else "replicated" for p in params}),
             "all_dtensor": all(isinstance(p, DTensor) for p in params),
         }
