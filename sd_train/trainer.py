@@ -29,6 +29,7 @@ from tqdm import tqdm
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import TrainConfig, config_to_dict, dump_config
 from sd_train.data.bad_input import check_bad_fraction
+from sd_train.data.buckets import bucket_set, pixel_factor
 from sd_train.data.decode import CaptionTokenizer
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import sample_posterior
@@ -47,7 +48,7 @@ from sd_train.export import export_from_training
 from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
-from sd_train.metrics import KeyLog, StepWindow, build_metrics
+from sd_train.metrics import KeyLog, StepWindow, bucket_figures, build_metrics
 from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_lr_schedule, build_optimizer
@@ -62,7 +63,14 @@ from sd_train.parallel.process_group import (
     reduce_tensor_,
 )
 from sd_train.paths import POSTHOC_DIR
-from sd_train.perf import apply_backend_flags, peak_tflops, training_flops_per_image, use_fused_adamw
+from sd_train.perf import (
+    apply_backend_flags,
+    bucket_flops_per_image,
+    peak_tflops,
+    static_shapes_for_buckets,
+    training_flops_per_image,
+    use_fused_adamw,
+)
 from sd_train.rng import RankRNG, seed_all
 
 log = logging.getLogger("sd_train")
@@ -151,7 +159,15 @@ class Trainer:
 
         frozen_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         self.parts = load_sd_parts(cfg.model, self.info.device, cfg.seed, frozen_dtype)
+        # data.buckets: the same set the loader builds (a torch-free read of the model's configs).
+        self.buckets = (
+            bucket_set(cfg.data, pixel_factor(cfg.model.pretrained_path)) if cfg.data.buckets != "none" else None
+        )
+        self.bucket_flops: dict[tuple[int, int], float] = {}
+        """data.buckets: forward+backward FLOPs per image by latent (h, w), counted once at startup."""
         self.flops_per_image = self._count_flops() if cfg.perf.count_flops else None
+        if cfg.perf.compile and self.buckets is not None:
+            static_shapes_for_buckets(len(self.buckets.sizes))
         self.peak_tflops = peak_tflops(cfg.perf, self.info.device)
         self.strategy = build_strategy(cfg, self.info, self.accum)
         fused = use_fused_adamw(cfg.perf, self.info.device)
@@ -219,6 +235,8 @@ class Trainer:
         if self.info.is_main:
             print(self.plan.describe(), flush=True)
             print(self._describe_hot_path(fused), flush=True)
+            if self.buckets is not None:
+                print(self._describe_buckets(), flush=True)
             if self.posthoc is not None:
                 print(self.posthoc_plan.describe(num_params, self.info.world_size, live_numel), flush=True)
             (self.out / "ema_plan.json").write_text(json.dumps(figures, indent=1))
@@ -232,18 +250,33 @@ class Trainer:
 
     def _count_flops(self) -> float:
         """Forward+backward FLOPs of one training image at this run's shape, on the plain UNet
-        before it is wrapped (sd_train.perf.training_flops_per_image)."""
+        before it is wrapped (sd_train.perf.training_flops_per_image). With data.buckets, per bucket
+        (`bucket_flops`), and the largest bucket's figure is returned."""
         unet, parts = self.parts.unet, self.parts
+        text = (parts.token_length, parts.text_config.hidden_size)
+        if self.buckets is not None:
+            f = parts.latent_downsampling
+            latents = [(h // f, w // f) for h, w in self.buckets.sizes]
+            self.bucket_flops = bucket_flops_per_image(unet, latents, text, self.info.device)
+            return self.bucket_flops[latents[self.buckets.largest()]]
         latent = self.cfg.data.resolution // parts.latent_downsampling
-        return training_flops_per_image(
-            unet,
-            (unet.config.in_channels, latent, latent),
-            (parts.token_length, parts.text_config.hidden_size),
-            self.info.device,
+        return training_flops_per_image(unet, (unet.config.in_channels, latent, latent), text, self.info.device)
+
+    def _describe_buckets(self) -> str:
+        """The startup line of data.buckets: the set, the largest bucket (the activation peak) and
+        each bucket's FLOPs per image."""
+        assert self.buckets is not None
+        f = self.parts.latent_downsampling
+        flops = ", ".join(
+            f"{name} {self.bucket_flops[(h // f, w // f)] / 1e9:.3g}"
+            for name, (h, w) in zip(self.buckets.names, self.buckets.sizes)
+            if (h // f, w // f) in self.bucket_flops
         )
+        return f"buckets: {self.buckets.describe()}" + (f"; GFLOP per image (fwd+bwd): {flops}" if flops else "")
 
     def _describe_hot_path(self, fused: bool) -> str:
         flops = f"{self.flops_per_image / 1e9:.2f} GFLOP" if self.flops_per_image else "not counted"
+        flops += " (the largest bucket)" if self.bucket_flops else ""
         peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown (no speed/mfu)"
         flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
         frozen = ", ".join(self.parts.resident()) or "none"
@@ -310,7 +343,7 @@ class Trainer:
         # float64, summed micro-batch by micro-batch: the same value, bit for bit, as the Python
         # float sum of each micro-batch's loss that this replaced.
         local_loss = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        data_wait, keys = 0.0, []
+        data_wait, keys, flops = 0.0, [], 0.0
         autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16())
         for micro in range(self.accum):
             t = time.perf_counter()
@@ -319,6 +352,7 @@ class Trainer:
             keys.extend(batch.get("keys", []))
             with window.phase("forward_backward"):
                 latents, embeds = self._encode(batch)
+                flops += latents.shape[0] * self.bucket_flops.get(tuple(latents.shape[-2:]), 0.0)
                 last = micro == self.accum - 1
                 self.strategy.set_grad_sync(last)
                 with autocast:
@@ -349,6 +383,7 @@ class Trainer:
             "finite": finite,
             "preempt": signalled > 0,
             "clock_due": clock_due > 0,
+            "flops": flops,
         }
 
     def _votes(self) -> torch.Tensor:
@@ -387,7 +422,7 @@ class Trainer:
         counts = self.loader.bad_counts()
         names = sorted(counts)
         filtered = self.loader.filtered_counts()
-        rules = list(self.loader.dataset.sample_filter.names)  # the same list on every rank
+        rules = list(self.loader.dataset.filter_names)  # the same list on every rank
         local = [counts[n] for n in names] + [filtered.get(r, 0) for r in rules] + [sum(filtered.values())]
         summed = all_reduce_sum(local + [self.loader.samples_read()], self.info.device)
         totals = {n: int(v) for n, v in zip(names, summed)}
@@ -405,6 +440,8 @@ class Trainer:
             epochs = all_reduce_max([e for _, e in mixed], self.info.device)
             for i, (n, e) in enumerate(zip(samples, epochs)):
                 per_source |= {f"data/source{i}_samples": int(n), f"data/source{i}_epoch": int(e)}
+        buckets = self.loader.bucket_counts()  # data.buckets: per-bucket samples and shares, carried
+        per_bucket = bucket_figures(buckets, self.loader.bucket_carried(), self.info.device) if buckets else {}
         return {
             "data/samples_read": read,
             "data/bad_shards": shards,
@@ -412,6 +449,7 @@ class Trainer:
             **per_rule,
             "data/filtered": int(summed[-2]),
             **per_source,
+            **per_bucket,
         }
 
     def log_step(self, step: int, result: dict) -> None:
@@ -442,14 +480,19 @@ class Trainer:
         data_iter = iter(self.loader)
         self.bar = _progress(self.info.is_main, self.state.step, cfg.max_steps)
         self.window = StepWindow(
-            cfg.global_batch_size, self.info.device, self.info.world_size, self.flops_per_image, self.peak_tflops
+            cfg.global_batch_size,
+            self.info.device,
+            self.info.world_size,
+            self.flops_per_image,
+            self.peak_tflops,
+            step_flops=bool(self.bucket_flops),
         )
         while self.state.step < cfg.max_steps:
             syncs_before = HOST_SYNCS.count
             self.window.step_started()
             result = self.train_step(data_iter)
             step = self.state.step
-            self.window.step_ended(result["data_wait"], result["finite"])
+            self.window.step_ended(result["data_wait"], result["finite"], result["flops"])
             self.bar.update(1 if result["finite"] else 0)
             logged = self.metrics.should_log(step) and result["finite"] or step == cfg.max_steps
             if logged:
