@@ -66,10 +66,6 @@ def shadow_file(folder: Path, key: str, rank: int) -> Path:
     return Path(folder) / f"{key}_rank_{rank}.pt"
 
 
-def ema_file(folder: Path, rank: int) -> Path:
-    return shadow_file(folder, "ema", rank)
-
-
 def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int) -> dict:
     """The DeepSpeed config, all derived from the sd-train config (none of it is 'auto')."""
     zero: dict = {"stage": cfg.dist.zero_stage}
