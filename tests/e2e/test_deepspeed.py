@@ -18,7 +18,7 @@ from launch import BIN, REPO, free_port, run
 from reference import assert_logged_val_matches_export
 from safetensors.torch import load_file
 
-from sd_train.ema_posthoc import load_snapshot_profile
+from sd_train.ema.posthoc import load_snapshot_profile
 from sd_train.parallel.deepspeed import offline_shadow, offline_state, shadow_file
 from sd_train.paths import snapshot_steps
 from sd_train.tools.posthoc import find_snapshots, main_posthoc, plan_targets, reconstruct

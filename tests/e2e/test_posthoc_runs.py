@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_train import full_state
 
-from sd_train.ema_posthoc import load_snapshot_profile
+from sd_train.ema.posthoc import load_snapshot_profile
 from sd_train.paths import snapshot_steps
 from sd_train.tools.posthoc import find_snapshots, plan_targets, reconstruct
 
