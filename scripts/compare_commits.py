@@ -97,7 +97,7 @@ VOLATILE_KEYS = {"time"}
 ALLOW_ADDED = False
 # Keys of the asset builds' json reports that time the build (tiny_sd.py's vae_report.json).
 BUILD_TIMING_KEYS = {"seconds", "time"}
-# The processes of a run: the test suite's environment (tests/launch.py).
+# The processes of a run: the test suite's environment (tests/support/launch.py).
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SD_TRAIN_FAULT")
 RUN_TIMEOUT_S = 1200
 

@@ -25,7 +25,7 @@ What ZeRO partitions, and where the EMA lives:
   parameters, so an EMA following it would depend on DeepSpeed's internal buffer layout. We keep
   the EMA replicated instead (every rank computes the same lerp): no communication, and the memory
   of one fp32 copy of the UNet per rank. docs/parallelism.md says so.
-The post-hoc EMA profiles (sd_train.ema_posthoc) use the same layouts: per partition under ZeRO-3,
+The post-hoc EMA profiles (sd_train.ema.posthoc) use the same layouts: per partition under ZeRO-3,
 replicated under ZeRO-2.
 
 Checkpoints: DeepSpeed's own per-rank files under `<step>/zero/` (model and optimizer partitions,

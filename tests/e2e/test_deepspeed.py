@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from diffusers import UNet2DConditionModel
-from launch import BIN, REPO, free_port, run
-from reference import assert_logged_val_matches_export
 from safetensors.torch import load_file
 
-from sd_train.ema_posthoc import load_snapshot_profile
+from sd_train.ema.posthoc import load_snapshot_profile
 from sd_train.parallel.deepspeed import offline_shadow, offline_state, shadow_file
 from sd_train.paths import snapshot_steps
 from sd_train.tools.posthoc import find_snapshots, main_posthoc, plan_targets, reconstruct
+from tests.support.launch import BIN, REPO, free_port, run
+from tests.support.reference import assert_logged_val_matches_export
 
 # Window at step 8 of 12 with decay 0.5: 4 EMA updates, 0.5^4 = 6.25% pre-window share.
 COMMON = [
