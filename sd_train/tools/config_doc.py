@@ -39,7 +39,6 @@ class FieldDoc:
     type: str
     default: str
     doc: str
-    section_class: str | None  # the dataclass it holds, when the field is a nested section
 
 
 @dataclass(frozen=True)
@@ -49,22 +48,37 @@ class ClassDoc:
     fields: tuple[FieldDoc, ...]
 
 
-def _type_text(node: ast.expr, source: str) -> str:
+class _Source:
+    """The schema's source, split into lines once (ast.get_source_segment splits it on every call)."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines(keepends=True)
+
+    def segment(self, node: ast.expr) -> str:
+        """The source text of `node`, as written."""
+        first, last = node.lineno - 1, node.end_lineno - 1
+        if first == last:
+            return self.lines[first].encode()[node.col_offset : node.end_col_offset].decode()
+        parts = [self.lines[first].encode()[node.col_offset :].decode(), *self.lines[first + 1 : last]]
+        return "".join(parts + [self.lines[last].encode()[: node.end_col_offset].decode()])
+
+
+def _type_text(node: ast.expr, source: _Source) -> str:
     """`Literal["a", "b"]` -> `"a" | "b"`, `Optional[int]` -> `int | null`; anything else as written."""
     if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
         inner = node.slice
         if node.value.id == "Literal":
             items = inner.elts if isinstance(inner, ast.Tuple) else [inner]
-            return " | ".join(ast.get_source_segment(source, item) or "" for item in items)
+            return " | ".join(source.segment(item) for item in items)
         if node.value.id == "Optional":
             return f"{_type_text(inner, source)} | null"
     if isinstance(node, ast.Constant) and node.value is None:
         return "null"
-    text = ast.get_source_segment(source, node) or ""
+    text = source.segment(node)
     return " | ".join(_YAML_WORDS.get(part.strip(), part.strip()) for part in text.split("|"))
 
 
-def _default_text(node: ast.expr | None, source: str) -> str:
+def _default_text(node: ast.expr | None, source: _Source) -> str:
     """The default as the source writes it; `field(default_factory=...)` as the value it makes."""
     if node is None:
         return "required"
@@ -78,26 +92,23 @@ def _default_text(node: ast.expr | None, source: str) -> str:
                     return _default_text(factory.body, source)
                 if isinstance(factory, ast.Name) and factory.id in ("list", "dict"):
                     return "[]" if factory.id == "list" else "{}"
-                return f"{ast.get_source_segment(source, factory)}()"
+                return f"{source.segment(factory)}()"
     if isinstance(node, (ast.List, ast.Tuple, ast.Dict)):
         try:  # a flow list in YAML's (and JSON's) own form, on one line
             return json.dumps(ast.literal_eval(node))
         except ValueError:
             pass
-    text = " ".join((ast.get_source_segment(source, node) or "").split())
+    text = " ".join(source.segment(node).split())
     return _YAML_WORDS.get(text, text)
-
-
-def _annotation_class(node: ast.expr) -> str | None:
-    return node.id if isinstance(node, ast.Name) else None
 
 
 def parse_schema(path: Path) -> dict[str, ClassDoc]:
     """Every dataclass in the schema source: its docstring and its fields in declaration order, each
     with the string literal that follows it (empty when there is none)."""
-    source = path.read_text()
+    text = path.read_text()
+    source = _Source(text)
     classes: dict[str, ClassDoc] = {}
-    for node in ast.parse(source).body:
+    for node in ast.parse(text).body:
         if not isinstance(node, ast.ClassDef):
             continue
         fields: list[FieldDoc] = []
@@ -115,7 +126,6 @@ def parse_schema(path: Path) -> dict[str, ClassDoc]:
                     type=_type_text(stmt.annotation, source),
                     default=_default_text(stmt.value, source),
                     doc=doc,
-                    section_class=_annotation_class(stmt.annotation),
                 )
             )
         classes[node.name] = ClassDoc(node.name, inspect.cleandoc(ast.get_docstring(node) or ""), tuple(fields))

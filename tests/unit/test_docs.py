@@ -1,5 +1,6 @@
 """The documentation stays true to the repository: the config reference is what the schema's
-docstrings give, and every repository path, module and link that the docs name exists.
+docstrings give, every repository path, module and link that the docs name exists, and the
+README's index links every page under docs/.
 
 Checked texts: README.md, every Markdown file under docs/, and the module docstrings of train.py
 and every Python file under sd_train/, tests/, bench/ and scripts/. In them:
@@ -153,6 +154,16 @@ def broken_references(source: Path, text: str) -> list[str]:
 def test_docs_name_only_what_exists():
     found = [f"{src.relative_to(ROOT)}: {ref}" for src, text in texts().items() for ref in broken_references(src, text)]
     assert not found, "the docs name what the repository does not have:\n" + "\n".join(found)
+
+
+def test_readme_indexes_every_docs_page():
+    """The README is the front door: each page under docs/ is linked from it (drafts waiting in
+    docs/_incoming/ to be folded into a page are not pages yet)."""
+    linked = {(ROOT / m.group(1).partition("#")[0]).resolve() for m in _LINK.finditer((ROOT / "README.md").read_text())}
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert pages, "no docs pages found"
+    missing = [str(p.relative_to(ROOT)) for p in pages if p.resolve() not in linked]
+    assert not missing, f"pages not in the README's documentation index: {missing}"
 
 
 def test_the_reference_check_sees_a_broken_one():
