@@ -171,7 +171,7 @@ class DataArgs:
     goes to the bucket nearest in log aspect ratio, is resized to cover it and cropped (center, or
     random with `center_crop: false`); every micro-batch holds one bucket; samples still waiting at
     an epoch's end carry into the next (`data/bucket_carried`); nothing is dropped or repeated, and
-    a resume restores the waiting samples exactly (see sd_train.data.bucketing)."""
+    a resume restores the waiting samples exactly (see sd_train.data.batching)."""
     bucket_max_aspect: float = 4.0
     """The aspect range of the buckets, 1:r to r:1. Generated buckets stay inside it, listed ones must,
     and an image outside it is a misfit (`bucket_misfits`)."""
