@@ -216,7 +216,7 @@ def bucket_set(data: Any, factor: int) -> Optional[BucketSet]:
         raise ConfigError(
             f"data.buckets: {bucket_name(off[0])} has a side that is not a multiple of {factor}, the model's pixel "
             f"factor (VAE x UNet downsampling, from model.pretrained_path): e.g. "
-            f"{max(factor, h // factor * factor)}x{max(factor, w // factor * factor)}"
+            f"{max(factor, round(h / factor) * factor)}x{max(factor, round(w / factor) * factor)}"
         )
     wide = [s for s in sizes if max(s) > r * min(s)]
     if wide:
