@@ -15,7 +15,8 @@ key 112 has no `.txt`. See `meta_sample`.
 A third set, `laion/laion-000000.tar` .. `laion/laion-000005.tar` (6 samples each, keys
 000000200..000000235), has web-like image sizes for the aspect-ratio bucket tests, scaled to the
 tiny model's 32 px (`LAION_SAMPLES`): landscape 4:3, 3:2, 16:9 and 2:1, portraits, squares, an
-exact 4:1 and a 1:3.7, tiny images (below the smallest 32 px bucket's area), a 1 x 20000 banner,
+exact 4:1 and a 1:3.7, two aspects whose nearest bucket differs in log and in linear aspect (81 x
+40, 40 x 79), one at a tie of two buckets (80 x 40), tiny images (below the smallest 32 px bucket's area), a 1 x 20000 banner,
 three outside 1:4..4:1, a JPEG stored sideways with an EXIF orientation, a sample without `.json`
 and one whose image is not an image. Each picture is a colour gradient with a dark corner mark,
 so a wrong crop or a missed flip shows in the pixels.
@@ -128,8 +129,8 @@ LAION_SHARDS, LAION_PER_SHARD, LAION_FIRST_KEY = 6, 6, 200
 # (upright it is height x width), "nojson" has no .json, "broken" is not an image.
 LAION_SAMPLES: list[tuple[int, int, str, str]] = [
     (64, 48, "jpg", ""), (80, 60, "jpg", ""), (72, 48, "jpg", ""), (96, 64, "png", ""), (60, 40, "jpg", ""),
-    (64, 36, "jpg", ""), (112, 63, "jpg", ""), (80, 40, "png", ""), (75, 50, "jpg", ""), (100, 75, "jpg", "nojson"),
-    (48, 64, "jpg", ""), (36, 48, "png", ""), (40, 60, "jpg", ""), (60, 90, "jpg", ""), (36, 64, "jpg", ""),
+    (64, 36, "jpg", ""), (112, 63, "jpg", ""), (80, 40, "png", ""), (81, 40, "jpg", ""), (100, 75, "jpg", "nojson"),
+    (48, 64, "jpg", ""), (36, 48, "png", ""), (40, 60, "jpg", ""), (40, 79, "jpg", ""), (36, 64, "jpg", ""),
     (32, 32, "png", ""), (48, 48, "jpg", ""), (64, 64, "jpg", ""), (40, 40, "png", ""), (100, 100, "jpg", ""),
     (50, 50, "jpg", ""), (120, 30, "png", ""), (30, 110, "jpg", ""), (12, 12, "png", ""), (20, 16, "jpg", ""),
     (24, 30, "png", ""), (20000, 1, "png", ""), (200, 10, "png", ""), (10, 160, "png", ""), (130, 30, "jpg", ""),
