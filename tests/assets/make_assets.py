@@ -16,10 +16,10 @@ A third set, `laion/laion-000000.tar` .. `laion/laion-000005.tar` (6 samples eac
 000000200..000000235), has web-like image sizes for the aspect-ratio bucket tests, scaled to the
 tiny model's 32 px (`LAION_SAMPLES`): landscape 4:3, 3:2, 16:9 and 2:1, portraits, squares, an
 exact 4:1 and a 1:3.7, two aspects whose nearest bucket differs in log and in linear aspect (81 x
-40, 40 x 79), one at a tie of two buckets (80 x 40), tiny images (below the smallest 32 px bucket's area), a 1 x 20000 banner,
-three outside 1:4..4:1, a JPEG stored sideways with an EXIF orientation, a sample without `.json`
-and one whose image is not an image. Each picture is a colour gradient with a dark corner mark,
-so a wrong crop or a missed flip shows in the pixels.
+40, 40 x 79), one at a tie of two buckets (80 x 40), tiny images (below the smallest 32 px
+bucket's area), a 1 x 20000 banner, three outside 1:4..4:1, a JPEG stored sideways with an EXIF
+orientation, a sample without `.json` and one whose image is not an image. Each picture is a
+colour gradient with a dark corner mark, so a wrong crop or a missed flip shows in the pixels.
 """
 
 from __future__ import annotations
