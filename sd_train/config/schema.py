@@ -178,11 +178,13 @@ class DataArgs:
     bucket_side_multiple: Optional[int] = None
     """`buckets: generated` only: the step of the bucket sides in pixels, a multiple of the model's
     pixel factor (a larger step gives fewer buckets). Unset: the pixel factor itself."""
-    bucket_misfits: Literal["filter", "resize"] = "filter"
-    """An image outside the aspect range, or smaller in area than the smallest bucket: `filter` drops
-    it, judged from the image header before any decode, counted per reason as
-    `data/filtered_bucket_aspect` and `data/filtered_bucket_too_small` (not bad input); `resize`
-    trains it in its nearest bucket, resized up or cropped harder."""
+    bucket_misfits: Literal["resize", "filter"] = "resize"
+    """An image outside the aspect range, or smaller in area than the smallest bucket: `resize` trains
+    it in its nearest bucket, resized up or cropped harder (as the square path resizes every image);
+    `filter` drops it, judged from the image header before any decode, counted per reason as
+    `data/filtered_bucket_aspect` and `data/filtered_bucket_too_small` (not bad input). On web data
+    `filter` drops many images (a LAION-like set: 41% at 512 px, 89% at SDXL's 1024 px, almost all
+    as too small: bench/bench_buckets.py); `data.filters` on the `.json` sizes drops less bluntly."""
 
     def validate(self) -> None:
         """Field values only; sd_train.preflight checks that the shards exist and are enough."""

@@ -20,9 +20,9 @@ Assignment (`BucketSet.assign`): the bucket nearest in log aspect ratio, |log(w/
 compared exactly with integer cross products (no float ties), a tie going to the first bucket in
 the set's order (by aspect, tall to wide). Misfits, judged from the size alone (before any decode):
 an aspect outside [1/r, r] (r = `data.bucket_max_aspect`) is `bucket_aspect`; an area below the
-smallest bucket's is `bucket_too_small`. With `data.bucket_misfits=filter` they are dropped and
-counted per reason like `data.filters` (never bad input); with `resize` they train in their nearest
-bucket, resized up or cropped harder.
+smallest bucket's is `bucket_too_small`. With `data.bucket_misfits=resize` (the default) they train
+in their nearest bucket, resized up or cropped harder; with `filter` they are dropped and counted
+per reason like `data.filters` (never bad input).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from sd_train.config.schema import SDXL_RESOLUTION  # noqa: F401 (the named set'
 from sd_train.errors import ConfigError
 
 Size = tuple[int, int]  # (height, width) in pixels, the order of SDXL's micro-conditioning
-Misfits = Literal["filter", "resize"]
+Misfits = Literal["resize", "filter"]
 MISFIT_REASONS = ("bucket_aspect", "bucket_too_small")
 
 # SDXL's standard buckets, (H, W): the square and four shapes with their transposes, all about
@@ -80,11 +80,11 @@ class BucketSet:
 
     sizes: tuple[Size, ...]
     max_aspect: float = 4.0
-    misfits: Misfits = "filter"
+    misfits: Misfits = "resize"
 
     @classmethod
     def of(
-        cls, sizes: list[Size] | tuple[Size, ...], max_aspect: float = 4.0, misfits: Misfits = "filter"
+        cls, sizes: list[Size] | tuple[Size, ...], max_aspect: float = 4.0, misfits: Misfits = "resize"
     ) -> BucketSet:
         unique = sorted({(int(h), int(w)) for h, w in sizes}, key=lambda s: (s[1] / s[0], s[0]))
         if not unique:

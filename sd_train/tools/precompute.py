@@ -527,7 +527,7 @@ def main_precompute(argv: list[str]) -> int:
     )
     p.add_argument("--bucket-max-aspect", type=float, default=4.0, help="as data.bucket_max_aspect")
     p.add_argument("--bucket-side-multiple", type=int, default=None, help="as data.bucket_side_multiple")
-    p.add_argument("--bucket-misfits", choices=["filter", "resize"], default="filter", help="as data.bucket_misfits")
+    p.add_argument("--bucket-misfits", choices=["resize", "filter"], default="resize", help="as data.bucket_misfits")
     p.add_argument(
         "--workers",
         type=int,

@@ -207,6 +207,7 @@ def test_bucketed_precompute_stores_each_samples_bucket_and_the_run_checks_the_s
     batches the stored latents by shape, each sample once per epoch."""
     model, out = str(tiny_assets["model"]), tmp_path / "laion-latents"
     args = ["--model", model, "--src", LAION_SPEC, "--out", str(out), "--resolution", "32", "--buckets", "generated"]
+    args += ["--bucket-misfits", "filter"]
     assert main_precompute([*args, "--batch-size", "4"]) == 0
     manifest = json.loads((out / "precompute.json").read_text())
     vae_factor = 2 ** (
