@@ -235,7 +235,9 @@ class Trainer:
             print(self.plan.describe(), flush=True)
             print(self._describe_hot_path(fused), flush=True)
             if self.buckets is not None:
-                print(self._describe_buckets(), flush=True)
+                f = self.parts.latent_downsampling
+                gflops = [self.bucket_flops.get((h // f, w // f), 0.0) / 1e9 for h, w in self.buckets.sizes]
+                print(f"buckets: {self.buckets.describe(gflops if self.bucket_flops else None)}", flush=True)
             if self.posthoc is not None:
                 print(self.posthoc_plan.describe(num_params, self.info.world_size, live_numel), flush=True)
             (self.out / "ema_plan.json").write_text(json.dumps(figures, indent=1))
@@ -260,18 +262,6 @@ class Trainer:
             return self.bucket_flops[latents[self.buckets.largest()]]
         latent = self.cfg.data.resolution // parts.latent_downsampling
         return training_flops_per_image(unet, (unet.config.in_channels, latent, latent), text, self.info.device)
-
-    def _describe_buckets(self) -> str:
-        """The startup line of data.buckets: the set, the largest bucket (the activation peak) and
-        each bucket's FLOPs per image."""
-        assert self.buckets is not None
-        f = self.parts.latent_downsampling
-        flops = ", ".join(
-            f"{name} {self.bucket_flops[(h // f, w // f)] / 1e9:.3g}"
-            for name, (h, w) in zip(self.buckets.names, self.buckets.sizes)
-            if (h // f, w // f) in self.bucket_flops
-        )
-        return f"buckets: {self.buckets.describe()}" + (f"; GFLOP per image (fwd+bwd): {flops}" if flops else "")
 
     def _describe_hot_path(self, fused: bool) -> str:
         flops = f"{self.flops_per_image / 1e9:.2f} GFLOP" if self.flops_per_image else "not counted"

@@ -140,13 +140,19 @@ class BucketSet:
         """The `filtered` counter names this set adds (none when misfits are resized)."""
         return MISFIT_REASONS if self.misfits == "filter" else ()
 
-    def describe(self) -> str:
+    def describe(self, gflops: Optional[list[float]] = None) -> str:
+        """The startup line: the set, the largest bucket (the activation peak), the aspect range and
+        misfit policy, and each bucket's forward+backward GFLOP per image when counted."""
         big = self.sizes[self.largest()]
-        return (
+        misfits = "filtered" if self.misfits == "filter" else "resized into the nearest bucket"
+        line = (
             f"{len(self.sizes)} buckets (H x W): {', '.join(self.names)}; largest {bucket_name(big)} "
             f"({big[0] * big[1]:,} px: it sets the activation peak); aspect range 1:{self.max_aspect:g} to "
-            f"{self.max_aspect:g}:1, misfits {'filtered' if self.misfits == 'filter' else 'resized into the nearest bucket'}"
+            f"{self.max_aspect:g}:1, misfits {misfits}"
         )
+        if gflops:
+            line += "; GFLOP per image (fwd+bwd): " + ", ".join(f"{n} {g:.3g}" for n, g in zip(self.names, gflops))
+        return line
 
 
 def generate_buckets(resolution: int, multiple: int, max_aspect: float) -> list[Size]:

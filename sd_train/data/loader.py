@@ -287,6 +287,8 @@ class TrainLoader:
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {sd.get('version')!r}; this code reads version {STATE_VERSION}")
         ident = self._identity()
+        # A bucketed state in a square run has buckets the square identity does not name: a change too.
+        ident |= {k: None for k in ("buckets", "micro_batch_size") if k in sd and k not in ident}
         changed = {k: (sd.get(k), v) for k, v in ident.items() if sd.get(k) != v}
         if not changed:
             if sd["rank"] != self.dataset.rank:

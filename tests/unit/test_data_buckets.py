@@ -20,7 +20,7 @@ from sd_train.data.bad_input import BadInputLog
 from sd_train.data.batching import BucketBuffers
 from sd_train.data.decode import decode_image_sample
 from tests.support.bucket_reference import expected_bucket, upright_sizes
-from tests.support.streams import bucket_loader, keys_of, laion_buckets, take
+from tests.support.streams import LAION_SPEC, bucket_loader, keys_of, laion_buckets, make_loader, take
 
 EPOCHS = 3
 
@@ -134,6 +134,9 @@ def test_a_changed_bucket_set_starts_the_next_epoch():
     with pytest.warns(UserWarning, match="micro_batch_size 3 -> 2"):
         changed.load_state_dict(state)
     assert changed.reshard_epoch == max(w["epoch"] for w in state["workers"]) + 1
+    square = make_loader(LAION_SPEC, batch=3)  # the square path would never emit the waiting samples
+    with pytest.warns(UserWarning, match="buckets '64x16,"):
+        square.load_state_dict(state)
     with pytest.raises(ValueError, match="not in this run's set"):
         BucketBuffers.saved_waiting({"waiting": {"1x1": []}}, laion_buckets().names)
 
