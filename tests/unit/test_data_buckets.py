@@ -20,7 +20,7 @@ from sd_train.data.bad_input import BadInputLog
 from sd_train.data.batching import BucketBuffers
 from sd_train.data.decode import decode_image_sample
 from tests.support.bucket_reference import expected_bucket, upright_sizes
-from tests.support.streams import LAION_SPEC, bucket_loader, keys_of, laion_buckets, make_loader, take
+from tests.support.streams import ASSETS, LAION_SPEC, bucket_loader, keys_of, laion_buckets, make_loader, take
 
 EPOCHS = 3
 
@@ -154,3 +154,18 @@ def test_a_waiting_sample_that_cannot_be_read_back_is_skipped_with_a_warning():
         warnings.simplefilter("always")
         take(second, 1)
     assert any("000000999" in str(w.message) and name in str(w.message) for w in caught)
+
+
+def test_weighted_mix_in_buckets_resumes_exactly():
+    """data.mix=weighted with buckets: the waiting samples are named by their draw, and come back."""
+    spec = f"{ASSETS}/laion/laion-{{000000..000002}}.tar@0.7::{ASSETS}/laion/laion-{{000003..000005}}.tar@0.3"
+    kw = dict(workers=2, batch=3, shuffle=4, spec=spec, mix="weighted")
+    reference = take(bucket_loader(**kw), 14)
+    first = bucket_loader(**kw)
+    head = take(first, 6)
+    second = bucket_loader(**kw)
+    second.load_state_dict(first.state_dict())
+    tail = take(second, 8)
+    assert keys_of(head + tail) == keys_of(reference)
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(head + tail, reference))
+    assert all(o[0] == "mix" for b in reference for o in b["origins"])
