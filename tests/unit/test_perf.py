@@ -127,6 +127,21 @@ def test_step_window_excludes_eval_and_reports_mfu():
     assert {"memory/peak_gb", "memory/peak_allocated_gb", "memory/peak_reserved_gb"} <= values.keys()
 
 
+def test_step_window_counts_each_steps_own_flops_with_buckets():
+    """data.buckets: the FLOPs are each step's own (its buckets), not samples x one figure; a skipped
+    step counts none. One process here: the sum over ranks is this rank's."""
+    window = StepWindow(8, CPU, world_size=1, flops_per_image=5e12, peak_tflops=10.0, step_flops=True)
+    window.step_ended(0.0, True, flops=3e12)
+    window.step_ended(0.0, True, flops=1e12)
+    window.step_ended(0.0, False, flops=7e12)
+    time.sleep(0.2)  # the window's time: about 0.2 s
+    start = window.start
+    values = window.read()
+    elapsed = time.perf_counter() - start
+    assert values["speed/tflops_per_gpu"] == pytest.approx(4e12 / elapsed / 1e12, rel=0.05)  # not 16 x 5e12
+    assert values["speed/mfu"] == pytest.approx(values["speed/tflops_per_gpu"] / 10.0)
+
+
 @pytest.mark.parametrize(
     "backend",
     [
