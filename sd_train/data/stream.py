@@ -301,7 +301,7 @@ class ShardStream(IterableDataset):
         log = BadInputLog(dict(start.bad), list(start.bad_shards))
         filtered = dict(start.filtered)  # the replay judges nothing, so nothing is counted twice
         epoch, skip, good = start.epoch, start.offset, start.good
-        batches = self._batcher(worker, start, log)
+        batches = self._batcher(worker, start)
         empty = 0  # epochs in a row that gave no usable sample
 
         def position(offset: int) -> WorkerPosition:
@@ -332,12 +332,19 @@ class ShardStream(IterableDataset):
             yield self._pack(full, worker, position(0))
         yield {"worker": worker, "end": True, "position": position(0).to_dict()}
 
-    def _batcher(self, worker: int, start: WorkerPosition, log: BadInputLog) -> InOrder | BucketBuffers:
-        """In order (square), or bucket buffers restored from `start` (their waiting samples read
-        from their shards again and decoded with their own seeds)."""
+    def _batcher(self, worker: int, start: WorkerPosition) -> InOrder | BucketBuffers:
+        """In order (square), or bucket buffers restored from `start`."""
         if self.buckets is None:
             return InOrder(self.batch_size)
         buffers = BucketBuffers(self.buckets.names, self.batch_size, start.buckets)
+        self._restore(buffers, start, worker)
+        return buffers
+
+    def _restore(self, buffers: BucketBuffers, start: WorkerPosition, worker: int) -> None:
+        """Put back the samples that waited in the buffers at `start`: each read again from its shard
+        by ordinal (one pass per shard, up to the last one needed) and decoded with its own seeds;
+        nothing else is decoded. One that cannot be read back as it was is skipped with a warning."""
+        assert self.buckets is not None
         wanted = BucketBuffers.saved_waiting(start.buckets, self.buckets.names)
         found: dict[tuple[int, int], RawSample] = {}
         quiet = BadInputLog(muted=True)  # all of it was counted before the checkpoint
@@ -363,7 +370,6 @@ class ShardStream(IterableDataset):
                 )
                 continue
             buffers.restore(bucket, sample, where)
-        return buffers
 
     def _bucket_of(
         self, sample: Optional[DecodedSample | PrecomputedSample], raw: Optional[RawSample], log: BadInputLog
@@ -433,7 +439,7 @@ class ShardStream(IterableDataset):
                 self._replay(samples, offset, log)
             streams.append(samples)
         choices, weights = range(len(self.sources)), [src.weight for src in self.sources]
-        batches = self._batcher(worker, start, log)
+        batches = self._batcher(worker, start)
         kept_at = [src[0] for src in state]  # source epochs when a sample was last kept
 
         def position() -> WorkerPosition:
