@@ -96,14 +96,16 @@ def test_evaluation_off_async_time_cadence_saves_and_a_slow_export_write(tiny_as
 def test_hsdp_bucketed_run_stopped_by_sigterm_resumes_exactly(tiny_assets, tmp_path):
     """A 2-rank HSDP run (dist.shard_group_size=1: replicate 2 x shard 1) says so in topology.json. It
     trains in aspect-ratio buckets (data.buckets=generated) on the LAION-like shards; a SIGTERM to
-    rank 1 at step 7 saves and exits 0, and the relaunch ends at step 12 with every checkpoint tensor
-    (raw and EMA UNets, optimizer, post-hoc profiles) equal to an uninterrupted run's and the same
-    sample keys at every step on each rank: the bucket buffers came back exactly.
+    rank 1 at step 5 (inside the EMA window) saves and exits 0, and the relaunch ends at step 8 with
+    every checkpoint tensor (raw and EMA UNets, optimizer, post-hoc profiles) equal to an
+    uninterrupted run's and the same sample keys at every step on each rank: the bucket buffers came
+    back exactly.
 
     The ranks held different buckets at the same steps (from the keys and an independent bucket
     reading), while the gradient all-reduce ran on the parameters."""
-    fast = ["dist.shard_group_size=1", "max_steps=12", "eval.every_steps=0", "export_at_end=false"]
-    fast += ["data.buckets=generated", "data.bucket_misfits=filter", f"data.train_shards={LAION_SPEC}"]
+    fast = ["dist.shard_group_size=1", "max_steps=8", "ema.step_start_ema=4", "eval.every_steps=0"]
+    fast += ["export_at_end=false", "data.buckets=generated", "data.bucket_misfits=filter"]
+    fast += [f"data.train_shards={LAION_SPEC}"]
     h = tmp_path / "h"
     straight = run(train_cmd(2, h, tiny_assets, *fast), timeout=300)
     topo = json.loads((h / "topology.json").read_text())
@@ -112,22 +114,21 @@ def test_hsdp_bucketed_run_stopped_by_sigterm_resumes_exactly(tiny_assets, tmp_p
     assert "buckets: " in straight.stdout and "sets the activation peak" in straight.stdout
     r = tmp_path / "r"
     stopped = run(
-        train_cmd(2, r, tiny_assets, *fast), timeout=300, SD_TRAIN_FAULT="rank=1,step=7,phase=mid_step,action=term"
+        train_cmd(2, r, tiny_assets, *fast), timeout=300, SD_TRAIN_FAULT="rank=1,step=5,phase=mid_step,action=term"
     )
-    assert "preempted (SIGTERM): saved a complete checkpoint at step 7" in stopped.stdout
+    assert "preempted (SIGTERM): saved a complete checkpoint at step 5" in stopped.stdout
     resumed = run(train_cmd(2, r, tiny_assets, *fast), timeout=300)
-    assert "resumed from" in resumed.stdout and "at step 7" in resumed.stdout
-    assert_states_equal(
-        full_state(h / "checkpoints" / "step_00000012"), full_state(r / "checkpoints" / "step_00000012")
-    )
+    assert "resumed from" in resumed.stdout and "at step 5" in resumed.stdout
+    final = "step_00000008"
+    assert_states_equal(full_state(h / "checkpoints" / final), full_state(r / "checkpoints" / final))
     for rank in (0, 1):
         assert keys_by_step(r, rank) == keys_by_step(h, rank)
     data = DataArgs(buckets="generated", resolution=32)
     sizes = list(bucket_set(data, pixel_factor(str(tiny_assets["model"]))).sizes)
     bucket_of = {k: expected_bucket(s, sizes, 4.0, "filter") for k, s in upright_sizes().items() if s}
-    shapes = [{bucket_of[k] for k in keys_by_step(h, rank)[step]} for step in range(1, 13) for rank in (0, 1)]
+    shapes = [{bucket_of[k] for k in keys_by_step(h, rank)[step]} for step in range(1, 9) for rank in (0, 1)]
     assert all(len(s) == 1 for s in shapes), "a micro-batch of one bucket"
-    assert any(shapes[2 * i] != shapes[2 * i + 1] for i in range(12)), "the ranks held different buckets"
+    assert any(shapes[2 * i] != shapes[2 * i + 1] for i in range(8)), "the ranks held different buckets"
     rows = [json.loads(line) for line in (h / "metrics.jsonl").read_text().splitlines()]
     last = [row for row in rows if "data/bucket_carried" in row][-1]
     shares = {k: v for k, v in last.items() if k.startswith("data/bucket_") and k.endswith("_share")}
