@@ -47,7 +47,7 @@ from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
 from sd_train.metrics import KeyLog, StepWindow, build_metrics
-from sd_train.model.conditioning import Conditioning
+from sd_train.model.conditioning import Conditioning, stored_conditioning
 from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_lr_schedule, build_optimizer
@@ -293,9 +293,7 @@ class Trainer:
             mean = batch["latent_mean"].to(dev, non_blocking=True).to(dtype)
             std = batch["latent_std"].to(dev, non_blocking=True).to(dtype)
             latents = sample_posterior(mean, std, self.parts.vae_scale).contiguous()
-            embeds = batch["text_embeds"].to(dev, non_blocking=True).to(dtype)
-            pooled = batch["pooled_embeds"].to(dev, non_blocking=True).to(dtype) if "pooled_embeds" in batch else None
-            return latents, Conditioning(embeds, pooled).with_geometry(batch)
+            return latents, stored_conditioning(batch, dev, dtype)
         # The frozen encoders run under inference_mode (in bf16 with mixed_precision=bf16); the
         # loader's workers tokenized the captions.
         latents = encode_pixels(self.parts, batch["pixels"], dev)

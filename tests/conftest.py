@@ -38,6 +38,27 @@ def tiny_assets(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tiny_assets, tmp_path_factory) -> dict:
+    """A tiny SDXL folder around the tiny SD folder's VAE and tokenizer (sd_train.tools.tiny_sdxl),
+    and the committed non-square shards (tests/assets) at 16 px, so random crops and flips give
+    every sample its own micro-conditioning."""
+    from sd_train.tools.tiny_sdxl import from_tiny_sd
+
+    model = from_tiny_sd(str(tiny_assets["model"]), str(tmp_path_factory.mktemp("assets") / "tiny-sdxl"))
+    shards = Path(__file__).parent / "assets" / "tiny-{000000..000005}.tar"
+    return {
+        "model": Path(model),
+        "shards": shards,
+        "overrides": [
+            f"model.pretrained_path={model}",
+            f"data.train_shards={shards}",
+            f"data.val_shards={Path(__file__).parent / 'assets' / 'tiny-{000000..000001}.tar'}",
+            "data.resolution=16",
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
 def straight_run(tiny_assets, tmp_path_factory):
     """The uninterrupted 2-rank reference run that resume and fault tests compare against, started
     with torchrun as users start it (the other runs use tests/spawn_ranks.py, which skips its agent)."""

@@ -362,9 +362,10 @@ class DistArgs:
     fsdp_units: Literal["auto", "blocks", "layers"] = "auto"
     """FSDP2: what one all-gather fetches. `blocks`: each of the UNet's down/mid/up blocks (9 for
     SD2, 10.9M-260.3M params). `layers`: each resnet and transformer block too (~40 units for SD2;
-    for SDXL each of its 70 BasicTransformerBlocks and 22 resnets): a smaller peak of gathered params
-    and finer overlap, for more, smaller collectives. `auto`: `blocks` for SD 1.x/2.x, `layers` for
-    SDXL, whose up_blocks[0] alone holds 1.21B params (see the SDXL docs for the unit sizes)."""
+    for SDXL its 70 BasicTransformerBlocks and 17 resnets, 94 units of at most 49M params): a
+    smaller peak of gathered params and finer overlap, for more, smaller collectives. `auto`:
+    `blocks` for SD 1.x/2.x, `layers` for SDXL, whose up_blocks[0] alone holds 1.21B params
+    (bench/sdxl_units.py prints the unit sizes)."""
     prefetch: int = 0
     """FSDP2: explicitly prefetch the next N units' all-gathers in forward and the previous N in
     backward (torchtitan's option). 0 leaves FSDP2's implicit prefetching."""

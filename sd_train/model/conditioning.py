@@ -84,3 +84,16 @@ class Conditioning:
         return Conditioning(
             torch.cat([p.text_embeds for p in parts]), cat([p.pooled for p in parts]), cat([p.time_ids for p in parts])
         )
+
+
+def stored_conditioning(batch: dict, device: torch.device, dtype: torch.dtype) -> Conditioning:
+    """The conditioning a precomputed batch carries (sd_train.tools.precompute): the stored text
+    embeddings and, for SDXL, pooled embedding, copied as stored (fp16 shards stay fp16 on the
+    wire) without blocking the host, converted on the device; SDXL's time ids from the stored
+    geometry, as for image batches."""
+
+    def take(name: str) -> torch.Tensor:
+        return batch[name].to(device, non_blocking=True).to(dtype)
+
+    pooled = take("pooled_embeds") if "pooled_embeds" in batch else None
+    return Conditioning(take("text_embeds"), pooled).with_geometry(batch)

@@ -20,11 +20,12 @@ The VAE and the BPE are the tiny SD build's (sd_train.tools.tiny_sd).
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import diffusers
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 HIDDEN_1, HIDDEN_2, POOLED = 32, 64, 32
@@ -133,3 +134,18 @@ def summary(data_dir: str, resolution: int, seed: int, pipe: Any) -> dict[str, A
         "vae_scaling_factor": pipe.vae.config.scaling_factor,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
     }
+
+
+def from_tiny_sd(sd_dir: str, out_dir: str, seed: int = 0) -> str:
+    """The tiny SDXL folder around an existing tiny SD folder's VAE and tokenizer (what
+    `build-tiny --family sdxl` builds from the same data and seed, without learning the BPE and
+    measuring the VAE a second time: the test suite's shortcut). Returns `out_dir`."""
+    tok_dir = os.path.join(sd_dir, "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    vae = AutoencoderKL.from_pretrained(sd_dir, subfolder="vae")
+    pipe = build_pipeline(tokenizer, tok_dir, vae, vae.config.sample_size // 2, seed)
+    pipe.save_pretrained(out_dir)
+    for name in ("tokenizer", "tokenizer_2"):  # the pipeline's save writes tokenizer.json only
+        for bpe in ("vocab.json", "merges.txt"):
+            shutil.copy(os.path.join(tok_dir, bpe), os.path.join(out_dir, name, bpe))
+    return out_dir
