@@ -1,8 +1,8 @@
-"""The tiny SDXL end to end on 2 CPU ranks under FSDP2, in one chain of launches that reuses its
-output folders: a straight run; the same run stopped by SIGTERM at step 5 and relaunched; its last
-checkpoint resumed on one process (2 -> 1). Training sees random crops and flips of non-square
-images, so every sample carries its own micro-conditioning, and drops captions and size/crop pairs.
-(SDXL under DeepSpeed ZeRO-3: tests/e2e/test_deepspeed.py.)"""
+"""The tiny SDXL end to end on 2 CPU ranks under FSDP2, in one chain of launches that share their
+checkpoints: a straight run; a run from its step-4 checkpoint stopped by SIGTERM at step 6 and
+relaunched; its last checkpoint resumed on one process (2 -> 1). Training sees random crops and
+flips of non-square images, so every sample carries its own micro-conditioning, and drops
+captions and size/crop pairs. (SDXL under DeepSpeed ZeRO-3: tests/e2e/test_deepspeed.py.)"""
 
 import json
 import sys
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import ranks_cmd, run
-from reference import assert_logged_val_matches_export
-from test_train import TRAIN, assert_states_equal, full_state, keys_by_step, unet_weights
 
 from sd_train.tools.posthoc import main_posthoc
+from tests.support.launch import ranks_cmd, run
+from tests.support.reference import assert_logged_val_matches_export
+from tests.support.runs import TRAIN, assert_states_equal, full_state, keys_by_step, unet_weights
 
 pytestmark = pytest.mark.multiproc
 # 8 steps of 8 samples; the EMA window opens at step 4 (0.5^4 = 6.25% pre-window share); post-hoc

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from streams import augmented_loader, take
 
 from sd_train.data.bad_input import BadInputLog
 from sd_train.data.decode import ImageTransform, decode_image_sample, transform_image
 from sd_train.data.tar import read_shards
+from tests.support.streams import augmented_loader, take
 
 RES = 16
 
