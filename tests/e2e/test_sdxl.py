@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sd_train.export import main_export
+from sd_train.perf import training_flops_per_image
 from sd_train.tools.posthoc import main_posthoc
 from tests.support.launch import ranks_cmd, run
 from tests.support.reference import assert_logged_val_matches_export
@@ -35,6 +37,7 @@ COMMON = [
     "metrics.log_every=2",
     "ema.posthoc.sigma_rels=[0.05,0.1]",
     "ema.posthoc.snapshot_every=2",
+    "perf.peak_tflops=0.001",  # so a CPU run logs speed/mfu too
 ]
 FAST = ["eval.every_steps=0", "export_at_end=false"]
 
@@ -45,7 +48,7 @@ def sdxl_cmd(nproc: int, out: Path, assets: dict, *extra: str) -> list[str]:
 
 
 def test_sdxl_fsdp2_ema_export_sigterm_resume_reshard_and_posthoc(tiny_sdxl, tmp_path):
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     # A: the straight run, FSDP2-sharded per transformer block and resnet (dist.fsdp_units=auto).
     a = tmp_path / "a"
@@ -57,6 +60,12 @@ def test_sdxl_fsdp2_ema_export_sigterm_resume_reshard_and_posthoc(tiny_sdxl, tmp
     assert topo["ranks"][0]["fsdp_units"] == expected_units(tiny_sdxl["model"])
     # The logged EMA evaluation is the exported EMA pipeline's loss, scored by a plain UNet here.
     assert_logged_val_matches_export(a, 8)
+    # Throughput as for SD2: FLOPs per image counted with the pooled embedding and time ids.
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl["model"], subfolder="unet")
+    flops = training_flops_per_image(unet, (4, 8, 8), (77, 96), torch.device("cpu"))
+    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    speed = [r for r in rows if "speed/mfu" in r]
+    assert speed and all(r["speed/tflops_per_gpu"] == r["speed/img_per_s_per_gpu"] * flops / 1e12 for r in speed)
 
     # B: SIGTERM on rank 1 in the middle of step 5 (off the checkpoint cadence), then a relaunch:
     # every checkpoint tensor (raw and EMA UNets, optimizer, post-hoc profiles) equals A's, and
@@ -78,6 +87,11 @@ def test_sdxl_fsdp2_ema_export_sigterm_resume_reshard_and_posthoc(tiny_sdxl, tmp
     for kind in ("raw", "ema"):
         wa, wc = unet_weights(a / "export" / kind), unet_weights(c / "export" / kind)
         assert wa.keys() == wc.keys() and all(torch.equal(wa[k], wc[k]) for k in wa), kind
+
+    # `sd-train export` of the 2-rank checkpoint, in this process: the same SDXL pipeline.
+    assert main_export(["--checkpoint", str(a / "checkpoints" / "step_00000008"), "--out", str(c / "cli")]) == 0
+    wa, wx = unet_weights(a / "export" / "ema"), unet_weights(c / "cli")
+    assert all(torch.equal(wa[k], wx[k]) for k in wa) and (c / "cli" / "tokenizer_2").is_dir()
 
     # Post-hoc: a reconstructed EMA exports as an SDXL pipeline that diffusers loads offline and samples.
     assert main_posthoc(["--run", str(a), "--sigma-rel", "0.1"]) == 0
