@@ -28,16 +28,16 @@ def numel(module: torch.nn.Module, exclude: set[int] = frozenset()) -> int:
     return sum(p.numel() for p in module.parameters() if id(p) not in exclude)
 
 
-def unit_sizes(unet: torch.nn.Module, mode: str) -> list[tuple[str, int]]:
-    """(name, params) of every unit below the root, in forward order, as FSDPStrategy wraps them:
-    inner layers first, so a block's unit holds only what they leave."""
+def unit_sizes(unet: torch.nn.Module, mode: str) -> list[tuple[str, str, int]]:
+    """(name, class, params) of every unit below the root, in forward order, as FSDPStrategy wraps
+    them: inner layers first, so a block's unit holds only what they leave."""
     names = {id(m): n for n, m in unet.named_modules()}
     rows = []
     for unit in fsdp_units(unet):
         inner = block_layers(unit) if mode == "layers" else []
         taken = {id(p) for layer in inner for p in layer.parameters()}
-        rows.append((names[id(unit)], numel(unit, taken)))
-        rows += [(names[id(layer)], numel(layer)) for layer in inner]
+        rows.append((names[id(unit)], type(unit).__name__, numel(unit, taken)))
+        rows += [(names[id(layer)], type(layer).__name__, numel(layer)) for layer in inner]
     return rows
 
 
@@ -55,9 +55,9 @@ def main() -> int:
     report: dict = {"bench": "sdxl_units", "params": total, "ranks": args.ranks, "param_dtype": args.param_dtype}
     for mode in ("blocks", "layers"):
         rows = unit_sizes(unet, mode)
-        root = total - sum(n for _, n in rows)
-        big = max(rows, key=lambda r: r[1])
-        sizes = sorted(n for _, n in rows)
+        root = total - sum(n for _, _, n in rows)
+        big = max(((name, n) for name, _, n in rows), key=lambda r: r[1])
+        sizes = sorted(n for _, _, n in rows)
         median = sizes[len(sizes) // 2]
         per_unit = ring("all_gather", big[1] * size, args.ranks)
         print(
@@ -78,8 +78,14 @@ def main() -> int:
             "smallest_params": sizes[0],
         }
         if mode == "blocks":
-            for name, n in rows:
+            for name, _, n in rows:
                 print(f"    {name:<14} {n / 1e6:8.1f}M  {n * size / 1e9:5.2f} GB gathered")
+        else:  # the units by kind: how many of each size
+            kinds: dict[tuple[str, int], int] = {}
+            for _, kind, n in rows:
+                kinds[(kind, round(n / 1e5))] = kinds.get((kind, round(n / 1e5)), 0) + 1
+            for (kind, n), count in sorted(kinds.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+                print(f"    {count:3d} x {kind:<24} {n / 10:7.1f}M  {n * 1e5 * size / 1e9:5.2f} GB gathered")
     if args.flops:
         for h, w in ((1024, 1024), (832, 1216)):
             f = training_flops_per_image(unet, (4, h // 8, w // 8), (77, 2048), torch.device("meta"))

@@ -31,7 +31,8 @@ def build_pipeline(
 ) -> DiffusionPipeline:
     """The diffusers pipeline of `model_path`'s family around `unet`. SDXL's
     `force_zeros_for_empty_prompt` is set to how the run replaced dropped captions (zeros, or the
-    empty caption's embeddings), so diffusers' unconditional branch is the one the UNet learnt."""
+    empty caption's embeddings), so diffusers' unconditional branch is the one the UNet learnt.
+    Raises ConfigError if `model_path` is not a model folder whose parts fit its family."""
     if model_family(model_path) == "sdxl":
         pipe = StableDiffusionXLPipeline.from_pretrained(model_path, unet=unet)
         pipe.register_to_config(force_zeros_for_empty_prompt=zero_dropped_captions)
@@ -53,6 +54,7 @@ def save_pipeline(
     """Write `out_dir` as a diffusers SD or SDXL folder: the given UNet weights + the frozen parts of
     `model_path` (VAE, text encoder(s), tokenizer(s), scheduler)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model_family(model_path)  # a missing or mixed-up folder is refused before anything loads
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
     missing, unexpected = unet.load_state_dict(unet_state, strict=False)
     if missing or unexpected:

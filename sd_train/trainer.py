@@ -248,6 +248,8 @@ class Trainer:
         peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown (no speed/mfu)"
         flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
         frozen = ", ".join(self.parts.resident()) or "none"
+        vae_dtype = self.parts.vae_dtype
+        vae = f"VAE {str(vae_dtype).removeprefix('torch.')}, " if vae_dtype != self.parts.frozen_dtype else ""
         cfg = self.cfg
         precision = f"params {cfg.dist.param_dtype}" + (" under bf16 autocast" if cfg.autocast_bf16() else "")
         return (
@@ -255,7 +257,7 @@ class Trainer:
             f"{' (non-finite skip in the kernel)' if self.strategy.skip_on_device else ''}, {flags}, "
             f"compile={self.cfg.perf.compile}, channels_last={self.cfg.perf.channels_last}, "
             f"device_prefetch={self.loader.stager.lookahead > 0}; "
-            f"frozen encoders {str(self.parts.frozen_dtype).removeprefix('torch.')} under inference_mode, "
+            f"frozen encoders {str(self.parts.frozen_dtype).removeprefix('torch.')} under inference_mode, {vae}"
             f"resident for the step: {frozen}; forward+backward per image {flops}; peak {peak}"
         )
 

@@ -137,27 +137,33 @@ class SDParts:
 
 
 def load_sd_parts(
-    args: ModelArgs, device: torch.device, seed: int, frozen_dtype: torch.dtype = torch.float32
+    args: ModelArgs, device: torch.device, seed: int, frozen_dtype: torch.dtype = torch.float32, load_unet: bool = True
 ) -> SDParts:
     """Load the UNet and tokenizer(s) (the frozen VAE and text encoder(s) follow on first use,
     frozen: the encoders in `frozen_dtype`, the VAE in `model.vae_dtype`, `auto` meaning the same).
-    `init_unet=scratch` re-initialises the UNet from its config with `seed`, identically on every rank."""
+    `init_unet=scratch` re-initialises the UNet from its config with `seed`, identically on every rank.
+    `load_unet=False` (tools that run only the frozen encoders, such as precompute) builds the UNet
+    on the meta device instead: its config and dtype, no memory (SDXL's is 10 GB in fp32)."""
     path = args.pretrained_path
     family = model_family(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never trigger a hub lookup
     tokenizers = tuple(CLIPTokenizer.from_pretrained(path, subfolder=name) for name in TOKENIZERS[family])
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    if args.init_unet == "scratch":
-        config = UNet2DConditionModel.load_config(path, subfolder="unet")
+    config = UNet2DConditionModel.load_config(path, subfolder="unet")
+    if not load_unet:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+    elif args.init_unet == "scratch":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             unet = UNet2DConditionModel.from_config(config)
     else:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-    unet.to(device)
-    unet.train()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    if load_unet:
+        unet.to(device)
+        unet.train()
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
     vae_dtype = VAE_DTYPES.get(args.vae_dtype)  # `auto`: None, the encoders' dtype
     return SDParts(path, tokenizers, unet, noise_scheduler, device, frozen_dtype, family, vae_dtype)
 

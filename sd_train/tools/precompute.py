@@ -146,8 +146,9 @@ class _Encoder:
 
     def __init__(self, model_path: str, device: torch.device, dtype: np.dtype) -> None:
         # The trainer's own loader, so the encoders are set up exactly as online training sets them;
-        # loaded on CPU, then only the encoders move: the UNet is never run here.
-        self.parts = load_sd_parts(ModelArgs(pretrained_path=model_path), torch.device("cpu"), seed=0)
+        # loaded on CPU, then only the encoders move. The UNet is never run here: it stays on the
+        # meta device, with no memory.
+        self.parts = load_sd_parts(ModelArgs(pretrained_path=model_path), torch.device("cpu"), seed=0, load_unet=False)
         for name in ("vae", *self.parts.text_encoder_names):
             self.parts.frozen(name).to(device)
         self.device, self.dtype = device, dtype

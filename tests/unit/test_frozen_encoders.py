@@ -126,3 +126,17 @@ def test_loader_workers_tokenize_as_the_encoder_did(tiny_assets) -> None:
     assert torch.equal(
         encode_tokens(parts, batches[0], CPU).text_embeds, encode_text(parts, batches[0]["captions"], CPU).text_embeds
     )
+
+
+@pytest.mark.parametrize("vae_dtype", ["bf16", "fp16"])
+def test_vae_dtype_apart_from_the_text_encoder(tiny_assets, batch, vae_dtype) -> None:
+    """`model.vae_dtype` sets the VAE's dtype alone (fp16 is refused for SDXL by preflight, not
+    here); its latents reach the step in the step's dtype, near the fp32 VAE's."""
+    pixels, _ = batch
+    args = ModelArgs(pretrained_path=str(tiny_assets["model"]), vae_dtype=vae_dtype)
+    parts = load_sd_parts(args, CPU, seed=0)
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[vae_dtype]
+    assert parts.vae.dtype == want and parts.text_encoder.dtype == torch.float32
+    latents = as_step_input(encode_pixels(parts, pixels, CPU, sample=False), torch.float32)
+    ref = encode_pixels(_parts(tiny_assets), pixels, CPU, sample=False)
+    assert latents.dtype == torch.float32 and (latents - ref).abs().max() <= 0.05 * ref.abs().max()
