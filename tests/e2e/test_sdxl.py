@@ -83,7 +83,8 @@ def test_sdxl_fsdp2_ema_export_sigterm_resume_reshard_and_posthoc(tiny_sdxl, tmp
 
     # C: 2 -> 1. A's last checkpoint loads on one process: the exported raw and EMA UNets are A's.
     c = tmp_path / "c"
-    run(sdxl_cmd(1, c, tiny_sdxl, "eval.every_steps=0", f"checkpoint.resume={a}/checkpoints/step_00000008"))
+    one = run(sdxl_cmd(1, c, tiny_sdxl, "eval.every_steps=0", f"checkpoint.resume={a}/checkpoints/step_00000008"))
+    assert "at step 8 (saved by 2 ranks, now 1)" in one.stdout
     for kind in ("raw", "ema"):
         wa, wc = unet_weights(a / "export" / kind), unet_weights(c / "export" / kind)
         assert wa.keys() == wc.keys() and all(torch.equal(wa[k], wc[k]) for k in wa), kind
