@@ -485,8 +485,8 @@ class ShardStream(IterableDataset):
         else:
             size = batch[0].geometry.target_size  # type: ignore[union-attr]  # one size per batch
             arrays = {"pixels": stack_pixels(batch, size), **stack_geometry(batch)}  # type: ignore[arg-type]
-            if self.tokenize is not None:
-                arrays["input_ids"] = self.tokenize([s.caption for s in batch])
+            if self.tokenize is not None:  # token ids per text encoder, under their batch keys
+                arrays.update(self.tokenize([s.caption for s in batch]))
         if self.buckets is not None:
             arrays |= {"bucket": self.buckets.names[bucket], "origins": [list(w.where) for _, w in items if w]}
         return {
