@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from sd_train.config import EMAArgs
@@ -20,8 +21,9 @@ def build() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
 
 
-def train(model: torch.nn.Module, ema: ShardedEMA) -> dict[str, torch.Tensor]:
-    """SGD steps with the EMA updated after each; returns an EMA kept independently of ShardedEMA."""
+def train(model: torch.nn.Module, ema: ShardedEMA, every: int = 1) -> dict[str, torch.Tensor]:
+    """SGD steps with the EMA updated after each; returns an EMA kept independently of ShardedEMA,
+    which lerps every `every`-th step after the opening step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     reference: dict[str, torch.Tensor] = {}
     for step in range(1, STEPS + 1):
@@ -35,16 +37,18 @@ def train(model: torch.nn.Module, ema: ShardedEMA) -> dict[str, torch.Tensor]:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         if step == START:
             reference = weights
-        elif step > START:
+        elif step > START and (step - START) % every == 0:
             reference = {n: torch.lerp(reference[n], weights[n], 1 - DECAY) for n in weights}
     return reference
 
 
-def test_late_window_updates_and_swapped_forward():
+@pytest.mark.parametrize("every", [1, 2])
+def test_late_window_updates_and_swapped_forward(every):
     model = build()
-    ema = ShardedEMA(model, plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.5), STEPS))
-    reference = train(model, ema)
-    assert ema.num_updates == STEPS - START
+    args = EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.5, update_every=every)
+    ema = ShardedEMA(model, plan_from_config(args, STEPS))
+    reference = train(model, ema, every)
+    assert ema.num_updates == (STEPS - START) // every
     shadow = ema.full_tensors()
     assert all(torch.equal(shadow[n], reference[n]) for n in reference)
     assert ema.local_bytes() == sum(t.numel() * 4 for t in reference.values())
@@ -75,3 +79,24 @@ def test_state_round_trip_and_closed_window():
     closed = ShardedEMA(build(), plan)
     closed.load_meta_state_dict({"open": False, "num_updates": 0, "step_start_ema": START})
     assert not closed.is_open and closed.tensor_state_dict() == {}
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_plan_reports_the_share_the_ema_really_keeps(warmup):
+    """With `update_every` > 1 the share of the window's start that the startup check reports is the
+    share ShardedEMA really leaves: the weight is 1 when the window opens and 0 after it, so the EMA
+    ends at exactly that share."""
+    start, steps, every = 100, 400, 10
+    args = EMAArgs(decay=0.99, step_start_ema=start, update_every=every, tolerance=0.9, warmup=warmup)
+    plan = plan_from_config(args, steps)
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = ShardedEMA(model, plan)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            model.weight.fill_(1.0 if step <= start else 0.0)
+        ema.update(step)
+    assert ema.num_updates == plan.num_updates == (steps - start) // every
+    kept = ema.full_tensors()["weight"].item()
+    assert kept == pytest.approx(plan.pre_window_share(), rel=1e-5)
+    if not warmup:
+        assert kept == pytest.approx(0.99**30, rel=1e-5)

@@ -22,14 +22,46 @@ def explicit_weights(decays: list[float]) -> list[float]:
     return e.tolist()
 
 
+def reference_decays(args: EMAArgs, num_updates: int) -> list[float]:
+    """The decay of each real update, written from the config alone (diffusers' warmup formula)."""
+    if not args.warmup:
+        return [args.decay] * num_updates
+    return [max(0.0, min(args.decay, 1 - (1 + k / args.inv_gamma) ** -args.power)) for k in range(1, num_updates + 1)]
+
+
+@pytest.mark.parametrize("update_every", [1, 3, 10])
 @pytest.mark.parametrize("warmup", [False, True])
-def test_shares_match_explicit_sum(warmup):
-    plan = plan_from_config(EMAArgs(decay=0.99, step_start_ema=800, tolerance=0.5, warmup=warmup), 1000)
-    weights = explicit_weights(plan.decays())
+def test_shares_match_explicit_sum(warmup, update_every):
+    args = EMAArgs(decay=0.99, step_start_ema=800, tolerance=0.5, warmup=warmup, update_every=update_every)
+    plan = plan_from_config(args, 1000)
+    # N from the config, not from the plan: one update every `update_every` steps after the opening step.
+    n = (1000 - 800) // update_every
+    assert plan.num_updates == n
+    weights = explicit_weights(reference_decays(args, n))
     assert math.isclose(sum(weights), 1.0, rel_tol=1e-12)
     assert math.isclose(plan.pre_window_share(), weights[0], rel_tol=1e-9)
-    m = math.ceil(0.1 * plan.num_updates)
+    m = math.ceil(0.1 * n)
     assert math.isclose(plan.tail_share(0.1), sum(weights[-m:]), rel_tol=1e-9)
+
+
+def test_update_every_counts_updates_not_steps():
+    """decay 0.99 over a 1000-step window updated every 10 steps is 100 updates: the window's start
+    keeps 0.99^100 = 36.6% of the EMA (0.99^1000 = 0.004% would be the share of 1000 updates)."""
+    args = EMAArgs(decay=0.99, step_start_ema=9_000, update_every=10, tolerance=0.01)
+    plan = plan_from_config(args, 10_000)
+    assert f"{plan.pre_window_share():.1%}" == "36.6%"
+    assert plan.figures()["ema/horizon_steps"] == pytest.approx(1000) and "100 updates" in plan.describe()
+    # The smallest safe window: the fewest updates n with 0.99^n <= 1%, counted by hand, times 10 steps.
+    n = next(n for n in range(1, 10_000) if 0.99**n <= 0.01)
+    with pytest.raises(ConfigError, match=r"36\.6% of the final EMA would come from pre-window weights") as e:
+        plan.check()
+    assert f"set ema.step_start_ema <= {10_000 - 10 * n}" in str(e.value)
+    # The same window updated every step is safe.
+    plan_from_config(EMAArgs(decay=0.99, step_start_ema=9_000, tolerance=0.01), 10_000).check()
+    # A window of exactly the safe length passes with update_every=10; one step less refuses.
+    plan_from_config(EMAArgs(decay=0.99, step_start_ema=10_000 - 10 * n, update_every=10), 10_000).check()
+    with pytest.raises(ConfigError):
+        plan_from_config(EMAArgs(decay=0.99, step_start_ema=10_000 - 10 * n + 10, update_every=10), 10_000).check()
 
 
 def test_mosaic_numbers():

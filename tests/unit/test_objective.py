@@ -1,5 +1,8 @@
 """The forward process and targets against diffusers' DDPMScheduler; min-SNR and dropout."""
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -66,3 +69,42 @@ def test_noise_offset_shifts_channel_means():
     noise = obj.sample_noise(torch.zeros(256, 4, 16, 16))
     per_channel_mean_std = noise.mean(dim=(2, 3)).std()
     assert per_channel_mean_std > 0.4  # without the offset it would be ~1/16
+
+
+class RecordingUNet(torch.nn.Module):
+    """Stands in for the UNet: records what the loss feeds it and predicts a fixed fraction of its
+    input, so every sample has its own, known error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, noisy, timesteps, encoder_hidden_states):
+        self.seen.append((noisy.clone(), timesteps.clone()))
+        return SimpleNamespace(sample=0.5 * noisy)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_applies_min_snr_weights(prediction_type):
+    """loss() with snr_gamma set equals the mean of min-SNR-weighted per-sample errors, computed here
+    from what the UNet was fed and diffusers' schedule: the noise is recovered from the noisy input."""
+    sched, obj = make(prediction_type, snr_gamma=5.0, caption_dropout=0.0)
+    x0 = torch.randn(64, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    unet = RecordingUNet()
+    torch.manual_seed(0)
+    loss = obj.loss(unet, x0, torch.zeros(64, 3, 8))
+    noisy, t = unet.seen[0]
+    acp = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps = (noisy - acp.sqrt() * x0) / (1 - acp).sqrt()
+    target = eps if prediction_type == "epsilon" else acp.sqrt() * eps - (1 - acp).sqrt() * x0
+    per_sample = (0.5 * noisy - target).square().mean(dim=(1, 2, 3))
+    snr = (acp / (1 - acp)).flatten()
+    weights = torch.minimum(snr, torch.tensor(5.0)) / (snr if prediction_type == "epsilon" else snr + 1)
+    assert (weights < 0.99).sum() >= 8, "enough samples whose weight is not 1, or the check shows nothing"
+    torch.testing.assert_close(loss, (weights * per_sample).mean(), rtol=1e-5, atol=0)
+    # Without snr_gamma the same draws give the plain mean.
+    _, plain = make(prediction_type, caption_dropout=0.0)
+    torch.manual_seed(0)
+    torch.testing.assert_close(
+        plain.loss(RecordingUNet(), x0, torch.zeros(64, 3, 8)), per_sample.mean(), rtol=1e-5, atol=0
+    )

@@ -16,7 +16,7 @@ from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
 from sd_train.ema_posthoc import PowerEMAProfiles, load_snapshot_profile, read_snapshot_meta
 from sd_train.parallel.deepspeed import DeepSpeedStrategy, offline_shadow
-from sd_train.parallel.fsdp import FSDPStrategy
+from sd_train.parallel.fsdp import DTensorLayout, FSDPStrategy
 from sd_train.paths import snapshot_steps
 from sd_train.posthoc_math import (
     classic_weights,
@@ -67,6 +67,46 @@ def test_solve_reproduces_a_profile_from_itself_and_flags_what_snapshots_cannot_
     assert fit.fit_error < 1e-12 and np.abs(fit.coefficients - expected).max() < 1e-9
     # Two snapshots at the very end cannot express a short classic EMA: the fit error says so.
     assert solve([(40, g) for g in gammas], classic_weights(0.5, 40)).fit_error > MAX_FIT_ERROR
+
+
+def test_coefficients_sum_to_one_where_the_least_squares_ones_do_not():
+    """Snapshots every 4 steps over 16 express sigma_rel 0.12 and a classic decay of 0.99 within the
+    tool's bound, but plain least squares puts weights summing to 0.993 and 0.972 on them: unscaled,
+    a reconstructed UNet would come out 0.7% and 2.8% too small."""
+    gammas = [sigma_rel_to_gamma(s) for s in SIGMAS]
+    basis = [(k, g) for k in range(0, 17, 4) for g in gammas]
+    a = np.stack([power_weights(g, k, 17) for k, g in basis])
+    for target in (power_weights(sigma_rel_to_gamma(0.12), 16), classic_weights(0.99, 16)):
+        unscaled, *_ = np.linalg.lstsq(a.T, target, rcond=None)
+        assert abs(unscaled.sum() - 1) > 0.005, "a case where the scaling matters"
+        fit = solve(basis, target)
+        assert fit.coefficients.sum() == pytest.approx(1.0, abs=1e-12)
+        # The fit error is that of the coefficients returned, measured after the scaling.
+        assert fit.fit_error == pytest.approx(np.linalg.norm(a.T @ fit.coefficients - target) / np.linalg.norm(target))
+        assert fit.fit_error < MAX_FIT_ERROR and fit.max_abs_coefficient == pytest.approx(
+            np.abs(fit.coefficients).max()
+        )
+
+
+def test_reconstructing_constant_weights_returns_the_constant(info, tmp_path):
+    """Weights that never change make every snapshot profile that constant, so every reconstruction
+    must return it: a scale error in the coefficients shows as a scaled UNet."""
+    module = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        module.weight.fill_(0.375)
+        module.bias.fill_(-1.25)
+    args = EMAArgs(decay=0.99, step_start_ema=4, tolerance=0.99, posthoc=PosthocArgs(SIGMAS, 4))
+    profiles = PowerEMAProfiles(module, posthoc_plan_from_config(args, 20), DTensorLayout(module))
+    for step in range(1, 21):
+        profiles.update(step)
+        profiles.maybe_snapshot(tmp_path / "posthoc", step, 0)
+    snaps = find_snapshots(tmp_path)
+    assert [m["step"] for m in snaps.metas] == [4, 8, 12, 16, 20]
+    targets = plan_targets(snaps, [0.12], [0.99], max_fit_error=MAX_FIT_ERROR)
+    assert all(t.refused is None for t in targets)
+    for name, state in reconstruct(snaps, targets).items():
+        torch.testing.assert_close(state["weight"], torch.full((2, 3), 0.375), rtol=1e-5, atol=0, msg=name)
+        torch.testing.assert_close(state["bias"], torch.full((2,), -1.25), rtol=1e-5, atol=0, msg=name)
 
 
 class Run:
