@@ -55,7 +55,9 @@ def main() -> int:
     equivalent = justified(EQUIVALENT)
     unjustified: list[tuple[str, str]] = []
     seen: set[str] = set()
-    print(f"{'module':<28} {'mutants':>8} {'killed':>7} {'equivalent':>10} {'survived':>9} {'no tests':>9} {'score':>7}")
+    print(
+        f"{'module':<28} {'mutants':>8} {'killed':>7} {'equivalent':>10} {'survived':>9} {'no tests':>9} {'score':>7}"
+    )
     totals: Counter = Counter()
     for module, codes in by_module.items():
         counts = Counter(status(c) for c in codes.values())
