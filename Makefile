@@ -88,16 +88,18 @@ lint: $(STAMP)
 	$(BIN)/shellcheck $(SHELL_SCRIPTS)
 
 # Mutation testing (not part of `make test`; run it before a change to the modules it covers lands):
-# mutmut mutates the modules listed under [tool.mutmut] in pyproject.toml, runs the unit tests that
-# call each mutated function, keeps its results in mutants/ (a second run re-tests only functions
-# that changed), and tests/mutants/report.py prints the score per module and every survivor not
-# justified in tests/mutants/equivalent.md. Niced: it fills the cores for a long while.
+# mutmut mutates the modules listed under [tool.mutmut] in pyproject.toml and runs, for each mutant,
+# the unit tests that call the mutated function. Results stay in mutants/: a second run keeps the
+# kills of unchanged functions and re-tests the rest (report.py --prepare). tests/mutants/report.py
+# then prints the score per module and every survivor not justified in tests/mutants/equivalent.md
+# (and fails if there is one). Niced: on 2 cores a first run takes hours (docs/_incoming/27-mutation.md).
 MUTANTS_STAMP := $(VENV)/.mutants-installed
 $(MUTANTS_STAMP): $(STAMP) requirements-mutants.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-mutants.txt
 	touch $@
 
 mutants: $(MUTANTS_STAMP)
+	$(BIN)/python tests/mutants/report.py --prepare
 	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children $(CORES) > mutants.log 2>&1 || \
 		{ tr '\r' '\n' < mutants.log | tail -40; exit 1; }
 	$(BIN)/python tests/mutants/report.py

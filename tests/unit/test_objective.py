@@ -54,13 +54,27 @@ def test_min_snr_weights():
 
 def test_caption_dropout_rate_and_value():
     torch.manual_seed(0)
-    _, obj = make(caption_dropout=0.3)
-    obj.empty_text_embed = torch.full((1, 3, 8), -7.0)
+    sched = sd_scheduler()
+    obj = DiffusionObjective(ObjectiveArgs(caption_dropout=0.3), sched.alphas_cumprod, torch.full((1, 3, 8), -7.0))
     emb = torch.ones(4000, 3, 8)
     out = obj.drop_captions(emb)
     dropped = (out[:, 0, 0] == -7.0).float().mean().item()
     assert 0.27 < dropped < 0.33
     assert torch.equal(make(caption_dropout=0.0)[1].drop_captions(emb), emb)
+
+
+def test_noise_offset_is_one_draw_per_sample_and_channel():
+    """Offset noise is the plain noise plus noise_offset times one normal draw per (sample, channel),
+    drawn after it from the same generator: written out here with the same seed."""
+    _, obj = make(noise_offset=0.1)
+    latents = torch.zeros(3, 4, 2, 2)
+    torch.manual_seed(5)
+    noise = obj.sample_noise(latents)
+    torch.manual_seed(5)
+    plain = torch.randn(3, 4, 2, 2)
+    assert torch.equal(noise, plain + 0.1 * torch.randn(3, 4, 1, 1))
+    torch.manual_seed(5)
+    assert torch.equal(make()[1].sample_noise(latents), plain)
 
 
 def test_noise_offset_shifts_channel_means():

@@ -15,6 +15,7 @@ from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, PosthocArgs, Trai
 from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
 from sd_train.ema.posthoc import PowerEMAProfiles, load_snapshot_profile, read_snapshot_meta
 from sd_train.ema.posthoc_math import (
+    MAX_SIGMA_REL,
     classic_weights,
     gamma_to_sigma_rel,
     power_beta,
@@ -39,6 +40,34 @@ def test_gamma_matches_edm2_pairs_and_round_trips():
         assert gamma_to_sigma_rel(sigma_rel_to_gamma(s)) == pytest.approx(s, rel=1e-12)
     with pytest.raises(ValueError):
         sigma_rel_to_gamma(0.3)
+
+
+def test_sigma_rel_outside_the_open_interval_is_refused_by_name():
+    for bad in (0.0, -0.1, MAX_SIGMA_REL, 0.3):
+        with pytest.raises(ValueError, match=rf"sigma_rel={bad} must be in \(0, 0\.2887\)"):
+            sigma_rel_to_gamma(bad)
+    assert sigma_rel_to_gamma(MAX_SIGMA_REL * (1 - 1e-6)) == pytest.approx(0.0, abs=1e-4)  # the uniform average
+
+
+def test_weights_are_padded_with_zeros_to_the_window():
+    for weights in (power_weights(6.94, 3, 6), classic_weights(0.5, 3, 6)):
+        assert weights.shape == (6,) and weights.dtype == np.float64
+        assert np.all(weights[4:] == 0) and weights.sum() == pytest.approx(1.0, abs=1e-15)
+    assert np.array_equal(classic_weights(0.5, 3, 6)[:4], [0.125, 0.125, 0.25, 0.5])
+
+
+def test_rcond_keeps_coefficients_bounded_on_an_ill_conditioned_basis():
+    """Five profiles snapshotted every 5 steps over 500: some directions of the basis are spanned at
+    1e-11 of the largest. Cut at 1e-10 the coefficients stay 13x smaller than plain least squares
+    takes them (244 against 3,154), and fp16 snapshots' rounding is amplified that much less."""
+    gammas = [sigma_rel_to_gamma(s) for s in (0.03, 0.05, 0.07, 0.1, 0.15)]
+    basis = [(k, g) for k in range(0, 501, 5) for g in gammas]
+    target = classic_weights(0.9, 500)
+    a = np.stack([power_weights(g, k, 501) for k, g in basis])
+    plain, *_ = np.linalg.lstsq(a.T, target, rcond=None)
+    fit = solve(basis, target)
+    assert np.abs(plain / plain.sum()).max() > 3000
+    assert fit.max_abs_coefficient < 300 and fit.fit_error < 1e-5
 
 
 def test_closed_form_equals_the_beta_recurrence():
