@@ -32,7 +32,15 @@ def reference_decays(args: EMAArgs, num_updates: int) -> list[float]:
 @pytest.mark.parametrize("update_every", [1, 3, 10])
 @pytest.mark.parametrize("warmup", [False, True])
 def test_shares_match_explicit_sum(warmup, update_every):
-    args = EMAArgs(decay=0.99, step_start_ema=800, tolerance=0.5, warmup=warmup, update_every=update_every)
+    args = EMAArgs(
+        decay=0.99,
+        step_start_ema=800,
+        tolerance=0.5,
+        warmup=warmup,
+        update_every=update_every,
+        inv_gamma=2.0,
+        power=0.75,
+    )
     plan = plan_from_config(args, 1000)
     # N from the config, not from the plan: one update every `update_every` steps after the opening step.
     n = (1000 - 800) // update_every
@@ -258,3 +266,13 @@ def test_posthoc_start_outside_the_run_is_refused(start):
         plan.check()
     posthoc_plan_from_config(EMAArgs(posthoc=PosthocArgs([0.1], step_start=9)), 10).check()
     posthoc_plan_from_config(EMAArgs(posthoc=PosthocArgs([], step_start=start)), 10).check()  # no profiles
+
+
+def test_shares_of_an_empty_or_wiped_window():
+    # Fewer window steps than update_every: no update, the window's start is the whole EMA.
+    for warmup in (False, True):
+        plan = plan_from_config(EMAArgs(decay=0.9, step_start_ema=95, update_every=10, warmup=warmup), 100)
+        assert plan.num_updates == 0 and plan.pre_window_share() == 1.0 and plan.tail_share(0.1) == 0.0
+    # A first warmup decay of 0 (inv_gamma huge) replaces the start at once: its share is 0.
+    wiped = plan_from_config(EMAArgs(decay=0.9, step_start_ema=90, warmup=True, inv_gamma=1e30), 100)
+    assert wiped.decays()[0] == 0.0 and wiped.pre_window_share() == 0.0

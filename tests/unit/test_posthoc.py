@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Shard
 
 from sd_train.checkpoint import Checkpointer
@@ -26,7 +27,7 @@ from sd_train.ema.posthoc_math import (
 from sd_train.ema.sharded import ShardedEMA
 from sd_train.parallel.deepspeed import DeepSpeedStrategy, offline_shadow
 from sd_train.parallel.fsdp import DTensorLayout, FSDPStrategy
-from sd_train.paths import snapshot_steps
+from sd_train.paths import partial_dir, snapshot_steps, step_dir
 from sd_train.tools.posthoc import MAX_FIT_ERROR, find_snapshots, plan_targets, reconstruct
 
 SIGMAS, START, EVERY, STEPS, DECAY = [0.05, 0.1], 2, 2, 8, 0.6
@@ -311,3 +312,64 @@ def test_zero3_layout_refuses_a_partitioning_it_does_not_describe(info):
     p = next(module.parameters())
     with pytest.raises(RuntimeError, match="a DeepSpeed partitioning sd-train does not describe"):
         strategy.ema_layout().global_tensor(p, torch.zeros(p.ds_numel + 1))
+
+
+def _open_profiles(dtype: str = "fp32", sigma_rels=(0.05, 0.1), start: int = 1) -> PowerEMAProfiles:
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    args = EMAArgs(decay=0.9, step_start_ema=start, posthoc=PosthocArgs(list(sigma_rels), 2, dtype=dtype))
+    return PowerEMAProfiles(module, posthoc_plan_from_config(args, 10), DTensorLayout(module))
+
+
+def test_profiles_refuse_other_settings_and_bad_pieces():
+    profiles = _open_profiles()
+    profiles.update(1)
+    meta = profiles.meta_state_dict()
+    for other in (_open_profiles(sigma_rels=(0.05, 0.2)), _open_profiles(start=2)):
+        with pytest.raises(
+            ValueError, match=r"^checkpoint tracked post-hoc profiles sigma_rels=\[0.05, 0.1\] from step 1, "
+        ):
+            other.load_meta_state_dict(meta)
+        with pytest.raises(ValueError, match=r"from step \d: resume with the same ema.posthoc settings$"):
+            other.load_meta_state_dict(meta)
+    fresh = _open_profiles()
+    fresh.load_meta_state_dict(meta)
+    assert fresh.is_open and all(torch.equal(t, torch.zeros_like(t)) for s in fresh.shadows for t in s)
+    fresh.load_meta_state_dict({**meta, "open": False})
+    assert not fresh.is_open and fresh.local_state_dict() == {}
+    fresh.load_meta_state_dict(meta)
+    pieces = profiles.local_state_dict()
+    with pytest.raises(ValueError, match=r"^post-hoc profile piece 'p0.weight': saved missing, expected \(2, 3\)$"):
+        fresh.load_local_state_dict({k: v for k, v in pieces.items() if k != "p0.weight"})
+    with pytest.raises(ValueError, match=r"^post-hoc profile piece 'p0.weight': saved \(3, 2\), expected \(2, 3\)$"):
+        fresh.load_local_state_dict({**pieces, "p0.weight": torch.zeros(3, 2)})
+
+
+def test_snapshots_replace_leftovers_and_keep_their_dtype(info, tmp_path):
+    """A crash's leftover `.partial` folder is cleared before writing, a step written again replaces
+    the old snapshot, and fp16 snapshots store fp16 (read back as fp32)."""
+    profiles = _open_profiles("fp16")
+    root = tmp_path / "posthoc"
+    assert profiles.maybe_snapshot(root, 2, 0) is None, "nothing to snapshot before the start"
+    profiles.update(1)
+    assert profiles.maybe_snapshot(root, 3, 0) is None, "not a snapshot step"
+    leftover = partial_dir(root, 2)
+    leftover.mkdir(parents=True)
+    (leftover / "junk").write_text("from a crash")
+    folder = profiles.maybe_snapshot(root, 2, 0)
+    assert folder == step_dir(root, 2) and not (folder / "junk").exists() and not leftover.exists()
+    meta = read_snapshot_meta(folder)
+    assert (meta["dtype"], meta["world_size"], meta["step"], meta["step_start"]) == ("fp16", 1, 2, 1)
+    stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    assert {item.properties.dtype for item in stored.values()} == {torch.float16}
+    with torch.no_grad():
+        profiles.shadows[0][0].fill_(0.5)
+    profiles.write_snapshot(root, 2, 0)  # the same step again: replaces it
+    snap = load_snapshot_profile(folder, 0)
+    assert snap["weight"].dtype == torch.float32 and torch.equal(snap["weight"], torch.full((2, 3), 0.5))
+    with pytest.raises(KeyError, match="has no profile 2"):
+        load_snapshot_profile(folder, 2)
+    with pytest.raises(
+        FileNotFoundError, match=r"is not a complete post-hoc snapshot \(no snapshot.json or .metadata\)"
+    ):
+        read_snapshot_meta(tmp_path)
