@@ -91,10 +91,10 @@ class RecordingUNet(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def forward(self, noisy, timesteps, encoder_hidden_states):
-        self.seen.append((noisy.clone(), timesteps.clone()))
+        self.seen.append((noisy.clone(), timesteps.clone(), encoder_hidden_states.clone()))
         return SimpleNamespace(sample=0.5 * noisy)
 
 
@@ -105,9 +105,14 @@ def test_loss_applies_min_snr_weights(prediction_type):
     sched, obj = make(prediction_type, snr_gamma=5.0, caption_dropout=0.0)
     x0 = torch.randn(64, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     unet = RecordingUNet()
+    text = torch.randn(64, 3, 8, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
-    loss = obj.loss(unet, x0, torch.zeros(64, 3, 8))
-    noisy, t = unet.seen[0]
+    loss = obj.loss(unet, x0, text)
+    noisy, t, seen_text = unet.seen[0]
+    # Timesteps uniform over the whole schedule, drawn first from the global generator; the
+    # captions reach the UNet (no dropout here).
+    torch.manual_seed(0)
+    assert torch.equal(t, torch.randint(0, 1000, (64,))) and torch.equal(seen_text, text)
     acp = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
     eps = (noisy - acp.sqrt() * x0) / (1 - acp).sqrt()
     target = eps if prediction_type == "epsilon" else acp.sqrt() * eps - (1 - acp).sqrt() * x0
@@ -122,3 +127,17 @@ def test_loss_applies_min_snr_weights(prediction_type):
     torch.testing.assert_close(
         plain.loss(RecordingUNet(), x0, torch.zeros(64, 3, 8)), per_sample.mean(), rtol=1e-5, atol=0
     )
+
+
+def test_bf16_inputs_stay_bf16_and_the_schedule_is_fp32():
+    """The schedule is kept in fp32 whatever it came in (a float64 one too), and the noising and
+    the caption dropout return the dtype of the latents and embeddings they are given."""
+    sched = sd_scheduler()
+    obj = DiffusionObjective(
+        ObjectiveArgs(caption_dropout=0.5), sched.alphas_cumprod.double(), torch.zeros(1, 3, 8, dtype=torch.float32)
+    )
+    assert obj.alphas_cumprod.dtype == torch.float32 and obj.num_timesteps == 1000
+    x = torch.randn(2, 4, 8, 8).bfloat16()
+    t = torch.tensor([3, 700])
+    assert obj.add_noise(x, x, t).dtype == obj.velocity(x, x, t).dtype == torch.bfloat16
+    assert obj.drop_captions(torch.ones(8, 3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
