@@ -126,13 +126,15 @@ def test_warmup_uses_real_decays():
 def test_warmup_window_from_tolerance_is_the_first_n_under_it():
     """With warmup the smallest safe window is found by walking the real decays: counted here with
     the formula written out, in updates of 4 steps."""
-    args = EMAArgs(decay=0.999, warmup=True, window_from_tolerance=True, tolerance=0.01, update_every=4)
+    args = EMAArgs(
+        decay=0.999, warmup=True, window_from_tolerance=True, tolerance=0.02, update_every=4, inv_gamma=2.0, power=0.75
+    )
     decays = reference_decays(args, 100_000)
     product, n = 1.0, 0
-    while product > 0.01:
+    while product > 0.02:
         product *= decays[n]
         n += 1
-    assert min_window_warmup(args, 10 * n) == n and min_window_warmup(args, n - 1) is None
+    assert min_window_warmup(args, 10 * n) == min_window_warmup(args, n) == n and min_window_warmup(args, n - 1) is None
     plan = plan_from_config(args, 1_000_000)
     assert plan.window_steps == 4 * n and plan.smallest_safe_window() == 4 * n
     plan.check()
@@ -276,3 +278,30 @@ def test_shares_of_an_empty_or_wiped_window():
     # A first warmup decay of 0 (inv_gamma huge) replaces the start at once: its share is 0.
     wiped = plan_from_config(EMAArgs(decay=0.9, step_start_ema=90, warmup=True, inv_gamma=1e30), 100)
     assert wiped.decays()[0] == 0.0 and wiped.pre_window_share() == 0.0
+
+
+def test_plan_edges():
+    """The boundaries of each rule, on both sides."""
+    # decay 0 and a 1-step window are legal (the EMA is then the last weights).
+    plan_from_config(EMAArgs(decay=0.0, step_start_ema=99), 100).check()
+    plan_from_config(EMAArgs(decay=0.5, step_start_ema=0, tolerance=0.5), 100).check()
+    assert plan_from_config(EMAArgs(decay=1.0, step_start_ema=0), 100).horizon() == math.inf
+    assert min_window(0.5, 0.9) == 1
+    # A tail of 1% of 50 updates is one update.
+    assert plan_from_config(EMAArgs(decay=0.9, step_start_ema=50), 100).tail_share(0.01) == pytest.approx(0.1)
+    # The smallest safe window exactly the run: the fix is to start at 0, not "longer than the run".
+    with pytest.raises(ConfigError) as e:
+        plan_from_config(EMAArgs(decay=0.5, step_start_ema=1, tolerance=0.25), 2).check()
+    assert str(e.value).endswith("smallest safe window is 2 steps: set ema.step_start_ema <= 0, or lower ema.decay")
+    text = plan_from_config(EMAArgs(decay=0.99, step_start_ema=600, warmup=True, tolerance=0.5), 1000).describe()
+    assert text.startswith("EMA plan:\n  decay                 0.99 (with warmup)\n")
+
+
+def test_posthoc_plan_edges():
+    args = EMAArgs(decay=0.99, step_start_ema=4, posthoc=PosthocArgs([0.05, 0.1], snapshot_every=4))
+    assert posthoc_plan_from_config(args, 13).snapshot_steps() == [4, 8, 12, 13]
+    assert posthoc_plan_from_config(args, 15).snapshot_steps() == [4, 8, 12, 15]
+    assert posthoc_plan_from_config(args, 15).bytes_per_snapshot(num_params=1000, world_size=3) == 2 * 1000 * 4 // 3
+    # Without a posthoc start, the profiles start where the EMA window does (here from window_fraction).
+    assert posthoc_plan_from_config(EMAArgs(posthoc=PosthocArgs([0.1])), 1000).step_start == 965
+    posthoc_plan_from_config(EMAArgs(posthoc=PosthocArgs([0.1], step_start=0)), 10).check()
