@@ -85,13 +85,13 @@ def main() -> int:
         for name, c in codes.items():
             if status(c) not in ("killed", "not run") and name not in equivalent:
                 unjustified.append((name, status(c)))
-        scored = len(codes) - counts["not run"] - eq
+        scored = len(codes) - eq
         totals.update(mutants=len(codes), not_run=counts["not run"], killed=counts["killed"], equivalent=eq)
         totals.update(survived=counts["survived"], no_tests=counts["no tests"], scored=scored)
         row(module, len(codes), counts["not run"], counts["killed"], eq, counts["survived"], counts["no tests"], scored)
     t = totals
     row("all", t["mutants"], t["not_run"], t["killed"], t["equivalent"], t["survived"], t["no_tests"], t["scored"])
-    print("score = killed / (mutants run - equivalent); a timeout counts as killed")
+    print("score = killed / (mutants - equivalent): a timeout counts as killed, a mutant not run yet as not")
     stale = sorted(equivalent - {n for n in seen if status(by_module_code(by_module, n)) != "killed"})
     if stale:
         print(f"\n{len(stale)} entries of {EQUIVALENT.name} are killed now or no longer exist (remove them):")

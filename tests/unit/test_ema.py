@@ -106,3 +106,16 @@ def test_the_plan_reports_the_share_the_ema_really_keeps(warmup):
     assert kept == pytest.approx(plan.pre_window_share(), rel=1e-5)
     if not warmup:
         assert kept == pytest.approx(0.99**29, rel=1e-5)
+
+
+def test_the_shadow_of_bf16_weights_is_fp32():
+    """1 - decay = 1e-4 is below bf16's resolution: the shadow is fp32 whatever the weights are, as
+    a copy of them when the window opens and as zeros awaiting a load."""
+    model = build().to(torch.bfloat16)
+    plan = plan_from_config(EMAArgs(decay=DECAY, step_start_ema=1, tolerance=0.5), STEPS)
+    ema = ShardedEMA(model, plan, DTensorLayout(model))
+    ema.update(1)
+    assert all(s.dtype == torch.float32 and torch.equal(s, p.float()) for s, p in zip(ema.shadow, model.parameters()))
+    loaded = ShardedEMA(model, plan, DTensorLayout(model))
+    loaded.load_meta_state_dict(ema.meta_state_dict())
+    assert all(s.dtype == torch.float32 and not s.any() for s in loaded.shadow)

@@ -223,6 +223,8 @@ def test_window_sources_and_their_edges():
     # A bad decay or tolerance with window_from_tolerance starts at 0 and leaves the message to check().
     for bad in (EMAArgs(decay=1.0, window_from_tolerance=True), EMAArgs(tolerance=0.0, window_from_tolerance=True)):
         assert plan_from_config(bad, 100).step_start_ema == 0
+    assert plan_from_config(EMAArgs(tolerance=1.0, window_from_tolerance=True), 100).step_start_ema == 0
+    assert plan_from_config(EMAArgs(decay=0.0, window_from_tolerance=True), 100).step_start_ema == 99
     assert min_window(0.0, 0.01) == 1 and min_window(0.5, 0.25) == 2
     plan_from_config(EMAArgs(enabled=False, decay=5.0), 10).check()  # disabled: nothing to refuse
 

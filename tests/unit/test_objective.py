@@ -140,4 +140,5 @@ def test_bf16_inputs_stay_bf16_and_the_schedule_is_fp32():
     x = torch.randn(2, 4, 8, 8).bfloat16()
     t = torch.tensor([3, 700])
     assert obj.add_noise(x, x, t).dtype == obj.velocity(x, x, t).dtype == torch.bfloat16
+    assert make(noise_offset=0.1)[1].sample_noise(x).dtype == torch.bfloat16
     assert obj.drop_captions(torch.ones(8, 3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
