@@ -8,9 +8,10 @@ reason.
     .venv/bin/python tests/mutants/report.py --prepare  # before `mutmut run` (make mutants does it)
     .venv/bin/mutmut show NAME                          # the diff of one mutant
 
-`--prepare` keeps only the kills: it clears every other verdict, so survivors meet the tests added
-since, and drops mutmut's test-to-function map, so mutmut records it afresh (mutmut 3.8.1 extends
-an old map only with new tests: a module that moved would have no tests at all).
+`--prepare` keeps the kills and the survivors justified in equivalent.md (mutmut itself clears a
+function's verdicts when the function changes) and clears every other verdict, so survivors meet
+the tests added since; it drops mutmut's test-to-function map, so mutmut records it afresh (mutmut
+3.8.1 extends an old map only with new tests: a module that moved would have no tests at all).
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ def status(code: int | None) -> str:
 
 def prepare(root: Path) -> None:
     (root / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    keep = justified(EQUIVALENT)  # a survivor justified there stays one until its function changes
     for meta in (root / "mutants").rglob("*.py.meta"):
         data = json.loads(meta.read_text())
-        data["exit_code_by_key"] = {
-            k: (c if status(c) == "killed" else None) for k, c in data["exit_code_by_key"].items()
-        }
+        codes = data["exit_code_by_key"]
+        data["exit_code_by_key"] = {k: (c if status(c) == "killed" or k in keep else None) for k, c in codes.items()}
         meta.write_text(json.dumps(data))
 
 

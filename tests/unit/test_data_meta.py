@@ -197,6 +197,9 @@ def test_filter_reads_nested_and_treats_non_numbers_as_missing() -> None:
     assert f.rejecting_rule(raw({"meta": {"width": 600}, "punsafe": 0.5})) == "punsafe<0.1"
     assert f.rejecting_rule(raw({"meta": {"width": "600"}, "punsafe": 0.05})) == "meta.width>=512"
     assert f.rejecting_rule(RawSample("k", "s", {"json": b"{not json"})) == "meta.width>=512"
+    # Under "keep" a missing field skips its rule, not the rules after it.
+    later = MetadataFilter.from_config(["meta.width>=512", "punsafe<0.1"], "keep")
+    assert later.rejecting_rule(raw({"punsafe": 0.5})) == "punsafe<0.1"
     keep = MetadataFilter.from_config(["meta.width>=512"], "keep")
     assert keep.rejecting_rule(raw({"punsafe": None})) is None
     assert keep.rejecting_rule(RawSample("k", "s", {})) is None

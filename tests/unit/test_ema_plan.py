@@ -127,7 +127,7 @@ def test_warmup_window_from_tolerance_is_the_first_n_under_it():
     """With warmup the smallest safe window is found by walking the real decays: counted here with
     the formula written out, in updates of 4 steps."""
     args = EMAArgs(
-        decay=0.999, warmup=True, window_from_tolerance=True, tolerance=0.02, update_every=4, inv_gamma=2.0, power=0.75
+        decay=0.99, warmup=True, window_from_tolerance=True, tolerance=0.02, update_every=4, inv_gamma=0.01, power=0.75
     )
     decays = reference_decays(args, 100_000)
     product, n = 1.0, 0
@@ -266,8 +266,12 @@ def test_posthoc_plan_snapshots_figures_and_description():
 @pytest.mark.parametrize("start", [-1, 10])
 def test_posthoc_start_outside_the_run_is_refused(start):
     plan = posthoc_plan_from_config(EMAArgs(posthoc=PosthocArgs([0.1], step_start=start)), 10)
-    with pytest.raises(ConfigError, match=rf"^ema.posthoc.step_start={start} must be in \[0, max_steps=10\): the"):
+    with pytest.raises(ConfigError) as e:
         plan.check()
+    assert str(e.value) == (
+        f"ema.posthoc.step_start={start} must be in [0, max_steps=10): the profiles need at least one step "
+        "before the last. Lower ema.posthoc.step_start (or ema.step_start_ema)"
+    )
     posthoc_plan_from_config(EMAArgs(posthoc=PosthocArgs([0.1], step_start=9)), 10).check()
     posthoc_plan_from_config(EMAArgs(posthoc=PosthocArgs([], step_start=start)), 10).check()  # no profiles
 
@@ -289,6 +293,7 @@ def test_plan_edges():
     plan_from_config(EMAArgs(decay=0.5, step_start_ema=0, tolerance=0.5), 100).check()
     assert plan_from_config(EMAArgs(decay=1.0, step_start_ema=0), 100).horizon() == math.inf
     assert min_window(0.5, 0.9) == 1
+    assert plan_from_config(EMAArgs(window_fraction=0.001), 100).step_start_ema == 99  # at least one step
     # A tail of 1% of 50 updates is one update.
     assert plan_from_config(EMAArgs(decay=0.9, step_start_ema=50), 100).tail_share(0.01) == pytest.approx(0.1)
     # The smallest safe window exactly the run: the fix is to start at 0, not "longer than the run".
