@@ -7,6 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from sd_train.config import ObjectiveArgs
+from sd_train.model.conditioning import Conditioning
 from sd_train.objective import DiffusionObjective
 
 
@@ -24,7 +25,7 @@ def sd_scheduler(prediction_type="epsilon"):
 def make(prediction_type="epsilon", **kw):
     sched = sd_scheduler(prediction_type)
     return sched, DiffusionObjective(
-        ObjectiveArgs(prediction_type=prediction_type, **kw), sched.alphas_cumprod, torch.zeros(1, 3, 8)
+        ObjectiveArgs(prediction_type=prediction_type, **kw), sched.alphas_cumprod, Conditioning(torch.zeros(1, 3, 8))
     )
 
 
@@ -55,12 +56,13 @@ def test_min_snr_weights():
 def test_caption_dropout_rate_and_value():
     torch.manual_seed(0)
     sched = sd_scheduler()
-    obj = DiffusionObjective(ObjectiveArgs(caption_dropout=0.3), sched.alphas_cumprod, torch.full((1, 3, 8), -7.0))
+    empty = Conditioning(torch.full((1, 3, 8), -7.0))
+    obj = DiffusionObjective(ObjectiveArgs(caption_dropout=0.3), sched.alphas_cumprod, empty)
     emb = torch.ones(4000, 3, 8)
-    out = obj.drop_captions(emb)
+    out = obj.drop_captions(Conditioning(emb)).text_embeds
     dropped = (out[:, 0, 0] == -7.0).float().mean().item()
     assert 0.27 < dropped < 0.33
-    assert torch.equal(make(caption_dropout=0.0)[1].drop_captions(emb), emb)
+    assert torch.equal(make(caption_dropout=0.0)[1].drop_captions(Conditioning(emb)).text_embeds, emb)
 
 
 def test_noise_offset_is_one_draw_per_sample_and_channel():
@@ -107,7 +109,7 @@ def test_loss_applies_min_snr_weights(prediction_type):
     unet = RecordingUNet()
     text = torch.randn(64, 3, 8, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
-    loss = obj.loss(unet, x0, text)
+    loss = obj.loss(unet, x0, Conditioning(text))
     noisy, t, seen_text = unet.seen[0]
     # Timesteps uniform over the whole schedule, drawn first from the global generator; the
     # captions reach the UNet (no dropout here).
@@ -125,7 +127,7 @@ def test_loss_applies_min_snr_weights(prediction_type):
     _, plain = make(prediction_type, caption_dropout=0.0)
     torch.manual_seed(0)
     torch.testing.assert_close(
-        plain.loss(RecordingUNet(), x0, torch.zeros(64, 3, 8)), per_sample.mean(), rtol=1e-5, atol=0
+        plain.loss(RecordingUNet(), x0, Conditioning(torch.zeros(64, 3, 8))), per_sample.mean(), rtol=1e-5, atol=0
     )
 
 
@@ -134,11 +136,13 @@ def test_bf16_inputs_stay_bf16_and_the_schedule_is_fp32():
     the caption dropout return the dtype of the latents and embeddings they are given."""
     sched = sd_scheduler()
     obj = DiffusionObjective(
-        ObjectiveArgs(caption_dropout=0.5), sched.alphas_cumprod.double(), torch.zeros(1, 3, 8, dtype=torch.float32)
+        ObjectiveArgs(caption_dropout=0.5), sched.alphas_cumprod.double(), Conditioning(torch.zeros(1, 3, 8))
     )
     assert obj.alphas_cumprod.dtype == torch.float32 and obj.num_timesteps == 1000
     x = torch.randn(2, 4, 8, 8).bfloat16()
     t = torch.tensor([3, 700])
     assert obj.add_noise(x, x, t).dtype == obj.velocity(x, x, t).dtype == torch.bfloat16
     assert make(noise_offset=0.1)[1].sample_noise(x).dtype == torch.bfloat16
-    assert obj.drop_captions(torch.ones(8, 3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert (
+        obj.drop_captions(Conditioning(torch.ones(8, 3, 8, dtype=torch.bfloat16))).text_embeds.dtype == torch.bfloat16
+    )
