@@ -19,6 +19,7 @@ from sd_train.model.parallelize import fsdp_units
 from sd_train.optim import build_optimizer
 from sd_train.perf import (
     apply_backend_flags,
+    bucket_flops_per_image,
     compile_module,
     peak_tflops,
     training_flops_per_image,
@@ -108,6 +109,16 @@ def test_unet_flops_scale_with_resolution():
     small = training_flops_per_image(unet, (4, 8, 8), (77, 32), CPU)
     large = training_flops_per_image(unet, (4, 16, 16), (77, 32), CPU)
     assert small > 0 and 3.0 < large / small < 4.5  # convs scale with pixels, attention a bit faster
+
+
+def test_bucket_flops_are_each_buckets_own():
+    """data.buckets: one count per bucket's latent (h, w), each the figure of a plain count at that
+    shape; a transposed bucket costs the same, a smaller one less."""
+    unet = tiny_unet()
+    per_bucket = bucket_flops_per_image(unet, [(8, 16), (16, 8), (8, 8)], (77, 32), CPU)
+    assert set(per_bucket) == {(8, 16), (16, 8), (8, 8)}
+    assert per_bucket[(8, 16)] == training_flops_per_image(unet, (4, 8, 16), (77, 32), CPU) == per_bucket[(16, 8)]
+    assert per_bucket[(8, 8)] < per_bucket[(8, 16)]
 
 
 def test_step_window_excludes_eval_and_reports_mfu():
