@@ -9,8 +9,10 @@ Phases: mid_step (between backward and optimizer step), after_rank_files (checkp
 written, shards not), after_shards (shards written, folder not yet renamed), before_retention,
 during_async_save, export_write (main process, the end-of-run export, before its files are written),
 grid_write (main process, on the background writer's thread, before a sample grid is written).
-Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM), sleep (`seconds`).
-Unset, it costs one dict lookup per phase.
+Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM), sleep (`seconds`),
+wait_signal (wait until this process is asked to stop, by SIGTERM or Ctrl-C: a test sends a real
+signal once it reads the fault's line, and the run stops at exactly that step; at most `seconds`,
+default 300). Unset, it costs one dict lookup per phase.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 
 @dataclass
@@ -65,6 +67,8 @@ class FaultInjector:
     def __init__(self, rank: int):
         self.rank = rank
         self.fault = parse_fault(os.environ.get("SD_TRAIN_FAULT"))
+        # Whether this process was asked to stop (set by the trainer), for `wait_signal`.
+        self.stop_requested: Callable[[], bool] = lambda: False
 
     def trip(self, phase: str, step: int) -> bool:
         f = self.fault
@@ -83,4 +87,8 @@ class FaultInjector:
         elif f.action == "hang":
             while True:
                 time.sleep(3600)
+        elif f.action == "wait_signal":
+            deadline = time.monotonic() + (f.seconds or 300.0)
+            while not self.stop_requested() and time.monotonic() < deadline:
+                time.sleep(0.05)
         return False

@@ -476,7 +476,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sd-train sweep",
         description="Expand a sweep file into runs. Overrides after `--` apply to every run.",
-        epilog="The sweep file format is documented in sd_train/tools/sweep.py.",
+        # The module docstring from the file format on: the same text a reader of the source sees.
+        epilog=__doc__[__doc__.index("Sweep file") :].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", help="sweep YAML, e.g. configs/sweeps/lr_ema.yaml")
     mode = p.add_mutually_exclusive_group(required=True)
