@@ -88,9 +88,11 @@ BIN = Path(sys.executable).parent
 RUN_MODES = ("fsdp2", "zero2", "zero3")
 PHASES = ("assets",) + RUN_MODES
 STEP_RE = re.compile(r"^step_\d{8}$")
-# metrics.jsonl keys that measure the machine, not the numerics.
+# metrics.jsonl keys that measure the machine, not the numerics. The checkpoint figures are a save's
+# times and its bytes per rank, which include trainer_state.json, whose config names the run folder
+# (runs/base/... and runs/new/... differ in length): the tensors themselves are compared above.
 VOLATILE_PREFIXES = ("speed/", "memory/")
-VOLATILE_KEYS = {"time"}
+VOLATILE_KEYS = {"time", "checkpoint/blocked_s", "checkpoint/save_s", "checkpoint/bytes_per_rank"}
 # --allow-added-keys: keys that only the NEW revision writes (a config field, a metric, a topology
 # entry that a feature added) are listed as notes instead of failing; every key both write must
 # still be equal. For "this feature changed no number", not for a pure refactor.

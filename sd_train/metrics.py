@@ -79,6 +79,8 @@ class Metrics(NullMetrics):
         self.dir = Path(output_dir)
         self.path = self.dir / "metrics.jsonl"
         self.jsonl = open(self.path, "a", buffering=1)
+        if self.jsonl.tell() > 0 and _last_byte(self.path) != b"\n":
+            self.jsonl.write("\n")  # a killed launch's half-written last line stays a line of its own
         self.wandb = self._init_wandb(run_name) if args.wandb else None
         self.tb = self._init_tensorboard() if args.tensorboard else None
 
@@ -136,6 +138,8 @@ class Metrics(NullMetrics):
                 if row_step > step or (step == 0 and row_step == 0):
                     dropped += 1
                     continue
+                # What the run logged before this launch counts as its latest values until relogged.
+                self.latest.update({k: (row_step, v) for k, v in row.items() if k not in ("step", "time")})
             kept.append(line)
         if dropped:
             tmp = self.path.with_name(self.path.name + ".tmp")
@@ -178,6 +182,12 @@ class Metrics(NullMetrics):
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def build_metrics(args: MetricsArgs, output_dir: str, run_name: str, is_main: bool) -> NullMetrics:

@@ -46,7 +46,12 @@ class RunSummary:
     def lines(self) -> list[str]:
         speed = "n/a" if self.img_per_s_per_device is None else f"{self.img_per_s_per_device:.1f}"
         devices = f"{self.world_size} device" + ("s" if self.world_size > 1 else "")
-        resumed = f" (this launch: steps {self.start_step + 1}..{self.step})" if self.start_step else ""
+        if not self.start_step:
+            resumed = ""
+        elif self.start_step < self.step:
+            resumed = f" (this launch: steps {self.start_step + 1}..{self.step})"
+        else:
+            resumed = " (resumed at the last step: nothing left to train)"
         bad = sum(self.bad.values())
         bad_kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.bad.items()) if v)
         checkpoints = ", ".join(p.name for p in self.checkpoints) or "none"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch import REPO, accelerate_cmd, env, fake_slurm_bin, free_port, run, slurm_env
+from launch import REPO, accelerate_cmd, env, fake_slurm_bin, free_port, run, slurm_env, torchrun_cmd
 from test_train import keys_by_step
 
 SBATCH = REPO / "launch" / "slurm" / "sd_train.sbatch"
@@ -435,3 +435,44 @@ def test_srun_tasks_form_one_sharded_job(tiny_assets, tmp_path: Path) -> None:
     assert all(r["all_dtensor"] and r["placements"] == ["(Shard(dim=0),)"] for r in topo["ranks"])
     keys = [k for r in (0, 1) for ks in keys_by_step(out, r).values() for k in ks]
     assert len(keys) == 4 * 8 and len(set(keys)) == len(keys), "2 ranks x 4 steps x 4 samples, none twice"
+
+
+# --------------------------------------------------------------------------------------------
+# One clean error under every launcher
+# --------------------------------------------------------------------------------------------
+
+CONFIG_ERROR = "config error: unknown config key optim.lrr. Did you mean optim.lr?"
+
+
+@pytest.mark.multiproc
+def test_a_config_error_is_one_message_under_every_launcher(tmp_path: Path) -> None:
+    """A config mistake, refused before torch loads: every rank checks the config, only the main
+    process says why, every rank exits 2. Plain python, srun's tasks and launch/local_cpu.sh (which
+    checks once before it starts any rank) exit 2 with that one line. torchrun and `accelerate
+    launch` show it once too, then add their own report of the workers' exit 2 and exit 1 themselves:
+    that report and status are the launcher's, which a worker cannot change (the way around it is to
+    check first: `train.py --plan --world-size N ...`, as our launch scripts do)."""
+    args = ["--config", "configs/test.yaml", "optim.lrr=1"]
+    train = str(REPO / "train.py")
+
+    plain = run([sys.executable, train, *args], check=False, timeout=60)
+    assert plain.returncode == 2 and (plain.stdout + plain.stderr).strip() == CONFIG_ERROR
+
+    script = run([BASH, str(REPO / "launch" / "local_cpu.sh"), "optim.lrr=1"], check=False, timeout=60)
+    assert script.returncode == 2 and (script.stdout + script.stderr).strip() == CONFIG_ERROR
+
+    port = str(free_port())
+    tasks = [
+        subprocess.Popen([sys.executable, train, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r),
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for r in (0, 1)
+    ]  # fmt: skip
+    logs = [t.communicate(timeout=60)[0] for t in tasks]
+    assert [t.returncode for t in tasks] == [2, 2] and "".join(logs).strip() == CONFIG_ERROR
+
+    for cmd in (torchrun_cmd(2, train, *args), accelerate_cmd(str(ACCEL_DIR / "cpu2.yaml"), train, *args)):
+        proc = run(cmd, check=False, timeout=120)
+        both = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and both.count(CONFIG_ERROR) == 1, both
+        assert "exitcode  : 2" in both, "the launcher reports the workers' exit 2"
