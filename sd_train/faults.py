@@ -17,11 +17,16 @@ default 300). Unset, it costs one dict lookup per phase.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from sd_train.console import ANY_RANK
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,7 +82,7 @@ class FaultInjector:
         f.fired += 1
         if f.action == "nan":
             return True
-        print(f"[fault injection] rank {self.rank} step {step} phase {phase}: {f.action}", flush=True)
+        log.info(f"[fault injection] rank {self.rank} step {step} phase {phase}: {f.action}", extra=ANY_RANK)
         if f.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif f.action == "term":
