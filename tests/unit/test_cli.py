@@ -283,3 +283,26 @@ def test_the_posthoc_table_names_the_best_overall_and_explains_a_short_length():
     assert "best overall: sigma_rel_0.05 at 0.600000 (-0.077700 vs raw, raw 0.677700)" in "\n".join(
         loss_table(losses, targets, 5, 20)
     )
+
+
+def test_export_takes_the_newest_complete_step_of_a_run(tmp_path):
+    """`--checkpoint RUN_DIR` and `--checkpoint RUN_DIR/checkpoints` mean the newest complete step
+    (an unfinished save and a folder without .metadata do not count); a step folder means itself."""
+    from sd_train.export import resolve_checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    for step, complete in ((4, True), (8, True), (12, False)):
+        folder = root / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text("{}")
+        if complete:
+            (folder / ".metadata").write_text("")
+    (root / ".step_00000016.partial").mkdir()
+    for given in (tmp_path / "run", root):
+        folder, which = resolve_checkpoint(given)
+        assert folder == root / "step_00000008"
+        assert which == f"the newest complete checkpoint of {root}: step_00000008 (of step_00000004, step_00000008)"
+    assert resolve_checkpoint(root / "step_00000004") == (
+        root / "step_00000004",
+        f"step folder {root / 'step_00000004'}",
+    )
