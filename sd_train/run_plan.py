@@ -2,7 +2,7 @@
 
 The plan is what a real start would say before it trains, without starting: the batch arithmetic
 (ranks x micro-batch x accumulation), where everything goes (output_dir and what a run writes
-there), the EMA window and the post-hoc EMA plans (`sd_train.ema_plan`). The config is checked at
+there), the EMA window and the post-hoc EMA plans (`sd_train.ema.plan`). The config is checked at
 the previewed world size by the same `validate` and `preflight` as a start, so a plan that says
 "config OK" starts.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from sd_train.config import TrainConfig
-from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
+from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
 from sd_train.errors import ConfigError
 from sd_train.paths import POSTHOC_DIR, complete_steps
 

@@ -8,11 +8,10 @@ One process, so this file runs in the single-process session, beside the multi-p
 
 import json
 
-from launch import interrupt, run
-from test_train import assert_states_equal, full_state, train_cmd
-
 from sd_train.paths import complete_steps
 from sd_train.step_signals import FORWARD_WINDOW_S
+from tests.support.launch import interrupt, run
+from tests.support.runs import assert_states_equal, full_state, train_cmd
 
 # 8 steps, a checkpoint every 4 and at each stop, every step logged, evaluation at the last step.
 EXTRA = [

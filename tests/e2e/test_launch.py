@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch import REPO, accelerate_cmd, env, fake_slurm_bin, free_port, run, slurm_env, torchrun_cmd
-from test_train import keys_by_step
+
+from tests.support.launch import REPO, accelerate_cmd, env, fake_slurm_bin, free_port, run, slurm_env, torchrun_cmd
+from tests.support.runs import keys_by_step
 
 SBATCH = REPO / "launch" / "slurm" / "sd_train.sbatch"
 ACCEL_DIR = REPO / "launch" / "accelerate"

@@ -262,7 +262,7 @@ def test_the_plan_counts_post_hoc_bytes_from_the_safetensors_header(tmp_path):
 def test_the_posthoc_table_names_the_best_overall_and_explains_a_short_length():
     """When the raw weights score lowest, the table says so (it used to name the best EMA "best");
     a classic decay whose horizon is longer than the window is flagged, with why its length is short."""
-    from sd_train.posthoc_math import classic_weights, power_weights, sigma_rel_to_gamma
+    from sd_train.ema.posthoc_math import classic_weights, power_weights, sigma_rel_to_gamma
     from sd_train.tools.posthoc import Target, loss_table
 
     n = 15  # a 15-step window, as in a short run
