@@ -22,7 +22,6 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -68,57 +67,9 @@ from sd_train.perf import apply_backend_flags, peak_tflops, training_flops_per_i
 from sd_train.rng import RankRNG, seed_all
 from sd_train.run_summary import RunSummary
 from sd_train.step_signals import INTERRUPTED_EXIT, StepSignals, StepVotes, StopRequests
+from sd_train.train_state import DataPosition, StepResult, TrainState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainState:
-    """Progress that every rank shares; saved in trainer_state.json."""
-
-    step: int = 0
-    samples_seen: int = 0
-    skipped_steps: int = 0
-    consecutive_skips: int = 0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-class DataPosition:
-    """The loader's position as a checkpoint entry (rank_R.pt). On another world size each rank
-    starts from its nearest saved rank's position, and the ranks agree on the next epoch (the
-    loader warns): the per-rank positions of the old world have no counterpart in the new one."""
-
-    def __init__(self, loader, device: torch.device):
-        self.loader, self.device = loader, device
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-    def load_state_dict_from_other_world(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-        epoch = int(all_reduce_max([float(self.loader.reshard_epoch or 0)], self.device)[0])
-        self.loader.start_at_epoch(epoch)
-
-
-@dataclass
-class StepResult:
-    """One optimizer step as the loop sees it."""
-
-    loss: torch.Tensor  # this rank's loss, summed over micro-batches, still on the device
-    grad_norm: float
-    data_wait: float  # seconds the host waited for the loader
-    taken: bool  # False: a non-finite step, skipped on every rank
-    votes: StepVotes  # what the ranks agreed on at this step
-    syncs_before: int  # host reads so far (sd_train.host_sync), for the plain-step budget
 
 
 class Trainer:
@@ -184,7 +135,20 @@ class Trainer:
             self.parts.release("text_encoder", *(() if self.evaluator.sampler is not None else ("vae",)))
         self.state = TrainState()
         self.start_step = 0  # where this launch began (set by `resume`)
-        self.checkpointer = Checkpointer(
+        self.checkpointer = self._build_checkpointer()
+        self.key_log = KeyLog(self.out, self.info.rank, cfg.data.log_keys)
+        self.signals = StepSignals(self.stop_requests, self.checkpointer.clock_vote, self.info.device)
+        self.window = StepWindow(
+            cfg.global_batch_size, self.info.device, self.info.world_size, self.flops_per_image, self.peak_tflops
+        )
+        self.progress = Progress(self.info.is_main, cfg.max_steps)
+        self.exports: list[Path] = []
+
+    def _build_checkpointer(self) -> Checkpointer:
+        """Everything a checkpoint holds, registered once: the tensors (through the Strategy), the
+        shadows, the shared progress and schedule, each rank's RNG and data position, the config."""
+        cfg = self.cfg
+        checkpointer = Checkpointer(
             cfg.checkpoint,
             cfg.output_dir,
             self.info.rank,
@@ -199,14 +163,8 @@ class Trainer:
             },
             config=config_to_dict(cfg),
         )
-        self.checkpointer.fault_hook = lambda phase, step: self.faults.trip(phase, step)
-        self.key_log = KeyLog(self.out, self.info.rank, cfg.data.log_keys)
-        self.signals = StepSignals(self.stop_requests, self.checkpointer.clock_vote, self.info.device)
-        self.window = StepWindow(
-            cfg.global_batch_size, self.info.device, self.info.world_size, self.flops_per_image, self.peak_tflops
-        )
-        self.progress = Progress(self.info.is_main, cfg.max_steps)
-        self.exports: list[Path] = []
+        checkpointer.fault_hook = lambda phase, step: self.faults.trip(phase, step)
+        return checkpointer
 
     def _prepare_output_dir(self) -> None:
         """The run folder and the resolved config in it, before any rank writes there."""

@@ -16,7 +16,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("sd_train.cli", "sd_train.__main__", "sd_train.tools"),
     ("sd_train.entry",),
     ("sd_train.trainer", "sd_train.preflight", "sd_train.run_plan"),
-    ("sd_train.evaluation", "sd_train.metrics", "sd_train.checkpoint", "sd_train.export", "sd_train.step_signals"),
+    (
+        "sd_train.evaluation",
+        "sd_train.metrics",
+        "sd_train.checkpoint",
+        "sd_train.export",
+        "sd_train.step_signals",
+        "sd_train.train_state",
+    ),
     (
         "sd_train.parallel",
         "sd_train.data",
