@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from sd_train import __version__, console
 from sd_train.config import ConfigError, TrainConfig, load_config
@@ -24,6 +25,7 @@ from sd_train.run_plan import PlanTarget, plan_lines, plan_target
 log = logging.getLogger(__name__)
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT (the trainer's Ctrl-C exit, sd_train.step_signals)
+NON_MAIN_EXIT_DELAY_S = 2.0
 
 DESCRIPTION = "Train a Stable Diffusion UNet from a YAML config; section.key=value overrides come last and win."
 EPILOG = """examples:
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None, prog: str = "train.py", plan_command: bo
     except ConfigError as e:
         if console.is_main():  # every rank refuses alike; one says so
             print(f"config error: {e}", file=sys.stderr)
+        else:
+            # The others leave a moment later: a launcher that sees a silent rank fail first
+            # stops the main process before it has said why (seen under accelerate launch).
+            time.sleep(NON_MAIN_EXIT_DELAY_S)
         return 2
     if ns.plan:
         print_plan(cfg, ns.target, ns.config)
