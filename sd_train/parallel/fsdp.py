@@ -12,6 +12,7 @@ world size, or in one process with no process group.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ from sd_train.perf import compile_module
 
 # `auto` is resolved by sd_train.preflight for a run; a bare DistArgs (benches, tests) means fp32.
 DTYPES = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+log = logging.getLogger(__name__)
 
 
 def _channels_last_input(module: torch.nn.Module, args: tuple) -> tuple:
@@ -229,9 +232,8 @@ class FSDPStrategy(Strategy):
                 use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda
             )
             self._stager = DefaultStager(options)
-            if self.info.rank == 0:
-                kind = "pinned" if cuda else "pageable (CPU run: pinned memory needs CUDA)"
-                print(f"async checkpoints: staging in the background into {kind} CPU buffers kept for the run")
+            kind = "pinned" if cuda else "pageable (CPU run: pinned memory needs CUDA)"
+            log.info(f"async checkpoints: staging in the background into {kind} CPU buffers kept for the run")
         return self._stager
 
     def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:

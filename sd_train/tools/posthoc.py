@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from sd_train.config import load_config
 from sd_train.ema.posthoc import load_snapshot_profile, read_snapshot_meta
 from sd_train.ema.posthoc_math import Fit, classic_weights, power_weights, sigma_rel_to_gamma, solve
+from sd_train.errors import UsageError
 from sd_train.evaluation import Validator
 from sd_train.export import save_pipeline
 from sd_train.model.parts import encode_text, load_sd_parts
@@ -79,15 +80,17 @@ def find_snapshots(run_dir: Path) -> Snapshots:
     root = Path(run_dir) / POSTHOC_DIR
     steps = snapshot_steps(root)
     if not steps:
-        raise SystemExit(
-            f"sd-train posthoc: {root} has no complete snapshots; train with ema.posthoc.sigma_rels=[0.05, 0.1]"
+        where = f"{run_dir} is not a folder" if not Path(run_dir).is_dir() else f"{root} holds no complete snapshot"
+        raise UsageError(
+            f"--run {run_dir}: {where}. Give the output_dir of a run trained with post-hoc EMA profiles "
+            "(ema.posthoc.sigma_rels, e.g. [0.05, 0.1], as configs/demo.yaml does)"
         )
     folders = [step_dir(root, s) for s in steps]
     metas = [read_snapshot_meta(f) for f in folders]
     starts = {m["step_start"] for m in metas}
     profiles = {tuple(m["sigma_rels"]) for m in metas}
     if len(starts) != 1 or len(profiles) != 1:
-        raise SystemExit(f"sd-train posthoc: the snapshots in {root} come from different ema.posthoc settings")
+        raise UsageError(f"--run {run_dir}: the snapshots in {root} come from different ema.posthoc settings")
     return Snapshots(folders, metas, starts.pop(), steps[-1], list(profiles.pop()))
 
 
@@ -102,8 +105,8 @@ def plan_targets(snaps: Snapshots, sigma_rels: list[float], decays: list[float],
             t.refused = (
                 f"fit error {t.fit.fit_error:.3g} > {max_fit_error}: the {len(snaps.folders)} snapshots (every "
                 f"{_spacing(snaps)} steps over a window of {n} steps, profiles sigma_rel {snaps.sigma_rels}) cannot "
-                "express this EMA: a short one needs more frequent snapshots (ema.posthoc.snapshot_every), one "
-                "wider than the profiles a wider profile in ema.posthoc.sigma_rels"
+                "express this EMA: a shorter one needs more frequent snapshots (ema.posthoc.snapshot_every), a "
+                "wider one a wider profile in ema.posthoc.sigma_rels"
             )
     return targets
 
@@ -208,7 +211,13 @@ def main_posthoc(argv: list[str]) -> int:
     p.add_argument("--decay", default=None, help="classic EMA targets, e.g. 0.9,0.99")
     p.add_argument("--out", default=None, help="where to write the pipelines (default RUN/posthoc_export)")
     p.add_argument("--eval", action="store_true", help="score every target, raw and the late EMA on held-out loss")
-    p.add_argument("--max-fit-error", type=float, default=MAX_FIT_ERROR, help="refuse targets fitted worse")
+    p.add_argument(
+        "--max-fit-error",
+        type=float,
+        default=MAX_FIT_ERROR,
+        help="refuse a target whose relative fit error is above this (default %(default)s: more than 5%% of its "
+        "weighting not expressed by the snapshots)",
+    )
     ns = p.parse_args(argv)
     run_dir = Path(ns.run)
     out = Path(ns.out) if ns.out else run_dir / "posthoc_export"
@@ -257,7 +266,7 @@ def main_posthoc(argv: list[str]) -> int:
         ],
     }
     if ns.eval and good:
-        report["eval"] = evaluate(run_dir, out, targets, written)
+        report["eval"] = evaluate(run_dir, out, targets, written, snaps)
     out.mkdir(parents=True, exist_ok=True)
     (out / "posthoc.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'posthoc.json'}")
@@ -267,25 +276,57 @@ def main_posthoc(argv: list[str]) -> int:
     return 0
 
 
-def evaluate(run_dir: Path, out: Path, targets: list[Target], written: dict[str, Path]) -> dict:
+def evaluate(run_dir: Path, out: Path, targets: list[Target], written: dict[str, Path], snaps: Snapshots) -> dict:
     baselines = {"raw": run_dir / "export" / "raw", "late_ema": run_dir / "export" / "ema"}
     missing = [str(f) for f in baselines.values() if not (f / "unet").is_dir()]
     if missing:
-        raise SystemExit(f"sd-train posthoc --eval: {missing} missing; the run must export at the end (export_at_end)")
+        raise UsageError(
+            f"--eval scores against the run's end-of-run export, and {missing} is missing: train with "
+            "export_at_end=true, or drop --eval"
+        )
     losses = score_folders(run_dir, {**baselines, **written})
-    raw, late = losses["raw"], losses["late_ema"]
-    print(f"\n{'variant':<18} {'length':>8} {'val loss':>10} {'vs raw':>10} {'vs late EMA':>12}")
-    for name in ("raw", "late_ema"):
-        print(f"{name:<18} {'':>8} {losses[name]:>10.6f} {losses[name] - raw:>+10.6f} {losses[name] - late:>+12.6f}")
-    rows = []
-    for t in targets:
-        if t.name not in losses:
-            continue
-        v = losses[t.name]
-        rows.append((t.name, t.length, v))
-        print(f"{t.name:<18} {t.length:>8.4f} {v:>10.6f} {v - raw:>+10.6f} {v - late:>+12.6f}")
-    best = min(rows, key=lambda r: r[2])
-    print(f"best: {best[0]} at {best[2]:.6f} (raw {raw:.6f}, late EMA {late:.6f})")
-    png = plot(out / "posthoc_loss.png", rows, {"raw": raw, "late_ema": late})
+    scored = [t for t in targets if t.name in losses]
+    print("\n" + "\n".join(loss_table(losses, scored, snaps.step_start, snaps.last_step)))
+    rows = [(t.name, t.length, losses[t.name]) for t in scored]
+    png = plot(out / "posthoc_loss.png", rows, {"raw": losses["raw"], "late_ema": losses["late_ema"]})
     print(f"plot: {png}")
-    return {"losses": losses, "best": best[0], "plot": str(png)}
+    best_ema = min(rows, key=lambda r: r[2])[0]
+    return {"losses": losses, "best": min(losses, key=losses.get), "best_ema": best_ema, "plot": str(png)}
+
+
+def loss_table(losses: dict[str, float], targets: list[Target], step_start: int, last_step: int) -> list[str]:
+    """The held-out loss of raw, the late EMA and each target, which is best overall (raw included)
+    and which EMA is best, and what `length` means, flagging a classic EMA that the window cuts short."""
+    raw, late = losses["raw"], losses["late_ema"]
+    n = last_step - step_start
+    lines = [f"{'variant':<18} {'length':>8} {'val loss':>10} {'vs raw':>10} {'vs late EMA':>12}"]
+    for name in ("raw", "late_ema"):
+        lines.append(
+            f"{name:<18} {'-':>8} {losses[name]:>10.6f} {losses[name] - raw:>+10.6f} {losses[name] - late:>+12.6f}"
+        )
+    cut = [t for t in targets if t.kind == "decay" and 1.0 / (1.0 - t.value) > n]
+    for t in targets:
+        v = losses[t.name]
+        mark = "*" if t in cut else " "
+        lines.append(f"{t.name:<18} {t.length:>7.4f}{mark} {v:>10.6f} {v - raw:>+10.6f} {v - late:>+12.6f}")
+    best = min(losses, key=losses.get)
+    best_ema = min(["late_ema", *(t.name for t in targets)], key=losses.get)
+    if best == "raw":
+        verdict = (
+            f"best overall: raw at {raw:.6f}, lower than every EMA (averaging does not help this run's held-out "
+            f"loss); best EMA: {best_ema} at {losses[best_ema]:.6f} ({losses[best_ema] - raw:+.6f} vs raw)"
+        )
+    else:
+        verdict = f"best overall: {best} at {losses[best]:.6f} ({losses[best] - raw:+.6f} vs raw, raw {raw:.6f})"
+    lines += [
+        verdict,
+        f"length: the spread (standard deviation) of a variant's weights over the profiles' window, steps "
+        f"{step_start}..{last_step}, as a share of the window; a sigma_rel target's length is its sigma_rel.",
+    ]
+    for t in cut:
+        lines.append(
+            f"* {t.name}: its horizon 1/(1-decay) = {1.0 / (1.0 - t.value):.0f} steps is longer than the {n}-step "
+            "window, which cuts it off at the window's start: its length is set by the window, not by the decay "
+            "(a longer run, or an earlier ema.posthoc.step_start, gives it room)."
+        )
+    return lines

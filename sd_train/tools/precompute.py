@@ -68,6 +68,7 @@ import multiprocessing
 import os
 import random
 import re
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -476,7 +477,7 @@ def main_precompute(argv: list[str]) -> int:
     try:
         launch = read_launch_env()
     except ConfigError as e:
-        print(f"sd-train precompute: {e}")
+        print(f"sd-train precompute: error: {e}", file=sys.stderr)
         return 2
     info = init_distributed(DistArgs()) if launch.world_size > 1 else None
     device = a.device or (str(info.device) if info else "cuda" if torch.cuda.is_available() else "cpu")
@@ -487,7 +488,7 @@ def main_precompute(argv: list[str]) -> int:
             workers=a.workers if a.workers is not None else default_workers(device),
         )  # fmt: skip
     except (ValueError, ConfigError) as e:
-        print(f"sd-train precompute: {e}")
+        print(f"sd-train precompute: error: {e}", file=sys.stderr)
         return 2
     finally:
         if info is not None:

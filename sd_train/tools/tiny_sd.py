@@ -47,6 +47,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sd_train.data.bad_input import BadInputLog
 from sd_train.data.decode import IMAGE_SUFFIXES, pixels_to_float
 from sd_train.data.tar import read_shards as read_tar_shards
+from sd_train.errors import UsageError
 from sd_train.tools import tiny_sdxl
 
 # CLIP's pre-tokenizer (transformers' CLIPTokenizer uses the same): special tokens, English
@@ -483,10 +484,12 @@ def build_tiny_sd(
     pretraining also, given the same thread count).
     """
     if resolution <= 0 or resolution % 2:
-        raise ValueError(f"resolution={resolution} must be a positive even number (the VAE halves it)")
+        raise UsageError(f"--resolution={resolution} must be a positive even number (the VAE halves it)")
     train_paths, val_paths = shard_paths(data_dir, "train"), shard_paths(data_dir, "val")
     if not train_paths:
-        raise FileNotFoundError(f"{data_dir}: no train shards; run `sd-train prepare-emoji --out {data_dir}`")
+        raise UsageError(
+            f"--data {data_dir}: no train shards there; run `sd-train prepare-emoji --out {data_dir}` first"
+        )
     captions, train_images = load_captioned_images(train_paths, resolution, VAE_MAX_IMAGES)
     val_images = load_captioned_images(val_paths, resolution)[1] if val_paths else train_images[:256]
 
