@@ -3,7 +3,8 @@
     nice .venv/bin/python bench/langevin_demo_grid.py [--out runs/langevin] [--seeds 0,1,2]
         [--diffusion 0,1e-5,1e-4] [--threads 1] [train|score|table ...]
 
-`train`: one `make demo` training per cell (`train.py --config configs/demo.yaml seed=S
+`train`: one `make demo` training per cell (with `--code DIR`: the train.py and sd_train/ of DIR, so that
+the grid can train from a frozen copy while the working tree changes) (`train.py --config configs/demo.yaml seed=S
 optim.langevin.diffusion=D`), one at a time, skipping cells already trained. Evaluation during
 training is cut to the last step (`eval.every_steps=1000`): evaluation never changes training
 (tests/e2e/test_train.py checks it), and `score` measures everything after the fact.
@@ -37,24 +38,31 @@ def cell_dir(out: Path, diffusion: float, seed: int) -> Path:
     return out / f"d{diffusion:g}_s{seed}"
 
 
-def train(out: Path, seeds: list[int], diffusions: list[float], threads: int) -> None:
-    for s in seeds:  # seed by seed: every D of a seed is done before the next seed starts
-        for d in diffusions:
-            run = cell_dir(out, d, s)
-            if (run / "export" / "raw" / "unet").is_dir():
-                print(f"{run}: trained", flush=True)
-                continue
-            cmd = [
-                sys.executable, str(REPO / "train.py"), "--config", "configs/demo.yaml", f"seed={s}",
-                f"optim.langevin.diffusion={d}", "eval.every_steps=1000", f"output_dir={run}",
-            ]  # fmt: skip
-            run.mkdir(parents=True, exist_ok=True)
-            t0 = time.time()
-            with open(run.with_suffix(".train.log"), "w") as log:
-                code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env(threads)).returncode
-            print(f"{run}: trained in {time.time() - t0:.0f}s, exit {code}", flush=True)
-            if code != 0:
-                raise SystemExit(f"{' '.join(cmd)} exited {code}; see {run.with_suffix('.train.log')}")
+def training_order(seeds: list[int], diffusions: list[float]) -> list[tuple[float, int]]:
+    """The first and last D over every seed first (the comparison the table needs most), seed by
+    seed, then the D values between them."""
+    ends = [diffusions[0], diffusions[-1]] if len(diffusions) > 1 else diffusions
+    first = [(d, s) for s in seeds for d in ends]
+    return first + [(d, s) for d in diffusions if d not in ends for s in seeds]
+
+
+def train(out: Path, seeds: list[int], diffusions: list[float], threads: int, code: Path) -> None:
+    for d, s in training_order(seeds, diffusions):
+        run = cell_dir(out, d, s)
+        if (run / "export" / "raw" / "unet").is_dir():
+            print(f"{run}: trained", flush=True)
+            continue
+        cmd = [
+            sys.executable, str(code / "train.py"), "--config", "configs/demo.yaml", f"seed={s}",
+            f"optim.langevin.diffusion={d}", "eval.every_steps=1000", f"output_dir={run}",
+        ]  # fmt: skip
+        run.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(run.with_suffix(".train.log"), "w") as log:
+            code_ = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env(threads)).returncode
+        print(f"{run}: trained in {time.time() - t0:.0f}s, exit {code_}", flush=True)
+        if code_ != 0:
+            raise SystemExit(f"{' '.join(cmd)} exited {code_}; see {run.with_suffix('.train.log')}")
 
 
 def score(out: Path, seeds: list[int], diffusions: list[float], threads: int) -> None:
@@ -136,13 +144,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--diffusion", default="0,1e-5,1e-4")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads (1 on a busy machine)")
+    p.add_argument(
+        "--code", default=str(REPO), help="train with the train.py (and sd_train/) of this folder, e.g. a frozen copy"
+    )
     p.add_argument("phases", nargs="*", default=["train", "score", "table"], choices=["train", "score", "table"])
     ns = p.parse_args(argv)
     out = Path(ns.out).resolve()
     seeds = [int(v) for v in ns.seeds.split(",")]
     diffusions = [float(v) for v in ns.diffusion.split(",")]
     if "train" in ns.phases:
-        train(out, seeds, diffusions, ns.threads)
+        train(out, seeds, diffusions, ns.threads, Path(ns.code).resolve())
     if "score" in ns.phases:
         score(out, seeds, diffusions, ns.threads)
     if "table" in ns.phases:

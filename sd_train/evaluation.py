@@ -28,6 +28,7 @@ from sd_train.data.loader import val_samples
 from sd_train.model.parts import SDParts, decode_latents, encode_pixels, encode_text
 from sd_train.objective import DiffusionObjective
 from sd_train.parallel.process_group import DistInfo, all_reduce_sum
+from sd_train.sample_quality import SampleQuality, read_reference
 
 VAL_BATCH = 16
 
@@ -93,13 +94,14 @@ class Validator:
 
 
 class Sampler:
-    """Owns the fixed prompts, seeds and DDIM schedule of the sample grid."""
+    """Owns the fixed prompts, seeds and DDIM schedule of the sample grid (or of other `prompts`:
+    the sample-quality instrument's)."""
 
-    def __init__(self, cfg: TrainConfig, parts: SDParts, info: DistInfo):
+    def __init__(self, cfg: TrainConfig, parts: SDParts, info: DistInfo, prompts: list[str] | None = None):
         self.cfg = cfg
         self.parts = parts
         self.info = info
-        prompts = cfg.eval.prompts
+        prompts = cfg.eval.prompts if prompts is None else prompts
         # The text encoder runs here once; each grid then needs only the VAE's decoder.
         self.cond = encode_text(parts, prompts, info.device).to(parts.step_dtype)
         self.uncond = encode_text(parts, [""] * len(prompts), info.device).to(parts.step_dtype)
@@ -110,12 +112,14 @@ class Sampler:
         self.shape = (len(prompts), parts.vae_config["latent_channels"], size, size)
 
     @torch.no_grad()
-    def sample(self, model: torch.nn.Module) -> np.ndarray:
-        """uint8 images [N, H, W, 3] for the fixed prompts (collective under FSDP2)."""
+    def sample(self, model: torch.nn.Module, noise: torch.Tensor | None = None) -> np.ndarray:
+        """uint8 images [N, H, W, 3] for the fixed prompts (collective under FSDP2), from the
+        initial `noise` [N, C, h, w] (default: drawn from `eval.sample_seed`)."""
         was_training = model.training
         model.eval()
-        gen = torch.Generator().manual_seed(self.cfg.eval.sample_seed)
-        latents = torch.randn(self.shape, generator=gen).to(self.info.device) * self.scheduler.init_noise_sigma
+        if noise is None:
+            noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.cfg.eval.sample_seed))
+        latents = noise.to(self.info.device) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(self.cfg.eval.num_inference_steps)
         embeds = torch.cat([self.uncond, self.cond])
         g = self.cfg.eval.guidance_scale
@@ -154,6 +158,37 @@ def write_png(image: Image.Image, path: Path, before_write: Callable[[], None] =
     tmp.replace(path)  # a reader never sees half a PNG
 
 
+class QualityProbe:
+    """The sample-quality instrument (sd_train.sample_quality) with the sampler that feeds it."""
+
+    def __init__(self, quality: SampleQuality, sampler: Sampler):
+        self.quality, self.sampler = quality, sampler
+
+    def score(self, model: torch.nn.Module) -> dict:
+        """Prompt accuracy (with its 95% interval), fidelity distance and the misses (collective)."""
+        return self.quality.score(self.sampler.sample, model)
+
+    def figures(self, model: torch.nn.Module, variant: str) -> dict:
+        """The logged figures of one variant (`raw`, `ema`)."""
+        s = self.score(model)
+        lo, hi = s["accuracy_95"]
+        return {
+            f"quality/accuracy_{variant}": s["accuracy"],
+            f"quality/accuracy_lo_{variant}": lo,
+            f"quality/accuracy_hi_{variant}": hi,
+            f"quality/fidelity_{variant}": s["fidelity"],
+        }
+
+
+def build_quality(cfg: TrainConfig, parts: SDParts, info: DistInfo, samples: int | None = None) -> QualityProbe:
+    """The instrument over the run's training set, `samples` (default `eval.quality_samples`) per
+    caption, with the sample grid's guidance, DDIM steps and seed."""
+    captions, reference = read_reference(cfg)
+    sampler = Sampler(cfg, parts, info, prompts=captions)
+    k = cfg.eval.quality_samples if samples is None else samples
+    return QualityProbe(SampleQuality(captions, reference, k, sampler.shape[1:], cfg.eval.sample_seed), sampler)
+
+
 class Evaluator:
     """Owns when to evaluate and what: the held-out loss and the sample grid, for the raw weights
     and, once the window is open, for the EMA (swapped into the model's shards, then swapped back).
@@ -167,6 +202,7 @@ class Evaluator:
         self.max_steps = cfg.max_steps
         self.validator = Validator(cfg, parts, objective, info) if cfg.data.val_shards and every else None
         self.sampler = Sampler(cfg, parts, info) if every and cfg.eval.prompts else None
+        self.quality = build_quality(cfg, parts, info) if every and cfg.eval.quality_samples else None
         self.ema = ema
         self.metrics = metrics
         self.out = Path(out)
@@ -192,6 +228,8 @@ class Evaluator:
                     out[f"val/loss_{name}"] = self.validator.loss(model)
                 if self.sampler is not None:
                     grids.append((name, self.sampler.sample(model)))
+                if self.quality is not None:
+                    out.update(self.quality.figures(model, name))
         # The grids are handed over once every variant's forwards (collectives under FSDP2) are done,
         # and written by the background writer: a slow disk on the main process held every other
         # rank inside the next collective (first the EMA forward's all-gather, then the next

@@ -452,11 +452,19 @@ class EvalArgs:
     """DDIM steps per sample."""
     guidance_scale: float = 4.0
     """Classifier-free guidance scale of the sample grid."""
+    quality_samples: int = 0
+    """Samples per training caption for the sample-quality figures (sd_train.sample_quality: prompt
+    accuracy with its 95% Wilson interval, fidelity distance), for the raw weights and the EMA at
+    every evaluation; `sd-train posthoc --eval` scores every EMA length with them. Drawn like the
+    grid (guidance, DDIM steps, seed). For small captioned sets with one image per caption (the
+    demo's 16 emoji): the training set is read whole, at most 64 images. 0 (the default) is off."""
 
     def validate(self) -> None:
         if self.every_steps < 0:
             raise ConfigError(f"eval.every_steps={self.every_steps} must be >= 0 (0 disables)")
         _positive("eval.num_inference_steps", self.num_inference_steps)
+        if self.quality_samples < 0:
+            raise ConfigError(f"eval.quality_samples={self.quality_samples} must be >= 0 (0 is off)")
         if any(not 0 <= t < 1000 for t in self.val_timesteps):
             raise ConfigError(f"eval.val_timesteps={self.val_timesteps} must lie in [0, 1000)")
 
