@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The Makefile's POSTHOC_FLAGS (make demo).
 SIGMA_RELS = "0.03,0.05,0.07,0.1,0.15"
 DECAYS = "0.95,0.98,0.99"
+QUALITY_SAMPLES = 4  # and its --quality-samples
 
 
 def cell_dir(out: Path, diffusion: float, seed: int) -> Path:
@@ -75,7 +76,7 @@ def score(out: Path, seeds: list[int], diffusions: list[float], threads: int) ->
                 continue
             cmd = [
                 str(REPO / ".venv" / "bin" / "sd-train"), "posthoc", "--run", str(run), "--eval",
-                "--sigma-rel", SIGMA_RELS, "--decay", DECAYS,
+                "--sigma-rel", SIGMA_RELS, "--decay", DECAYS, "--quality-samples", str(QUALITY_SAMPLES),
             ]  # fmt: skip
             t0 = time.time()
             with open(run.with_suffix(".score.log"), "w") as log:

@@ -58,12 +58,30 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _name_key(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def _seed_base(seed: int) -> int:
+    return _splitmix64((seed & _MASK64) ^ _NOISE_DOMAIN)
+
+
 def chunk_seed(seed: int, step: int, name: str, chunk: int) -> int:
-    """The generator seed of chunk `chunk` of parameter `name` at `step` (63 bits, as torch takes)."""
-    x = _splitmix64((seed & _MASK64) ^ _NOISE_DOMAIN)
-    for part in (step, zlib.crc32(name.encode()), chunk):
+    """The generator seed of chunk `chunk` of parameter `name` at `step` (63 bits, as torch takes):
+    splitmix64 folded over (seed, step, crc32(name), chunk)."""
+    x = _seed_base(seed)
+    for part in (step, _name_key(name), chunk):
         x = _splitmix64(x ^ (part & _MASK64))
     return x >> 1
+
+
+@dataclass
+class _Plan:
+    """A contiguous piece's chunks, worked out once: (chunk index, the scratch view `normal_`
+    fills, the part of it the piece holds, the piece's view that receives it)."""
+
+    name_key: int
+    ops: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def noise_std(args: LangevinArgs, step: int, lr: float, peak_lr: float, ema_start: int | None) -> float:
@@ -85,6 +103,8 @@ class ChunkedNoise:
         self.chunk = chunk
         self._gens: dict[torch.device, torch.Generator] = {}
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._plans: dict[tuple, _Plan] = {}
+        self._base = _seed_base(seed)
 
     def _tools(self, like: torch.Tensor) -> tuple[torch.Generator, torch.Tensor]:
         dev = like.device
@@ -95,28 +115,50 @@ class ChunkedNoise:
             self._scratch[key] = torch.empty(self.chunk, device=dev, dtype=like.dtype)
         return self._gens[dev], self._scratch[key]
 
+    def _plan(self, piece: NoisePiece, flat: torch.Tensor, used: dict[tuple, _Plan]) -> _Plan:
+        """The chunk operations of a piece whose values are the 1-D `flat`. Kept for the next step
+        when the piece is contiguous (`flat` views its own storage), keyed by where it lives: the
+        strategies hand the same storage every step. A cached view keeps its storage alive, so an
+        equal address is the same storage; plans not used by a step are dropped after it."""
+        key = (piece.name, piece.numel, piece.offset, flat.data_ptr(), flat.numel(), flat.dtype, flat.device)
+        plan = self._plans.get(key)
+        if plan is not None:
+            used[key] = plan
+            return plan
+        _, scratch = self._tools(flat)
+        start, end = piece.offset, piece.offset + flat.numel()
+        ops = []
+        for k in range(start // self.chunk, (end - 1) // self.chunk + 1):
+            c0 = k * self.chunk
+            length = min(self.chunk, piece.numel - c0)  # from the whole parameter: the same on every rank
+            lo, hi = max(start, c0), min(end, c0 + length)
+            ops.append((k, scratch[:length], scratch[lo - c0 : hi - c0], flat[lo - start : hi - start]))
+        plan = _Plan(_name_key(piece.name), ops)
+        if piece.local.is_contiguous():
+            used[key] = plan
+        return plan
+
     @torch.no_grad()
     def add_(self, pieces: list[NoisePiece], step: int, std: float) -> None:
-        """Add std * noise to every piece, in place."""
+        """Add std * noise to every piece, in place. Per chunk: one seed, one `normal_` into the
+        scratch chunk (small enough to stay in cache) and one add into the piece."""
+        x_step = _splitmix64(self._base ^ (step & _MASK64))
+        used: dict[tuple, _Plan] = {}
         for piece in pieces:
-            n = piece.local.numel()
-            if n == 0:
+            if piece.local.numel() == 0:
                 continue
             # A non-contiguous piece (DDP with channels_last) gets its noise in logical order.
             target = piece.local if piece.local.is_contiguous() else piece.local.contiguous()
-            flat = target.view(-1)
-            gen, scratch = self._tools(flat)
-            start, end = piece.offset, piece.offset + n
-            for k in range(start // self.chunk, (end - 1) // self.chunk + 1):
-                c0 = k * self.chunk
-                length = min(self.chunk, piece.numel - c0)  # from the whole parameter: same on every rank
-                gen.manual_seed(chunk_seed(self.seed, step, piece.name, k))
-                buf = scratch[:length]
-                buf.normal_(generator=gen)
-                lo, hi = max(start, c0), min(end, c0 + length)
-                flat[lo - start : hi - start].add_(buf[lo - c0 : hi - c0], alpha=std)
+            gen, _ = self._tools(target)
+            plan = self._plan(piece, target.view(-1), used)
+            x_name = _splitmix64(x_step ^ plan.name_key)
+            for k, fill, part, dst in plan.ops:
+                gen.manual_seed(_splitmix64(x_name ^ k) >> 1)
+                fill.normal_(generator=gen)
+                dst.add_(part, alpha=std)
             if target is not piece.local:
                 piece.local.copy_(target)
+        self._plans = used
 
 
 class LangevinNoise:

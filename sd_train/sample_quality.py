@@ -88,6 +88,7 @@ class QualityScore:
             "accuracy_95": list(self.interval),
             "fidelity": self.fidelity,
             "samples": self.samples,
+            "chance": 1.0 / len(captions) if captions else None,  # what a sampler that ignores the prompt scores
             "misses": misses,
         }
 

@@ -37,7 +37,14 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 # Third-party imports that may sit inside a function, each for a stated reason: heavy, optional, or
 # only one code path needs it (DeepSpeed's strategy and export, the wandb and tensorboard sinks).
-LAZY_OK = ("deepspeed", "accelerate", "transformers.integrations.deepspeed", "wandb", "torch.utils.tensorboard")
+LAZY_OK = (
+    "deepspeed",
+    "accelerate",
+    "transformers.integrations.deepspeed",
+    "wandb",
+    "torch.utils.tensorboard",
+    "matplotlib",  # the optional `plot` extra (sd_train.tools.posthoc_eval)
+)
 # The entry point validates the config before torch is imported: the trainer (and torch) only then.
 LAZY_OK_INTERNAL = {("sd_train.entry", "sd_train.trainer")}
 
