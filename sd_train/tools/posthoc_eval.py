@@ -132,6 +132,9 @@ def plot(path: Path, rows: list[Scored], best: Scored) -> Path | None:
             if interval is not None:
                 err = [[y - interval(r)[0] for r, y in zip(pts, ys)], [interval(r)[1] - y for r, y in zip(pts, ys)]]
             ax.errorbar(xs, ys, yerr=err, color=color, marker="o", capsize=3, label=kind)
+        if interval is not None and rows[0].quality.get("chance"):
+            chance = rows[0].quality["chance"]
+            ax.axhline(chance, color="gray", linestyle=":", label=f"chance {chance:.4g}")
         ax.scatter(
             [best.length], [value(best)], s=160, facecolors="none", edgecolors="black", label=f"best: {best.name}"
         )
