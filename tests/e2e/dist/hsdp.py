@@ -63,7 +63,7 @@ report = {
     "placements_hsdp": all(isinstance(p, DTensor) and p.placements == (Replicate(), Shard(0)) for p in params.values()),
 }  # fmt: skip
 opt = torch.optim.SGD(model.parameters(), lr=0.2)
-noise, pieces = ChunkedNoise(seed=0, chunk=64), [dtensor_noise_piece(n, p) for n, p in params.items()]
+noise, pieces = ChunkedNoise(seed=0, chunk=1024), [dtensor_noise_piece(n, p) for n, p in params.items()]
 reference = {}
 for step in range(1, STEPS + 1):
     g = torch.Generator().manual_seed(100 * step + rank)  # each replica its own data
