@@ -118,16 +118,18 @@ def straight_and_resumed(stage: int, assets: dict, tmp_path: Path, every: int, *
     return a, proc
 
 
-def check_first_step_noise(out: Path, assets: dict) -> None:
+def check_first_step_noise(out: Path, assets: dict, bf16: bool) -> None:
     """Step 1's master weights (zero_to_fp32 reads the optimizer's fp32 partitions) carry the noise
     the world-1 reference generates for step 1 (tests/support/noise_check.py): ZeRO-3 keyed it by each
-    partition's global offset and put it into the master, not into a copy the next step overwrites."""
+    partition's global offset and put it into the master, not into a copy the next step overwrites.
+    In bf16 mode the master starts from the bf16 weights."""
     before = UNet2DConditionModel.from_pretrained(str(assets["model"]), subfolder="unet").state_dict()
+    before = {n: t.bfloat16().float() if bf16 else t for n, t in before.items()}
     after = offline_state(step(out, 1), "raw")
     # configs/test.yaml: lr 1e-3 with 2 warmup steps (step 1 at half), weight decay 1e-2 (the default).
-    hit, control = first_step_residual_share(before, {n: after[n] for n in before}, 5e-4, 1e-2, DIFFUSION, seed=0)
-    print(f"\nstep-1 residuals at +-lr or 0: {hit:.4f} with the noise removed, {control:.4f} without")
-    assert hit >= 0.99 and control < 0.5, (hit, control)
+    within, control = first_step_residual_share(before, {n: after[n] for n in before}, 5e-4, 1e-2, DIFFUSION, seed=0)
+    print(f"\nstep-1 residuals within lr: {within:.4f} with the noise removed, {control:.4f} without")
+    assert within >= 0.999 and control < 0.8, (within, control)
 
 
 def check_topology(out: Path, stage: int) -> dict:
@@ -219,7 +221,7 @@ def test_zero3_bf16_partitioned_ema_of_the_fp32_master_and_exact_resume(tiny_ass
     # bf16 mode (`dist.param_dtype: auto` with mixed_precision=bf16 under ZeRO-3).
     a, proc = straight_and_resumed(3, tiny_assets, tmp_path, 1, "mixed_precision=bf16")
     assert "hot path: cpu, params bf16, AdamW" in proc.stdout  # no autocast on top
-    check_first_step_noise(a, tiny_assets)
+    check_first_step_noise(a, tiny_assets, bf16=True)
     raw = exported(a, "raw")
     full_bytes = sum(t.numel() * 4 for t in raw.values())
 
@@ -278,7 +280,7 @@ def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     raw = exported(a, "raw")
     # The Langevin noise: in the fp32 master fragments (step 1), and in the replicas the forward
     # reads and export gathers (equal to the master at the end).
-    check_first_step_noise(a, tiny_assets)
+    check_first_step_noise(a, tiny_assets, bf16=False)
     assert_equal_states(offline_state(step(a, 12), "raw"), raw, "ZeRO-2 replicas vs the fp32 master")
     full_bytes = sum(t.numel() * 4 for t in raw.values())
     topo = check_topology(a, 2)
