@@ -59,11 +59,12 @@ def train(out: Path, seeds: list[int], diffusions: list[float], threads: int, co
         ]  # fmt: skip
         run.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        with open(run.with_suffix(".train.log"), "w") as log:
+        log_path = run.parent / f"{run.name}.train.log"  # not with_suffix: "d0.0001_s0" has a dot
+        with open(log_path, "w") as log:
             code_ = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env(threads)).returncode
         print(f"{run}: trained in {time.time() - t0:.0f}s, exit {code_}", flush=True)
         if code_ != 0:
-            raise SystemExit(f"{' '.join(cmd)} exited {code_}; see {run.with_suffix('.train.log')}")
+            raise SystemExit(f"{' '.join(cmd)} exited {code_}; see {log_path}")
 
 
 def score(out: Path, seeds: list[int], diffusions: list[float], threads: int) -> None:
@@ -79,11 +80,12 @@ def score(out: Path, seeds: list[int], diffusions: list[float], threads: int) ->
                 "--sigma-rel", SIGMA_RELS, "--decay", DECAYS, "--quality-samples", str(QUALITY_SAMPLES),
             ]  # fmt: skip
             t0 = time.time()
-            with open(run.with_suffix(".score.log"), "w") as log:
+            log_path = run.parent / f"{run.name}.score.log"
+            with open(log_path, "w") as log:
                 code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env(threads)).returncode
             print(f"{run}: scored in {time.time() - t0:.0f}s, exit {code}", flush=True)
             if code != 0:
-                raise SystemExit(f"{' '.join(cmd)} exited {code}; see {run.with_suffix('.score.log')}")
+                raise SystemExit(f"{' '.join(cmd)} exited {code}; see {log_path}")
 
 
 def _env(threads: int) -> dict:
