@@ -1,5 +1,6 @@
 """Export a trained UNet (raw or EMA) with the frozen parts as a diffusers pipeline folder that
-`StableDiffusionPipeline.from_pretrained(folder)` loads offline.
+`StableDiffusionPipeline.from_pretrained(folder)` (SDXL: `StableDiffusionXLPipeline`, with both
+text encoders and tokenizers) loads offline.
 
 Two ways in: at the end of training (the shards are gathered one parameter at a time, a collective)
 and `sd-train export --checkpoint DIR`, which reads a per-rank checkpoint into a plain module in one
@@ -18,27 +19,49 @@ from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
+from sd_train.model.family import model_family
 from sd_train.parallel.deepspeed import offline_state
-from sd_train.paths import check_model_folder, checkpoint_is_complete
+from sd_train.paths import checkpoint_is_complete
 
 
-def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir: Path, prediction_type: str) -> Path:
-    """Write `out_dir` as a diffusers SD folder: the given UNet weights + the frozen parts of
-    `model_path` (VAE, text encoder, tokenizer, scheduler)."""
+def build_pipeline(
+    model_path: str, unet: UNet2DConditionModel, prediction_type: str, zero_dropped_captions: bool = False
+) -> DiffusionPipeline:
+    """The diffusers pipeline of `model_path`'s family around `unet`. SDXL's
+    `force_zeros_for_empty_prompt` is set to how the run replaced dropped captions (zeros, or the
+    empty caption's embeddings), so diffusers' unconditional branch is the one the UNet learnt.
+    Raises ConfigError if `model_path` is not a model folder whose parts fit its family."""
+    if model_family(model_path) == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_path, unet=unet)
+        pipe.register_to_config(force_zeros_for_empty_prompt=zero_dropped_captions)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    return pipe
+
+
+def save_pipeline(
+    model_path: str,
+    unet_state: dict[str, torch.Tensor],
+    out_dir: Path,
+    prediction_type: str,
+    zero_dropped_captions: bool = False,
+) -> Path:
+    """Write `out_dir` as a diffusers SD or SDXL folder: the given UNet weights + the frozen parts of
+    `model_path` (VAE, text encoder(s), tokenizer(s), scheduler)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    check_model_folder(model_path)
+    model_family(model_path)  # a missing or mixed-up folder is refused before anything loads
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
     missing, unexpected = unet.load_state_dict(unet_state, strict=False)
     if missing or unexpected:
         raise RuntimeError(
             f"export: UNet weights do not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    pipe = build_pipeline(model_path, unet, prediction_type, zero_dropped_captions)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -56,6 +79,7 @@ def export_from_training(
     prediction_type: str,
     is_main: bool,
     before_write: Callable[[], None] = lambda: None,
+    zero_dropped_captions: bool = False,
 ) -> list[Path]:
     """Gather and export the raw UNet and (if the window opened) the EMA UNet. Collective.
     `gather_model` returns the full raw state on the main process (`Strategy.full_model_state`).
@@ -69,10 +93,10 @@ def export_from_training(
     if not is_main:
         return []
     before_write()
-    written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type)]
+    written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type, zero_dropped_captions)]
     del raw
     if ema.is_open:
-        written.append(save_pipeline(model_path, full, out_root / "ema", prediction_type))
+        written.append(save_pipeline(model_path, full, out_root / "ema", prediction_type, zero_dropped_captions))
     return written
 
 
@@ -118,8 +142,13 @@ def main_export(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     trainer_state, unet_state = load_checkpoint_unet(Path(ns.checkpoint), ns.weights)
     cfg = trainer_state["config"]
+    objective = cfg["objective"]
     out = save_pipeline(
-        ns.model_path or cfg["model"]["pretrained_path"], unet_state, Path(ns.out), cfg["objective"]["prediction_type"]
+        ns.model_path or cfg["model"]["pretrained_path"],
+        unet_state,
+        Path(ns.out),
+        objective["prediction_type"],
+        objective.get("zero_dropped_captions", False),  # absent in configs written before it existed
     )
     print(f"exported {ns.weights} UNet of step {trainer_state['step']} to {out}")
     return 0

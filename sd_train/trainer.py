@@ -29,7 +29,6 @@ from tqdm import tqdm
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import TrainConfig, config_to_dict, dump_config
 from sd_train.data.bad_input import check_bad_fraction
-from sd_train.data.decode import CaptionTokenizer
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import sample_posterior
 from sd_train.data.prefetch import stager_for
@@ -49,6 +48,7 @@ from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
 from sd_train.langevin import LangevinNoise
 from sd_train.metrics import KeyLog, StepWindow, build_metrics
+from sd_train.model.conditioning import Conditioning, stored_conditioning
 from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_lr_schedule, build_optimizer
@@ -176,25 +176,27 @@ class Trainer:
             if self.posthoc_plan.enabled
             else None
         )
-        empty = as_step_input(encode_text(self.parts, [""], self.info.device), self.parts.step_dtype)
+        empty = encode_text(self.parts, [""], self.info.device).map(lambda t: as_step_input(t, self.parts.step_dtype))
         self.objective = DiffusionObjective(cfg.objective, self.parts.noise_scheduler.alphas_cumprod, empty)
 
         self.loader = build_train_loader(
             cfg,
             self.info.rank,
             self.info.world_size,
-            tokenize=CaptionTokenizer(self.parts.tokenizer, self.parts.token_length),
+            tokenize=self.parts.caption_tokenizer(),
             stager=stager_for(self.info.device, cfg.perf.device_prefetch),
         )
         self.metrics = build_metrics(cfg.metrics, cfg.output_dir, cfg.run_name or self.out.name, self.info.is_main)
         self.evaluator = Evaluator(cfg, self.parts, self.objective, self.info, self.ema, self.metrics, self.out)
         self.evaluator.fault_hook = lambda phase, step: self.faults.trip(phase, step)
         if not cfg.data.precomputed:
-            self.parts.load("vae", "text_encoder")  # the step runs both
+            self.parts.load("vae", *self.parts.text_encoder_names)  # the step runs them all
         else:
             # The step reads stored latents and embeddings: the text encoder was needed only for
             # the empty caption and the evaluator's fixed inputs, the VAE only to decode samples.
-            self.parts.release("text_encoder", *(() if self.evaluator.sampler is not None else ("vae",)))
+            self.parts.release(
+                *self.parts.text_encoder_names, *(() if self.evaluator.sampler is not None else ("vae",))
+            )
         self.state = TrainState()
         self.checkpointer = Checkpointer(
             cfg.checkpoint,
@@ -240,7 +242,7 @@ class Trainer:
         return training_flops_per_image(
             unet,
             (unet.config.in_channels, latent, latent),
-            (parts.token_length, parts.text_config.hidden_size),
+            (parts.token_length, parts.text_width),
             self.info.device,
         )
 
@@ -249,6 +251,8 @@ class Trainer:
         peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown (no speed/mfu)"
         flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
         frozen = ", ".join(self.parts.resident()) or "none"
+        vae_dtype = self.parts.vae_dtype
+        vae = f"VAE {str(vae_dtype).removeprefix('torch.')}, " if vae_dtype != self.parts.frozen_dtype else ""
         cfg = self.cfg
         precision = f"params {cfg.dist.param_dtype}" + (" under bf16 autocast" if cfg.autocast_bf16() else "")
         return (
@@ -256,7 +260,7 @@ class Trainer:
             f"{' (non-finite skip in the kernel)' if self.strategy.skip_on_device else ''}, {flags}, "
             f"compile={self.cfg.perf.compile}, channels_last={self.cfg.perf.channels_last}, "
             f"device_prefetch={self.loader.stager.lookahead > 0}; "
-            f"frozen encoders {str(self.parts.frozen_dtype).removeprefix('torch.')} under inference_mode, "
+            f"frozen encoders {str(self.parts.frozen_dtype).removeprefix('torch.')} under inference_mode, {vae}"
             f"resident for the step: {frozen}; forward+backward per image {flops}; peak {peak}"
         )
 
@@ -280,8 +284,9 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------
 
-    def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, text embeddings) of a batch, as contiguous tensors of the step's dtype."""
+    def _encode(self, batch: dict) -> tuple[torch.Tensor, Conditioning]:
+        """(latents, conditioning) of a batch, as contiguous tensors of the step's dtype (SDXL's
+        time ids from the batch's geometry)."""
         dev, dtype = self.info.device, self.parts.step_dtype
         if "latent_mean" in batch:  # precomputed shards (sd-train precompute): the stored posterior
             # is sampled here, on device, from the checkpointed global RNG, with the call
@@ -292,13 +297,12 @@ class Trainer:
             mean = batch["latent_mean"].to(dev, non_blocking=True).to(dtype)
             std = batch["latent_std"].to(dev, non_blocking=True).to(dtype)
             latents = sample_posterior(mean, std, self.parts.vae_scale).contiguous()
-            embeds = batch["text_embeds"].to(dev, non_blocking=True).to(dtype)
-            return latents, embeds
+            return latents, stored_conditioning(batch, dev, dtype)
         # The frozen encoders run under inference_mode (in bf16 with mixed_precision=bf16); the
         # loader's workers tokenized the captions.
         latents = encode_pixels(self.parts, batch["pixels"], dev)
-        embeds = encode_tokens(self.parts, batch["input_ids"], dev)
-        return as_step_input(latents, dtype), as_step_input(embeds, dtype)
+        cond = encode_tokens(self.parts, batch, dev).map(lambda t: as_step_input(t, dtype))
+        return as_step_input(latents, dtype), cond.with_geometry(batch)
 
     def train_step(self, data_iter) -> dict:
         """Accumulate gradients over micro-batches, then step unless any rank saw a non-finite
@@ -320,11 +324,11 @@ class Trainer:
             data_wait += time.perf_counter() - t
             keys.extend(batch.get("keys", []))
             with window.phase("forward_backward"):
-                latents, embeds = self._encode(batch)
+                latents, cond = self._encode(batch)
                 last = micro == self.accum - 1
                 self.strategy.set_grad_sync(last)
                 with autocast:
-                    loss = self.objective.loss(self.model, latents, embeds) / self.accum
+                    loss = self.objective.loss(self.model, latents, cond) / self.accum
                 if self.faults.trip("mid_step", step):
                     loss = loss * float("nan")
                 self.strategy.backward(loss, last)
@@ -502,6 +506,7 @@ class Trainer:
                 self.cfg.objective.prediction_type,
                 self.info.is_main,
                 before_write=lambda: self.faults.trip("export_write", self.state.step),
+                zero_dropped_captions=self.cfg.objective.zero_dropped_captions,
             )
             if self.info.is_main:
                 print("exported:", ", ".join(str(p) for p in paths), flush=True)

@@ -182,7 +182,11 @@ def main_posthoc(argv: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for t in good:
             written[t.name] = save_pipeline(
-                cfg.model.pretrained_path, states.pop(t.name), out / t.name, cfg.objective.prediction_type
+                cfg.model.pretrained_path,
+                states.pop(t.name),
+                out / t.name,
+                cfg.objective.prediction_type,
+                cfg.objective.zero_dropped_captions,
             )
     print(f"reconstructed {len(good)} target(s) in {time.perf_counter() - t0:.1f}s into {out}")
     report = {
