@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -161,12 +162,20 @@ class ChunkedNoise:
         self._plans = used
 
 
+class NoiseTargets(Protocol):
+    """Where the noise goes: what sd_train.parallel.strategy.Strategy implements."""
+
+    def noise_pieces(self) -> list[NoisePiece]: ...
+
+    def after_noise(self) -> None: ...
+
+
 class LangevinNoise:
     """Owns when and how much noise the weights get after an optimizer step (`optim.langevin`);
     the strategy says where each rank's pieces of the weights live. Stateless between steps: the
     noise of step t is a function of the seed and t, so a resume needs no checkpoint entry."""
 
-    def __init__(self, args: LangevinArgs, seed: int, peak_lr: float, ema_start: int | None, strategy):
+    def __init__(self, args: LangevinArgs, seed: int, peak_lr: float, ema_start: int | None, strategy: NoiseTargets):
         self.args = args
         self.peak_lr = peak_lr
         self.ema_start = ema_start
