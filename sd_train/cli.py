@@ -52,6 +52,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main_posthoc",
         "reconstruct EMAs of any length from a run's post-hoc EMA snapshots (--eval scores them)",
     ),
+    "quality-check": (
+        "sd_train.tools.quality_check",
+        "main_quality_check",
+        "validate the sample-quality instrument: random UNet (chance), VAE round trip (near 1), a sample grid",
+    ),
     "config-doc": (
         "sd_train.tools.config_doc",
         "main_config_doc",

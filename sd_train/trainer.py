@@ -47,6 +47,7 @@ from sd_train.export import export_from_training
 from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
+from sd_train.langevin import LangevinNoise
 from sd_train.metrics import KeyLog, Progress, StepWindow, build_metrics
 from sd_train.model.conditioning import Conditioning, stored_conditioning
 from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
@@ -108,6 +109,8 @@ class Trainer:
         # Both plans were checked by sd_train.preflight before any process group started.
         self.plan = plan_from_config(cfg.ema, cfg.max_steps)
         self.ema = ShardedEMA(self.strategy.module, self.plan, self.strategy.ema_layout())
+        ema_start = self.plan.step_start_ema if self.plan.enabled else None
+        self.langevin = LangevinNoise(cfg.optim.langevin, cfg.seed, cfg.optim.lr, ema_start, self.strategy)
         self.posthoc_plan = posthoc_plan_from_config(cfg.ema, cfg.max_steps)
         self.posthoc = (
             PowerEMAProfiles(self.strategy.module, self.posthoc_plan, self.strategy.ema_layout())
@@ -317,6 +320,9 @@ class Trainer:
             self.checkpointer.wait_staged()  # an async save's copy must be done before the weights change
             finite, grad_norm, votes = self.strategy.step([self.signals.reduced()])
         if finite:
+            if self.langevin.enabled:
+                with window.phase("noise"):  # optim.langevin: with the LR this step was taken with
+                    self.langevin.after_step(step, self.lr_schedule.get_last_lr()[0])
             self.lr_schedule.step()
             self.state.step = step
             self.state.consecutive_skips = 0
@@ -415,6 +421,7 @@ class Trainer:
             "optim/lr": self.lr_schedule.get_last_lr()[0],
             "optim/grad_norm": result.grad_norm,
             "optim/skipped_steps": self.state.skipped_steps,
+            **({"optim/noise_std": self.langevin.last_std} if self.langevin.enabled else {}),
             **self.window.read(),
             "ema/open": self.ema.is_open,
             "ema/updates": self.ema.num_updates,

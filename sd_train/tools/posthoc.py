@@ -7,8 +7,9 @@ step). Each is solved by least squares over every (snapshot, profile) pair; a ta
 error is over `--max-fit-error` is refused, because the snapshots cannot express it. The snapshots
 are streamed: one snapshot's profile is in memory at a time, next to one accumulator per target.
 Each target is written as a diffusers pipeline folder `sigma_rel_<v>` / `decay_<v>` with
-`posthoc.json`; `--eval` scores them with the run's own held-out loss, next to the raw weights and
-the tracked late EMA (`export/raw`, `export/ema`), and draws loss against EMA length as a PNG.
+`posthoc.json`; `--eval` scores them with the run's own held-out loss and the sample-quality
+instrument, next to the raw weights and the tracked late EMA (`export/raw`, `export/ema`), chooses
+the best by `--select loss|accuracy` and plots both against EMA length (sd_train.tools.posthoc_eval).
 """
 
 from __future__ import annotations
@@ -23,19 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
-from PIL import Image, ImageDraw
 
 from sd_train.config import load_config
 from sd_train.ema.posthoc import load_snapshot_profile, read_snapshot_meta
 from sd_train.ema.posthoc_math import Fit, classic_weights, power_weights, sigma_rel_to_gamma, solve
 from sd_train.errors import UsageError
-from sd_train.evaluation import Validator
 from sd_train.export import save_pipeline
-from sd_train.model.parts import encode_text, load_sd_parts
-from sd_train.objective import DiffusionObjective
-from sd_train.parallel.process_group import DistInfo
 from sd_train.paths import POSTHOC_DIR, snapshot_steps, step_dir
+from sd_train.tools.posthoc_eval import PLOT_NAME, Scored, plot, score_folders, select_best, table
 
 # The default bound on a target's relative L2 fit error |A^T x - b| / |b|: above it more than 5%
 # of the target's weighting over the window's steps is not expressed by the snapshots.
@@ -138,68 +134,6 @@ def reconstruct(snaps: Snapshots, targets: list[Target]) -> dict[str, dict[str, 
     return accs
 
 
-def score_folders(run_dir: Path, folders: dict[str, Path]) -> dict[str, float]:
-    """The run's own held-out loss (same samples, timesteps, noise) of each pipeline folder's UNet,
-    in this process with no process group."""
-    cfg = load_config(str(Path(run_dir) / "config.yaml"))
-    first = next(iter(folders.values()))
-    cfg.model.pretrained_path = str(first)
-    cfg.model.init_unet = "pretrained"
-    device = torch.device("cpu")
-    parts = load_sd_parts(cfg.model, device, cfg.seed)
-    objective = DiffusionObjective(
-        cfg.objective, parts.noise_scheduler.alphas_cumprod, encode_text(parts, [""], device)
-    )
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, mesh=None)
-    validator = Validator(cfg, parts, objective, info)
-    out = {}
-    for name, folder in folders.items():
-        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
-        parts.unet.load_state_dict(unet.state_dict())
-        out[name] = validator.loss(parts.unet)
-    return out
-
-
-def plot(path: Path, points: list[tuple[str, float, float]], lines: dict[str, float]) -> Path:
-    """Loss against EMA length (points: label, length, loss), with horizontal lines (drawn with
-    PIL: matplotlib is not a dependency)."""
-    w, h, m = 720, 440, 70
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    xs = [x for _, x, _ in points] or [0.0, 1.0]
-    ys = [y for _, _, y in points] + list(lines.values())
-    x0, x1 = min(xs) * 0.9, max(xs) * 1.1 + 1e-9
-    y0, y1 = min(ys), max(ys)
-    pad = (y1 - y0) * 0.1 or abs(y0) * 0.01 or 1e-3
-    y0, y1 = y0 - pad, y1 + pad
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m)
-
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    for i in range(5):
-        yv = y0 + (y1 - y0) * i / 4
-        d.text((5, px(x0, yv)[1] - 6), f"{yv:.5f}", fill="black")
-        xv = x0 + (x1 - x0) * i / 4
-        d.text((px(xv, y0)[0] - 15, h - m + 8), f"{xv:.3f}", fill="black")
-    d.text((w // 2 - 120, h - 25), "EMA length (relative std over the window)", fill="black")
-    d.text((m, 20), "held-out loss vs EMA length", fill="black")
-    colors = {"raw": (200, 0, 0), "late_ema": (0, 130, 0)}
-    for i, (name, yv) in enumerate(lines.items()):
-        y = px(x0, yv)[1]
-        d.line([m, y, w - m, y], fill=colors.get(name, (120, 120, 120)), width=2)
-        d.text((w - m - 150, y - 14 if i % 2 == 0 else y + 2), f"{name} {yv:.5f}", fill=colors.get(name, "gray"))
-    for kind, color in (("sigma_rel", (0, 0, 200)), ("decay", (200, 120, 0))):
-        pts = sorted((px(x, y) for label, x, y in points if label.startswith(kind)), key=lambda p: p[0])
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=1)
-        for x, y in pts:
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-    d.text((m + 10, m + 10), "blue: power profiles (sigma_rel); orange: classic decays", fill="black")
-    img.save(path)
-    return path
-
-
 def _floats(text: str | None) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()] if text else []
 
@@ -218,6 +152,18 @@ def main_posthoc(argv: list[str]) -> int:
         help="refuse a target whose relative fit error is above this (default %(default)s: more than 5%% of its "
         "weighting not expressed by the snapshots)",
     )
+    p.add_argument(
+        "--quality-samples",
+        type=int,
+        default=None,
+        help="with --eval: samples per caption for prompt accuracy (default: the run's eval.quality_samples; 0 off)",
+    )
+    p.add_argument(
+        "--select",
+        choices=("loss", "accuracy"),
+        default="loss",
+        help="with --eval: choose the best length by held-out loss or by prompt accuracy",
+    )
     ns = p.parse_args(argv)
     run_dir = Path(ns.run)
     out = Path(ns.out) if ns.out else run_dir / "posthoc_export"
@@ -233,6 +179,11 @@ def main_posthoc(argv: list[str]) -> int:
         print(f"  {t.name:<18} fit error {t.fit.fit_error:.3g}  max |coef| {t.fit.max_abs_coefficient:.3g}  {status}")
     good = [t for t in targets if t.refused is None]
     cfg = load_config(str(run_dir / "config.yaml"))
+    quality_samples = cfg.eval.quality_samples if ns.quality_samples is None else ns.quality_samples
+    if ns.eval and ns.select == "accuracy" and quality_samples <= 0:
+        raise SystemExit(
+            "sd-train posthoc --select accuracy: the run has eval.quality_samples=0; pass --quality-samples K (e.g. 4)"
+        )
     t0 = time.perf_counter()
     written = {}
     if good:
@@ -266,7 +217,7 @@ def main_posthoc(argv: list[str]) -> int:
         ],
     }
     if ns.eval and good:
-        report["eval"] = evaluate(run_dir, out, targets, written, snaps)
+        report["eval"] = evaluate(run_dir, out, targets, written, snaps, quality_samples, ns.select)
     out.mkdir(parents=True, exist_ok=True)
     (out / "posthoc.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'posthoc.json'}")
@@ -276,7 +227,17 @@ def main_posthoc(argv: list[str]) -> int:
     return 0
 
 
-def evaluate(run_dir: Path, out: Path, targets: list[Target], written: dict[str, Path], snaps: Snapshots) -> dict:
+def evaluate(
+    run_dir: Path,
+    out: Path,
+    targets: list[Target],
+    written: dict[str, Path],
+    snaps: Snapshots,
+    quality_samples: int,
+    select: str,
+) -> dict:
+    """Score the targets, raw and the late EMA (sd_train.tools.posthoc_eval), print the table and
+    what it means (`loss_notes`), choose the best length and plot."""
     baselines = {"raw": run_dir / "export" / "raw", "late_ema": run_dir / "export" / "ema"}
     missing = [str(f) for f in baselines.values() if not (f / "unet").is_dir()]
     if missing:
@@ -284,31 +245,31 @@ def evaluate(run_dir: Path, out: Path, targets: list[Target], written: dict[str,
             f"--eval scores against the run's end-of-run export, and {missing} is missing: train with "
             "export_at_end=true, or drop --eval"
         )
-    losses = score_folders(run_dir, {**baselines, **written})
+    scores = score_folders(run_dir, {**baselines, **written}, quality_samples)
+    lengths = {t.name: t.length for t in targets}
+    rows = [Scored(n, lengths.get(n), s["loss"], s.get("quality")) for n, s in scores.items()]
+    best = select_best(rows[len(baselines) :], select)
+    losses = {r.name: r.loss for r in rows}
     scored = [t for t in targets if t.name in losses]
-    print("\n" + "\n".join(loss_table(losses, scored, snaps.step_start, snaps.last_step)))
-    rows = [(t.name, t.length, losses[t.name]) for t in scored]
-    png = plot(out / "posthoc_loss.png", rows, {"raw": losses["raw"], "late_ema": losses["late_ema"]})
-    print(f"plot: {png}")
-    best_ema = min(rows, key=lambda r: r[2])[0]
-    return {"losses": losses, "best": min(losses, key=losses.get), "best_ema": best_ema, "plot": str(png)}
+    print("\n" + table(rows, best, select))
+    print("\n".join(loss_notes(losses, scored, snaps.step_start, snaps.last_step)))
+    png = plot(out / PLOT_NAME, rows, best)
+    if png is not None:
+        print(f"plot: {png}")
+    report = {"losses": losses, "best": best.name, "best_overall": min(losses, key=losses.get), "select": select}
+    if quality_samples > 0:
+        report["quality"] = {r.name: r.quality for r in rows}
+        report["quality_samples"] = quality_samples
+    return report | ({"plot": str(png)} if png is not None else {})
 
 
-def loss_table(losses: dict[str, float], targets: list[Target], step_start: int, last_step: int) -> list[str]:
-    """The held-out loss of raw, the late EMA and each target, which is best overall (raw included)
-    and which EMA is best, and what `length` means, flagging a classic EMA that the window cuts short."""
-    raw, late = losses["raw"], losses["late_ema"]
+def loss_notes(losses: dict[str, float], targets: list[Target], step_start: int, last_step: int) -> list[str]:
+    """What the loss column says: which variant is best overall (raw included) and which EMA is
+    best, what `length` means, and which classic EMA the window cuts short (its length is then set
+    by the window, not by its decay)."""
+    raw = losses["raw"]
     n = last_step - step_start
-    lines = [f"{'variant':<18} {'length':>8} {'val loss':>10} {'vs raw':>10} {'vs late EMA':>12}"]
-    for name in ("raw", "late_ema"):
-        lines.append(
-            f"{name:<18} {'-':>8} {losses[name]:>10.6f} {losses[name] - raw:>+10.6f} {losses[name] - late:>+12.6f}"
-        )
     cut = [t for t in targets if t.kind == "decay" and 1.0 / (1.0 - t.value) > n]
-    for t in targets:
-        v = losses[t.name]
-        mark = "*" if t in cut else " "
-        lines.append(f"{t.name:<18} {t.length:>7.4f}{mark} {v:>10.6f} {v - raw:>+10.6f} {v - late:>+12.6f}")
     best = min(losses, key=losses.get)
     best_ema = min(["late_ema", *(t.name for t in targets)], key=losses.get)
     if best == "raw":
@@ -318,7 +279,7 @@ def loss_table(losses: dict[str, float], targets: list[Target], step_start: int,
         )
     else:
         verdict = f"best overall: {best} at {losses[best]:.6f} ({losses[best] - raw:+.6f} vs raw, raw {raw:.6f})"
-    lines += [
+    lines = [
         verdict,
         f"length: the spread (standard deviation) of a variant's weights over the profiles' window, steps "
         f"{step_start}..{last_step}, as a share of the window; a sigma_rel target's length is its sigma_rel.",

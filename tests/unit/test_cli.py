@@ -263,7 +263,7 @@ def test_the_posthoc_table_names_the_best_overall_and_explains_a_short_length():
     """When the raw weights score lowest, the table says so (it used to name the best EMA "best");
     a classic decay whose horizon is longer than the window is flagged, with why its length is short."""
     from sd_train.ema.posthoc_math import classic_weights, power_weights, sigma_rel_to_gamma
-    from sd_train.tools.posthoc import Target, loss_table
+    from sd_train.tools.posthoc import Target, loss_notes
 
     n = 15  # a 15-step window, as in a short run
     targets = [
@@ -272,7 +272,7 @@ def test_the_posthoc_table_names_the_best_overall_and_explains_a_short_length():
         Target("decay", 0.99, classic_weights(0.99, n)),  # horizon 100 steps: cut by the window
     ]
     losses = {"raw": 0.6777, "late_ema": 0.7283, "sigma_rel_0.05": 0.6875, "decay_0.9": 0.70, "decay_0.99": 1.0179}
-    text = "\n".join(loss_table(losses, targets, 5, 20))
+    text = "\n".join(loss_notes(losses, targets, 5, 20))
     assert "best overall: raw at 0.677700, lower than every EMA" in text
     assert "best EMA: sigma_rel_0.05 at 0.687500 (+0.009800 vs raw)" in text
     assert "steps 5..20, as a share of the window" in text
@@ -281,7 +281,7 @@ def test_the_posthoc_table_names_the_best_overall_and_explains_a_short_length():
     assert targets[2].length < 0.29, "the cut decay's length is near a uniform window's (0.289), not 100/15"
     losses["sigma_rel_0.05"] = 0.6
     assert "best overall: sigma_rel_0.05 at 0.600000 (-0.077700 vs raw, raw 0.677700)" in "\n".join(
-        loss_table(losses, targets, 5, 20)
+        loss_notes(losses, targets, 5, 20)
     )
 
 

@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sd_train.trainer", "sd_train.preflight", "sd_train.run_plan"),
     (
         "sd_train.evaluation",
+        "sd_train.sample_quality",
         "sd_train.metrics",
         "sd_train.checkpoint",
         "sd_train.export",
@@ -30,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.model",
         "sd_train.objective",
         "sd_train.optim",
+        "sd_train.langevin",
         "sd_train.rng",
         "sd_train.faults",
         "sd_train.host_sync",
@@ -44,7 +46,14 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 # Third-party imports that may sit inside a function, each for a stated reason: heavy, optional, or
 # only one code path needs it (DeepSpeed's strategy and export, the wandb and tensorboard sinks).
-LAZY_OK = ("deepspeed", "accelerate", "transformers.integrations.deepspeed", "wandb", "torch.utils.tensorboard")
+LAZY_OK = (
+    "deepspeed",
+    "accelerate",
+    "transformers.integrations.deepspeed",
+    "wandb",
+    "torch.utils.tensorboard",
+    "matplotlib",  # the optional `plot` extra (sd_train.tools.posthoc_eval)
+)
 # The entry point validates the config before torch is imported: the trainer (and torch) only then.
 LAZY_OK_INTERNAL = {("sd_train.entry", "sd_train.trainer")}
 
