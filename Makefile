@@ -11,8 +11,9 @@ DATA_FLAGS := --subset demo --val-count 64
 TINY := models/tiny-sd
 TINY_FLAGS := --resolution 32
 RUN ?= runs/demo
-# Post-hoc EMA targets that `make demo` reconstructs and scores after training.
-POSTHOC_FLAGS := --sigma-rel 0.03,0.05,0.07,0.1,0.15 --decay 0.95,0.98,0.99
+# Post-hoc EMA targets that `make demo` reconstructs and scores after training: held-out loss and
+# prompt accuracy (4 samples per training caption, 64 per variant), the best length by accuracy.
+POSTHOC_FLAGS := --sigma-rel 0.03,0.05,0.07,0.1,0.15 --decay 0.95,0.98,0.99 --quality-samples 4 --select accuracy
 # Tests run 2 ranks on 2 cores: one BLAS thread each, or they fight over the cores. The single-process
 # builds and the demo use every core.
 CORES := $(shell nproc 2>/dev/null || echo 2)
@@ -45,8 +46,9 @@ $(TINY)/.done: $(DATA)/.done Makefile sd_train/tools/tiny_sd.py sd_train/data/ta
 	touch $@
 
 # Train (a second run resumes from the last checkpoint and only exports), then choose the EMA length
-# after the fact: reconstruct post-hoc EMAs, score each on the held-out loss next to the raw weights
-# and the run's own EMA, print the table and write RUN/posthoc_export/posthoc_loss.png.
+# after the fact: reconstruct post-hoc EMAs, score each on the held-out loss and prompt accuracy next
+# to the raw weights and the run's own EMA, print the table (its last line: prompt accuracy of raw,
+# late EMA and the best length) and write RUN/posthoc_export/posthoc_loss.png.
 demo: $(TINY)/.done
 	@if [ -f $(RUN)/config.yaml ] && [ $(TINY)/.done -nt $(RUN)/config.yaml ]; then \
 		echo "$(RUN) was trained on an older $(TINY): moved to $(RUN).stale, training afresh"; \

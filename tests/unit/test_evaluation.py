@@ -69,6 +69,7 @@ def test_sample_grids_are_written_after_every_variants_forwards(tmp_path, monkey
         True,
     )
     ev.writer, ev.fault_hook = BackgroundWriter(), lambda phase, step: events.append(f"{phase} {step}")
+    ev.quality = None  # eval.quality_samples=0: no sample-quality figures
     assert ev.run(12, model=None) == {"val/loss_raw": 0.25, "val/loss_ema": 0.75}
     assert logged == {"samples/raw": 0, "samples/ema": 255}
     # run() returned with the disk still busy: nothing was written on the training thread.
