@@ -216,6 +216,14 @@ class ShardStream(IterableDataset):
         """The keys of the `filtered` counts: the `data.filters` rules, then the bucket misfit reasons."""
         return self.sample_filter.names + (self.buckets.filter_reasons() if self.buckets is not None else ())
 
+    def shard_position(self, url: str) -> int:
+        """The index of shard `url` in `urls` (its first, if listed twice)."""
+        return self._shard_index[url]
+
+    def source_of(self, shard: int) -> int:
+        """The source that the shard at index `shard` of `urls` belongs to."""
+        return self._source_of[shard]
+
     def fingerprint(self) -> str:
         """Identifies what the order depends on: shard names in order (and weights, when resampled).
 
@@ -271,8 +279,9 @@ class ShardStream(IterableDataset):
         return (self.seed, self.world_size, self.rank, self.num_workers, worker)
 
     def epoch_samples(
-        self, worker: int, epoch: int, log: BadInputLog, reading: Optional[Reading] = None, pieces: Optional[list] = None
-    ) -> Iterator[RawSample]:
+        self, worker: int, epoch: int, log: BadInputLog, reading: Optional[Reading] = None,
+        pieces: Optional[list] = None,
+    ) -> Iterator[RawSample]:  # fmt: skip
         """Raw samples of `worker` in `epoch`, after the shuffle buffer (undecoded); `reading`
         follows the reader, `pieces` (default: this worker's whole shards) are what it reads."""
         rng = random.Random(_seed("shuffle", *self._stream_key(worker), epoch))
@@ -486,7 +495,8 @@ class ShardStream(IterableDataset):
                 state[source][0], state[source][1] = state[source][0] + 1, 0
                 readings[source] = Reading()
                 pieces, planned = self.epoch_pieces(worker, state[source][0], source, plans[source])
-                streams[source] = self.source_epoch_samples(source, worker, state[source][0], log, readings[source], pieces)
+                epoch = state[source][0]
+                streams[source] = self.source_epoch_samples(source, worker, epoch, log, readings[source], pieces)
                 raw = next(streams[source], None)
                 if raw is None and not planned:  # an elastic plan may leave a worker an epoch without work
                     raise BadDataError(
