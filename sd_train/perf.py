@@ -106,6 +106,16 @@ def bucket_flops_per_image(
     return {hw: training_flops_per_image(unet, (channels, *hw), text_shape, device) for hw in latents}
 
 
+def micro_batch_flops(per_bucket: dict[tuple[int, int], float], latents: torch.Tensor) -> float:
+    """`data.buckets`: the forward+backward FLOPs of one micro-batch, its images times its own
+    bucket's figure (`bucket_flops_per_image`, keyed by the latent (h, w)). 0 when nothing was
+    counted (the square path, or `perf.count_flops=false`). A latent shape outside a counted table
+    is a bug (the loader's buckets and the trainer's set disagree): KeyError, not a silent 0."""
+    if not per_bucket:
+        return 0.0
+    return latents.shape[0] * per_bucket[(int(latents.shape[-2]), int(latents.shape[-1]))]
+
+
 def static_shapes_for_buckets(num_buckets: int) -> None:
     """`perf.compile` with `data.buckets`: one graph per bucket shape, never a dynamic-shape graph.
     By default dynamo recompiles a graph with symbolic sizes once it sees a second shape

@@ -68,6 +68,7 @@ from sd_train.paths import POSTHOC_DIR, complete_steps, snapshot_steps, step_dir
 from sd_train.perf import (
     apply_backend_flags,
     bucket_flops_per_image,
+    micro_batch_flops,
     peak_tflops,
     static_shapes_for_buckets,
     training_flops_per_image,
@@ -336,7 +337,7 @@ class Trainer:
             keys.extend(batch.get("keys", []))
             with window.phase("forward_backward"):
                 latents, cond = self._encode(batch)
-                flops += latents.shape[0] * self.bucket_flops.get(tuple(latents.shape[-2:]), 0.0)
+                flops += micro_batch_flops(self.bucket_flops, latents)
                 last = micro == self.accum - 1
                 self.strategy.set_grad_sync(last)
                 with autocast:

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import sys
 import tarfile
@@ -233,6 +234,11 @@ def test_bucketed_precompute_stores_each_samples_bucket_and_the_run_checks_the_s
         check_precomputed(spec, _cfg(tiny_assets, spec))
     with pytest.raises(ConfigError, match=r"data\.buckets=\[\[32, 32\]\] resolves to \['32x32'\]"):
         check_precomputed(spec, _cfg(tiny_assets, spec, "data.buckets=[[32,32]]"))
+    listed = [f"{h}x{w}" for h, w in sizes]  # the same set listed in another order is the same set
+    check_precomputed(spec, _cfg(tiny_assets, spec, "data.buckets=" + json.dumps(sizes[::-1])))
+    other = [s if s != (40, 24) else (48, 24) for s in sizes]  # as many buckets, one of them another
+    with pytest.raises(ConfigError, match=rf"resolves to .*'48x24'.* with {re.escape(str(listed))}"):
+        check_precomputed(spec, _cfg(tiny_assets, spec, "data.buckets=" + json.dumps(other)))
     with pytest.raises(ConfigError, match=r"data\.buckets='generated' but .* square"):
         square = f"{tiny_assets['data']}/train-{{000000..000007}}.tar"
         precomputed_square = tmp_path / "square"

@@ -21,6 +21,7 @@ from sd_train.perf import (
     apply_backend_flags,
     bucket_flops_per_image,
     compile_module,
+    micro_batch_flops,
     peak_tflops,
     training_flops_per_image,
     use_fused_adamw,
@@ -119,6 +120,20 @@ def test_bucket_flops_are_each_buckets_own():
     assert set(per_bucket) == {(8, 16), (16, 8), (8, 8)}
     assert per_bucket[(8, 16)] == training_flops_per_image(unet, (4, 8, 16), (77, 32), CPU) == per_bucket[(16, 8)]
     assert per_bucket[(8, 8)] < per_bucket[(8, 16)]
+
+
+def test_a_micro_batch_counts_its_own_buckets_flops():
+    """What the trainer adds per micro-batch: its images times its own bucket's count (an independent
+    plain count at that shape), not the largest bucket's; nothing when nothing was counted, and a
+    shape outside the counted set is an error, not a silent 0."""
+    unet = tiny_unet()
+    per_bucket = bucket_flops_per_image(unet, [(8, 16), (8, 8)], (77, 32), CPU)
+    small = torch.zeros(3, 4, 8, 8)
+    assert micro_batch_flops(per_bucket, small) == 3 * training_flops_per_image(unet, (4, 8, 8), (77, 32), CPU)
+    assert micro_batch_flops(per_bucket, torch.zeros(2, 4, 8, 16)) == 2 * per_bucket[(8, 16)]
+    assert micro_batch_flops({}, small) == 0.0
+    with pytest.raises(KeyError):
+        micro_batch_flops(per_bucket, torch.zeros(1, 4, 16, 8))
 
 
 def test_step_window_excludes_eval_and_reports_mfu():
