@@ -190,12 +190,12 @@ def reshard(states: list[dict], new: ShardStream, world: int, rank: int) -> Opti
     ]
     if rank == 0:
         _carry_counts(positions[0], [s.position for s in slots], waited, new)
-    before, after = f"{old_world}x{old_workers}", f"{world}x{new.num_workers}"
+    what = f"from {old_world}x{old_workers} to {world}x{new.num_workers} slots (ranks x workers)"
     if world == 1 and old_world == new.world_size > 1:  # only the worker count changed: this rank alone
-        before, after = f"rank {new.rank}'s {old_workers}", f"{new.num_workers} workers"
+        what = f"rank {new.rank} from {old_workers} to {new.num_workers} workers"
     message = (
-        f"data position: resharded from {before} to {after} slots (ranks x workers); every sample not handed out "
-        f"yet is read once, in another order ({'; '.join(told)}), then the next epochs split the normal way"
+        f"data position: resharded {what}; every sample not handed out yet is read once, in another order "
+        f"({'; '.join(told)}), then the next epochs split the normal way"
     )
     return Resharded(positions, message)
 
