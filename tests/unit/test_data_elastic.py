@@ -48,14 +48,23 @@ def before(make: Make, world: int, workers: int, steps: int, **kw) -> tuple[list
 
 
 def after(make: Make, states: list[dict], world: int, workers: int, **kw) -> list[str]:
-    """Keys handed out by every rank of the new run, resumed from `states`, to its end."""
-    keys = []
+    """Keys handed out by every rank of the new run, resumed from `states`, to its end. The ranks'
+    `samples_seen` carry on: at the end they sum to every sample handed out, before and after."""
+    keys, seen = [], 0
     for rank in range(world):
         loader = make(rank=rank, world=world, workers=workers, **kw)
         loader.load_saved_world(states)
         assert loader.reshard_epoch is None  # elastic: no skip to the next epoch
         keys += keys_of(list(loader))
+        seen += loader.samples_seen()
+    before = sum(sd["samples_seen"] for sd in states)
+    assert seen == before + len(keys) - sum(len(w) for sd in states for w in _waiting(sd))
     return keys
+
+
+def _waiting(state: dict) -> list[list]:
+    """The samples waiting in a saved rank's bucket buffers (decoded, counted, not handed out)."""
+    return [s for w in state["workers"] for s in (w.get("buckets") or {}).get("waiting", {}).values()]
 
 
 def epochs_of(states: list[dict]) -> set[int]:
