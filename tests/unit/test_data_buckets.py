@@ -19,6 +19,7 @@ import torch
 from sd_train.data.bad_input import BadInputLog
 from sd_train.data.batching import BucketBuffers
 from sd_train.data.decode import decode_image_sample
+from sd_train.metrics import bucket_figures
 from tests.support.bucket_reference import expected_bucket, upright_sizes
 from tests.support.streams import ASSETS, LAION_SPEC, bucket_loader, keys_of, laion_buckets, make_loader, take
 
@@ -33,7 +34,8 @@ def usable_keys() -> set[str]:
 def test_every_sample_once_per_epoch_over_2_ranks_x_2_workers_across_three_epochs():
     """Each usable sample of each epoch exactly once (by its origin: the epoch it was read in), every
     micro-batch one bucket and full until the stream's end, and `carried` equal to the epoch ends
-    the samples waited through, counted from their origins."""
+    the samples waited through, counted from their origins. The logged per-bucket figures (one rank
+    at a time: the sum over ranks is its own) are the samples and micro-batch shares of the batches."""
     seen: Counter = Counter()
     carried_by_origin, carried, per_bucket = 0, 0, Counter()
     for rank in (0, 1):
@@ -51,6 +53,14 @@ def test_every_sample_once_per_epoch_over_2_ranks_x_2_workers_across_three_epoch
         carried += loader.bucket_carried()
         counts = loader.bucket_counts()
         assert sum(n for n, _ in counts.values()) == len(keys_of(batches))
+        figures = bucket_figures(counts, loader.bucket_carried(), torch.device("cpu"))
+        samples, micro = Counter(), Counter(b["bucket"] for b in batches)
+        for b in batches:
+            samples[b["bucket"]] += len(b["keys"])
+        assert {n: figures[f"data/bucket_{n}_samples"] for n in counts} == {n: samples[n] for n in counts}
+        shares = {n: figures[f"data/bucket_{n}_share"] for n in counts}
+        assert shares == pytest.approx({n: micro[n] / len(batches) for n in counts})
+        assert figures["data/bucket_carried"] == loader.bucket_carried()
     assert seen == Counter({(k, e): 1 for k in usable_keys() for e in range(EPOCHS)})
     assert carried == carried_by_origin > 0
     assert len(per_bucket) >= 6
