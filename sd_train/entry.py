@@ -1,5 +1,5 @@
 """`python train.py` / `sd-train train`: parse, load, validate and preflight the config, then train.
-Also `sd-train plan`, which prints a config's EMA plan.
+Also `sd-train plan`, which prints a config's EMA and memory plans (sd_train.memory).
 
 This module imports only the config code and its torch-free checks (no torch, no diffusers), so a
 bad config is refused in a fraction of a second, before any process group starts or any heavy
@@ -13,8 +13,10 @@ import logging
 import sys
 
 from sd_train.config import ConfigError, TrainConfig, env_world_size, load_config
+from sd_train.config.launcher import read_launch_env
 from sd_train.ema_plan import EMAPlan, plan_from_config
-from sd_train.preflight import preflight
+from sd_train.memory.startup import add_plan_arguments, plan_from_arguments, with_async_decided
+from sd_train.preflight import preflight, resolve_precision, resolve_strategy
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -22,8 +24,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="train.py", description="Train a Stable Diffusion UNet. Overrides: section.key=value ..."
     )
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/demo.yaml")
-    p.add_argument("--plan", action="store_true", help="validate the config, print the EMA plan, and exit")
+    p.add_argument("--plan", action="store_true", help="validate the config, print the EMA and memory plans, exit")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4 output_dir=runs/x")
+    add_plan_arguments(p)
     return p.parse_intermixed_args(argv)  # `--plan` may come after overrides, or between them
 
 
@@ -32,7 +35,7 @@ def validated_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     Raises ConfigError naming the field."""
     ns = parse_args(argv)
     cfg = load_config(ns.config, ns.overrides)
-    world_size = env_world_size()
+    world_size = ns.world_size or env_world_size()
     cfg.validate(world_size)
     return preflight(cfg, world_size), ns
 
@@ -49,11 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg, ns = validated_config(argv)
+        memory = None
+        if ns.plan or cfg.dist.memory_check != "off":  # before any process group: a refusal costs no launch
+            memory = plan_from_arguments(cfg, ns, ns.world_size or env_world_size())
+            cfg = with_async_decided(cfg, memory)
+        if ns.plan:
+            print_plan(cfg)
+        if memory is not None and (ns.plan or read_launch_env().rank == 0):
+            print(memory.describe(), flush=True)
+        if memory is not None:
+            memory.check()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if ns.plan:
-        print_plan(cfg)
         print("config OK")
         return 0
     # Lazy: torch and diffusers are paid for only once the config is accepted.
@@ -67,12 +79,18 @@ def main_plan(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sd-train plan", description=main_plan.__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*")
+    add_plan_arguments(parser)
     ns = parser.parse_args(argv)
     try:
         cfg = load_config(ns.config, ns.overrides)
         print_plan(cfg).check()
+        memory = plan_from_arguments(
+            resolve_precision(resolve_strategy(cfg, {})), ns, ns.world_size or env_world_size()
+        )
+        print(memory.describe())
+        memory.check()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 1
-    print("EMA plan OK")
+    print("EMA and memory plans OK")
     return 0

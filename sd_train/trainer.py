@@ -12,6 +12,7 @@ Launch (see README):
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -43,7 +45,7 @@ from sd_train.errors import (
     NonFiniteError,
 )
 from sd_train.evaluation import Evaluator
-from sd_train.export import export_from_training
+from sd_train.export import export_checkpoint
 from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
@@ -61,7 +63,7 @@ from sd_train.parallel.process_group import (
     init_distributed,
     reduce_tensor_,
 )
-from sd_train.paths import POSTHOC_DIR
+from sd_train.paths import POSTHOC_DIR, step_dir
 from sd_train.perf import apply_backend_flags, peak_tflops, training_flops_per_image, use_fused_adamw
 from sd_train.rng import RankRNG, seed_all
 
@@ -182,6 +184,7 @@ class Trainer:
             self.info.world_size,
             tokenize=CaptionTokenizer(self.parts.tokenizer, self.parts.token_length),
             stager=stager_for(self.info.device, cfg.perf.device_prefetch),
+            rank_param_bytes=self.strategy.topology()["local_param_bytes"],
         )
         self.metrics = build_metrics(cfg.metrics, cfg.output_dir, cfg.run_name or self.out.name, self.info.is_main)
         self.evaluator = Evaluator(cfg, self.parts, self.objective, self.info, self.ema, self.metrics, self.out)
@@ -487,18 +490,23 @@ class Trainer:
         if self.info.is_main:
             summary = {"step": self.state.step, "skipped_steps": self.state.skipped_steps, **health}
             (self.out / "data_summary.json").write_text(json.dumps(summary, indent=1))
-        if self.cfg.export_at_end:
-            paths = export_from_training(
-                lambda: self.strategy.full_model_state(self.info.is_main),
-                self.ema,
-                self.cfg.model.pretrained_path,
-                self.out / "export",
-                self.cfg.objective.prediction_type,
-                self.info.is_main,
-                before_write=lambda: self.faults.trip("export_write", self.state.step),
-            )
-            if self.info.is_main:
-                print("exported:", ", ".join(str(p) for p in paths), flush=True)
+
+    def export_job(self) -> Optional[Callable[[], list[Path]]]:
+        """The end-of-run export, for the main process to run once the process group is gone and
+        this trainer is freed (`run`): it reads the final checkpoint, so it holds one UNet at a time
+        instead of the training state plus the gathered raw UNet and EMA. None where nothing is due
+        (export_at_end off, another rank, or a run stopped before max_steps)."""
+        cfg, step = self.cfg, self.state.step
+        if not (cfg.export_at_end and self.info.is_main and step == cfg.max_steps):
+            return None
+        folder, out, faults = step_dir(self.checkpointer.root, step), self.out / "export", self.faults
+        return lambda: export_checkpoint(
+            folder,
+            cfg.model.pretrained_path,
+            out,
+            cfg.objective.prediction_type,
+            before_write=lambda: faults.trip("export_write", step),
+        )
 
     def close(self) -> None:
         self.checkpointer.close()
@@ -527,6 +535,7 @@ def run(cfg: TrainConfig) -> int:
     try:
         trainer = Trainer(cfg)
         rc = trainer.train()
+        export = trainer.export_job()
     except ConfigError as e:
         _die(2, f"config error: {e}")
     except KNOWN_ERRORS as e:
@@ -535,6 +544,14 @@ def run(cfg: TrainConfig) -> int:
         traceback.print_exc()
         _die(1, "error: training failed (traceback above)")
     trainer.close()
+    if export is not None:
+        del trainer  # the model, optimizer and EMA go before the export reads a UNet
+        gc.collect()
+        try:
+            print("exported:", ", ".join(str(p) for p in export()), flush=True)
+        except BaseException:
+            traceback.print_exc()
+            _die(1, "error: the export of the final checkpoint failed (traceback above)")
     return rc
 
 

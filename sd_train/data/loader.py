@@ -18,6 +18,7 @@ seen twice within an epoch. Ranks must agree on that epoch: the trainer should a
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import warnings
 from collections import deque
@@ -48,6 +49,7 @@ from sd_train.data.prefetch import NO_STAGING, Stager
 from sd_train.data.sources import check_epoch_shard_count, expand_sources
 from sd_train.data.stream import Decoder, ShardStream, WorkerPosition
 from sd_train.data.tar import read_shards
+from sd_train.data.workers import worker_start_method
 
 STATE_VERSION = 1
 _Commit = tuple[int, WorkerPosition, int]  # (worker, its position after a batch, next worker in the rotation)
@@ -67,6 +69,16 @@ def _ignore_termination(worker_id: int) -> None:  # noqa: ARG001
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def worker_context(method: str) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of the loader's workers (sd_train.data.workers says which). The
+    forkserver preloads this module (and so torch and the data modules), so each worker forks from
+    a process that holds those and nothing else; it starts on the first iterator, once per process."""
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 class TrainLoader:
     """Owns the DataLoader over one rank's ShardStream, the latest position of each worker as seen
     by the main process, and the worker rotation that fixes the batch order.
@@ -83,6 +95,7 @@ class TrainLoader:
         prefetch_factor: int = 4,
         pin_memory: bool = False,
         stager: Stager = NO_STAGING,
+        worker_start: str = "fork",
     ) -> None:
         if max(1, num_workers) != dataset.num_workers:
             raise ValueError(f"num_workers={num_workers} but the stream was planned for {dataset.num_workers}")
@@ -91,6 +104,8 @@ class TrainLoader:
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.stager = stager
         """Copies batches to the device one ahead (sd_train.data.prefetch); NO_STAGING yields them as read."""
+        self.worker_start = worker_start
+        """`fork` or `forkserver` (sd_train.data.workers)."""
         self._positions = [WorkerPosition() for _ in range(dataset.num_workers)]
         self._next_worker = 0
         self.reshard_epoch: Optional[int] = None
@@ -100,9 +115,12 @@ class TrainLoader:
         self.dataset.start = {w: WorkerPosition.from_dict(asdict(p)) for w, p in enumerate(self._positions)}
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
-            extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
-        if self.num_workers > 0:
-            extra["worker_init_fn"] = _ignore_termination
+            extra = {
+                "prefetch_factor": self.prefetch_factor,
+                "persistent_workers": False,
+                "worker_init_fn": _ignore_termination,
+                "multiprocessing_context": worker_context(self.worker_start),
+            }
         # A private generator: without one, creating the iterator draws a base seed from the global
         # torch RNG, which would shift the training noise of a resumed run against a straight one.
         # The stream's own randomness is seeded explicitly and does not use this seed.
@@ -285,10 +303,12 @@ def build_train_loader(
     max_epochs: Optional[int] = None,
     tokenize: Optional[CaptionTokenizer] = None,
     stager: Stager = NO_STAGING,
+    rank_param_bytes: int = 0,
 ) -> TrainLoader:
     """The training loader of `rank` from `cfg` (a TrainConfig): `cfg.data.*`, `cfg.seed`, `cfg.micro_batch_size`.
     `tokenize`: add the captions' token ids (`input_ids`) to image batches, in the workers.
-    `stager`: copy batches to the device one ahead (sd_train.data.prefetch)."""
+    `stager`: copy batches to the device one ahead (sd_train.data.prefetch). `rank_param_bytes`:
+    the UNet parameter bytes this rank holds, for `data.worker_start=auto`."""
     d = cfg.data
     if d.precomputed:
         check_precomputed(d.train_shards, cfg)  # ConfigError naming the field, before any worker starts
@@ -313,7 +333,8 @@ def build_train_loader(
         mix=d.mix,
         tokenize=None if d.precomputed else tokenize,
     )
-    return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available(), stager=stager)
+    start = worker_start_method(d.worker_start, rank_param_bytes)
+    return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available(), stager=stager, worker_start=start)
 
 
 def val_samples(
