@@ -3,6 +3,7 @@ an untrained VAE, to stay fast) through the same commands `make demo` uses."""
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The memory plan's step estimates are cached per configuration: the tests keep theirs apart.
+os.environ.setdefault("SD_TRAIN_CACHE", tempfile.mkdtemp(prefix="sd-train-test-cache-"))
 
 
 @pytest.fixture(scope="session")
