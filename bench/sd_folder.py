@@ -124,3 +124,37 @@ def _restore_bpe_files(tok_dir: str, vocab: str, merges: str) -> None:
         f.write(vocab)
     with open(os.path.join(tok_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write(merges)
+
+
+def emoji_data(out_dir: str, resolution: int, train: int, val: int, shards: int) -> str:
+    """`train` + `val` Twemoji samples at `resolution` as `shards` train shards and one val shard
+    (skipped when written before)."""
+    from sd_train.tools.prepare import prepare_emoji
+
+    if not os.path.isfile(os.path.join(out_dir, "dataset.json")):
+        prepare_emoji(out_dir, resolution=resolution, num_train_shards=shards, val_count=val, seed=0, limit=train + val)
+    return out_dir
+
+
+def sd2_assets(root: str) -> dict[str, str]:
+    """The SD2-base-shaped folder (the real UNet config, SD's VAE, a 2-layer 1024-wide text encoder,
+    random weights), 16 training images at 256 px precomputed into 16 latent shards (fp16, as the
+    template stores them), and 4 held-out images: what bench/rehearse.py and
+    bench/bench_memory_plan.py train on. Built once under `root`."""
+    import subprocess
+    import sys
+
+    data = emoji_data(os.path.join(root, "emoji256"), 256, train=16, val=4, shards=16)
+    model = os.path.join(root, "sd2-base-shaped")
+    build_sd_folder(model, data, "sd2_base", text_hidden=1024, text_layers=2, vae="sd", resolution=256)
+    latents = os.path.join(root, "latents256")
+    if not os.path.isfile(os.path.join(latents, "precompute.json")):
+        cmd = [sys.executable, "-m", "sd_train.cli", "precompute", "--model", model, "--src",
+               os.path.join(data, "train-{000000..000015}.tar"), "--out", latents, "--resolution", "256",
+               "--dtype", "float16", "--batch-size", "4"]  # fmt: skip
+        subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return {
+        "model": model,
+        "train_shards": os.path.join(latents, "train-{000000..000015}.tar"),
+        "val_shards": os.path.join(data, "val-000000.tar"),
+    }

@@ -63,7 +63,7 @@ from sd_train.parallel.process_group import (
     init_distributed,
     reduce_tensor_,
 )
-from sd_train.paths import POSTHOC_DIR, step_dir
+from sd_train.paths import POSTHOC_DIR, checkpoint_is_complete, step_dir
 from sd_train.perf import apply_backend_flags, peak_tflops, training_flops_per_image, use_fused_adamw
 from sd_train.rng import RankRNG, seed_all
 
@@ -500,6 +500,8 @@ class Trainer:
         if not (cfg.export_at_end and self.info.is_main and step == cfg.max_steps):
             return None
         folder, out, faults = step_dir(self.checkpointer.root, step), self.out / "export", self.faults
+        if not checkpoint_is_complete(folder) and self.checkpointer.loaded_folder is not None:
+            folder = self.checkpointer.loaded_folder  # resumed at its last step from another run's folder
         return lambda: export_checkpoint(
             folder,
             cfg.model.pretrained_path,
@@ -548,7 +550,9 @@ def run(cfg: TrainConfig) -> int:
         del trainer  # the model, optimizer and EMA go before the export reads a UNet
         gc.collect()
         try:
-            print("exported:", ", ".join(str(p) for p in export()), flush=True)
+            started = time.perf_counter()
+            paths = ", ".join(str(p) for p in export())
+            print(f"exported: {paths} in {time.perf_counter() - started:.1f} s", flush=True)
         except BaseException:
             traceback.print_exc()
             _die(1, "error: the export of the final checkpoint failed (traceback above)")

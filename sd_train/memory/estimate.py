@@ -9,8 +9,8 @@ frozen VAE and text encoder (torch's MemTracker). The result is cached (sd_train
 the torch-free startup check.
 
 Two things are measured for real: the RSS of this process once the trainer's modules are imported
-(the runtime every rank pays) and that of a fresh process importing the data modules (what one
-forkserver loader worker holds).
+(the runtime every rank pays) and the anonymous RSS of a fresh process importing the data modules
+(the most one forkserver loader worker holds privately).
 
     python -m sd_train.memory.estimate --config configs/sd2_base_256.yaml --world-size 8 [overrides]
 
@@ -61,12 +61,13 @@ def rss_bytes() -> int:
     return 0
 
 
-def worker_rss_bytes() -> int:
-    """RSS of a fresh interpreter that imported the loader's modules: what a loader worker started
-    by forkserver holds before its first batch (no copy of the model)."""
+def worker_anon_bytes() -> int:
+    """Anonymous RSS (RssAnon) of a fresh interpreter that imported the loader's modules: the most a
+    loader worker started from the forkserver can come to hold privately (its libraries' pages are
+    file-backed and shared with the rank; its anonymous pages start shared with the server)."""
     code = (
         "import sd_train.data.loader, sys; "
-        "sys.stdout.write([l for l in open('/proc/self/status') if l.startswith('VmRSS:')][0])"
+        "sys.stdout.write([l for l in open('/proc/self/status') if l.startswith('RssAnon:')][0])"
     )
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
@@ -215,7 +216,7 @@ def estimate_step(cfg: TrainConfig, world_size: int, shard_size: int) -> StepEst
         decode_transient=decode,
         encode_transient=encode,
         runtime_rss=runtime,
-        worker_rss=worker_rss_bytes(),
+        worker_anon=worker_anon_bytes(),
         sizes=sizes,
         seconds=round(time.perf_counter() - started, 1),
     )

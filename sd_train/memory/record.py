@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from sd_train.config import TrainConfig
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 VAL_BATCH = 16  # sd_train.evaluation.VAL_BATCH: the validation loss's forward batch
 
 
@@ -125,8 +125,9 @@ class StepEstimate:
     """Online encoding (data.precomputed=false): the VAE encode and text encoder of a micro-batch."""
     runtime_rss: int = 0
     """RSS of a process once the trainer's modules are imported (interpreter, torch, diffusers)."""
-    worker_rss: int = 0
-    """RSS of one loader worker started by forkserver (torch and the data modules, no model)."""
+    worker_anon: int = 0
+    """Anonymous RSS of a process holding torch and the data modules: the most a loader worker
+    started from the forkserver holds privately (no model; its libraries are shared pages)."""
     sizes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     cached_at: Optional[str] = None
