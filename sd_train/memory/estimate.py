@@ -99,6 +99,18 @@ def fake_unet(cfg: TrainConfig) -> torch.nn.Module:
     return unet
 
 
+def conditioned(model: torch.nn.Module, config, batch: int) -> Callable:
+    """`model` as the objective calls it. An SDXL UNet (`addition_embed_type=text_time`) also takes
+    the pooled text embedding and the six size/crop ids of each sample."""
+    if config.addition_embed_type != "text_time":
+        return model
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    extra = {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.zeros(batch, 6)}
+    return lambda x, t, encoder_hidden_states: model(
+        x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=extra
+    )
+
+
 def unet_step(cfg: TrainConfig, key: dict, mesh) -> tuple[dict[str, int], int, dict]:
     """FSDPMemTracker's peak snapshot of one optimizer step, the no-grad evaluation forward's
     transient, and the UNet's sizes (for folders without safetensors)."""
@@ -136,9 +148,12 @@ def unet_step(cfg: TrainConfig, key: dict, mesh) -> tuple[dict[str, int], int, d
         for i in range(n):
             model.set_requires_gradient_sync(i == n - 1)
             with autocast:
-                loss = objective.loss(model, latents, embeds) / n
+                loss = objective.loss(conditioned(model, unet.config, mb), latents, embeds) / n
             loss.backward()
             del loss
+            if i < n - 1:
+                # The tracker follows one forward and backward per module; the peak so far is kept.
+                tracker.reset_mod_stats()
         clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
         optimizer.step()
     step = _snapshot(tracker)
@@ -150,7 +165,7 @@ def unet_step(cfg: TrainConfig, key: dict, mesh) -> tuple[dict[str, int], int, d
         t = torch.zeros(batch, dtype=torch.long)
         tracker = FSDPMemTracker(model, optimizer)
         with tracker, torch.no_grad():
-            model(x, t, encoder_hidden_states=e)
+            conditioned(model, unet.config, batch)(x, t, encoder_hidden_states=e)
         snap = _snapshot(tracker)
         held = sum(snap.get(c, 0) for c in ("Sharded Param", "Sharded Grad", "OptState", "Buffer"))
         transient = snap.get("Total", 0) - held
