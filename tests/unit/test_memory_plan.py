@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -281,3 +282,31 @@ def test_forkserver_workers_do_not_hold_the_ranks_memory():
     assert worker_start_method("auto", FORKSERVER_MIN_BYTES) == "forkserver"
     assert worker_start_method("auto", FORKSERVER_MIN_BYTES - 1) == "fork"
     assert worker_start_method("fork", 10 * FORKSERVER_MIN_BYTES) == "fork"
+
+
+def test_forkserver_workers_end_with_a_killed_rank(tmp_path):
+    """A rank killed with SIGKILL: its forkserver and workers end too (their parent is the server,
+    so without the rank watch they ran on)."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import sys, time, psutil\n"
+        f"sys.path[:0] = [{str(REPO / 'tests')!r}, {str(REPO)!r}]\n"
+        "from streams import augmented_loader\n"
+        "if __name__ == '__main__':\n"
+        f"    loader = augmented_loader({SHARDS!r}, rank=0, world=1, workers=2, seed=0, batch=2, shuffle=0,\n"
+        "                              max_epochs=None)\n"
+        "    loader.worker_start = 'forkserver'\n"
+        "    it = iter(loader)\n"
+        "    next(it)\n"
+        "    print(' '.join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) >= 3  # the server and the two workers (and multiprocessing's resource tracker)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, [p for p in pids if psutil.pid_exists(p)]
+        time.sleep(0.2)
