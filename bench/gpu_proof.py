@@ -39,8 +39,9 @@ from diffusers import UNet2DConditionModel
 from sd_train import host_sync
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, ObjectiveArgs, OptimArgs, PerfArgs
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema.plan import plan_from_config
+from sd_train.ema.sharded import ShardedEMA
+from sd_train.model.conditioning import Conditioning
 from sd_train.model.parallelize import fsdp_units
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_optimizer
@@ -80,7 +81,7 @@ class Setup:
     def objective(self) -> DiffusionObjective:
         acp = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)  # SD's scaled_linear
         empty = torch.zeros(1, TEXT_TOKENS, self.cross, device=self.device)
-        return DiffusionObjective(ObjectiveArgs(), acp, empty)
+        return DiffusionObjective(ObjectiveArgs(), acp, Conditioning(empty))
 
     def batch(self, b: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Precomputed-shaped inputs: latents and text embeddings, made on the host and copied as a
@@ -190,7 +191,7 @@ def _train_step(s: Setup, strategy, ema, objective, path: Path_, batch, step: in
     for micro in range(accum):
         strategy.set_grad_sync(micro == accum - 1)
         with autocast:
-            loss = objective.loss(strategy.model, latents, embeds) / accum
+            loss = objective.loss(strategy.model, latents, Conditioning(embeds)) / accum
         strategy.backward(loss, micro == accum - 1)
         if path.loss_read:
             host_sync.read_float(loss)
@@ -328,7 +329,7 @@ def checkpoint(s: Setup) -> dict[str, Any]:
         root = s.out / f"ckpt_{mode}"
         shutil.rmtree(root, ignore_errors=True)
         args = CheckpointArgs(every_steps=10**6, keep_last_k=0, async_save=mode == "async")
-        ckpt = Checkpointer(args, str(root), s.info.rank, s.info.world_size, 10**6, strategy, ema,
+        ckpt = Checkpointer(args, str(root), s.info.rank, s.info.world_size, 10**6, strategy, {"ema": ema},
                             {"train": _State()}, {"other": _State()}, config={"proof": True})  # fmt: skip
         s.sync()
         t0 = time.perf_counter()
@@ -345,7 +346,7 @@ def checkpoint(s: Setup) -> dict[str, Any]:
     strategy2, ema2 = _build(s, path, seed=1)
     _train_step(s, strategy2, ema2, objective, path, s.batch(s.micro_batches[0]), 1)  # optimizer state to load into
     ckpt2 = Checkpointer(CheckpointArgs(), str(s.out / "ckpt_sync"), s.info.rank, s.info.world_size, 10**6,
-                         strategy2, ema2, {"train": _State()}, {"other": _State()}, config={})  # fmt: skip
+                         strategy2, {"ema": ema2}, {"train": _State()}, {"other": _State()}, config={})  # fmt: skip
     ckpt2.load()
     a, b = _local_tensors(strategy, ema), _local_tensors(strategy2, ema2)
     out["bitwise_reload"] = len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
@@ -414,7 +415,7 @@ def correctness(s: Setup) -> dict[str, Any]:
     # An injected NaN: the step is skipped on every rank, weights and EMA untouched.
     before = _local_tensors(strategy, ema)
     strategy.optimizer.zero_grad(set_to_none=True)
-    loss = objective.loss(strategy.model, *batch) * float("nan")
+    loss = objective.loss(strategy.model, batch[0], Conditioning(batch[1])) * float("nan")
     strategy.backward(loss, True)
     taken, _, _ = strategy.step()
     if taken:

@@ -14,9 +14,10 @@ import sys
 
 from sd_train.config import ConfigError, TrainConfig, env_world_size, load_config
 from sd_train.config.launcher import read_launch_env
-from sd_train.ema_plan import EMAPlan, plan_from_config
+from sd_train.ema.plan import EMAPlan, plan_from_config
 from sd_train.memory.startup import add_plan_arguments, plan_from_arguments, with_async_decided
-from sd_train.preflight import preflight, resolve_precision, resolve_strategy
+from sd_train.model.family import model_family
+from sd_train.preflight import preflight, resolve_fsdp_units, resolve_precision, resolve_strategy
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -84,9 +85,9 @@ def main_plan(argv: list[str]) -> int:
     try:
         cfg = load_config(ns.config, ns.overrides)
         print_plan(cfg).check()
-        memory = plan_from_arguments(
-            resolve_precision(resolve_strategy(cfg, {})), ns, ns.world_size or env_world_size()
-        )
+        family = model_family(cfg.model.pretrained_path)
+        resolved = resolve_fsdp_units(resolve_precision(resolve_strategy(cfg, {})), family)
+        memory = plan_from_arguments(resolved, ns, ns.world_size or env_world_size())
         print(memory.describe())
         memory.check()
     except ConfigError as e:

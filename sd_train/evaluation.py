@@ -24,7 +24,8 @@ from PIL import Image
 
 from sd_train.background_writer import BackgroundWriter
 from sd_train.config import TrainConfig
-from sd_train.data.loader import val_samples
+from sd_train.data.loader import val_batch
+from sd_train.model.conditioning import GEOMETRY_KEYS, Conditioning
 from sd_train.model.parts import SDParts, decode_latents, encode_pixels, encode_text
 from sd_train.objective import DiffusionObjective
 from sd_train.parallel.process_group import DistInfo, all_reduce_sum
@@ -33,15 +34,14 @@ VAL_BATCH = 16
 
 
 class Validator:
-    """Owns the fixed validation set (latents, text embeddings, noise) of this rank's share."""
+    """Owns the fixed validation set (latents, conditioning, noise) of this rank's share."""
 
     def __init__(self, cfg: TrainConfig, parts: SDParts, objective: DiffusionObjective, info: DistInfo):
         self.objective = objective
         self.info = info
         self.timesteps = list(cfg.eval.val_timesteps)
-        pixels, captions, _ = val_samples(
-            cfg.data.val_shards, cfg.eval.num_val_samples, cfg.data.resolution, cfg.data.caption_key
-        )
+        held_out = val_batch(cfg.data.val_shards, cfg.eval.num_val_samples, cfg.data.resolution, cfg.data.caption_key)
+        pixels, captions = held_out["pixels"], held_out["captions"]
         n = len(captions)
         if n == 0:
             raise ValueError(f"data.val_shards={cfg.data.val_shards!r} gave no readable samples")
@@ -60,12 +60,17 @@ class Validator:
                 for i in range(0, per_rank, VAL_BATCH)
             ]
         ).to(parts.step_dtype)
-        self.embeds = torch.cat(
-            [
-                encode_text(parts, [captions[j] for j in idx[i : i + VAL_BATCH]], dev)
-                for i in range(0, per_rank, VAL_BATCH)
-            ]
-        ).to(parts.step_dtype)
+        # SDXL's time ids from each held-out sample's geometry (center crop, never flipped).
+        self.cond = (
+            Conditioning.cat(
+                [
+                    encode_text(parts, [captions[j] for j in idx[i : i + VAL_BATCH]], dev)
+                    for i in range(0, per_rank, VAL_BATCH)
+                ]
+            )
+            .to(parts.step_dtype)
+            .with_geometry({k: held_out[k][idx] for k in GEOMETRY_KEYS})
+        )
         self.noise = {}
         for t in self.timesteps:
             self.noise[t] = torch.stack([self._fixed_noise(j, t) for j in idx]).to(dev, self.latents.dtype)
@@ -85,7 +90,7 @@ class Validator:
             for i in range(0, self.latents.shape[0], VAL_BATCH):
                 sl = slice(i, i + VAL_BATCH)
                 ts = torch.full((self.latents[sl].shape[0],), t, dtype=torch.long, device=self.info.device)
-                err = self.objective.denoising_loss(model, self.latents[sl], self.embeds[sl], self.noise[t][sl], ts)
+                err = self.objective.denoising_loss(model, self.latents[sl], self.cond[sl], self.noise[t][sl], ts)
                 total += float((err.cpu() * self.weights[sl]).sum())
         model.train(was_training)
         (s,) = all_reduce_sum([total], self.info.device)
@@ -100,33 +105,49 @@ class Sampler:
         self.parts = parts
         self.info = info
         prompts = cfg.eval.prompts
-        # The text encoder runs here once; each grid then needs only the VAE's decoder.
-        self.cond = encode_text(parts, prompts, info.device).to(parts.step_dtype)
-        self.uncond = encode_text(parts, [""] * len(prompts), info.device).to(parts.step_dtype)
+        n, res = len(prompts), cfg.data.resolution
+        # The text encoder(s) run here once; each grid then needs only the VAE's decoder. The
+        # unconditional branch is what the run trains dropped captions as (`zero_dropped_captions`);
+        # SDXL's time ids are those StableDiffusionXLPipeline uses by default: the uncropped
+        # training size as original and target size, crop corner (0, 0), for both branches.
+        cond = encode_text(parts, prompts, info.device)
+        uncond = encode_text(parts, [""] * n, info.device)
+        if cfg.objective.zero_dropped_captions:
+            uncond = uncond.map(torch.zeros_like)
+        sizes = torch.tensor([[res, res]] * n)
+        geometry = {"original_size": sizes, "crop_top_left": torch.zeros_like(sizes), "target_size": sizes}
+        self.cond = cond.to(parts.step_dtype).with_geometry(geometry)
+        self.uncond = uncond.to(parts.step_dtype).with_geometry(geometry)
         self.scheduler = DDIMScheduler.from_config(
             parts.noise_scheduler.config, prediction_type=cfg.objective.prediction_type
         )
-        size = cfg.data.resolution // parts.latent_downsampling
-        self.shape = (len(prompts), parts.vae_config["latent_channels"], size, size)
+        size = res // parts.latent_downsampling
+        self.shape = (n, parts.vae_config["latent_channels"], size, size)
+
+    @torch.no_grad()
+    def latents(self, model: torch.nn.Module) -> torch.Tensor:
+        """The denoised latents of the fixed prompts, with classifier-free guidance, as diffusers'
+        pipelines compute them from the same initial noise (collective under FSDP2)."""
+        gen = torch.Generator().manual_seed(self.cfg.eval.sample_seed)
+        latents = torch.randn(self.shape, generator=gen).to(self.info.device) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(self.cfg.eval.num_inference_steps)
+        conditioning = Conditioning.cat([self.uncond, self.cond]).unet_kwargs()
+        g = self.cfg.eval.guidance_scale
+        for t in self.scheduler.timesteps:
+            inp = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            # In the UNet's dtype (bf16 in DeepSpeed's bf16 mode); the scheduler steps in fp32.
+            inp = inp.to(self.parts.step_dtype)
+            out = model(inp, t.to(self.info.device), **conditioning).sample.float()
+            uncond, cond = out.chunk(2)
+            latents = self.scheduler.step(uncond + g * (cond - uncond), t, latents).prev_sample
+        return latents
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module) -> np.ndarray:
         """uint8 images [N, H, W, 3] for the fixed prompts (collective under FSDP2)."""
         was_training = model.training
         model.eval()
-        gen = torch.Generator().manual_seed(self.cfg.eval.sample_seed)
-        latents = torch.randn(self.shape, generator=gen).to(self.info.device) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(self.cfg.eval.num_inference_steps)
-        embeds = torch.cat([self.uncond, self.cond])
-        g = self.cfg.eval.guidance_scale
-        for t in self.scheduler.timesteps:
-            inp = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            # In the UNet's dtype (bf16 in DeepSpeed's bf16 mode); the scheduler steps in fp32.
-            inp = inp.to(self.parts.step_dtype)
-            out = model(inp, t.to(self.info.device), encoder_hidden_states=embeds).sample.float()
-            uncond, cond = out.chunk(2)
-            latents = self.scheduler.step(uncond + g * (cond - uncond), t, latents).prev_sample
-        images = decode_latents(self.parts, latents)
+        images = decode_latents(self.parts, self.latents(model))
         model.train(was_training)
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 

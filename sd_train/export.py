@@ -1,5 +1,6 @@
 """Export a trained UNet (raw or EMA) with the frozen parts as a diffusers pipeline folder that
-`StableDiffusionPipeline.from_pretrained(folder)` loads offline.
+`StableDiffusionPipeline.from_pretrained(folder)` (SDXL: `StableDiffusionXLPipeline`, with both
+text encoders and tokenizers) loads offline.
 
 Both ways in read a checkpoint into a plain module in one process, with no process group, whatever
 world size wrote it (DCP for FSDP2/DDP; DeepSpeed's zero_to_fp32 plus our per-rank EMA pieces for
@@ -22,17 +23,42 @@ from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
+from sd_train.model.family import model_family
 from sd_train.parallel.deepspeed import offline_state
-from sd_train.paths import check_model_folder, checkpoint_is_complete
+from sd_train.paths import checkpoint_is_complete
 
 
-def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir: Path, prediction_type: str) -> Path:
-    """Write `out_dir` as a diffusers SD folder: the given UNet weights + the frozen parts of
-    `model_path` (VAE, text encoder, tokenizer, scheduler)."""
+def build_pipeline(
+    model_path: str, unet: UNet2DConditionModel, prediction_type: str, zero_dropped_captions: bool = False
+) -> DiffusionPipeline:
+    """The diffusers pipeline of `model_path`'s family around `unet`. SDXL's
+    `force_zeros_for_empty_prompt` is set to how the run replaced dropped captions (zeros, or the
+    empty caption's embeddings), so diffusers' unconditional branch is the one the UNet learnt.
+    Raises ConfigError if `model_path` is not a model folder whose parts fit its family."""
+    if model_family(model_path) == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_path, unet=unet)
+        pipe.register_to_config(force_zeros_for_empty_prompt=zero_dropped_captions)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    return pipe
+
+
+def save_pipeline(
+    model_path: str,
+    unet_state: dict[str, torch.Tensor],
+    out_dir: Path,
+    prediction_type: str,
+    zero_dropped_captions: bool = False,
+) -> Path:
+    """Write `out_dir` as a diffusers SD or SDXL folder: the given UNet weights + the frozen parts of
+    `model_path` (VAE, text encoder(s), tokenizer(s), scheduler)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    check_model_folder(model_path)
+    model_family(model_path)  # a missing or mixed-up folder is refused before anything loads
     with torch.device("meta"):  # no init: the UNet takes the given tensors as its parameters
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
     missing, unexpected = unet.load_state_dict(unet_state, strict=False, assign=True)
@@ -40,10 +66,7 @@ def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir:
         raise RuntimeError(
             f"export: UNet weights do not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    pipe = build_pipeline(model_path, unet, prediction_type, zero_dropped_captions)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -59,17 +82,18 @@ def export_checkpoint(
     out_root: Path,
     prediction_type: str,
     before_write: Callable[[], None] = lambda: None,
+    zero_dropped_captions: bool = False,
 ) -> list[Path]:
     """Export the raw UNet of a complete checkpoint to `out_root/raw` and, if its EMA window had
     opened, the EMA to `out_root/ema`, one UNet at a time. No process group needed (the end of
     training calls it on the main process after tearing the group down)."""
     trainer_state, raw = load_checkpoint_unet(checkpoint, "raw")
     before_write()
-    written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type)]
+    written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type, zero_dropped_captions)]
     del raw
     if trainer_state["ema"]["open"]:
         _, ema = load_checkpoint_unet(checkpoint, "ema")
-        written.append(save_pipeline(model_path, ema, out_root / "ema", prediction_type))
+        written.append(save_pipeline(model_path, ema, out_root / "ema", prediction_type, zero_dropped_captions))
     return written
 
 
@@ -112,8 +136,13 @@ def main_export(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     trainer_state, unet_state = load_checkpoint_unet(Path(ns.checkpoint), ns.weights)
     cfg = trainer_state["config"]
+    objective = cfg["objective"]
     out = save_pipeline(
-        ns.model_path or cfg["model"]["pretrained_path"], unet_state, Path(ns.out), cfg["objective"]["prediction_type"]
+        ns.model_path or cfg["model"]["pretrained_path"],
+        unet_state,
+        Path(ns.out),
+        objective["prediction_type"],
+        objective.get("zero_dropped_captions", False),  # absent in configs written before it existed
     )
     print(f"exported {ns.weights} UNet of step {trainer_state['step']} to {out}")
     return 0

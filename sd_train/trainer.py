@@ -2,12 +2,12 @@
 
 The loop only calls components; each decides its own cadence: `ema.update(step)` knows whether the
 window is open, `checkpointer.save(step, ...)` whether a save is due, `metrics.should_log(step)`
-whether to log, `self.eval_due(step)` whether to evaluate.
+whether to log, `evaluator.should_run(step)` whether to evaluate.
 
-Launch (see README):
+Launch (see docs/launching.md):
     python train.py --config configs/demo.yaml                     # one process (still FSDP2)
     accelerate launch --config_file launch/accelerate/cpu2.yaml train.py --config configs/test.yaml
-    torchrun --nproc_per_node 8 train.py --config configs/sd2_base.yaml
+    torchrun --nproc_per_node 8 train.py --config configs/sd2_base_256.yaml
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from tqdm import tqdm
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import TrainConfig, config_to_dict, dump_config
 from sd_train.data.bad_input import check_bad_fraction
-from sd_train.data.decode import CaptionTokenizer
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import sample_posterior
 from sd_train.data.prefetch import stager_for
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
-from sd_train.ema_posthoc import PowerEMAProfiles
+from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
+from sd_train.ema.posthoc import PowerEMAProfiles
+from sd_train.ema.sharded import ShardedEMA
 from sd_train.errors import (
     BadDataError,
     CheckpointLoadError,
@@ -50,6 +49,7 @@ from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
 from sd_train.metrics import KeyLog, StepWindow, build_metrics
+from sd_train.model.conditioning import Conditioning, stored_conditioning
 from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_lr_schedule, build_optimizer
@@ -175,14 +175,14 @@ class Trainer:
             if self.posthoc_plan.enabled
             else None
         )
-        empty = as_step_input(encode_text(self.parts, [""], self.info.device), self.parts.step_dtype)
+        empty = encode_text(self.parts, [""], self.info.device).map(lambda t: as_step_input(t, self.parts.step_dtype))
         self.objective = DiffusionObjective(cfg.objective, self.parts.noise_scheduler.alphas_cumprod, empty)
 
         self.loader = build_train_loader(
             cfg,
             self.info.rank,
             self.info.world_size,
-            tokenize=CaptionTokenizer(self.parts.tokenizer, self.parts.token_length),
+            tokenize=self.parts.caption_tokenizer(),
             stager=stager_for(self.info.device, cfg.perf.device_prefetch),
             rank_param_bytes=self.strategy.topology()["local_param_bytes"],
         )
@@ -190,11 +190,13 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.parts, self.objective, self.info, self.ema, self.metrics, self.out)
         self.evaluator.fault_hook = lambda phase, step: self.faults.trip(phase, step)
         if not cfg.data.precomputed:
-            self.parts.load("vae", "text_encoder")  # the step runs both
+            self.parts.load("vae", *self.parts.text_encoder_names)  # the step runs them all
         else:
             # The step reads stored latents and embeddings: the text encoder was needed only for
             # the empty caption and the evaluator's fixed inputs, the VAE only to decode samples.
-            self.parts.release("text_encoder", *(() if self.evaluator.sampler is not None else ("vae",)))
+            self.parts.release(
+                *self.parts.text_encoder_names, *(() if self.evaluator.sampler is not None else ("vae",))
+            )
         self.state = TrainState()
         self.checkpointer = Checkpointer(
             cfg.checkpoint,
@@ -203,14 +205,13 @@ class Trainer:
             self.info.world_size,
             cfg.max_steps,
             self.strategy,
-            self.ema,
+            {"ema": self.ema, **({"posthoc": self.posthoc} if self.posthoc is not None else {})},
             global_states={"train": self.state, "lr_scheduler": self.lr_schedule},
             rank_states={
                 "rng": RankRNG(cfg.seed, self.info.rank, lambda: self.state.step),
                 "data": DataPosition(self.loader, self.info.device),
             },
             config=config_to_dict(cfg),
-            extra_shadows={"posthoc": self.posthoc} if self.posthoc is not None else None,
         )
         self.checkpointer.fault_hook = lambda phase, step: self.faults.trip(phase, step)
         self.key_log = KeyLog(self.out, self.info.rank, cfg.data.log_keys)
@@ -241,7 +242,7 @@ class Trainer:
         return training_flops_per_image(
             unet,
             (unet.config.in_channels, latent, latent),
-            (parts.token_length, parts.text_config.hidden_size),
+            (parts.token_length, parts.text_width),
             self.info.device,
         )
 
@@ -250,6 +251,8 @@ class Trainer:
         peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown (no speed/mfu)"
         flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
         frozen = ", ".join(self.parts.resident()) or "none"
+        vae_dtype = self.parts.vae_dtype
+        vae = f"VAE {str(vae_dtype).removeprefix('torch.')}, " if vae_dtype != self.parts.frozen_dtype else ""
         cfg = self.cfg
         precision = f"params {cfg.dist.param_dtype}" + (" under bf16 autocast" if cfg.autocast_bf16() else "")
         return (
@@ -257,7 +260,7 @@ class Trainer:
             f"{' (non-finite skip in the kernel)' if self.strategy.skip_on_device else ''}, {flags}, "
             f"compile={self.cfg.perf.compile}, channels_last={self.cfg.perf.channels_last}, "
             f"device_prefetch={self.loader.stager.lookahead > 0}; "
-            f"frozen encoders {str(self.parts.frozen_dtype).removeprefix('torch.')} under inference_mode, "
+            f"frozen encoders {str(self.parts.frozen_dtype).removeprefix('torch.')} under inference_mode, {vae}"
             f"resident for the step: {frozen}; forward+backward per image {flops}; peak {peak}"
         )
 
@@ -281,8 +284,9 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------
 
-    def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, text embeddings) of a batch, as contiguous tensors of the step's dtype."""
+    def _encode(self, batch: dict) -> tuple[torch.Tensor, Conditioning]:
+        """(latents, conditioning) of a batch, as contiguous tensors of the step's dtype (SDXL's
+        time ids from the batch's geometry)."""
         dev, dtype = self.info.device, self.parts.step_dtype
         if "latent_mean" in batch:  # precomputed shards (sd-train precompute): the stored posterior
             # is sampled here, on device, from the checkpointed global RNG, with the call
@@ -293,13 +297,12 @@ class Trainer:
             mean = batch["latent_mean"].to(dev, non_blocking=True).to(dtype)
             std = batch["latent_std"].to(dev, non_blocking=True).to(dtype)
             latents = sample_posterior(mean, std, self.parts.vae_scale).contiguous()
-            embeds = batch["text_embeds"].to(dev, non_blocking=True).to(dtype)
-            return latents, embeds
+            return latents, stored_conditioning(batch, dev, dtype)
         # The frozen encoders run under inference_mode (in bf16 with mixed_precision=bf16); the
         # loader's workers tokenized the captions.
         latents = encode_pixels(self.parts, batch["pixels"], dev)
-        embeds = encode_tokens(self.parts, batch["input_ids"], dev)
-        return as_step_input(latents, dtype), as_step_input(embeds, dtype)
+        cond = encode_tokens(self.parts, batch, dev).map(lambda t: as_step_input(t, dtype))
+        return as_step_input(latents, dtype), cond.with_geometry(batch)
 
     def train_step(self, data_iter) -> dict:
         """Accumulate gradients over micro-batches, then step unless any rank saw a non-finite
@@ -321,11 +324,11 @@ class Trainer:
             data_wait += time.perf_counter() - t
             keys.extend(batch.get("keys", []))
             with window.phase("forward_backward"):
-                latents, embeds = self._encode(batch)
+                latents, cond = self._encode(batch)
                 last = micro == self.accum - 1
                 self.strategy.set_grad_sync(last)
                 with autocast:
-                    loss = self.objective.loss(self.model, latents, embeds) / self.accum
+                    loss = self.objective.loss(self.model, latents, cond) / self.accum
                 if self.faults.trip("mid_step", step):
                     loss = loss * float("nan")
                 self.strategy.backward(loss, last)
@@ -508,6 +511,7 @@ class Trainer:
             out,
             cfg.objective.prediction_type,
             before_write=lambda: faults.trip("export_write", step),
+            zero_dropped_captions=cfg.objective.zero_dropped_captions,
         )
 
     def close(self) -> None:

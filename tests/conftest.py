@@ -2,16 +2,11 @@
 an untrained VAE, to stay fast) through the same commands `make demo` uses."""
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# tests/launch.py and tests/reference.py are plain helper modules, and e2e tests share helpers of
-# tests/e2e/test_train.py: make both folders importable.
-sys.path.insert(0, str(Path(__file__).parent / "e2e"))
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 # The memory plan's step estimates are cached per configuration: the tests keep theirs apart.
@@ -41,11 +36,32 @@ def tiny_assets(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tiny_assets, tmp_path_factory) -> dict:
+    """A tiny SDXL folder around the tiny SD folder's VAE and tokenizer (sd_train.tools.tiny_sdxl),
+    and the committed non-square shards (tests/assets) at 16 px, so random crops and flips give
+    every sample its own micro-conditioning."""
+    from sd_train.tools.tiny_sdxl import from_tiny_sd
+
+    model = from_tiny_sd(str(tiny_assets["model"]), str(tmp_path_factory.mktemp("assets") / "tiny-sdxl"))
+    shards = Path(__file__).parent / "assets" / "tiny-{000000..000005}.tar"
+    return {
+        "model": Path(model),
+        "shards": shards,
+        "overrides": [
+            f"model.pretrained_path={model}",
+            f"data.train_shards={shards}",
+            f"data.val_shards={Path(__file__).parent / 'assets' / 'tiny-{000000..000001}.tar'}",
+            "data.resolution=16",
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
 def straight_run(tiny_assets, tmp_path_factory):
     """The uninterrupted 2-rank reference run that resume and fault tests compare against, started
-    with torchrun as users start it (the other runs use tests/spawn_ranks.py, which skips its agent)."""
-    from launch import run, torchrun_cmd
-    from test_train import TRAIN, train_cmd
+    with torchrun as users start it (the other runs use tests/support/spawn_ranks.py, which skips its agent)."""
+    from tests.support.launch import run, torchrun_cmd
+    from tests.support.runs import TRAIN, train_cmd
 
     out = tmp_path_factory.mktemp("straight") / "a"
     run(torchrun_cmd(2, TRAIN, *train_cmd(1, out, tiny_assets)[2:]), timeout=300)

@@ -7,11 +7,16 @@ Each section checks its own fields in `validate()` (values only: no file system,
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from sd_train.errors import ConfigError
+
+# The widest post-hoc EMA profile: sigma_rel of gamma -> 0, a uniform average over the run so far,
+# is sqrt(1/12). The config checks against it here; sd_train.ema.posthoc_math solves below it.
+MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
 
 
 def _positive(name: str, value: float) -> None:
@@ -70,12 +75,18 @@ def parse_filter_rule(text: str) -> FilterRule:
 class ModelArgs:
     pretrained_path: str = "models/tiny-sd"
     """A local diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/,
-    scheduler/). The tiny demo model and a downloaded SD 1.5 / 2-base load through the same code."""
+    scheduler/). The folder decides the family: one whose model_index.json names
+    StableDiffusionXLPipeline (with text_encoder_2/ and tokenizer_2/) trains SDXL, any other SD 1.x/2.x.
+    The tiny demo models and a downloaded SD 1.5 / 2-base / SDXL load through the same code."""
     init_unet: Literal["pretrained", "scratch"] = "pretrained"
     """`pretrained` loads the UNet weights in the folder; `scratch` builds the UNet from its
     config with fresh random weights (seeded by `seed`)."""
     gradient_checkpointing: bool = False
     """Recompute UNet block activations in backward: less memory, ~30% more compute."""
+    vae_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype the frozen VAE runs in. `auto`: that of the text encoders (bf16 with
+    `mixed_precision=bf16`, else fp32). fp16 is refused for SDXL: its VAE overflows to NaN in fp16
+    (why diffusers' SDXL VAE config sets force_upcast); use fp32 or bf16 there."""
 
 
 @dataclass
@@ -89,6 +100,14 @@ class ObjectiveArgs:
     """Min-SNR-gamma loss weighting (arXiv 2303.09556); 5.0 is the paper's value. None: off."""
     noise_offset: float = 0.0
     """Offset noise strength (adds per-channel constant noise); 0 disables, 0.05-0.1 typical."""
+    zero_dropped_captions: bool = False
+    """What replaces a dropped caption: false, the empty caption's embeddings (SDXL: its sequence and
+    pooled embeddings); true, zeros for both (MosaicML's `zero_dropped_captions`). The sample grid's
+    unconditional branch and an exported SDXL pipeline's `force_zeros_for_empty_prompt` follow it."""
+    microcond_dropout: float = 0.0
+    """SDXL: probability of zeroing each of the three micro-conditioning pairs (original size,
+    crop corner, target size) of a sample, each pair drawn on its own per sample per step, as
+    Stability's configs allow for each size/crop embedder. 0 disables; ignored by SD 1.x/2.x."""
 
     def validate(self) -> None:
         if not 0 <= self.caption_dropout < 1:
@@ -97,6 +116,8 @@ class ObjectiveArgs:
             raise ConfigError(f"objective.snr_gamma={self.snr_gamma} must be positive, or null to disable")
         if self.noise_offset < 0:
             raise ConfigError(f"objective.noise_offset={self.noise_offset} must be >= 0")
+        if not 0 <= self.microcond_dropout < 1:
+            raise ConfigError(f"objective.microcond_dropout={self.microcond_dropout} must be in [0, 1)")
 
 
 @dataclass
@@ -240,10 +261,10 @@ class PosthocArgs:
         if len(set(self.sigma_rels)) != len(self.sigma_rels):
             raise ConfigError(f"ema.posthoc.sigma_rels={self.sigma_rels} has duplicates: list each once")
         for s in self.sigma_rels:
-            if not 0.0 < s < 0.2886:
+            if not 0.0 < s < MAX_SIGMA_REL:
                 raise ConfigError(
-                    f"ema.posthoc.sigma_rels: {s} must be in (0, 0.2886) (sqrt(1/12), a uniform average, is the "
-                    "widest profile); EDM2 uses [0.05, 0.10]"
+                    f"ema.posthoc.sigma_rels: {s} must be in (0, {MAX_SIGMA_REL:.4f}) (sqrt(1/12), a uniform "
+                    "average, is the widest profile); EDM2 uses [0.05, 0.10]"
                 )
         if self.step_start is not None and self.step_start < 0:
             raise ConfigError(f"ema.posthoc.step_start={self.step_start} must be >= 0 (or null for ema.step_start_ema)")
@@ -353,10 +374,13 @@ class DistArgs:
     N ranks, so the backward all-gather runs inside N ranks (e.g. the GPUs of one node, when
     `dist.shard_group_size` spans nodes), for 1/N of the params per rank. N must divide the shard
     group size and lie strictly between 1 and it. The root module always keeps its params."""
-    fsdp_units: Literal["blocks", "layers"] = "blocks"
+    fsdp_units: Literal["auto", "blocks", "layers"] = "auto"
     """FSDP2: what one all-gather fetches. `blocks`: each of the UNet's down/mid/up blocks (9 for
-    SD2, 10.9M-260.3M params). `layers`: each resnet and transformer block too (~40 units): a
-    smaller peak of gathered params and finer overlap, for more, smaller collectives."""
+    SD2, 10.9M-260.3M params). `layers`: each resnet and transformer block too (~40 units for SD2;
+    for SDXL its 70 BasicTransformerBlocks and 17 resnets, 94 units of at most 49M params): a
+    smaller peak of gathered params and finer overlap, for more, smaller collectives. `auto`:
+    `blocks` for SD 1.x/2.x, `layers` for SDXL, whose up_blocks[0] alone holds 1.21B params
+    (bench/sdxl_units.py prints the unit sizes)."""
     prefetch: int = 0
     """FSDP2: explicitly prefetch the next N units' all-gathers in forward and the previous N in
     backward (torchtitan's option). 0 leaves FSDP2's implicit prefetching."""
@@ -597,7 +621,7 @@ class TrainConfig:
                 f"of {per_step} (e.g. {lo}) or change micro_batch_size"
             )
         # `model` and `ema` have no value-only checks here: the model folder and the EMA plan (in
-        # sd_train.ema_plan, above this package) are checked by sd_train.preflight.
+        # sd_train.ema.plan, above this package) are checked by sd_train.preflight.
         sections = (
             self.data,
             self.objective,

@@ -15,7 +15,7 @@ from typing import Literal, Optional, Union
 from sd_train.config import TrainConfig
 from sd_train.config.launcher import LaunchEnv, shard_group_size
 from sd_train.data.workers import worker_start_method
-from sd_train.ema_plan import resolve_step_start
+from sd_train.ema.plan import resolve_step_start
 from sd_train.errors import ConfigError
 from sd_train.memory.plan import CUDA_RESERVE, GIB, Item, Limits, MemoryPlan, Phase, gib
 from sd_train.memory.record import StepEstimate, cached_estimate, estimate_key
@@ -107,14 +107,16 @@ def step_items(estimate: Optional[StepEstimate], states: StateSizes, fsdp: bool)
 
 
 def frozen_items(cfg: TrainConfig, sizes: ModelSizes) -> list[Item]:
-    """The frozen encoders resident while training runs (bf16 with mixed_precision=bf16)."""
+    """The frozen encoders resident while training runs: the text encoder(s) in bf16 with
+    mixed_precision=bf16 (else fp32), the VAE in `model.vae_dtype` (auto: the same)."""
     fb = 2 if cfg.mixed_precision == "bf16" else 4
+    vb = {"fp32": 4, "bf16": 2, "fp16": 2}.get(cfg.model.vae_dtype, fb)
     sampling = bool(cfg.eval.every_steps and cfg.eval.prompts)
     out = []
     if not cfg.data.precomputed:
-        out.append(Item("frozen text encoder", fb * sizes.text_encoder_numel))
+        out.append(Item("frozen text encoder(s)", fb * sizes.text_encoder_numel))
     if not cfg.data.precomputed or sampling:
-        out.append(Item("frozen VAE", fb * sizes.vae_numel, "decodes the sample grids" if cfg.data.precomputed else ""))
+        out.append(Item("frozen VAE", vb * sizes.vae_numel, "decodes the sample grids" if cfg.data.precomputed else ""))
     return out
 
 
@@ -198,7 +200,7 @@ def build_phases(
                 [
                     runtime,
                     Item("whole UNet", 4 * p, "read from the final checkpoint, one UNet at a time"),
-                    Item("pipeline's VAE and text encoder", 4 * (sizes.vae_numel + sizes.text_encoder_numel)),
+                    Item("pipeline's VAE and text encoder(s)", 4 * (sizes.vae_numel + sizes.text_encoder_numel)),
                 ],
                 rank0_only=True,
             )
@@ -296,7 +298,7 @@ def memory_plan(
     none, which makes the plan a lower bound). `checkpoint.async_save=auto` is decided here: async
     when the plan fits with the staging copy. Raises ConfigError when the model folder cannot be
     sized."""
-    if cfg.dist.strategy == "auto" or cfg.dist.param_dtype == "auto":
+    if "auto" in (cfg.dist.strategy, cfg.dist.param_dtype, cfg.dist.fsdp_units):
         raise ValueError("memory_plan needs a resolved config (sd_train.preflight.preflight)")
     rpn = ranks_per_node or min(world_size, 8)
     shard = plan_shard_size(cfg, world_size, rpn)

@@ -3,10 +3,10 @@ the meta device from the model folder's config, wrapped by the same FSDP2 code a
 model's units, the run's reshard/prefetch/dtype settings) over a fake process group of the shard
 group's size, and one optimizer step (its micro-batches, gradient clipping, the run's AdamW) runs
 under `torch.distributed._tools.fsdp2_mem_tracker.FSDPMemTracker` inside `FakeTensorMode`, as
-torchtitan's scripts/estimate/estimation.py does. No memory is allocated and no kernel runs, so a
-CPU can plan a 64-GPU run. Then the evaluation's no-grad forward (FSDPMemTracker again) and the
-frozen VAE and text encoder (torch's MemTracker). The result is cached (sd_train.memory.record) for
-the torch-free startup check.
+torchtitan's estimation script (estimate/estimation.py under its scripts) does. No memory is
+allocated and no kernel runs, so a CPU can plan a 64-GPU run. Then the evaluation's no-grad
+forward (FSDPMemTracker again) and the frozen VAE and text encoders (torch's MemTracker). The
+result is cached (sd_train.memory.record) for the torch-free startup check.
 
 Two things are measured for real: the RSS of this process once the trainer's modules are imported
 (the runtime every rank pays) and the anonymous RSS of a fresh process importing the data modules
@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -38,11 +39,12 @@ from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sd_train.config import TrainConfig, load_config
 from sd_train.memory.record import StepEstimate, estimate_key, latent_factor, store_estimate
-from sd_train.memory.sizes import unit_of
+from sd_train.model.conditioning import Conditioning
+from sd_train.model.family import TIME_IDS
 from sd_train.model.parallelize import block_layers, fsdp_units
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_optimizer, clip_grad_norm_
@@ -50,6 +52,7 @@ from sd_train.parallel.fsdp import FSDPStrategy
 from sd_train.parallel.process_group import DistInfo
 
 CPU = torch.device("cpu")
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENS = 77  # CLIP's context: every SD caption is padded to it
 
 
@@ -99,16 +102,14 @@ def fake_unet(cfg: TrainConfig) -> torch.nn.Module:
     return unet
 
 
-def conditioned(model: torch.nn.Module, config, batch: int) -> Callable:
-    """`model` as the objective calls it. An SDXL UNet (`addition_embed_type=text_time`) also takes
-    the pooled text embedding and the six size/crop ids of each sample."""
+def conditioning(config, batch: int) -> Conditioning:
+    """Fake conditioning of `batch` samples for a UNet config: the text encoders' hidden states,
+    and for SDXL (`addition_embed_type=text_time`) the pooled embedding and the six size/crop ids."""
+    embeds = torch.randn(batch, TOKENS, config.cross_attention_dim)
     if config.addition_embed_type != "text_time":
-        return model
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    extra = {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.zeros(batch, 6)}
-    return lambda x, t, encoder_hidden_states: model(
-        x, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=extra
-    )
+        return Conditioning(embeds)
+    pooled = config.projection_class_embeddings_input_dim - TIME_IDS * config.addition_time_embed_dim
+    return Conditioning(embeds, torch.randn(batch, pooled), torch.zeros(batch, TIME_IDS, dtype=torch.long))
 
 
 def unet_step(cfg: TrainConfig, key: dict, mesh) -> tuple[dict[str, int], int, dict]:
@@ -128,11 +129,9 @@ def unet_step(cfg: TrainConfig, key: dict, mesh) -> tuple[dict[str, int], int, d
     optimizer = build_optimizer(model, cfg.optim, fused=key["fused"])
     scheduler = DDPMScheduler.from_pretrained(cfg.model.pretrained_path, subfolder="scheduler")
     latent = cfg.data.resolution // latent_factor(cfg.model.pretrained_path)
-    width = unet.config.cross_attention_dim
-    empty = torch.zeros(1, TOKENS, width)
-    objective = DiffusionObjective(cfg.objective, scheduler.alphas_cumprod, empty)
+    objective = DiffusionObjective(cfg.objective, scheduler.alphas_cumprod, conditioning(unet.config, 1))
     mb = cfg.micro_batch_size
-    latents, embeds = torch.randn(mb, unet.config.in_channels, latent, latent), torch.randn(mb, TOKENS, width)
+    latents, cond = torch.randn(mb, unet.config.in_channels, latent, latent), conditioning(unet.config, mb)
     # The optimizer's state exists from the first step on: created here, outside the tracker,
     # which counts the existing state when it starts.
     for p in model.parameters():
@@ -141,14 +140,14 @@ def unet_step(cfg: TrainConfig, key: dict, mesh) -> tuple[dict[str, int], int, d
     optimizer.zero_grad(set_to_none=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=key["autocast_bf16"])
     tracker = FSDPMemTracker(model, optimizer)
-    tracker.track_inputs((latents, embeds))
+    tracker.track_inputs((latents, cond.text_embeds))
     n = key["micro_batches"]
     with tracker:
         optimizer.zero_grad(set_to_none=True)
         for i in range(n):
             model.set_requires_gradient_sync(i == n - 1)
             with autocast:
-                loss = objective.loss(conditioned(model, unet.config, mb), latents, embeds) / n
+                loss = objective.loss(model, latents, cond) / n
             loss.backward()
             del loss
             if i < n - 1:
@@ -161,18 +160,15 @@ def unet_step(cfg: TrainConfig, key: dict, mesh) -> tuple[dict[str, int], int, d
     transient = 0
     if batch:
         model.eval()
-        x, e = torch.randn(batch, unet.config.in_channels, latent, latent), torch.randn(batch, TOKENS, width)
+        x, c = torch.randn(batch, unet.config.in_channels, latent, latent), conditioning(unet.config, batch)
         t = torch.zeros(batch, dtype=torch.long)
         tracker = FSDPMemTracker(model, optimizer)
         with tracker, torch.no_grad():
-            conditioned(model, unet.config, batch)(x, t, encoder_hidden_states=e)
+            model(x, t, **c.unet_kwargs())
         snap = _snapshot(tracker)
         held = sum(snap.get(c, 0) for c in ("Sharded Param", "Sharded Grad", "OptState", "Buffer"))
         transient = snap.get("Total", 0) - held
-    units: dict[str, int] = {}
-    for name, count in sizes.items():
-        units[unit_of(name, "blocks")] = units.get(unit_of(name, "blocks"), 0) + count
-    described = {"unet_numel": sum(sizes.values()), "units": units, "largest_tensor": max(sizes.values())}
+    described = {"unet_numel": sum(sizes.values()), "units": {}, "largest_tensor": max(sizes.values())}
     return step, transient, {**described, "tensors": sizes}
 
 
@@ -181,32 +177,44 @@ def frozen_transients(cfg: TrainConfig, key: dict) -> tuple[int, int, int, int]:
     params), on fake tensors in the frozen parts' dtype."""
     path = cfg.model.pretrained_path
     dtype = torch.bfloat16 if key["frozen_bf16"] else torch.float32
-    # Built straight on fake tensors in their dtype (the init runs no kernel): fake parameters
-    # cannot be converted by `Module.to`/`to_empty` (torch swaps them, and the fake mode holds
-    # weak references to them).
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder="vae")).eval()
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(path, subfolder="text_encoder")).eval()
-    finally:
-        torch.set_default_dtype(default)
+    vae_dtype = VAE_DTYPES.get(key["vae_dtype"], dtype)
+    vae = _fake_module(lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder="vae")), vae_dtype)
+    encoders = [
+        _fake_module(lambda cls=cls, sub=sub: cls(cls.config_class.from_pretrained(path, subfolder=sub)), dtype)
+        for cls, sub in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2"))
+        if (Path(path) / sub).is_dir()
+    ]
     latent = cfg.data.resolution // latent_factor(path)
     channels = vae.config.latent_channels
     decode = 0
     if key["prompts"]:
-        z = torch.randn(key["prompts"], channels, latent, latent, dtype=dtype)
+        z = torch.randn(key["prompts"], channels, latent, latent, dtype=vae_dtype)
         with torch.inference_mode():
             decode = _peak_of(lambda: vae.decode(z).sample.float())
     encode = 0
     if not key["precomputed"]:
         mb = cfg.micro_batch_size
-        pixels = torch.randn(mb, 3, cfg.data.resolution, cfg.data.resolution, dtype=dtype)
+        pixels = torch.randn(mb, 3, cfg.data.resolution, cfg.data.resolution, dtype=vae_dtype)
         ids = torch.zeros(mb, TOKENS, dtype=torch.long)
         with torch.inference_mode():
-            encode = max(_peak_of(lambda: vae.encode(pixels).latent_dist.sample()), _peak_of(lambda: text(ids)[0]))
-    count = [sum(p.numel() for p in m.parameters()) for m in (vae, text)]
-    return decode, encode, count[0], count[1]
+            encode = max(
+                _peak_of(lambda: vae.encode(pixels).latent_dist.sample()),
+                *(_peak_of(lambda e=e: e(ids, output_hidden_states=True)) for e in encoders),
+            )
+    count = [sum(p.numel() for p in m.parameters()) for m in (vae, *encoders)]
+    return decode, encode, count[0], sum(count[1:])
+
+
+def _fake_module(build: Callable[[], torch.nn.Module], dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen part built straight on fake tensors in its dtype (its init runs no kernel): fake
+    parameters cannot be converted by `Module.to`/`to_empty` afterwards (torch swaps them, and the
+    fake mode holds weak references to them)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return build().eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def estimate_step(cfg: TrainConfig, world_size: int, shard_size: int) -> StepEstimate:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from sd_train.config import TrainConfig
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 VAL_BATCH = 16  # sd_train.evaluation.VAL_BATCH: the validation loss's forward batch
 
 
@@ -75,13 +75,17 @@ def estimate_key(cfg: TrainConfig, world_size: int, shard_size: int) -> dict[str
     root = Path(cfg.model.pretrained_path)
     fsdp = d.strategy == "fsdp2"
     text = _json(root / "text_encoder" / "config.json")
+    text_2 = _json(root / "text_encoder_2" / "config.json")
     return {
         "version": RECORD_VERSION,
         "torch": _version("torch"),
         "diffusers": _version("diffusers"),
         "unet": _json(root / "unet" / "config.json"),
         "vae": _json(root / "vae" / "config.json"),
-        "text": {k: text.get(k) for k in ("hidden_size", "num_hidden_layers", "max_position_embeddings")},
+        "text": [
+            {k: t.get(k) for k in ("hidden_size", "num_hidden_layers", "max_position_embeddings")}
+            for t in (text, text_2)
+        ],
         "micro_batch_size": cfg.micro_batch_size,
         "micro_batches": min(2, cfg.grad_accum_steps(world_size)),
         "resolution": cfg.data.resolution,
@@ -95,6 +99,7 @@ def estimate_key(cfg: TrainConfig, world_size: int, shard_size: int) -> dict[str
         "reduce_dtype": d.reduce_dtype if fsdp else "fp32",
         "autocast_bf16": cfg.autocast_bf16() if fsdp else cfg.mixed_precision == "bf16",
         "frozen_bf16": cfg.mixed_precision == "bf16",
+        "vae_dtype": cfg.model.vae_dtype,
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "channels_last": cfg.perf.channels_last,
         "optimizer": cfg.optim.name,

@@ -23,6 +23,9 @@ from sd_train.errors import ConfigError
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _BLOCK = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.")
 _LAYER = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets\.\d+|attentions\.\d+)\.")
+_TRANSFORMER = re.compile(
+    r"^((?:down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+)\.transformer_blocks\.(\d+)\."
+)
 
 
 def safetensors_header(path: Path) -> dict[str, dict]:
@@ -56,19 +59,35 @@ def numel(shape: list[int]) -> int:
     return n
 
 
-def unit_of(name: str, fsdp_units: str) -> str:
-    """The FSDP unit a UNet parameter belongs to (sd_train.model.parallelize), by its name."""
+def unit_of(name: str, fsdp_units: str, split: frozenset[str] = frozenset()) -> str:
+    """The FSDP unit a UNet parameter belongs to (sd_train.model.parallelize), by its name. `split`:
+    the attentions made of several transformer blocks (SDXL), each block of which is a unit of its
+    own under `layers`, the attention's projections and norm staying with the enclosing block."""
     if fsdp_units == "layers":
+        t = _TRANSFORMER.match(name)
+        if t and t.group(1) in split:
+            return f"{t.group(1)}.transformer_blocks.{t.group(2)}"
         m = _LAYER.match(name)
-        if m:
+        if m and f"{m.group(1)}.{m.group(2)}" not in split:
             return f"{m.group(1)}.{m.group(2)}"
     m = _BLOCK.match(name)
     return m.group(1) if m else "root"
 
 
+def split_attentions(names: list[str]) -> frozenset[str]:
+    """The attentions holding more than one transformer block (sd_train.model.parallelize splits those)."""
+    blocks: dict[str, set[str]] = {}
+    for name in names:
+        t = _TRANSFORMER.match(name)
+        if t:
+            blocks.setdefault(t.group(1), set()).add(t.group(2))
+    return frozenset(a for a, ids in blocks.items() if len(ids) > 1)
+
+
 @dataclass
 class ModelSizes:
-    """Element counts of one model folder's parts; `file_bytes` is what the UNet's weight file holds."""
+    """Element counts of one model folder's parts (`text_encoder_numel`: both of SDXL's encoders);
+    `unet_file_bytes` is what the UNet's weight file holds."""
 
     unet_numel: int
     units: dict[str, int]
@@ -90,8 +109,9 @@ class ModelSizes:
     def regroup(self, fsdp_units: str) -> ModelSizes:
         """The same sizes with units counted for another `dist.fsdp_units`."""
         units: dict[str, int] = {}
+        split = split_attentions(list(self.tensors))
         for name, n in self.tensors.items():
-            unit = unit_of(name, fsdp_units)
+            unit = unit_of(name, fsdp_units, split)
             units[unit] = units.get(unit, 0) + n
         return ModelSizes(
             self.unet_numel,
@@ -111,7 +131,8 @@ def read_model_sizes(model_path: str, fsdp_units: str = "blocks") -> ModelSizes:
     fake-tensor estimate, which builds the parts from their configs: `dist.memory_check=estimate`)."""
     root = Path(model_path)
     parts = {}
-    for part in ("unet", "vae", "text_encoder"):
+    encoders = ("text_encoder", "text_encoder_2") if (root / "text_encoder_2").is_dir() else ("text_encoder",)
+    for part in ("unet", "vae", *encoders):
         tensors = folder_tensors(root / part) if (root / part).is_dir() else None
         if tensors is None:
             raise ConfigError(
@@ -127,7 +148,7 @@ def read_model_sizes(model_path: str, fsdp_units: str = "blocks") -> ModelSizes:
         largest_tensor=max(unet.values()),
         unet_file_bytes=sum(numel(t["shape"]) * DTYPE_BYTES.get(t["dtype"], 4) for t in parts["unet"].values()),
         vae_numel=sum(numel(t["shape"]) for t in parts["vae"].values()),
-        text_encoder_numel=sum(numel(t["shape"]) for t in parts["text_encoder"].values()),
+        text_encoder_numel=sum(numel(t["shape"]) for e in encoders for t in parts[e].values()),
         tensors=unet,
     )
     return sizes.regroup(fsdp_units)

@@ -286,6 +286,7 @@ class FSDPStrategy(Strategy):
             "local_param_bytes": sum(local_shard(p).numel() * p.element_size() for p in params),
             "placements": sorted({str(p.placements) if isinstance(p, DTensor) else "replicated" for p in params}),
             "all_dtensor": all(isinstance(p, DTensor) for p in params),
+            "fsdp_units": getattr(self, "num_units", 0),  # wrapped below the root (0: DDP)
         }
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launch import REPO, run, torchrun_cmd
 
 from sd_train.config import ConfigError, ModelArgs, load_config
 from sd_train.data.bad_input import BadInputLog
@@ -38,6 +37,7 @@ from sd_train.data.precomputed import (
 )
 from sd_train.data.tar import read_shards
 from sd_train.tools.precompute import precompute
+from tests.support.launch import REPO, run, torchrun_cmd
 
 BATCH = 4  # = micro_batch_size in configs/test.yaml
 MEMBERS = {"latent_mean.npy", "latent_std.npy", "text_embeds.npy", "txt", "json"}
@@ -99,7 +99,8 @@ def test_latents_and_text_equal_online_encoding(tiny_assets, latents, parts):
         drawn = sample_posterior(batch["latent_mean"], batch["latent_std"], parts.vae_scale)
         assert torch.equal(drawn, online)
         assert torch.equal(torch.get_rng_state(), after_online)  # the same random numbers consumed
-        assert torch.equal(batch["text_embeds"], encode_text(parts, [s.caption for s in images[i : i + BATCH]], cpu))
+        text = encode_text(parts, [s.caption for s in images[i : i + BATCH]], cpu).text_embeds
+        assert torch.equal(batch["text_embeds"], text)
 
 
 def test_float16_storage_within_rounding(tiny_assets, parts, tmp_path):
@@ -125,7 +126,7 @@ def test_float16_storage_within_rounding(tiny_assets, parts, tmp_path):
         drawn = sample_posterior(mean, std, parts.vae_scale)
         bound = u * (mean.abs() + (std * eps).abs()) * parts.vae_scale + 1e-6
         assert bool(((drawn - online).abs() <= bound).all()) and not torch.equal(drawn, online)
-        text = encode_text(parts, [s.caption for s in images[i : i + BATCH]], cpu)
+        text = encode_text(parts, [s.caption for s in images[i : i + BATCH]], cpu).text_embeds
         assert bool(((batch["text_embeds"].float() - text).abs() <= u * text.abs() + 2.0**-24).all())
 
 

@@ -12,8 +12,8 @@ import torch
 
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema.plan import plan_from_config
+from sd_train.ema.sharded import ShardedEMA
 from sd_train.errors import CheckpointLoadError
 from sd_train.parallel.fsdp import FSDPStrategy
 from sd_train.paths import complete_steps, partial_dir, step_dir
@@ -54,7 +54,7 @@ class Run:
             1,
             10,
             self.strategy,
-            self.ema,
+            {"ema": self.ema},
             {"train": self.train},
             {"data": self.data},
             config={"note": "test"},

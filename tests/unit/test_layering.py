@@ -21,10 +21,6 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.parallel",
         "sd_train.data",
         "sd_train.model",
-        "sd_train.ema",
-        "sd_train.ema_plan",
-        "sd_train.ema_posthoc",
-        "sd_train.posthoc_math",
         "sd_train.objective",
         "sd_train.optim",
         "sd_train.rng",
@@ -34,6 +30,8 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.background_writer",
         "sd_train.memory",
     ),
+    # Below the strategies: their layouts implement the EMA's contracts (sd_train.ema.contracts).
+    ("sd_train.ema",),
     ("sd_train.config",),
     ("sd_train.errors", "sd_train.paths", "sd_train"),
 ]

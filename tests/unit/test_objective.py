@@ -4,6 +4,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from sd_train.config import ObjectiveArgs
+from sd_train.model.conditioning import Conditioning
 from sd_train.objective import DiffusionObjective
 
 
@@ -21,7 +22,7 @@ def sd_scheduler(prediction_type="epsilon"):
 def make(prediction_type="epsilon", **kw):
     sched = sd_scheduler(prediction_type)
     return sched, DiffusionObjective(
-        ObjectiveArgs(prediction_type=prediction_type, **kw), sched.alphas_cumprod, torch.zeros(1, 3, 8)
+        ObjectiveArgs(prediction_type=prediction_type, **kw), sched.alphas_cumprod, Conditioning(torch.zeros(1, 3, 8))
     )
 
 
@@ -52,12 +53,12 @@ def test_min_snr_weights():
 def test_caption_dropout_rate_and_value():
     torch.manual_seed(0)
     _, obj = make(caption_dropout=0.3)
-    obj.empty_text_embed = torch.full((1, 3, 8), -7.0)
+    obj.dropped = Conditioning(torch.full((1, 3, 8), -7.0))
     emb = torch.ones(4000, 3, 8)
-    out = obj.drop_captions(emb)
+    out = obj.drop_captions(Conditioning(emb)).text_embeds
     dropped = (out[:, 0, 0] == -7.0).float().mean().item()
     assert 0.27 < dropped < 0.33
-    assert torch.equal(make(caption_dropout=0.0)[1].drop_captions(emb), emb)
+    assert torch.equal(make(caption_dropout=0.0)[1].drop_captions(Conditioning(emb)).text_embeds, emb)
 
 
 def test_noise_offset_shifts_channel_means():

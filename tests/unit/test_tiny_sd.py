@@ -235,3 +235,33 @@ def test_tokenizer_encodes_with_clip_layout_ids(tmp_path: Path) -> None:
     # 513 "ab</w>", 514 BOS, 515 EOS.
     assert tok("AB ac zz").input_ids == [514, 513, 64, 256 + 66, 512, 515]
     assert tok.decode(tok("AB ac zz").input_ids, skip_special_tokens=True) == "ab ac zz"
+
+
+def test_build_tiny_sdxl_is_an_sdxl_folder(data_dir: str, built: tuple[str, dict], tmp_path: Path) -> None:
+    """`sd-train build-tiny --family sdxl`: a StableDiffusionXLPipeline folder that the trainer
+    reads as SDXL (two encoders, the second projecting the pooled embedding; two tokenizers, the
+    second padding with `!`; a text_time UNet whose widths fit them) and diffusers samples offline.
+    Its BPE and VAE are the SD build's from the same data and seed; the test suite's shortcut
+    (tiny_sdxl.from_tiny_sd) gives the same weights."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sd_train.model.family import model_family
+    from sd_train.tools.tiny_sdxl import from_tiny_sd
+
+    out = str(tmp_path / "sdxl")
+    cmd = ["--data", data_dir, "--out", out, "--resolution", "16", "--vae-steps", "2", "--family", "sdxl"]
+    assert tiny_sd.main_build_tiny(cmd) == 0
+    assert model_family(out) == "sdxl"
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert pipe.tokenizer.pad_token == "<|endoftext|>" and pipe.tokenizer_2.pad_token == "!"
+    assert pipe.unet.config.cross_attention_dim == 32 + 64 and pipe.unet.config.addition_embed_type == "text_time"
+    for sub in ("tokenizer", "tokenizer_2"):  # the BPE pair next to tokenizer.json, as in the SD build
+        assert Path(out, sub, "merges.txt").read_bytes() == Path(built[0], "tokenizer", "merges.txt").read_bytes()
+    image = pipe("an emoji of hamburger", num_inference_steps=1, height=16, width=16, output_type="np").images[0]
+    assert image.shape == (16, 16, 3)
+    shortcut = from_tiny_sd(built[0], str(tmp_path / "shortcut"))
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        a = getattr(pipe, part).state_dict()
+        b = getattr(StableDiffusionXLPipeline.from_pretrained(shortcut, local_files_only=True), part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
