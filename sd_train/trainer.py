@@ -336,6 +336,9 @@ class Trainer:
         with window.phase("optimizer"):
             self.checkpointer.wait_staged()  # an async save's copy must be done before the weights change
             finite, grad_norm, (signalled, clock_due) = self.strategy.step([self._votes()])
+            # Freed now rather than at the next step's start: the EMA update, evaluation and
+            # checkpoint saves in between then hold no gradients (SD2 at 2 ranks: 1.6 GiB per rank).
+            self.optimizer.zero_grad(set_to_none=True)
         if finite:
             self.lr_schedule.step()
             self.state.step = step

@@ -81,8 +81,10 @@ def model_states(cfg: TrainConfig, numel: int, world_size: int, shard_size: int)
         opt = (4 + adam * 4) * numel // w
         note = f"DeepSpeed ZeRO-{d.zero_stage}: fp32 master + moments over {w} ranks (buckets not counted)"
     ema = shadow if cfg.ema.enabled else 0
-    # The EMA swap copies the pieces the forward reads before it puts the EMA there.
-    backup = params if cfg.ema.enabled and cfg.eval.every_steps else 0
+    # The EMA swap trades values with the pieces the forward reads; only DeepSpeed's bf16 mode
+    # (forward from bf16 partitions, fp32 EMA) copies those pieces first (sd_train.ema.sharded).
+    bf16_mode = d.strategy == "deepspeed" and d.param_dtype == "bf16"
+    backup = params if cfg.ema.enabled and cfg.eval.every_steps and bf16_mode else 0
     return StateSizes(params, grads, opt, ema, k * shadow, backup, note)
 
 
@@ -180,7 +182,6 @@ def build_phases(
                 "eval",
                 [
                     Item("sharded params", st.params),
-                    Item("gradients", st.grads, "kept from the last step"),
                     Item("optimizer state", st.optimizer),
                     *window,
                     *backup,

@@ -106,13 +106,24 @@ def test_plan_items_against_the_live_objects_of_a_one_rank_run(tiny_assets, info
     steps = nbytes(s["step"] for s in strategy.optimizer.state.values())
 
     plan = memory_plan(cfg, 1, None, estimate=None)
-    ev, window = items(plan, "eval"), items(plan, "step+EMA")
-    assert ev["sharded params"] == params and ev["gradients"] == grads and ev["optimizer state"] == moments
+    ev, window, step = items(plan, "eval"), items(plan, "step+EMA"), items(plan, "step")
+    assert ev["sharded params"] == params and step["gradients"] == grads and ev["optimizer state"] == moments
     assert window["EMA"] == ema.local_bytes() and window["post-hoc profiles"] == posthoc.local_bytes()
-    assert ev["EMA swap copy"] == params  # swapped_in clones every piece the forward reads
     assert plan.staging <= staged_bytes <= plan.staging + steps  # Adam's step counters: 4 bytes each
-    step = items(plan, "step")
     assert sum(window.values()) - sum(step.values()) == ema.local_bytes() + posthoc.local_bytes()
+    # Evaluation holds no gradients (freed after the step) and no copy of the weights: the EMA swap
+    # trades values with the pieces, and trading back restores both bitwise.
+    assert "gradients" not in ev and "EMA swap copy" not in ev
+    pieces = layout.forward_views(ema.named_params)
+    raw, shadow = [t.clone() for t in pieces], [t.clone() for t in ema.shadow]
+    gc.collect()
+    before = live_tensor_bytes()
+    with ema.swapped_in():
+        gc.collect()
+        assert live_tensor_bytes() - before <= max(t.nbytes for t in pieces)
+        assert all(torch.equal(t, s) for t, s in zip(pieces, shadow))
+    assert all(torch.equal(t, r) for t, r in zip(pieces, raw))
+    assert all(torch.equal(t, s) for t, s in zip(ema.shadow, shadow))
     load = items(plan, "load")
     assert load["whole UNet"] == 4 * sum(p.numel() for p in unet.parameters())
 
