@@ -219,9 +219,9 @@ def worker_item(
     st = model_states(cfg, sizes.unet_numel, world_size, shard_size)
     method = worker_start_method(cfg.data.worker_start, st.params)
     if method == "forkserver":
-        per = estimate.worker_anon if estimate else 0
-        note = f"{n} + the server x {gib(per)} private at most, forkserver: no copy of the model"
-        return Item("loader workers", (n + 1) * per if n else 0, note)
+        server, per = (estimate.worker_server_anon, estimate.worker_uss) if estimate else (0, 0)
+        note = f"forkserver {gib(server)} + {n} x {gib(per)} (measured on a probe loader): no copy of the model"
+        return Item("loader workers", server + n * per if n else 0, note)
     frozen = sum(i.bytes for i in frozen_items(cfg, sizes))
     per = (estimate.runtime_rss if estimate else 0) + st.params + frozen
     return Item("loader workers", n * per, f"{n} x {gib(per)}, forked: each keeps a copy of the rank at its start")

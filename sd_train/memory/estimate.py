@@ -8,9 +8,9 @@ allocated and no kernel runs, so a CPU can plan a 64-GPU run. Then the evaluatio
 forward (FSDPMemTracker again) and the frozen VAE and text encoders (torch's MemTracker). The
 result is cached (sd_train.memory.record) for the torch-free startup check.
 
-Two things are measured for real: the RSS of this process once the trainer's modules are imported
-(the runtime every rank pays) and the anonymous RSS of a fresh process importing the data modules
-(the most one forkserver loader worker holds privately).
+Measured for real: the RSS of this process once the trainer's modules are imported (the runtime
+every rank pays), and on a probe loader with forkserver workers, the server's anonymous memory and
+each worker's unique memory (USS).
 
     python -m sd_train.memory.estimate --config configs/sd2_base_256.yaml --world-size 8 [overrides]
 
@@ -64,19 +64,37 @@ def rss_bytes() -> int:
     return 0
 
 
-def worker_anon_bytes() -> int:
-    """Anonymous RSS (RssAnon) of a fresh interpreter that imported the loader's modules: the most a
-    loader worker started from the forkserver can come to hold privately (its libraries' pages are
-    file-backed and shared with the rank; its anonymous pages start shared with the server)."""
-    code = (
-        "import sd_train.data.loader, sys; "
-        "sys.stdout.write([l for l in open('/proc/self/status') if l.startswith('RssAnon:')][0])"
-    )
+# A loader with 2 forkserver workers over an in-memory data set, 40 batches: the server's anonymous
+# memory (what the rank's preloaded modules cost it once) and each worker's unique memory (USS).
+_WORKER_PROBE = """
+import sys, psutil, torch
+from torch.utils.data import DataLoader, TensorDataset
+from sd_train.data.loader import worker_context
+if __name__ == "__main__":
+    loader = DataLoader(TensorDataset(torch.randn(512, 4, 32, 32)), batch_size=2, num_workers=2,
+                        multiprocessing_context=worker_context("forkserver"))
+    it = iter(loader)
+    for _ in range(40):
+        next(it)
+    kids = psutil.Process().children(recursive=True)
+    workers = [k for k in kids if k.ppid() != psutil.Process().pid]
+    server = [k for k in kids if k.ppid() == psutil.Process().pid and "forkserver" in " ".join(k.cmdline())]
+    anon = [int(l.split()[1]) * 1024 for l in open(f"/proc/{server[0].pid}/status") if l.startswith("RssAnon:")]
+    sys.stdout.write(f"{anon[0]} {max(w.memory_full_info().uss for w in workers)}")
+"""
+
+
+def worker_memory() -> tuple[int, int]:
+    """(the forkserver's anonymous RSS, one loader worker's unique memory), measured on a probe
+    loader in a child interpreter; (0, 0) if the probe fails."""
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-        return int(out.stdout.split()[1]) * 1024
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        return 0
+        out = subprocess.run(
+            [sys.executable, "-c", _WORKER_PROBE], capture_output=True, text=True, timeout=600, check=True
+        )
+        server, worker = (int(v) for v in out.stdout.split())
+        return server, worker
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return 0, 0
 
 
 def _snapshot(tracker: MemTracker) -> dict[str, int]:
@@ -232,6 +250,7 @@ def estimate_step(cfg: TrainConfig, world_size: int, shard_size: int) -> StepEst
     finally:
         dist.destroy_process_group()
     sizes.update(vae_numel=vae_numel, text_encoder_numel=text_numel, unet_file_bytes=4 * sizes["unet_numel"])
+    server, worker = worker_memory()
     return StepEstimate(
         key=key,
         step=step,
@@ -239,7 +258,8 @@ def estimate_step(cfg: TrainConfig, world_size: int, shard_size: int) -> StepEst
         decode_transient=decode,
         encode_transient=encode,
         runtime_rss=runtime,
-        worker_anon=worker_anon_bytes(),
+        worker_server_anon=server,
+        worker_uss=worker,
         sizes=sizes,
         seconds=round(time.perf_counter() - started, 1),
     )

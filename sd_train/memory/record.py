@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from sd_train.config import TrainConfig
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 VAL_BATCH = 16  # sd_train.evaluation.VAL_BATCH: the validation loss's forward batch
 
 
@@ -130,9 +130,11 @@ class StepEstimate:
     """Online encoding (data.precomputed=false): the VAE encode and text encoder of a micro-batch."""
     runtime_rss: int = 0
     """RSS of a process once the trainer's modules are imported (interpreter, torch, diffusers)."""
-    worker_anon: int = 0
-    """Anonymous RSS of a process holding torch and the data modules: the most a loader worker
-    started from the forkserver holds privately (no model; its libraries are shared pages)."""
+    worker_server_anon: int = 0
+    """Anonymous RSS of the loader's forkserver (torch and the data modules, preloaded once a rank)."""
+    worker_uss: int = 0
+    """Unique memory (USS) of one loader worker forked from that server, after 40 batches of a probe
+    loader: what each worker adds (its libraries and the server's pages stay shared)."""
     sizes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     cached_at: Optional[str] = None

@@ -160,7 +160,12 @@ def test_fake_tensor_estimate_matches_the_tracker_on_real_tensors(tiny_assets, i
     ]
     subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True)
     est = cached_estimate(estimate_key(cfg, 1, 1))
-    assert est is not None and est.runtime_rss > 100 * 2**20 and est.worker_anon > 50 * 2**20
+    assert (
+        est is not None
+        and est.runtime_rss > 100 * 2**20
+        and est.worker_server_anon > 50 * 2**20
+        and 0 < est.worker_uss < est.worker_server_anon
+    )
 
     unet = UNet2DConditionModel.from_pretrained(tiny_assets["model"], subfolder="unet")
     strategy = FSDPStrategy(cfg.dist, info, 1.0, fsdp_units, cfg.perf, block_layers)
@@ -191,7 +196,9 @@ def synthetic_estimate(cfg, activations: int) -> StepEstimate:
     states = 4 * sizes.unet_numel * 3
     step = {"Sharded Param": 4 * sizes.unet_numel, "OptState": 8 * sizes.unet_numel, "Activation": activations}
     step["Total"] = states + activations
-    return StepEstimate(estimate_key(cfg, 1, 1), step, runtime_rss=300 * 2**20, worker_anon=150 * 2**20)
+    return StepEstimate(
+        estimate_key(cfg, 1, 1), step, runtime_rss=300 * 2**20, worker_server_anon=150 * 2**20, worker_uss=50 * 2**20
+    )
 
 
 def test_a_config_that_cannot_fit_is_refused_with_its_largest_items_and_fixes(tiny_assets, cache, capsys):
