@@ -10,9 +10,10 @@ predicted peak of rank 0 includes the export it runs alone after training, the o
 
 The tiny and 28.6M runs are configs/test.yaml (12 steps, EMA from step 8, one post-hoc profile,
 evaluation every 6 steps, checkpoints every 4, the export). The SD2-shaped run at 1 rank is
-configs/sd2_base_256.yaml at micro-batch 2 for 2 steps with the EMA off (with it, 1 rank holds ~21
-GB, too close to this 24 GiB machine's memory); its 2-rank run is bench/rehearse.py's.
-Needs ~16 GB free for the SD2 run: run it under /work/heavy.lock.
+configs/sd2_base_256.yaml at micro-batch 2 for 2 steps with SGD and the EMA off: with AdamW's
+moments and the EMA one rank holds ~17 GiB, more than this shared machine has free while other jobs
+run (a try thrashed at 334 s a step). Its 2-rank runs are bench/rehearse.py's. Needs ~9 GiB free
+for the SD2 run: run it under /work/heavy.lock.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def small_case(root: Path, size: str) -> tuple[str, list[str]]:
 
 
 def sd2_case(root: Path) -> tuple[str, list[str]]:
-    a = sd2_assets(str(root / "sd2"))
+    a = sd2_assets(str(root))
     return SD2, [
         f"model.pretrained_path={a['model']}",
         f"data.train_shards={a['train_shards']}",
@@ -64,6 +65,7 @@ def sd2_case(root: Path) -> tuple[str, list[str]]:
         "micro_batch_size=2",
         "optim.warmup_steps=1",
         "ema.enabled=false",
+        "optim.name=sgd",
         "eval.every_steps=0",
         "checkpoint.every_steps=2",
         "checkpoint.keep_last_k=2",
@@ -108,6 +110,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--root", default="/tmp/sd-train-bench-memory", help="assets, runs and the estimate cache")
     p.add_argument("--cases", default="tiny,30m,sd2")
     p.add_argument("--worlds", default="1,2")
+    p.add_argument("--sd2-assets", default="/tmp/sd-train-rehearsal/assets", help="shared with bench/rehearse.py")
     ns = p.parse_args(argv)
     root = Path(ns.root)
     os.environ.setdefault("SD_TRAIN_CACHE", str(root / "cache"))
@@ -115,7 +118,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = []
     for name in ns.cases.split(","):
-        config, overrides = sd2_case(root) if name == "sd2" else small_case(root, name)
+        config, overrides = sd2_case(Path(ns.sd2_assets)) if name == "sd2" else small_case(root, name)
         for world in [int(w) for w in ns.worlds.split(",")]:
             if name == "sd2" and world != 1:
                 continue  # bench/rehearse.py measures the 2-rank SD2 run

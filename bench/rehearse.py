@@ -7,10 +7,13 @@ architecture; a 2-layer 1024-wide text encoder with the tiny tokenizer; random w
 images at 256 px precomputed into latents, and 4 held-out images (bench/sd_folder.py). Then it runs
 the shipped template with only paths and lengths overridden (plus the EMA tolerance, which a 3-step
 window cannot meet at decay 0.9999, and one post-hoc profile, which the template does not track):
-- launch A: steps 1-4, the EMA window and the post-hoc profile open at step 3, a checkpoint at 4,
-  then SIGTERM (fault injection) after it: the run saves and stops, as when preempted;
+- launch A: steps 1-4, the EMA window (and the profile) open at step 3, a checkpoint at 4, then
+  SIGTERM (fault injection) after it: the run saves and stops, as when preempted;
 - launch B: resumes from step 4, steps 5-6, evaluation (raw and EMA), the last checkpoint and the
   export (rank 0, from that checkpoint, after the process group is gone).
+The plan is made against the memory free when it starts (the machine is shared). If the EMA and the
+profile do not fit together, the plan's refusal is printed, A and B run the EMA alone, and launch C
+runs the profile alone (the EMA off, 2 steps, its snapshot, the export).
 
 It prints the memory plan, predicted against measured peak RSS per rank for each launch (VmHWM,
 bench/hwm_rank.py), seconds per step, the EMA update against a copy of the same bytes (2 processes
@@ -67,12 +70,12 @@ OTHERS = ["ema.tolerance=0.9999", "ema.posthoc.sigma_rels=[0.1]", "metrics.wandb
 PREEMPT = "rank=0,step=4,phase=before_retention,action=term"
 
 
-def plan_for(overrides: list[str]) -> tuple[MemoryPlan, list[str]]:
+def plan_for(overrides: list[str], host_memory: int | None = None) -> tuple[MemoryPlan, list[str]]:
     cfg = load_config(CONFIG, overrides)
     cfg.validate(WORLD)
     cfg = preflight(cfg, WORLD, environ={})
     env = {"RANK": "0", "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD), "LOCAL_RANK": "0"}
-    plan = startup_plan(cfg, WORLD, environ=env, estimate_now=True)
+    plan = startup_plan(cfg, WORLD, environ=env, estimate_now=True, host_memory=host_memory)
     return plan, [f"checkpoint.async_save={str(with_async_decided(cfg, plan).checkpoint.async_save).lower()}"]
 
 
@@ -108,11 +111,29 @@ def copy_ms(numel: int) -> float:
     return 1000 * max(times)
 
 
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def predicted(plan: MemoryPlan, columns: tuple[str, ...], rank: int) -> int:
+    """The plan's host peak of one rank over the phases a launch goes through."""
+    phases = [p for p in plan.phases if p.column in columns and (rank == 0 or not p.rank0_only)]
+    return max(p.host_bytes(plan.cpu) for p in phases)
+
+
+def launch(name: str, args: list[str], root: Path, env: dict | None = None, expect: str = "") -> Measured:
+    m = run_ranks(WORLD, args, root / f"launch_{name}.log", env=env)
+    if m.rc or (expect and expect not in m.log):
+        raise SystemExit(f"launch {name} exited {m.rc}: see {root / f'launch_{name}.log'}")
+    return m
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="/tmp/sd-train-rehearsal")
     p.add_argument("--workers-compare", action="store_true")
-    p.add_argument("--keep", action="store_true", help="keep the run folder (checkpoints: ~28 GB)")
+    p.add_argument("--keep", action="store_true", help="keep the run folders (checkpoints: ~28 GB)")
     ns = p.parse_args(argv)
     root = Path(ns.root)
     os.environ.setdefault("SD_TRAIN_CACHE", str(root / "cache"))
@@ -121,65 +142,80 @@ def main(argv: list[str]) -> int:
     if free < 45e9:
         raise SystemExit(f"rehearse: {free / 1e9:.0f} GB free under {root.parent}, needs ~45 GB")
     assets = sd2_assets(str(root / "assets"))
-    out = root / "run"
-    shutil.rmtree(out, ignore_errors=True)
     paths = [
         f"model.pretrained_path={assets['model']}",
         f"data.train_shards={assets['train_shards']}",
         f"data.val_shards={assets['val_shards']}",
-        f"output_dir={out}",
     ]
-    overrides = [*paths, *LENGTHS, *OTHERS, "dist.memory_check=cached"]
-    plan, decided = plan_for(overrides)
-    print(plan.describe(), flush=True)
+    base = [*paths, *LENGTHS, *OTHERS, "dist.memory_check=cached"]
+    # The machine is shared: plan against the memory free now, not MemTotal.
+    available = mem_available()
+    full, decided = plan_for([*base, f"output_dir={root / 'run'}"], available)
+    print(full.describe(), flush=True)
+    figures: dict = {"mem_available_gib": available / GIB, "plan_async_save": decided[0]}
+    if full.overages():
+        # The EMA and a post-hoc profile do not fit together here: rehearse them in turn, the EMA
+        # in launches A and B, the profile in launch C (the EMA off), as the plan's fix says.
+        figures["refused_with_the_profile"] = "; ".join(full.overages()) + " | fixes: " + "; ".join(full.fixes())
+        print(f"plan with the post-hoc profile: {figures['refused_with_the_profile']}", flush=True)
+        base = [*base, "ema.posthoc.sigma_rels=[]"]
+    out = root / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    plan, _ = plan_for([*base, f"output_dir={out}"], available)
     plan.check()
-    args = ["--config", CONFIG, *overrides]
-    a = run_ranks(WORLD, args, root / "launch_a.log", env={"SD_TRAIN_FAULT": PREEMPT})
-    if a.rc or "preempted" not in a.log:
-        raise SystemExit(f"launch A exited {a.rc}: see {root / 'launch_a.log'}")
-    b = run_ranks(WORLD, args, root / "launch_b.log")
-    if b.rc or "resumed from" not in b.log:
-        raise SystemExit(f"launch B exited {b.rc}: see {root / 'launch_b.log'}")
-    rows = metrics_rows(out)
-    steps = [r["speed/step_time_s"] for r in rows if "speed/step_time_s" in r and r["step"] not in (1, 5)]
-    ema_ms = [r["speed/ema_ms"] for r in rows if r.get("step", 0) > 3 and "speed/ema_ms" in r]
-    saves = [r for r in rows if "checkpoint/step" in r]
-    export_s, export_peak = export_figures(b)
-    shard_numel = plan_numel(plan)
-    copy = copy_ms(shard_numel)
-    shadows = 2  # the EMA and one post-hoc profile, each one lerp over the rank's shard
-    predicted = {"A": [plan.host_peak(rank0=False)[0]] * WORLD, "B": [plan.host_peak()[0], plan.host_peak(False)[0]]}
-    export_predicted = next(ph for ph in plan.phases if ph.rank0_only).host_bytes(True)
+    args = ["--config", CONFIG, *base, f"output_dir={out}"]
+    a = launch("a", args, root, {"SD_TRAIN_FAULT": PREEMPT}, "preempted")
+    b = launch("b", args, root, expect="resumed from")
+    rows = [("A: steps 1-4, EMA from 3, preempted", a, plan, ("load", "step", "step+EMA"))]
+    rows.append(("B: resume, 5-6, eval, export", b, plan, ("load", "step", "step+EMA", "eval", "export")))
+    if full.overages():
+        c_out = root / "run_posthoc"
+        shutil.rmtree(c_out, ignore_errors=True)
+        c_over = [*paths, *LENGTHS, *OTHERS, "dist.memory_check=cached", f"output_dir={c_out}", "max_steps=2",
+                  "ema.enabled=false", "ema.posthoc.step_start=1", "ema.posthoc.snapshot_every=2",
+                  "eval.every_steps=0", "checkpoint.every_steps=2"]  # fmt: skip
+        c_plan, _ = plan_for(c_over, available)
+        c_plan.check()
+        c = launch("c", ["--config", CONFIG, *c_over], root, expect="exported")
+        rows.append(("C: post-hoc profile, steps 1-2, export", c, c_plan, ("load", "step", "step+EMA", "export")))
     table = []
-    for name, m in (("A: steps 1-4, preempted", a), ("B: resume, 5-6, eval, export", b)):
+    for name, m, pl, cols in rows:
         for r in range(WORLD):
-            pred = predicted[name[0]][r]
+            pred = predicted(pl, cols, r)
             table.append([name, r, pred / GIB, m.rank_peak[r] / GIB, pred / m.rank_peak[r] - 1])
     print_table(["launch", "rank", "predicted GiB", "measured GiB", "error"], table)
-    figures = {
-        "plan_async_save": decided[0],
-        "peak_error_max": max(abs(row[4]) for row in table),
-        "s_per_step_median": statistics.median(steps) if steps else None,
-        "ema_update_ms_median": statistics.median(ema_ms) if ema_ms else None,
-        "copy_ms_same_bytes": shadows * copy,
-        "ema_over_copy": statistics.median(ema_ms) / (shadows * copy) if ema_ms else None,
-        "checkpoint_bytes_per_rank": [r.get("checkpoint/bytes_per_rank") for r in saves],
-        "checkpoint_save_s": [round(r["checkpoint/save_s"], 1) for r in saves],
-        "export_s": export_s,
-        "export_peak_gib": export_peak / GIB,
-        "export_predicted_gib": export_predicted / GIB,
-        "worker_rss_uss_gib": [round(m.worker_rss / GIB, 3) for m in (a, b)] + [round(b.worker_uss / GIB, 3)],
-        "launch_seconds": [round(a.seconds), round(b.seconds)],
-    }
+    metrics = metrics_rows(out)
+    steps = [r["speed/step_time_s"] for r in metrics if "speed/step_time_s" in r and r["step"] not in (1, 5)]
+    ema_ms = [r["speed/ema_ms"] for r in metrics if r.get("step", 0) > 3 and "speed/ema_ms" in r]
+    saves = [r for r in metrics if "checkpoint/step" in r]
+    export_s, export_peak = export_figures(b)
+    shadows = 1 if full.overages() else 2  # the EMA (and the post-hoc profile), one lerp each
+    copy = copy_ms(plan_numel(plan))
+    figures.update(
+        peak_error_max=max(abs(row[4]) for row in table),
+        s_per_step_median=statistics.median(steps) if steps else None,
+        ema_update_ms_median=statistics.median(ema_ms) if ema_ms else None,
+        copy_ms_same_bytes=shadows * copy,
+        ema_over_copy=statistics.median(ema_ms) / (shadows * copy) if ema_ms else None,
+        checkpoint_bytes_per_rank=[r.get("checkpoint/bytes_per_rank") for r in saves],
+        checkpoint_save_s=[round(r["checkpoint/save_s"], 1) for r in saves],
+        export_s=export_s,
+        export_peak_gib=export_peak / GIB,
+        export_predicted_gib=next(ph for ph in plan.phases if ph.rank0_only).host_bytes(True) / GIB,
+        worker_rss_uss_gib=[round(b.worker_rss / GIB, 3), round(b.worker_uss / GIB, 3)],
+        workers_predicted_gib=plan.workers.bytes / GIB,
+        launch_seconds=[round(m.seconds) for _, m, _, _ in rows],
+        table=[[n, r, round(p, 3), round(m, 3), round(e, 3)] for n, r, p, m, e in table],
+    )
     for k, v in figures.items():
         print(f"{k}: {v}")
     if ns.workers_compare:
-        figures["workers_fork_vs_forkserver"] = compare_workers(paths[:-1], root)
+        figures["workers_fork_vs_forkserver"] = compare_workers(paths, root)
     if not ns.keep:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        shutil.rmtree(out / "export", ignore_errors=True)
-        shutil.rmtree(out / "posthoc", ignore_errors=True)
-    emit_json("rehearse_sd2_base_256", {k: v for k, v in figures.items()})
+        for folder in (out, root / "run_posthoc"):
+            for sub in ("checkpoints", "export", "posthoc"):
+                shutil.rmtree(folder / sub, ignore_errors=True)
+    emit_json("rehearse_sd2_base_256", figures)
     return 0
 
 
