@@ -152,7 +152,9 @@ class MemoryPlan:
             return
         peak, phase = self.device_peak()
         largest = sorted(phase.items(self.cpu), key=lambda i: -i.bytes)[:4]
-        fixes = self.fixes()
+        found = self.fixes()
+        fixes = [f for f in found if "(not sized" not in f]
+        unsized = [f for f in found if "(not sized" in f]
         raise ConfigError(
             "memory plan: "
             + "; ".join(over)
@@ -162,6 +164,7 @@ class MemoryPlan:
             + ". "
             + (("Fixes that fit: " + "; ".join(fixes)) if fixes else "No single change of micro-batch, "
                "checkpointing, saving or EMA fits: use more ranks (a larger shard group) or a larger device")
+            + (". Also worth estimating: " + "; ".join(unsized) if unsized else "")
             + (" (lower bound: the step was not estimated)" if not self.complete else "")
         )  # fmt: skip
 

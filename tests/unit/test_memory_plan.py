@@ -210,7 +210,7 @@ def test_a_config_that_cannot_fit_is_refused_with_its_largest_items_and_fixes(ti
     assert "memory plan: the per-rank peak" in err and "exceeds dist.memory_budget_gb=2" in err
     assert "Largest items (training step" in err and "activations 3.00 GiB" in err and "runtime" in err
     assert "Fixes that fit: micro_batch_size=2 (gradient accumulation x2; peak 1.90 GiB" in err
-    assert "model.gradient_checkpointing=true (not sized" in err
+    assert "Also worth estimating: model.gradient_checkpointing=true (not sized" in err
     assert entry.main([*args, "--plan", "dist.memory_budget_gb=4"]) == 0  # 3 GiB of activations fit in 4
 
 
