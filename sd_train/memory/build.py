@@ -88,7 +88,16 @@ def model_states(cfg: TrainConfig, numel: int, world_size: int, shard_size: int)
     return StateSizes(params, grads, opt, ema, k * shadow, backup, note)
 
 
-def step_items(estimate: Optional[StepEstimate], states: StateSizes, fsdp: bool) -> list[Item]:
+def gathered_note(cfg: TrainConfig, sizes: ModelSizes) -> str:
+    """The closed form beside the tracker's figure: the largest unit, gathered in the params' dtype,
+    times the units held at once (one, plus `dist.prefetch` ahead)."""
+    name, n = sizes.largest_unit
+    pd = 2 if cfg.dist.param_dtype == "bf16" else 4
+    held = 1 + cfg.dist.prefetch
+    return f"largest unit {name}: {n:,} params, {gib(n * pd)} gathered, x {held} with prefetch {cfg.dist.prefetch}"
+
+
+def step_items(estimate: Optional[StepEstimate], states: StateSizes, fsdp: bool, gathered: str = "") -> list[Item]:
     """The training step's peak, item by item: FSDPMemTracker's snapshot at the peak. ddp and
     DeepSpeed are estimated as one unsharded replica, so their model states are the closed form's."""
     if estimate is None:
@@ -104,7 +113,8 @@ def step_items(estimate: Optional[StepEstimate], states: StateSizes, fsdp: bool)
         value = int(sum(estimate.step.get(c, 0) for c in cats))
         if not fsdp and name in closed and (value or name != "gradients"):
             value = closed[name]
-        items.append(Item(name, value, states.note if name == "sharded params" else ""))
+        note = {"sharded params": states.note, "gathered units": gathered}.get(name, "")
+        items.append(Item(name, value, note))
     return items
 
 
@@ -148,7 +158,8 @@ def build_phases(
         runtime,
         *([Item("async-save staging", staging, "a copy of the rank's state, kept for the run")] if staging else []),
     ]
-    step = [*step_items(estimate, st, cfg.dist.strategy == "fsdp2"), *frozen, *cuda]
+    fsdp = cfg.dist.strategy == "fsdp2"
+    step = [*step_items(estimate, st, fsdp, gathered_note(cfg, sizes) if fsdp else ""), *frozen, *cuda]
     if not cfg.data.precomputed and estimate is not None and estimate.encode_transient:
         step.append(Item("online encoding", 0, f"{gib(estimate.encode_transient)} before the forward, not at the peak"))
     window = []

@@ -118,7 +118,7 @@ class MemoryPlan:
         exporting alone after the others have exited."""
         training = [p.host_bytes(self.cpu) for p in self.phases if not p.rank0_only]
         alone = [p.host_bytes(self.cpu) for p in self.phases if p.rank0_only]
-        return max(self.limits.ranks_per_node * (max(training) + self.workers.bytes), *alone)
+        return max([self.limits.ranks_per_node * (max(training) + self.workers.bytes), *alone])
 
     def overages(self) -> list[str]:
         """Each limit the plan exceeds, as a sentence; empty when it fits."""

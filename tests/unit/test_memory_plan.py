@@ -221,6 +221,10 @@ def test_the_lower_bound_refuses_without_an_estimate(tiny_assets, cache, capsys)
     assert "optimizer state" in err and "(lower bound: the step was not estimated)" in err
     assert entry.main([*args, "--plan", "dist.memory_budget_gb=1"]) == 0
     assert "memory verdict: fits" in capsys.readouterr().out
+    # Without the export and the evaluation (their phases absent) the plan is made all the same.
+    assert entry.main([*args, "--plan", "export_at_end=false", "eval.every_steps=0"]) == 0
+    out = capsys.readouterr().out
+    assert "memory verdict: fits" in out and "export" not in out.split("Memory plan")[1].splitlines()[1]
 
 
 def test_async_save_auto_is_decided_by_the_host(tiny_assets):
