@@ -2,6 +2,7 @@
 an untrained VAE, to stay fast) through the same commands `make demo` uses."""
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 # The memory plan's step estimates are cached per configuration: the tests keep theirs apart.
 os.environ.setdefault("SD_TRAIN_CACHE", tempfile.mkdtemp(prefix="sd-train-test-cache-"))
+
+# `make test` starts the single-process session in the background (`&`), and a non-interactive shell
+# starts background jobs with SIGINT ignored. Python then keeps the ignore, and so does every process a
+# test starts: a run that respects an inherited ignore (as nohup'd jobs should) would never see the
+# Ctrl-C the tests press. Put back what a terminal's foreground job has; children then start with the
+# default action.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

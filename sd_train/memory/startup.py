@@ -6,7 +6,6 @@ computed by a child process when `dist.memory_check=estimate` and none is cached
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import subprocess
@@ -19,21 +18,8 @@ from typing import Optional
 from sd_train.config import TrainConfig, dump_config
 from sd_train.config.launcher import read_launch_env
 from sd_train.memory.build import gpu_memory_bytes, memory_plan, plan_shard_size
-from sd_train.memory.plan import GIB, MemoryPlan
+from sd_train.memory.plan import MemoryPlan
 from sd_train.memory.record import cached_estimate, estimate_key
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """The memory plan's inputs for planning another machine than this one."""
-    parser.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: the launcher's)")
-    parser.add_argument("--ranks-per-node", type=int, default=None, help="ranks on one node (default: min(world, 8))")
-    parser.add_argument("--gpu-memory-gb", type=float, default=None, help="plan a GPU run with this much per GPU (GiB)")
-    parser.add_argument(
-        "--host-memory-gb", type=float, default=None, help="host memory of a node (GiB; default: this one's)"
-    )
-    parser.add_argument(
-        "--estimate", action="store_true", help="estimate the training step on fake tensors now if it is not cached"
-    )
 
 
 def run_estimator(cfg: TrainConfig, world_size: int, shard_size: int) -> Optional[str]:
@@ -83,19 +69,6 @@ def startup_plan(
     if device_memory is None:
         device_memory = gpu_memory_bytes(cfg.dist.backend)
     return memory_plan(cfg, world_size, device_memory, host_memory=host_memory, ranks_per_node=rpn)
-
-
-def plan_from_arguments(cfg: TrainConfig, ns: argparse.Namespace, world_size: int) -> MemoryPlan:
-    """`startup_plan` with the inputs of `add_plan_arguments` (for `--plan` and `sd-train plan`)."""
-    gb = lambda v: None if v is None else int(v * GIB)  # noqa: E731
-    return startup_plan(
-        cfg,
-        ns.world_size or world_size,
-        estimate_now=ns.estimate or None,
-        device_memory=gb(ns.gpu_memory_gb),
-        host_memory=gb(ns.host_memory_gb),
-        ranks_per_node=ns.ranks_per_node,
-    )
 
 
 def with_async_decided(cfg: TrainConfig, plan: Optional[MemoryPlan]) -> TrainConfig:
