@@ -21,6 +21,7 @@ from sd_train import __version__, console
 from sd_train.config import ConfigError, TrainConfig, load_config
 from sd_train.config.launcher import read_launch_env
 from sd_train.memory.plan import MemoryPlan
+from sd_train.memory.sizes import UnsizedModel
 from sd_train.memory.startup import with_async_decided
 from sd_train.preflight import preflight
 from sd_train.run_plan import PlanTarget, memory_plan_for, plan_lines, plan_target
@@ -144,7 +145,11 @@ def checked_memory(cfg: TrainConfig, ns: argparse.Namespace) -> tuple[TrainConfi
     (`print_plan`). Raises ConfigError when a start does not fit."""
     if not ns.plan and cfg.dist.memory_check == "off":
         return with_async_decided(cfg, None), None
-    memory = memory_plan_for(cfg, ns.target)
+    try:
+        memory = memory_plan_for(cfg, ns.target)
+    except UnsizedModel as e:  # nothing to plan with: said, not refused (the load will say more)
+        log.warning(f"memory plan: not made, nothing checked: {e}")
+        return with_async_decided(cfg, None), None
     cfg = with_async_decided(cfg, memory)
     if not ns.plan:
         log.info(memory.describe())

@@ -155,8 +155,8 @@ def memory_plan_for(cfg: TrainConfig, target: PlanTarget) -> MemoryPlan:
 
 def memory_lines(memory: Optional[MemoryPlan]) -> list[str]:
     """The memory plan's per-rank peaks, phase by phase (sd_train.memory.plan), or why there is none."""
-    if memory is None:
-        return ["Memory plan: off (dist.memory_check=off)"]
+    if memory is None:  # the model folder could not be sized (the warning above says why)
+        return ["Memory plan: not made (see the warning above): nothing checked"]
     return memory.describe().splitlines()
 
 

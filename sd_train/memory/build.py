@@ -16,10 +16,9 @@ from sd_train.config import TrainConfig
 from sd_train.config.launcher import LaunchEnv, shard_group_size
 from sd_train.data.workers import worker_start_method
 from sd_train.ema.plan import resolve_step_start
-from sd_train.errors import ConfigError
 from sd_train.memory.plan import CUDA_RESERVE, GIB, Item, Limits, MemoryPlan, Phase, gib
 from sd_train.memory.record import StepEstimate, cached_estimate, estimate_key
-from sd_train.memory.sizes import ModelSizes, read_model_sizes
+from sd_train.memory.sizes import ModelSizes, UnsizedModel, read_model_sizes
 
 # Step-estimate categories (FSDPMemTracker's names) -> plan items
 STEP_ITEMS = {
@@ -308,8 +307,8 @@ def memory_plan(
     bytes of one node (default: this machine's MemTotal). `ranks_per_node`: default
     min(world_size, 8). `estimate`: the step estimate to use; "cached" looks it up (None if there is
     none, which makes the plan a lower bound). `checkpoint.async_save=auto` is decided here: async
-    when the plan fits with the staging copy. Raises ConfigError when the model folder cannot be
-    sized."""
+    when the plan fits with the staging copy. Raises UnsizedModel (a ConfigError) when the model
+    folder cannot be sized."""
     if "auto" in (cfg.dist.strategy, cfg.dist.param_dtype, cfg.dist.fsdp_units):
         raise ValueError("memory_plan needs a resolved config (sd_train.preflight.preflight)")
     rpn = ranks_per_node or min(world_size, 8)
@@ -319,7 +318,7 @@ def memory_plan(
     if sizes is None:
         try:
             sizes = read_model_sizes(cfg.model.pretrained_path, cfg.dist.fsdp_units)
-        except ConfigError:
+        except UnsizedModel:
             if estimate is None or not estimate.sizes:
                 raise
             sizes = ModelSizes(**estimate.sizes).regroup(cfg.dist.fsdp_units)

@@ -28,6 +28,11 @@ _TRANSFORMER = re.compile(
 )
 
 
+class UnsizedModel(ConfigError):
+    """The model folder holds no safetensors weights to count, and no step estimate has counted
+    them: there is no memory plan to make (a start or a preview says so and goes on unchecked)."""
+
+
 def safetensors_header(path: Path) -> dict[str, dict]:
     """{tensor name: {"dtype", "shape", ...}} of one .safetensors file (its `__metadata__` dropped)."""
     with open(path, "rb") as f:
@@ -135,10 +140,10 @@ def read_model_sizes(model_path: str, fsdp_units: str = "blocks") -> ModelSizes:
     for part in ("unet", "vae", *encoders):
         tensors = folder_tensors(root / part) if (root / part).is_dir() else None
         if tensors is None:
-            raise ConfigError(
+            raise UnsizedModel(
                 f"model.pretrained_path={model_path!r}: {part}/ holds no .safetensors weights, so the memory plan "
                 "cannot count its parameters from the file headers; convert it to safetensors, or let the plan "
-                "build it on fake tensors (dist.memory_check=estimate)"
+                "build it on fake tensors (dist.memory_check=estimate, or `sd-train plan --estimate`)"
             )
         parts[part] = tensors
     unet = {name: numel(t["shape"]) for name, t in parts["unet"].items()}
