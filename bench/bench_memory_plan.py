@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from benchlib import emit_json, print_table
-from memlib import GIB, REPO, run_ranks
+from memlib import GIB, REPO, metrics_rows, run_ranks
 from sd_folder import build_sd_folder, emoji_data, sd2_assets
 
 from sd_train.config import load_config
@@ -75,6 +75,43 @@ def sd2_case(root: Path) -> tuple[str, list[str]]:
     ]
 
 
+def sd2_gpu_case(root: Path) -> tuple[str, list[str]]:
+    """The template on one GPU: its optimizer, dtypes and EMA, 6 steps with the window open at 3."""
+    a = sd2_assets(str(root))
+    return SD2, [
+        f"model.pretrained_path={a['model']}",
+        f"data.train_shards={a['train_shards']}",
+        f"data.val_shards={a['val_shards']}",
+        "data.mode=resampled",
+        "data.num_workers=2",
+        "max_steps=6",
+        "global_batch_size=32",
+        "micro_batch_size=32",
+        "optim.warmup_steps=1",
+        "ema.step_start_ema=3",
+        "ema.tolerance=0.9999",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=6",
+        "metrics.log_every=1",
+        "metrics.wandb=false",
+    ]
+
+
+def device_figures(plan, out: Path) -> dict:
+    """On a GPU run: the plan's device peak against the CUDA allocator's peaks the trainer logged."""
+    rows = metrics_rows(out)
+    allocated = max((r["memory/peak_allocated_gb"] for r in rows if "memory/peak_allocated_gb" in r), default=0.0)
+    reserved = max((r["memory/peak_reserved_gb"] for r in rows if "memory/peak_reserved_gb" in r), default=0.0)
+    peak, phase = plan.device_peak()
+    return {
+        "device_predicted_gib": round(peak / GIB, 3),
+        "device_phase": phase.name,
+        "device_allocated_gib": round(allocated, 3),
+        "device_reserved_gib": round(reserved, 3),
+        "device_error_vs_reserved": round(peak / GIB / reserved - 1, 3) if reserved else None,
+    }
+
+
 def measure(name: str, config: str, overrides: list[str], world: int, root: Path) -> dict:
     out = root / "runs" / f"{name}-w{world}"
     shutil.rmtree(out, ignore_errors=True)
@@ -90,8 +127,10 @@ def measure(name: str, config: str, overrides: list[str], world: int, root: Path
         raise SystemExit(f"{name} at world {world} exited {measured.rc}: see {out.with_suffix('.log')}")
     predicted = [plan.host_peak(rank0=(r == 0))[0] for r in range(world)]
     errors = [p / m - 1 for p, m in zip(predicted, measured.rank_peak)]
+    device = {} if plan.cpu else device_figures(plan, out)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # SD2's are 14 GB
     return {
+        **device,
         "case": name,
         "world": world,
         "predicted_gib": [round(p / GIB, 3) for p in predicted],
@@ -111,14 +150,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cases", default="tiny,30m,sd2")
     p.add_argument("--worlds", default="1,2")
     p.add_argument("--sd2-assets", default="/tmp/sd-train-rehearsal/assets", help="shared with bench/rehearse.py")
+    p.add_argument("--gpu", action="store_true", help="the SD2-shaped template on one GPU: the device column")
     ns = p.parse_args(argv)
+    if ns.gpu:
+        ns.cases, ns.worlds = "sd2_gpu", "1"
     root = Path(ns.root)
     os.environ.setdefault("SD_TRAIN_CACHE", str(root / "cache"))
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = []
     for name in ns.cases.split(","):
-        config, overrides = sd2_case(Path(ns.sd2_assets)) if name == "sd2" else small_case(root, name)
+        if name in ("sd2", "sd2_gpu"):
+            config, overrides = (sd2_gpu_case if ns.gpu else sd2_case)(Path(ns.sd2_assets))
+        else:
+            config, overrides = small_case(root, name)
         for world in [int(w) for w in ns.worlds.split(",")]:
             if name == "sd2" and world != 1:
                 continue  # bench/rehearse.py measures the 2-rank SD2 run
@@ -131,6 +176,9 @@ def main(argv: list[str]) -> int:
             for r in rows
         ],
     )  # fmt: skip
+    if ns.gpu:
+        keys = ["device_predicted_gib", "device_allocated_gib", "device_reserved_gib", "device_error_vs_reserved"]
+        print_table(["case", "phase", *keys], [[r["case"], r["device_phase"], *(r[k] for k in keys)] for r in rows])
     emit_json("memory_plan", {"rows": rows, "max_abs_error": max(abs(e) for r in rows for e in r["error"])})
     return 0
 

@@ -336,3 +336,32 @@ def test_forkserver_workers_end_with_a_killed_rank(tmp_path):
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
         assert time.monotonic() < deadline, [p for p in pids if psutil.pid_exists(p)]
         time.sleep(0.2)
+
+
+def test_ranks_agree_on_async_saves_when_their_plans_differ(tiny_assets, monkeypatch):
+    """`checkpoint.async_save=auto` is decided by each rank's plan before the process group exists;
+    a rank that planned without its node's estimate may decide otherwise, and the async saver's
+    group is created collectively: one rank's synchronous choice makes every rank's synchronous.
+    The collective is the trainer's MAX all-reduce, here stood in for by a 2-rank answer."""
+    from types import SimpleNamespace
+
+    import sd_train.trainer as trainer_module
+
+    cfg = tiny_cfg(tiny_assets, "checkpoint.async_save=true")
+    votes = []
+
+    def other_rank_chose(sync: float):
+        def all_reduce_max(values, device):  # noqa: ARG001
+            votes.append(values[0])
+            return [max(values[0], sync)]
+
+        return all_reduce_max
+
+    two_ranks = SimpleNamespace(info=SimpleNamespace(world_size=2, device=torch.device("cpu")))
+    agree = trainer_module.Trainer._agreed_async_save
+    monkeypatch.setattr(trainer_module, "all_reduce_max", other_rank_chose(1.0))
+    assert agree(two_ranks, cfg).checkpoint.async_save is False and votes == [0.0]
+    monkeypatch.setattr(trainer_module, "all_reduce_max", other_rank_chose(0.0))
+    assert agree(two_ranks, cfg).checkpoint.async_save is True
+    sync_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, async_save=False))
+    assert agree(two_ranks, sync_cfg).checkpoint.async_save is False and votes[-1] == 1.0
