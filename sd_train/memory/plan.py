@@ -174,20 +174,6 @@ class MemoryPlan:
 
     # ---- output -------------------------------------------------------------------------------
 
-    def figures(self) -> dict[str, float | int | bool | str]:
-        peak, phase = self.device_peak()
-        host, host_phase = self.host_peak()
-        return {
-            "memory/device_peak_bytes": peak,
-            "memory/device_peak_phase": phase.name,
-            "memory/host_peak_bytes": host,
-            "memory/host_peak_phase": host_phase.name,
-            "memory/node_host_bytes": self.node_host_peak(),
-            "memory/estimated": self.complete,
-            "memory/async_save": self.async_save,
-            "memory/staging_bytes": self.staging,
-        }
-
     def describe(self) -> str:
         """The plan as a table: one row per item, one column per phase (GiB per rank)."""
         cols = [p.column for p in self.phases]
