@@ -153,10 +153,12 @@ def build_phases(
     cuda = [] if cpu else [Item("CUDA context and NCCL", CUDA_RESERVE, "assumed, not measured")]
     frozen = frozen_items(cfg, sizes)
     staging = st.params + st.optimizer + st.ema + st.posthoc if async_save else 0
-    host = [
-        runtime,
-        *([Item("async-save staging", staging, "a copy of the rank's state, kept for the run")] if staging else []),
-    ]
+    staged = [Item("async-save staging", staging, "a copy of the rank's state, kept for the run")] if staging else []
+    # DCP's stager allocates the copy at the first async save and keeps it for the run. A run whose
+    # only save is its last step (after the evaluation, the gradients freed) never trains beside it.
+    c = cfg.checkpoint
+    staged_in_steps = bool(staged) and (c.every_minutes > 0 or c.every_steps < cfg.max_steps)
+    host = [runtime, *(staged if staged_in_steps else [])]
     fsdp = cfg.dist.strategy == "fsdp2"
     step = [*step_items(estimate, st, fsdp, gathered_note(cfg, sizes) if fsdp else ""), *frozen, *cuda]
     if not cfg.data.precomputed and estimate is not None and estimate.encode_transient:
@@ -181,42 +183,34 @@ def build_phases(
     ]
     if window:
         phases.append(Phase("training step, EMA window open", "step+EMA", [*step, *window], host))
+    states = [Item("sharded params", st.params), Item("optimizer state", st.optimizer), *window]
     if cfg.eval.every_steps:
-        transient = max(estimate.eval_transient, estimate.decode_transient) if estimate else 0
-        backup = (
-            [Item("EMA swap copy", st.swap_backup, "raw pieces, while the EMA is swapped in")] if st.swap_backup else []
-        )
+        phases.append(eval_phase(estimate, st, states, [*frozen, *cuda], host))
+    if staged and not staged_in_steps:
         phases.append(
-            Phase(
-                "evaluation",
-                "eval",
-                [
-                    Item("sharded params", st.params),
-                    Item("optimizer state", st.optimizer),
-                    *window,
-                    *backup,
-                    Item("forward or VAE decode", transient, "no grad, the larger" if estimate else "not estimated"),
-                    *frozen,
-                    *cuda,
-                ],
-                host,
-            )
+            Phase("last save (its async staging copy)", "save", [*states, *frozen, *cuda], [runtime, *staged])
         )
     if cfg.export_at_end:
-        phases.append(
-            Phase(
-                "export (rank 0, after training)",
-                "export",
-                [],
-                [
-                    runtime,
-                    Item("whole UNet", 4 * p, "read from the final checkpoint, one UNet at a time"),
-                    Item("pipeline's VAE and text encoder(s)", 4 * (sizes.vae_numel + sizes.text_encoder_numel)),
-                ],
-                rank0_only=True,
-            )
-        )
+        export = [
+            runtime,
+            Item("whole UNet", 4 * p, "read from the final checkpoint, one UNet at a time"),
+            Item("pipeline's VAE and text encoder(s)", 4 * (sizes.vae_numel + sizes.text_encoder_numel)),
+        ]
+        phases.append(Phase("export (rank 0, after training)", "export", [], export, rank0_only=True))
     return phases, staging
+
+
+def eval_phase(
+    estimate: Optional[StepEstimate], st: StateSizes, states: list[Item], resident: list[Item], host: list[Item]
+) -> Phase:
+    """The evaluation: the model states and shadows (no gradients: freed after the optimizer
+    step), the larger of the no-grad forward and the VAE decode, the frozen encoders."""
+    transient = max(estimate.eval_transient, estimate.decode_transient) if estimate else 0
+    backup = (
+        [Item("EMA swap copy", st.swap_backup, "raw pieces, while the EMA is swapped in")] if st.swap_backup else []
+    )
+    forward = Item("forward or VAE decode", transient, "no grad, the larger" if estimate else "not estimated")
+    return Phase("evaluation", "eval", [*states, *backup, forward, *resident], host)
 
 
 def worker_item(
