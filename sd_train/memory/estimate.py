@@ -42,7 +42,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from sd_train.config import TrainConfig, load_config
-from sd_train.memory.record import StepEstimate, estimate_key, latent_factor, store_estimate
+from sd_train.memory.record import StepEstimate, estimate_key, latent_factor, step_shape, store_estimate
 from sd_train.model.conditioning import Conditioning
 from sd_train.model.family import TIME_IDS
 from sd_train.model.parallelize import block_layers, fsdp_units
@@ -146,10 +146,11 @@ def unet_step(cfg: TrainConfig, key: dict, mesh) -> tuple[dict[str, int], int, d
     model.train()
     optimizer = build_optimizer(model, cfg.optim, fused=key["fused"])
     scheduler = DDPMScheduler.from_pretrained(cfg.model.pretrained_path, subfolder="scheduler")
-    latent = cfg.data.resolution // latent_factor(cfg.model.pretrained_path)
+    f = latent_factor(cfg.model.pretrained_path)
+    latent = tuple(side // f for side in step_shape(cfg))  # the largest bucket's, or the square
     objective = DiffusionObjective(cfg.objective, scheduler.alphas_cumprod, conditioning(unet.config, 1))
     mb = cfg.micro_batch_size
-    latents, cond = torch.randn(mb, unet.config.in_channels, latent, latent), conditioning(unet.config, mb)
+    latents, cond = torch.randn(mb, unet.config.in_channels, *latent), conditioning(unet.config, mb)
     # The optimizer's state exists from the first step on: created here, outside the tracker,
     # which counts the existing state when it starts.
     for p in model.parameters():
@@ -178,7 +179,7 @@ def unet_step(cfg: TrainConfig, key: dict, mesh) -> tuple[dict[str, int], int, d
     transient = 0
     if batch:
         model.eval()
-        x, c = torch.randn(batch, unet.config.in_channels, latent, latent), conditioning(unet.config, batch)
+        x, c = torch.randn(batch, unet.config.in_channels, *latent), conditioning(unet.config, batch)
         t = torch.zeros(batch, dtype=torch.long)
         tracker = FSDPMemTracker(model, optimizer)
         with tracker, torch.no_grad():
@@ -212,7 +213,7 @@ def frozen_transients(cfg: TrainConfig, key: dict) -> tuple[int, int, int, int]:
     encode = 0
     if not key["precomputed"]:
         mb = cfg.micro_batch_size
-        pixels = torch.randn(mb, 3, cfg.data.resolution, cfg.data.resolution, dtype=vae_dtype)
+        pixels = torch.randn(mb, 3, *step_shape(cfg), dtype=vae_dtype)
         ids = torch.zeros(mb, TOKENS, dtype=torch.long)
         with torch.inference_mode():
             encode = max(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sd_train.config import TrainConfig
+from sd_train.data.buckets import bucket_set, pixel_factor
 
 RECORD_VERSION = 4
 VAL_BATCH = 16  # sd_train.evaluation.VAL_BATCH: the validation loss's forward batch
@@ -58,6 +59,21 @@ def latent_factor(model_path: str) -> int:
     return 2 ** (len(channels) - 1)
 
 
+def step_shape(cfg: TrainConfig) -> tuple[int, int]:
+    """(H, W) in pixels of the estimated step: the bucket with the most pixels when it holds more
+    than `data.resolution`² (a listed set may), else the square. Activations grow with the pixels,
+    and the `generated` and `sdxl` sets keep every bucket within resolution² (sd_train.data.buckets),
+    so for them the square is the largest."""
+    r = cfg.data.resolution
+    if cfg.data.buckets == "none":
+        return r, r
+    buckets = bucket_set(cfg.data, pixel_factor(cfg.model.pretrained_path))
+    if buckets is None:
+        return r, r
+    largest = max(buckets.sizes, key=lambda s: s[0] * s[1])
+    return largest if largest[0] * largest[1] > r * r else (r, r)
+
+
 def eval_batches(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """(validation forward batch, sampling forward batch) of sd_train.evaluation on one rank; 0 when
     that part does not run."""
@@ -76,7 +92,8 @@ def estimate_key(cfg: TrainConfig, world_size: int, shard_size: int) -> dict[str
     fsdp = d.strategy == "fsdp2"
     text = _json(root / "text_encoder" / "config.json")
     text_2 = _json(root / "text_encoder_2" / "config.json")
-    return {
+    shape = step_shape(cfg)
+    key = {
         "version": RECORD_VERSION,
         "torch": _version("torch"),
         "diffusers": _version("diffusers"),
@@ -107,6 +124,9 @@ def estimate_key(cfg: TrainConfig, world_size: int, shard_size: int) -> dict[str
         "eval_batches": list(eval_batches(cfg, world_size)),
         "prompts": len(cfg.eval.prompts) if cfg.eval.every_steps else 0,
     }
+    if shape != (cfg.data.resolution,) * 2:  # only then: the square runs' cached estimates stay valid
+        key["bucket"] = list(shape)
+    return key
 
 
 def key_hash(key: dict[str, Any]) -> str:

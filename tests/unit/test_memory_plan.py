@@ -381,3 +381,17 @@ def test_the_staging_copy_trains_beside_the_steps_only_after_an_earlier_save(tin
     assert "gradients" not in save and save["sharded params"] == step["sharded params"]
     assert sum(step.values()) == sum(items(early, "step").values()) - early.staging
     assert last.host_peak()[0] < early.host_peak()[0]
+
+
+def test_the_step_is_estimated_at_the_largest_bucket(tiny_assets):
+    """Activations grow with the pixels: a listed bucket larger than resolution² is what the step
+    estimate runs at (and keys it apart); the generated set never exceeds the square."""
+    from sd_train.memory.record import step_shape
+
+    square = tiny_cfg(tiny_assets)
+    r = square.data.resolution
+    assert step_shape(square) == (r, r) and "bucket" not in estimate_key(square, 1, 1)
+    generated = tiny_cfg(tiny_assets, "data.buckets=generated")
+    assert step_shape(generated) == (r, r) and estimate_key(generated, 1, 1) == estimate_key(square, 1, 1)
+    listed = tiny_cfg(tiny_assets, f"data.buckets=[[{r},{r}],[{r},{2 * r}]]")
+    assert step_shape(listed) == (r, 2 * r) and estimate_key(listed, 1, 1)["bucket"] == [r, 2 * r]
