@@ -3,12 +3,16 @@ thread per rank (2 ranks on 2 cores), and the log in the failure message."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from sd_train.parallel.process_group import free_port  # noqa: F401 (the tests' one free port, re-exported)
+from tests.support import zygote
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -32,8 +36,42 @@ def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
 
 def ranks_cmd(nproc: int, script: str, *args: str) -> list[str]:
     """`nproc` ranks of `script` with torchrun's variables but without its agent (tests/support/spawn_ranks.py:
-    2.5 s less per launch); the user-facing launchers keep their own tests."""
+    2.5 s less per launch), each forked from a warm interpreter (start_zygotes); the user-facing
+    launchers keep their own tests."""
+    start_zygotes()
     return [sys.executable, str(REPO / "tests" / "support" / "spawn_ranks.py"), str(nproc), script, *args]
+
+
+_ZYGOTES: list[subprocess.Popen] = []
+NO_ZYGOTES = "SD_TRAIN_TEST_NO_ZYGOTES"  # set (to anything) to start every rank as a fresh interpreter
+
+
+def start_zygotes(count: int = 2) -> None:
+    """Start, once per test session, the servers that ranks started by spawn_ranks.py fork from
+    (tests/support/zygote.py: ~4 s of imports per rank saved). Two, so the two ranks of a launch
+    come from different interpreters (different hash seeds, as fresh processes). They import in
+    the background; the first launch waits for them. Stopped when this process exits."""
+    if _ZYGOTES or os.environ.get(NO_ZYGOTES):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="sd-train-zygote-"))
+    log = open(folder / "servers.log", "w")
+    addresses = [str(folder / f"z{i}.sock") for i in range(count)]
+    base = env()
+    for address in addresses:
+        cmd = [sys.executable, str(REPO / "tests" / "support" / "zygote.py"), address]
+        _ZYGOTES.append(subprocess.Popen(cmd, cwd=REPO, env=base, stdout=log, stderr=subprocess.STDOUT))
+    os.environ[zygote.ENV_VAR] = ":".join(addresses)
+
+    def stop() -> None:
+        os.environ.pop(zygote.ENV_VAR, None)
+        for proc in _ZYGOTES:
+            proc.terminate()
+        for proc in _ZYGOTES:
+            proc.wait()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(stop)
 
 
 def accelerate_cmd(config: str, script: str, *args: str) -> list[str]:

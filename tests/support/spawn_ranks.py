@@ -22,11 +22,24 @@ import subprocess
 import sys
 import time
 
+import zygote  # tests/support/zygote.py: this script's own folder is first on sys.path
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_rank(rank: int, script: str, args: list[str], env: dict):
+    """`python script args` with `env`: forked from a warm server (tests/support/zygote.py) when the
+    tests started them, else a fresh interpreter."""
+    servers = [a for a in os.environ.get(zygote.ENV_VAR, "").split(":") if a]
+    if servers:
+        proc = zygote.ZygoteProcess.start(servers[rank % len(servers)], [script, *args], env)
+        if proc is not None:
+            return proc
+    return subprocess.Popen([sys.executable, script, *args], env=env)
 
 
 def main(argv: list[str]) -> int:
@@ -35,10 +48,7 @@ def main(argv: list[str]) -> int:
     base.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc)
     )
-    procs = [
-        subprocess.Popen([sys.executable, script, *args], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
-        for r in range(nproc)
-    ]
+    procs = [start_rank(r, script, args, {**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
 
     def forward(signum, _frame):
         for p in procs:

@@ -1,0 +1,285 @@
+"""Warm interpreters for the tests' ranks: a server that has imported torch, diffusers and
+transformers once forks a rank per request, so a rank skips the ~4 s of CPU those imports cost
+(docs/performance.md, where the suite's time goes). Started by tests/support/launch.py for the
+ranks that tests/support/spawn_ranks.py starts; every other process of the suite (torchrun,
+`accelerate launch`, srun-style and one-process runs) starts a fresh interpreter as users do.
+
+    python tests/support/zygote.py SOCKET        # the server (tests/support/launch.py starts two)
+
+The child of a fork is the interpreter `python SCRIPT ARGS` would be, with these differences:
+the heavy modules are imported before the script runs (their import-time environment is checked
+below: a request whose environment differs outside RUNTIME_ONLY gets a fresh interpreter instead),
+and the rank's parent process is the server, not the launcher. The launcher still sees the rank as
+a child: `ZygoteProcess` has the parts of `subprocess.Popen` it uses (pid, poll, wait,
+send_signal, kill, returncode); the exit status comes back over the request's socket.
+
+A forked child shares its server's string hash seed. Ranks of one launch fork from different
+servers (rank r from server r % 2), so two ranks still hash differently, as two fresh
+interpreters do: a collective that depends on a set's order would still differ between them.
+
+Standard library only (spawn_ranks.py imports this file, and the server must import nothing
+before it has chosen what to preload)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Optional
+
+# What the server imports once. Module names only: a missing optional package is skipped.
+PRELOAD = (
+    "torch",
+    "torch.distributed.fsdp",
+    "torch.distributed.tensor",
+    "torch.distributed.checkpoint",
+    "torch.distributed.checkpoint.state_dict",
+    "torch._dynamo",
+    "transformers",
+    "transformers.models.clip.modeling_clip",
+    "diffusers",
+    "diffusers.models.unets.unet_2d_condition",
+    "diffusers.models.autoencoders.autoencoder_kl",
+    "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",
+    "webdataset",
+    "safetensors.torch",
+    "PIL.Image",
+    "numpy",
+    "yaml",
+)
+# Variables only read after start-up (by torch.distributed, the trainer's fault injector, wandb's
+# init, pytest): a request may set them differently from the server's own environment. Any other
+# difference could change what an import saw, so such a request gets a fresh interpreter.
+RUNTIME_ONLY = frozenset(
+    {
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SD_TRAIN_FAULT",
+        "WANDB_MODE",
+        "PYTEST_CURRENT_TEST",
+        "SD_TRAIN_TEST_ZYGOTES",
+    }
+)
+ENV_VAR = "SD_TRAIN_TEST_ZYGOTES"  # the servers' socket paths, ":"-separated, for spawn_ranks.py
+_MAX_MSG = 1 << 20
+
+
+# ---- the client side (spawn_ranks.py) -------------------------------------------------------------
+
+
+def _send(sock: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:
+    data = json.dumps(message).encode() + b"\n"
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data)
+
+
+class ZygoteProcess:
+    """A rank forked by a server, with the parts of `subprocess.Popen` that spawn_ranks.py uses."""
+
+    def __init__(self, sock: socket.socket, pid: int):
+        self._sock, self.pid, self.returncode = sock, pid, None
+        self._buffer = b""
+
+    @classmethod
+    def start(cls, address: str, argv: list[str], env: dict, timeout: float = 120.0) -> Optional[ZygoteProcess]:
+        """Ask the server at `address` to run `python *argv` with `env` in this process's working
+        directory and stdin/stdout/stderr. None when there is no server (not started yet within
+        `timeout`, or gone) or it refuses (another import-time environment): start one yourself."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(address)
+                break
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline or not os.path.exists(os.path.dirname(address)):
+                    return None
+                time.sleep(0.1)
+        _send(sock, {"argv": argv, "env": env, "cwd": os.getcwd()}, (0, 1, 2))
+        reply = cls._read_line(sock)
+        if reply is None or "pid" not in reply:
+            if reply is not None:
+                print(f"zygote: {reply.get('refused')}; starting a fresh interpreter", file=sys.stderr, flush=True)
+            sock.close()
+            return None
+        return cls(sock, reply["pid"])
+
+    @staticmethod
+    def _read_line(sock: socket.socket) -> Optional[dict]:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                return None
+            data += chunk
+        return json.loads(data)
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None and select.select([self._sock], [], [], 0)[0]:
+            self._finish()
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self._finish()
+        return self.returncode
+
+    def _finish(self) -> None:
+        reply = self._read_line(self._sock)
+        self._sock.close()
+        # No status: the server died with the rank still running; count it as killed.
+        self.returncode = reply["returncode"] if reply else -signal.SIGKILL
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+# ---- the server ---------------------------------------------------------------------------------
+
+
+def _returncode(status: int) -> int:
+    """As subprocess.Popen reports it: the exit code, or minus the signal that killed it."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+_START_ENV: dict[str, str] = dict(os.environ)  # before the preload, which sets some (TORCHINDUCTOR_CACHE_DIR)
+
+
+def _refusal(env: dict) -> Optional[str]:
+    own = {k: v for k, v in _START_ENV.items() if k not in RUNTIME_ONLY}
+    theirs = {k: v for k, v in env.items() if k not in RUNTIME_ONLY}
+    differ = sorted(k for k in own.keys() | theirs.keys() if own.get(k) != theirs.get(k))
+    return f"environment differs from the server's in {differ}" if differ else None
+
+
+def _receive(conn: socket.socket) -> tuple[Optional[dict], list[int]]:
+    data, fds = b"", []
+    while not data.endswith(b"\n") and len(data) < _MAX_MSG:
+        chunk, new_fds, _, _ = socket.recv_fds(conn, 65536, 8)
+        fds += new_fds
+        if not chunk:
+            return None, fds
+        data += chunk
+    return json.loads(data), fds
+
+
+def _account(pid: int, usage) -> None:
+    """With SD_TRAIN_TEST_ZYGOTE_LOG set, append each finished rank's CPU seconds (user + system,
+    its own reaped children included) to that file: a rank's CPU no longer reaches the launcher's
+    RUSAGE_CHILDREN, so this is how the suite's CPU per test is still counted."""
+    path = os.environ.get("SD_TRAIN_TEST_ZYGOTE_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"pid": pid, "cpu": usage.ru_utime + usage.ru_stime}) + "\n")
+
+
+def serve(address: str) -> dict:
+    """Accept requests until this process's parent exits (it then exits too). Returns only in a
+    forked child: the request that child is to run."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address + ".tmp")
+    os.rename(address + ".tmp", address)  # clients that connect find a listening socket
+    listener.listen(16)
+    parent = os.getppid()
+    running: dict[int, socket.socket] = {}  # pid -> the connection its status goes to
+    while os.getppid() == parent:
+        if select.select([listener], [], [], 0.05)[0]:
+            conn, _ = listener.accept()
+            request, fds = _receive(conn)
+            refused = "bad request" if request is None or len(fds) != 3 else _refusal(request["env"])
+            if refused:
+                _send(conn, {"refused": refused})
+                conn.close()
+                for fd in fds:
+                    os.close(fd)
+                continue
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                for other in running.values():
+                    other.close()
+                conn.close()
+                request["fds"] = fds
+                return request
+            for fd in fds:
+                os.close(fd)
+            _send(conn, {"pid": pid})
+            running[pid] = conn
+        while running:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            _account(pid, usage)
+            conn = running.pop(pid, None)
+            if conn is not None:
+                try:
+                    _send(conn, {"returncode": _returncode(status)})
+                except OSError:  # the launcher is gone
+                    pass
+                conn.close()
+    sys.exit(0)
+
+
+def become(request: dict) -> None:
+    """Turn this forked child into `python *argv`: its stdio, environment, working directory,
+    argv, script directory first on sys.path, and default signal handling."""
+    for target, fd in enumerate(request["fds"]):
+        os.dup2(fd, target)
+        os.close(fd)
+    # The request's environment, plus what the preload's imports set in it, as they would have
+    # in a fresh interpreter.
+    added = {k: v for k, v in os.environ.items() if k not in _START_ENV and k not in request["env"]}
+    os.environ.clear()
+    os.environ.update({**request["env"], **added})
+    os.chdir(request["cwd"])
+    script = request["argv"][0]
+    sys.argv = list(request["argv"])
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def preload() -> None:
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():  # shown, if at all, by the ranks themselves
+        warnings.simplefilter("ignore")
+        for name in PRELOAD:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    preload()
+    child = serve(sys.argv[1])
+    become(child)
+    del child
+    import runpy
+
+    runpy.run_path(sys.argv[0], run_name="__main__")
