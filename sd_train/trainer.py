@@ -151,7 +151,9 @@ class Trainer:
 
         frozen_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         self.parts = load_sd_parts(cfg.model, self.info.device, cfg.seed, frozen_dtype)
-        self.flops_per_image = self._count_flops() if cfg.perf.count_flops else None
+        # Only the main process logs the speed figures; the other ranks skip the counting forward
+        # and backward (their StepWindow reports no FLOP-based figures).
+        self.flops_per_image = self._count_flops() if cfg.perf.count_flops and self.info.is_main else None
         self.peak_tflops = peak_tflops(cfg.perf, self.info.device)
         self.strategy = build_strategy(cfg, self.info, self.accum)
         fused = use_fused_adamw(cfg.perf, self.info.device)

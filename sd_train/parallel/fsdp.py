@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from sd_train.config import DistArgs, PerfArgs
+from sd_train.dcp_plans import CheckpointSavePlanner
 from sd_train.host_sync import read_floats
 from sd_train.optim import clip_grad_norm_, local_shard
 from sd_train.parallel.process_group import DistInfo
@@ -237,14 +238,20 @@ class FSDPStrategy(Strategy):
     def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
         state = self._tensor_state(shadows)
         if process_group is None:
-            dcp.save(state, checkpoint_id=str(folder))
+            dcp.save(state, checkpoint_id=str(folder), planner=CheckpointSavePlanner())
             return None
         stager = self._async_stager()
         if self.info.device.type == "cuda":
             # The staging copies run on their own stream, which does not wait for this one: let the
             # optimizer and EMA kernels still queued here finish first (a saving step may sync).
             torch.cuda.current_stream(self.info.device).synchronize()
-        response = dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group, async_stager=stager)
+        response = dcp.async_save(
+            state,
+            checkpoint_id=str(folder),
+            process_group=process_group,
+            async_stager=stager,
+            planner=CheckpointSavePlanner(),
+        )
         return AsyncSave(staged=response.staging_completion, written=response.upload_completion)
 
     def close(self) -> None:
