@@ -29,6 +29,7 @@ from sd_train.model.conditioning import GEOMETRY_KEYS, Conditioning
 from sd_train.model.parts import SDParts, decode_latents, encode_pixels, encode_text
 from sd_train.objective import DiffusionObjective
 from sd_train.parallel.process_group import DistInfo, all_reduce_sum
+from sd_train.sample_quality import SampleQuality, read_reference
 
 VAL_BATCH = 16
 
@@ -98,13 +99,14 @@ class Validator:
 
 
 class Sampler:
-    """Owns the fixed prompts, seeds and DDIM schedule of the sample grid."""
+    """Owns the fixed prompts, seeds and DDIM schedule of the sample grid (or of other `prompts`:
+    the sample-quality instrument's)."""
 
-    def __init__(self, cfg: TrainConfig, parts: SDParts, info: DistInfo):
+    def __init__(self, cfg: TrainConfig, parts: SDParts, info: DistInfo, prompts: list[str] | None = None):
         self.cfg = cfg
         self.parts = parts
         self.info = info
-        prompts = cfg.eval.prompts
+        prompts = cfg.eval.prompts if prompts is None else prompts
         n, res = len(prompts), cfg.data.resolution
         # The text encoder(s) run here once; each grid then needs only the VAE's decoder. The
         # unconditional branch is what the run trains dropped captions as (`zero_dropped_captions`);
@@ -125,11 +127,13 @@ class Sampler:
         self.shape = (n, parts.vae_config["latent_channels"], size, size)
 
     @torch.no_grad()
-    def latents(self, model: torch.nn.Module) -> torch.Tensor:
+    def latents(self, model: torch.nn.Module, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The denoised latents of the fixed prompts, with classifier-free guidance, as diffusers'
-        pipelines compute them from the same initial noise (collective under FSDP2)."""
-        gen = torch.Generator().manual_seed(self.cfg.eval.sample_seed)
-        latents = torch.randn(self.shape, generator=gen).to(self.info.device) * self.scheduler.init_noise_sigma
+        pipelines compute them from the same initial noise (collective under FSDP2): `noise`
+        [N, C, h, w], by default drawn from `eval.sample_seed`."""
+        if noise is None:
+            noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.cfg.eval.sample_seed))
+        latents = noise.to(self.info.device) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(self.cfg.eval.num_inference_steps)
         conditioning = Conditioning.cat([self.uncond, self.cond]).unet_kwargs()
         g = self.cfg.eval.guidance_scale
@@ -143,11 +147,12 @@ class Sampler:
         return latents
 
     @torch.no_grad()
-    def sample(self, model: torch.nn.Module) -> np.ndarray:
-        """uint8 images [N, H, W, 3] for the fixed prompts (collective under FSDP2)."""
+    def sample(self, model: torch.nn.Module, noise: torch.Tensor | None = None) -> np.ndarray:
+        """uint8 images [N, H, W, 3] for the fixed prompts (collective under FSDP2), from the
+        initial `noise` [N, C, h, w] (default: drawn from `eval.sample_seed`)."""
         was_training = model.training
         model.eval()
-        images = decode_latents(self.parts, self.latents(model))
+        images = decode_latents(self.parts, self.latents(model, noise))
         model.train(was_training)
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
@@ -175,6 +180,37 @@ def write_png(image: Image.Image, path: Path, before_write: Callable[[], None] =
     tmp.replace(path)  # a reader never sees half a PNG
 
 
+class QualityProbe:
+    """The sample-quality instrument (sd_train.sample_quality) with the sampler that feeds it."""
+
+    def __init__(self, quality: SampleQuality, sampler: Sampler):
+        self.quality, self.sampler = quality, sampler
+
+    def score(self, model: torch.nn.Module) -> dict:
+        """Prompt accuracy (with its 95% interval), fidelity distance and the misses (collective)."""
+        return self.quality.score(self.sampler.sample, model)
+
+    def figures(self, model: torch.nn.Module, variant: str) -> dict:
+        """The logged figures of one variant (`raw`, `ema`)."""
+        s = self.score(model)
+        lo, hi = s["accuracy_95"]
+        return {
+            f"quality/accuracy_{variant}": s["accuracy"],
+            f"quality/accuracy_lo_{variant}": lo,
+            f"quality/accuracy_hi_{variant}": hi,
+            f"quality/fidelity_{variant}": s["fidelity"],
+        }
+
+
+def build_quality(cfg: TrainConfig, parts: SDParts, info: DistInfo, samples: int | None = None) -> QualityProbe:
+    """The instrument over the run's training set, `samples` (default `eval.quality_samples`) per
+    caption, with the sample grid's guidance, DDIM steps and seed."""
+    captions, reference = read_reference(cfg)
+    sampler = Sampler(cfg, parts, info, prompts=captions)
+    k = cfg.eval.quality_samples if samples is None else samples
+    return QualityProbe(SampleQuality(captions, reference, k, sampler.shape[1:], cfg.eval.sample_seed), sampler)
+
+
 class Evaluator:
     """Owns when to evaluate and what: the held-out loss and the sample grid, for the raw weights
     and, once the window is open, for the EMA (swapped into the model's shards, then swapped back).
@@ -188,6 +224,7 @@ class Evaluator:
         self.max_steps = cfg.max_steps
         self.validator = Validator(cfg, parts, objective, info) if cfg.data.val_shards and every else None
         self.sampler = Sampler(cfg, parts, info) if every and cfg.eval.prompts else None
+        self.quality = build_quality(cfg, parts, info) if every and cfg.eval.quality_samples else None
         self.ema = ema
         self.metrics = metrics
         self.out = Path(out)
@@ -213,6 +250,8 @@ class Evaluator:
                     out[f"val/loss_{name}"] = self.validator.loss(model)
                 if self.sampler is not None:
                     grids.append((name, self.sampler.sample(model)))
+                if self.quality is not None:
+                    out.update(self.quality.figures(model, name))
         # The grids are handed over once every variant's forwards (collectives under FSDP2) are done,
         # and written by the background writer: a slow disk on the main process held every other
         # rank inside the next collective (first the EMA forward's all-gather, then the next

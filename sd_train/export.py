@@ -21,9 +21,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
+from sd_train.errors import UsageError
 from sd_train.model.family import model_family
 from sd_train.parallel.deepspeed import offline_state
-from sd_train.paths import checkpoint_is_complete
+from sd_train.paths import (
+    PARTIAL_SUFFIX,
+    STEP_RE,
+    checkpoint_is_complete,
+    complete_steps,
+    step_dir,
+)
 
 
 def build_pipeline(
@@ -111,7 +118,7 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
     with open(checkpoint / "trainer_state.json") as f:
         trainer_state = json.load(f)
     if weights == "ema" and not trainer_state["ema"]["open"]:
-        raise ValueError(
+        raise UsageError(
             f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead"
         )
     if trainer_state.get("format") == "zero":
@@ -130,21 +137,73 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
     return trainer_state, state[prefix]
 
 
+def resolve_checkpoint(path: Path) -> tuple[Path, str]:
+    """The step folder `--checkpoint PATH` names, and a line saying which: PATH itself when it is a
+    complete step folder, else the newest complete step of PATH/checkpoints (PATH is a run's
+    output_dir) or of PATH (its checkpoints/). Raises UsageError listing what is there."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(
+            f"--checkpoint {path}: no such folder. Give a run's output_dir, its checkpoints/, or a step folder"
+        )
+    if STEP_RE.match(path.name):
+        if checkpoint_is_complete(path):
+            return path, f"step folder {path}"
+        steps = complete_steps(path.parent)
+        raise UsageError(
+            f"--checkpoint {path} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/: "
+            f"a save that did not finish). Complete steps beside it: {_names(steps)}"
+        )
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = complete_steps(root)
+    if not steps:
+        partial = sorted(e.name for e in root.iterdir() if e.name.endswith(PARTIAL_SUFFIX)) if root.is_dir() else []
+        raise UsageError(
+            f"--checkpoint {path}: no complete checkpoint in {root}"
+            + (f" (only unfinished saves: {', '.join(partial)})" if partial else "")
+            + ". Give a run's output_dir, its checkpoints/, or a step folder step_NNNNNNNN"
+        )
+    newest = step_dir(root, steps[-1])
+    return newest, f"the newest complete checkpoint of {root}: {newest.name} (of {_names(steps)})"
+
+
+def _names(steps: list[int]) -> str:
+    return ", ".join(f"step_{s:08d}" for s in steps) if steps else "none"
+
+
 def main_export(argv: list[str]) -> int:
-    """`sd-train export --checkpoint DIR --out DIR [--weights ema|raw]`."""
+    """`sd-train export --checkpoint RUN_DIR|STEP_DIR --out DIR [--weights ema|raw]`."""
     p = argparse.ArgumentParser(prog="sd-train export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a complete step folder, e.g. runs/x/checkpoints/step_00001000")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run's output_dir or its checkpoints/ (the newest complete step is taken), or one step folder, "
+        "e.g. runs/x/checkpoints/step_00001000",
+    )
     p.add_argument("--out", required=True, help="the pipeline folder to write")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    p.add_argument(
+        "--weights",
+        choices=["ema", "raw"],
+        default="ema",
+        help="which UNet: ema (default; the EMA window must have opened by that step) or raw (the trained weights)",
+    )
     p.add_argument(
         "--model-path", default=None, help="frozen parts from here instead of the run's model.pretrained_path"
     )
     ns = p.parse_args(argv)
-    trainer_state, unet_state = load_checkpoint_unet(Path(ns.checkpoint), ns.weights)
+    folder, which = resolve_checkpoint(Path(ns.checkpoint))
+    print(f"exporting {ns.weights} weights from {which}")
+    trainer_state, unet_state = load_checkpoint_unet(folder, ns.weights)
     cfg = trainer_state["config"]
+    model_path = ns.model_path or cfg["model"]["pretrained_path"]
+    if not Path(model_path).is_dir():
+        raise UsageError(
+            f"the run's model folder {model_path} (model.pretrained_path, for the VAE, text encoder and tokenizer) "
+            "is gone: point --model-path at a copy"
+        )
     objective = cfg["objective"]
     out = save_pipeline(
-        ns.model_path or cfg["model"]["pretrained_path"],
+        model_path,
         unet_state,
         Path(ns.out),
         objective["prediction_type"],

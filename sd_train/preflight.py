@@ -12,17 +12,20 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from sd_train.config import TrainConfig
 from sd_train.config.launcher import read_launch_env, shard_group_size
-from sd_train.data.sources import check_epoch_shard_count, expand_sources
+from sd_train.data.sources import Source, check_epoch_shard_count, expand_sources
 from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
 from sd_train.errors import ConfigError
 from sd_train.model.family import DEFAULT_FSDP_UNITS, Family, model_family
 from sd_train.paths import checkpoint_is_complete, step_dir
+
+log = logging.getLogger(__name__)
 
 
 def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os.environ) -> TrainConfig:
@@ -96,8 +99,23 @@ def check_shards(name: str, spec: str, world_size: int, workers: int, epoch_mode
             raise ConfigError(
                 f"{name}={spec!r}: pattern {src.pattern!r} matches no shard. Check the path, or run `make data`"
             )
+        warn_missing_shards(name, src)
         if epoch_mode:
             check_epoch_shard_count(name, src, world_size, workers)
+
+
+def warn_missing_shards(name: str, src: Source) -> None:
+    """A brace range that only partly exists (`train-{000000..000009}.tar` with 8 shards there) is
+    allowed, since a download may have lost a few shards, which are then skipped and counted as bad
+    input; but a range one past the end is as likely a typo, so the plan names what is missing."""
+    missing = [u for u in src.urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    if not missing:
+        return
+    shown = ", ".join(Path(u).name for u in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    log.warning(
+        f"{name}: {len(missing)} of the {len(src.urls)} shards {src.pattern!r} names are missing: {shown}. They will "
+        "be skipped and counted as bad input (data/bad_shards); if the range is a typo, fix it"
+    )
 
 
 def vae_downsampling_factor(model_path: str) -> int:

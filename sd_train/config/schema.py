@@ -201,6 +201,28 @@ class DataArgs:
 
 
 @dataclass
+class LangevinArgs:
+    """Langevin noise (the "diffusion term"): after each optimizer step every trainable parameter
+    gets N(0, 2 * diffusion * lr_t) added per element, the same numbers at any world size and
+    after any resume (sd_train.langevin). Off unless `diffusion` is set."""
+
+    diffusion: float = 0.0
+    """D, the diffusion coefficient: the noise variance per element per step is 2 * D * lr_t
+    (with SGD, stochastic gradient Langevin dynamics at temperature D). 0 (the default) is off."""
+    diffusion_schedule: Literal["constant", "lr"] = "constant"
+    """`constant`: D stays fixed, so the variance 2 D lr_t follows the LR schedule once; `lr`: D
+    itself is scaled by lr_t / optim.lr, so the variance falls with the square of the schedule
+    (annealed noise, as in Neelakantan et al. 2015)."""
+    stop_at_ema: bool = False
+    """No noise from the step the EMA window opens (`ema.step_start_ema`) on: the EMA then averages
+    a noise-free end of the run. Needs the EMA on."""
+
+    def validate(self) -> None:
+        if not math.isfinite(self.diffusion) or self.diffusion < 0:
+            raise ConfigError(f"optim.langevin.diffusion={self.diffusion} must be a finite number >= 0 (0 is off)")
+
+
+@dataclass
 class OptimArgs:
     name: Literal["adamw", "sgd"] = "adamw"
     """Optimizer. `sgd` exists for exactness tests (Adam amplifies reduction-order noise)."""
@@ -219,6 +241,8 @@ class OptimArgs:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still measured,
     because a non-finite norm is how a bad step is detected on every rank)."""
+    langevin: LangevinArgs = field(default_factory=LangevinArgs)
+    """Noise added to the weights after each optimizer step (off by default)."""
 
     def validate(self) -> None:
         _positive("optim.lr", self.lr)
@@ -228,6 +252,7 @@ class OptimArgs:
             raise ConfigError(f"optim.max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        self.langevin.validate()
 
 
 @dataclass
@@ -446,11 +471,19 @@ class EvalArgs:
     """DDIM steps per sample."""
     guidance_scale: float = 4.0
     """Classifier-free guidance scale of the sample grid."""
+    quality_samples: int = 0
+    """Samples per training caption for the sample-quality figures (sd_train.sample_quality: prompt
+    accuracy with its 95% Wilson interval, fidelity distance), for the raw weights and the EMA at
+    every evaluation; `sd-train posthoc --eval` scores every EMA length with them. Drawn like the
+    grid (guidance, DDIM steps, seed). For small captioned sets with one image per caption (the
+    demo's 16 emoji): the training set is read whole, at most 64 images. 0 (the default) is off."""
 
     def validate(self) -> None:
         if self.every_steps < 0:
             raise ConfigError(f"eval.every_steps={self.every_steps} must be >= 0 (0 disables)")
         _positive("eval.num_inference_steps", self.num_inference_steps)
+        if self.quality_samples < 0:
+            raise ConfigError(f"eval.quality_samples={self.quality_samples} must be >= 0 (0 is off)")
         if any(not 0 <= t < 1000 for t in self.val_timesteps):
             raise ConfigError(f"eval.val_timesteps={self.val_timesteps} must lie in [0, 1000)")
 
@@ -599,3 +632,8 @@ class TrainConfig:
         )
         for section in (*sections, self.ema.posthoc):
             section.validate()
+        if self.optim.langevin.stop_at_ema and not self.ema.enabled:
+            raise ConfigError(
+                "optim.langevin.stop_at_ema=true stops the noise when the EMA window opens, but ema.enabled=false: "
+                "turn the EMA on or set optim.langevin.stop_at_ema=false"
+            )

@@ -68,6 +68,7 @@ import multiprocessing
 import os
 import random
 import re
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -85,7 +86,6 @@ from sd_train.data.decode import (
     DecodedSample,
     ImageTransform,
     decode_image_sample,
-    pixels_to_float,
     stack_pixels,
 )
 from sd_train.data.precomputed import (
@@ -100,7 +100,7 @@ from sd_train.data.precomputed import (
 )
 from sd_train.data.sources import expand_sources
 from sd_train.data.tar import RawSample, add_member, read_shards
-from sd_train.model.parts import encode_text, load_sd_parts
+from sd_train.model.parts import encode_text, load_sd_parts, uint8_to_unit_range
 from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
 from sd_train.preflight import vae_downsampling_factor
 
@@ -159,7 +159,7 @@ class _Encoder:
     def encode(self, pixels: torch.Tensor, captions: list[str], crops: int) -> tuple[np.ndarray, ...]:
         """uint8 [N*K,3,R,R] (K crops per sample, adjacent) -> mean, std [N,K,4,h,w], text [N,77,D]
         and pooled [N,P] (None for SD)."""
-        dist = self.parts.vae.encode(pixels_to_float(pixels.to(self.device))).latent_dist
+        dist = self.parts.vae.encode(uint8_to_unit_range(pixels.to(self.device))).latent_dist
         cond = encode_text(self.parts, captions, self.device)
 
         def out(t: torch.Tensor) -> np.ndarray:
@@ -476,7 +476,7 @@ def main_precompute(argv: list[str]) -> int:
     try:
         launch = read_launch_env()
     except ConfigError as e:
-        print(f"sd-train precompute: {e}")
+        print(f"sd-train precompute: error: {e}", file=sys.stderr)
         return 2
     info = init_distributed(DistArgs()) if launch.world_size > 1 else None
     device = a.device or (str(info.device) if info else "cuda" if torch.cuda.is_available() else "cpu")
@@ -487,7 +487,7 @@ def main_precompute(argv: list[str]) -> int:
             workers=a.workers if a.workers is not None else default_workers(device),
         )  # fmt: skip
     except (ValueError, ConfigError) as e:
-        print(f"sd-train precompute: {e}")
+        print(f"sd-train precompute: error: {e}", file=sys.stderr)
         return 2
     finally:
         if info is not None:
