@@ -46,35 +46,52 @@ def ranks_cmd(nproc: int, script: str, *args: str) -> list[str]:
 
 
 _ZYGOTES: list[subprocess.Popen] = []
-NO_ZYGOTES = "SD_TRAIN_TEST_NO_ZYGOTES"  # set (to anything) to start every rank as a fresh interpreter
 
 
 def start_zygotes(count: int = 2) -> None:
     """Start, once per test session, the servers that ranks started by spawn_ranks.py fork from
-    (tests/support/zygote.py: ~4 s of imports per rank saved). Two, so the two ranks of a launch
+    (tests/support/zygote.py: ~4.5 s of CPU per rank saved). Two, so the two ranks of a launch
     come from different interpreters (different hash seeds, as fresh processes). They import in
     the background; the first launch waits for them. Stopped when this process exits."""
-    if _ZYGOTES or os.environ.get(NO_ZYGOTES):
+    if _ZYGOTES or os.environ.get(zygote.NO_ZYGOTES):
         return
     folder = Path(tempfile.mkdtemp(prefix="sd-train-zygote-"))
-    log = open(folder / "servers.log", "w")
-    addresses = [str(folder / f"z{i}.sock") for i in range(count)]
-    base = env()
-    for address in addresses:
-        cmd = [sys.executable, str(REPO / "tests" / "support" / "zygote.py"), address]
-        _ZYGOTES.append(subprocess.Popen(cmd, cwd=REPO, env=base, stdout=log, stderr=subprocess.STDOUT))
-    os.environ[zygote.ENV_VAR] = ":".join(addresses)
+    procs, addresses = zygote_servers(folder, count)
+    _ZYGOTES.extend(procs)
+    os.environ[zygote.ENV_VAR] = addresses
 
     def stop() -> None:
         os.environ.pop(zygote.ENV_VAR, None)
-        for proc in _ZYGOTES:
-            proc.terminate()
-        for proc in _ZYGOTES:
-            proc.wait()
-        log.close()
+        stop_zygote_servers(_ZYGOTES)
         shutil.rmtree(folder, ignore_errors=True)
 
     atexit.register(stop)
+
+
+def zygote_servers(folder: Path, count: int) -> tuple[list[subprocess.Popen], str]:
+    """`count` servers (tests/support/zygote.py) with their sockets and log in `folder`, started
+    with the environment `env()` gives every launch; returns them and the value of zygote.ENV_VAR
+    that sends spawn_ranks.py's ranks to them."""
+    addresses = [str(folder / f"z{i}.sock") for i in range(count)]
+    with open(folder / "servers.log", "ab") as log:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "support" / "zygote.py"), address],
+                cwd=REPO,
+                env=env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            for address in addresses
+        ]
+    return procs, ":".join(addresses)
+
+
+def stop_zygote_servers(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait()
 
 
 def accelerate_cmd(config: str, script: str, *args: str) -> list[str]:

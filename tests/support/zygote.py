@@ -6,12 +6,22 @@ ranks that tests/support/spawn_ranks.py starts; every other process of the suite
 
     python tests/support/zygote.py SOCKET        # the server (tests/support/launch.py starts two)
 
-The child of a fork is the interpreter `python SCRIPT ARGS` would be, with these differences:
-the heavy modules are imported before the script runs (their import-time environment is checked
-below: a request whose environment differs outside RUNTIME_ONLY gets a fresh interpreter instead),
-and the rank's parent process is the server, not the launcher. The launcher still sees the rank as
-a child: `ZygoteProcess` has the parts of `subprocess.Popen` it uses (pid, poll, wait,
-send_signal, kill, returncode); the exit status comes back over the request's socket.
+The child of a fork is the interpreter `python SCRIPT ARGS` would be: the launcher's stdin,
+stdout and stderr, environment, working directory, argv, sys.path[0], default SIGTERM and SIGINT
+handling, and the launcher's process group (a Ctrl-C to the group reaches the rank and its loader
+workers, as with a fresh child). tests/unit/test_zygote.py compares the two. What differs:
+- the heavy modules are imported before the script runs. Their import-time environment is checked:
+  a request whose environment differs outside RUNTIME_ONLY gets a fresh interpreter instead. What
+  those imports print (transformers' torchvision notice) goes to the servers' log, not the rank's
+  stderr: a test of a rank's import-time output starts fresh ranks (SD_TRAIN_TEST_NO_ZYGOTES=1).
+- the rank's parent process is the server, not the launcher. The launcher still sees the rank as a
+  child: `ZygoteProcess` has the parts of `subprocess.Popen` it uses (pid, poll, wait,
+  send_signal, kill, returncode); the exit status comes back over the request's socket.
+- a traceback has two more frames (this file and runpy) above the script's.
+A launcher in a session of its own (the Ctrl-C tests start theirs with start_new_session) is
+refused: a process can only join a process group of its own session, so only a fresh child would
+get the terminal's SIGINT. So is any request while the server runs a second thread (a fork would
+copy its locks held), which the preload does not start.
 
 A forked child shares its server's string hash seed. Ranks of one launch fork from different
 servers (rank r from server r % 2), so two ranks still hash differently, as two fresh
@@ -70,7 +80,9 @@ RUNTIME_ONLY = frozenset(
     }
 )
 ENV_VAR = "SD_TRAIN_TEST_ZYGOTES"  # the servers' socket paths, ":"-separated, for spawn_ranks.py
+NO_ZYGOTES = "SD_TRAIN_TEST_NO_ZYGOTES"  # set (to anything): fresh interpreters (a session, or one launch)
 _MAX_MSG = 1 << 20
+FAILED = ".failed"  # next to the socket path: the server's preload failed
 
 
 # ---- the client side (spawn_ranks.py) -------------------------------------------------------------
@@ -89,13 +101,15 @@ class ZygoteProcess:
 
     def __init__(self, sock: socket.socket, pid: int):
         self._sock, self.pid, self.returncode = sock, pid, None
-        self._buffer = b""
 
     @classmethod
-    def start(cls, address: str, argv: list[str], env: dict, timeout: float = 120.0) -> Optional[ZygoteProcess]:
+    def start(
+        cls, address: str, argv: list[str], env: dict, timeout: float = 120.0, stdio: tuple[int, int, int] = (0, 1, 2)
+    ) -> Optional[ZygoteProcess]:
         """Ask the server at `address` to run `python *argv` with `env` in this process's working
-        directory and stdin/stdout/stderr. None when there is no server (not started yet within
-        `timeout`, or gone) or it refuses (another import-time environment): start one yourself."""
+        directory, process group and `stdio` (stdin, stdout, stderr: this process's own unless
+        given). None when there is no server (not started yet within `timeout`, failed, or gone)
+        or it refuses (see _refusal): start a fresh interpreter yourself."""
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -106,8 +120,11 @@ class ZygoteProcess:
                 sock.close()
                 if time.monotonic() > deadline or not os.path.exists(os.path.dirname(address)):
                     return None
+                if os.path.exists(address + FAILED):
+                    return None
                 time.sleep(0.1)
-        _send(sock, {"argv": argv, "env": env, "cwd": os.getcwd()}, (0, 1, 2))
+        request = {"argv": argv, "env": env, "cwd": os.getcwd(), "pgid": os.getpgrp(), "sid": os.getsid(0)}
+        _send(sock, request, stdio)
         reply = cls._read_line(sock)
         if reply is None or "pid" not in reply:
             if reply is not None:
@@ -164,9 +181,15 @@ def _returncode(status: int) -> int:
 _START_ENV: dict[str, str] = dict(os.environ)  # before the preload, which sets some (TORCHINDUCTOR_CACHE_DIR)
 
 
-def _refusal(env: dict) -> Optional[str]:
+def _refusal(request: dict) -> Optional[str]:
+    """Why this request gets a fresh interpreter instead of a fork, or None."""
+    if request["sid"] != os.getsid(0):
+        return "the launcher is in another session, whose process group a fork cannot join"
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        return f"the server runs {threads} threads"
     own = {k: v for k, v in _START_ENV.items() if k not in RUNTIME_ONLY}
-    theirs = {k: v for k, v in env.items() if k not in RUNTIME_ONLY}
+    theirs = {k: v for k, v in request["env"].items() if k not in RUNTIME_ONLY}
     differ = sorted(k for k in own.keys() | theirs.keys() if own.get(k) != theirs.get(k))
     return f"environment differs from the server's in {differ}" if differ else None
 
@@ -205,7 +228,7 @@ def serve(address: str) -> dict:
         if select.select([listener], [], [], 0.05)[0]:
             conn, _ = listener.accept()
             request, fds = _receive(conn)
-            refused = "bad request" if request is None or len(fds) != 3 else _refusal(request["env"])
+            refused = "bad request" if request is None or len(fds) != 3 else _refusal(request)
             if refused:
                 _send(conn, {"refused": refused})
                 conn.close()
@@ -216,6 +239,7 @@ def serve(address: str) -> dict:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
+                os.setpgid(0, request["pgid"])
                 listener.close()
                 for other in running.values():
                     other.close()
@@ -224,6 +248,12 @@ def serve(address: str) -> dict:
                 return request
             for fd in fds:
                 os.close(fd)
+            # Also here, as a shell does for its jobs: the group is joined before the launcher
+            # learns the pid, whichever of the two runs first.
+            try:
+                os.setpgid(pid, request["pgid"])
+            except OSError:  # the child has joined already, or has exited
+                pass
             _send(conn, {"pid": pid})
             running[pid] = conn
         while running:
@@ -258,25 +288,33 @@ def become(request: dict) -> None:
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A fresh interpreter seeds torch's default CPU generator and numpy's global one from the OS
+    # (torch at start-up, numpy at import); every fork of one server would share the server's.
+    # (Python's `random` reseeds itself in a forked child.)
+    if "torch" in sys.modules:
+        sys.modules["torch"].default_generator.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
 
 
 def preload() -> None:
     import importlib
-    import warnings
 
-    with warnings.catch_warnings():  # shown, if at all, by the ranks themselves
-        warnings.simplefilter("ignore")
-        for name in PRELOAD:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                pass
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-    preload()
+    try:
+        preload()
+    except BaseException:
+        open(sys.argv[1] + FAILED, "w").close()  # the clients stop waiting for this server
+        raise
     child = serve(sys.argv[1])
     become(child)
     del child
