@@ -49,7 +49,10 @@ def reports(servers: str, out: Path, fresh: bool) -> tuple[int, list[dict]]:
     return proc.pid, [json.loads((out / f"report.rank{r}.json").read_text()) for r in (0, 1)]
 
 
-SAME = ("argv", "path", "cwd", "name", "main_file", "sid", "signals", "blocked", "fds", "threads", "umask", "nice", "stdout_isatty", "stdout_encoding", "flags")  # fmt: skip
+SAME = (
+    "argv", "path", "cwd", "name", "main_file", "sid", "signals", "blocked", "fds", "threads", "umask", "nice",
+    "stdout_isatty", "stdout_encoding", "flags",
+)  # fmt: skip
 
 
 def test_a_forked_rank_sees_what_a_fresh_one_sees(servers, tmp_path):
