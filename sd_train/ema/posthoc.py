@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from sd_train.dcp_plans import SnapshotSavePlanner
 from sd_train.ema.contracts import EMALayout
 from sd_train.ema.plan import PosthocPlan
 from sd_train.ema.posthoc_math import power_beta
@@ -122,8 +121,7 @@ class PowerEMAProfiles(ShadowPieces):
             tmp.mkdir(parents=True)
         dist.barrier()
         state = {"profiles": self.tensor_state_dict(SNAPSHOT_DTYPES[self.plan.dtype])}
-        # The coordinator writes .metadata after every rank's shard.
-        dcp.save(state, checkpoint_id=str(tmp), planner=SnapshotSavePlanner())
+        dcp.save(state, checkpoint_id=str(tmp))  # the coordinator writes .metadata after every rank's shard
         if rank == 0:
             meta = {
                 "step": step,

@@ -33,7 +33,6 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.nn.parallel import DistributedDataParallel
 
 from sd_train.config import DistArgs, PerfArgs
-from sd_train.dcp_plans import CheckpointSavePlanner
 from sd_train.host_sync import read_floats
 from sd_train.langevin import NoisePiece
 from sd_train.optim import clip_grad_norm_, local_shard
@@ -253,20 +252,14 @@ class FSDPStrategy(Strategy):
     def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
         state = self._tensor_state(shadows)
         if process_group is None:
-            dcp.save(state, checkpoint_id=str(folder), planner=CheckpointSavePlanner())
+            dcp.save(state, checkpoint_id=str(folder))
             return None
         stager = self._async_stager()
         if self.info.device.type == "cuda":
             # The staging copies run on their own stream, which does not wait for this one: let the
             # optimizer and EMA kernels still queued here finish first (a saving step may sync).
             torch.cuda.current_stream(self.info.device).synchronize()
-        response = dcp.async_save(
-            state,
-            checkpoint_id=str(folder),
-            process_group=process_group,
-            async_stager=stager,
-            planner=CheckpointSavePlanner(),
-        )
+        response = dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group, async_stager=stager)
         return AsyncSave(staged=response.staging_completion, written=response.upload_completion)
 
     def close(self) -> None:

@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
     # Below the strategies: their layouts implement the EMA's contracts (sd_train.ema.contracts).
     ("sd_train.ema",),
     ("sd_train.config",),
-    ("sd_train.errors", "sd_train.paths", "sd_train.console", "sd_train.dcp_plans", "sd_train"),
+    ("sd_train.errors", "sd_train.paths", "sd_train.console", "sd_train"),
 ]
 # Third-party imports that may sit inside a function, each for a stated reason: heavy, optional, or
 # only one code path needs it (DeepSpeed's strategy and export, the wandb and tensorboard sinks).
