@@ -1,6 +1,6 @@
 """Warm interpreters for the tests' ranks: a server that has imported torch, diffusers and
-transformers once forks a rank per request, so a rank skips the ~4 s of CPU those imports cost
-(docs/performance.md, where the suite's time goes). Started by tests/support/launch.py for the
+transformers once forks a rank per request, so a rank skips the ~4.5 s of CPU those imports cost
+(docs/testing.md, test time). Started by tests/support/launch.py for the
 ranks that tests/support/spawn_ranks.py starts; every other process of the suite (torchrun,
 `accelerate launch`, srun-style and one-process runs) starts a fresh interpreter as users do.
 
@@ -8,12 +8,17 @@ ranks that tests/support/spawn_ranks.py starts; every other process of the suite
 
 The child of a fork is the interpreter `python SCRIPT ARGS` would be: the launcher's stdin,
 stdout and stderr, environment, working directory, argv, sys.path[0], default SIGTERM and SIGINT
-handling, and the launcher's process group (a Ctrl-C to the group reaches the rank and its loader
-workers, as with a fresh child). tests/unit/test_zygote.py compares the two. What differs:
-- the heavy modules are imported before the script runs. Their import-time environment is checked:
-  a request whose environment differs outside RUNTIME_ONLY gets a fresh interpreter instead. What
-  those imports print (transformers' torchvision notice) goes to the servers' log, not the rank's
-  stderr: a test of a rank's import-time output starts fresh ranks (SD_TRAIN_TEST_NO_ZYGOTES=1).
+handling, the launcher's process group (a Ctrl-C to the group reaches the rank and its loader
+workers, as with a fresh child), and random seeds of its own (torch's, numpy's and Python's, each
+drawn from the OS as a fresh interpreter draws them). tests/unit/test_zygote.py compares the two.
+What differs:
+- the heavy modules are imported before the script runs, after the third-party quieting that
+  sd-train's entry points do first (`preload`). A script that does not call sd_train.console.setup
+  (the tests' own dist scripts), or runs with --verbose, still gets that quieting: no third-party
+  progress bars (TQDM_DISABLE=1 in its environment), no torchvision notice. The import-time
+  environment is checked: a request whose environment differs outside RUNTIME_ONLY gets a fresh
+  interpreter instead. What those imports print goes to the servers' log, not the rank's stderr: a
+  test of a rank's import-time output starts fresh ranks (SD_TRAIN_TEST_NO_ZYGOTES=1).
 - the rank's parent process is the server, not the launcher. The launcher still sees the rank as a
   child: `ZygoteProcess` has the parts of `subprocess.Popen` it uses (pid, poll, wait,
   send_signal, kill, returncode); the exit status comes back over the request's socket.
@@ -298,8 +303,17 @@ def become(request: dict) -> None:
 
 
 def preload() -> None:
+    """Import PRELOAD as a fresh `python train.py` does: after sd-train's entry point has quieted
+    the known third-party noise (sd_train.console: TQDM_DISABLE=1, which tqdm reads at import, and
+    the notices printed at import dropped). sd_train's own modules are then forgotten: each rank
+    imports them itself (console reads the rank from the rank's environment at import)."""
     import importlib
 
+    from sd_train import console
+
+    console.quiet_third_party()
+    for name in [m for m in sys.modules if m == "sd_train" or m.startswith("sd_train.")]:
+        del sys.modules[name]
     for name in PRELOAD:
         try:
             importlib.import_module(name)
