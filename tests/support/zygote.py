@@ -193,9 +193,22 @@ def _refusal(request: dict) -> Optional[str]:
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         return f"the server runs {threads} threads"
+    return env_refusal(request["env"])
+
+
+def env_refusal(env: dict) -> Optional[str]:
+    """Why a rank with environment `env` would not import as this server did, or None."""
+    # What the preload's imports set themselves (TORCHINDUCTOR_CACHE_DIR, ...): a launcher that
+    # imported the same libraries has them too, and a fresh interpreter given them would import
+    # seeing the values it would set. Any other difference could change what an import saw.
     own = {k: v for k, v in _START_ENV.items() if k not in RUNTIME_ONLY}
-    theirs = {k: v for k, v in request["env"].items() if k not in RUNTIME_ONLY}
-    differ = sorted(k for k in own.keys() | theirs.keys() if own.get(k) != theirs.get(k))
+    preload_set = {k: v for k, v in os.environ.items() if k not in _START_ENV}
+    theirs = {k: v for k, v in env.items() if k not in RUNTIME_ONLY}
+    differ = sorted(
+        k
+        for k in own.keys() | theirs.keys()
+        if own.get(k) != theirs.get(k) and not (k in preload_set and theirs.get(k) == preload_set[k])
+    )
     return f"environment differs from the server's in {differ}" if differ else None
 
 
@@ -210,14 +223,14 @@ def _receive(conn: socket.socket) -> tuple[Optional[dict], list[int]]:
     return json.loads(data), fds
 
 
-def _account(pid: int, usage) -> None:
-    """With SD_TRAIN_TEST_ZYGOTE_LOG set, append each finished rank's CPU seconds (user + system,
-    its own reaped children included) to that file: a rank's CPU no longer reaches the launcher's
-    RUSAGE_CHILDREN, so this is how the suite's CPU per test is still counted."""
+def _log(row: dict) -> None:
+    """With SD_TRAIN_TEST_ZYGOTE_LOG set, append `row` to that file as a JSON line: each finished
+    rank's CPU seconds (user + system, its own reaped children included; a rank's CPU no longer
+    reaches the launcher's RUSAGE_CHILDREN) and each refusal."""
     path = os.environ.get("SD_TRAIN_TEST_ZYGOTE_LOG")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"pid": pid, "cpu": usage.ru_utime + usage.ru_stime}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
 
 def serve(address: str) -> dict:
@@ -235,6 +248,8 @@ def serve(address: str) -> dict:
             request, fds = _receive(conn)
             refused = "bad request" if request is None or len(fds) != 3 else _refusal(request)
             if refused:
+                _log({"refused": refused, "argv": request and request["argv"]})
+                print(f"refused: {refused}", flush=True)  # the servers' log
                 _send(conn, {"refused": refused})
                 conn.close()
                 for fd in fds:
@@ -265,7 +280,7 @@ def serve(address: str) -> dict:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
             if pid == 0:
                 break
-            _account(pid, usage)
+            _log({"pid": pid, "cpu": usage.ru_utime + usage.ru_stime})
             conn = running.pop(pid, None)
             if conn is not None:
                 try:

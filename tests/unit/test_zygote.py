@@ -158,3 +158,19 @@ def test_ctrl_c_to_the_launchers_group_reaches_each_rank(servers, tmp_path, how)
     assert proc.returncode == 130, stderr.decode()[-3000:]
     assert [p.read_text() for p in counts] == ["2", "2"]
     assert ("another session" in stderr.decode()) == (how == "new session")
+
+
+def test_a_request_is_refused_for_an_environment_its_imports_did_not_see(monkeypatch):
+    """Any variable set, unset or changed against the server's start (an import may read it) sends
+    the rank to a fresh interpreter, except the launcher variables and what the preload's imports
+    set themselves with the same value (a launcher that imported torch in-process has those)."""
+    start = {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    monkeypatch.setattr(zygote, "_START_ENV", start)
+    monkeypatch.setattr(zygote.os, "environ", {**start, "TORCHINDUCTOR_CACHE_DIR": "/tmp/ti"})
+    assert zygote.env_refusal(start) is None
+    assert zygote.env_refusal({**start, "RANK": "1", "MASTER_PORT": "29500", "SD_TRAIN_FAULT": "x"}) is None
+    assert zygote.env_refusal({**start, "TORCHINDUCTOR_CACHE_DIR": "/tmp/ti"}) is None
+    assert "TORCHINDUCTOR_CACHE_DIR" in zygote.env_refusal({**start, "TORCHINDUCTOR_CACHE_DIR": "/elsewhere"})
+    assert "OMP_NUM_THREADS" in zygote.env_refusal({**start, "OMP_NUM_THREADS": "2"})
+    assert "PATH" in zygote.env_refusal({"OMP_NUM_THREADS": "1"})
+    assert "CUDA_VISIBLE_DEVICES" in zygote.env_refusal({**start, "CUDA_VISIBLE_DEVICES": "0"})
