@@ -26,7 +26,7 @@ What differs:
 A launcher in a session of its own (the Ctrl-C tests start theirs with start_new_session) is
 refused: a process can only join a process group of its own session, so only a fresh child would
 get the terminal's SIGINT. So is any request while the server runs a second thread (a fork would
-copy its locks held), which the preload does not start.
+copy its locks held), which the preload does not start, and any on a machine with an NVIDIA GPU.
 
 A forked child shares its server's string hash seed. Ranks of one launch fork from different
 servers (rank r from server r % 2), so two ranks still hash differently, as two fresh
@@ -68,8 +68,10 @@ PRELOAD = (
     "yaml",
 )
 # Variables only read after start-up (by torch.distributed, the trainer's fault injector, wandb's
-# init, pytest): a request may set them differently from the server's own environment. Any other
-# difference could change what an import saw, so such a request gets a fresh interpreter.
+# init, pytest; PYTORCH_NVML_BASED_CUDA_CHECK by torch.cuda.is_available() at each call, and set by
+# deepspeed's import, which the tests' fixtures make in-process): a request may set them differently
+# from the server's own environment. Any other difference could change what an import saw, so such a
+# request gets a fresh interpreter.
 RUNTIME_ONLY = frozenset(
     {
         "RANK",
@@ -82,11 +84,15 @@ RUNTIME_ONLY = frozenset(
         "WANDB_MODE",
         "PYTEST_CURRENT_TEST",
         "SD_TRAIN_TEST_ZYGOTES",
+        "PYTORCH_NVML_BASED_CUDA_CHECK",
     }
 )
 ENV_VAR = "SD_TRAIN_TEST_ZYGOTES"  # the servers' socket paths, ":"-separated, for spawn_ranks.py
 NO_ZYGOTES = "SD_TRAIN_TEST_NO_ZYGOTES"  # set (to anything): fresh interpreters (a session, or one launch)
 _MAX_MSG = 1 << 20
+# Present on a machine with an NVIDIA driver. There, an import that asks torch.cuda.is_available()
+# initializes the driver in the server, and a forked child could not use CUDA: every rank is fresh.
+NVIDIA_DEVICE = "/dev/nvidiactl"
 FAILED = ".failed"  # next to the socket path: the server's preload failed
 
 
@@ -188,6 +194,8 @@ _START_ENV: dict[str, str] = dict(os.environ)  # before the preload, which sets 
 
 def _refusal(request: dict) -> Optional[str]:
     """Why this request gets a fresh interpreter instead of a fork, or None."""
+    if os.path.exists(NVIDIA_DEVICE):
+        return "an NVIDIA GPU machine: the preload may have initialized the CUDA driver, which no fork can use"
     if request["sid"] != os.getsid(0):
         return "the launcher is in another session, whose process group a fork cannot join"
     threads = len(os.listdir("/proc/self/task"))

@@ -174,3 +174,15 @@ def test_a_request_is_refused_for_an_environment_its_imports_did_not_see(monkeyp
     assert "OMP_NUM_THREADS" in zygote.env_refusal({**start, "OMP_NUM_THREADS": "2"})
     assert "PATH" in zygote.env_refusal({"OMP_NUM_THREADS": "1"})
     assert "CUDA_VISIBLE_DEVICES" in zygote.env_refusal({**start, "CUDA_VISIBLE_DEVICES": "0"})
+
+
+def test_no_fork_on_a_gpu_machine_or_from_another_session(monkeypatch, tmp_path):
+    """A server on a machine with an NVIDIA driver forks nothing (an import may have initialized
+    the driver, which a forked child cannot use); nor for a launcher in another session."""
+    request = {"sid": os.getsid(0), "env": dict(os.environ)}
+    marker = tmp_path / "nvidiactl"
+    marker.touch()
+    monkeypatch.setattr(zygote, "NVIDIA_DEVICE", str(marker))
+    assert "GPU" in zygote._refusal(request)
+    monkeypatch.setattr(zygote, "NVIDIA_DEVICE", str(tmp_path / "absent"))
+    assert "another session" in zygote._refusal({**request, "sid": request["sid"] + 1})
