@@ -23,6 +23,7 @@ What differs:
   child: `ZygoteProcess` has the parts of `subprocess.Popen` it uses (pid, poll, wait,
   send_signal, kill, returncode); the exit status comes back over the request's socket.
 - a traceback has two more frames (this file and runpy) above the script's.
+- the objects the preload made are frozen out of the cyclic garbage collector (`freeze_heap`).
 A launcher in a session of its own (the Ctrl-C tests start theirs with start_new_session) is
 refused: a process can only join a process group of its own session, so only a fresh child would
 get the terminal's SIGINT. So is any request while the server runs a second thread (a fork would
@@ -325,6 +326,18 @@ def become(request: dict) -> None:
         sys.modules["numpy"].random.seed()
 
 
+def freeze_heap() -> None:
+    """Collect the imports' garbage, then move every object left into the collector's permanent
+    generation (`gc.freeze`, as CPython's documentation advises before a server forks): each full
+    collection of a forked rank then skips them (0.19 s of CPU apiece on this box, and rank 0 of the
+    suite's reference run makes about 15). What the rank itself allocates is collected as in a fresh
+    interpreter. The one difference a fresh interpreter shows: `gc.get_freeze_count()` is 0 there."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def preload() -> None:
     """Import PRELOAD as a fresh `python train.py` does: after sd-train's entry point has quieted
     the known third-party noise (sd_train.console: TQDM_DISABLE=1, which tqdm reads at import, and
@@ -352,6 +365,9 @@ if __name__ == "__main__":
     except BaseException:
         open(sys.argv[1] + FAILED, "w").close()  # the clients stop waiting for this server
         raise
+    # The ~390k objects the imports made live as long as the process: out of the cyclic collector's
+    # reach, a full collection in a rank no longer walks them (0.19 s each; see freeze_heap).
+    freeze_heap()
     child = serve(sys.argv[1])
     become(child)
     del child

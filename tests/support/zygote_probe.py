@@ -10,6 +10,7 @@ one; exits 130 after the second)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -56,6 +57,9 @@ def report(out: Path, rank: str) -> None:
         "stdout_isatty": sys.stdout.isatty(),
         "stdout_encoding": sys.stdout.encoding,
         "flags": repr(sys.flags),
+        "gc_enabled": gc.isenabled(),
+        "gc_thresholds": gc.get_threshold(),
+        "gc_frozen": gc.get_freeze_count(),
     }
     (out / f"report.rank{rank}.json").write_text(json.dumps(facts))
 

@@ -51,7 +51,7 @@ def reports(servers: str, out: Path, fresh: bool) -> tuple[int, list[dict]]:
 
 SAME = (
     "argv", "path", "cwd", "name", "main_file", "sid", "signals", "blocked", "fds", "threads", "umask", "nice",
-    "stdout_isatty", "stdout_encoding", "flags",
+    "stdout_isatty", "stdout_encoding", "flags", "gc_enabled", "gc_thresholds",
 )  # fmt: skip
 
 
@@ -82,6 +82,9 @@ def test_a_forked_rank_sees_what_a_fresh_one_sees(servers, tmp_path):
         draws = [json.dumps(reps[r][key]) for reps in forked for r in (0, 1)]
         assert len(set(draws)) == 4, (key, draws)
     assert forked[0][0]["hash"] != forked[0][1]["hash"]
+    # The one planned difference: the preload's objects frozen out of the collector's reach.
+    assert all(rep["gc_frozen"] == 0 for rep in fresh)
+    assert all(rep["gc_frozen"] > 100_000 for reps in forked for rep in reps)
 
 
 def run_one(start, out: Path, mode: str, signum=None) -> tuple[int, str, str]:
