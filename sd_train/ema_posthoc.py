@@ -29,7 +29,6 @@ process group, whatever world size wrote them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch.distributed.checkpoint as dcp
 
 from sd_train.ema import fp32_shadow
 from sd_train.ema_plan import PosthocPlan
+from sd_train.folders import replace_folder
 from sd_train.paths import SNAPSHOT_META, partial_dir, snapshot_is_complete, step_dir
 from sd_train.posthoc_math import power_beta
 
@@ -169,11 +169,9 @@ class PowerEMAProfiles:
             if shapes:
                 meta["shapes"] = shapes
             (tmp / SNAPSHOT_META).write_text(json.dumps(meta, indent=1))
-            if final.exists():
-                # The same step again after a resume from an older checkpoint: the run is bitwise
-                # deterministic, so the new one replaces it.
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            # The same step again after a resume from an older checkpoint: the run is bitwise
+            # deterministic, so the new one replaces it, once complete.
+            replace_folder(tmp, final)
         return final
 
 

@@ -21,3 +21,8 @@ class CheckpointLoadError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class OutputRefusedError(ConfigError):
+    """An output folder (`--out`, `output_dir`) would replace or overwrite what sd-train did not write
+    there, or what a run in progress holds. The message names what is there and the way out."""

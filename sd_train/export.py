@@ -20,13 +20,19 @@ import torch
 import torch.distributed.checkpoint as dcp
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+from sd_train.errors import OutputRefusedError
+from sd_train.folders import refusal, replace_folder
 from sd_train.parallel.deepspeed import offline_state
-from sd_train.paths import check_model_folder, checkpoint_is_complete
+from sd_train.paths import EXPORT_MARKER, check_model_folder, checkpoint_is_complete, is_export
 
 
 def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir: Path, prediction_type: str) -> Path:
     """Write `out_dir` as a diffusers SD folder: the given UNet weights + the frozen parts of
-    `model_path` (VAE, text encoder, tokenizer, scheduler)."""
+    `model_path` (VAE, text encoder, tokenizer, scheduler). An existing `out_dir` is replaced only
+    if it is an earlier export (EXPORT_MARKER) or empty, and only once the new one is complete
+    (sd_train.folders.replace_folder): anything else there is refused before any work is done."""
+    out_dir = Path(out_dir)
+    check_export_target(out_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_model_folder(model_path)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
@@ -39,13 +45,27 @@ def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir:
         model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.scheduler.register_to_config(prediction_type=prediction_type)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    # Our own hidden name next to the target (same file system, so the swap is a rename).
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "sd-train", "base_model": str(model_path)}, indent=1))
+    check_export_target(out_dir)  # nothing else took the folder meanwhile
+    replace_folder(tmp, out_dir)
     return out_dir
+
+
+def check_export_target(out_dir: Path) -> None:
+    """Raise OutputRefusedError unless `out_dir` is missing, empty or an earlier export."""
+    if is_export(out_dir):
+        return
+    problem = refusal(
+        out_dir,
+        f"an earlier export (no {EXPORT_MARKER})",
+        "export into a new or empty folder (an export replaces only an earlier export)",
+    )
+    if problem is not None:
+        raise OutputRefusedError(problem)
 
 
 def export_from_training(

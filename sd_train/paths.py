@@ -57,6 +57,15 @@ def complete_steps(root: Path) -> list[int]:
     return sorted(steps)
 
 
+# An export (`sd-train export`, the end-of-run export, `sd-train posthoc`): a diffusers pipeline folder
+# plus EXPORT_MARKER, written last. Only a folder with the marker is ever replaced by another export.
+EXPORT_MARKER = "sd_train_export.json"
+
+
+def is_export(folder: Path) -> bool:
+    return (Path(folder) / EXPORT_MARKER).is_file()
+
+
 def check_model_folder(path: str) -> None:
     """Raise ConfigError (naming model.pretrained_path) unless `path` is a diffusers Stable
     Diffusion folder: an existing folder with every one of MODEL_SUBFOLDERS."""

@@ -37,7 +37,7 @@ from sd_train.data.precomputed import (
     stack_precomputed,
 )
 from sd_train.data.tar import read_shards
-from sd_train.tools.precompute import precompute
+from sd_train.tools.precompute import main_precompute, precompute
 
 BATCH = 4  # = micro_batch_size in configs/test.yaml
 MEMBERS = {"latent_mean.npy", "latent_std.npy", "text_embeds.npy", "txt", "json"}
@@ -165,6 +165,30 @@ def test_bad_input_counted_and_random_crops(tiny_assets, tmp_path):
     assert again["counts"] == counts and again["decode_workers"] == 2
     name = "mixed-000000.tar"
     assert (tmp_path / "w2" / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_out_that_is_or_nests_with_the_input_folder_is_refused(tiny_assets, tmp_path, capsys):
+    """`--out` equal to the input shards' folder (also reached through a symlink), inside it, or
+    above it: exit 2 naming the shard, before anything is written; the input shards are untouched."""
+    src = tmp_path / "data" / "emoji"
+    src.mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(tiny_assets["data"] / f"train-{i:06d}.tar", src / f"train-{i:06d}.tar")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    (tmp_path / "link").symlink_to(src)
+    spec = f"{src}/train-{{000000..000001}}.tar"
+    for out, relation in (
+        (src, "is the folder of"),
+        (tmp_path / "link", "is the folder of"),
+        (src / "latents", "is inside the folder of"),
+        (tmp_path / "data", "is a folder above"),
+    ):
+        args = ["--model", str(tiny_assets["model"]), "--src", spec, "--out", str(out), "--resolution", "32"]
+        assert main_precompute(args) == 2
+        said = capsys.readouterr().out
+        assert f"{relation} the input shard {src}/train-000000.tar" in said and "would overwrite" in said
+        assert not (src / "latents").exists()
+        assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()} == before
 
 
 def _cfg(tiny_assets, spec: str, *extra: str):
