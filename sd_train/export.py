@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from sd_train.errors import OutputRefusedError
-from sd_train.folders import refusal, replace_folder
+from sd_train.folders import refusal, write_then_replace
 from sd_train.parallel.deepspeed import offline_state
 from sd_train.paths import EXPORT_MARKER, check_model_folder, checkpoint_is_complete, is_export
 
@@ -45,13 +44,14 @@ def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir:
         model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.scheduler.register_to_config(prediction_type=prediction_type)
-    # Our own hidden name next to the target (same file system, so the swap is a rename).
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "sd-train", "base_model": str(model_path)}, indent=1))
-    check_export_target(out_dir)  # nothing else took the folder meanwhile
-    replace_folder(tmp, out_dir)
+
+    def write(folder: Path) -> None:
+        pipe.save_pretrained(folder)
+        marker = {"written_by": "sd-train", "base_model": str(model_path)}
+        (folder / EXPORT_MARKER).write_text(json.dumps(marker, indent=1))  # last: the folder is complete
+
+    # Every file of an earlier export is ours: nothing is carried over.
+    write_then_replace(out_dir, write, ours=lambda name: True, check=check_export_target)
     return out_dir
 
 

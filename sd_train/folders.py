@@ -18,7 +18,7 @@ import ctypes
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -66,6 +66,38 @@ def replace_folder(new: Path, final: Path) -> None:
     os.rename(final, aside)
     os.rename(new, final)
     shutil.rmtree(aside)
+
+
+def write_then_replace(
+    final: Path,
+    write: Callable[[Path], None],
+    ours: Callable[[str], bool],
+    check: Callable[[Path], None] = lambda folder: None,
+) -> None:
+    """Write a whole new `final` with `write(staging)` into a staging folder beside it, then
+    `replace_folder`. Entries of the old `final` whose name is not `ours` (and that the new one
+    lacks) are copied over first, so replacing a folder never loses what another tool put there.
+    `check(final)` runs again right before the swap; a failure anywhere removes the staging folder
+    and leaves `final` as it was."""
+    final = Path(final).resolve()
+    staging = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # our own name: left by a crashed earlier attempt
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        check(final)
+        if final.is_dir():
+            for entry in final.iterdir():
+                if ours(entry.name) or (staging / entry.name).exists():
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, staging / entry.name, symlinks=True)
+                else:
+                    shutil.copy2(entry, staging / entry.name, follow_symlinks=False)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_folder(staging, final)
 
 
 def listing(folder: Path, limit: int = 6) -> str:
