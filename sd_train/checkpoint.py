@@ -46,10 +46,12 @@ from sd_train.parallel.strategy import AsyncSave
 from sd_train.paths import (
     checkpoint_is_complete,
     complete_steps,
+    incompatibility,
     partial_dir,
     partial_step,
     step_dir,
 )
+from sd_train.rollback import ROLLBACKS, ResumePlan, broken_folders, resume_plan, start_branch
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +134,6 @@ class Checkpointer:
         self.fault_hook: Callable[[str, int], None] = lambda phase, step: None  # set by the trainer (faults)
         self.loaded_folder: Optional[Path] = None
         self._last_saved_step: Optional[int] = None
-
-    def candidates_exist(self) -> bool:
-        return bool(complete_steps(self.root))
 
     # ---- saving ---------------------------------------------------------------------------------
 
@@ -286,22 +285,24 @@ class Checkpointer:
 
     # ---- loading --------------------------------------------------------------------------------
 
+    def plan(self) -> ResumePlan:
+        """Folders to try, newest first, per `checkpoint.resume` / `checkpoint.load_step`, and the
+        named checkpoint a rollback branches from (sd_train.rollback)."""
+        return resume_plan(self.root.parent, self.args.resume, self.args.load_step)
+
     def candidates(self) -> list[Path]:
-        """Folders to try, newest first, per `checkpoint.resume` / `checkpoint.load_step`."""
-        if self.args.resume == "none":
-            return []
-        if self.args.resume != "auto":
-            return [Path(self.args.resume)]
-        if self.args.load_step is not None:
-            return [step_dir(self.root, self.args.load_step)]
-        return [step_dir(self.root, s) for s in reversed(complete_steps(self.root))]
+        return self.plan().candidates
 
     def load(self) -> Optional[Loaded]:
         """Load the newest loadable checkpoint into everything registered, or return None when there
-        is nothing to resume."""
-        folders = self.candidates()
+        is nothing to resume. After a rollback (a named checkpoint, not a relaunch of the same
+        command), the old branch's later checkpoints and snapshots are moved aside."""
+        plan = self.plan()
+        folders = plan.candidates
         if not folders:
             return None
+        if self.rank == 0:
+            _report_broken(self.root.parent)
         errors = []
         for folder in folders:
             try:
@@ -318,6 +319,8 @@ class Checkpointer:
             self._last_saved_step = loaded.step  # never re-save into the folder we came from
             if errors and self.rank == 0:
                 print(f"WARNING: resumed from older checkpoint {folder} after: {'; '.join(errors)}", flush=True)
+            if plan.branch_from is not None and self.rank == 0:
+                _announce(start_branch(self.root.parent, plan.branch_from, loaded.step), self.root.parent)
             return loaded
         raise CheckpointLoadError(
             "checkpoints exist but none could be loaded, refusing to start from step 0:\n  "
@@ -441,6 +444,31 @@ def rank_bytes(folder: Path) -> dict[int, int]:
     return sizes
 
 
+def _report_broken(output_dir: Path) -> None:
+    broken = broken_folders(output_dir)
+    if broken:
+        print(
+            f"note: {len(broken)} checkpoint folder(s) kept for inspection after they failed to load: "
+            f"{', '.join(str(b) for b in broken[:5])}{' ...' if len(broken) > 5 else ''}; they never count for a "
+            "resume: delete them when done",
+            flush=True,
+        )
+
+
+def _announce(record: dict, output_dir: Path) -> None:
+    moved = len(record["moved_checkpoints"]) + len(record["moved_snapshots"])
+    where = (
+        f"moved {moved} later checkpoint/snapshot folder(s) to {output_dir / record['abandoned']}"
+        if moved
+        else ("no later checkpoints to move")
+    )
+    print(
+        f"rollback to {record['source']} (step {record['step']}): a new branch starts here; {where}; recorded in "
+        f"{output_dir / ROLLBACKS}. Relaunching this same command continues the new branch",
+        flush=True,
+    )
+
+
 def _check_files(folder: Path) -> Optional[str]:
     if not (folder / "trainer_state.json").is_file():
         return "no trainer_state.json"
@@ -451,24 +479,10 @@ def _check_files(folder: Path) -> Optional[str]:
 
 def _check_compatible(folder: Path, global_state: dict, fmt: str, world_size: int) -> None:
     """Refuse, without trying older folders (they would fail the same way), a checkpoint this run
-    cannot read: written by the other backend, or by DeepSpeed on another world size."""
-    saved = global_state.get("format", "dcp")
-    if saved != fmt:
-        how = {"dcp": "dist.strategy=fsdp2 (or ddp)", "zero": "dist.strategy=deepspeed"}
-        raise CheckpointLoadError(
-            f"{folder} was written with {how.get(saved, saved)} but this run uses {how[fmt]}: resume it with "
-            f"{how.get(saved, saved)}, or export it (`sd-train export --checkpoint {folder} --weights raw`) and "
-            "start a new run from the export with model.pretrained_path"
-        )
-    saved_world = int(global_state["world_size"])
-    if fmt == "zero" and saved_world != world_size:
-        raise CheckpointLoadError(
-            f"{folder} holds DeepSpeed ZeRO partitions of {saved_world} ranks and this run has {world_size}: DeepSpeed "
-            f"checkpoints resume on the same world size. Relaunch with {saved_world} processes, or export it "
-            f"(`sd-train export --checkpoint {folder}`) and start a new run from the export with "
-            "model.pretrained_path. "
-            "FSDP2 checkpoints (dist.strategy=fsdp2) reshard to any world size"
-        )
+    cannot read (preflight refuses it before the launch writes anything; this is the backstop)."""
+    problem = incompatibility(folder, global_state, fmt, world_size)
+    if problem is not None:
+        raise CheckpointLoadError(problem)
 
 
 def _agree(problem: Optional[str]) -> None:

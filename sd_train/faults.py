@@ -9,7 +9,8 @@ Phases: mid_step (between backward and optimizer step), after_rank_files (checkp
 written, shards not), after_shards (shards written, folder not yet renamed), before_retention,
 during_async_save, export_write (main process, the end-of-run export, before its files are written),
 grid_write (main process, on the background writer's thread, before a sample grid is written).
-Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM), sleep (`seconds`).
+Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM), sleep (`seconds`),
+stop (SIGSTOP: the process pauses, holding what it holds, until someone sends it SIGCONT).
 Unset, it costs one dict lookup per phase.
 """
 
@@ -78,6 +79,8 @@ class FaultInjector:
             os.kill(os.getpid(), signal.SIGKILL)
         elif f.action == "term":
             os.kill(os.getpid(), signal.SIGTERM)
+        elif f.action == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
         elif f.action == "sleep":
             time.sleep(f.seconds)
         elif f.action == "hang":

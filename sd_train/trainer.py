@@ -41,6 +41,7 @@ from sd_train.errors import (
     CheckpointLoadError,
     ConfigError,
     NonFiniteError,
+    OutputRefusedError,
 )
 from sd_train.evaluation import Evaluator
 from sd_train.export import export_from_training
@@ -64,6 +65,7 @@ from sd_train.parallel.process_group import (
 from sd_train.paths import POSTHOC_DIR
 from sd_train.perf import apply_backend_flags, peak_tflops, training_flops_per_image, use_fused_adamw
 from sd_train.rng import RankRNG, seed_all
+from sd_train.run_lock import OutputDirLock
 
 log = logging.getLogger("sd_train")
 
@@ -138,6 +140,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.info = init_distributed(cfg.dist)
+        # One launch per output_dir, decided before any rank writes there: the others wait for
+        # rank 0's answer (sd_train.run_lock).
+        self.out_lock = OutputDirLock(cfg.output_dir)
+        refused = all_gather_object(self.out_lock.acquire() if self.info.is_main else None)[0]
+        if refused is not None:
+            raise OutputRefusedError(refused)
         self.backend_flags = apply_backend_flags(cfg.perf, self.info.device)
         self.out = Path(cfg.output_dir)
         if self.info.is_main:
@@ -259,11 +267,7 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        if self.cfg.checkpoint.resume == "none" and self.checkpointer.candidates_exist():
-            raise ConfigError(
-                f"checkpoint.resume=none but {self.checkpointer.root} holds checkpoints: use a new "
-                "output_dir, or resume=auto"
-            )
+        # Refusals (resume=none over checkpoints, another backend's checkpoint) come from preflight.
         loaded = self.checkpointer.load()
         if loaded is None and self.cfg.checkpoint.init_from:
             self.checkpointer.init_from(Path(self.cfg.checkpoint.init_from))
@@ -507,6 +511,7 @@ class Trainer:
         # disk on the main process keeps no peer in a collective.
         self.evaluator.close()
         self.metrics.close()
+        self.out_lock.release()
 
 
 KNOWN_ERRORS: tuple = (NonFiniteError, CheckpointLoadError, BadDataError)

@@ -1,6 +1,7 @@
 """A table of bad configs: each is refused by validation, before any process group starts or
 torch is imported, with a message naming the field."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -181,3 +182,38 @@ def test_yaml_syntax_error_refused(good, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"config error: --config {broken}: YAML syntax error at line 4, column 17" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "fmt,extra,said",
+    [
+        ("dcp", ["checkpoint.resume=none"], "checkpoint.resume=none but"),
+        ("zero", [], "was written with dist.strategy=deepspeed but this run uses dist.strategy=fsdp2"),
+        ("dcp", ["ema.posthoc.sigma_rels=[0.05]"], "was written without post-hoc EMA profiles"),
+    ],
+)
+def test_refused_resume_writes_nothing(good, tmp_path, fmt, extra, said):
+    """A resume the run cannot make is refused by the real entry point (exit 2) before anything is
+    written: the earlier launch's config.yaml and every file of output_dir stay as they were."""
+    _, overrides = good
+    out = tmp_path / "run"
+    step = out / "checkpoints" / "step_00000004"
+    (step / "zero").mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    state = {"step": 4, "world_size": 1, "format": fmt, "ema": {"open": False}}
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    (out / "config.yaml").write_text("the earlier launch's config\n")
+    before = _tree(out)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENTRY, "--config", "configs/test.yaml", *overrides, f"output_dir={out}", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+    assert _tree(out) == before

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from sd_train.checkpoint import Checkpointer
-from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
+from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, load_config
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
 from sd_train.errors import CheckpointLoadError
 from sd_train.parallel.fsdp import FSDPStrategy
-from sd_train.paths import complete_steps, partial_dir, step_dir
+from sd_train.paths import SNAPSHOT_META, complete_steps, partial_dir, snapshot_steps, step_dir
+from sd_train.preflight import check_checkpoint_folders
+from sd_train.rollback import read_rollbacks
 
 
 class Counter:
@@ -215,9 +217,61 @@ def test_async_save_stages_into_buffers_kept_for_the_run_and_writes_the_saved_st
     assert [f["checkpoint/step"] for f in figures] == [1, 2, 3, 4]
     assert all(0 <= f["checkpoint/blocked_s"] and 0 < f["checkpoint/save_s"] for f in figures)
     for s in range(1, 5):
-        b = Run(info, tmp_path, keep_last_k=0, load_step=s)
+        # Read into another output_dir: load_step=s here would roll this run back to s.
+        b = Run(info, tmp_path / f"read{s}", keep_last_k=0, resume=str(step_dir(tmp_path / "checkpoints", s)))
         assert b.ckpt.load().step == s
         weights, ema = live[s]
         assert all(torch.equal(weights[n], t) for n, t in b.weights().items()), s
         assert all(torch.equal(ema[n], t) for n, t in b.ema_weights().items()), s
     a.ckpt.close()
+
+
+def _snapshot(root, step: int) -> None:
+    """A folder that counts as a complete post-hoc snapshot (sd_train.paths.snapshot_is_complete)."""
+    folder = step_dir(root, step)
+    folder.mkdir(parents=True)
+    (folder / SNAPSHOT_META).write_text("{}")
+    (folder / ".metadata").write_bytes(b"")
+
+
+def test_rollback_moves_the_old_branch_aside_and_a_requeue_continues_the_new_one(info, tmp_path, capsys):
+    """load_step=3 after steps 1-6: the new branch starts at 3, steps 4-6, the snapshots after 3 and
+    a broken step-4 folder move to abandoned-00000003-*/ (never deleted), and the rollback is
+    recorded. The branch trains on (other weights than the old branch), retention deletes step 3,
+    and a requeue of the same command (load_step=3 again) passes preflight and continues the
+    branch from its step 5 instead of rolling back again."""
+    root, live = tmp_path / "checkpoints", {}
+    a = Run(info, tmp_path, keep_last_k=0)
+    for s in range(1, 7):
+        a.step(s)
+        live[s] = a.weights()
+    for s in (2, 4, 6):
+        _snapshot(tmp_path / "posthoc", s)
+    (root / "step_00000004.broken-1700000000").mkdir()
+    b = Run(info, tmp_path, keep_last_k=2, load_step=3)
+    assert b.ckpt.load().step == 3
+    assert all(torch.equal(live[3][n], t) for n, t in b.weights().items())
+    (abandoned,) = tmp_path.glob("abandoned-00000003-*")
+    assert complete_steps(root) == [1, 2, 3] and complete_steps(abandoned / "checkpoints") == [4, 5, 6]
+    assert (abandoned / "checkpoints" / "step_00000004.broken-1700000000").is_dir()
+    assert snapshot_steps(tmp_path / "posthoc") == [2], "sd-train posthoc sees the live branch only"
+    assert snapshot_steps(abandoned / "posthoc") == [4, 6]
+    (record,) = read_rollbacks(tmp_path)
+    assert (record["step"], record["abandoned"]) == (3, abandoned.name)
+    said = capsys.readouterr().out
+    assert "kept for inspection" in said and "rollback to" in said and "continues the new branch" in said
+
+    with torch.no_grad():  # the new branch takes other weights than the old one did
+        next(b.strategy.module.parameters()).add_(1.0)
+    for s in (4, 5):
+        b.step(s)
+    branch = b.weights()
+    assert not torch.equal(branch["0.weight"], live[5]["0.weight"])
+    assert complete_steps(root) == [4, 5], "retention of the branch deleted step 3"
+
+    cfg = load_config("configs/test.yaml", [f"output_dir={tmp_path}", "checkpoint.load_step=3"])
+    check_checkpoint_folders(cfg)  # the requeue passes preflight though step 3 is gone
+    c = Run(info, tmp_path, keep_last_k=2, load_step=3)
+    assert c.ckpt.load().step == 5
+    assert all(torch.equal(branch[n], t) for n, t in c.weights().items())
+    assert len(read_rollbacks(tmp_path)) == 1 and len(list(tmp_path.glob("abandoned-*"))) == 1
