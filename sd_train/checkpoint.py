@@ -37,9 +37,9 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from sd_train import dcp_io
 from sd_train.config import CheckpointArgs
 from sd_train.errors import CheckpointLoadError
 from sd_train.parallel.strategy import AsyncSave
@@ -349,7 +349,8 @@ class Checkpointer:
         rank_state = None
         if problem is None:
             try:
-                rank_state = torch.load(rank_file, weights_only=False)
+                # Tensors, numbers and lists only (sd_train.rng): nothing in a checkpoint runs code.
+                rank_state = torch.load(rank_file, weights_only=True)
             except Exception as e:  # truncated or corrupt pickle: report which file
                 problem = f"{rank_file.name} unreadable: {type(e).__name__}: {e}"
         return global_state, rank_state, problem
@@ -393,7 +394,10 @@ class Checkpointer:
         with open(folder / "trainer_state.json") as f:
             saved = json.load(f)
         _check_compatible(folder, saved, self.strategy.checkpoint_format, self.world_size)
-        stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        try:
+            stored = dcp_io.read_metadata(folder).state_dict_metadata
+        except Exception as e:  # noqa: BLE001 -- an unreadable or refused .metadata: say which and why
+            raise CheckpointLoadError(f"checkpoint.init_from={folder}: .metadata unreadable: {e}") from e
         mismatched = []
         for name, p in self.strategy.module.named_parameters():
             meta = stored.get(f"model.{name}")

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from sd_train import dcp_io
 from sd_train.ema import fp32_shadow
 from sd_train.ema_plan import PosthocPlan
 from sd_train.folders import replace_folder
@@ -185,7 +186,7 @@ def load_snapshot_profile(folder: Path, index: int) -> dict[str, torch.Tensor]:
     """One profile of a snapshot as full fp32 tensors, in this process with no process group,
     whatever world size and strategy wrote it. Only that profile is read."""
     shapes = read_snapshot_meta(folder).get("shapes", {})  # ZeRO-3's flattened parameters
-    md = dcp.FileSystemReader(str(folder)).read_metadata()
+    md = dcp_io.read_metadata(folder)
     prefix = f"profiles.{profile_key(index)}."
     state = {
         key[len(prefix) :]: torch.empty(tuple(item.size), dtype=item.properties.dtype)
@@ -195,7 +196,7 @@ def load_snapshot_profile(folder: Path, index: int) -> dict[str, torch.Tensor]:
     if not state:
         raise KeyError(f"{folder} has no profile {index}")
     wrapped = {"profiles": {profile_key(index): state}}
-    dcp.load(wrapped, checkpoint_id=str(folder), no_dist=True)
+    dcp_io.load(wrapped, folder, no_dist=True)
     return {
         n: t.float().view(shapes[n]) if n in shapes else t.float()
         for n, t in wrapped["profiles"][profile_key(index)].items()

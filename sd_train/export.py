@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+from sd_train import dcp_io
 from sd_train.errors import OutputRefusedError
 from sd_train.folders import refusal, write_then_replace
 from sd_train.parallel.deepspeed import offline_state
@@ -122,7 +122,7 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
         else [n for n, p in UNet2DConditionModel.from_config(config).named_parameters()]
     )
     state = {prefix: {n: torch.empty_like(template[n]) for n in names}}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    dcp_io.load(state, checkpoint, no_dist=True)
     return trainer_state, state[prefix]
 
 

@@ -239,7 +239,7 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / ZERO_DIR}")
         for key, shadow in shadows.items():
-            payload = torch.load(shadow_file(folder, key, self.info.rank), weights_only=False)
+            payload = torch.load(shadow_file(folder, key, self.info.rank), weights_only=True)
             shadow.load_local_state_dict(payload["pieces"])
 
     # ---- export and topology ----------------------------------------------------------------------
@@ -409,7 +409,7 @@ def offline_shadow(checkpoint: Path, key: str, prefix: str = "") -> dict[str, to
     files = sorted(checkpoint.glob(f"{key}_rank_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     if not files:
         raise FileNotFoundError(f"{checkpoint}: no {key}_rank_*.pt files")
-    payloads = [torch.load(f, weights_only=False) for f in files]
+    payloads = [torch.load(f, weights_only=True) for f in files]
     first = payloads[0]
     if len(payloads) != first["world_size"]:
         raise FileNotFoundError(

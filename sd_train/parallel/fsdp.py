@@ -30,6 +30,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from sd_train import dcp_io
 from sd_train.config import DistArgs, PerfArgs
 from sd_train.host_sync import read_floats
 from sd_train.optim import clip_grad_norm_, local_shard
@@ -254,13 +255,13 @@ class FSDPStrategy(Strategy):
 
     def load(self, folder: Path, shadows: dict) -> None:
         state = self._tensor_state(shadows)
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp_io.load(state, folder)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def load_model_and_optimizer(self, folder: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp_io.load(state, folder)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def describe_load_error(self, folder: Path, error: BaseException) -> str:
@@ -268,7 +269,7 @@ class FSDPStrategy(Strategy):
         metadata says, so the warning points at the culprit."""
         text = f"{type(error).__name__}: {str(error)[:300]}"
         try:
-            md = dcp.FileSystemReader(str(folder)).read_metadata()
+            md = dcp_io.read_metadata(folder)
             need: dict[str, int] = {}
             for item in (md.storage_data or {}).values():
                 name = item.relative_path
@@ -276,8 +277,8 @@ class FSDPStrategy(Strategy):
             short = [n for n, size in need.items() if not (folder / n).is_file() or (folder / n).stat().st_size < size]
             if short:
                 return f"truncated or missing shard file(s) {[str(folder / n) for n in sorted(short)]} ({text})"
-        except Exception:  # the metadata itself is unreadable: the original error says enough
-            pass
+        except Exception as e:  # noqa: BLE001 -- the metadata itself is unreadable or refused: the cause
+            return f"{folder / '.metadata'} unreadable: {type(e).__name__}: {str(e)[:300]}"
         return text
 
     # ---- export and topology ----------------------------------------------------------------------

@@ -1,23 +1,30 @@
 """The Checkpointer in one process (a 1-rank gloo group, the FSDP2 strategy on a small module):
-retention, stale `.partial` cleanup, newest-first fallback past a broken folder, and that a load
-restores everything registered. Tensors are compared with torch.equal."""
+retention, stale `.partial` cleanup, newest-first fallback past a broken folder, that a load
+restores everything registered, rollbacks and their requeue, and that a crafted checkpoint runs
+no code. Tensors are compared with torch.equal."""
 
 from __future__ import annotations
 
 import json
+import pickle
+import random
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, load_config
+from sd_train.dcp_io import UnsafeCheckpointError
 from sd_train.ema import ShardedEMA
 from sd_train.ema_plan import plan_from_config
+from sd_train.ema_posthoc import load_snapshot_profile
 from sd_train.errors import CheckpointLoadError
 from sd_train.parallel.fsdp import FSDPStrategy
 from sd_train.paths import SNAPSHOT_META, complete_steps, partial_dir, snapshot_steps, step_dir
 from sd_train.preflight import check_checkpoint_folders
+from sd_train.rng import load_rng_state_dict, rng_state_dict
 from sd_train.rollback import read_rollbacks
 
 
@@ -275,3 +282,55 @@ def test_rollback_moves_the_old_branch_aside_and_a_requeue_continues_the_new_one
     assert c.ckpt.load().step == 5
     assert all(torch.equal(branch[n], t) for n, t in c.weights().items())
     assert len(read_rollbacks(tmp_path)) == 1 and len(list(tmp_path.glob("abandoned-*"))) == 1
+
+
+class _WritesAFile:
+    """What a crafted checkpoint holds: unpickling it calls open(path, "w"), i.e. runs code."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(info, tmp_path, capsys):
+    """A step folder whose .metadata pickle would write a file, and one whose rank_0.pt would: both
+    are refused by name, the resume falls back to the clean step 1, and no file is written. The
+    post-hoc snapshot reader (sd-train posthoc) refuses the same .metadata."""
+    a = Run(info, tmp_path, keep_last_k=0)
+    for s in (1, 2, 3):
+        a.step(s)
+        if s == 1:
+            at_one = a.weights()
+    root, pwned = tmp_path / "checkpoints", tmp_path / "pwned"
+    (step_dir(root, 3) / ".metadata").write_bytes(pickle.dumps(_WritesAFile(pwned)))
+    torch.save({"data": _WritesAFile(pwned)}, step_dir(root, 2) / "rank_0.pt")
+    b = Run(info, tmp_path, keep_last_k=0)
+    assert b.ckpt.load().step == 1
+    said = capsys.readouterr().out
+    assert "names io.open, which is not part of DCP's metadata" in said
+    assert "rank_0.pt unreadable: UnpicklingError: Weights only load failed" in said
+    assert all(torch.equal(at_one[n], t) for n, t in b.weights().items())
+    assert not pwned.exists()
+
+    snapshot = tmp_path / "posthoc" / "step_00000003"
+    snapshot.mkdir(parents=True)
+    (snapshot / SNAPSHOT_META).write_text("{}")
+    (snapshot / ".metadata").write_bytes(pickle.dumps(_WritesAFile(pwned)))
+    with pytest.raises(UnsafeCheckpointError, match="io.open"):
+        load_snapshot_profile(snapshot, 0)
+    assert not pwned.exists()
+
+
+def test_rng_state_loads_weights_only_and_restores_every_generator(tmp_path):
+    """rank_R.pt's RNG state is plain data (weights_only=True reads it) and restores the Python,
+    numpy and torch generators exactly, a cached Gaussian included."""
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # leave a cached Gaussian in both
+    torch.save({"rng": rng_state_dict()}, tmp_path / "rank_0.pt")
+    want = (random.gauss(0, 1), random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    load_rng_state_dict(torch.load(tmp_path / "rank_0.pt", weights_only=True)["rng"])
+    got = (random.gauss(0, 1), random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    assert got[:3] == want[:3] and torch.equal(got[3], want[3])

@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.host_sync",
         "sd_train.perf",
         "sd_train.background_writer",
+        "sd_train.dcp_io",
     ),
     ("sd_train.config",),
     ("sd_train.errors", "sd_train.paths", "sd_train.folders", "sd_train.run_lock", "sd_train.rollback", "sd_train"),

@@ -1,10 +1,12 @@
 """Output folders are replaced, never lost: `replace_folder` keeps a complete folder in place at every
 instant (with and without the file system's atomic exchange, and across a crash between its
-renames), and an export replaces only an earlier export, refusing anything else by name."""
+renames), and an export replaces only an earlier export, refusing anything else by name; an export
+of a crafted checkpoint runs no code from it."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 
 from sd_train import folders
 from sd_train.errors import OutputRefusedError
-from sd_train.export import save_pipeline
+from sd_train.export import main_export, save_pipeline
 from sd_train.folders import aside_name, replace_folder
 from sd_train.paths import EXPORT_MARKER
 
@@ -102,3 +104,25 @@ def test_export_refuses_a_folder_that_is_not_an_export_and_replaces_an_earlier_o
     got = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
     assert all(torch.equal(got[k], changed[k]) for k in changed)
     assert sorted(p.name for p in out.parent.iterdir()) == ["ema"], "no partial or aside folder left"
+
+
+class _WritesAFile:
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_export_of_a_crafted_checkpoint_is_refused_and_runs_nothing(tiny_assets, tmp_path):
+    """`sd-train export --checkpoint` of a step folder whose .metadata pickle would write a file."""
+    step = tmp_path / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    config = {"model": {"pretrained_path": str(tiny_assets["model"])}, "objective": {"prediction_type": "epsilon"}}
+    state = {"step": 4, "world_size": 1, "format": "dcp", "ema": {"open": False}, "config": config}
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    pwned = tmp_path / "pwned"
+    (step / ".metadata").write_bytes(pickle.dumps(_WritesAFile(pwned)))
+    with pytest.raises(Exception, match="names io.open, which is not part of DCP's metadata"):
+        main_export(["--checkpoint", str(step), "--out", str(tmp_path / "out"), "--weights", "raw"])
+    assert not pwned.exists() and not (tmp_path / "out").exists()
