@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from sd_train import dcp_io
+from sd_train.checksums import complete_manifest, file_rank, verify
 from sd_train.config import CheckpointArgs
 from sd_train.errors import CheckpointLoadError
 from sd_train.parallel.strategy import AsyncSave
@@ -180,7 +180,10 @@ class Checkpointer:
             with open(tmp / "trainer_state.json", "w") as f:
                 json.dump(self._global_state(step), f, indent=1)
         self.fault_hook("after_rank_files", step)
-        pending = self.strategy.save(tmp, self.shadows(), process_group=self._pg)
+        # Each rank's checksum manifest, written once its files are (sd_train.checksums).
+        pending = self.strategy.save(
+            tmp, self.shadows(), process_group=self._pg, on_written=lambda: complete_manifest(tmp, self.rank)
+        )
         if pending is not None:
             flight = _InFlight(step, pending, started, blocked=self._clock() - started)
             pending.written.add_done_callback(lambda _: setattr(flight, "written_at", self._clock()))
@@ -255,6 +258,7 @@ class Checkpointer:
         tmp = partial_dir(self.root, step)
         if not checkpoint_is_complete(tmp):
             raise RuntimeError(f"checkpoint at step {step}: {tmp} has no .metadata (or zero/) after save; not renaming")
+        complete_manifest(tmp, 0)  # rank 0's files now include .metadata
         final = step_dir(self.root, step)
         if final.exists():
             # A folder of this step that failed to load (we resumed from an older one and came
@@ -344,6 +348,8 @@ class Checkpointer:
         _check_compatible(folder, global_state, self.strategy.checkpoint_format, self.world_size)
         problem = self.strategy.missing_files(folder)
         saved_world = int(global_state["world_size"])
+        if problem is None:  # every byte as written, before anything is read from the folder
+            problem = verify(folder, saved_world, self.rank, self.world_size)
         # On another world size this rank's counterpart is the nearest saved rank.
         rank_file = folder / f"rank_{min(self.rank, saved_world - 1)}.pt"
         rank_state = None
@@ -431,19 +437,12 @@ def _figures(step: int, blocked: float, total: float, size: Optional[int]) -> di
     return figures if size is None else {**figures, "checkpoint/bytes_per_rank": size}
 
 
-# Whose file a file of a step folder is: DCP's `__R_0.distcp`, our `rank_R.pt`, DeepSpeed's
-# `zero_pp_rank_R_...` and `ema_rank_R.pt` (the first `rank_N` in the name). The rest
-# (trainer_state.json, .metadata, DeepSpeed's model states) is written by rank 0.
-_RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$|(?:^|_)rank_(\d+)")
-
-
 def rank_bytes(folder: Path) -> dict[int, int]:
     """Bytes of the files of `folder` (recursively) by the rank that wrote them."""
     sizes: dict[int, int] = {}
     for path in folder.rglob("*"):
         if path.is_file():
-            match = _RANK_FILE.search(path.name)
-            rank = int(next(g for g in match.groups() if g is not None)) if match else 0
+            rank = file_rank(path.name)
             sizes[rank] = sizes.get(rank, 0) + path.stat().st_size
     return sizes
 

@@ -1,4 +1,5 @@
-"""Reading torch.distributed.checkpoint (DCP) folders without running code from them.
+"""Reading torch.distributed.checkpoint (DCP) folders without running code from them, and writing
+them with each rank's checksum manifest (sd_train.checksums).
 
 DCP's FileSystemReader reads `.metadata` with a bare `pickle.load`, and its default load planner
 reads every non-tensor entry (the optimizer's param_groups: lr, betas, ...) with
@@ -15,6 +16,11 @@ reads every non-tensor entry (the optimizer's param_groups: lr, betas, ...) with
 
 Both hook in where DCP's own classes are meant to be extended (a StorageReader and a LoadPlanner
 passed to `dcp.load`), and only the two reading methods differ from DCP's.
+
+`ManifestWriter` is DCP's FileSystemWriter that calls `on_written()` on each rank once that rank's
+files are written, inside DCP's write step: the coordinator gathers every rank's write results
+(and so waits for every `on_written`) before it writes `.metadata`. The same writer serves sync and
+async saves.
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ from __future__ import annotations
 import io
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.planner import ReadItem, SavePlan, SavePlanner
+from torch.futures import Future
 
 # What a DCP `.metadata` pickle may name (torch 2.13 writes these; seen with pickletools on our
 # checkpoints and snapshots, FSDP2 and ZeRO-3 layouts).
@@ -98,6 +105,25 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class ManifestWriter(FileSystemWriter):
+    """DCP's file-system writer, with `on_written()` once this rank's files are on disk."""
+
+    def __init__(self, path: str | Path, on_written: Callable[[], None]):
+        super().__init__(str(path))
+        self.on_written = on_written
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        written = super().write_data(plan, planner)
+        written.wait()  # FileSystemWriter writes in this thread: the future is already done
+        self.on_written()
+        return written
+
+
+def writer(folder: str | Path, on_written: Optional[Callable[[], None]]) -> Optional[FileSystemWriter]:
+    """The storage writer of a save into `folder` (None: DCP's default, when nothing is to run)."""
+    return ManifestWriter(folder, on_written) if on_written is not None else None
 
 
 def read_metadata(folder: str | Path) -> dcp_metadata.Metadata:

@@ -16,7 +16,8 @@ ShardedEMA's: DCP key `posthoc` (FSDP2/DDP), `posthoc_rank_R.pt` (DeepSpeed).
 
 Snapshots: `<output_dir>/posthoc/step_XXXXXXXX/`, one DCP save in which each rank writes its piece
 of every profile (stored in `ema.posthoc.dtype`), plus `snapshot.json` (step, start, sigma_rels,
-gammas). Written as a `.partial` folder and renamed, like checkpoints; never deleted by retention.
+gammas) and each rank's checksum manifest (sd_train.checksums, checked by `sd-train posthoc`).
+Written as a `.partial` folder and renamed, like checkpoints; never deleted by retention.
 The rule that makes one reader serve every strategy: each piece is saved as what it is of a
 *global* tensor (`layout.global_tensor`). FSDP2's shards are DTensors of the parameter itself
 (Shard(0)); DDP's and ZeRO-2's replicas are plain tensors, which DCP writes once; a ZeRO-3
@@ -37,6 +38,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from sd_train import dcp_io
+from sd_train.checksums import complete_manifest
 from sd_train.ema import fp32_shadow
 from sd_train.ema_plan import PosthocPlan
 from sd_train.folders import replace_folder
@@ -155,7 +157,9 @@ class PowerEMAProfiles:
             tmp.mkdir(parents=True)
         dist.barrier()
         state = {"profiles": self.tensor_state_dict(SNAPSHOT_DTYPES[self.plan.dtype])}
-        dcp.save(state, checkpoint_id=str(tmp))  # the coordinator writes .metadata after every rank's shard
+        # The coordinator writes .metadata after every rank's shard and checksum manifest.
+        manifest = dcp_io.writer(tmp, lambda: complete_manifest(tmp, rank))
+        dcp.save(state, checkpoint_id=str(tmp), storage_writer=manifest)
         if rank == 0:
             meta = {
                 "step": step,
@@ -170,6 +174,7 @@ class PowerEMAProfiles:
             if shapes:
                 meta["shapes"] = shapes
             (tmp / SNAPSHOT_META).write_text(json.dumps(meta, indent=1))
+            complete_manifest(tmp, 0)  # rank 0's files now include .metadata and snapshot.json
             # The same step again after a resume from an older checkpoint: the run is bitwise
             # deterministic, so the new one replaces it, once complete.
             replace_folder(tmp, final)

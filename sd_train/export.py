@@ -19,6 +19,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from sd_train import dcp_io
+from sd_train.checksums import verify
 from sd_train.errors import OutputRefusedError
 from sd_train.folders import refusal, write_then_replace
 from sd_train.parallel.deepspeed import offline_state
@@ -106,6 +107,9 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
         )
     with open(checkpoint / "trainer_state.json") as f:
         trainer_state = json.load(f)
+    problem = verify(checkpoint, int(trainer_state["world_size"]))  # every byte as written, before any is read
+    if problem is not None:
+        raise ValueError(f"{checkpoint} is damaged: {problem}. Export an earlier checkpoint")
     if weights == "ema" and not trainer_state["ema"]["open"]:
         raise ValueError(
             f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead"

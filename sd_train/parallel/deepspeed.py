@@ -46,7 +46,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -196,13 +196,18 @@ class DeepSpeedStrategy(Strategy):
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
+    def save(
+        self, folder: Path, shadows: dict, process_group=None, on_written: Optional[Callable[[], None]] = None
+    ) -> Optional[AsyncSave]:
         """Collective: DeepSpeed writes every rank's partitions under `folder/zero/`, then each rank
         its pieces of every shadow (`shadow_file`). Always synchronous (config validation refuses
-        checkpoint.async_save with DeepSpeed)."""
+        checkpoint.async_save with DeepSpeed); the checkpointer's barrier after this call keeps
+        the folder unpublished until every rank's `on_written` is done."""
         self.engine.save_checkpoint(str(folder), tag=ZERO_DIR, save_latest=False)
         for key, shadow in shadows.items():
             torch.save(self._shadow_payload(shadow), shadow_file(folder, key, self.info.rank))
+        if on_written is not None:
+            on_written()
         return None
 
     def _shadow_payload(self, shadow) -> dict:

@@ -235,17 +235,26 @@ class FSDPStrategy(Strategy):
                 print(f"async checkpoints: staging in the background into {kind} CPU buffers kept for the run")
         return self._stager
 
-    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
+    def save(
+        self, folder: Path, shadows: dict, process_group=None, on_written: Optional[Callable[[], None]] = None
+    ) -> Optional[AsyncSave]:
         state = self._tensor_state(shadows)
+        storage_writer = dcp_io.writer(folder, on_written)
         if process_group is None:
-            dcp.save(state, checkpoint_id=str(folder))
+            dcp.save(state, checkpoint_id=str(folder), storage_writer=storage_writer)
             return None
         stager = self._async_stager()
         if self.info.device.type == "cuda":
             # The staging copies run on their own stream, which does not wait for this one: let the
             # optimizer and EMA kernels still queued here finish first (a saving step may sync).
             torch.cuda.current_stream(self.info.device).synchronize()
-        response = dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group, async_stager=stager)
+        response = dcp.async_save(
+            state,
+            checkpoint_id=str(folder),
+            storage_writer=storage_writer,
+            process_group=process_group,
+            async_stager=stager,
+        )
         return AsyncSave(staged=response.staging_completion, written=response.upload_completion)
 
     def close(self) -> None:

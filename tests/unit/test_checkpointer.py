@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sd_train.checkpoint import Checkpointer
+from sd_train.checksums import complete_manifest, manifest_path
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, load_config
 from sd_train.dcp_io import UnsafeCheckpointError
 from sd_train.ema import ShardedEMA
@@ -306,6 +307,9 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(info, tmp_path, capsys
     root, pwned = tmp_path / "checkpoints", tmp_path / "pwned"
     (step_dir(root, 3) / ".metadata").write_bytes(pickle.dumps(_WritesAFile(pwned)))
     torch.save({"data": _WritesAFile(pwned)}, step_dir(root, 2) / "rank_0.pt")
+    for s in (2, 3):  # whoever crafted them rewrote the checksum manifests too: those pass
+        manifest_path(step_dir(root, s), 0).unlink()
+        complete_manifest(step_dir(root, s), 0)
     b = Run(info, tmp_path, keep_last_k=0)
     assert b.ckpt.load().step == 1
     said = capsys.readouterr().out
@@ -334,3 +338,24 @@ def test_rng_state_loads_weights_only_and_restores_every_generator(tmp_path):
     load_rng_state_dict(torch.load(tmp_path / "rank_0.pt", weights_only=True)["rng"])
     got = (random.gauss(0, 1), random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
     assert got[:3] == want[:3] and torch.equal(got[3], want[3])
+
+
+def test_a_flipped_bit_is_caught_by_the_checksums_and_the_resume_falls_back(info, tmp_path, capsys):
+    """One bit flipped inside a weight stored in step 3's shard (DCP alone loads that silently): the
+    checksum manifest names the file, and the resume falls back to step 2, bitwise."""
+    a = Run(info, tmp_path, keep_last_k=0)
+    live = {}
+    for s in (1, 2, 3):
+        a.step(s)
+        live[s] = a.weights()
+    shard = step_dir(tmp_path / "checkpoints", 3) / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    at = data.find(live[3]["0.weight"].detach().numpy().tobytes())
+    assert at > 0, "the weight's bytes are stored as they are"
+    data[at + 9] ^= 0x04  # a mantissa bit of the weight's third value
+    shard.write_bytes(bytes(data))
+    b = Run(info, tmp_path, keep_last_k=0)
+    assert b.ckpt.load().step == 2
+    said = capsys.readouterr().out
+    assert f"checksum mismatch in {shard}: xxh3_64" in said and "resumed from older checkpoint" in said
+    assert all(torch.equal(live[2][n], t) for n, t in b.weights().items())

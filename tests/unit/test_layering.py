@@ -35,7 +35,15 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.dcp_io",
     ),
     ("sd_train.config",),
-    ("sd_train.errors", "sd_train.paths", "sd_train.folders", "sd_train.run_lock", "sd_train.rollback", "sd_train"),
+    (
+        "sd_train.errors",
+        "sd_train.paths",
+        "sd_train.folders",
+        "sd_train.run_lock",
+        "sd_train.rollback",
+        "sd_train.checksums",
+        "sd_train",
+    ),
 ]
 # Third-party imports that may sit inside a function, each for a stated reason: heavy, optional, or
 # only one code path needs it (DeepSpeed's strategy and export, the wandb and tensorboard sinks).

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sd_train import folders
+from sd_train.checksums import complete_manifest
 from sd_train.errors import OutputRefusedError
 from sd_train.export import main_export, save_pipeline
 from sd_train.folders import aside_name, replace_folder
@@ -123,6 +124,7 @@ def test_export_of_a_crafted_checkpoint_is_refused_and_runs_nothing(tiny_assets,
     (step / "trainer_state.json").write_text(json.dumps(state))
     pwned = tmp_path / "pwned"
     (step / ".metadata").write_bytes(pickle.dumps(_WritesAFile(pwned)))
+    complete_manifest(step, 0)  # whoever crafted it wrote a matching checksum manifest too
     with pytest.raises(Exception, match="names io.open, which is not part of DCP's metadata"):
         main_export(["--checkpoint", str(step), "--out", str(tmp_path / "out"), "--weights", "raw"])
     assert not pwned.exists() and not (tmp_path / "out").exists()
