@@ -51,7 +51,7 @@ from sd_train.paths import (
     partial_step,
     step_dir,
 )
-from sd_train.rollback import ROLLBACKS, ResumePlan, broken_folders, resume_plan, start_branch
+from sd_train.rollback import ResumePlan, broken_note, describe_rollback, resume_plan, start_branch
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +305,8 @@ class Checkpointer:
         folders = plan.candidates
         if not folders:
             return None
-        if self.rank == 0:
-            _report_broken(self.root.parent)
+        if self.rank == 0 and broken_note(self.root.parent):
+            print(broken_note(self.root.parent), flush=True)
         errors = []
         for folder in folders:
             try:
@@ -324,7 +324,8 @@ class Checkpointer:
             if errors and self.rank == 0:
                 print(f"WARNING: resumed from older checkpoint {folder} after: {'; '.join(errors)}", flush=True)
             if plan.branch_from is not None and self.rank == 0:
-                _announce(start_branch(self.root.parent, plan.branch_from, loaded.step), self.root.parent)
+                record = start_branch(self.root.parent, plan.branch_from, loaded.step)
+                print(describe_rollback(record, self.root.parent), flush=True)
             return loaded
         raise CheckpointLoadError(
             "checkpoints exist but none could be loaded, refusing to start from step 0:\n  "
@@ -445,31 +446,6 @@ def rank_bytes(folder: Path) -> dict[int, int]:
             rank = file_rank(path.name)
             sizes[rank] = sizes.get(rank, 0) + path.stat().st_size
     return sizes
-
-
-def _report_broken(output_dir: Path) -> None:
-    broken = broken_folders(output_dir)
-    if broken:
-        print(
-            f"note: {len(broken)} checkpoint folder(s) kept for inspection after they failed to load: "
-            f"{', '.join(str(b) for b in broken[:5])}{' ...' if len(broken) > 5 else ''}; they never count for a "
-            "resume: delete them when done",
-            flush=True,
-        )
-
-
-def _announce(record: dict, output_dir: Path) -> None:
-    moved = len(record["moved_checkpoints"]) + len(record["moved_snapshots"])
-    where = (
-        f"moved {moved} later checkpoint/snapshot folder(s) to {output_dir / record['abandoned']}"
-        if moved
-        else ("no later checkpoints to move")
-    )
-    print(
-        f"rollback to {record['source']} (step {record['step']}): a new branch starts here; {where}; recorded in "
-        f"{output_dir / ROLLBACKS}. Relaunching this same command continues the new branch",
-        flush=True,
-    )
 
 
 def _check_files(folder: Path) -> Optional[str]:

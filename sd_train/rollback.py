@@ -112,3 +112,28 @@ def broken_folders(output_dir: str | Path) -> list[Path]:
     """Checkpoint folders kept after they failed to load, oldest step first."""
     root = Path(output_dir) / CHECKPOINTS
     return sorted(e for e in root.iterdir() if _BROKEN_RE.match(e.name)) if root.is_dir() else []
+
+
+def broken_note(output_dir: str | Path) -> Optional[str]:
+    """What a resume says about the folders kept after a failed load (None when there are none)."""
+    broken = broken_folders(output_dir)
+    if not broken:
+        return None
+    shown = ", ".join(str(b) for b in broken[:5]) + (" ..." if len(broken) > 5 else "")
+    return (
+        f"note: {len(broken)} checkpoint folder(s) kept for inspection after they failed to load: {shown}; they "
+        "never count for a resume: delete them when done"
+    )
+
+
+def describe_rollback(record: dict, output_dir: str | Path) -> str:
+    moved = len(record["moved_checkpoints"]) + len(record["moved_snapshots"])
+    where = (
+        f"moved {moved} later checkpoint/snapshot folder(s) to {Path(output_dir) / record['abandoned']}"
+        if moved
+        else "no later checkpoints to move"
+    )
+    return (
+        f"rollback to {record['source']} (step {record['step']}): a new branch starts here; {where}; recorded in "
+        f"{Path(output_dir) / ROLLBACKS}. Relaunching this same command continues the new branch"
+    )
