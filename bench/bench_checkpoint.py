@@ -113,10 +113,10 @@ def worker(size: str, warmup: int, reps: int, root: Path) -> None:
     from sd_train.checkpoint import Checkpointer
     from sd_train.checksums import complete_manifest, manifest_path, verify
     from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
-    from sd_train.ema import ShardedEMA
-    from sd_train.ema_plan import plan_from_config
+    from sd_train.ema.plan import plan_from_config
+    from sd_train.ema.sharded import ShardedEMA
     from sd_train.model.parallelize import fsdp_units
-    from sd_train.parallel.fsdp import FSDPStrategy
+    from sd_train.parallel.fsdp import DTensorLayout, FSDPStrategy
     from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
     from sd_train.paths import step_dir
 
@@ -133,13 +133,14 @@ def worker(size: str, warmup: int, reps: int, root: Path) -> None:
     strategy = FSDPStrategy(DistArgs(strategy="fsdp2"), info, 0.0, fsdp_units)
     strategy.wrap(benchlib.build_unet(size, LATENT_SIZE), lambda m: one_adamw_step(m, size))
     unet, optimizer = strategy.model, strategy.optimizer
-    ema = ShardedEMA(unet, plan_from_config(EMAArgs(enabled=False), max_steps=1))
+    ema = ShardedEMA(unet, plan_from_config(EMAArgs(enabled=False), max_steps=1), DTensorLayout(unet))
     max_steps = 1_000_000
 
     def checkpointer(folder: str, **args) -> Checkpointer:
         return Checkpointer(
             CheckpointArgs(every_steps=max_steps, keep_last_k=0, **args), str(root / folder), info.rank,
-            info.world_size, max_steps, strategy, ema, global_states={}, rank_states={"rank": RankNumber()}, config={},
+            info.world_size, max_steps, strategy, {"ema": ema}, global_states={},
+            rank_states={"rank": RankNumber()}, config={},
         )  # fmt: skip
 
     sync_ckpt, async_ckpt = checkpointer("dcp"), checkpointer("async", async_save=True)

@@ -11,7 +11,7 @@ load drift on a shared machine hits them all alike:
 
 - floor: `torch._foreach_copy_` of the same bytes (this rank's parameters, or local shards under
   FSDP2) into preallocated buffers: no update can move fewer bytes;
-- ShardedEMA: `sd_train.ema.ShardedEMA.update` with `step_start_ema=0`, so every call updates;
+- ShardedEMA: `sd_train.ema.sharded.ShardedEMA.update` with `step_start_ema=0`, so every call updates;
 - diffusers foreach / loop: `diffusers.training_utils.EMAModel.step` with foreach=True / False
   (decay 0.9999, no warmup). World 1 only: EMAModel has no FSDP path (it would lerp DTensors, or
   under ZeRO-3 gather every parameter), so there is no honest per-shard figure for it.
@@ -34,8 +34,9 @@ import benchlib
 import torch
 
 from sd_train.config import EMAArgs
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema.plan import plan_from_config
+from sd_train.ema.sharded import ShardedEMA
+from sd_train.parallel.fsdp import DTensorLayout
 
 DECAY = 0.9999
 LATENT_SIZE = 32  # only sets the UNet's sample_size config; the EMA never runs the model
@@ -45,7 +46,7 @@ def every_step_ema(model: torch.nn.Module) -> ShardedEMA:
     """A ShardedEMA whose window opens at step 0 (max_steps large enough for the decay's check)."""
     plan = plan_from_config(EMAArgs(decay=DECAY, step_start_ema=0), max_steps=1_000_000)
     plan.check()
-    return ShardedEMA(model, plan)
+    return ShardedEMA(model, plan, DTensorLayout(model))
 
 
 class StepCounter:

@@ -145,7 +145,7 @@ def measure(spec: str, resolution: int, workers: int, path: str, batch: int, sam
 def full_decode(data: bytes, tf: ImageTransform) -> np.ndarray:
     """The training decode with draft mode off: every DCT coefficient, then the resize."""
     with Image.open(io.BytesIO(data)) as image:
-        return transform_image(to_rgb(image), tf, None)
+        return transform_image(to_rgb(image), tf, None)[0]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

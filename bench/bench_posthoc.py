@@ -31,14 +31,14 @@ import torch
 
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, PosthocArgs
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
-from sd_train.ema_posthoc import PowerEMAProfiles
+from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
+from sd_train.ema.posthoc import PowerEMAProfiles
+from sd_train.ema.posthoc_math import power_weights, sigma_rel_to_gamma, solve
+from sd_train.ema.sharded import ShardedEMA
 from sd_train.model.parallelize import fsdp_units
 from sd_train.parallel.fsdp import FSDPStrategy
 from sd_train.parallel.process_group import init_distributed
 from sd_train.paths import step_dir
-from sd_train.posthoc_math import power_weights, sigma_rel_to_gamma, solve
 from sd_train.tools.posthoc import Target, find_snapshots, reconstruct
 
 SIGMAS = [0.05, 0.10]
@@ -127,11 +127,10 @@ def main() -> None:
             1,
             MAX_STEPS,
             strategy,
-            ema,
+            {"ema": ema, "posthoc": profiles},
             {},
             {},
             config={},
-            extra_shadows={"posthoc": profiles},
         )
         counter = {"step": 0}
 

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from sd_train.config import DistArgs, EMAArgs
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import EMAPlan, plan_from_config
+from sd_train.ema.plan import EMAPlan, plan_from_config
+from sd_train.ema.sharded import ShardedEMA
 from sd_train.parallel.build import shard_unet
+from sd_train.parallel.fsdp import DTensorLayout
 from sd_train.parallel.process_group import destroy, init_distributed
 from sd_train.tools.quality import LATE_WINDOW_FRACTION, largest_safe_decay
 
@@ -62,7 +63,7 @@ class Run:
     def __init__(self, model: torch.nn.Module, plan: EMAPlan):
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        self.ema = ShardedEMA(model, plan)
+        self.ema = ShardedEMA(model, plan, DTensorLayout(model))
         self.plan = plan
         self.total_s = 0.0
         self.ema_s = 0.0

@@ -71,8 +71,8 @@ def zero_engine(size: str, latent: int, stage: int, batch: int, info):
 
 def ema_for(module: torch.nn.Module, layout) -> Any:
     from sd_train.config import EMAArgs
-    from sd_train.ema import ShardedEMA
-    from sd_train.ema_plan import plan_from_config
+    from sd_train.ema.plan import plan_from_config
+    from sd_train.ema.sharded import ShardedEMA
 
     ema = ShardedEMA(
         module, plan_from_config(EMAArgs(decay=0.9999, step_start_ema=0, tolerance=1.0), max_steps=10), layout

@@ -39,8 +39,8 @@ from diffusers import UNet2DConditionModel
 from sd_train import host_sync
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, ObjectiveArgs, OptimArgs, PerfArgs
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema.plan import plan_from_config
+from sd_train.ema.sharded import ShardedEMA
 from sd_train.model.parallelize import fsdp_units
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_optimizer
@@ -328,7 +328,7 @@ def checkpoint(s: Setup) -> dict[str, Any]:
         root = s.out / f"ckpt_{mode}"
         shutil.rmtree(root, ignore_errors=True)
         args = CheckpointArgs(every_steps=10**6, keep_last_k=0, async_save=mode == "async")
-        ckpt = Checkpointer(args, str(root), s.info.rank, s.info.world_size, 10**6, strategy, ema,
+        ckpt = Checkpointer(args, str(root), s.info.rank, s.info.world_size, 10**6, strategy, {"ema": ema},
                             {"train": _State()}, {"other": _State()}, config={"proof": True})  # fmt: skip
         s.sync()
         t0 = time.perf_counter()
@@ -345,7 +345,7 @@ def checkpoint(s: Setup) -> dict[str, Any]:
     strategy2, ema2 = _build(s, path, seed=1)
     _train_step(s, strategy2, ema2, objective, path, s.batch(s.micro_batches[0]), 1)  # optimizer state to load into
     ckpt2 = Checkpointer(CheckpointArgs(), str(s.out / "ckpt_sync"), s.info.rank, s.info.world_size, 10**6,
-                         strategy2, ema2, {"train": _State()}, {"other": _State()}, config={})  # fmt: skip
+                         strategy2, {"ema": ema2}, {"train": _State()}, {"other": _State()}, config={})  # fmt: skip
     ckpt2.load()
     a, b = _local_tensors(strategy, ema), _local_tensors(strategy2, ema2)
     out["bitwise_reload"] = len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))

@@ -21,7 +21,8 @@ What it compares (each line printed as PASS/FAIL with a count; exit status 0 onl
           - every checkpoint tensor torch.equal: DCP folders through dcp_to_torch_save, DeepSpeed's
             zero/ files, ema_rank_R.pt and rank_R.pt through torch.load (RNG states included);
             non-tensor leaves with ==; trainer_state.json json-equal;
-          - metrics.jsonl line by line, without `time` and the `speed/` and `memory/` keys;
+          - metrics.jsonl line by line, without `time`, the `speed/` and `memory/` keys and a save's
+            times and bytes (which hold the run folder's path);
           - keys/rank{R}.txt (every consumed sample key) byte-equal;
           - every export/*.safetensors byte-equal (sha256), the other exported files equal;
           - topology.json, ema_plan.json, data_summary.json, config.yaml and samples/.
@@ -90,14 +91,16 @@ PHASES = ("assets",) + RUN_MODES
 STEP_RE = re.compile(r"^step_\d{8}$")
 # metrics.jsonl keys that measure the machine, not the numerics.
 VOLATILE_PREFIXES = ("speed/", "memory/")
-VOLATILE_KEYS = {"time"}
+# A save's times, and its bytes per rank: rank 0's files hold the run's own output_dir (the config
+# in trainer_state.json, DCP's .metadata), whose path differs in length between the two runs.
+VOLATILE_KEYS = {"time", "checkpoint/blocked_s", "checkpoint/save_s", "checkpoint/bytes_per_rank"}
 # --allow-added-keys: keys that only the NEW revision writes (a config field, a metric, a topology
 # entry that a feature added) are listed as notes instead of failing; every key both write must
 # still be equal. For "this feature changed no number", not for a pure refactor.
 ALLOW_ADDED = False
 # Keys of the asset builds' json reports that time the build (tiny_sd.py's vae_report.json).
 BUILD_TIMING_KEYS = {"seconds", "time"}
-# The processes of a run: the test suite's environment (tests/launch.py).
+# The processes of a run: the test suite's environment (tests/support/launch.py).
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SD_TRAIN_FAULT")
 RUN_TIMEOUT_S = 1200
 

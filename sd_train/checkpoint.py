@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from sd_train import dcp_io
 from sd_train.checksums import complete_manifest, file_rank, verify
 from sd_train.config import CheckpointArgs
+from sd_train.ema.contracts import Shadow
 from sd_train.errors import CheckpointLoadError
 from sd_train.parallel.strategy import AsyncSave
 from sd_train.paths import (
@@ -87,10 +88,11 @@ class Checkpointer:
     """Owns checkpoint cadence, the atomic write, retention and resume of everything registered.
 
     Registered once at construction: the Strategy (model, optimizer and their tensor I/O), the
-    ShardedEMA (tensors through the Strategy, window state in trainer_state.json) and any
-    `extra_shadows` with the same contract (the post-hoc EMA profiles), `global_states`
-    (the same on every rank: trainer progress, LR schedule), `rank_states` (this rank's: RNG, data
-    position) and the resolved config. `save(step)` then needs nothing else.
+    `shadows` of the weights by checkpoint key (sd_train.ema.contracts.Shadow: the EMA under "ema",
+    the post-hoc profiles under "posthoc"; tensors through the Strategy, small state in
+    trainer_state.json), `global_states` (the same on every rank: trainer progress, LR schedule),
+    `rank_states` (this rank's: RNG, data position) and the resolved config. `save(step)` then
+    needs nothing else.
 
     On a world-size change a rank's own `rank_R.pt` has no counterpart; each rank state is then
     handed the nearest saved rank's state through `load_state_dict_from_other_world(state)`."""
@@ -103,22 +105,18 @@ class Checkpointer:
         world_size: int,
         max_steps: int,
         strategy,
-        ema,
+        shadows: dict[str, Shadow],
         global_states: dict[str, Stateful],
         rank_states: dict[str, Stateful],
         config: dict,
-        extra_shadows: Optional[dict[str, Any]] = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.args = args
         self.strategy = strategy
-        self.ema = ema
+        self.shadows = dict(shadows)
         self.global_states = global_states
         self.rank_states = rank_states
         self.config = config
-        # Shadows besides the EMA (the post-hoc profiles, under "posthoc"): the same contract as
-        # ShardedEMA, tensors through the Strategy under their name, window state in the JSON.
-        self.extra_shadows = dict(extra_shadows or {})
         self.root = Path(output_dir) / "checkpoints"
         self.rank = rank
         self.world_size = world_size
@@ -151,8 +149,7 @@ class Checkpointer:
 
     def _global_state(self, step: int) -> dict[str, Any]:
         state = {name: obj.state_dict() for name, obj in self.global_states.items()}
-        state.update(ema=self.ema.meta_state_dict(), config=self.config)
-        state.update({name: shadow.meta_state_dict() for name, shadow in self.extra_shadows.items()})
+        state.update({name: shadow.meta_state_dict() for name, shadow in self.shadows.items()}, config=self.config)
         return {**state, "step": step, "world_size": self.world_size, "format": self.strategy.checkpoint_format}
 
     def save(self, step: int, force: bool = False, clock_due: bool = False) -> bool:
@@ -182,7 +179,7 @@ class Checkpointer:
         self.fault_hook("after_rank_files", step)
         # Each rank's checksum manifest, written once its files are (sd_train.checksums).
         pending = self.strategy.save(
-            tmp, self.shadows(), process_group=self._pg, on_written=lambda: complete_manifest(tmp, self.rank)
+            tmp, self.shadows, process_group=self._pg, on_written=lambda: complete_manifest(tmp, self.rank)
         )
         if pending is not None:
             flight = _InFlight(step, pending, started, blocked=self._clock() - started)
@@ -197,10 +194,6 @@ class Checkpointer:
         elapsed = self._clock() - started
         self._figures.append(_figures(step, blocked=elapsed, total=elapsed, size=size))
         return True
-
-    def shadows(self) -> dict[str, Any]:
-        """Every shadow the Strategy saves and loads, by checkpoint key ("ema" first)."""
-        return {"ema": self.ema, **self.extra_shadows}
 
     def poll(self) -> None:
         """Finish an async save whose background write is done (cheap; called every step)."""
@@ -367,8 +360,7 @@ class Checkpointer:
         # rank's broken file makes all of them move on together.
         global_state, rank_state, problem = self._read_small_files(folder)
         _agree(problem)
-        self.ema.load_meta_state_dict(global_state["ema"])
-        for name, shadow in self.extra_shadows.items():
+        for name, shadow in self.shadows.items():
             if name not in global_state:
                 raise CheckpointLoadError(
                     f"{folder} was written without {name} state (ema.{name} was off) and this run has it on: "
@@ -379,7 +371,7 @@ class Checkpointer:
             except ValueError as e:
                 raise CheckpointLoadError(f"{folder}: {e}") from e
         try:
-            self.strategy.load(folder, self.shadows())
+            self.strategy.load(folder, self.shadows)
             problem = None
         except (Exception, CheckpointException) as e:  # DCP raises CheckpointException (a BaseException)
             problem = self.strategy.describe_load_error(folder, e)

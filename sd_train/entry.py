@@ -13,7 +13,7 @@ import logging
 import sys
 
 from sd_train.config import ConfigError, TrainConfig, env_world_size, load_config
-from sd_train.ema_plan import EMAPlan, plan_from_config
+from sd_train.ema.plan import EMAPlan, plan_from_config
 from sd_train.preflight import preflight
 
 

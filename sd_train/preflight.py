@@ -19,7 +19,7 @@ from pathlib import Path
 from sd_train.config import TrainConfig
 from sd_train.config.launcher import read_launch_env, shard_group_size
 from sd_train.data.sources import check_epoch_shard_count, expand_sources
-from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
+from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
 from sd_train.errors import ConfigError
 from sd_train.folders import refusal
 from sd_train.paths import (

@@ -2,12 +2,12 @@
 
 The loop only calls components; each decides its own cadence: `ema.update(step)` knows whether the
 window is open, `checkpointer.save(step, ...)` whether a save is due, `metrics.should_log(step)`
-whether to log, `self.eval_due(step)` whether to evaluate.
+whether to log, `evaluator.should_run(step)` whether to evaluate.
 
-Launch (see README):
+Launch (see docs/launching.md):
     python train.py --config configs/demo.yaml                     # one process (still FSDP2)
     accelerate launch --config_file launch/accelerate/cpu2.yaml train.py --config configs/test.yaml
-    torchrun --nproc_per_node 8 train.py --config configs/sd2_base.yaml
+    torchrun --nproc_per_node 8 train.py --config configs/sd2_base_256.yaml
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from sd_train.data.decode import CaptionTokenizer
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import sample_posterior
 from sd_train.data.prefetch import stager_for
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
-from sd_train.ema_posthoc import PowerEMAProfiles
+from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
+from sd_train.ema.posthoc import PowerEMAProfiles
+from sd_train.ema.sharded import ShardedEMA
 from sd_train.errors import (
     BadDataError,
     CheckpointLoadError,
@@ -208,14 +208,13 @@ class Trainer:
             self.info.world_size,
             cfg.max_steps,
             self.strategy,
-            self.ema,
+            {"ema": self.ema, **({"posthoc": self.posthoc} if self.posthoc is not None else {})},
             global_states={"train": self.state, "lr_scheduler": self.lr_schedule},
             rank_states={
                 "rng": RankRNG(cfg.seed, self.info.rank, lambda: self.state.step),
                 "data": DataPosition(self.loader, self.info.device),
             },
             config=config_to_dict(cfg),
-            extra_shadows={"posthoc": self.posthoc} if self.posthoc is not None else None,
         )
         self.checkpointer.fault_hook = lambda phase, step: self.faults.trip(phase, step)
         self.key_log = KeyLog(self.out, self.info.rank, cfg.data.log_keys)

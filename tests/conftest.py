@@ -2,15 +2,9 @@
 an untrained VAE, to stay fast) through the same commands `make demo` uses."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-# tests/launch.py and tests/reference.py are plain helper modules, and e2e tests share helpers of
-# tests/e2e/test_train.py: make both folders importable.
-sys.path.insert(0, str(Path(__file__).parent / "e2e"))
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -40,9 +34,9 @@ def tiny_assets(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def straight_run(tiny_assets, tmp_path_factory):
     """The uninterrupted 2-rank reference run that resume and fault tests compare against, started
-    with torchrun as users start it (the other runs use tests/spawn_ranks.py, which skips its agent)."""
-    from launch import run, torchrun_cmd
-    from test_train import TRAIN, train_cmd
+    with torchrun as users start it (the other runs use tests/support/spawn_ranks.py, which skips its agent)."""
+    from tests.support.launch import run, torchrun_cmd
+    from tests.support.runs import TRAIN, train_cmd
 
     out = tmp_path_factory.mktemp("straight") / "a"
     run(torchrun_cmd(2, TRAIN, *train_cmd(1, out, tiny_assets)[2:]), timeout=300)

@@ -7,11 +7,16 @@ Each section checks its own fields in `validate()` (values only: no file system,
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from sd_train.errors import ConfigError
+
+# The widest post-hoc EMA profile: sigma_rel of gamma -> 0, a uniform average over the run so far,
+# is sqrt(1/12). The config checks against it here; sd_train.ema.posthoc_math solves below it.
+MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
 
 
 def _positive(name: str, value: float) -> None:
@@ -233,10 +238,10 @@ class PosthocArgs:
         if len(set(self.sigma_rels)) != len(self.sigma_rels):
             raise ConfigError(f"ema.posthoc.sigma_rels={self.sigma_rels} has duplicates: list each once")
         for s in self.sigma_rels:
-            if not 0.0 < s < 0.2886:
+            if not 0.0 < s < MAX_SIGMA_REL:
                 raise ConfigError(
-                    f"ema.posthoc.sigma_rels: {s} must be in (0, 0.2886) (sqrt(1/12), a uniform average, is the "
-                    "widest profile); EDM2 uses [0.05, 0.10]"
+                    f"ema.posthoc.sigma_rels: {s} must be in (0, {MAX_SIGMA_REL:.4f}) (sqrt(1/12), a uniform "
+                    "average, is the widest profile); EDM2 uses [0.05, 0.10]"
                 )
         if self.step_start is not None and self.step_start < 0:
             raise ConfigError(f"ema.posthoc.step_start={self.step_start} must be >= 0 (or null for ema.step_start_ema)")
@@ -562,7 +567,7 @@ class TrainConfig:
                 f"of {per_step} (e.g. {lo}) or change micro_batch_size"
             )
         # `model` and `ema` have no value-only checks here: the model folder and the EMA plan (in
-        # sd_train.ema_plan, above this package) are checked by sd_train.preflight.
+        # sd_train.ema.plan, above this package) are checked by sd_train.preflight.
         sections = (
             self.data,
             self.objective,

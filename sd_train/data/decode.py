@@ -34,13 +34,34 @@ class ImageTransform:
         return not self.center_crop or self.random_flip
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where a training image came from, as SDXL's micro-conditioning states it (arXiv 2307.01952,
+    section 2.2), every pair in (height, width) / (top, left) order, the order of the released
+    weights' `add_time_ids`:
+
+    - `original_size`: the decoded image before any resize;
+    - `crop_top_left`: the crop's corner in the resized image, as seen in the image the model is
+      shown: after a horizontal flip the crop's left edge is measured from the flipped image's left
+      (diffusers #6234, fixed in PR #6547);
+    - `target_size`: the training image.
+
+    Every path computes it (SD1/SD2 ignore it), so a sample carries it whatever model trains on it."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+
 @dataclass
 class DecodedSample:
-    """A usable sample: HWC uint8 RGB pixels (resolution x resolution), caption, key."""
+    """A usable sample: HWC uint8 RGB pixels (resolution x resolution), caption, key, and where the
+    pixels came from (`geometry`)."""
 
     key: str
     pixels: np.ndarray
     caption: str
+    geometry: Geometry
 
 
 @dataclass(frozen=True)
@@ -136,10 +157,14 @@ def draft_jpeg(image: Image.Image, resolution: int) -> None:
         image.draft("RGB", (resolution, resolution))
 
 
-def transform_image(image: Image.Image, tf: ImageTransform, rng: Optional[random.Random]) -> np.ndarray:
-    """Resize (shorter side = resolution), crop square (center, or at `rng`'s offset), maybe flip."""
+def transform_image(
+    image: Image.Image, tf: ImageTransform, rng: Optional[random.Random]
+) -> tuple[np.ndarray, Geometry]:
+    """Resize (shorter side = resolution), crop square (center, or at `rng`'s offset), maybe flip.
+    Returns the pixels and their `Geometry`."""
     res = tf.resolution
-    w, h = image.size
+    original = image.size
+    w, h = original
     scale = res / min(w, h)
     size = (max(res, round(w * scale)), max(res, round(h * scale)))
     if size != (w, h):
@@ -153,7 +178,9 @@ def transform_image(image: Image.Image, tf: ImageTransform, rng: Optional[random
         image = image.crop((left, top, left + res, top + res))
     if tf.random_flip and rng is not None and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.array(image)  # a writable copy: torch.from_numpy warns on read-only PIL views
+        left = w - left - res  # the crop's left edge in the flipped resized image
+    geometry = Geometry((original[1], original[0]), (top, left), (res, res))
+    return np.array(image), geometry  # a writable copy: torch.from_numpy warns on read-only PIL views
 
 
 def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random.Random]) -> DecodedSample:
@@ -168,7 +195,8 @@ def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random
             rgb = to_rgb(image)
     except Exception:  # noqa: BLE001 -- PIL's format plugins raise many types on corrupt bytes
         raise BadSample("undecodable") from None
-    return DecodedSample(raw.key, transform_image(rgb, tf, rng), caption)
+    pixels, geometry = transform_image(rgb, tf, rng)
+    return DecodedSample(raw.key, pixels, caption, geometry)
 
 
 def pixels_to_float(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -202,3 +230,12 @@ def stack_pixels(samples: list[DecodedSample], resolution: int) -> torch.Tensor:
         pixels[i].copy_(torch.from_numpy(s.pixels).permute(2, 0, 1))
     return pixels
 
+
+
+def stack_geometry(samples: list[DecodedSample]) -> dict[str, torch.Tensor]:
+    """The batch's `Geometry` as int64 [B, 2] tensors, (height, width) / (top, left) per row:
+    `original_size`, `crop_top_left`, `target_size` (SDXL's micro-conditioning reads them)."""
+    return {
+        name: torch.tensor([getattr(s.geometry, name) for s in samples], dtype=torch.int64).reshape(len(samples), 2)
+        for name in ("original_size", "crop_top_left", "target_size")
+    }

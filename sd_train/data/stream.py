@@ -49,6 +49,7 @@ from sd_train.data.decode import (
     DecodedSample,
     ImageTransform,
     decode_image_sample,
+    stack_geometry,
     stack_pixels,
 )
 from sd_train.data.filters import MetadataFilter
@@ -382,7 +383,7 @@ class ShardStream(IterableDataset):
         if isinstance(batch[0], PrecomputedSample):
             arrays = stack_precomputed(batch)  # type: ignore[arg-type]  # one decoder per stream
         else:
-            arrays = {"pixels": stack_pixels(batch, self.transform.resolution)}  # type: ignore[arg-type]
+            arrays = {"pixels": stack_pixels(batch, self.transform.resolution), **stack_geometry(batch)}  # type: ignore[arg-type]
             if self.tokenize is not None:
                 arrays["input_ids"] = self.tokenize([s.caption for s in batch])
         return {

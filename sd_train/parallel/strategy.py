@@ -20,9 +20,11 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
+
+from sd_train.ema.contracts import EMALayout, Shadow
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
@@ -84,11 +86,9 @@ class Strategy(abc.ABC):
     # ---- the EMA ------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def ema_layout(self) -> Any:
-        """A ShardedEMA layout: `views` (the pieces the EMA reads), `forward_views` (the pieces the
-        forward reads, which an EMA swap overwrites), `global_tensor`, `full`, `release`,
-        `cache_views`, `name`, and `stored_shapes` (the shapes to view `global_tensor`'s stored
-        tensors as, where it flattens)."""
+    def ema_layout(self) -> EMALayout:
+        """Where each rank's piece of each parameter lives, for every shadow of the weights (the
+        contract is sd_train.ema.contracts.EMALayout)."""
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
@@ -96,12 +96,12 @@ class Strategy(abc.ABC):
     def save(
         self,
         folder: Path,
-        shadows: dict,
+        shadows: dict[str, Shadow],
         process_group=None,
         on_written: Optional[Callable[[], None]] = None,
     ) -> Optional[AsyncSave]:
         """Write this rank's model, optimizer and shadow tensors into `folder` (collective).
-        `shadows` maps a checkpoint key to a ShardedEMA-like object: "ema" always, "posthoc" when
+        `shadows` maps a checkpoint key to a shadow of the weights: "ema" always, "posthoc" when
         post-hoc EMA is on. With a `process_group` (async saves), stage and write in the
         background and return the futures of both. `on_written()` runs on this rank once its
         files are written, and before the folder can be published (the checksum manifest)."""
@@ -114,7 +114,7 @@ class Strategy(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def load(self, folder: Path, shadows: dict) -> None:
+    def load(self, folder: Path, shadows: dict[str, Shadow]) -> None:
         """Load the tensors of `folder` (collective). Every shadow's `load_meta_state_dict` has
         run, so the shadows exist to receive their pieces. Raises on any failure."""
 

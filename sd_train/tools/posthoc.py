@@ -1,5 +1,5 @@
 """`sd-train posthoc --run RUN_DIR`: reconstruct EMAs of any length after training from the run's
-post-hoc EMA snapshots (`ema.posthoc.*`, EDM2's method; the math is in sd_train.posthoc_math).
+post-hoc EMA snapshots (`ema.posthoc.*`, EDM2's method; the math is in sd_train.ema.posthoc_math).
 
 Targets are power-function profiles (`--sigma-rel`, relative to the window from the profiles' start
 to the last snapshot) and classic EMAs (`--decay`, started at the profiles' start, updated every
@@ -28,14 +28,14 @@ from PIL import Image, ImageDraw
 
 from sd_train.checksums import verify
 from sd_train.config import load_config
-from sd_train.ema_posthoc import load_snapshot_profile, read_snapshot_meta
+from sd_train.ema.posthoc import load_snapshot_profile, read_snapshot_meta
+from sd_train.ema.posthoc_math import Fit, classic_weights, power_weights, sigma_rel_to_gamma, solve
 from sd_train.evaluation import Validator
 from sd_train.export import save_pipeline
 from sd_train.model.parts import encode_text, load_sd_parts
 from sd_train.objective import DiffusionObjective
 from sd_train.parallel.process_group import DistInfo
 from sd_train.paths import POSTHOC_DIR, snapshot_steps, step_dir
-from sd_train.posthoc_math import Fit, classic_weights, power_weights, sigma_rel_to_gamma, solve
 
 # The default bound on a target's relative L2 fit error |A^T x - b| / |b|: above it more than 5%
 # of the target's weighting over the window's steps is not expressed by the snapshots.

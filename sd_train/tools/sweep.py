@@ -59,7 +59,7 @@ from typing import Any, Optional
 import yaml
 
 from sd_train.config import ConfigError, load_config
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema.plan import plan_from_config
 
 TOP_LEVEL_KEYS = ("name", "base_config", "method", "parameters", "fixed", "num_runs", "seed")
 # Set per run by the sweep; a sweep file or `--` override that sets them would make runs collide.

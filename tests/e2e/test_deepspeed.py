@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from diffusers import UNet2DConditionModel
-from launch import BIN, REPO, free_port, run
-from reference import assert_logged_val_matches_export
 from safetensors.torch import load_file
 
-from sd_train.ema_posthoc import load_snapshot_profile
+from sd_train.ema.posthoc import load_snapshot_profile
 from sd_train.parallel.deepspeed import offline_shadow, offline_state, shadow_file
 from sd_train.paths import snapshot_steps
 from sd_train.tools.posthoc import find_snapshots, main_posthoc, plan_targets, reconstruct
+from tests.support.launch import BIN, REPO, free_port, run
+from tests.support.reference import assert_logged_val_matches_export
 
 # Window at step 8 of 12 with decay 0.5: 4 EMA updates, 0.5^4 = 6.25% pre-window share.
 COMMON = [
@@ -263,7 +263,7 @@ def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     assert all(
         r["local_param_bytes"] == full_bytes and r["placements"][0].startswith("replicated") for r in topo["ranks"]
     )
-    # ZeRO-2 keeps the EMA replicated (README): both ranks hold the same full tensors.
+    # ZeRO-2 keeps the EMA replicated (docs/parallelism.md): both ranks hold the same full tensors.
     pieces = [torch.load(step(a, 12) / f"ema_rank_{r}.pt", weights_only=False)["pieces"] for r in range(2)]
     assert_equal_states(pieces[0], pieces[1], "replicated EMA on rank 0 vs rank 1")
     assert {n: list(t.shape) for n, t in pieces[0].items()} == {n: list(raw[n].shape) for n in pieces[0]}

@@ -3,7 +3,8 @@
 import json
 
 import pytest
-from launch import REPO, ranks_cmd, run
+
+from tests.support.launch import REPO, ranks_cmd, run
 
 pytestmark = pytest.mark.multiproc
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from launch import REPO, env, free_port, run
-from test_posthoc_runs import reconstruct_all
-from test_train import TRAIN, assert_states_equal, full_state, keys_by_step, train_cmd
 
 from sd_train.paths import complete_steps, snapshot_steps
+from tests.support.launch import REPO, env, free_port, run
+from tests.support.runs import TRAIN, assert_states_equal, full_state, keys_by_step, reconstruct_all, train_cmd
 
 pytestmark = pytest.mark.multiproc
 FAST = ["eval.every_steps=0", "export_at_end=false"]

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import REPO, ranks_cmd, run
-from test_train import TRAIN
+
+from tests.support.launch import REPO, ranks_cmd, run
+from tests.support.runs import TRAIN
 
 
 def test_one_host_sync_per_plain_step_and_readable_throughput(tiny_assets, tmp_path: Path):

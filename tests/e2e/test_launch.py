@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch import REPO, accelerate_cmd, env, fake_slurm_bin, free_port, run, slurm_env
-from test_train import keys_by_step
+
+from tests.support.launch import REPO, accelerate_cmd, env, fake_slurm_bin, free_port, run, slurm_env
+from tests.support.runs import keys_by_step
 
 SBATCH = REPO / "launch" / "slurm" / "sd_train.sbatch"
 ACCEL_DIR = REPO / "launch" / "accelerate"

@@ -5,25 +5,15 @@ the plain EMA's decay reconstruct to what the run tracked. The kill chain
 (tests/e2e/test_faults.py) reconstructs its killed and relaunched run bitwise like this one."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from test_train import full_state
 
-from sd_train.ema_posthoc import load_snapshot_profile
+from sd_train.ema.posthoc import load_snapshot_profile
 from sd_train.paths import snapshot_steps
-from sd_train.tools.posthoc import find_snapshots, plan_targets, reconstruct
+from tests.support.runs import full_state, reconstruct_all
 
 pytestmark = pytest.mark.multiproc
-SIGMAS, DECAYS = [0.05, 0.1, 0.2], [0.5, 0.8]
-
-
-def reconstruct_all(out: Path) -> dict[str, dict[str, torch.Tensor]]:
-    snaps = find_snapshots(out)
-    targets = plan_targets(snaps, SIGMAS, DECAYS, max_fit_error=0.05)
-    assert all(t.refused is None for t in targets), [t.refused for t in targets]
-    return reconstruct(snaps, targets)
 
 
 def test_snapshots_and_reconstruction_match_what_the_run_tracked(straight_run):

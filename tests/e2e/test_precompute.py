@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launch import REPO, run, torchrun_cmd
 
 from sd_train.config import ConfigError, ModelArgs, load_config
 from sd_train.data.bad_input import BadInputLog
@@ -38,6 +37,7 @@ from sd_train.data.precomputed import (
 )
 from sd_train.data.tar import read_shards
 from sd_train.tools.precompute import main_precompute, precompute
+from tests.support.launch import REPO, run, torchrun_cmd
 
 BATCH = 4  # = micro_batch_size in configs/test.yaml
 MEMBERS = {"latent_mean.npy", "latent_std.npy", "text_embeds.npy", "txt", "json"}

@@ -9,9 +9,10 @@ import tarfile
 from pathlib import Path
 
 import torch
-from launch import run
-from reference import assert_logged_val_matches_export
-from test_train import train_cmd, unet_weights
+
+from tests.support.launch import run
+from tests.support.reference import assert_logged_val_matches_export
+from tests.support.runs import train_cmd, unet_weights
 
 FAST = [
     "eval.every_steps=0",

@@ -69,7 +69,7 @@ BAD = [
     (["dist.strategy=deepspeed", "checkpoint.async_save=true"], "async_save=true is FSDP2-only"),
     (["dist.strategy=deepspeed", "dist.zero_stage=1"], "dist.zero_stage=1: sd-train supports ZeRO stage 2 or 3"),
     (["dist.zero_stage=3"], r"dist.zero_stage=3 applies only to dist.strategy=deepspeed \(now fsdp2\)"),
-    (["ema.posthoc.sigma_rels=[0.05,0.3]"], r"ema.posthoc.sigma_rels: 0.3 must be in \(0, 0.2886\)"),
+    (["ema.posthoc.sigma_rels=[0.05,0.3]"], r"ema.posthoc.sigma_rels: 0.3 must be in \(0, 0.2887\)"),
     (["ema.posthoc.sigma_rels=[0.1]", "ema.posthoc.snapshot_every=0"], "ema.posthoc.snapshot_every=0 must be positive"),
     (["ema.posthoc.sigma_rels=[0.1]", "ema.posthoc.step_start=12"], r"posthoc.step_start=12 must be in \[0, max"),
     (

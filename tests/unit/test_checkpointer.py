@@ -18,9 +18,9 @@ from sd_train.checkpoint import Checkpointer
 from sd_train.checksums import complete_manifest, manifest_path
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, load_config
 from sd_train.dcp_io import UnsafeCheckpointError
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config
-from sd_train.ema_posthoc import load_snapshot_profile
+from sd_train.ema.plan import plan_from_config
+from sd_train.ema.posthoc import load_snapshot_profile
+from sd_train.ema.sharded import ShardedEMA
 from sd_train.errors import CheckpointLoadError
 from sd_train.parallel.fsdp import FSDPStrategy
 from sd_train.paths import SNAPSHOT_META, complete_steps, partial_dir, snapshot_steps, step_dir
@@ -64,7 +64,7 @@ class Run:
             1,
             10,
             self.strategy,
-            self.ema,
+            {"ema": self.ema},
             {"train": self.train},
             {"data": self.data},
             config={"note": "test"},

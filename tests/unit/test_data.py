@@ -14,43 +14,18 @@ import tarfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
-from streams import augmented_loader, take
 
 from sd_train.config import ConfigError, TrainConfig
 from sd_train.data.bad_input import check_bad_fraction
-from sd_train.data.loader import TrainLoader, build_train_loader, val_samples
+from sd_train.data.loader import build_train_loader, val_samples
 from sd_train.data.sources import expand_sources
 from sd_train.errors import BadDataError
+from tests.support.streams import ASSETS, SPEC, keys_of, make_loader, take
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-SPEC = str(ASSETS / "tiny-{000000..000005}.tar")
 ALL_KEYS = {f"{i:09d}" for i in range(28)}
-
-
-def make_loader(
-    spec: str = SPEC,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    workers: int = 2,
-    seed: int = 0,
-    batch: int = 3,
-    shuffle: int = 4,
-    mode: str = "epoch",
-    max_epochs: Optional[int] = None,
-) -> TrainLoader:
-    return augmented_loader(
-        spec, rank=rank, world=world, workers=workers, seed=seed, batch=batch, shuffle=shuffle,
-        max_epochs=max_epochs, mode=mode,
-    )  # fmt: skip
-
-
-def keys_of(batches: list[dict]) -> list[str]:
-    return [k for b in batches for k in b["keys"]]
 
 
 # --------------------------------------------------------------------------- 1. exactly once

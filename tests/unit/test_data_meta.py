@@ -20,7 +20,6 @@ from typing import Optional
 
 import pytest
 import torch
-from streams import augmented_loader, keys_of, take
 
 from sd_train.config import ConfigError, TrainConfig
 from sd_train.config.schema import parse_filter_rule
@@ -29,6 +28,7 @@ from sd_train.data.filters import MetadataFilter
 from sd_train.data.loader import TrainLoader, build_train_loader, val_samples
 from sd_train.data.stream import Decoder
 from sd_train.errors import BadDataError
+from tests.support.streams import augmented_loader, keys_of, take
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 META = ASSETS / "meta"
@@ -335,11 +335,14 @@ def test_a_worker_error_lets_the_process_exit(tmp_path: Path) -> None:
     # Workers ignore SIGTERM, so workers left running after an error would block interpreter exit.
     script = tmp_path / "raise.py"
     script.write_text(
-        "import sys\n"
-        f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]\n"
-        "from test_data_meta import make_loader, take\n"
+        "from sd_train.data.filters import MetadataFilter\n"
+        "from tests.support.streams import ASSETS, augmented_loader, take\n"
+        "spec = str(ASSETS / 'meta' / 'meta-{000000..000003}.tar')\n"
+        "never = MetadataFilter.from_config(['original_width>=100000'], 'keep')\n"
+        "loader = augmented_loader(spec, rank=0, world=1, workers=2, seed=0, batch=2, shuffle=3, max_epochs=None,\n"
+        "                          sample_filter=never)\n"
         "try:\n"
-        "    take(make_loader(rules=['original_width>=100000'], workers=2), 1)\n"
+        "    take(loader, 1)\n"
         "except Exception as e:\n"
         "    print('raised', type(e).__name__)\n"
         "    raise\n"

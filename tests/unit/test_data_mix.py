@@ -14,11 +14,11 @@ from typing import Optional
 
 import pytest
 import torch
-from streams import augmented_loader, keys_of, take
 
 from sd_train.config import ConfigError, TrainConfig
 from sd_train.data.loader import TrainLoader
 from sd_train.errors import BadDataError
+from tests.support.streams import augmented_loader, keys_of, take
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 A, B = str(ASSETS / "tiny-{000000..000002}.tar"), str(ASSETS / "tiny-{000003..000005}.tar")

@@ -9,8 +9,9 @@ import copy
 import torch
 
 from sd_train.config import EMAArgs
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema.plan import plan_from_config
+from sd_train.ema.sharded import ShardedEMA
+from sd_train.parallel.fsdp import DTensorLayout
 
 DECAY, START, STEPS = 0.75, 3, 8
 
@@ -42,7 +43,9 @@ def train(model: torch.nn.Module, ema: ShardedEMA) -> dict[str, torch.Tensor]:
 
 def test_late_window_updates_and_swapped_forward():
     model = build()
-    ema = ShardedEMA(model, plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.5), STEPS))
+    ema = ShardedEMA(
+        model, plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.5), STEPS), DTensorLayout(model)
+    )
     reference = train(model, ema)
     assert ema.num_updates == STEPS - START
     shadow = ema.full_tensors()
@@ -63,15 +66,17 @@ def test_late_window_updates_and_swapped_forward():
 def test_state_round_trip_and_closed_window():
     model = build()
     plan = plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.5), STEPS)
-    ema = ShardedEMA(model, plan)
+    ema = ShardedEMA(model, plan, DTensorLayout(model))
     with ema.swapped_in() as swapped:
         assert not swapped, "before the window there is nothing to swap in"
     train(model, ema)
-    other = ShardedEMA(build(), plan)
+    other_model = build()
+    other = ShardedEMA(other_model, plan, DTensorLayout(other_model))
     other.load_meta_state_dict(ema.meta_state_dict())
     other.load_local_state_dict(ema.local_state_dict())
     assert other.num_updates == ema.num_updates
     assert all(torch.equal(a, b) for a, b in zip(other.shadow, ema.shadow))
-    closed = ShardedEMA(build(), plan)
+    closed_model = build()
+    closed = ShardedEMA(closed_model, plan, DTensorLayout(closed_model))
     closed.load_meta_state_dict({"open": False, "num_updates": 0, "step_start_ema": START})
     assert not closed.is_open and closed.tensor_state_dict() == {}

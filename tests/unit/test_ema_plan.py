@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sd_train.config import ConfigError, EMAArgs
-from sd_train.ema_plan import min_window, plan_from_config
+from sd_train.ema.plan import min_window, plan_from_config
 
 
 def explicit_weights(decays: list[float]) -> list[float]:

@@ -21,10 +21,6 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.parallel",
         "sd_train.data",
         "sd_train.model",
-        "sd_train.ema",
-        "sd_train.ema_plan",
-        "sd_train.ema_posthoc",
-        "sd_train.posthoc_math",
         "sd_train.objective",
         "sd_train.optim",
         "sd_train.rng",
@@ -32,8 +28,10 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.host_sync",
         "sd_train.perf",
         "sd_train.background_writer",
-        "sd_train.dcp_io",
     ),
+    # Below the strategies: their layouts implement the EMA's contracts (sd_train.ema.contracts).
+    # DCP's safe reader and manifest writer serve the strategies, the snapshots and the checkpointer.
+    ("sd_train.ema", "sd_train.dcp_io"),
     ("sd_train.config",),
     (
         "sd_train.errors",

@@ -12,13 +12,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, PosthocArgs, TrainConfig
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config, posthoc_plan_from_config
-from sd_train.ema_posthoc import PowerEMAProfiles, load_snapshot_profile, read_snapshot_meta
-from sd_train.parallel.deepspeed import DeepSpeedStrategy, offline_shadow
-from sd_train.parallel.fsdp import FSDPStrategy
-from sd_train.paths import snapshot_steps
-from sd_train.posthoc_math import (
+from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
+from sd_train.ema.posthoc import PowerEMAProfiles, load_snapshot_profile, read_snapshot_meta
+from sd_train.ema.posthoc_math import (
     classic_weights,
     gamma_to_sigma_rel,
     power_beta,
@@ -26,6 +22,10 @@ from sd_train.posthoc_math import (
     sigma_rel_to_gamma,
     solve,
 )
+from sd_train.ema.sharded import ShardedEMA
+from sd_train.parallel.deepspeed import DeepSpeedStrategy, offline_shadow
+from sd_train.parallel.fsdp import FSDPStrategy
+from sd_train.paths import snapshot_steps
 from sd_train.tools.posthoc import MAX_FIT_ERROR, find_snapshots, plan_targets, reconstruct
 
 SIGMAS, START, EVERY, STEPS, DECAY = [0.05, 0.1], 2, 2, 8, 0.6
@@ -87,11 +87,10 @@ class Run:
             1,
             STEPS,
             self.strategy,
-            self.ema,
+            {"ema": self.ema, "posthoc": self.profiles},
             {},
             {},
             config={},
-            extra_shadows={"posthoc": self.profiles},
         )
 
     def step(self, step: int) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from itertools import islice
 
 import torch
-from test_data import keys_of, make_loader, take
 
 from sd_train.data.prefetch import NO_STAGING, stager_for
+from tests.support.streams import keys_of, make_loader, take
 
 
 class RecordingStager:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch import REPO, fake_slurm_bin, slurm_env
 
 import sd_train.tools.sweep as sweep_mod
 from sd_train.config import load_config
 from sd_train.tools.sweep import main_sweep
+from tests.support.launch import REPO, fake_slurm_bin, slurm_env
 
 BASE = str(REPO / "configs" / "test.yaml")
 

@@ -20,8 +20,9 @@ from torch.distributed.tensor import DTensor, Shard
 from sd_train.config import DistArgs, EMAArgs
 from sd_train.parallel.build import shard_unet
 from sd_train.parallel.process_group import init_distributed
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema.sharded import ShardedEMA
+from sd_train.parallel.fsdp import DTensorLayout
+from sd_train.ema.plan import plan_from_config
 
 STEPS, START, DECAY, BATCH = 5, 2, 0.6, 2
 CONFIG = dict(
@@ -48,7 +49,8 @@ def plain_forward(state: dict, x, t, c) -> torch.Tensor:
 def check(strategy: str, info) -> dict:
     torch.manual_seed(0)
     model = shard_unet(UNet2DConditionModel(**CONFIG), DistArgs(strategy=strategy), info)
-    ema = ShardedEMA(getattr(model, "module", model), plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.9), STEPS))
+    module = getattr(model, "module", model)
+    ema = ShardedEMA(module, plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.9), STEPS), DTensorLayout(module))
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     for step in range(1, STEPS + 1):
         x, t, c = inputs(step * 10 + info.rank, BATCH)

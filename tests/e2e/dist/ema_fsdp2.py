@@ -21,8 +21,9 @@ from torch.distributed.tensor import DTensor, Shard
 from sd_train.config import DistArgs, EMAArgs
 from sd_train.parallel.build import shard_unet
 from sd_train.parallel.process_group import init_distributed
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema.sharded import ShardedEMA
+from sd_train.parallel.fsdp import DTensorLayout
+from sd_train.ema.plan import plan_from_config
 
 STEPS, START, DECAY, BATCH = 8, 5, 0.7, 4
 
@@ -40,7 +41,7 @@ rank, world = info.rank, info.world_size
 model = shard_unet(unet, DistArgs(), info)
 params = dict(model.named_parameters())
 plan = plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.5), STEPS)
-ema = ShardedEMA(model, plan)
+ema = ShardedEMA(model, plan, DTensorLayout(model))
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
 ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
 report = {"world_size": world, "rank": rank}

@@ -22,8 +22,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from sd_train.config import DistArgs, EMAArgs
 from sd_train.config.launcher import read_launch_env
-from sd_train.ema import ShardedEMA
-from sd_train.ema_plan import plan_from_config
+from sd_train.ema.sharded import ShardedEMA
+from sd_train.parallel.fsdp import DTensorLayout
+from sd_train.ema.plan import plan_from_config
 from sd_train.parallel.build import shard_unet
 from sd_train.optim import ShardLocalAdamW, _shard_groups, clip_grad_norm_
 from sd_train.parallel.process_group import DistInfo, build_mesh, init_distributed
@@ -46,7 +47,7 @@ def wrapped(args: DistArgs, info: DistInfo):
                          build_mesh(info.device, info.world_size, args, read_launch_env()))  # fmt: skip
     model = shard_unet(unet(), args, mesh_info)
     plan = plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.9), STEPS)
-    return model, ShardedEMA(model, plan)
+    return model, ShardedEMA(model, plan, DTensorLayout(model))
 
 
 info = init_distributed(DistArgs())

@@ -17,66 +17,51 @@ from typing import Iterator
 
 import torch
 
-from sd_train.ema_plan import EMAPlan
-from sd_train.parallel.fsdp import DTensorLayout
+from sd_train.ema.contracts import EMALayout
+from sd_train.ema.plan import EMAPlan
+from sd_train.ema.shadow import ShadowPieces
 
 
-def fp32_shadow(tensors: list[torch.Tensor], copy_weights: bool) -> list[torch.Tensor]:
-    """An fp32 shadow of each local tensor: a copy of the weights, or zeros to be filled by a load.
-    fp32 even for bf16 params: 1 - decay = 1e-4 is below bf16's resolution."""
-    with torch.no_grad():
-        return [
-            t.to(torch.float32, copy=True) if copy_weights else torch.zeros_like(t, dtype=torch.float32)
-            for t in tensors
-        ]
-
-
-class ShardedEMA:
-    """Owns the EMA shadow of this rank's parameter shards and the window's progress. Where each
+class ShardedEMA(ShadowPieces):
+    """Owns the EMA shadow of this rank's parameter pieces and the window's progress. Where each
     rank's piece of a parameter lives is the layout's business (`Strategy.ema_layout()`: DTensor
     shards under FSDP2/DDP, ZeRO-3 partitions, or ZeRO-2's replicas)."""
 
-    def __init__(self, model: torch.nn.Module, plan: EMAPlan, layout=None):
-        self.plan = plan
-        self.layout = layout or DTensorLayout(model)
-        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.shadow: list[torch.Tensor] | None = None
-        self.num_updates = 0
-        self._locals: list[torch.Tensor] = []
+    what = "EMA"
 
-    # ---- the window -------------------------------------------------------------------------
+    def __init__(self, model: torch.nn.Module, plan: EMAPlan, layout: EMALayout):
+        super().__init__(model, layout, count=1)
+        self.plan = plan
+        self.num_updates = 0
 
     @property
-    def is_open(self) -> bool:
-        return self.shadow is not None
+    def shadow(self) -> list[torch.Tensor] | None:
+        """The EMA pieces, in `named_params` order (None before the window)."""
+        return None if self.pieces is None else self.pieces[0]
+
+    def piece_key(self, index: int, name: str) -> str:  # noqa: ARG002 (one shadow)
+        return name
+
+    # ---- the window -------------------------------------------------------------------------
 
     def update(self, step: int) -> None:
         """Call after every optimizer step that was taken, with the number of steps taken so far.
         Decides itself whether the window is open and whether this step updates."""
         if not self.plan.enabled or step < self.plan.step_start_ema:
             return
-        if self.shadow is None:
+        if self.pieces is None:
             # Opening the window: start from the current weights (w_0 of the plan's math).
             self.allocate(copy_weights=True)
             return
         if (step - self.plan.step_start_ema) % self.plan.update_every:
             return
         self.num_updates += 1
-        weight = 1.0 - self.plan.decay_at(self.num_updates)
-        locals_ = self._locals if self.layout.cache_views else self.layout.views(self.named_params)
-        with torch.no_grad():
-            torch._foreach_lerp_(self.shadow, locals_, weight)
+        self.lerp([1.0 - self.plan.decay_at(self.num_updates)])
 
     def allocate(self, copy_weights: bool) -> None:
-        """Create the shadow shards (a copy of the weights, or zeros to be filled by a load)."""
-        locals_ = self.layout.views(self.named_params)
-        self._locals = locals_ if self.layout.cache_views else []
-        self.shadow = fp32_shadow(locals_, copy_weights)
+        """Create the shadow (a copy of the weights, or zeros to be filled by a load)."""
+        super().allocate(copy_weights)
         self.num_updates = 0
-
-    def local_bytes(self) -> int:
-        """EMA bytes held by this rank (0 before the window)."""
-        return sum(t.numel() * t.element_size() for t in self.shadow) if self.shadow else 0
 
     # ---- evaluation with EMA weights ----------------------------------------------------------
 
@@ -121,31 +106,12 @@ class ShardedEMA:
             self.allocate(copy_weights=False)
             self.num_updates = int(state["num_updates"])
         else:
-            self.shadow = None
+            self.pieces = None
             self.num_updates = 0
 
     def tensor_state_dict(self) -> dict[str, torch.Tensor]:
         """The shadow as global tensors: DTensors over the parameters' mesh for sharded params."""
-        if self.shadow is None:
-            return {}
-        return {name: self.layout.global_tensor(p, s) for (name, p), s in zip(self.named_params, self.shadow)}
-
-    def local_state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's shadow pieces by parameter name, for per-rank files (DeepSpeed)."""
-        return {} if self.shadow is None else {n: s for (n, _), s in zip(self.named_params, self.shadow)}
-
-    def load_local_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Fill the shadow (allocated by `load_meta_state_dict`) from `local_state_dict` output."""
-        if self.shadow is None:
-            return
-        with torch.no_grad():
-            for (n, _), s in zip(self.named_params, self.shadow):
-                if n not in state or state[n].shape != s.shape:
-                    raise ValueError(
-                        f"EMA piece {n!r}: saved {tuple(state[n].shape) if n in state else 'missing'}, "
-                        f"expected {tuple(s.shape)}"
-                    )
-                s.copy_(state[n])
+        return {} if self.pieces is None else self.global_tensors(0)
 
     def full_tensors(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """Gather the EMA into full tensors on the host, one parameter at a time (a collective when

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sd_train.parallel.process_group import free_port  # noqa: F401 (the tests' one free port, re-exported)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -31,9 +31,9 @@ def torchrun_cmd(nproc: int, script: str, *args: str) -> list[str]:
 
 
 def ranks_cmd(nproc: int, script: str, *args: str) -> list[str]:
-    """`nproc` ranks of `script` with torchrun's variables but without its agent (tests/spawn_ranks.py:
+    """`nproc` ranks of `script` with torchrun's variables but without its agent (tests/support/spawn_ranks.py:
     2.5 s less per launch); the user-facing launchers keep their own tests."""
-    return [sys.executable, str(REPO / "tests" / "spawn_ranks.py"), str(nproc), script, *args]
+    return [sys.executable, str(REPO / "tests" / "support" / "spawn_ranks.py"), str(nproc), script, *args]
 
 
 def accelerate_cmd(config: str, script: str, *args: str) -> list[str]:

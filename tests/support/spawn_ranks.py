@@ -1,4 +1,4 @@
-"""A torchrun stand-in for the tests: `python tests/spawn_ranks.py N SCRIPT ARGS...` starts N ranks of
+"""A torchrun stand-in for the tests: `python tests/support/spawn_ranks.py N SCRIPT ARGS...` starts N ranks of
 SCRIPT on this machine with the variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), their output on its own, and exits with the first
 non-zero exit status of a rank, else 0.

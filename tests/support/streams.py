@@ -4,12 +4,17 @@ from it, and their keys."""
 from __future__ import annotations
 
 from itertools import islice
+from pathlib import Path
 from typing import Any, Optional
 
 from sd_train.data.decode import ImageTransform
 from sd_train.data.loader import TrainLoader
 from sd_train.data.sources import expand_sources
 from sd_train.data.stream import ShardStream
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SPEC = str(ASSETS / "tiny-{000000..000005}.tar")
+"""The committed tiny set: 28 samples in 6 shards, keys 000000000..000000027 (tests/assets/make_assets.py)."""
 
 
 def augmented_loader(
@@ -39,6 +44,25 @@ def augmented_loader(
         **stream_options,
     )
     return TrainLoader(stream, workers)
+
+
+def make_loader(
+    spec: str = SPEC,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 2,
+    seed: int = 0,
+    batch: int = 3,
+    shuffle: int = 4,
+    mode: str = "epoch",
+    max_epochs: Optional[int] = None,
+) -> TrainLoader:
+    """`augmented_loader` over the committed tiny set with the data tests' defaults."""
+    return augmented_loader(
+        spec, rank=rank, world=world, workers=workers, seed=seed, batch=batch, shuffle=shuffle,
+        max_epochs=max_epochs, mode=mode,
+    )  # fmt: skip
 
 
 def take(loader: TrainLoader, n: int) -> list[dict]:

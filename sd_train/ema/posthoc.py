@@ -7,7 +7,7 @@ start step.
 
 Convention: t counts the steps from the profiles' start, t = 1 at the start step itself, where
 beta_1 = 0 makes each profile a copy of the weights; at step s > start, t = s - start + 1 and
-beta_t = (1 - 1/t)^(gamma + 1) (sd_train.posthoc_math has the closed form of the result).
+beta_t = (1 - 1/t)^(gamma + 1) (sd_train.ema.posthoc_math has the closed form of the result).
 
 Where the profiles live follows the strategy's EMA layout: FSDP2 shards (DDP replicas), ZeRO-3
 partitions (`p.ds_tensor`, one fp32 piece per partition), ZeRO-2 replicas (every rank the whole
@@ -39,11 +39,12 @@ import torch.distributed.checkpoint as dcp
 
 from sd_train import dcp_io
 from sd_train.checksums import complete_manifest
-from sd_train.ema import fp32_shadow
-from sd_train.ema_plan import PosthocPlan
+from sd_train.ema.contracts import EMALayout
+from sd_train.ema.plan import PosthocPlan
+from sd_train.ema.posthoc_math import power_beta
+from sd_train.ema.shadow import ShadowPieces
 from sd_train.folders import replace_folder
 from sd_train.paths import SNAPSHOT_META, partial_dir, snapshot_is_complete, step_dir
-from sd_train.posthoc_math import power_beta
 
 SNAPSHOT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -53,43 +54,36 @@ def profile_key(index: int) -> str:
     return f"p{index}"
 
 
-class PowerEMAProfiles:
+class PowerEMAProfiles(ShadowPieces):
     """The K power-function profiles of this rank's parameter shards, and their snapshots."""
 
-    def __init__(self, model: torch.nn.Module, plan: PosthocPlan, layout):
+    what = "post-hoc profile"
+
+    def __init__(self, model: torch.nn.Module, plan: PosthocPlan, layout: EMALayout):
+        super().__init__(model, layout, count=len(plan.gammas))
         self.plan = plan
         self.gammas = plan.gammas
-        self.layout = layout
-        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.shadows: list[list[torch.Tensor]] | None = None
-        self._locals: list[torch.Tensor] = []
 
     @property
-    def is_open(self) -> bool:
-        return self.shadows is not None
+    def shadows(self) -> list[list[torch.Tensor]] | None:
+        """Each profile's pieces, in sigma_rels order (None before the start)."""
+        return self.pieces
+
+    def piece_key(self, index: int, name: str) -> str:
+        """`p<i>.<param name>`: the profile's DCP key, then the parameter."""
+        return f"{profile_key(index)}.{name}"
 
     def update(self, step: int) -> None:
         """Call after every optimizer step taken, with the number of steps taken so far."""
         if not self.plan.enabled or step < self.plan.step_start:
             return
-        if self.shadows is None:
+        if self.pieces is None:
             self.allocate(copy_weights=True)  # t = 1: beta 0, a copy of the weights
             return
         t = step - self.plan.step_start + 1
-        locals_ = self._locals if self.layout.cache_views else self.layout.views(self.named_params)
-        with torch.no_grad():
-            for gamma, shadow in zip(self.gammas, self.shadows):
-                torch._foreach_lerp_(shadow, locals_, 1.0 - power_beta(gamma, t))
+        self.lerp([1.0 - power_beta(gamma, t) for gamma in self.gammas])
 
-    def allocate(self, copy_weights: bool) -> None:
-        locals_ = self.layout.views(self.named_params)
-        self._locals = locals_ if self.layout.cache_views else []
-        self.shadows = [fp32_shadow(locals_, copy_weights) for _ in self.gammas]
-
-    def local_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self.shadows for t in s) if self.shadows else 0
-
-    # ---- checkpoint state (the same contract as ShardedEMA's) ---------------------------------
+    # ---- checkpoint state (the Shadow contract, sd_train.ema.contracts) ------------------------
 
     def meta_state_dict(self) -> dict:
         return {"open": self.is_open, "step_start": self.plan.step_start, "sigma_rels": list(self.plan.sigma_rels)}
@@ -104,47 +98,20 @@ class PowerEMAProfiles:
         if state["open"]:
             self.allocate(copy_weights=False)
         else:
-            self.shadows = None
-
-    def local_state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's profile pieces, keyed `p<i>.<param name>`, for per-rank files (DeepSpeed)."""
-        if self.shadows is None:
-            return {}
-        return {
-            f"{profile_key(i)}.{n}": s
-            for i, shadow in enumerate(self.shadows)
-            for (n, _), s in zip(self.named_params, shadow)
-        }
-
-    def load_local_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Fill the profiles (allocated by `load_meta_state_dict`) from `local_state_dict` output."""
-        if self.shadows is None:
-            return
-        with torch.no_grad():
-            for key, s in self.local_state_dict().items():
-                if key not in state or state[key].shape != s.shape:
-                    saved = tuple(state[key].shape) if key in state else "missing"
-                    raise ValueError(f"post-hoc profile piece {key!r}: saved {saved}, expected {tuple(s.shape)}")
-                s.copy_(state[key])
+            self.pieces = None
 
     def tensor_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
         """Every profile as global tensors (`layout.global_tensor`: DTensors when sharded), cast to
         `dtype` if given (snapshots)."""
-        if self.shadows is None:
+        if self.pieces is None:
             return {}
-        return {
-            profile_key(i): {
-                n: self.layout.global_tensor(p, s if dtype in (None, s.dtype) else s.to(dtype))
-                for (n, p), s in zip(self.named_params, shadow)
-            }
-            for i, shadow in enumerate(self.shadows)
-        }
+        return {profile_key(i): self.global_tensors(i, dtype) for i in range(self.count)}
 
     # ---- snapshots ----------------------------------------------------------------------------
 
     def maybe_snapshot(self, root: Path, step: int, rank: int) -> Path | None:
         """Write the snapshot of `step` if the plan says so (collective: every rank calls it)."""
-        if not self.plan.enabled or self.shadows is None or not self.plan.is_snapshot_step(step):
+        if not self.plan.enabled or self.pieces is None or not self.plan.is_snapshot_step(step):
             return None
         return self.write_snapshot(root, step, rank)
 

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# sigma_rel of gamma -> 0 (a uniform average): sqrt(1/12). No power profile is wider.
-MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
+from sd_train.config.schema import MAX_SIGMA_REL  # no power profile is wider (a uniform average)
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:

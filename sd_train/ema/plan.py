@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 
 from sd_train.config import EMAArgs
+from sd_train.ema.posthoc_math import sigma_rel_to_gamma
 from sd_train.errors import ConfigError
-from sd_train.posthoc_math import sigma_rel_to_gamma
 
 
 def warmup_decay(decay: float, k: int, inv_gamma: float, power: float) -> float:

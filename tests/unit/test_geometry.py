@@ -1,0 +1,101 @@
+"""The geometry a decoded sample carries for SDXL's micro-conditioning: (H, W) of the image before
+the resize, the crop's (top, left) in the resized image (mirrored after a flip), and (H, W) of the
+training image. Checked against an independent reading of the pixels: cropping the resized image
+(flipped as a whole when the sample was flipped) at the reported corner gives the training pixels."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd_train.data.bad_input import BadInputLog
+from sd_train.data.decode import ImageTransform, decode_image_sample, transform_image
+from sd_train.data.tar import read_shards
+from tests.support.streams import augmented_loader, take
+
+RES = 16
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    """An asymmetric image: any wrong corner or a forgotten mirror picks other pixels."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def resized(image: Image.Image) -> np.ndarray:
+    """The resize the transform makes, computed here: shorter side to RES, bicubic."""
+    w, h = image.size
+    scale = RES / min(w, h)
+    size = (max(RES, round(w * scale)), max(RES, round(h * scale)))
+    return np.array(image.resize(size, Image.Resampling.BICUBIC) if size != (w, h) else image)
+
+
+@pytest.mark.parametrize("width,height", [(40, 16), (16, 40), (37, 23), (16, 16), (100, 20)])
+@pytest.mark.parametrize("center_crop,random_flip", [(True, False), (False, False), (False, True), (True, True)])
+def test_geometry_locates_the_training_pixels(width, height, center_crop, random_flip):
+    image = noise_image(width, height, seed=width * 1000 + height)
+    full = resized(image)
+    tf = ImageTransform(RES, center_crop=center_crop, random_flip=random_flip)
+    flips = 0
+    for seed in range(12):
+        pixels, geo = transform_image(image, tf, random.Random(seed))
+        assert geo.original_size == (height, width)  # (H, W), not PIL's (W, H)
+        assert geo.target_size == (RES, RES) == pixels.shape[:2]
+        top, left = geo.crop_top_left
+        flipped = not np.array_equal(pixels, full[top : top + RES, left : left + RES])
+        source = full[:, ::-1] if flipped else full
+        assert np.array_equal(pixels, source[top : top + RES, left : left + RES]), (seed, geo)
+        flips += flipped
+    if random_flip and width != height:
+        assert 0 < flips < 12  # both cases were seen
+    if not random_flip:
+        assert flips == 0
+
+
+def test_crop_corner_is_top_left_in_height_width_order():
+    """A wide image cropped at the center: the corner's second number (left) moves, the first (top) is 0."""
+    image = noise_image(64, 16, seed=1)
+    _, geo = transform_image(image, ImageTransform(RES, center_crop=True), None)
+    assert geo.crop_top_left == (0, (64 - RES) // 2)
+    _, geo = transform_image(noise_image(16, 64, seed=2), ImageTransform(RES, center_crop=True), None)
+    assert geo.crop_top_left == ((64 - RES) // 2, 0)
+
+
+def test_flip_mirrors_the_crop_left_edge():
+    """A crop at the left edge of a wide image, flipped, sits at the right edge of the flipped image."""
+    image = noise_image(64, 16, seed=3)
+    tf = ImageTransform(RES, center_crop=False, random_flip=True)
+    for seed in range(40):
+        rng = random.Random(seed)
+        left = random.Random(seed).randrange(64 - RES + 1)
+        pixels, geo = transform_image(image, tf, rng)
+        flipped = random.Random(seed)
+        flipped.randrange(64 - RES + 1), flipped.randrange(1)
+        if flipped.random() < 0.5:
+            assert geo.crop_top_left == (0, 64 - RES - left)
+        else:
+            assert geo.crop_top_left == (0, left)
+
+
+def test_loader_batches_carry_each_samples_geometry():
+    """The stream's batches carry the geometry as int64 [B, 2] rows, in the batch's sample order:
+    each row equals the one decoding that sample alone gives."""
+    spec = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-{000000..000005}.tar")
+    loader = augmented_loader(spec, rank=0, world=1, workers=0, seed=3, batch=4, shuffle=0, max_epochs=1)
+    batches = take(loader, 3)
+    shards = sorted(str(p) for p in Path(spec.split("tiny-")[0]).glob("tiny-*.tar"))
+    by_key = {raw.key: raw for raw in read_shards(shards, BadInputLog())}
+    seen_wide = False
+    for batch in batches:
+        for name in ("original_size", "crop_top_left", "target_size"):
+            assert batch[name].dtype == torch.int64 and tuple(batch[name].shape) == (len(batch["keys"]), 2)
+        assert (batch["target_size"] == 16).all()
+        for row, key in enumerate(batch["keys"]):
+            alone = decode_image_sample(by_key[key], ImageTransform(16, center_crop=True), None).geometry
+            assert tuple(batch["original_size"][row].tolist()) == alone.original_size
+            seen_wide |= alone.original_size[0] != alone.original_size[1]
+    assert seen_wide  # the assets hold non-square images, so (H, W) order is exercised
