@@ -33,7 +33,9 @@ def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_pa
     final weights, EMA, post-hoc profiles and optimizer state equal the uninterrupted run's, every
     step saw the same sample keys, the newest complete checkpoint always survives, wandb (offline)
     continues one run id across the relaunches, and the post-hoc snapshots written across the
-    relaunches reconstruct bitwise like the uninterrupted run's."""
+    relaunches reconstruct bitwise like the uninterrupted run's. While the last relaunch runs, the
+    same command launched a second time is refused (exit 2, naming rank 0's host and pid) and
+    writes nothing; the relaunch right after each kill -9 got the output_dir lock at once."""
     out = tmp_path / "chain"
     base = ["checkpoint.every_steps=2", "checkpoint.keep_last_k=2", *FAST]
     wandb = ["metrics.wandb=true"]
