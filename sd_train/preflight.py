@@ -165,6 +165,7 @@ def check_resume(cfg: TrainConfig, world_size: int) -> None:
         return
     try:
         saved = json.loads((first / "trainer_state.json").read_text())
+        int(saved["world_size"])  # as the load reads it: without it the folder is unreadable, not refused
         problem = incompatibility(first, saved, "zero" if cfg.dist.strategy == "deepspeed" else "dcp", world_size)
     except (OSError, ValueError, KeyError, TypeError):
         return

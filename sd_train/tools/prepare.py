@@ -25,6 +25,7 @@ import io
 import json
 import os
 import random
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -544,17 +545,21 @@ def main_prepare_emoji(argv: list[str]) -> int:
     if args.subset is not None:
         subset = NAMED_SUBSETS.get(args.subset) or [n.strip() for n in args.subset.split(",") if n.strip()]
     t0 = time.perf_counter()
-    manifest = prepare_emoji(
-        args.out,
-        args.resolution,
-        args.num_train_shards,
-        args.val_count,
-        args.seed,
-        args.limit,
-        args.format,
-        args.background,
-        subset,
-    )
+    try:
+        manifest = prepare_emoji(
+            args.out,
+            args.resolution,
+            args.num_train_shards,
+            args.val_count,
+            args.seed,
+            args.limit,
+            args.format,
+            args.background,
+            subset,
+        )
+    except OutputRefusedError as e:
+        print(f"sd-train prepare-emoji: {e}", file=sys.stderr)
+        return 2
     print(_summary(manifest, args.out, time.perf_counter() - t0))
     return 0
 
@@ -566,15 +571,19 @@ def main_prepare_folder(argv: list[str]) -> int:
     _common_args(p)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    manifest = prepare_folder(
-        args.src,
-        args.out,
-        args.resolution,
-        args.num_train_shards,
-        args.val_count,
-        args.seed,
-        args.format,
-        args.background,
-    )
+    try:
+        manifest = prepare_folder(
+            args.src,
+            args.out,
+            args.resolution,
+            args.num_train_shards,
+            args.val_count,
+            args.seed,
+            args.format,
+            args.background,
+        )
+    except OutputRefusedError as e:
+        print(f"sd-train prepare: {e}", file=sys.stderr)
+        return 2
     print(_summary(manifest, args.out, time.perf_counter() - t0))
     return 0

@@ -205,6 +205,8 @@ def test_prepare_skips_unreadable_input_and_swaps_the_set_in_only_when_complete(
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(OutputRefusedError, match=r"not a data set written by sd-train prepare .*it holds notes.txt"):
         prepare.prepare_folder(str(src), str(tmp_path / "mine"), resolution=8, num_train_shards=2, val_count=1)
+    cli = ["--src", str(src), "--out", str(tmp_path / "mine"), "--val-count", "1"]
+    assert prepare.main_prepare_folder(cli) == 2 and "refusing to replace it" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
