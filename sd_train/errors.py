@@ -11,6 +11,11 @@ class ConfigError(ValueError):
     """A config value is wrong. The message names the field and says how to fix it."""
 
 
+class UsageError(ValueError):
+    """A command's argument is wrong (a path that is not there, a folder of another kind). The
+    message names the argument and what to give instead; `sd-train` prints it and exits 2."""
+
+
 class BadDataError(RuntimeError):
     """Too much of the input read so far was bad; the message names the shards and the share."""
 
@@ -23,6 +28,6 @@ class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
-class OutputRefusedError(ConfigError):
-    """An output folder (`--out`, `output_dir`) would replace or overwrite what sd-train did not write
-    there, or what a run in progress holds. The message names what is there and the way out."""
+class OutputRefusedError(UsageError):
+    """An output folder (`--out`) would replace or overwrite what sd-train did not write there, or an
+    input. The message names what is there and the way out; `sd-train` prints it and exits 2."""

