@@ -186,7 +186,7 @@ def test_out_that_is_or_nests_with_the_input_folder_is_refused(tiny_assets, tmp_
     ):
         args = ["--model", str(tiny_assets["model"]), "--src", spec, "--out", str(out), "--resolution", "32"]
         assert main_precompute(args) == 2
-        said = capsys.readouterr().out
+        said = capsys.readouterr().err
         assert f"{relation} the input shard {src}/train-000000.tar" in said and "would overwrite" in said
         assert not (src / "latents").exists()
         assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()} == before
