@@ -5,6 +5,8 @@ round trip (torch.equal where the claim is exactness)."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -345,9 +347,10 @@ def test_profiles_refuse_other_settings_and_bad_pieces():
         fresh.load_local_state_dict({**pieces, "p0.weight": torch.zeros(3, 2)})
 
 
-def test_snapshots_replace_leftovers_and_keep_their_dtype(info, tmp_path):
+def test_snapshots_replace_leftovers_and_keep_their_dtype(info, tmp_path, monkeypatch):
     """A crash's leftover `.partial` folder is cleared before writing, a step written again replaces
-    the old snapshot, and fp16 snapshots store fp16 (read back as fp32)."""
+    the old snapshot (deleting it only once the new one is in place), and fp16 snapshots store fp16
+    (read back as fp32)."""
     profiles = _open_profiles("fp16")
     root = tmp_path / "posthoc"
     assert profiles.maybe_snapshot(root, 2, 0) is None, "nothing to snapshot before the start"
@@ -364,7 +367,17 @@ def test_snapshots_replace_leftovers_and_keep_their_dtype(info, tmp_path):
     assert {item.properties.dtype for item in stored.values()} == {torch.float16}
     with torch.no_grad():
         profiles.shadows[0][0].fill_(0.5)
-    profiles.write_snapshot(root, 2, 0)  # the same step again: replaces it
+    seen, real_rmtree = [], shutil.rmtree
+
+    def watching_rmtree(path, *args, **kwargs):  # whatever is deleted, step 2 is complete meanwhile
+        seen.append(load_snapshot_profile(folder, 0)["weight"])
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", watching_rmtree)
+    profiles.write_snapshot(root, 2, 0)  # the same step again: replaces it, the old one deleted last
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert len(seen) == 1 and torch.equal(seen[0], torch.full((2, 3), 0.5)), "the new one was in place first"
+    assert sorted(p.name for p in root.iterdir()) == [folder.name], "no partial or aside folder left"
     snap = load_snapshot_profile(folder, 0)
     assert snap["weight"].dtype == torch.float32 and torch.equal(snap["weight"], torch.full((2, 3), 0.5))
     with pytest.raises(KeyError, match="has no profile 2"):
