@@ -16,6 +16,7 @@ import io
 import json
 import random
 import shutil
+import subprocess
 import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -190,6 +191,27 @@ def test_out_that_is_or_nests_with_the_input_folder_is_refused(tiny_assets, tmp_
         assert f"{relation} the input shard {src}/train-000000.tar" in said and "would overwrite" in said
         assert not (src / "latents").exists()
         assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()} == before
+
+
+BIND_MOUNTED = 'mount --bind "$1" "$2" 2>/dev/null || exit 77; exec "$3" -c "$4" "$2" "$1/train-000000.tar"'
+CHECK = (
+    "import sys; from sd_train.tools.precompute import check_out_apart_from_inputs as c; c(sys.argv[1], sys.argv[2:])"
+)
+
+
+def test_out_that_is_the_input_folder_through_a_bind_mount_is_refused(tmp_path):
+    """A bind mount of the input folder resolves to another path and is the same folder: caught by
+    os.path.samefile (run in a user and mount namespace, where mounting needs no privilege)."""
+    src, mnt = tmp_path / "emoji", tmp_path / "mnt"
+    src.mkdir(), mnt.mkdir()
+    (src / "train-000000.tar").write_bytes(b"")
+    unshare = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", BIND_MOUNTED, "sh"]
+    proc = subprocess.run(
+        [*unshare, str(src), str(mnt), sys.executable, CHECK], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode == 77 or proc.stderr.startswith("unshare:"):
+        pytest.skip(f"no unprivileged bind mount here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 1 and f"--out {mnt} is the folder of the input shard" in proc.stderr, proc.stderr
 
 
 def _cfg(tiny_assets, spec: str, *extra: str):

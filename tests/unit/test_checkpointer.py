@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import re
 import time
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
+from sd_train import dcp_io
 from sd_train.checkpoint import Checkpointer
 from sd_train.checksums import complete_manifest, manifest_path
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, load_config
@@ -21,7 +24,8 @@ from sd_train.dcp_io import UnsafeCheckpointError
 from sd_train.ema.plan import plan_from_config
 from sd_train.ema.posthoc import load_snapshot_profile
 from sd_train.ema.sharded import ShardedEMA
-from sd_train.errors import CheckpointLoadError, ConfigError
+from sd_train.errors import CheckpointLoadError, ConfigError, UsageError
+from sd_train.export import load_checkpoint_unet
 from sd_train.parallel.fsdp import FSDPStrategy
 from sd_train.paths import (
     MODEL_SUBFOLDERS,
@@ -335,6 +339,18 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(info, tmp_path, capsys
     assert not pwned.exists()
 
 
+def test_a_crafted_non_tensor_entry_is_refused_and_runs_nothing(tmp_path):
+    """DCP stores non-tensor entries (the optimizer's lr, betas) as pickles inside the shard, behind
+    a .metadata that is plain DCP metadata: the load planner reads them weights-only."""
+    pwned = tmp_path / "pwned"
+    dcp.save({"lr": _WritesAFile(pwned)}, checkpoint_id=str(tmp_path / "step"), no_dist=True)
+    assert not pwned.exists(), "saving records the call; only unpickling would make it"
+    dcp_io.read_metadata(tmp_path / "step")  # the metadata itself passes
+    with pytest.raises(BaseException, match="Weights only load failed"):
+        dcp_io.load({"lr": 0.0}, tmp_path / "step", no_dist=True)
+    assert not pwned.exists()
+
+
 def test_rng_state_loads_weights_only_and_restores_every_generator(tmp_path):
     """rank_R.pt's RNG state is plain data (weights_only=True reads it) and restores the Python,
     numpy and torch generators exactly, a cached Gaussian included."""
@@ -350,7 +366,8 @@ def test_rng_state_loads_weights_only_and_restores_every_generator(tmp_path):
 
 def test_a_flipped_bit_is_caught_by_the_checksums_and_the_resume_falls_back(info, tmp_path, capsys):
     """One bit flipped inside a weight stored in step 3's shard (DCP alone loads that silently): the
-    checksum manifest names the file, and the resume falls back to step 2, bitwise."""
+    checksum manifest names the file, and the resume falls back to step 2, bitwise; sd-train export
+    refuses the damaged step by name."""
     a = Run(info, tmp_path, keep_last_k=0)
     live = {}
     for s in (1, 2, 3):
@@ -367,6 +384,8 @@ def test_a_flipped_bit_is_caught_by_the_checksums_and_the_resume_falls_back(info
     said = capsys.readouterr().out
     assert f"checksum mismatch in {shard}: xxh3_64" in said and "resumed from older checkpoint" in said
     assert all(torch.equal(live[2][n], t) for n, t in b.weights().items())
+    with pytest.raises(UsageError, match=rf"is damaged: checksum mismatch in {re.escape(str(shard))}"):
+        load_checkpoint_unet(shard.parent, "raw")  # sd-train export refuses it too
 
 
 def test_which_step_folders_count_as_complete(tmp_path):

@@ -5,6 +5,7 @@ round trip (torch.equal where the claim is exactness)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -122,7 +123,8 @@ def test_coefficients_sum_to_one_where_the_least_squares_ones_do_not():
 
 def test_reconstructing_constant_weights_returns_the_constant(info, tmp_path):
     """Weights that never change make every snapshot profile that constant, so every reconstruction
-    must return it: a scale error in the coefficients shows as a scaled UNet."""
+    must return it: a scale error in the coefficients shows as a scaled UNet. A snapshot with a
+    flipped bit is then refused by its checksum manifest."""
     module = torch.nn.Linear(3, 2)
     with torch.no_grad():
         module.weight.fill_(0.375)
@@ -138,6 +140,12 @@ def test_reconstructing_constant_weights_returns_the_constant(info, tmp_path):
     assert all(t.refused is None for t in targets)
     for name, state in reconstruct(snaps, targets).items():
         torch.testing.assert_close(state["weight"], torch.full((2, 3), 0.375), rtol=1e-5, atol=0, msg=name)
+    shard = tmp_path / "posthoc" / "step_00000012" / "__0_0.distcp"  # one bit flipped: refused by name
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=rf"step_00000012 is damaged: checksum mismatch in {re.escape(str(shard))}"):
+        find_snapshots(tmp_path)
         torch.testing.assert_close(state["bias"], torch.full((2,), -1.25), rtol=1e-5, atol=0, msg=name)
 
 
