@@ -2,7 +2,9 @@
 torch is imported, with a message naming the field."""
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from sd_train.config import MODEL_SUBFOLDERS, ConfigError
 from sd_train.entry import validated_config
 from sd_train.preflight import preflight
+from sd_train.run_lock import OutputDirLock
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 REPO = Path(__file__).resolve().parents[2]
@@ -150,6 +153,7 @@ ENTRY = (
     "import sys; from sd_train.entry import main; rc = main(sys.argv[1:]); "
     "assert 'torch' not in sys.modules, 'validation imported torch'; sys.exit(rc)"
 )
+TRAIN = "import sys; from sd_train.entry import main; sys.exit(main(sys.argv[1:]))"  # on into training
 
 
 def test_refused_before_torch_or_process_group(good):
@@ -309,4 +313,30 @@ def test_refused_resume_writes_nothing(good, tmp_path, fmt, extra, said):
         timeout=60,
     )
     assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+    assert _tree(out) == before
+
+
+def test_a_launch_on_a_locked_output_dir_is_refused_before_writing_anything(good, tmp_path):
+    """A launch that passes every check but finds output_dir locked by another launch (this test
+    process holds the lock) exits 2 naming the holder's host and pid, and writes nothing there: the
+    lock comes before config.yaml and the rest (the real entry point, one rank)."""
+    _, overrides = good
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("the running launch's config\n")
+    lock = OutputDirLock(out)
+    assert lock.acquire() is None
+    before = _tree(out)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", TRAIN, "--config", "configs/test.yaml", *overrides, f"output_dir={out}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        lock.release()
+    holder = f"is in use by another launch (host {socket.gethostname()}, pid {os.getpid()},"
+    assert proc.returncode == 2 and holder in proc.stderr, proc.stderr[-2000:]
     assert _tree(out) == before
