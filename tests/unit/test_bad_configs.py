@@ -340,3 +340,20 @@ def test_a_launch_on_a_locked_output_dir_is_refused_before_writing_anything(good
     holder = f"is in use by another launch (host {socket.gethostname()}, pid {os.getpid()},"
     assert proc.returncode == 2 and holder in proc.stderr, proc.stderr[-2000:]
     assert _tree(out) == before
+
+
+@pytest.mark.parametrize("kind", ["raw", "ema"])
+def test_export_at_end_over_a_folder_that_is_not_an_export_is_refused_before_training(good, tmp_path, kind):
+    """The end-of-run export replaces only an earlier export: anything else in export/raw or
+    export/ema is refused at the start, by name, not after the training it would end."""
+    _, overrides = good
+    folder = tmp_path / "run" / "export" / kind
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    args = ["--config", "configs/test.yaml", *overrides, f"output_dir={tmp_path / 'run'}", "export_at_end=true"]
+    with pytest.raises(
+        ConfigError, match=rf"export_at_end: .*export/{kind} is not an earlier export \(it holds notes.txt\)"
+    ):
+        validated_config(args)
+    (folder / "notes.txt").unlink()  # empty: the export may go there
+    validated_config(args)
