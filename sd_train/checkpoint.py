@@ -128,7 +128,8 @@ class Checkpointer:
         self._figures: list[dict[str, float]] = []
         # Async saves run their collectives on a group of their own, so the background thread
         # never interleaves with the training loop's collectives on the default group.
-        self._pg = dist.new_group(backend="gloo") if args.async_save and dist.is_initialized() else None
+        # `auto` is decided by the startup memory plan; one left unresolved saves synchronously.
+        self._pg = dist.new_group(backend="gloo") if args.async_save is True and dist.is_initialized() else None
         self.fault_hook: Callable[[str, int], None] = lambda phase, step: None  # set by the trainer (faults)
         self.loaded_folder: Optional[Path] = None
         self._last_saved_step: Optional[int] = None

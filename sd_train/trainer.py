@@ -14,6 +14,8 @@ Launch (see docs/launching.md):
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -30,6 +33,7 @@ from sd_train import console
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import TrainConfig, config_to_dict, dump_config
 from sd_train.data.bad_input import check_bad_fraction
+from sd_train.data.buckets import bucket_set, pixel_factor
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import sample_posterior
 from sd_train.data.prefetch import stager_for
@@ -43,12 +47,12 @@ from sd_train.errors import (
     NonFiniteError,
 )
 from sd_train.evaluation import Evaluator
-from sd_train.export import export_from_training
+from sd_train.export import export_checkpoint
 from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
 from sd_train.langevin import LangevinNoise
-from sd_train.metrics import KeyLog, Progress, StepWindow, build_metrics
+from sd_train.metrics import KeyLog, Progress, StepWindow, bucket_figures, build_metrics
 from sd_train.model.conditioning import Conditioning, stored_conditioning
 from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
 from sd_train.objective import DiffusionObjective
@@ -63,8 +67,16 @@ from sd_train.parallel.process_group import (
     init_distributed,
     reduce_tensor_,
 )
-from sd_train.paths import POSTHOC_DIR, complete_steps, snapshot_steps, step_dir
-from sd_train.perf import apply_backend_flags, peak_tflops, training_flops_per_image, use_fused_adamw
+from sd_train.paths import POSTHOC_DIR, checkpoint_is_complete, complete_steps, snapshot_steps, step_dir
+from sd_train.perf import (
+    apply_backend_flags,
+    bucket_flops_per_image,
+    micro_batch_flops,
+    peak_tflops,
+    static_shapes_for_buckets,
+    training_flops_per_image,
+    use_fused_adamw,
+)
 from sd_train.rng import RankRNG, seed_all
 from sd_train.run_lock import OutputDirLock
 from sd_train.run_summary import RunSummary
@@ -84,6 +96,7 @@ class Trainer:
         self.started = time.monotonic()
         self.info = init_distributed(cfg.dist)
         console.set_rank(self.info.rank)
+        self.cfg = cfg = self._agreed_async_save(cfg)
         self.backend_flags = apply_backend_flags(cfg.perf, self.info.device)
         self.out = Path(cfg.output_dir)
         self._prepare_output_dir()
@@ -95,7 +108,15 @@ class Trainer:
 
         frozen_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         self.parts = load_sd_parts(cfg.model, self.info.device, cfg.seed, frozen_dtype)
+        # data.buckets: the same set the loader builds (a torch-free read of the model's configs).
+        self.buckets = (
+            bucket_set(cfg.data, pixel_factor(cfg.model.pretrained_path)) if cfg.data.buckets != "none" else None
+        )
+        self.bucket_flops: dict[tuple[int, int], float] = {}
+        """data.buckets: forward+backward FLOPs per image by latent (h, w), counted once at startup."""
         self.flops_per_image = self._count_flops() if cfg.perf.count_flops else None
+        if cfg.perf.compile and self.buckets is not None:
+            static_shapes_for_buckets(len(self.buckets.sizes))
         self.peak_tflops = peak_tflops(cfg.perf, self.info.device)
         self.strategy = build_strategy(cfg, self.info, self.accum)
         self.fused = use_fused_adamw(cfg.perf, self.info.device)
@@ -127,6 +148,7 @@ class Trainer:
             self.info.world_size,
             tokenize=self.parts.caption_tokenizer(),
             stager=stager_for(self.info.device, cfg.perf.device_prefetch),
+            rank_param_bytes=self.strategy.topology()["local_param_bytes"],
         )
         self.metrics = build_metrics(cfg.metrics, cfg.output_dir, cfg.run_name or self.out.name, self.info.is_main)
         self.evaluator = Evaluator(cfg, self.parts, self.objective, self.info, self.ema, self.metrics, self.out)
@@ -145,10 +167,28 @@ class Trainer:
         self.key_log = KeyLog(self.out, self.info.rank, cfg.data.log_keys)
         self.signals = StepSignals(self.stop_requests, self.checkpointer.clock_vote, self.info.device)
         self.window = StepWindow(
-            cfg.global_batch_size, self.info.device, self.info.world_size, self.flops_per_image, self.peak_tflops
+            cfg.global_batch_size,
+            self.info.device,
+            self.info.world_size,
+            self.flops_per_image,
+            self.peak_tflops,
+            step_flops=bool(self.bucket_flops),
         )
         self.progress = Progress(self.info.is_main, cfg.max_steps)
-        self.exports: list[Path] = []
+        self.end_summary: Optional[RunSummary] = None  # the main process's, once the run finished
+
+    def _agreed_async_save(self, cfg: TrainConfig) -> TrainConfig:
+        """`cfg` with the ranks agreed on async saves. `checkpoint.async_save=auto` was decided by
+        each rank's memory plan before the process group existed, and a rank that planned before
+        its node's step estimate was cached may have decided otherwise; the async saver's group is
+        created collectively, so saves are synchronous everywhere if they are anywhere."""
+        if self.info.world_size == 1:
+            return cfg
+        (sync_somewhere,) = all_reduce_max([0.0 if cfg.checkpoint.async_save else 1.0], self.info.device)
+        if not (sync_somewhere and cfg.checkpoint.async_save):
+            return cfg
+        log.info("checkpoint.async_save=auto: synchronous saves (another rank's memory plan chose them)")
+        return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, async_save=False))
 
     def _build_checkpointer(self) -> Checkpointer:
         """Everything a checkpoint holds, registered once: the tensors (through the Strategy), the
@@ -187,15 +227,17 @@ class Trainer:
 
     def _count_flops(self) -> float:
         """Forward+backward FLOPs of one training image at this run's shape, on the plain UNet
-        before it is wrapped (sd_train.perf.training_flops_per_image)."""
+        before it is wrapped (sd_train.perf.training_flops_per_image). With data.buckets, per bucket
+        (`bucket_flops`), and the largest bucket's figure is returned."""
         unet, parts = self.parts.unet, self.parts
+        text = (parts.token_length, parts.text_width)
+        if self.buckets is not None:
+            f = parts.latent_downsampling
+            latents = [(h // f, w // f) for h, w in self.buckets.sizes]
+            self.bucket_flops = bucket_flops_per_image(unet, latents, text, self.info.device)
+            return self.bucket_flops[latents[self.buckets.largest()]]
         latent = self.cfg.data.resolution // parts.latent_downsampling
-        return training_flops_per_image(
-            unet,
-            (unet.config.in_channels, latent, latent),
-            (parts.token_length, parts.text_width),
-            self.info.device,
-        )
+        return training_flops_per_image(unet, (unet.config.in_channels, latent, latent), text, self.info.device)
 
     # ---- describe ---------------------------------------------------------------------------------
 
@@ -210,6 +252,10 @@ class Trainer:
         self.metrics.log_config(config_to_dict(self.cfg), figures)
         log.info(self.plan.describe())
         log.info(self._describe_hot_path())
+        if self.buckets is not None:  # the set, its largest bucket (the activation peak), FLOPs per bucket
+            f = self.parts.latent_downsampling
+            gflops = [self.bucket_flops.get((h // f, w // f), 0.0) / 1e9 for h, w in self.buckets.sizes]
+            log.info(f"buckets: {self.buckets.describe(gflops if self.bucket_flops else None)}")
         if self.posthoc is not None:
             log.info(self.posthoc_plan.describe(self.num_params, self.info.world_size, live_numel))
         if self.info.is_main:
@@ -224,6 +270,7 @@ class Trainer:
 
     def _describe_hot_path(self) -> str:
         flops = f"{self.flops_per_image / 1e9:.2f} GFLOP" if self.flops_per_image else "not counted"
+        flops += " (the largest bucket)" if self.bucket_flops else ""
         peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown (no speed/mfu)"
         flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
         frozen = ", ".join(self.parts.resident()) or "none"
@@ -302,7 +349,7 @@ class Trainer:
         # float64, summed micro-batch by micro-batch: the same value, bit for bit, as the Python
         # float sum of each micro-batch's loss that this replaced.
         local_loss = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        data_wait, keys = 0.0, []
+        data_wait, keys, flops = 0.0, [], 0.0
         autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16())
         for micro in range(self.accum):
             t = time.perf_counter()
@@ -311,6 +358,7 @@ class Trainer:
             keys.extend(batch.get("keys", []))
             with window.phase("forward_backward"):
                 latents, cond = self._encode(batch)
+                flops += micro_batch_flops(self.bucket_flops, latents)
                 last = micro == self.accum - 1
                 self.strategy.set_grad_sync(last)
                 with autocast:
@@ -322,6 +370,9 @@ class Trainer:
         with window.phase("optimizer"):
             self.checkpointer.wait_staged()  # an async save's copy must be done before the weights change
             finite, grad_norm, votes = self.strategy.step([self.signals.reduced()])
+            # Freed now rather than at the next step's start: the EMA update, evaluation and
+            # checkpoint saves in between then hold no gradients (SD2 at 2 ranks: 1.6 GiB per rank).
+            self.optimizer.zero_grad(set_to_none=True)
         if finite:
             if self.langevin.enabled:
                 with window.phase("noise"):  # optim.langevin: with the LR this step was taken with
@@ -337,7 +388,7 @@ class Trainer:
         else:
             self._skip(step, local_loss)
         self.key_log.record(step, finite, keys)
-        return StepResult(local_loss, grad_norm, data_wait, finite, StepSignals.agreed(votes), syncs_before)
+        return StepResult(local_loss, grad_norm, data_wait, finite, StepSignals.agreed(votes), syncs_before, flops)
 
     def _skip(self, step: int, local_loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -362,7 +413,7 @@ class Trainer:
         snapshot the post-hoc profiles, save. Returns the stop votes the ranks agree on: those read
         with the step, or, on steps that read the host anyway, asked once more after the save."""
         step, taken = self.state.step, result.taken
-        self.window.step_ended(result.data_wait, taken)
+        self.window.step_ended(result.data_wait, taken, result.flops)
         self.progress.advance(taken)
         logged = self.metrics.should_log(step) and taken or step == self.cfg.max_steps
         if logged:
@@ -388,7 +439,7 @@ class Trainer:
         counts = self.loader.bad_counts()
         names = sorted(counts)
         filtered = self.loader.filtered_counts()
-        rules = list(self.loader.dataset.sample_filter.names)  # the same list on every rank
+        rules = list(self.loader.dataset.filter_names)  # the same list on every rank
         local = [counts[n] for n in names] + [filtered.get(r, 0) for r in rules] + [sum(filtered.values())]
         summed = all_reduce_sum(local + [self.loader.samples_read()], self.info.device)
         totals = {n: int(v) for n, v in zip(names, summed)}
@@ -406,6 +457,8 @@ class Trainer:
             epochs = all_reduce_max([e for _, e in mixed], self.info.device)
             for i, (n, e) in enumerate(zip(samples, epochs)):
                 per_source |= {f"data/source{i}_samples": int(n), f"data/source{i}_epoch": int(e)}
+        buckets = self.loader.bucket_counts()  # data.buckets: per-bucket samples and shares, carried
+        per_bucket = bucket_figures(buckets, self.loader.bucket_carried(), self.info.device) if buckets else {}
         return {
             "data/samples_read": read,
             "data/bad_shards": shards,
@@ -413,6 +466,7 @@ class Trainer:
             **per_rule,
             "data/filtered": int(summed[-2]),
             **per_source,
+            **per_bucket,
         }
 
     def log_step(self, step: int, result: StepResult) -> None:
@@ -485,23 +539,33 @@ class Trainer:
         if self.info.is_main:
             summary = {"step": self.state.step, "skipped_steps": self.state.skipped_steps, **health}
             (self.out / "data_summary.json").write_text(json.dumps(summary, indent=1))
-        if self.cfg.export_at_end:
-            self.exports = export_from_training(
-                lambda: self.strategy.full_model_state(self.info.is_main),
-                self.ema,
-                self.cfg.model.pretrained_path,
-                self.out / "export",
-                self.cfg.objective.prediction_type,
-                self.info.is_main,
-                before_write=lambda: self.faults.trip("export_write", self.state.step),
-                zero_dropped_captions=self.cfg.objective.zero_dropped_captions,
-            )
-        if self.info.is_main:
-            log.info(self.summary(health).format())
+            # Printed by `run` once the export (after the process group is gone) has said its paths.
+            self.end_summary = self.summary(health)
         return 0
 
+    def export_job(self) -> Optional[Callable[[], list[Path]]]:
+        """The end-of-run export, for the main process to run once the process group is gone and
+        this trainer is freed (`run`): it reads the final checkpoint, so it holds one UNet at a time
+        instead of the training state plus the gathered raw UNet and EMA. None where nothing is due
+        (export_at_end off, another rank, or a run stopped before max_steps)."""
+        cfg, step = self.cfg, self.state.step
+        if not (cfg.export_at_end and self.info.is_main and step == cfg.max_steps):
+            return None
+        folder, out, faults = step_dir(self.checkpointer.root, step), self.out / "export", self.faults
+        if not checkpoint_is_complete(folder) and self.checkpointer.loaded_folder is not None:
+            folder = self.checkpointer.loaded_folder  # resumed at its last step from another run's folder
+        return lambda: export_checkpoint(
+            folder,
+            cfg.model.pretrained_path,
+            out,
+            cfg.objective.prediction_type,
+            before_write=lambda: faults.trip("export_write", step),
+            zero_dropped_captions=cfg.objective.zero_dropped_captions,
+        )
+
     def summary(self, health: dict) -> RunSummary:
-        """The end-of-run figures (main process: the logged values are its own)."""
+        """The end-of-run figures (main process: the logged values are its own); `run` adds the
+        export's paths."""
         latest = self.metrics.latest
 
         def last(name: str):
@@ -519,7 +583,6 @@ class Trainer:
             val_raw=last("val/loss_raw"),
             val_ema=last("val/loss_ema"),
             checkpoints=[step_dir(self.checkpointer.root, s) for s in complete_steps(self.checkpointer.root)],
-            exports=list(self.exports),
             samples_read=health["data/samples_read"],
             bad={
                 k.removeprefix("data/bad_"): v
@@ -537,7 +600,7 @@ class Trainer:
         # disk on the main process keeps no peer in a collective.
         self.evaluator.close()
         self.metrics.close()
-        self.out_lock.release()
+        # The output_dir lock stays held: `run` releases it after the export written into output_dir.
 
 
 # Raised on every rank alike (each is decided collectively), so the main process alone reports them.
@@ -558,6 +621,7 @@ def run(cfg: TrainConfig) -> int:
         trainer.describe()
         trainer.resume()
         rc = trainer.train()
+        export = trainer.export_job()
     except ConfigError as e:
         _die(2, f"config error: {e}", main_only=True)
     except KNOWN_ERRORS as e:
@@ -568,6 +632,22 @@ def run(cfg: TrainConfig) -> int:
         traceback.print_exc()
         _die(1, "error: training failed (traceback above)")
     trainer.close()
+    summary, out_lock = trainer.end_summary, trainer.out_lock
+    if export is not None:
+        del trainer  # the model, optimizer and EMA go before the export reads a UNet
+        gc.collect()
+        try:
+            started = time.perf_counter()
+            paths = export()
+            log.info(f"exported: {', '.join(str(p) for p in paths)} in {time.perf_counter() - started:.1f} s")
+        except BaseException:
+            traceback.print_exc()
+            _die(1, "error: the export of the final checkpoint failed (traceback above)")
+        if summary is not None:
+            summary.exports = list(paths)
+    out_lock.release()  # after the export: a second launch must not start while it writes export/
+    if summary is not None:
+        log.info(summary.format())
     return rc
 
 

@@ -24,6 +24,9 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value} must be positive")
 
 
+BUCKET_SETS = ("none", "generated", "sdxl")  # `data.buckets` by name; the sets: sd_train.data.buckets
+SDXL_RESOLUTION = 1024
+
 FILTER_OPS = (">=", "<=", "!=", "==", ">", "<")  # two-character operators first: ">=" is not ">" then "=5"
 _FILTER_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(>=|<=|!=|==|>|<)\s*(\S+)\s*$")
 
@@ -136,6 +139,13 @@ class DataArgs:
     """Horizontal flip with probability 0.5 (seeded)."""
     num_workers: int = 1
     """DataLoader worker processes per rank. Each worker reads its own shards."""
+    worker_start: Literal["auto", "fork", "forkserver"] = "auto"
+    """How the workers start (sd_train.data.workers). `fork` copies the rank as it is when they start
+    (after the model is built), and every page the rank writes later stays copied in them: ~2.1 GB
+    per worker for SD2-base at 2 ranks. `forkserver` starts them from a fresh interpreter holding
+    only torch and the data modules (~0.22 GiB each), at the cost of a torch import once per rank.
+    `auto`: forkserver once the rank holds 256 MiB of UNet parameters or more, else fork. The script
+    that starts training must guard its top level (`if __name__ == "__main__":`), as train.py does."""
     shuffle_buffer: int = 256
     """Samples held in each worker's shuffle buffer; 0 keeps shard order."""
     mode: Literal["epoch", "resampled"] = "epoch"
@@ -175,6 +185,29 @@ class DataArgs:
     filter_missing: Literal["keep", "drop"] = "keep"
     """A sample whose `.json` lacks a filter's field (or has no readable `.json`, or a non-numeric
     value there): `keep` lets that rule pass, `drop` filters the sample (counted under that rule)."""
+    buckets: str | list[list[int]] = "none"
+    """Aspect-ratio buckets: each image trains at the shape of its bucket instead of a square crop.
+    `none`: the square path (shorter side to `resolution`, square crop). `generated`: sides in
+    multiples of the model's pixel factor (VAE x UNet downsampling, read from the model folder: 64
+    for SD 1/2), area at most `resolution`², aspect within `bucket_max_aspect`. `sdxl`: SDXL's nine
+    standard ~1024² buckets (needs `resolution: 1024`). Or a list of sizes `[[H, W], ...]`. Each image
+    goes to the bucket nearest in log aspect ratio, is resized to cover it and cropped (center, or
+    random with `center_crop: false`); every micro-batch holds one bucket; samples still waiting at
+    an epoch's end carry into the next (`data/bucket_carried`); nothing is dropped or repeated, and
+    a resume restores the waiting samples exactly (see sd_train.data.batching)."""
+    bucket_max_aspect: float = 4.0
+    """The aspect range of the buckets, 1:r to r:1. Generated buckets stay inside it, listed ones must,
+    and an image outside it is a misfit (`bucket_misfits`)."""
+    bucket_side_multiple: Optional[int] = None
+    """`buckets: generated` only: the step of the bucket sides in pixels, a multiple of the model's
+    pixel factor (a larger step gives fewer buckets). Unset: the pixel factor itself."""
+    bucket_misfits: Literal["resize", "filter"] = "resize"
+    """An image outside the aspect range, or smaller in area than the smallest bucket: `resize` trains
+    it in its nearest bucket, resized up or cropped harder (as the square path resizes every image);
+    `filter` drops it, judged from the image header before any decode, counted per reason as
+    `data/filtered_bucket_aspect` and `data/filtered_bucket_too_small` (not bad input). On web data
+    `filter` drops many images (a LAION-like set: 41% at 512 px, 89% at SDXL's 1024 px, almost all
+    as too small: bench/bench_buckets.py); `data.filters` on the `.json` sizes drops less bluntly."""
 
     def validate(self) -> None:
         """Field values only; sd_train.preflight checks that the shards exist and are enough."""
@@ -193,10 +226,38 @@ class DataArgs:
             raise ConfigError(
                 "data.mix=weighted applies to data.mode=epoch; data.mode=resampled already draws sources by weight"
             )
+        self._validate_buckets()
         if self.precomputed and self.caption_key != "txt":
             raise ConfigError(
                 f"data.caption_key={self.caption_key!r} applies to image shards; precomputed shards hold the "
                 "text embeddings of the captions chosen at precompute time. Leave data.caption_key=txt"
+            )
+
+    def _validate_buckets(self) -> None:
+        if isinstance(self.buckets, str):
+            if self.buckets not in BUCKET_SETS:
+                raise ConfigError(
+                    f"data.buckets={self.buckets!r} is not one of {list(BUCKET_SETS)} or a list of sizes [[H, W], ...]"
+                )
+        elif not self.buckets or any(len(b) != 2 or min(b) <= 0 for b in self.buckets):
+            raise ConfigError(
+                f"data.buckets={self.buckets!r}: a list of buckets is one or more [H, W] pairs of positive pixel sizes"
+            )
+        elif len({tuple(b) for b in self.buckets}) != len(self.buckets):
+            raise ConfigError(f"data.buckets={self.buckets!r} lists a bucket twice")
+        if self.bucket_max_aspect < 1:
+            raise ConfigError(f"data.bucket_max_aspect={self.bucket_max_aspect} must be >= 1 (4.0: from 1:4 to 4:1)")
+        if self.bucket_side_multiple is not None and (self.buckets != "generated" or self.bucket_side_multiple <= 0):
+            raise ConfigError(
+                f"data.bucket_side_multiple={self.bucket_side_multiple} applies to data.buckets=generated only and "
+                "must be positive: remove it or set data.buckets=generated"
+            )
+        if self.buckets == "sdxl" and self.resolution != SDXL_RESOLUTION:
+            raise ConfigError(
+                f"data.buckets=sdxl trains at SDXL's ~{SDXL_RESOLUTION}² buckets, but "
+                f"data.resolution={self.resolution}: set data.resolution={SDXL_RESOLUTION} (held-out images and "
+                "sample grids use it), or use "
+                "data.buckets=generated for another area"
             )
 
 
@@ -330,11 +391,14 @@ class CheckpointArgs:
     keep_last_k: int = 3
     """Keep this many newest complete checkpoints; 0 keeps all. Must be >= 2 otherwise: the
     newest may be mid-save when retention runs, so the one before it must survive."""
-    async_save: bool = False
+    async_save: bool | Literal["auto"] = False
     """Write checkpoint shards in a background thread (torch.distributed.checkpoint.async_save).
     The copy to CPU ("staging") also runs in the background, into buffers kept for the whole run
     (pinned on CUDA); the loop waits for it only before the next optimizer step would change the
-    weights, and never for the write. `checkpoint/blocked_s` in the metrics is that wait."""
+    weights, and never for the write. `checkpoint/blocked_s` in the metrics is that wait. The
+    staging buffers are a second copy of the rank's whole state (params, optimizer, EMA, post-hoc
+    profiles) in host memory: `auto` lets the memory plan (sd_train.memory) choose async saves
+    when that copy fits the host, else synchronous ones (FSDP2 only; DeepSpeed saves synchronously)."""
     resume: str = "auto"
     """`auto`: newest complete checkpoint in `<output_dir>/checkpoints` if any, else start fresh.
     `none`: start fresh (refuses if checkpoints exist, so nothing is overwritten by accident).
@@ -403,6 +467,19 @@ class DistArgs:
     backward (torchtitan's option). 0 leaves FSDP2's implicit prefetching."""
     timeout_s: int = 600
     """Collective timeout. A hung rank makes the job exit non-zero after this."""
+    memory_budget_gb: Optional[float] = None
+    """Per-rank memory limit of the startup memory plan (sd_train.memory), in GiB: the device's on
+    a GPU run, the rank's share of the host on a CPU run. A config whose predicted per-rank peak
+    exceeds it is refused before any process group starts, with the largest items and the fixes
+    that fit. Unset: the GPU's memory (from nvidia-smi), and on every run the host's memory
+    (MemTotal) shared by the node's ranks."""
+    memory_check: Literal["estimate", "cached", "off"] = "estimate"
+    """How the startup memory plan gets the training step's own peak (gathered units, activations,
+    temporaries). `estimate`: from a cached fake-tensor estimate (torch's FSDPMemTracker on fake
+    tensors and a fake process group), computed by local rank 0 first when there is none (seconds
+    for a small UNet, a minute or more for SD2 on a CPU; cached in `$SD_TRAIN_CACHE/memory`).
+    `cached`: only a cached estimate; without one the plan counts the model states alone (a lower
+    bound) and says so. `off`: no memory plan, no check (`checkpoint.async_save=auto` is then sync)."""
     shard_group_size: Optional[int] = None
     """FSDP2 only: ranks that shard the UNet among themselves. Unset: one node (torchrun's and srun's
     ranks per node), so on one node this is plain FSDP over all ranks; on many nodes it is HSDP:
@@ -431,6 +508,8 @@ class DistArgs:
         _positive("dist.timeout_s", self.timeout_s)
         if self.shard_group_size is not None:
             _positive("dist.shard_group_size", self.shard_group_size)
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ConfigError(f"dist.memory_budget_gb={self.memory_budget_gb} must be > 0 (GiB per rank), or unset")
         if self.prefetch < 0:
             raise ConfigError(f"dist.prefetch={self.prefetch} must be >= 0 (0: FSDP2's implicit prefetching)")
         if not isinstance(self.reshard_after_forward, bool) and self.reshard_after_forward < 2:
@@ -543,12 +622,22 @@ class PerfArgs:
     count_flops: bool = True
     """Count the UNet's forward+backward FLOPs per image once at startup (one batch-1 step under
     `FlopCounterMode`), for `speed/mfu` and the startup plan."""
+    cpu_mmap_threshold_kb: int = 1024
+    """On CPU runs, allocations of at least this many KiB get their own mmap from glibc and go back
+    to the OS when freed (mallopt M_MMAP_THRESHOLD; sd_train.perf.release_freed_host_memory), so a
+    rank's RSS follows its live tensors and the memory plan's CPU peaks hold. 0 keeps glibc's
+    dynamic threshold, under which freed activations stayed resident (a 28.6M UNet step peaked 15%
+    higher). No effect on CUDA runs' device memory."""
     device_prefetch: bool = True
     """On CUDA, copy the next training batch to the GPU on a side stream while the current step
     runs (sd_train.data.prefetch). The same batches in the same order, and the checkpointed data
     position counts only the batches handed to the step. No-op on CPU."""
 
     def validate(self) -> None:
+        if self.cpu_mmap_threshold_kb < 0:
+            raise ConfigError(
+                f"perf.cpu_mmap_threshold_kb={self.cpu_mmap_threshold_kb} must be >= 0 (0: glibc's default)"
+            )
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"perf.peak_tflops={self.peak_tflops} must be > 0 (TFLOP/s of one device), or unset")
 
