@@ -1,4 +1,5 @@
-"""Checkpoint save time at world size 2: per-rank DCP shards vs a rank-0 full state dict, and async DCP.
+"""Checkpoint save time at world size 2: per-rank DCP shards vs a rank-0 full state dict, and async DCP;
+and what the checksum manifests cost the save and the load.
 
     .venv/bin/python bench/bench_checkpoint.py [--size 200m] [--reps 1] [--warmup 1] [--dir /tmp]
 
@@ -18,6 +19,14 @@ state exists (model + 2 Adam moments = 3x the parameter bytes). Then, interleave
   (measured with nothing else running; in training the copy and the write overlap the next steps
   and compete for the cores).
 
+- sharded DCP without checksums: the same save with the checksum manifests switched off (the
+  manifest writer and the load's verification replaced by no-ops), for their cost;
+- load, with and without checksums: `Checkpointer._load_one` of one kept checkpoint (what a resume
+  does per folder: the small files, the verification of this rank's share, the DCP load). The files
+  are in the page cache, just written: a cold read pays the disk once in the verification, and DCP
+  then reads from the cache. Besides, the hashing alone: each rank's `complete_manifest` of its
+  files and `verify` of its share, timed by themselves.
+
 Every timing ends with a barrier, so it is the time until the checkpoint is done on all ranks
 (a rank that finishes early meets the others at the next collective anyway). The EMA window is
 closed, so neither variant carries EMA tensors. Files go to a temporary folder under `--dir`,
@@ -27,6 +36,7 @@ deleted after each save and at the end. Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -40,9 +50,12 @@ import torch
 import torch.distributed as dist
 
 DCP = "sharded DCP (Checkpointer.save)"
+NOSUM = "sharded DCP, no checksum manifests"
 FULL = "rank-0 full state dict + torch.save"
 ASYNC = "async DCP (Checkpointer, async_save)"
-KEYS = {DCP: "dcp", FULL: "full", ASYNC: "async"}  # folder-size keys recorded by rank 0
+LOAD = "load (Checkpointer._load_one)"
+LOAD_NOSUM = "load, no checksum verification"
+KEYS = {DCP: "dcp", NOSUM: "dcp", FULL: "full", ASYNC: "async"}  # folder-size keys recorded by rank 0
 LATENT_SIZE = 16  # the one training step only has to create the optimizer state: keep it cheap
 
 
@@ -84,8 +97,21 @@ def full_state_save(unet: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
             os.fsync(f.fileno())
 
 
+def without_checksums(fn: Callable[[], Any]) -> Any:
+    """Run `fn` with the checkpointer's manifest writer and verification as no-ops."""
+    import sd_train.checkpoint as module
+
+    saved = module.complete_manifest, module.verify
+    module.complete_manifest, module.verify = (lambda folder, rank: None), (lambda *args: None)
+    try:
+        return fn()
+    finally:
+        module.complete_manifest, module.verify = saved
+
+
 def worker(size: str, warmup: int, reps: int, root: Path) -> None:
     from sd_train.checkpoint import Checkpointer
+    from sd_train.checksums import complete_manifest, manifest_path, verify
     from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
     from sd_train.ema.plan import plan_from_config
     from sd_train.ema.sharded import ShardedEMA
@@ -164,7 +190,27 @@ def worker(size: str, warmup: int, reps: int, root: Path) -> None:
         folder.mkdir(exist_ok=True)
         return measure("full", folder, lambda: full_state_save(unet, optimizer, folder / "state.pt", info.rank))
 
-    candidates = {DCP: dcp_sync, FULL: full, ASYNC: dcp_async}
+    def loaded(folder: Path, checked: bool) -> dict[str, float]:
+        dist.barrier()
+        t0 = time.perf_counter()
+        if checked:
+            sync_ckpt._load_one(folder)
+        else:
+            without_checksums(lambda: sync_ckpt._load_one(folder))
+        dist.barrier()
+        return {"total": time.perf_counter() - t0}
+
+    keep = step_dir(root / "kept" / "checkpoints", 1)
+    kept = checkpointer("kept")
+    kept.save(1, force=True)
+    candidates = {
+        DCP: dcp_sync,
+        NOSUM: lambda: without_checksums(dcp_sync),
+        FULL: full,
+        ASYNC: dcp_async,
+        LOAD: lambda: loaded(keep, True),
+        LOAD_NOSUM: lambda: loaded(keep, False),
+    }
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
@@ -173,10 +219,25 @@ def worker(size: str, warmup: int, reps: int, root: Path) -> None:
     for rep in range(reps):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
             samples[name].append(candidates[name]())
+    # The hashing by itself: this rank's manifest written again from scratch, and its share verified.
+    hashing = {"manifest": [], "verify": []}
+    for _ in range(max(1, reps)):
+        dist.barrier()
+        manifest_path(keep, info.rank).unlink()
+        t0 = time.perf_counter()
+        complete_manifest(keep, info.rank)
+        hashing["manifest"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        assert verify(keep, info.world_size, info.rank, info.world_size) is None
+        hashing["verify"].append(time.perf_counter() - t0)
     mine = {
         "rank": info.rank,
         "s": {name: {k: sorted(s[k] for s in runs)[len(runs) // 2] for k in runs[0]} for name, runs in samples.items()},
-        "bytes_written": {name: sizes.get(KEYS[name], 0) for name in names},
+        "bytes_written": {name: sizes.get(KEYS.get(name, ""), 0) for name in names},
+        "hashing_s": {k: sorted(v)[len(v) // 2] for k, v in hashing.items()},
+        "hashed_bytes": sum(
+            e["bytes"] for e in json.loads(manifest_path(keep, info.rank).read_text())["files"].values()
+        ),
     }
     ranks = all_gather_object(mine)
     if info.is_main:
@@ -198,6 +259,20 @@ def report(result: dict[str, Any], size: str, reps: int, load_before: float) -> 
         blocked = max(r["s"][name].get("blocking", r["s"][name]["total"]) for r in ranks)
         rows.append([name, max(per_rank), max(per_rank) / baseline, blocked, ranks[0]["bytes_written"][name] / 2**20])
     benchlib.print_table(["save", "seconds (slowest rank)", "x sharded DCP", "caller blocked s", "MiB written"], rows)
+    saves = {name: max(r["s"][name]["total"] for r in ranks) for name in (DCP, NOSUM, LOAD, LOAD_NOSUM)}
+    manifest = max(r["hashing_s"]["manifest"] for r in ranks)
+    verified = max(r["hashing_s"]["verify"] for r in ranks)
+    hashed = max(r["hashed_bytes"] for r in ranks)
+    print(
+        f"\nchecksums (xxh3_64): save {saves[DCP]:.3f} s with, {saves[NOSUM]:.3f} s without "
+        f"({(saves[DCP] / saves[NOSUM] - 1) * 100:+.1f}%); load {saves[LOAD]:.3f} s with, {saves[LOAD_NOSUM]:.3f} s "
+        f"without ({(saves[LOAD] / saves[LOAD_NOSUM] - 1) * 100:+.1f}%)"
+    )
+    print(
+        f"hashing alone, slowest rank ({hashed / 2**20:.0f} MiB of its files): manifest {manifest:.3f} s = "
+        f"{manifest / saves[DCP] * 100:.1f}% of the save; verify {verified:.3f} s = "
+        f"{verified / saves[LOAD] * 100:.1f}% of the load ({hashed / max(manifest, 1e-9) / 1e9:.2f} GB/s)"
+    )
     load_after = benchlib.load_average()
     print(f"\nload average (1 min): {load_before:.2f} before, {load_after:.2f} after (2 shared cores)")
     benchlib.emit_json(

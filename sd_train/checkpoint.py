@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,9 +36,10 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from sd_train import dcp_io
+from sd_train.checksums import complete_manifest, file_rank, verify
 from sd_train.config import CheckpointArgs
 from sd_train.ema.contracts import Shadow
 from sd_train.errors import CheckpointLoadError
@@ -47,10 +47,12 @@ from sd_train.parallel.strategy import AsyncSave
 from sd_train.paths import (
     checkpoint_is_complete,
     complete_steps,
+    incompatibility,
     partial_dir,
     partial_step,
     step_dir,
 )
+from sd_train.rollback import ResumePlan, broken_note, describe_rollback, resume_plan, start_branch
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +134,6 @@ class Checkpointer:
         self.loaded_folder: Optional[Path] = None
         self._last_saved_step: Optional[int] = None
 
-    def candidates_exist(self) -> bool:
-        return bool(complete_steps(self.root))
-
     # ---- saving ---------------------------------------------------------------------------------
 
     def should_save(self, step: int, last_step: bool = False, clock_due: bool = False) -> bool:
@@ -179,7 +178,10 @@ class Checkpointer:
             with open(tmp / "trainer_state.json", "w") as f:
                 json.dump(self._global_state(step), f, indent=1)
         self.fault_hook("after_rank_files", step)
-        pending = self.strategy.save(tmp, self.shadows, process_group=self._pg)
+        # Each rank's checksum manifest, written once its files are (sd_train.checksums).
+        pending = self.strategy.save(
+            tmp, self.shadows, process_group=self._pg, on_written=lambda: complete_manifest(tmp, self.rank)
+        )
         if pending is not None:
             flight = _InFlight(step, pending, started, blocked=self._clock() - started)
             pending.written.add_done_callback(lambda _: setattr(flight, "written_at", self._clock()))
@@ -250,6 +252,7 @@ class Checkpointer:
         tmp = partial_dir(self.root, step)
         if not checkpoint_is_complete(tmp):
             raise RuntimeError(f"checkpoint at step {step}: {tmp} has no .metadata (or zero/) after save; not renaming")
+        complete_manifest(tmp, 0)  # rank 0's files now include .metadata
         final = step_dir(self.root, step)
         if final.exists():
             # A folder of this step that failed to load (we resumed from an older one and came
@@ -280,22 +283,25 @@ class Checkpointer:
 
     # ---- loading --------------------------------------------------------------------------------
 
+    def plan(self) -> ResumePlan:
+        """Folders to try, newest first, per `checkpoint.resume` / `checkpoint.load_step`, and the
+        named checkpoint a rollback branches from (sd_train.rollback)."""
+        return resume_plan(self.root.parent, self.args.resume, self.args.load_step)
+
     def candidates(self) -> list[Path]:
-        """Folders to try, newest first, per `checkpoint.resume` / `checkpoint.load_step`."""
-        if self.args.resume == "none":
-            return []
-        if self.args.resume != "auto":
-            return [Path(self.args.resume)]
-        if self.args.load_step is not None:
-            return [step_dir(self.root, self.args.load_step)]
-        return [step_dir(self.root, s) for s in reversed(complete_steps(self.root))]
+        return self.plan().candidates
 
     def load(self) -> Optional[Loaded]:
         """Load the newest loadable checkpoint into everything registered, or return None when there
-        is nothing to resume."""
-        folders = self.candidates()
+        is nothing to resume. After a rollback (a named checkpoint, not a relaunch of the same
+        command), the old branch's later checkpoints and snapshots are moved aside."""
+        plan = self.plan()
+        folders = plan.candidates
         if not folders:
             return None
+        note = broken_note(self.root.parent)
+        if note:
+            log.warning(note)
         errors = []
         for folder in folders:
             try:
@@ -308,6 +314,10 @@ class Checkpointer:
             self._last_saved_step = loaded.step  # never re-save into the folder we came from
             if errors:
                 log.warning(f"resumed from older checkpoint {folder} after: {'; '.join(errors)}")
+            if plan.branch_from is not None and self.rank == 0:
+                log.info(
+                    describe_rollback(start_branch(self.root.parent, plan.branch_from, loaded.step), self.root.parent)
+                )
             return loaded
         raise CheckpointLoadError(
             "checkpoints exist but none could be loaded, refusing to start from step 0:\n  "
@@ -333,12 +343,15 @@ class Checkpointer:
         _check_compatible(folder, global_state, self.strategy.checkpoint_format, self.world_size)
         problem = self.strategy.missing_files(folder)
         saved_world = int(global_state["world_size"])
+        if problem is None:  # every byte as written, before anything is read from the folder
+            problem = verify(folder, saved_world, self.rank, self.world_size)
         ranks = [self.rank] if saved_world == self.world_size else list(range(saved_world))
         rank_states: list[dict] = []
         for rank in ranks if problem is None else []:
             rank_file = folder / f"rank_{rank}.pt"
             try:
-                rank_states.append(torch.load(rank_file, weights_only=False))
+                # Tensors, numbers and lists only (sd_train.rng): nothing in a checkpoint runs code.
+                rank_states.append(torch.load(rank_file, weights_only=True))
             except Exception as e:  # truncated or corrupt pickle: report which file
                 problem = f"{rank_file.name} unreadable: {type(e).__name__}: {e}"
                 break
@@ -382,7 +395,10 @@ class Checkpointer:
         with open(folder / "trainer_state.json") as f:
             saved = json.load(f)
         _check_compatible(folder, saved, self.strategy.checkpoint_format, self.world_size)
-        stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        try:
+            stored = dcp_io.read_metadata(folder).state_dict_metadata
+        except Exception as e:  # noqa: BLE001 -- an unreadable or refused .metadata: say which and why
+            raise CheckpointLoadError(f"checkpoint.init_from={folder}: .metadata unreadable: {e}") from e
         mismatched = []
         for name, p in self.strategy.module.named_parameters():
             meta = stored.get(f"model.{name}")
@@ -414,19 +430,12 @@ def _figures(step: int, blocked: float, total: float, size: Optional[int]) -> di
     return figures if size is None else {**figures, "checkpoint/bytes_per_rank": size}
 
 
-# Whose file a file of a step folder is: DCP's `__R_0.distcp`, our `rank_R.pt`, DeepSpeed's
-# `zero_pp_rank_R_...` and `ema_rank_R.pt` (the first `rank_N` in the name). The rest
-# (trainer_state.json, .metadata, DeepSpeed's model states) is written by rank 0.
-_RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$|(?:^|_)rank_(\d+)")
-
-
 def rank_bytes(folder: Path) -> dict[int, int]:
     """Bytes of the files of `folder` (recursively) by the rank that wrote them."""
     sizes: dict[int, int] = {}
     for path in folder.rglob("*"):
         if path.is_file():
-            match = _RANK_FILE.search(path.name)
-            rank = int(next(g for g in match.groups() if g is not None)) if match else 0
+            rank = file_rank(path.name)
             sizes[rank] = sizes.get(rank, 0) + path.stat().st_size
     return sizes
 
@@ -441,24 +450,10 @@ def _check_files(folder: Path) -> Optional[str]:
 
 def _check_compatible(folder: Path, global_state: dict, fmt: str, world_size: int) -> None:
     """Refuse, without trying older folders (they would fail the same way), a checkpoint this run
-    cannot read: written by the other backend, or by DeepSpeed on another world size."""
-    saved = global_state.get("format", "dcp")
-    if saved != fmt:
-        how = {"dcp": "dist.strategy=fsdp2 (or ddp)", "zero": "dist.strategy=deepspeed"}
-        raise CheckpointLoadError(
-            f"{folder} was written with {how.get(saved, saved)} but this run uses {how[fmt]}: resume it with "
-            f"{how.get(saved, saved)}, or export it (`sd-train export --checkpoint {folder} --weights raw`) and "
-            "start a new run from the export with model.pretrained_path"
-        )
-    saved_world = int(global_state["world_size"])
-    if fmt == "zero" and saved_world != world_size:
-        raise CheckpointLoadError(
-            f"{folder} holds DeepSpeed ZeRO partitions of {saved_world} ranks and this run has {world_size}: DeepSpeed "
-            f"checkpoints resume on the same world size. Relaunch with {saved_world} processes, or export it "
-            f"(`sd-train export --checkpoint {folder}`) and start a new run from the export with "
-            "model.pretrained_path. "
-            "FSDP2 checkpoints (dist.strategy=fsdp2) reshard to any world size"
-        )
+    cannot read (preflight refuses it before the launch writes anything; this is the backstop)."""
+    problem = incompatibility(folder, global_state, fmt, world_size)
+    if problem is not None:
+        raise CheckpointLoadError(problem)
 
 
 def _agree(problem: Optional[str]) -> None:

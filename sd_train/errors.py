@@ -26,3 +26,8 @@ class CheckpointLoadError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class OutputRefusedError(UsageError):
+    """An output folder (`--out`) would replace or overwrite what sd-train did not write there, or an
+    input. The message names what is there and the way out; `sd-train` prints it and exits 2."""

@@ -17,22 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-from sd_train.errors import UsageError
+from sd_train import dcp_io
+from sd_train.checksums import verify
+from sd_train.errors import OutputRefusedError, UsageError
+from sd_train.folders import refusal, write_then_replace
 from sd_train.model.family import model_family
 from sd_train.parallel.deepspeed import offline_state
 from sd_train.paths import (
+    EXPORT_MARKER,
     PARTIAL_SUFFIX,
     STEP_RE,
     checkpoint_is_complete,
     complete_steps,
+    is_export,
     step_dir,
 )
 
@@ -63,7 +66,11 @@ def save_pipeline(
     zero_dropped_captions: bool = False,
 ) -> Path:
     """Write `out_dir` as a diffusers SD or SDXL folder: the given UNet weights + the frozen parts of
-    `model_path` (VAE, text encoder(s), tokenizer(s), scheduler)."""
+    `model_path` (VAE, text encoder(s), tokenizer(s), scheduler). An existing `out_dir` is replaced
+    only if it is an earlier export (EXPORT_MARKER) or empty, and only once the new one is complete
+    (sd_train.folders.replace_folder): anything else there is refused before any work is done."""
+    out_dir = Path(out_dir)
+    check_export_target(out_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_family(model_path)  # a missing or mixed-up folder is refused before anything loads
     with torch.device("meta"):  # no init: the UNet takes the given tensors as its parameters
@@ -74,13 +81,28 @@ def save_pipeline(
             f"export: UNet weights do not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     pipe = build_pipeline(model_path, unet, prediction_type, zero_dropped_captions)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+
+    def write(folder: Path) -> None:
+        pipe.save_pretrained(folder)
+        marker = {"written_by": "sd-train", "base_model": str(model_path)}
+        (folder / EXPORT_MARKER).write_text(json.dumps(marker, indent=1))  # last: the folder is complete
+
+    # Every file of an earlier export is ours: nothing is carried over.
+    write_then_replace(out_dir, write, ours=lambda name: True, check=check_export_target)
     return out_dir
+
+
+def check_export_target(out_dir: Path) -> None:
+    """Raise OutputRefusedError unless `out_dir` is missing, empty or an earlier export."""
+    if is_export(out_dir):
+        return
+    problem = refusal(
+        out_dir,
+        f"an earlier export (no {EXPORT_MARKER})",
+        "export into a new or empty folder (an export replaces only an earlier export)",
+    )
+    if problem is not None:
+        raise OutputRefusedError(problem)
 
 
 def export_checkpoint(
@@ -114,6 +136,9 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
         )
     with open(checkpoint / "trainer_state.json") as f:
         trainer_state = json.load(f)
+    problem = verify(checkpoint, int(trainer_state["world_size"]))  # every byte as written, before any is read
+    if problem is not None:
+        raise UsageError(f"{checkpoint} is damaged: {problem}. Export an earlier checkpoint")
     if weights == "ema" and not trainer_state["ema"]["open"]:
         raise UsageError(
             f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead"
@@ -127,7 +152,7 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
     # The EMA covers the parameters (the SD UNet has no buffers, so both are its whole state).
     shapes = template.state_dict() if weights == "raw" else dict(template.named_parameters())
     state = {prefix: {n: torch.empty(t.shape, dtype=t.dtype) for n, t in shapes.items()}}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    dcp_io.load(state, checkpoint, no_dist=True)
     return trainer_state, state[prefix]
 
 

@@ -10,6 +10,7 @@ written, shards not), after_shards (shards written, folder not yet renamed), bef
 during_async_save, export_write (main process, the end-of-run export, before its files are written),
 grid_write (main process, on the background writer's thread, before a sample grid is written).
 Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM), sleep (`seconds`),
+stop (SIGSTOP: the process pauses, holding what it holds, until someone sends it SIGCONT),
 wait_signal (wait until this process is asked to stop, by SIGTERM or Ctrl-C: a test sends a real
 signal once it reads the fault's line, and the run stops at exactly that step; at most `seconds`,
 default 300). Unset, it costs one dict lookup per phase.
@@ -87,6 +88,8 @@ class FaultInjector:
             os.kill(os.getpid(), signal.SIGKILL)
         elif f.action == "term":
             os.kill(os.getpid(), signal.SIGTERM)
+        elif f.action == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
         elif f.action == "sleep":
             time.sleep(f.seconds)
         elif f.action == "hang":

@@ -45,6 +45,30 @@ def checkpoint_is_complete(folder: Path) -> bool:
     )
 
 
+def incompatibility(folder: Path, saved_state: dict, fmt: str, world_size: int) -> Optional[str]:
+    """Why a run of checkpoint format `fmt` ("dcp": FSDP2/DDP, "zero": DeepSpeed) on `world_size`
+    ranks cannot resume from `folder` (whose trainer_state.json is `saved_state`), or None: written
+    by the other backend, or by DeepSpeed on another world size."""
+    saved = saved_state.get("format", "dcp")
+    if saved != fmt:
+        how = {"dcp": "dist.strategy=fsdp2 (or ddp)", "zero": "dist.strategy=deepspeed"}
+        return (
+            f"{folder} was written with {how.get(saved, saved)} but this run uses {how[fmt]}: resume it with "
+            f"{how.get(saved, saved)}, or export it (`sd-train export --checkpoint {folder} --weights raw`) and "
+            "start a new run from the export with model.pretrained_path"
+        )
+    saved_world = int(saved_state["world_size"])
+    if fmt == "zero" and saved_world != world_size:
+        return (
+            f"{folder} holds DeepSpeed ZeRO partitions of {saved_world} ranks and this run has {world_size}: DeepSpeed "
+            f"checkpoints resume on the same world size. Relaunch with {saved_world} processes, or export it "
+            f"(`sd-train export --checkpoint {folder}`) and start a new run from the export with "
+            "model.pretrained_path. "
+            "FSDP2 checkpoints (dist.strategy=fsdp2) reshard to any world size"
+        )
+    return None
+
+
 def complete_steps(root: Path) -> list[int]:
     """Steps with a complete checkpoint folder, oldest first."""
     if not Path(root).is_dir():
@@ -55,6 +79,15 @@ def complete_steps(root: Path) -> list[int]:
         if m and checkpoint_is_complete(entry):
             steps.append(int(m.group(1)))
     return sorted(steps)
+
+
+# An export (`sd-train export`, the end-of-run export, `sd-train posthoc`): a diffusers pipeline folder
+# plus EXPORT_MARKER, written last. Only a folder with the marker is ever replaced by another export.
+EXPORT_MARKER = "sd_train_export.json"
+
+
+def is_export(folder: Path) -> bool:
+    return (Path(folder) / EXPORT_MARKER).is_file()
 
 
 def check_model_folder(path: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -22,8 +23,16 @@ from sd_train.data.buckets import bucket_set, downsampling_factor, pixel_factor
 from sd_train.data.sources import Source, check_epoch_shard_count, expand_sources
 from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
 from sd_train.errors import ConfigError
+from sd_train.folders import refusal
 from sd_train.model.family import DEFAULT_FSDP_UNITS, Family, model_family
-from sd_train.paths import checkpoint_is_complete, step_dir
+from sd_train.paths import (
+    checkpoint_is_complete,
+    complete_steps,
+    incompatibility,
+    is_export,
+    step_dir,
+)
+from sd_train.rollback import resume_plan
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +47,8 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
     check_checkpoint_folders(cfg)
     family = model_family(cfg.model.pretrained_path)  # refuses a folder whose parts contradict its family
     resolved = resolve_fsdp_units(resolve_precision(resolve_strategy(cfg, environ)), family)
+    check_resume(resolved, world_size)
+    check_export_folders(resolved)
     check_shard_group(resolved, world_size, environ)
     check_deepspeed_knobs(resolved)
     if resolved.checkpoint.init_from and resolved.dist.strategy == "deepspeed":
@@ -153,9 +164,15 @@ def check_checkpoint_folders(cfg: TrainConfig) -> None:
                 f"checkpoint.resume={c.resume!r} is not a complete checkpoint (no .metadata or zero/, or "
                 "no trainer_state.json)"
             )
+    if c.resume == "none" and complete_steps(Path(cfg.output_dir) / "checkpoints"):
+        raise ConfigError(
+            f"checkpoint.resume=none but {Path(cfg.output_dir) / 'checkpoints'} holds checkpoints: use a new "
+            "output_dir, or resume=auto"
+        )
     if c.load_step is not None:
         want = step_dir(Path(cfg.output_dir) / "checkpoints", c.load_step)
-        if not checkpoint_is_complete(want):
+        # A relaunch of a rollback continues its branch, even once retention has deleted `want`.
+        if resume_plan(cfg.output_dir, c.resume, c.load_step).branch_from and not checkpoint_is_complete(want):
             raise ConfigError(f"checkpoint.load_step={c.load_step}: no complete checkpoint at {want}")
     if c.init_from:
         folder = Path(c.init_from)
@@ -169,6 +186,54 @@ def check_checkpoint_folders(cfg: TrainConfig) -> None:
                 f"checkpoint.init_from is set together with checkpoint.resume={c.resume!r}: init_from starts a new run "
                 "(it applies only while this output_dir has no checkpoint), so leave checkpoint.resume=auto"
             )
+
+
+def check_resume(cfg: TrainConfig, world_size: int) -> None:
+    """The checkpoint a resume would load first is one this run can read: same backend (and, under
+    DeepSpeed, the same world size), and the same post-hoc EMA settings. Refused here, before the
+    launch writes anything into output_dir; a folder whose trainer_state.json is unreadable is left
+    to the load, which reports it and falls back."""
+    c = cfg.checkpoint
+    first = next(
+        (f for f in resume_plan(cfg.output_dir, c.resume, c.load_step).candidates if checkpoint_is_complete(f)), None
+    )
+    if first is None:
+        return
+    try:
+        saved = json.loads((first / "trainer_state.json").read_text())
+        int(saved["world_size"])  # as the load reads it: without it the folder is unreadable, not refused
+        problem = incompatibility(first, saved, "zero" if cfg.dist.strategy == "deepspeed" else "dcp", world_size)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if problem is not None:
+        raise ConfigError(problem)
+    posthoc = posthoc_plan_from_config(cfg.ema, cfg.max_steps)
+    if posthoc.enabled:
+        kept = saved.get("posthoc")
+        if kept is None:
+            raise ConfigError(
+                f"{first} was written without post-hoc EMA profiles (ema.posthoc.sigma_rels was empty) and this run "
+                "has them: resume with ema.posthoc.sigma_rels=[], or start a new run"
+            )
+        if list(kept["sigma_rels"]) != list(posthoc.sigma_rels) or kept["step_start"] != posthoc.step_start:
+            raise ConfigError(
+                f"{first} tracked post-hoc profiles sigma_rels={kept['sigma_rels']} from step {kept['step_start']}, "
+                f"this run has ema.posthoc.sigma_rels={posthoc.sigma_rels} from step {posthoc.step_start}: resume "
+                "with the same ema.posthoc settings"
+            )
+
+
+def check_export_folders(cfg: TrainConfig) -> None:
+    """With `export_at_end`, the run's export folders are missing, empty or earlier exports: the
+    export at the end replaces nothing else, and it is better refused now than after training."""
+    if not cfg.export_at_end:
+        return
+    for kind in ("raw", "ema"):
+        folder = Path(cfg.output_dir) / "export" / kind
+        if not is_export(folder):
+            problem = refusal(folder, "an earlier export", "move it away, or set export_at_end=false")
+            if problem is not None:
+                raise ConfigError(f"export_at_end: {problem}")
 
 
 def check_shard_group(cfg: TrainConfig, world_size: int, environ: Mapping[str, str]) -> None:

@@ -1,5 +1,9 @@
 """Per-rank random state: seeding and a state_dict of every generator training draws from
-(timesteps, noise, caption dropout and VAE posterior sampling all use the global torch RNG)."""
+(timesteps, noise, caption dropout and VAE posterior sampling all use the global torch RNG).
+
+The state is plain numbers, lists and tensors, never a pickled object, so a checkpoint's rank file
+loads with `torch.load(weights_only=True)`: reading a checkpoint runs no code from it. Python's
+Mersenne Twister state is its list of 625 ints; numpy's is its 624-word key as an int64 tensor."""
 
 from __future__ import annotations
 
@@ -17,15 +21,29 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state_dict() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss_next = random.getstate()
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "name": str(name),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def load_rng_state_dict(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    key = npy["key"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], key, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -78,6 +78,7 @@ from sd_train.perf import (
     use_fused_adamw,
 )
 from sd_train.rng import RankRNG, seed_all
+from sd_train.run_lock import OutputDirLock
 from sd_train.run_summary import RunSummary
 from sd_train.step_signals import INTERRUPTED_EXIT, StepSignals, StepVotes, StopRequests
 from sd_train.train_state import DataPosition, StepResult, TrainState
@@ -212,7 +213,13 @@ class Trainer:
         return checkpointer
 
     def _prepare_output_dir(self) -> None:
-        """The run folder and the resolved config in it, before any rank writes there."""
+        """The run folder and the resolved config in it, before any rank writes there. First the
+        output_dir lock: one launch per folder, taken by rank 0 while the other ranks wait for its
+        answer (sd_train.run_lock)."""
+        self.out_lock = OutputDirLock(self.cfg.output_dir)
+        refused = all_gather_object(self.out_lock.acquire() if self.info.is_main else None)[0]
+        if refused is not None:
+            raise ConfigError(refused)  # output_dir is in use: exit 2, like any refused config
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.out / "config.yaml")
@@ -285,11 +292,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the newest complete checkpoint of this run (or start from checkpoint.init_from), and
         make metrics.jsonl read forward from the step this launch starts at."""
-        if self.cfg.checkpoint.resume == "none" and self.checkpointer.candidates_exist():
-            raise ConfigError(
-                f"checkpoint.resume=none but {self.checkpointer.root} holds checkpoints: use a new "
-                "output_dir, or resume=auto"
-            )
+        # Refusals (resume=none over checkpoints, another backend's checkpoint) come from preflight.
         loaded = self.checkpointer.load()
         if loaded is None and self.cfg.checkpoint.init_from:
             self.checkpointer.init_from(Path(self.cfg.checkpoint.init_from))
@@ -597,6 +600,7 @@ class Trainer:
         # disk on the main process keeps no peer in a collective.
         self.evaluator.close()
         self.metrics.close()
+        # The output_dir lock stays held: `run` releases it after the export written into output_dir.
 
 
 # Raised on every rank alike (each is decided collectively), so the main process alone reports them.
@@ -628,7 +632,7 @@ def run(cfg: TrainConfig) -> int:
         traceback.print_exc()
         _die(1, "error: training failed (traceback above)")
     trainer.close()
-    summary = trainer.end_summary
+    summary, out_lock = trainer.end_summary, trainer.out_lock
     if export is not None:
         del trainer  # the model, optimizer and EMA go before the export reads a UNet
         gc.collect()
@@ -641,6 +645,7 @@ def run(cfg: TrainConfig) -> int:
             _die(1, "error: the export of the final checkpoint failed (traceback above)")
         if summary is not None:
             summary.exports = list(paths)
+    out_lock.release()  # after the export: a second launch must not start while it writes export/
     if summary is not None:
         log.info(summary.format())
     return rc

@@ -402,9 +402,11 @@ class CheckpointArgs:
     resume: str = "auto"
     """`auto`: newest complete checkpoint in `<output_dir>/checkpoints` if any, else start fresh.
     `none`: start fresh (refuses if checkpoints exist, so nothing is overwritten by accident).
-    Or a path to a checkpoint step folder."""
+    Or a path to a checkpoint step folder: a rollback, like `load_step`."""
     load_step: Optional[int] = None
-    """With resume=auto: load this step instead of the newest (must exist and be complete)."""
+    """With resume=auto: roll back to this step (complete). Once it loads, the later checkpoints and
+    post-hoc snapshots move to `<output_dir>/abandoned-<step>-<time>/` (never deleted) and
+    `rollbacks.jsonl` records it; relaunching the same command continues the new branch."""
     init_from: str = ""
     """A step folder of another run (FSDP2/DDP) to start this one from: its UNet weights and
     optimizer state, with step 0, a fresh LR schedule, a fresh data position and a fresh EMA window

@@ -16,7 +16,8 @@ ShardedEMA's: DCP key `posthoc` (FSDP2/DDP), `posthoc_rank_R.pt` (DeepSpeed).
 
 Snapshots: `<output_dir>/posthoc/step_XXXXXXXX/`, one DCP save in which each rank writes its piece
 of every profile (stored in `ema.posthoc.dtype`), plus `snapshot.json` (step, start, sigma_rels,
-gammas). Written as a `.partial` folder and renamed, like checkpoints; never deleted by retention.
+gammas) and each rank's checksum manifest (sd_train.checksums, checked by `sd-train posthoc`).
+Written as a `.partial` folder and renamed, like checkpoints; never deleted by retention.
 The rule that makes one reader serve every strategy: each piece is saved as what it is of a
 *global* tensor (`layout.global_tensor`). FSDP2's shards are DTensors of the parameter itself
 (Shard(0)); DDP's and ZeRO-2's replicas are plain tensors, which DCP writes once; a ZeRO-3
@@ -29,7 +30,6 @@ process group, whatever world size wrote them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -37,10 +37,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from sd_train import dcp_io
+from sd_train.checksums import complete_manifest
 from sd_train.ema.contracts import EMALayout
 from sd_train.ema.plan import PosthocPlan
 from sd_train.ema.posthoc_math import power_beta
 from sd_train.ema.shadow import ShadowPieces
+from sd_train.folders import replace_folder
 from sd_train.paths import SNAPSHOT_META, partial_dir, snapshot_is_complete, step_dir
 
 SNAPSHOT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -121,7 +124,9 @@ class PowerEMAProfiles(ShadowPieces):
             tmp.mkdir(parents=True)
         dist.barrier()
         state = {"profiles": self.tensor_state_dict(SNAPSHOT_DTYPES[self.plan.dtype])}
-        dcp.save(state, checkpoint_id=str(tmp))  # the coordinator writes .metadata after every rank's shard
+        # The coordinator writes .metadata after every rank's shard and checksum manifest.
+        manifest = dcp_io.writer(tmp, lambda: complete_manifest(tmp, rank))
+        dcp.save(state, checkpoint_id=str(tmp), storage_writer=manifest)
         if rank == 0:
             meta = {
                 "step": step,
@@ -136,11 +141,10 @@ class PowerEMAProfiles(ShadowPieces):
             if shapes:
                 meta["shapes"] = shapes
             (tmp / SNAPSHOT_META).write_text(json.dumps(meta, indent=1))
-            if final.exists():
-                # The same step again after a resume from an older checkpoint: the run is bitwise
-                # deterministic, so the new one replaces it.
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            complete_manifest(tmp, 0)  # rank 0's files now include .metadata and snapshot.json
+            # The same step again after a resume from an older checkpoint: the run is bitwise
+            # deterministic, so the new one replaces it, once complete.
+            replace_folder(tmp, final)
         return final
 
 
@@ -154,7 +158,7 @@ def load_snapshot_profile(folder: Path, index: int) -> dict[str, torch.Tensor]:
     """One profile of a snapshot as full fp32 tensors, in this process with no process group,
     whatever world size and strategy wrote it. Only that profile is read."""
     shapes = read_snapshot_meta(folder).get("shapes", {})  # ZeRO-3's flattened parameters
-    md = dcp.FileSystemReader(str(folder)).read_metadata()
+    md = dcp_io.read_metadata(folder)
     prefix = f"profiles.{profile_key(index)}."
     state = {
         key[len(prefix) :]: torch.empty(tuple(item.size), dtype=item.properties.dtype)
@@ -164,7 +168,7 @@ def load_snapshot_profile(folder: Path, index: int) -> dict[str, torch.Tensor]:
     if not state:
         raise KeyError(f"{folder} has no profile {index}")
     wrapped = {"profiles": {profile_key(index): state}}
-    dcp.load(wrapped, checkpoint_id=str(folder), no_dist=True)
+    dcp_io.load(wrapped, folder, no_dist=True)
     return {
         n: t.float().view(shapes[n]) if n in shapes else t.float()
         for n, t in wrapped["profiles"][profile_key(index)].items()

@@ -46,7 +46,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -243,13 +243,18 @@ class DeepSpeedStrategy(Strategy):
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
+    def save(
+        self, folder: Path, shadows: dict, process_group=None, on_written: Optional[Callable[[], None]] = None
+    ) -> Optional[AsyncSave]:
         """Collective: DeepSpeed writes every rank's partitions under `folder/zero/`, then each rank
         its pieces of every shadow (`shadow_file`). Always synchronous (config validation refuses
-        checkpoint.async_save with DeepSpeed)."""
+        checkpoint.async_save with DeepSpeed); the checkpointer's barrier after this call keeps
+        the folder unpublished until every rank's `on_written` is done."""
         self.engine.save_checkpoint(str(folder), tag=ZERO_DIR, save_latest=False)
         for key, shadow in shadows.items():
             torch.save(self._shadow_payload(shadow), shadow_file(folder, key, self.info.rank))
+        if on_written is not None:
+            on_written()
         return None
 
     def _shadow_payload(self, shadow) -> dict:
@@ -286,7 +291,7 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / ZERO_DIR}")
         for key, shadow in shadows.items():
-            payload = torch.load(shadow_file(folder, key, self.info.rank), weights_only=False)
+            payload = torch.load(shadow_file(folder, key, self.info.rank), weights_only=True)
             shadow.load_local_state_dict(payload["pieces"])
 
     # ---- export and topology ----------------------------------------------------------------------
@@ -433,7 +438,7 @@ def offline_shadow(checkpoint: Path, key: str, prefix: str = "") -> dict[str, to
     files = sorted(checkpoint.glob(f"{key}_rank_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     if not files:
         raise FileNotFoundError(f"{checkpoint}: no {key}_rank_*.pt files")
-    payloads = [torch.load(f, weights_only=False) for f in files]
+    payloads = [torch.load(f, weights_only=True) for f in files]
     first = payloads[0]
     if len(payloads) != first["world_size"]:
         raise FileNotFoundError(

@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.parallel import DistributedDataParallel
 
+from sd_train import dcp_io
 from sd_train.config import DistArgs, PerfArgs
 from sd_train.host_sync import read_floats
 from sd_train.langevin import NoisePiece
@@ -247,17 +248,26 @@ class FSDPStrategy(Strategy):
             log.info(f"async checkpoints: staging in the background into {kind} CPU buffers kept for the run")
         return self._stager
 
-    def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
+    def save(
+        self, folder: Path, shadows: dict, process_group=None, on_written: Optional[Callable[[], None]] = None
+    ) -> Optional[AsyncSave]:
         state = self._tensor_state(shadows)
+        storage_writer = dcp_io.writer(folder, on_written)
         if process_group is None:
-            dcp.save(state, checkpoint_id=str(folder))
+            dcp.save(state, checkpoint_id=str(folder), storage_writer=storage_writer)
             return None
         stager = self._async_stager()
         if self.info.device.type == "cuda":
             # The staging copies run on their own stream, which does not wait for this one: let the
             # optimizer and EMA kernels still queued here finish first (a saving step may sync).
             torch.cuda.current_stream(self.info.device).synchronize()
-        response = dcp.async_save(state, checkpoint_id=str(folder), process_group=process_group, async_stager=stager)
+        response = dcp.async_save(
+            state,
+            checkpoint_id=str(folder),
+            storage_writer=storage_writer,
+            process_group=process_group,
+            async_stager=stager,
+        )
         return AsyncSave(staged=response.staging_completion, written=response.upload_completion)
 
     def close(self) -> None:
@@ -267,13 +277,13 @@ class FSDPStrategy(Strategy):
 
     def load(self, folder: Path, shadows: dict) -> None:
         state = self._tensor_state(shadows)
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp_io.load(state, folder)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def load_model_and_optimizer(self, folder: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(folder))
+        dcp_io.load(state, folder)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def describe_load_error(self, folder: Path, error: BaseException) -> str:
@@ -281,7 +291,7 @@ class FSDPStrategy(Strategy):
         metadata says, so the warning points at the culprit."""
         text = f"{type(error).__name__}: {str(error)[:300]}"
         try:
-            md = dcp.FileSystemReader(str(folder)).read_metadata()
+            md = dcp_io.read_metadata(folder)
             need: dict[str, int] = {}
             for item in (md.storage_data or {}).values():
                 name = item.relative_path
@@ -289,8 +299,8 @@ class FSDPStrategy(Strategy):
             short = [n for n, size in need.items() if not (folder / n).is_file() or (folder / n).stat().st_size < size]
             if short:
                 return f"truncated or missing shard file(s) {[str(folder / n) for n in sorted(short)]} ({text})"
-        except Exception:  # the metadata itself is unreadable: the original error says enough
-            pass
+        except Exception as e:  # noqa: BLE001 -- the metadata itself is unreadable or refused: the cause
+            return f"{folder / '.metadata'} unreadable: {type(e).__name__}: {str(e)[:300]}"
         return text
 
     # ---- export and topology ----------------------------------------------------------------------

@@ -106,11 +106,18 @@ class Strategy(abc.ABC):
     # ---- checkpoints --------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def save(self, folder: Path, shadows: dict[str, Shadow], process_group=None) -> Optional[AsyncSave]:
+    def save(
+        self,
+        folder: Path,
+        shadows: dict[str, Shadow],
+        process_group=None,
+        on_written: Optional[Callable[[], None]] = None,
+    ) -> Optional[AsyncSave]:
         """Write this rank's model, optimizer and shadow tensors into `folder` (collective).
         `shadows` maps a checkpoint key to a shadow of the weights: "ema" always, "posthoc" when
         post-hoc EMA is on. With a `process_group` (async saves), stage and write in the
-        background and return the futures of both."""
+        background and return the futures of both. `on_written()` runs on this rank once its
+        files are written, and before the folder can be published (the checksum manifest)."""
 
     def close(self) -> None:  # noqa: B027 (only strategies that keep save buffers hold anything)
         """Release what saving keeps for the whole run (the async staging buffers)."""

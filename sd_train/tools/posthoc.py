@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sd_train.checksums import verify
 from sd_train.config import load_config
 from sd_train.ema.posthoc import load_snapshot_profile, read_snapshot_meta
 from sd_train.ema.posthoc_math import Fit, classic_weights, power_weights, sigma_rel_to_gamma, solve
@@ -83,6 +84,13 @@ def find_snapshots(run_dir: Path) -> Snapshots:
         )
     folders = [step_dir(root, s) for s in steps]
     metas = [read_snapshot_meta(f) for f in folders]
+    for folder, meta in zip(folders, metas):  # every byte as written, before any is used
+        problem = verify(folder, meta["world_size"])
+        if problem is not None:
+            raise SystemExit(
+                f"sd-train posthoc: snapshot {folder} is damaged: {problem}. Move it away to reconstruct "
+                "from the others"
+            )
     starts = {m["step_start"] for m in metas}
     profiles = {tuple(m["sigma_rels"]) for m in metas}
     if len(starts) != 1 or len(profiles) != 1:

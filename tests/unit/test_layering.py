@@ -41,9 +41,19 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.run_summary",
     ),
     # Below the strategies: their layouts implement the EMA's contracts (sd_train.ema.contracts).
-    ("sd_train.ema",),
+    # DCP's safe reader and manifest writer serve the strategies, the snapshots and the checkpointer.
+    ("sd_train.ema", "sd_train.dcp_io"),
     ("sd_train.config",),
-    ("sd_train.errors", "sd_train.paths", "sd_train.console", "sd_train"),
+    (
+        "sd_train.errors",
+        "sd_train.paths",
+        "sd_train.console",
+        "sd_train.folders",
+        "sd_train.run_lock",
+        "sd_train.rollback",
+        "sd_train.checksums",
+        "sd_train",
+    ),
 ]
 # Third-party imports that may sit inside a function, each for a stated reason: heavy, optional, or
 # only one code path needs it (DeepSpeed's strategy and export, the wandb and tensorboard sinks).

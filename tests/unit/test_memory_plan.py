@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 import sd_train.export as export
 from sd_train import entry
+from sd_train.checksums import complete_manifest
 from sd_train.config import load_config
 from sd_train.data.workers import FORKSERVER_MIN_BYTES, worker_start_method
 from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
@@ -264,8 +265,9 @@ def test_export_holds_one_unet_at_a_time_and_writes_the_checkpoint(tiny_assets, 
     ema = {n: t + 1.0 for n, t in raw.items()}
     folder = tmp_path / "step_00000004"
     dcp.save({"model": raw, "ema": ema}, checkpoint_id=str(folder), no_dist=True)
-    state = {"step": 4, "ema": {"open": True}, "config": {"model": {"pretrained_path": model}}}
+    state = {"step": 4, "world_size": 1, "ema": {"open": True}, "config": {"model": {"pretrained_path": model}}}
     (folder / "trainer_state.json").write_text(json.dumps(state))
+    complete_manifest(folder, 0)  # as every checkpoint has: the export checks it before reading
     unet_bytes = sum(t.numel() * t.element_size() for t in raw.values())
 
     held, real = [], export.save_pipeline

@@ -5,6 +5,9 @@ round trip (torch.equal where the claim is exactness)."""
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -120,7 +123,8 @@ def test_coefficients_sum_to_one_where_the_least_squares_ones_do_not():
 
 def test_reconstructing_constant_weights_returns_the_constant(info, tmp_path):
     """Weights that never change make every snapshot profile that constant, so every reconstruction
-    must return it: a scale error in the coefficients shows as a scaled UNet."""
+    must return it: a scale error in the coefficients shows as a scaled UNet. A snapshot with a
+    flipped bit is then refused by its checksum manifest."""
     module = torch.nn.Linear(3, 2)
     with torch.no_grad():
         module.weight.fill_(0.375)
@@ -136,6 +140,12 @@ def test_reconstructing_constant_weights_returns_the_constant(info, tmp_path):
     assert all(t.refused is None for t in targets)
     for name, state in reconstruct(snaps, targets).items():
         torch.testing.assert_close(state["weight"], torch.full((2, 3), 0.375), rtol=1e-5, atol=0, msg=name)
+    shard = tmp_path / "posthoc" / "step_00000012" / "__0_0.distcp"  # one bit flipped: refused by name
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=rf"step_00000012 is damaged: checksum mismatch in {re.escape(str(shard))}"):
+        find_snapshots(tmp_path)
         torch.testing.assert_close(state["bias"], torch.full((2,), -1.25), rtol=1e-5, atol=0, msg=name)
 
 
@@ -345,9 +355,10 @@ def test_profiles_refuse_other_settings_and_bad_pieces():
         fresh.load_local_state_dict({**pieces, "p0.weight": torch.zeros(3, 2)})
 
 
-def test_snapshots_replace_leftovers_and_keep_their_dtype(info, tmp_path):
+def test_snapshots_replace_leftovers_and_keep_their_dtype(info, tmp_path, monkeypatch):
     """A crash's leftover `.partial` folder is cleared before writing, a step written again replaces
-    the old snapshot, and fp16 snapshots store fp16 (read back as fp32)."""
+    the old snapshot (deleting it only once the new one is in place), and fp16 snapshots store fp16
+    (read back as fp32)."""
     profiles = _open_profiles("fp16")
     root = tmp_path / "posthoc"
     assert profiles.maybe_snapshot(root, 2, 0) is None, "nothing to snapshot before the start"
@@ -364,7 +375,17 @@ def test_snapshots_replace_leftovers_and_keep_their_dtype(info, tmp_path):
     assert {item.properties.dtype for item in stored.values()} == {torch.float16}
     with torch.no_grad():
         profiles.shadows[0][0].fill_(0.5)
-    profiles.write_snapshot(root, 2, 0)  # the same step again: replaces it
+    seen, real_rmtree = [], shutil.rmtree
+
+    def watching_rmtree(path, *args, **kwargs):  # whatever is deleted, step 2 is complete meanwhile
+        seen.append(load_snapshot_profile(folder, 0)["weight"])
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", watching_rmtree)
+    profiles.write_snapshot(root, 2, 0)  # the same step again: replaces it, the old one deleted last
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert len(seen) == 1 and torch.equal(seen[0], torch.full((2, 3), 0.5)), "the new one was in place first"
+    assert sorted(p.name for p in root.iterdir()) == [folder.name], "no partial or aside folder left"
     snap = load_snapshot_profile(folder, 0)
     assert snap["weight"].dtype == torch.float32 and torch.equal(snap["weight"], torch.full((2, 3), 0.5))
     with pytest.raises(KeyError, match="has no profile 2"):

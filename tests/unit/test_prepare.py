@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sd_train import cli as sd_train_cli
 from sd_train.config import load_config
+from sd_train.errors import OutputRefusedError
 from sd_train.tools import prepare
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,7 +128,13 @@ def test_prepare_folder(tmp_path: Path) -> None:
     man = prepare.prepare_folder(
         str(src), str(out), resolution=8, num_train_shards=2, val_count=1, seed=0, image_format="png"
     )
-    assert man["counts"] == {"total": 4, "train": 3, "val": 1, "skipped_no_caption": 1}
+    assert man["counts"] == {
+        "total": 4,
+        "train": 3,
+        "val": 1,
+        "skipped_no_caption": 1,
+        "skipped_bad": {"undecodable": 0, "undecodable_caption": 0},
+    }
     assert man["skipped_no_caption"] == ["d_nocap.png"]
     paths = [str(out / n) for n in man["train_shards"] + man["val_shards"]]
     assert len(paths) == 3
@@ -152,6 +160,55 @@ def test_prepare_folder(tmp_path: Path) -> None:
     _, red = by_caption["a red square"]
     assert red.getpixel((0, 0)) == (255, 255, 255) and red.getpixel((4, 4))[0] > 200
     assert by_caption["a yellow bar"][0]["path"] == os.path.join("sub", "c_tall.webp")
+
+
+def test_prepare_skips_unreadable_input_and_swaps_the_set_in_only_when_complete(tmp_path, monkeypatch, capsys):
+    """An image PIL cannot read and a caption that is not UTF-8 are skipped, counted by the loader's
+    category names and reported; the new shards replace the old ones only once all are written (a
+    failure midway leaves the old set byte for byte), files of the folder that prepare did not
+    write are kept, and a folder that is not a prepared data set is refused by name."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write_folder(src)
+    (src / "f_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (src / "f_broken.txt").write_text("a broken image")
+    Image.new("RGB", (12, 12), (1, 2, 3)).save(src / "g_latin1.png")
+    (src / "g_latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    args = ["--src", str(src), "--out", str(out), "--resolution", "8", "--num-train-shards", "2", "--val-count", "1"]
+    assert prepare.main_prepare_folder(args) == 0
+    said = capsys.readouterr().out
+    assert "skipped unreadable input {'undecodable': 1, 'undecodable_caption': 1}" in said
+    man = json.loads((out / "dataset.json").read_text())
+    assert man["counts"]["skipped_bad"] == {"undecodable": 1, "undecodable_caption": 1}
+    assert sorted(man["skipped_bad"]) == ["f_broken.png", "g_latin1.txt"]
+    assert man["counts"]["train"] + man["counts"]["val"] == 4
+    (out / ".done").write_text("a build stamp")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real_write_tar, calls = prepare.write_tar, []
+
+    def fail_on_the_second_shard(path, samples, image_format="png"):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_write_tar(path, samples, image_format)
+
+    monkeypatch.setattr(prepare, "write_tar", fail_on_the_second_shard)
+    with pytest.raises(OSError, match="disk full"):  # a new set at another resolution, failing midway
+        prepare.prepare_folder(str(src), str(out), resolution=16, num_train_shards=3, val_count=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the old set is intact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"], "no staging folder left behind"
+    monkeypatch.setattr(prepare, "write_tar", real_write_tar)
+    prepare.prepare_folder(str(src), str(out), resolution=8, num_train_shards=3, val_count=1)
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"train-00000{i}.tar" for i in range(3)] + ["val-000000.tar"]
+    assert (out / ".done").read_text() == "a build stamp", "a file prepare did not write is kept"
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(OutputRefusedError, match=r"not a data set written by sd-train prepare .*it holds notes.txt"):
+        prepare.prepare_folder(str(src), str(tmp_path / "mine"), resolution=8, num_train_shards=2, val_count=1)
+    cli = ["prepare", "--src", str(src), "--out", str(tmp_path / "mine"), "--val-count", "1"]
+    assert sd_train_cli.main(cli) == 2 and "refusing to replace it" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_prepare_folder_rejects_bad_val_count(tmp_path: Path) -> None:
