@@ -39,8 +39,12 @@ class Validator:
         self.objective = objective
         self.info = info
         self.timesteps = list(cfg.eval.val_timesteps)
-        pixels, captions, _ = val_samples(
-            cfg.data.val_shards, cfg.eval.num_val_samples, cfg.data.resolution, cfg.data.caption_key
+        pixels, captions, keys = val_samples(
+            cfg.data.val_shards,
+            cfg.eval.num_val_samples,
+            cfg.data.resolution,
+            cfg.data.caption_key,
+            cfg.data.allow_pipe,
         )
         n = len(captions)
         if n == 0:

@@ -87,7 +87,7 @@ class CaptionSource:
         if any(f.startswith("json:") for f in self.fields) and "json" in raw.members:
             try:
                 loaded = json.loads(raw.members["json"])
-            except ValueError:
+            except (ValueError, RecursionError):  # invalid, or nested past the parser's recursion limit
                 loaded = {}  # an unreadable json holds no caption: missing_caption, if nothing else does
             meta = loaded if isinstance(loaded, dict) else {}
         found = []
@@ -229,7 +229,6 @@ def stack_pixels(samples: list[DecodedSample], resolution: int) -> torch.Tensor:
     for i, s in enumerate(samples):
         pixels[i].copy_(torch.from_numpy(s.pixels).permute(2, 0, 1))
     return pixels
-
 
 
 def stack_geometry(samples: list[DecodedSample]) -> dict[str, torch.Tensor]:

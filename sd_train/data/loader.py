@@ -108,7 +108,12 @@ class TrainLoader:
         # The stream's own randomness is seeded explicitly and does not use this seed.
         gen = torch.Generator().manual_seed(0)
         return DataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, generator=gen, **extra
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=gen,
+            **extra,
         )
 
     def __iter__(self) -> Iterator[dict]:
@@ -292,7 +297,7 @@ def build_train_loader(
     d = cfg.data
     if d.precomputed:
         check_precomputed(d.train_shards, cfg)  # ConfigError naming the field, before any worker starts
-    sources = expand_sources(d.train_shards)
+    sources = expand_sources(d.train_shards, d.allow_pipe)
     if d.mode == "epoch":  # the check config validation makes, for callers that skip it
         for src in sources:
             check_epoch_shard_count("data.train_shards", src, world_size, max(1, d.num_workers))
@@ -317,17 +322,18 @@ def build_train_loader(
 
 
 def val_samples(
-    spec: str, n: int, resolution: int, caption_key: str = "txt"
+    spec: str, n: int, resolution: int, caption_key: str = "txt", allow_pipe: bool = False
 ) -> tuple[torch.Tensor, list[str], list[str]]:
     """The first `n` good samples of the shards in `spec`, in shard order, center-cropped; the
-    caption is the first present, non-blank field of `caption_key` (no draw: a fixed set).
+    caption is the first present, non-blank field of `caption_key` (no draw: a fixed set). `pipe:`
+    URLs only with `allow_pipe` (`data.allow_pipe`).
 
     Returns (uint8 [N,3,R,R], captions, keys). Warns when the shards hold fewer than `n`.
     """
     tf = ImageTransform(resolution, center_crop=True, random_flip=False)
     decode = select_decoder(False)
     captions = CaptionSource.from_config(caption_key)
-    urls = [u for s in expand_sources(spec) for u in s.urls]
+    urls = [u for s in expand_sources(spec, allow_pipe) for u in s.urls]
     log = BadInputLog()
     kept: list[DecodedSample] = []
     for raw in read_shards(urls, log):
@@ -338,7 +344,9 @@ def val_samples(
         except BadSample as e:
             log.add(e.category, raw.shard)
     if len(kept) < n:
-        warnings.warn(f"val_samples: {spec!r} holds {len(kept)} good samples, fewer than the {n} asked for", stacklevel=2)
+        warnings.warn(
+            f"val_samples: {spec!r} holds {len(kept)} good samples, fewer than the {n} asked for", stacklevel=2
+        )
     if log.total():
         bad = {k: v for k, v in log.counts.items() if v}
         warnings.warn(f"val_samples: skipped bad input {bad} in {log.shards}", stacklevel=2)

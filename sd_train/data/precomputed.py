@@ -75,14 +75,19 @@ def decode_precomputed_sample(raw: RawSample, tf: ImageTransform, rng: Optional[
     return PrecomputedSample(raw.key, mean[k], std[k], text, caption)
 
 
+ARRAYS = ("latent_mean", "latent_std", "text_embeds")
+
+
+def array_shapes(sample: PrecomputedSample) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the sample's arrays: samples stack into one batch only when these agree."""
+    return tuple(getattr(sample, a).shape for a in ARRAYS)
+
+
 def stack_precomputed(samples: list[PrecomputedSample]) -> dict[str, Any]:
     """Precomputed samples -> float tensors latent_mean/latent_std [B,4,h,w] and text_embeds
     [B,77,D] in their stored dtype. The posterior is sampled on device by the trainer, from its
     checkpointed global RNG, never here (a worker's RNG is not part of the resumable state)."""
-    return {
-        name: torch.from_numpy(np.stack([getattr(s, name) for s in samples]))
-        for name in ("latent_mean", "latent_std", "text_embeds")
-    }
+    return {name: torch.from_numpy(np.stack([getattr(s, name) for s in samples])) for name in ARRAYS}
 
 
 IDENTITY = "sd_train_precompute"  # the KEY.json entry check_precomputed reads
@@ -127,9 +132,11 @@ def check_precomputed(spec: str, cfg: Any) -> None:
     """
     d, field = cfg.data, "data.train_shards"
     if d.random_flip:
-        raise ConfigError("data.random_flip=true with data.precomputed=true: flips are not precomputed. Set data.random_flip=false")
+        raise ConfigError(
+            "data.random_flip=true with data.precomputed=true: flips are not precomputed. Set data.random_flip=false"
+        )
     fingerprint: Optional[str] = None  # hashed once, after the shards are known to be precomputed
-    for src in expand_sources(spec):
+    for src in expand_sources(spec, d.allow_pipe):
         raw = _first_sample(src.urls)
         if raw is None:
             raise ConfigError(f"{field}={spec!r}: no readable sample in {src.pattern!r}")
@@ -140,10 +147,12 @@ def check_precomputed(spec: str, cfg: Any) -> None:
             )
         try:
             ident = json.loads(raw.members.get("json", b"{}")).get(IDENTITY)
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             ident = None
         if not isinstance(ident, dict):
-            raise ConfigError(f"{field}: {raw.shard} has no `{IDENTITY}` record in its KEY.json; re-run `sd-train precompute`")
+            raise ConfigError(
+                f"{field}: {raw.shard} has no `{IDENTITY}` record in its KEY.json; re-run `sd-train precompute`"
+            )
         where = f"{raw.shard} was precomputed"
         if ident["resolution"] != d.resolution:
             raise ConfigError(
@@ -157,7 +166,9 @@ def check_precomputed(spec: str, cfg: Any) -> None:
                 f"{where} with (see precompute.json there): use that model, or re-run `sd-train precompute --model ...`"
             )
         if (ident["crops"] == 1) != d.center_crop:
-            stored, fix = ("the center crop", "true") if ident["crops"] == 1 else (f"{ident['crops']} random crops", "false")
+            stored, fix = (
+                ("the center crop", "true") if ident["crops"] == 1 else (f"{ident['crops']} random crops", "false")
+            )
             raise ConfigError(
                 f"data.center_crop={str(d.center_crop).lower()} but {where} with {stored}: set "
                 f"data.center_crop={fix}, or re-run `sd-train precompute` with {'--crops 1' if d.center_crop else '--crops K > 1'}"

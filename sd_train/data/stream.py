@@ -53,7 +53,7 @@ from sd_train.data.decode import (
     stack_pixels,
 )
 from sd_train.data.filters import MetadataFilter
-from sd_train.data.precomputed import PrecomputedSample, stack_precomputed
+from sd_train.data.precomputed import PrecomputedSample, array_shapes, stack_precomputed
 from sd_train.data.sources import Source
 from sd_train.data.tar import RawSample, read_shards
 from sd_train.errors import BadDataError
@@ -61,7 +61,6 @@ from sd_train.errors import BadDataError
 EMPTY_EPOCHS = 3  # epochs in a row without a usable sample before a worker gives up (BadDataError)
 Mode = Literal["epoch", "resampled"]
 Mix = Literal["concat", "weighted"]
-Decoder = Callable[[RawSample, ImageTransform, Optional[random.Random]], DecodedSample | PrecomputedSample]
 T = TypeVar("T")
 
 
@@ -90,6 +89,46 @@ def shuffled(items: Iterator[T], size: int, rng: random.Random) -> Iterator[T]:
         i = rng.randrange(len(buffer))
         buffer[i], buffer[-1] = buffer[-1], buffer[i]
         yield buffer.pop()
+
+
+Sample = DecodedSample | PrecomputedSample
+Decoder = Callable[[RawSample, ImageTransform, Optional[random.Random]], Sample]
+
+
+class BatchFill:
+    """One batch being filled, from samples grouped by the shapes they stack with: decoded images
+    share one group (resized to the resolution), precomputed samples carry the shapes they were
+    written with, which may disagree (`mismatched_shape` in sd_train.data.bad_input). The first
+    group to reach the batch size is the batch, and the samples of the other groups are bad input.
+    So an odd sample costs itself only, wherever it falls in the batch, and which samples lose is
+    decided by the data alone: a resume, which starts at a batch boundary, repeats it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.groups: dict[Any, list[tuple[Sample, str, int]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def add(self, sample: Sample, shard: str, source: int = 0) -> bool:
+        """Add a usable sample (from `shard`, of mixing `source`); True once its group is full."""
+        key = array_shapes(sample) if isinstance(sample, PrecomputedSample) else None
+        group = self.groups.setdefault(key, [])
+        group.append((sample, shard, source))
+        return len(group) >= self.size
+
+    def take(self, log: BadInputLog) -> tuple[list[Sample], list[int]]:
+        """(the batch: the full group, or at the end of the stream the largest; the sources of
+        the samples left out, each counted `mismatched_shape` in `log`). Starts the next batch."""
+        batch = max(self.groups.values(), key=len)
+        rejected = []
+        for group in self.groups.values():
+            if group is not batch:
+                for _, shard, source in group:
+                    log.add("mismatched_shape", shard)
+                    rejected.append(source)
+        self.groups = {}
+        return [sample for sample, _, _ in batch], rejected
 
 
 @dataclass
@@ -270,7 +309,7 @@ class ShardStream(IterableDataset):
         log = BadInputLog(dict(start.bad), list(start.bad_shards))
         filtered = dict(start.filtered)  # the replay judges nothing, so nothing is counted twice
         epoch, skip, good = start.epoch, start.offset, start.good
-        batch: list[DecodedSample | PrecomputedSample] = []
+        fill = BatchFill(self.batch_size)
         empty = 0  # epochs in a row that gave no usable sample
         while self.max_epochs is None or epoch < self.max_epochs:
             samples = self.epoch_samples(worker, epoch, log)
@@ -281,24 +320,26 @@ class ShardStream(IterableDataset):
                 sample = self._usable(raw, worker, log, filtered, epoch, index)
                 if sample is None:
                     continue
-                batch.append(sample)
                 good += 1
-                if len(batch) == self.batch_size:
+                if fill.add(sample, raw.shard):
+                    batch, rejected = fill.take(log)
+                    good -= len(rejected)
                     position = WorkerPosition(epoch, offset, good, dict(log.counts), list(log.shards), dict(filtered))
                     yield self._pack(batch, worker, position)
-                    batch = []
             empty = 0 if good > good_before else empty + 1
             if empty >= EMPTY_EPOCHS:
                 self._nothing_usable(worker, log, filtered)
             epoch += 1
+        batch, rejected = fill.take(log) if fill else ([], [])  # only with max_epochs: the last, short batch
+        good -= len(rejected)
         end = WorkerPosition(epoch, 0, good, dict(log.counts), list(log.shards), dict(filtered))
-        if batch:  # only with max_epochs: the last, short batch
+        if batch:
             yield self._pack(batch, worker, end)
         yield {"worker": worker, "end": True, "position": asdict(end)}
 
     def _usable(
         self, raw: RawSample, worker: int, log: BadInputLog, filtered: dict[str, int], *where: Any
-    ) -> Optional[DecodedSample | PrecomputedSample]:
+    ) -> Optional[Sample]:
         """Filter, caption, decode one raw sample; None (counted) when filtered or bad. `where` (the
         sample's place in the stream) seeds its caption draw and augmentation."""
         rule = self.sample_filter.rejecting_rule(raw)  # from the json alone: no decode
@@ -306,7 +347,9 @@ class ShardStream(IterableDataset):
             filtered[rule] = filtered.get(rule, 0) + 1
             return None
         key = self._stream_key(worker)
-        raw = self.captions.resolve(raw, random.Random(_seed("caption", *key, *where)) if self.captions.uses_rng else None)
+        raw = self.captions.resolve(
+            raw, random.Random(_seed("caption", *key, *where)) if self.captions.uses_rng else None
+        )
         rng = random.Random(_seed("augment", *key, *where)) if self.transform.uses_rng else None
         try:
             return self.decoder(raw, self.transform, rng)
@@ -340,7 +383,7 @@ class ShardStream(IterableDataset):
                 self._replay(samples, offset, log)
             streams.append(samples)
         choices, weights = range(len(self.sources)), [src.weight for src in self.sources]
-        batch: list[DecodedSample | PrecomputedSample] = []
+        fill = BatchFill(self.batch_size)
         kept_at = [src[0] for src in state]  # source epochs when a sample was last kept
 
         def position() -> WorkerPosition:
@@ -348,6 +391,14 @@ class ShardStream(IterableDataset):
             return WorkerPosition(
                 lowest, draw, good, dict(log.counts), list(log.shards), dict(filtered), [list(x) for x in state]
             )
+
+        def take() -> list[Sample]:
+            nonlocal good
+            batch, rejected = fill.take(log)
+            good -= len(rejected)
+            for src in rejected:
+                state[src][2] -= 1
+            return batch
 
         while self.max_epochs is None or min(src[0] for src in state) < self.max_epochs:
             source = random.Random(_seed("mix", *self._stream_key(worker), draw)).choices(choices, weights)[0]
@@ -368,18 +419,17 @@ class ShardStream(IterableDataset):
                 if all(st[0] - k >= EMPTY_EPOCHS for st, k in zip(state, kept_at)):
                     self._nothing_usable(worker, log, filtered)
                 continue
-            batch.append(sample)
             good, state[source][2] = good + 1, state[source][2] + 1
             kept_at = [src[0] for src in state]
-            if len(batch) == self.batch_size:
-                yield self._pack(batch, worker, position())
-                batch = []
+            if fill.add(sample, raw.shard, source):
+                yield self._pack(take(), worker, position())
+        batch = take() if fill else []
         end = position()
         if batch:
             yield self._pack(batch, worker, end)
         yield {"worker": worker, "end": True, "position": asdict(end)}
 
-    def _pack(self, batch: list[DecodedSample | PrecomputedSample], worker: int, position: WorkerPosition) -> dict:
+    def _pack(self, batch: list[Sample], worker: int, position: WorkerPosition) -> dict:
         if isinstance(batch[0], PrecomputedSample):
             arrays = stack_precomputed(batch)  # type: ignore[arg-type]  # one decoder per stream
         else:

@@ -9,6 +9,9 @@ are streamed: one snapshot's profile is in memory at a time, next to one accumul
 Each target is written as a diffusers pipeline folder `sigma_rel_<v>` / `decay_<v>` with
 `posthoc.json`; `--eval` scores them with the run's own held-out loss, next to the raw weights and
 the tracked late EMA (`export/raw`, `export/ema`), and draws loss against EMA length as a PNG.
+The held-out shards come from the run's config.yaml; a `pipe:` URL there (or in a list file it
+names) runs a shell command, so `--eval` refuses it unless `--allow-pipe` is given: a run received
+from elsewhere must not run commands by itself, whatever its `data.allow_pipe` says.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
 
-from sd_train.config import load_config
+from sd_train.config import ConfigError, TrainConfig, load_config
+from sd_train.data.sources import PipeRefused, expand_sources
 from sd_train.ema.posthoc import load_snapshot_profile, read_snapshot_meta
 from sd_train.ema.posthoc_math import Fit, classic_weights, power_weights, sigma_rel_to_gamma, solve
 from sd_train.evaluation import Validator
@@ -135,10 +139,32 @@ def reconstruct(snaps: Snapshots, targets: list[Target]) -> dict[str, dict[str, 
     return accs
 
 
-def score_folders(run_dir: Path, folders: dict[str, Path]) -> dict[str, float]:
+def run_config(run_dir: Path, allow_pipe: bool) -> TrainConfig:
+    """The run's config.yaml, with `data.allow_pipe` as this command allows it (never as the run
+    says). SystemExit naming the field and the flag when its held-out shards hold a `pipe:` URL and
+    `allow_pipe` is off."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        cfg = load_config(str(path))
+        cfg.data.allow_pipe = allow_pipe
+        if not cfg.data.val_shards:
+            raise ValueError("data.val_shards is empty: the run has no held-out shards to score on")
+        expand_sources(cfg.data.val_shards, allow_pipe)
+    except PipeRefused as e:
+        raise SystemExit(
+            f"sd-train posthoc --eval: {path}: data.val_shards={cfg.data.val_shards!r}: {e.where} names {e.url!r}, "
+            "a `pipe:` URL, which would run its command through /bin/sh. A run's config.yaml may come from elsewhere, "
+            "so its data.allow_pipe is not trusted: pass --allow-pipe if you trust this run"
+        ) from e
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"sd-train posthoc --eval: {path}: {e}") from e
+    return cfg
+
+
+def score_folders(run_dir: Path, folders: dict[str, Path], allow_pipe: bool = False) -> dict[str, float]:
     """The run's own held-out loss (same samples, timesteps, noise) of each pipeline folder's UNet,
-    in this process with no process group."""
-    cfg = load_config(str(Path(run_dir) / "config.yaml"))
+    in this process with no process group. `allow_pipe`: see `run_config`."""
+    cfg = run_config(run_dir, allow_pipe)
     first = next(iter(folders.values()))
     cfg.model.pretrained_path = str(first)
     cfg.model.init_unet = "pretrained"
@@ -209,8 +235,15 @@ def main_posthoc(argv: list[str]) -> int:
     p.add_argument("--out", default=None, help="where to write the pipelines (default RUN/posthoc_export)")
     p.add_argument("--eval", action="store_true", help="score every target, raw and the late EMA on held-out loss")
     p.add_argument("--max-fit-error", type=float, default=MAX_FIT_ERROR, help="refuse targets fitted worse")
+    p.add_argument(
+        "--allow-pipe",
+        action="store_true",
+        help="with --eval: let `pipe:` URLs in the run's data.val_shards run their shell commands (trusted runs only)",
+    )
     ns = p.parse_args(argv)
     run_dir = Path(ns.run)
+    if ns.eval:
+        run_config(run_dir, ns.allow_pipe)  # refused before any reconstruction is paid for
     out = Path(ns.out) if ns.out else run_dir / "posthoc_export"
     snaps = find_snapshots(run_dir)
     sigma_rels = _floats(ns.sigma_rel) if ns.sigma_rel or ns.decay else list(snaps.sigma_rels)
@@ -253,7 +286,7 @@ def main_posthoc(argv: list[str]) -> int:
         ],
     }
     if ns.eval and good:
-        report["eval"] = evaluate(run_dir, out, targets, written)
+        report["eval"] = evaluate(run_dir, out, targets, written, ns.allow_pipe)
     out.mkdir(parents=True, exist_ok=True)
     (out / "posthoc.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'posthoc.json'}")
@@ -263,12 +296,12 @@ def main_posthoc(argv: list[str]) -> int:
     return 0
 
 
-def evaluate(run_dir: Path, out: Path, targets: list[Target], written: dict[str, Path]) -> dict:
+def evaluate(run_dir: Path, out: Path, targets: list[Target], written: dict[str, Path], allow_pipe: bool) -> dict:
     baselines = {"raw": run_dir / "export" / "raw", "late_ema": run_dir / "export" / "ema"}
     missing = [str(f) for f in baselines.values() if not (f / "unet").is_dir()]
     if missing:
         raise SystemExit(f"sd-train posthoc --eval: {missing} missing; the run must export at the end (export_at_end)")
-    losses = score_folders(run_dir, {**baselines, **written})
+    losses = score_folders(run_dir, {**baselines, **written}, allow_pipe)
     raw, late = losses["raw"], losses["late_ema"]
     print(f"\n{'variant':<18} {'length':>8} {'val loss':>10} {'vs raw':>10} {'vs late EMA':>12}")
     for name in ("raw", "late_ema"):

@@ -45,6 +45,11 @@ Use:
         data.train_shards='data/emoji-latents/train-{000000..000007}.tar'
 Validation (`data.val_shards`) and sample grids still use image shards and the online encoders.
 
+Names. An output member is named after its input sample's key, which comes from the input tar's
+member names: a key with a `..` part or an absolute path (`../../x.png`, `/etc/x.png`) would make
+an output that writes outside its folder when unpacked, so such samples are skipped and counted as
+`unsafe_name`, beside the training reader's bad-input categories.
+
 Many processes. Under torchrun, `accelerate launch` or srun (`torchrun --nproc_per_node 8 -m
 sd_train.cli precompute ...`), rank r encodes shards r, r + W, ... on its own GPU; rank 0 writes the
 manifest with every process's throughput. Each shard is written to a temp file and renamed, then a
@@ -66,7 +71,7 @@ import re
 import tarfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import numpy as np
@@ -75,7 +80,7 @@ from tqdm import tqdm
 
 from sd_train.config import ConfigError, DistArgs, ModelArgs
 from sd_train.config.launcher import read_launch_env
-from sd_train.data.bad_input import BadInputLog, BadSample
+from sd_train.data.bad_input import BAD_CATEGORIES, BadInputLog, BadSample
 from sd_train.data.decode import (
     DecodedSample,
     ImageTransform,
@@ -97,6 +102,9 @@ from sd_train.parallel.process_group import all_gather_object, destroy, init_dis
 from sd_train.preflight import vae_downsampling_factor
 
 MANIFEST = "precompute.json"
+UNSAFE_NAME = "unsafe_name"
+CATEGORIES = (*BAD_CATEGORIES, UNSAFE_NAME)
+"""What precompute counts: the training reader's bad input, and input keys unfit for output names."""
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -113,6 +121,25 @@ def output_name(url: str) -> str:
     return names[-1]
 
 
+def safe_key(key: str) -> bool:
+    """Whether a sample key may name output members: relative, with no `..` part."""
+    path = PurePosixPath(key)
+    return bool(key) and not path.is_absolute() and ".." not in path.parts
+
+
+def _safe_samples(raws: Iterator[RawSample], log: BadInputLog) -> Iterator[RawSample]:
+    """`raws` without the samples whose keys are not `safe_key` (counted `unsafe_name`), before any decode."""
+    for raw in raws:
+        if safe_key(raw.key):
+            yield raw
+        else:
+            log.add(UNSAFE_NAME, raw.shard)
+
+
+def new_log() -> BadInputLog:
+    return BadInputLog(dict.fromkeys(CATEGORIES, 0))
+
+
 # --------------------------------------------------------------------------------------------
 # Writing.
 # --------------------------------------------------------------------------------------------
@@ -125,12 +152,15 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _meta(raw: RawSample, caption: str, identity: dict) -> bytes:
+    ours = {"key": raw.key, "caption": caption, IDENTITY: identity}
     try:
         meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
-    except ValueError:
-        meta = {}  # an unreadable json is not worth dropping the sample for; training ignores it
-    meta = (meta if isinstance(meta, dict) else {}) | {"key": raw.key, "caption": caption, IDENTITY: identity}
-    return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+        meta = (meta if isinstance(meta, dict) else {}) | ours
+        return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+    except (ValueError, RecursionError):
+        # An unreadable json (invalid, or nested past the parser's recursion limit) is not worth
+        # dropping the sample for; training ignores it. Our own record is still written.
+        return json.dumps(ours, ensure_ascii=False, sort_keys=True).encode()
 
 
 class _Encoder:
@@ -254,7 +284,7 @@ def _write_shard(
 
         # Batches never span shards, so with shuffle_buffer=0 and micro_batch_size == batch_size a
         # training batch is a precompute batch, and the VAE sees the same batch composition.
-        for raw, decoded in decoder.decode(read_shards([url], log)):
+        for raw, decoded in decoder.decode(_safe_samples(read_shards([url], log), log)):
             if isinstance(decoded, str):
                 log.add(decoded, raw.shard)
                 continue
@@ -297,6 +327,7 @@ def precompute(
     world_size: int = 1,
     gather: Callable[[dict], list[dict]] = lambda part: [part],
     workers: int = 0,
+    allow_pipe: bool = False,
 ) -> dict[str, Any]:
     """Encode every sample of `src_spec` (any `expand_sources` spec) into shards in `out_dir`.
 
@@ -305,8 +336,8 @@ def precompute(
     recipe it was made with, so a re-run, on any number of processes, skips it and redoes only the
     missing shards. Bad input is skipped and counted by the training reader's categories. Images are
     decoded in `workers` worker processes (0: in this one) while this process reads and encodes;
-    the output bytes are the same for any `workers`. Returns the manifest, also written to
-    `out_dir/precompute.json`.
+    the output bytes are the same for any `workers`. `pipe:` URLs in `src_spec` (or in a list file
+    it names) only with `allow_pipe`. Returns the manifest, also written to `out_dir/precompute.json`.
     """
     if resolution <= 0:
         raise ValueError(f"resolution={resolution} must be positive")
@@ -314,7 +345,7 @@ def precompute(
         raise ValueError(f"crops={crops} and batch_size={batch_size} must be >= 1, workers={workers} >= 0")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: use one of {list(DTYPES)}")
-    urls = [u for s in expand_sources(src_spec) for u in s.urls]
+    urls = [u for s in expand_sources(src_spec, allow_pipe) for u in s.urls]
     if not urls:
         raise ValueError(f"no shards in {src_spec!r}")
     names = [output_name(u) for u in urls]
@@ -333,12 +364,12 @@ def precompute(
         identity = {"model_fingerprint": model_fingerprint(model_path), "resolution": resolution, "crops": crops}
         # Everything the bytes of a shard depend on (the VAE is not batch-invariant: batch size counts).
         recipe = {**identity, "seed": seed, "dtype": dtype, "batch_size": batch_size}
-        log, written, encoded, skipped = BadInputLog(), 0, 0, 0
+        log, written, encoded, skipped = new_log(), 0, 0, 0
         mine = list(zip(urls, names))[rank::world_size]
         for url, name in tqdm(mine, desc=f"precompute rank {rank}", unit="shard", dynamic_ncols=True, disable=rank > 0):
             marker = _done(out_dir, name, recipe)
             if marker is None:
-                shard_log = BadInputLog()
+                shard_log = new_log()
                 n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, decoder)
                 marker = {"recipe": recipe, "written": n, "bad": shard_log.counts, "bad_shards": shard_log.shards}
                 tmp = done_marker(out_dir, name) + ".tmp"
@@ -447,6 +478,9 @@ def main_precompute(argv: list[str]) -> int:
         default=None,
         help="decode worker processes per process (0: decode inline; default 4 on a GPU, 0 on CPU); same bytes",
     )
+    p.add_argument(
+        "--allow-pipe", action="store_true", help="let `pipe:` URLs in --src (or its list files) run their commands"
+    )
     a = p.parse_args(argv)
     try:
         launch = read_launch_env()
@@ -459,7 +493,7 @@ def main_precompute(argv: list[str]) -> int:
         m = precompute(
             a.model, a.src, a.out, a.resolution, a.batch_size, a.crops, a.seed, device, a.dtype,
             rank=launch.rank, world_size=launch.world_size, gather=all_gather_object if info else lambda part: [part],
-            workers=a.workers if a.workers is not None else default_workers(device),
+            workers=a.workers if a.workers is not None else default_workers(device), allow_pipe=a.allow_pipe,
         )  # fmt: skip
     except (ValueError, ConfigError) as e:
         print(f"sd-train precompute: {e}")

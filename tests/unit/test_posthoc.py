@@ -242,3 +242,25 @@ def test_zero3_layout_refuses_a_partitioning_it_does_not_describe(info):
     p = next(module.parameters())
     with pytest.raises(RuntimeError, match="a DeepSpeed partitioning sd-train does not describe"):
         strategy.ema_layout().global_tensor(p, torch.zeros(p.ds_numel + 1))
+
+
+def test_eval_refuses_pipes_from_a_runs_config_unless_allowed(tmp_path):
+    """`sd-train posthoc --eval` rebuilds the validator from the run's config.yaml, which may come
+    from elsewhere: a `pipe:` URL there (here in a list file it names) is refused, whatever the
+    run's own data.allow_pipe says, until --allow-pipe is given; the command never runs."""
+    from sd_train.config import dump_config
+    from sd_train.tools.posthoc import main_posthoc
+
+    ran = tmp_path / "ran"
+    listing = tmp_path / "val.txt"
+    listing.write_text(f"pipe:touch {ran}; cat v.tar\n")
+    cfg = TrainConfig()
+    cfg.data.val_shards, cfg.data.allow_pipe = str(listing), True
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(cfg, run / "config.yaml")
+    with pytest.raises(SystemExit, match=rf"the list file {listing} names 'pipe:touch .*pass --allow-pipe"):
+        main_posthoc(["--run", str(run), "--eval"])
+    with pytest.raises(SystemExit, match="has no complete snapshots"):  # allowed: on to the snapshots
+        main_posthoc(["--run", str(run), "--eval", "--allow-pipe"])
+    assert not ran.exists()
