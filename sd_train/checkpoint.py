@@ -33,13 +33,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from sd_train.background_writer import BackgroundWriter
 from sd_train.config import CheckpointArgs
 from sd_train.ema.contracts import Shadow
 from sd_train.errors import CheckpointLoadError
@@ -53,6 +54,7 @@ from sd_train.paths import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Stateful(Protocol):
@@ -125,14 +127,19 @@ class Checkpointer:
         self._last_save_time = clock()
         self._figures: list[dict[str, float]] = []
         # Async saves run their collectives on a group of their own, so the background thread
-        # never interleaves with the training loop's collectives on the default group.
+        # never interleaves with the training loop's collectives on the default group. It gets
+        # dist.timeout_s like every group (sd_train.parallel.process_group.timeout_for_later_groups).
         self._pg = dist.new_group(backend="gloo") if args.async_save and dist.is_initialized() else None
+        # Folders retention drops are deleted off the training thread: an rmtree of a multi-GB
+        # step folder on rank 0 held every other rank in the next collective (see _discard).
+        self._deleter = BackgroundWriter()
         self.fault_hook: Callable[[str, int], None] = lambda phase, step: None  # set by the trainer (faults)
         self.loaded_folder: Optional[Path] = None
         self._last_saved_step: Optional[int] = None
 
     def candidates_exist(self) -> bool:
-        return bool(complete_steps(self.root))
+        """Whether `checkpoints/` holds a complete checkpoint, as rank 0 sees it (`_rank0s`)."""
+        return _rank0s(lambda: bool(complete_steps(self.root)), self.rank)
 
     # ---- saving ---------------------------------------------------------------------------------
 
@@ -151,7 +158,13 @@ class Checkpointer:
     def _global_state(self, step: int) -> dict[str, Any]:
         state = {name: obj.state_dict() for name, obj in self.global_states.items()}
         state.update({name: shadow.meta_state_dict() for name, shadow in self.shadows.items()}, config=self.config)
-        return {**state, "step": step, "world_size": self.world_size, "format": self.strategy.checkpoint_format}
+        return {
+            **state,
+            "step": step,
+            "world_size": self.world_size,
+            "format": self.strategy.checkpoint_format,
+            "shadows": list(self.shadows),  # what was written: a missing entry is then damage, not a setting
+        }
 
     def save(self, step: int, force: bool = False, clock_due: bool = False) -> bool:
         """Save if the cadence says so (or `force`, or `clock_due`: the agreed `clock_vote`).
@@ -170,7 +183,7 @@ class Checkpointer:
         tmp = partial_dir(self.root, step)
         if self.rank == 0:
             if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash: never write into it
+                self._discard(tmp)  # left by a crash: never write into it
             tmp.mkdir(parents=True)
         dist.barrier()
         torch.save({name: obj.state_dict() for name, obj in self.rank_states.items()}, tmp / f"rank_{self.rank}.pt")
@@ -236,9 +249,11 @@ class Checkpointer:
         return figures
 
     def close(self) -> None:
-        """Finish the in-flight save and release the staging buffers (end of the run)."""
+        """Finish the in-flight save, release the staging buffers and wait for the deletions
+        (end of the run)."""
         self.wait()
         self.strategy.close()
+        self._deleter.close()
 
     def _finalize(self, step: int) -> Optional[int]:
         """Rank 0 renames the partial folder once it is complete (DCP's coordinator writes
@@ -270,12 +285,26 @@ class Checkpointer:
         newest = steps[-1]
         if self.args.keep_last_k >= 2:
             for s in steps[: -self.args.keep_last_k]:
-                shutil.rmtree(step_dir(self.root, s), ignore_errors=True)
+                self._discard(step_dir(self.root, s))
         in_flight = self._pending.step if self._pending is not None else None
         for entry in self.root.iterdir():
             s = partial_step(entry.name)
             if s is not None and s <= newest and s != in_flight:
-                shutil.rmtree(entry, ignore_errors=True)
+                self._discard(entry)
+            elif entry.name.endswith(DISCARDED_SUFFIX):  # a deletion cut short by a crash
+                self._deleter.submit(shutil.rmtree, entry, True)
+
+    def _discard(self, folder: Path) -> None:
+        """Delete `folder` off the training thread. It is first renamed to a name that never counts
+        (`.NAME.<n>.deleting`: a metadata operation, as quick as the rename that completes a
+        save), so from this moment nothing takes it for a checkpoint; the deletion itself runs on
+        the background thread, and one cut short by a crash is finished by a later retention."""
+        trash = folder.with_name(f".{folder.name}.{time.time_ns()}{DISCARDED_SUFFIX}")
+        try:
+            os.replace(folder, trash)
+        except OSError:
+            trash = folder  # not renamable: deleted where it is, still off the training thread
+        self._deleter.submit(shutil.rmtree, trash, True)
 
     # ---- loading --------------------------------------------------------------------------------
 
@@ -291,8 +320,9 @@ class Checkpointer:
 
     def load(self) -> Optional[Loaded]:
         """Load the newest loadable checkpoint into everything registered, or return None when there
-        is nothing to resume."""
-        folders = self.candidates()
+        is nothing to resume. Rank 0 lists the folders to try, for every rank (`_rank0s`); each rank
+        then checks the files it reads itself, and the ranks agree on each folder."""
+        folders = _rank0s(self.candidates, self.rank)
         if not folders:
             return None
         errors = []
@@ -326,8 +356,8 @@ class Checkpointer:
             try:
                 with open(folder / "trainer_state.json") as f:
                     global_state = json.load(f)
-                int(global_state["world_size"])
-            except (OSError, ValueError, KeyError) as e:
+                problem = self._lacks(global_state)
+            except (OSError, ValueError) as e:
                 problem = f"trainer_state.json unreadable: {e}"
         if problem is not None:
             return global_state, None, problem
@@ -342,15 +372,34 @@ class Checkpointer:
                 rank_state = torch.load(rank_file, weights_only=False)
             except Exception as e:  # truncated or corrupt pickle: report which file
                 problem = f"{rank_file.name} unreadable: {type(e).__name__}: {e}"
+        if problem is None:
+            lacking = [n for n in self.rank_states if not isinstance(rank_state, dict) or n not in rank_state]
+            problem = f"{rank_file.name} lacks {lacking}" if lacking else None
         return global_state, rank_state, problem
 
-    def _load_one(self, folder: Path) -> Loaded:
-        # Each rank checks what it will read; the ranks agree before any collective load, so one
-        # rank's broken file makes all of them move on together.
-        global_state, rank_state, problem = self._read_small_files(folder)
-        _agree(problem)
+    def _written_shadows(self, state: dict) -> list[str]:
+        """The shadows a trainer_state.json was written with: its own list, or (written before it
+        kept one) those of ours it holds."""
+        written = state.get("shadows")
+        return list(written) if isinstance(written, list) else [k for k in self.shadows if k in state]
+
+    def _lacks(self, state: Any) -> Optional[str]:
+        """What a trainer_state.json lacks of what a load reads (None when nothing): a file that
+        parses but misses an entry is as broken as one that does not parse, and falls back the
+        same way, before any state is touched."""
+        if not isinstance(state, dict):
+            return "trainer_state.json is not a JSON object"
+        kinds = {"step": int, "world_size": int, **dict.fromkeys(self.global_states, dict)}
+        kinds.update(dict.fromkeys((n for n in self.shadows if n in self._written_shadows(state)), dict))
+        lacking = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
+        return f"trainer_state.json lacks {lacking} (or holds them in another form)" if lacking else None
+
+    def _load_meta(self, folder: Path, global_state: dict) -> Optional[str]:
+        """Restore each shadow's small state; a problem (a malformed entry) to agree on, or
+        CheckpointLoadError when the checkpoint was written with other shadow settings."""
+        written = self._written_shadows(global_state)
         for name, shadow in self.shadows.items():
-            if name not in global_state:
+            if name not in written:
                 raise CheckpointLoadError(
                     f"{folder} was written without {name} state (ema.{name} was off) and this run has it on: "
                     f"resume with ema.{name} off, or start a new run"
@@ -359,6 +408,16 @@ class Checkpointer:
                 shadow.load_meta_state_dict(global_state[name])
             except ValueError as e:
                 raise CheckpointLoadError(f"{folder}: {e}") from e
+            except (KeyError, TypeError) as e:
+                return f"trainer_state.json: {name} state malformed ({type(e).__name__}: {e})"
+        return None
+
+    def _load_one(self, folder: Path) -> Loaded:
+        # Each rank checks what it will read; the ranks agree before any collective load, so one
+        # rank's broken file makes all of them move on together.
+        global_state, rank_state, problem = self._read_small_files(folder)
+        _agree(problem)
+        _agree(self._load_meta(folder, global_state))
         try:
             self.strategy.load(folder, self.shadows)
             problem = None
@@ -405,6 +464,9 @@ class Checkpointer:
                 "step, LR schedule, data position and EMA start fresh",
                 flush=True,
             )
+
+
+DISCARDED_SUFFIX = ".deleting"
 
 
 class _LoadFailed(Exception):
@@ -461,6 +523,16 @@ def _check_compatible(folder: Path, global_state: dict, fmt: str, world_size: in
             "model.pretrained_path. "
             "FSDP2 checkpoints (dist.strategy=fsdp2) reshard to any world size"
         )
+
+
+def _rank0s(decide: Callable[[], T], rank: int) -> T:
+    """Rank 0's answer to `decide()`, on every rank. What a rank finds in a shared folder depends
+    on its view of it: on a network file system a rank's listing can lag behind rank 0's, and ranks
+    that listed the checkpoints themselves could try, and load, different steps."""
+    answer = [decide() if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0]  # type: ignore[return-value]
 
 
 def _agree(problem: Optional[str]) -> None:
