@@ -9,7 +9,6 @@ import json
 import threading
 from pathlib import Path
 
-import pytest
 import torch
 
 import sd_train.checkpoint as checkpoint
