@@ -6,6 +6,7 @@ Commands are imported lazily so that `sd-train --help` does not pay for torch an
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module, function taking argv, one-line help)
@@ -59,7 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sd-train: unknown command {name!r}; run `sd-train --help` for the list", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    offline_hub()
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+def offline_hub() -> None:
+    """Every model sd-train reads is a local folder: never let a path that does not exist (a
+    relative `model.pretrained_path` read from elsewhere) turn into a hub download. huggingface_hub
+    reads HF_HUB_OFFLINE once, when it is first imported (diffusers imports it), so it is set here,
+    before any command module is imported. An explicit HF_HUB_OFFLINE=0 is kept."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from sd_train.config import ConfigError, TrainConfig, env_world_size, load_config
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(cfg)
         print("config OK")
         return 0
-    # Lazy: torch and diffusers are paid for only once the config is accepted.
+    # Lazy: torch and diffusers are paid for only once the config is accepted. The model folders
+    # are local: no hub lookup, set before huggingface_hub is first imported (it reads this then).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sd_train.trainer import run
 
     return run(cfg)

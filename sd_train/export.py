@@ -13,15 +13,19 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from torch.distributed.checkpoint.api import CheckpointException
 
+from sd_train.errors import CheckpointLoadError, ConfigError
 from sd_train.parallel.deepspeed import offline_state
-from sd_train.paths import check_model_folder, checkpoint_is_complete
+from sd_train.parallel.fsdp import describe_dcp_load_error
+from sd_train.paths import MODEL_SUBFOLDERS, check_model_folder, checkpoint_is_complete
 
 
 def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir: Path, prediction_type: str) -> Path:
@@ -76,23 +80,79 @@ def export_from_training(
     return written
 
 
-def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read one UNet's weights (`raw` or `ema`) from a DCP checkpoint into plain tensors, in one
-    process. Returns (trainer_state, state_dict)."""
+def read_trainer_state(checkpoint: Path) -> dict:
+    """The trainer_state.json of a complete step folder, with what export reads checked. ConfigError
+    (naming --checkpoint) for a folder that is not one; CheckpointLoadError for an unreadable file."""
     checkpoint = Path(checkpoint)
-    if not checkpoint_is_complete(checkpoint):
-        raise FileNotFoundError(
-            f"{checkpoint} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/)"
+    if not checkpoint.is_dir():
+        raise ConfigError(
+            f"--checkpoint {checkpoint}: no such folder. Give a step folder, e.g. RUN/checkpoints/step_00001000"
         )
-    with open(checkpoint / "trainer_state.json") as f:
-        trainer_state = json.load(f)
+    if not checkpoint_is_complete(checkpoint):
+        raise ConfigError(
+            f"--checkpoint {checkpoint} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/): "
+            "give a step folder, e.g. RUN/checkpoints/step_00001000"
+        )
+    try:
+        with open(checkpoint / "trainer_state.json") as f:
+            state = json.load(f)
+        int(state["step"]), bool(state["ema"]["open"])
+        str(state["config"]["model"]["pretrained_path"]), str(state["config"]["objective"]["prediction_type"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointLoadError(f"{checkpoint / 'trainer_state.json'} is unreadable ({type(e).__name__}: {e})") from e
+    return state
+
+
+def _is_model_folder(path: Path) -> bool:
+    return all((path / sub).is_dir() for sub in MODEL_SUBFOLDERS)
+
+
+def resolve_model_path(pretrained_path: str, checkpoint: Path, output_dir: str) -> str:
+    """Where a run's `model.pretrained_path` is now. A relative one was relative to the directory
+    the run was launched from, which the run itself tells: the checkpoint lies in `<launch
+    dir>/<output_dir>/checkpoints/step_N`, with `output_dir` as the run's config wrote it. So the
+    path is tried there first, wherever export runs from, then in the current directory.
+    ConfigError naming the places tried, and --model-path, when none holds the model folder."""
+    if Path(pretrained_path).is_absolute():
+        tried = [Path(pretrained_path)]
+    else:
+        run, out = Path(checkpoint).resolve().parent.parent, Path(output_dir)
+        launch = []
+        if output_dir and not out.is_absolute() and ".." not in out.parts and run.parts[-len(out.parts) :] == out.parts:
+            launch = [Path(*run.parts[: -len(out.parts)]) / pretrained_path]
+        tried = list(dict.fromkeys([*launch, Path.cwd() / pretrained_path]))
+    for path in tried:
+        if _is_model_folder(path):
+            return str(path)
+    raise ConfigError(
+        f"the run's model.pretrained_path={pretrained_path!r} holds no diffusers Stable Diffusion folder (unet/ vae/ "
+        f"text_encoder/ tokenizer/ scheduler/) at {', '.join(map(str, tried))}: the model folder moved? Pass it as "
+        "--model-path"
+    )
+
+
+def load_checkpoint_unet(
+    checkpoint: Path, weights: str, model_path: Optional[str] = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read one UNet's weights (`raw` or `ema`) from a checkpoint into plain tensors, in one
+    process. `model_path`: the model folder whose UNet config the weights fit (default: the run's,
+    `resolve_model_path`). Returns (trainer_state, state_dict). ConfigError for what the user asked
+    that cannot be done, CheckpointLoadError for a checkpoint whose tensors do not read."""
+    checkpoint = Path(checkpoint)
+    trainer_state = read_trainer_state(checkpoint)
     if weights == "ema" and not trainer_state["ema"]["open"]:
-        raise ValueError(
+        raise ConfigError(
             f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead"
         )
-    if trainer_state.get("format") == "zero":
-        return trainer_state, offline_state(checkpoint, weights)
-    model_path = trainer_state["config"]["model"]["pretrained_path"]
+    try:
+        if trainer_state.get("format") == "zero":
+            return trainer_state, offline_state(checkpoint, weights)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointLoadError(f"{checkpoint}: the DeepSpeed files do not read ({type(e).__name__}: {e})") from e
+    cfg = trainer_state["config"]
+    model_path = model_path or resolve_model_path(
+        cfg["model"]["pretrained_path"], checkpoint, cfg.get("output_dir", "")
+    )
     config = UNet2DConditionModel.load_config(model_path, subfolder="unet")
     template = UNet2DConditionModel.from_config(config).state_dict()
     prefix = "model" if weights == "raw" else "ema"
@@ -102,24 +162,51 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
         else [n for n, p in UNet2DConditionModel.from_config(config).named_parameters()]
     )
     state = {prefix: {n: torch.empty_like(template[n]) for n in names}}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    try:
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    except (Exception, CheckpointException) as e:  # DCP raises CheckpointException (a BaseException)
+        raise CheckpointLoadError(
+            f"{checkpoint}: the {weights} UNet does not read ({describe_dcp_load_error(checkpoint, e)}); if the model "
+            f"folder {model_path} is not the one the run trained, pass the right one as --model-path"
+        ) from e
     return trainer_state, state[prefix]
 
 
 def main_export(argv: list[str]) -> int:
-    """`sd-train export --checkpoint DIR --out DIR [--weights ema|raw]`."""
+    """`sd-train export --checkpoint DIR --out DIR [--weights ema|raw]`. Exit 2 for what was asked
+    wrongly (a missing folder, an EMA that never opened, a model folder that moved), 1 for a
+    checkpoint that does not read or an output that cannot be written; each with one line on stderr."""
     p = argparse.ArgumentParser(prog="sd-train export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a complete step folder, e.g. runs/x/checkpoints/step_00001000")
     p.add_argument("--out", required=True, help="the pipeline folder to write")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema")
     p.add_argument(
-        "--model-path", default=None, help="frozen parts from here instead of the run's model.pretrained_path"
+        "--model-path",
+        default=None,
+        help="the model folder (UNet config and frozen parts) instead of the run's model.pretrained_path",
     )
     ns = p.parse_args(argv)
-    trainer_state, unet_state = load_checkpoint_unet(Path(ns.checkpoint), ns.weights)
-    cfg = trainer_state["config"]
-    out = save_pipeline(
-        ns.model_path or cfg["model"]["pretrained_path"], unet_state, Path(ns.out), cfg["objective"]["prediction_type"]
-    )
+    try:
+        if ns.model_path:
+            try:
+                check_model_folder(ns.model_path)
+            except ConfigError as e:
+                raise ConfigError(f"--model-path: {e}") from e
+        checkpoint = Path(ns.checkpoint)
+        cfg = read_trainer_state(checkpoint)["config"]
+        model_path = ns.model_path or resolve_model_path(
+            cfg["model"]["pretrained_path"], checkpoint, cfg.get("output_dir", "")
+        )
+        trainer_state, unet_state = load_checkpoint_unet(checkpoint, ns.weights, model_path)
+        out = save_pipeline(model_path, unet_state, Path(ns.out), cfg["objective"]["prediction_type"])
+    except ConfigError as e:
+        print(f"sd-train export: {e}", file=sys.stderr)
+        return 2
+    except CheckpointLoadError as e:
+        print(f"sd-train export: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"sd-train export: writing {ns.out}: {e}", file=sys.stderr)
+        return 1
     print(f"exported {ns.weights} UNet of step {trainer_state['step']} to {out}")
     return 0

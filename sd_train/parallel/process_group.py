@@ -127,6 +127,9 @@ def reduce_tensor_(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> to
 
 
 def all_gather_object(obj: object) -> list[object]:
+    """Every rank's `obj`, by rank; `[obj]` in a process with no group (offline tools)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out

@@ -68,11 +68,13 @@ import multiprocessing
 import os
 import random
 import re
+import sys
 import tarfile
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -101,6 +103,7 @@ from sd_train.model.parts import encode_text, load_sd_parts
 from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
 from sd_train.preflight import vae_downsampling_factor
 
+T = TypeVar("T")
 MANIFEST = "precompute.json"
 UNSAFE_NAME = "unsafe_name"
 CATEGORIES = (*BAD_CATEGORIES, UNSAFE_NAME)
@@ -313,6 +316,54 @@ def _done(out_dir: str, name: str, recipe: dict) -> dict | None:
     return marker if marker is not None and marker.get("recipe") == recipe else None
 
 
+class PrecomputeError(RuntimeError):
+    """A rank failed; every rank stops with this, naming the rank, the shard and the error."""
+
+
+def _agreed(gather: Callable[[Any], list[Any]], where: str, work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)`, then an agreement of every rank (a collective: each rank calls it as often): if
+    any rank's work raised, every rank raises PrecomputeError naming it. The failing rank prints
+    its traceback first. A rank that failed alone used to leave the others waiting in the final
+    gather for `dist.timeout_s`."""
+    result, failure = None, None
+    try:
+        result = work(*args)
+    except Exception as e:  # noqa: BLE001 -- any failure must reach the other ranks
+        traceback.print_exc()
+        failure = f"{where}: {type(e).__name__}: {e}"
+    failures = [f for f in gather(failure) if f]
+    if failures:
+        raise PrecomputeError(f"stopped on every rank after a failure: {'; '.join(failures)}")
+    return result  # type: ignore[return-value]
+
+
+def _shard(
+    url: str | None,
+    name: str | None,
+    out_dir: str,
+    recipe: dict,
+    enc: _Encoder,
+    identity: dict,
+    batch_size: int,
+    decoder: Decoder,
+) -> tuple[dict, bool] | None:
+    """(the done marker of shard `name`, whether it was encoded now rather than found done), or
+    None with no shard (`url` None: this rank's last round)."""
+    if url is None or name is None:
+        return None
+    marker = _done(out_dir, name, recipe)
+    if marker is not None:
+        return marker, False
+    shard_log = new_log()
+    n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, decoder)
+    marker = {"recipe": recipe, "written": n, "bad": shard_log.counts, "bad_shards": shard_log.shards}
+    tmp = done_marker(out_dir, name) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(marker, f)
+    os.replace(tmp, done_marker(out_dir, name))
+    return marker, True
+
+
 def precompute(
     model_path: str,
     src_spec: str,
@@ -325,14 +376,15 @@ def precompute(
     dtype: str = "float32",
     rank: int = 0,
     world_size: int = 1,
-    gather: Callable[[dict], list[dict]] = lambda part: [part],
+    gather: Callable[[Any], list[Any]] = lambda part: [part],
     workers: int = 0,
     allow_pipe: bool = False,
 ) -> dict[str, Any]:
     """Encode every sample of `src_spec` (any `expand_sources` spec) into shards in `out_dir`.
 
     With `world_size` processes, rank r encodes shards r, r + W, ... (`gather` collects every
-    rank's counts; rank 0 writes the manifest). Each finished shard leaves a done marker with the
+    rank's counts, and after each shard whether any rank failed; rank 0 writes the manifest). A
+    rank that fails stops every rank with PrecomputeError. Each finished shard leaves a done marker with the
     recipe it was made with, so a re-run, on any number of processes, skips it and redoes only the
     missing shards. Bad input is skipped and counted by the training reader's categories. Images are
     decoded in `workers` worker processes (0: in this one) while this process reads and encodes;
@@ -359,30 +411,36 @@ def precompute(
     t0 = time.perf_counter()
     decoder = Decoder(workers, resolution, crops, seed)  # before the encoder: the workers start meanwhile
     try:
-        enc = _Encoder(model_path, torch.device(device), np.dtype(DTYPES[dtype]))
+        enc, identity = _agreed(
+            gather,
+            f"rank {rank} loading {model_path}",
+            lambda: (
+                _Encoder(model_path, torch.device(device), np.dtype(DTYPES[dtype])),
+                {"model_fingerprint": model_fingerprint(model_path), "resolution": resolution, "crops": crops},
+            ),
+        )
         start = time.perf_counter()  # throughput counts reading + encoding + writing, not the model load
-        identity = {"model_fingerprint": model_fingerprint(model_path), "resolution": resolution, "crops": crops}
         # Everything the bytes of a shard depend on (the VAE is not batch-invariant: batch size counts).
         recipe = {**identity, "seed": seed, "dtype": dtype, "batch_size": batch_size}
         log, written, encoded, skipped = new_log(), 0, 0, 0
         mine = list(zip(urls, names))[rank::world_size]
-        for url, name in tqdm(mine, desc=f"precompute rank {rank}", unit="shard", dynamic_ncols=True, disable=rank > 0):
-            marker = _done(out_dir, name, recipe)
-            if marker is None:
-                shard_log = new_log()
-                n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, decoder)
-                marker = {"recipe": recipe, "written": n, "bad": shard_log.counts, "bad_shards": shard_log.shards}
-                tmp = done_marker(out_dir, name) + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(marker, f)
-                os.replace(tmp, done_marker(out_dir, name))
-                encoded += n
-            else:
-                skipped += 1
+        bar = tqdm(total=len(mine), desc=f"precompute rank {rank}", unit="shard", dynamic_ncols=True, disable=rank > 0)
+        # The same number of rounds on every rank, each ending in an agreement: a rank that fails
+        # stops every rank after the shard each is on, instead of leaving them in the final gather.
+        for i in range(-(-len(urls) // world_size)):
+            url, name = mine[i] if i < len(mine) else (None, None)
+            where = f"rank {rank} on {url}"
+            done = _agreed(gather, where, _shard, url, name, out_dir, recipe, enc, identity, batch_size, decoder)
+            if done is None:  # this rank has no shard left this round
+                continue
+            bar.update()
+            marker, fresh = done
+            encoded, skipped = encoded + (marker["written"] if fresh else 0), skipped + (not fresh)
             written += marker["written"]
             for category, count in marker["bad"].items():
                 log.counts[category] += count
             log.shards.extend(s for s in marker["bad_shards"] if s not in log.shards)
+        bar.close()
         seconds = time.perf_counter() - start
     finally:
         decoder.close()
@@ -498,6 +556,9 @@ def main_precompute(argv: list[str]) -> int:
     except (ValueError, ConfigError) as e:
         print(f"sd-train precompute: {e}")
         return 2
+    except PrecomputeError as e:
+        print(f"sd-train precompute: {e}", file=sys.stderr)
+        return 1
     finally:
         if info is not None:
             destroy()

@@ -9,6 +9,7 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 import sd_train.checkpoint as checkpoint
@@ -88,3 +89,67 @@ def test_ranks_resume_the_folder_rank_0_lists_whatever_their_own_view(tmp_path, 
     assert step0 == step1 == progress0 == progress1 == 2
     assert tried0 == tried1 == [step_dir(root, 2)], "the tensors of one folder on every rank"
     assert exist1, "rank 0 says whether checkpoints exist"
+
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def test_ranks_that_read_different_validation_sets_stop_together(tmp_path):
+    """Rank 1's read of the held-out shard comes up short (a truncated view of it): each rank's
+    count sets how many FSDP forwards it makes, so the ranks compare what they read, and every
+    rank stops with a message naming both counts, before any forward; none is left waiting."""
+    from sd_train.config import TrainConfig
+    from sd_train.errors import BadDataError
+    from sd_train.evaluation import Validator
+    from sd_train.parallel.process_group import DistInfo
+
+    full = ASSETS / "tiny-000000.tar"
+    short = tmp_path / "tiny-000000.tar"
+    short.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+
+    def build(rank: int) -> str:
+        cfg = TrainConfig()
+        cfg.data.val_shards, cfg.data.resolution, cfg.eval.num_val_samples = str(full if rank == 0 else short), 16, 5
+        info = DistInfo(rank, 2, rank, torch.device("cpu"), None)
+        with pytest.raises(BadDataError) as e:  # before the encoders are ever needed (no model here)
+            Validator(cfg, None, None, info)  # type: ignore[arg-type]
+        return str(e.value)
+
+    messages = [m.split(": ", 1)[1] for m in run_ranks(2, build)]  # after each rank's own path
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("the ranks read different validation sets (rank 0: 5 samples"), messages[0]
+    assert "rank 1: 3 samples" in messages[0], messages[0]
+
+
+def test_a_failing_precompute_rank_stops_every_rank(tiny_assets, tmp_path, monkeypatch):
+    """Precompute on 2 ranks; rank 1 fails on its first shard with an unexpected error (its temp
+    file's name is taken by a folder). Both ranks stop after the shard each is on, with an error
+    naming rank 1, the shard and the error, instead of rank 0 encoding on and then waiting in the
+    final gather for the collective timeout."""
+    import sd_train.tools.precompute as tool
+    from sd_train.parallel.process_group import all_gather_object
+    from sd_train.tools.precompute import PrecomputeError, precompute
+
+    # Ranks are threads here, and diffusers' model loading patches torch process-wide while it
+    # builds a module (on the meta device): one rank loads at a time, as processes need not.
+    loading, encoder = threading.Lock(), tool._Encoder
+
+    def one_at_a_time(*args):
+        with loading:
+            return encoder(*args)
+
+    monkeypatch.setattr(tool, "_Encoder", one_at_a_time)
+
+    out = tmp_path / "latents"
+    (out / "train-000001.tar.tmp").mkdir(parents=True)  # rank 1's first shard: W=2 ranks take 0,2,.. and 1,3,..
+    src = f"{tiny_assets['data']}/train-{{000000..000007}}.tar"
+
+    def body(rank: int) -> str:
+        with pytest.raises(PrecomputeError) as e:
+            precompute(str(tiny_assets["model"]), src, str(out), 32, rank=rank, world_size=2, gather=all_gather_object)
+        return str(e.value)
+
+    messages = run_ranks(2, body)
+    assert messages[0] == messages[1]
+    assert "rank 1 on " in messages[0] and "train-000001.tar: IsADirectoryError" in messages[0], messages[0]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar"], "rank 0 stopped after its first shard"

@@ -1,0 +1,107 @@
+"""`sd-train export` on a small crafted run, in this process: each user error is one line on stderr
+with an exit status (2 for what was asked wrongly, 1 for a checkpoint that does not read), never a
+traceback; a relative model.pretrained_path is found from the run's own location, wherever export
+runs from; and the hub is offline before anything could call it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from sd_train.export import main_export
+from tests.support.launch import REPO
+
+
+@pytest.fixture()
+def run(tiny_assets, tmp_path):
+    """A launch folder with the model at a relative path `models/tiny-sd`, and a run there whose
+    config says `output_dir: runs/r`, with one DCP checkpoint of the model's own UNet (raw only: the
+    EMA window never opened)."""
+    from diffusers import UNet2DConditionModel
+
+    launch = tmp_path / "launch"
+    shutil.copytree(tiny_assets["model"], launch / "models" / "tiny-sd")
+    step = launch / "runs" / "r" / "checkpoints" / "step_00000003"
+    unet = UNet2DConditionModel.from_pretrained(launch / "models" / "tiny-sd", subfolder="unet")
+    dcp.save({"model": unet.state_dict()}, checkpoint_id=str(step), no_dist=True)
+    config = {
+        "output_dir": "runs/r",
+        "model": {"pretrained_path": "models/tiny-sd"},
+        "objective": {"prediction_type": "epsilon"},
+    }
+    state = {"step": 3, "world_size": 1, "format": "dcp", "ema": {"open": False}, "config": config}
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    return launch, step, elsewhere, unet.state_dict()
+
+
+def export(capsys, *args: str) -> tuple[int, str]:
+    rc = main_export(list(args))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err.strip()
+
+
+def test_export_finds_the_runs_relative_model_and_refuses_user_errors_cleanly(run, capsys, monkeypatch, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    launch, step, elsewhere, weights = run
+    monkeypatch.chdir(elsewhere)  # not the launch folder: models/tiny-sd is not here
+    out = tmp_path / "pipe"
+    rc, err = export(capsys, "--checkpoint", str(step), "--out", str(out), "--weights", "raw")
+    assert rc == 0, err
+    exported = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
+    assert all(torch.equal(weights[n], t) for n, t in exported.items())
+
+    cases = [
+        (["--checkpoint", str(step.parent / "step_00000009")], 2, "no such folder. Give a step folder"),
+        (["--checkpoint", str(step.parent)], 2, "is not a complete checkpoint"),
+        (["--checkpoint", str(step), "--weights", "ema"], 2, "the EMA window had not opened at step 3"),
+        (["--checkpoint", str(step), "--model-path", str(elsewhere)], 2, "--model-path: model.pretrained_path="),
+    ]
+    for args, want_rc, message in cases:
+        rc, err = export(capsys, *args, "--out", str(tmp_path / "x"))
+        assert (rc, err.count("\n")) == (want_rc, 0) and message in err, (args, rc, err)
+
+    shutil.move(launch / "models", tmp_path / "moved")  # the model folder moved: tried where, and the fix
+    rc, err = export(capsys, "--checkpoint", str(step), "--out", str(tmp_path / "x"), "--weights", "raw")
+    assert rc == 2 and str(launch / "models" / "tiny-sd") in err and "Pass it as --model-path" in err, err
+    moved = str(tmp_path / "moved" / "tiny-sd")
+    rc, err = export(
+        capsys, "--checkpoint", str(step), "--out", str(tmp_path / "y"), "--weights", "raw", "--model-path", moved
+    )
+    assert rc == 0, err
+
+    shard = next(step.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    rc, err = export(
+        capsys, "--checkpoint", str(step), "--out", str(tmp_path / "z"), "--weights", "raw", "--model-path", moved
+    )
+    assert rc == 1 and "truncated or missing shard file(s)" in err and shard.name in err, err
+    (step / "trainer_state.json").write_text('{"step": 3}')
+    rc, err = export(capsys, "--checkpoint", str(step), "--out", str(tmp_path / "z"))
+    assert rc == 1 and "trainer_state.json is unreadable (KeyError" in err, err
+
+
+def test_the_hub_is_offline_before_any_command_imports_it(tmp_path):
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: `sd-train` sets it before importing a
+    command, so no path can become a hub download."""
+    code = (
+        "import sys; from sd_train.cli import main; rc = main(['export', '--checkpoint', 'no/such', '--out', 'x']); "
+        "import huggingface_hub.constants as c; print(rc, c.HF_HUB_OFFLINE)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.split() == ["2", "True"], (proc.stdout, proc.stderr)
+    assert "sd-train export: --checkpoint no/such: no such folder" in proc.stderr
+    assert REPO.is_dir()
