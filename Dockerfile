@@ -11,7 +11,7 @@
 # sd-train config with its overrides. data/, models/ and runs/ are not in the image (.dockerignore):
 # mount them. --ipc=host because DataLoader workers pass batches through /dev/shm, which Docker
 # limits to 64 MB by default. Multi-node: add --network host --device /dev/infiniband --ulimit
-# memlock=-1 --cap-add IPC_LOCK (see the README's Docker section and launch/cluster_env.sh).
+# memlock=-1 --cap-add IPC_LOCK (see docs/launching.md and launch/cluster_env.sh).
 
 # The base image carries torch 2.13.0 built for CUDA 12.6 with cuDNN 9, the version that
 # requirements.txt and constraints.txt pin. Tag naming follows pytorch/pytorch's

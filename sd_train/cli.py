@@ -40,6 +40,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "main_posthoc",
         "reconstruct EMAs of any length from a run's post-hoc EMA snapshots (--eval scores them)",
     ),
+    "config-doc": (
+        "sd_train.tools.config_doc",
+        "main_config_doc",
+        "write the config reference docs/config.md from the schema's field docstrings",
+    ),
     "quality": (
         "sd_train.tools.quality",
         "main_quality",

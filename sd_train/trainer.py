@@ -2,12 +2,12 @@
 
 The loop only calls components; each decides its own cadence: `ema.update(step)` knows whether the
 window is open, `checkpointer.save(step, ...)` whether a save is due, `metrics.should_log(step)`
-whether to log, `self.eval_due(step)` whether to evaluate.
+whether to log, `evaluator.should_run(step)` whether to evaluate.
 
-Launch (see README):
+Launch (see docs/launching.md):
     python train.py --config configs/demo.yaml                     # one process (still FSDP2)
     accelerate launch --config_file launch/accelerate/cpu2.yaml train.py --config configs/test.yaml
-    torchrun --nproc_per_node 8 train.py --config configs/sd2_base.yaml
+    torchrun --nproc_per_node 8 train.py --config configs/sd2_base_256.yaml
 """
 
 from __future__ import annotations

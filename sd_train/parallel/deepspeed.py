@@ -24,7 +24,7 @@ What ZeRO partitions, and where the EMA lives:
   optimizer partition is a slice of one flat buffer per parameter group that cuts through
   parameters, so an EMA following it would depend on DeepSpeed's internal buffer layout. We keep
   the EMA replicated instead (every rank computes the same lerp): no communication, and the memory
-  of one fp32 copy of the UNet per rank. The README says so.
+  of one fp32 copy of the UNet per rank. docs/parallelism.md says so.
 The post-hoc EMA profiles (sd_train.ema.posthoc) use the same layouts: per partition under ZeRO-3,
 replicated under ZeRO-2.
 
@@ -64,10 +64,6 @@ ZERO_DIR = "zero"  # DeepSpeed's checkpoint "tag": the folder inside a step fold
 def shadow_file(folder: Path, key: str, rank: int) -> Path:
     """This rank's pieces of the shadow checkpointed under `key` ("ema", "posthoc")."""
     return Path(folder) / f"{key}_rank_{rank}.pt"
-
-
-def ema_file(folder: Path, rank: int) -> Path:
-    return shadow_file(folder, "ema", rank)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, accum: int) -> dict:

@@ -263,7 +263,7 @@ def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     assert all(
         r["local_param_bytes"] == full_bytes and r["placements"][0].startswith("replicated") for r in topo["ranks"]
     )
-    # ZeRO-2 keeps the EMA replicated (README): both ranks hold the same full tensors.
+    # ZeRO-2 keeps the EMA replicated (docs/parallelism.md): both ranks hold the same full tensors.
     pieces = [torch.load(step(a, 12) / f"ema_rank_{r}.pt", weights_only=False)["pieces"] for r in range(2)]
     assert_equal_states(pieces[0], pieces[1], "replicated EMA on rank 0 vs rank 1")
     assert {n: list(t.shape) for n, t in pieces[0].items()} == {n: list(raw[n].shape) for n in pieces[0]}
