@@ -18,9 +18,15 @@ rank 0's vote (`clock_vote`) in the loop's per-step all-reduce. Each finished sa
 figures for the loop to log (`take_figures`): the time it blocked the loop, its total time and the
 bytes per rank.
 
-Loading goes newest-first: a checkpoint that fails to load (a truncated shard, a missing rank file)
-is reported by file name and the previous one is tried. If checkpoints exist but none loads, the
-run stops: it never silently starts again from step 0.
+Loading goes newest-first: a checkpoint that fails to load (a truncated shard, a missing rank file,
+a trainer_state.json that lacks an entry) is reported by file name and the previous one is tried.
+Rank 0 lists the folders to try, for every rank, so a rank with a lagging view of a network file
+system cannot load another step; each rank checks the files it reads, and the ranks agree on each
+folder. If checkpoints exist but none loads, the run stops: it never silently starts again from
+step 0.
+
+Retention renames a dropped folder to a name that never counts and deletes it on a background
+thread, so the other ranks never wait in a collective for rank 0's rmtree.
 """
 
 from __future__ import annotations
