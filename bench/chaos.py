@@ -155,6 +155,14 @@ class Launch:
     step_at_kill: Optional[int] = None
     ended: float = 0.0
 
+    def progress_at(self) -> float:
+        """When it first moved the run forward: its first step; killed before one, never (its
+        kill); resumed at the last step (a kill during the export), never either (its end)."""
+        for t in (self.first_step, self.killed):
+            if t is not None:
+                return t
+        return self.ended
+
     @property
     def redone(self) -> int:
         """Steps it recomputed: those between its start and the highest recorded before it."""
@@ -241,65 +249,27 @@ def blocked_s(out: Path) -> float:
     return total
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=600, help="max_steps of each run")
-    p.add_argument("--mtbf", type=float, default=120.0, help="mean seconds between failures of the chaos run")
-    p.add_argument("--seed", type=int, default=0, help="seed of the failure times and ranks")
-    p.add_argument("--every-steps", type=int, default=20, help="checkpoint.every_steps")
-    p.add_argument("--eval-every", type=int, default=200, help="eval.every_steps")
-    p.add_argument("--dir", default=tempfile.gettempdir(), help="where the assets and runs go")
-    p.add_argument("--keep", action="store_true", help="keep the runs (the assets are always kept)")
-    args = p.parse_args()
-    root = Path(args.dir) / "sd-train-chaos"
-    assets = build_assets(root / "assets")
-    work = Path(tempfile.mkdtemp(prefix="runs-", dir=root))
-    logs = work / "logs"
-    logs.mkdir()
-    load_before = benchlib.load_average()
-    before = straight(work / "straight", assets, args, logs)
-    chaos_s, launches = chaos(work / "chaos", assets, args, logs)
-    shutil.rmtree(work / "straight")
-    after = straight(work / "straight", assets, args, logs)
-    equal = bitwise_equal(work / "straight", work / "chaos")
+def summarize(
+    args: argparse.Namespace,
+    before: tuple[float, float],
+    after: tuple[float, float],
+    chaos_s: float,
+    launches: list[Launch],
+    checkpoint_blocked_s: float,
+) -> dict:
+    """The figures of one bench (see the module docstring); prints the table of launches."""
     straight_s = [before[0], after[0]]
     straight_mean = sum(straight_s) / len(straight_s)
     start_up = (before[1] + after[1]) / 2  # launch to the first step done
     per_step = (straight_mean - start_up) / (args.steps - 1)  # steps, evaluations and saves, per step
     kills = [r for r in launches if r.killed is not None]
     redone = sum(r.redone for r in launches)
-    # Time no step moved forward: each later launch until its first new step (or its kill), and
-    # each kill until its launcher was gone. The first launch's start-up is the straight run's too.
-    restarts = sum((r.first_step if r.first_step is not None else r.killed) - r.started for r in launches[1:])
-    teardowns = sum(r.ended - r.killed for r in kills)
+    # Time no step moved forward: each later launch until it first moved the run forward, and each
+    # kill until its launcher was gone. The first launch's start-up is the straight run's too.
+    restarts = sum(r.progress_at() - r.started for r in launches[1:])
+    teardowns = sum(r.ended - r.killed for r in kills)  # type: ignore[operator]
     resumes = time_to_resume(launches)
     lost = chaos_s - straight_mean
-    result = {
-        "steps": args.steps,
-        "mtbf_s": args.mtbf,
-        "seed": args.seed,
-        "checkpoint_every_steps": args.every_steps,
-        "straight_s": [round(s, 1) for s in straight_s],
-        "straight_start_up_s": round(start_up, 1),
-        "straight_s_per_step": round(per_step, 3),
-        "chaos_s": round(chaos_s, 1),
-        "goodput": round(straight_mean / chaos_s, 3),
-        "failures": len(kills),
-        "failures_per_min": round(len(kills) / (chaos_s / 60), 2),
-        "killed_in_start_up": sum(r.first_step is None for r in kills),
-        "steps_redone": redone,
-        "steps_redone_per_failure": round(redone / len(kills), 1) if kills else None,
-        "teardown_s_mean": round(teardowns / len(kills), 1) if kills else None,
-        "time_to_resume_s_mean": round(sum(resumes) / len(resumes), 1) if resumes else None,
-        "lost_s": round(lost, 1),
-        "lost_to_restarts_s": round(restarts + teardowns, 1),
-        "lost_to_redone_steps_s": round(redone * per_step, 1),
-        "checkpoint_blocked_s_straight": round(blocked_s(work / "straight"), 1),
-        "bitwise_equal": equal,
-        "load_before": load_before,
-        "load_after": benchlib.load_average(),
-        "launches": [asdict(r) for r in launches],
-    }
     rows = [
         [i, f"{r.started:.0f}", r.start_step, r.steps_before, r.redone, f"{r.first_step or 0:.0f}", r.killed_rank,
          r.step_at_kill, f"{(r.ended - r.killed) if r.killed is not None else 0:.1f}"]
@@ -319,9 +289,60 @@ def main() -> int:
     benchlib.print_table(headers, rows)
     print(
         f"straight {straight_s[0]:.1f} / {straight_s[1]:.1f} s, chaos {chaos_s:.1f} s with {len(kills)} failures: "
-        f"goodput {result['goodput']}; lost {lost:.1f} s: restarts and teardowns {restarts + teardowns:.1f} s, "
-        f"{redone} redone steps x {per_step:.2f} s; final UNets bitwise equal: {equal}"
+        f"goodput {straight_mean / chaos_s:.3f}; lost {lost:.1f} s: restarts and teardowns "
+        f"{restarts + teardowns:.1f} s, {redone} redone steps x {per_step:.2f} s"
     )
+    return {
+        "steps": args.steps,
+        "mtbf_s": args.mtbf,
+        "seed": args.seed,
+        "checkpoint_every_steps": args.every_steps,
+        "straight_s": [round(s, 1) for s in straight_s],
+        "straight_start_up_s": round(start_up, 1),
+        "straight_s_per_step": round(per_step, 3),
+        "chaos_s": round(chaos_s, 1),
+        "goodput": round(straight_mean / chaos_s, 3),
+        "failures": len(kills),
+        "failures_per_min": round(len(kills) / (chaos_s / 60), 2),
+        "killed_in_start_up": sum(r.first_step is None and r.start_step is None for r in kills),
+        "steps_redone": redone,
+        "steps_redone_per_failure": round(redone / len(kills), 1) if kills else None,
+        "teardown_s_mean": round(teardowns / len(kills), 1) if kills else None,
+        "time_to_resume_s_mean": round(sum(resumes) / len(resumes), 1) if resumes else None,
+        "lost_s": round(lost, 1),
+        "lost_to_restarts_s": round(restarts + teardowns, 1),
+        "lost_to_redone_steps_s": round(redone * per_step, 1),
+        "checkpoint_blocked_s_straight": round(checkpoint_blocked_s, 1),
+        "launches": [asdict(r) for r in launches],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=600, help="max_steps of each run")
+    p.add_argument("--mtbf", type=float, default=120.0, help="mean seconds between failures of the chaos run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the failure times and ranks")
+    p.add_argument("--every-steps", type=int, default=20, help="checkpoint.every_steps")
+    p.add_argument("--eval-every", type=int, default=200, help="eval.every_steps")
+    p.add_argument("--dir", default=tempfile.gettempdir(), help="where the assets and runs go")
+    p.add_argument("--keep", action="store_true", help="keep the runs (the assets are always kept)")
+    args = p.parse_args()
+    root = Path(args.dir) / "sd-train-chaos"
+    assets = build_assets(root / "assets")
+    work = Path(tempfile.mkdtemp(prefix="runs-", dir=root))
+    logs = work / "logs"
+    logs.mkdir()
+    load_before = benchlib.load_average()
+    before = straight(work / "straight", assets, args, logs)
+    (logs / "straight-before.json").write_text(json.dumps(before))
+    chaos_s, launches = chaos(work / "chaos", assets, args, logs)
+    (logs / "launches.json").write_text(json.dumps({"chaos_s": chaos_s, "launches": [asdict(r) for r in launches]}))
+    shutil.rmtree(work / "straight")
+    after = straight(work / "straight", assets, args, logs)
+    equal = bitwise_equal(work / "straight", work / "chaos")
+    result = summarize(args, before, after, chaos_s, launches, blocked_s(work / "straight"))
+    result.update(bitwise_equal=equal, load_before=load_before, load_after=benchlib.load_average())
+    print(f"final UNets bitwise equal to the straight run's: {equal}")
     if not args.keep:
         shutil.rmtree(work)
     benchlib.emit_json("chaos", result)
