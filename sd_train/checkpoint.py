@@ -276,7 +276,7 @@ class Checkpointer:
             # back to this step). Keep it for inspection under a name that never counts.
             os.replace(final, final.with_name(f"{final.name}.broken-{int(time.time())}"))
         os.replace(tmp, final)
-        log.info("checkpoint saved: %s", final)
+        log.debug("checkpoint saved: %s", final)
         size = max(rank_bytes(final).values(), default=0)
         self.fault_hook("before_retention", step)
         self.apply_retention()
@@ -337,16 +337,12 @@ class Checkpointer:
                 loaded = self._load_one(folder)
             except _LoadFailed as e:
                 errors.append(f"{folder}: {e}")
-                log.warning("checkpoint %s could not be loaded (%s); trying the previous one", folder, e)
-                if self.rank == 0:
-                    print(
-                        f"WARNING: checkpoint {folder} could not be loaded: {e}. Trying the previous one.", flush=True
-                    )
+                log.warning(f"checkpoint {folder} could not be loaded: {e}. Trying the previous one.")
                 continue
             self.loaded_folder = folder
             self._last_saved_step = loaded.step  # never re-save into the folder we came from
-            if errors and self.rank == 0:
-                print(f"WARNING: resumed from older checkpoint {folder} after: {'; '.join(errors)}", flush=True)
+            if errors:
+                log.warning(f"resumed from older checkpoint {folder} after: {'; '.join(errors)}")
             return loaded
         raise CheckpointLoadError(
             "checkpoints exist but none could be loaded, refusing to start from step 0:\n  "
@@ -464,12 +460,10 @@ class Checkpointer:
             raise CheckpointLoadError(
                 f"checkpoint.init_from={folder}: {self.strategy.describe_load_error(folder, e)}"
             ) from e
-        if self.rank == 0:
-            print(
-                f"initialised from {folder} (step {saved['step']} of that run): UNet weights and optimizer state; "
-                "step, LR schedule, data position and EMA start fresh",
-                flush=True,
-            )
+        log.info(
+            f"initialised from {folder} (step {saved['step']} of that run): UNet weights and optimizer state; "
+            "step, LR schedule, data position and EMA start fresh"
+        )
 
 
 DISCARDED_SUFFIX = ".deleting"

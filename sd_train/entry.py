@@ -1,9 +1,11 @@
 """`python train.py` / `sd-train train`: parse, load, validate and preflight the config, then train.
-Also `sd-train plan`, which prints a config's EMA plan.
+Also `sd-train plan` and `train.py --plan`, one path: validate at the previewed world size, print
+the plan (sd_train.run_plan), exit 0, or 2 with the reason.
 
 This module imports only the config code and its torch-free checks (no torch, no diffusers), so a
 bad config is refused in a fraction of a second, before any process group starts or any heavy
-import is paid for.
+import is paid for. Under a launcher every rank checks its config the same way, and only the main
+process prints the refusal: one message, exit 2 on every rank.
 """
 
 from __future__ import annotations
@@ -12,70 +14,138 @@ import argparse
 import logging
 import os
 import sys
+import time
 
-from sd_train.config import ConfigError, TrainConfig, env_world_size, load_config
-from sd_train.ema.plan import EMAPlan, plan_from_config
+from sd_train import __version__, console
+from sd_train.config import ConfigError, TrainConfig, load_config
+from sd_train.config.launcher import read_launch_env
 from sd_train.preflight import preflight
+from sd_train.run_plan import PlanTarget, plan_lines, plan_target
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT (the trainer's Ctrl-C exit, sd_train.step_signals)
+NON_MAIN_EXIT_DELAY_S = 2.0
+
+DESCRIPTION = "Train a Stable Diffusion UNet from a YAML config; section.key=value overrides come last and win."
+EPILOG = """examples:
+  %(prog)s --config configs/demo.yaml
+  %(prog)s --config configs/demo.yaml optim.lr=3e-4 output_dir=runs/lr3e-4
+  %(prog)s --config configs/demo.yaml --plan --world-size 8    (validate and preview, train nothing)
+launchers: torchrun --nproc_per_node 8 train.py --config ...; accelerate launch train.py --config ...
+Ctrl-C stops after the current step and saves a checkpoint (exit 130); the same command resumes."""
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="train.py", description="Train a Stable Diffusion UNet. Overrides: section.key=value ..."
+def build_parser(prog: str, plan_command: bool = False) -> argparse.ArgumentParser:
+    """The arguments of a start (`prog` train.py or `sd-train train`) or of `sd-train plan`."""
+    if plan_command:
+        p = argparse.ArgumentParser(
+            prog=prog,
+            description="Validate a config at a world size and print its plan (what a start would do), training "
+            "nothing: batch arithmetic, output locations, the EMA and post-hoc EMA plans. Exit 0 if it would "
+            "start, 2 with the reason if not. The same as `train.py --plan`.",
+        )
+    else:
+        p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--config", required=True, help="the run's YAML config file, e.g. configs/demo.yaml")
+    if not plan_command:
+        p.add_argument(
+            "--plan", action="store_true", help="validate and print the plan, then exit (the same as `sd-train plan`)"
+        )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="plan for N ranks instead of the launcher's (with --plan: e.g. 64 to check a cluster config here)",
     )
-    p.add_argument("--config", required=True, help="YAML file, e.g. configs/demo.yaml")
-    p.add_argument("--plan", action="store_true", help="validate the config, print the EMA plan, and exit")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4 output_dir=runs/x")
-    return p.parse_intermixed_args(argv)  # `--plan` may come after overrides, or between them
+    p.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=None,
+        help="with --world-size: ranks on one node (the default FSDP2 shard group); default the launcher's, else 8",
+    )
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        help="with --plan: device memory to plan against (for the memory plan; not built yet, refused)",
+    )
+    p.add_argument("--verbose", action="store_true", help="also show debug lines and third-party warnings")
+    p.add_argument("--version", action="version", version=f"sd-train {__version__}")
+    p.add_argument("overrides", nargs="*", help="section.key=value ..., e.g. optim.lr=1e-4 output_dir=runs/x")
+    return p
 
 
-def validated_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
-    """(resolved config, namespace): field checks, then the machine checks of sd_train.preflight.
-    Raises ConfigError naming the field."""
-    ns = parse_args(argv)
+def _parse(argv: list[str], prog: str, plan_command: bool) -> argparse.Namespace:
+    ns = build_parser(prog, plan_command).parse_intermixed_args(argv)  # flags may follow the overrides
+    ns.plan = plan_command or ns.plan
+    return ns
+
+
+def validated_config(
+    argv: list[str], prog: str = "train.py", plan_command: bool = False
+) -> tuple[TrainConfig, argparse.Namespace]:
+    """(resolved config, namespace): field checks at the world size of the launch (or of the
+    plan's `--world-size`, kept as `namespace.target`), then the machine checks of
+    sd_train.preflight. Raises ConfigError naming the field."""
+    ns = _parse(argv, prog, plan_command)
+    if not ns.plan and (ns.world_size is not None or ns.ranks_per_node is not None or ns.gpu_memory_gib is not None):
+        raise ConfigError(
+            "--world-size, --ranks-per-node and --gpu-memory-gib preview a plan: add --plan (or run `sd-train plan`); "
+            "a start takes its world size from the launcher"
+        )
+    launch = read_launch_env(os.environ)
+    target = plan_target(
+        launch.world_size, launch.local_world_size, ns.world_size, ns.ranks_per_node, ns.gpu_memory_gib
+    )
     cfg = load_config(ns.config, ns.overrides)
-    world_size = env_world_size()
-    cfg.validate(world_size)
-    return preflight(cfg, world_size), ns
+    cfg.validate(target.world_size)
+    environ = target.launcher_environ(dict(os.environ)) if ns.world_size is not None else os.environ
+    ns.target = target
+    return preflight(cfg, target.world_size, environ), ns
 
 
-def print_plan(cfg: TrainConfig) -> EMAPlan:
-    """Print the EMA plan of `cfg` (what `--plan` and `sd-train plan` show) and return it, unchecked."""
-    plan = plan_from_config(cfg.ema, cfg.max_steps)
-    print(plan.describe())
-    return plan
+def print_plan(cfg: TrainConfig, target: PlanTarget, config_path: str) -> None:
+    """The plan, then "config OK": what `--plan` and `sd-train plan` show (main process)."""
+    log.info("\n".join(plan_lines(cfg, target, config_path)))
+    log.info("config OK")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "train.py", plan_command: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console.setup(verbose="--verbose" in argv)  # before any heavy import, and before the checks log
     try:
-        cfg, ns = validated_config(argv)
+        cfg, ns = validated_config(argv, prog, plan_command)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        if console.is_main():  # every rank refuses alike; one says so
+            print(f"config error: {e}", file=sys.stderr)
+        else:
+            # The others leave a moment later: a launcher that sees a silent rank fail first
+            # stops the main process before it has said why (seen under accelerate launch).
+            time.sleep(NON_MAIN_EXIT_DELAY_S)
         return 2
     if ns.plan:
-        print_plan(cfg)
-        print("config OK")
+        print_plan(cfg, ns.target, ns.config)
         return 0
-    # Lazy: torch and diffusers are paid for only once the config is accepted. The model folders
-    # are local: no hub lookup, set before huggingface_hub is first imported (it reads this then).
+    # The model folders are local: no hub lookup, set before huggingface_hub is first imported
+    # (it reads HF_HUB_OFFLINE then).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sd_train.trainer import run
-
+    try:
+        # Lazy: torch and diffusers are paid for only once the config is accepted.
+        from sd_train.trainer import run
+    except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing started, nothing to save
+        if console.is_main():
+            print("interrupted before training started: nothing to save", file=sys.stderr)
+        return INTERRUPTED_EXIT
     return run(cfg)
 
 
+def main_train(argv: list[str]) -> int:
+    """`sd-train train ...`: the same as `python train.py ...`."""
+    return main(argv, prog="sd-train train")
+
+
 def main_plan(argv: list[str]) -> int:
-    """`sd-train plan --config X [overrides]`: print the plan; exit 1 with the reason if refused."""
-    parser = argparse.ArgumentParser(prog="sd-train plan", description=main_plan.__doc__)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    ns = parser.parse_args(argv)
-    try:
-        cfg = load_config(ns.config, ns.overrides)
-        print_plan(cfg).check()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 1
-    print("EMA plan OK")
-    return 0
+    """`sd-train plan --config X [--world-size N] [overrides]`: the same as `train.py --plan`."""
+    return main(argv, prog="sd-train plan", plan_command=True)

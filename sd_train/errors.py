@@ -11,6 +11,11 @@ class ConfigError(ValueError):
     """A config value is wrong. The message names the field and says how to fix it."""
 
 
+class UsageError(ValueError):
+    """A command's argument is wrong (a path that is not there, a folder of another kind). The
+    message names the argument and what to give instead; `sd-train` prints it and exits 2."""
+
+
 class BadDataError(RuntimeError):
     """Too much of the input read so far was bad; the message names the shards and the share."""
 

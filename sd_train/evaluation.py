@@ -25,30 +25,28 @@ from PIL import Image
 
 from sd_train.background_writer import BackgroundWriter
 from sd_train.config import TrainConfig
-from sd_train.data.loader import val_samples
+from sd_train.data.loader import val_batch
 from sd_train.errors import BadDataError
+from sd_train.model.conditioning import GEOMETRY_KEYS, Conditioning
 from sd_train.model.parts import SDParts, decode_latents, encode_pixels, encode_text
 from sd_train.objective import DiffusionObjective
 from sd_train.parallel.process_group import DistInfo, all_gather_object, all_reduce_sum
+from sd_train.sample_quality import SampleQuality, read_reference
 
 VAL_BATCH = 16
 
 
 class Validator:
-    """Owns the fixed validation set (latents, text embeddings, noise) of this rank's share."""
+    """Owns the fixed validation set (latents, conditioning, noise) of this rank's share."""
 
     def __init__(self, cfg: TrainConfig, parts: SDParts, objective: DiffusionObjective, info: DistInfo):
         self.objective = objective
         self.info = info
         self.timesteps = list(cfg.eval.val_timesteps)
-        pixels, captions, keys = val_samples(
-            cfg.data.val_shards,
-            cfg.eval.num_val_samples,
-            cfg.data.resolution,
-            cfg.data.caption_key,
-            cfg.data.allow_pipe,
-        )
-        agree_on_val_set(cfg, keys, captions)
+        d = cfg.data
+        held_out = val_batch(d.val_shards, cfg.eval.num_val_samples, d.resolution, d.caption_key, d.allow_pipe)
+        pixels, captions = held_out["pixels"], held_out["captions"]
+        agree_on_val_set(cfg, held_out["keys"], captions)
         n = len(captions)
         # Split samples over ranks; pad each rank's share to the same length (weight 0 on padding)
         # so every rank makes the same number of UNet calls.
@@ -65,12 +63,17 @@ class Validator:
                 for i in range(0, per_rank, VAL_BATCH)
             ]
         ).to(parts.step_dtype)
-        self.embeds = torch.cat(
-            [
-                encode_text(parts, [captions[j] for j in idx[i : i + VAL_BATCH]], dev)
-                for i in range(0, per_rank, VAL_BATCH)
-            ]
-        ).to(parts.step_dtype)
+        # SDXL's time ids from each held-out sample's geometry (center crop, never flipped).
+        self.cond = (
+            Conditioning.cat(
+                [
+                    encode_text(parts, [captions[j] for j in idx[i : i + VAL_BATCH]], dev)
+                    for i in range(0, per_rank, VAL_BATCH)
+                ]
+            )
+            .to(parts.step_dtype)
+            .with_geometry({k: held_out[k][idx] for k in GEOMETRY_KEYS})
+        )
         self.noise = {}
         for t in self.timesteps:
             self.noise[t] = torch.stack([self._fixed_noise(j, t) for j in idx]).to(dev, self.latents.dtype)
@@ -90,7 +93,7 @@ class Validator:
             for i in range(0, self.latents.shape[0], VAL_BATCH):
                 sl = slice(i, i + VAL_BATCH)
                 ts = torch.full((self.latents[sl].shape[0],), t, dtype=torch.long, device=self.info.device)
-                err = self.objective.denoising_loss(model, self.latents[sl], self.embeds[sl], self.noise[t][sl], ts)
+                err = self.objective.denoising_loss(model, self.latents[sl], self.cond[sl], self.noise[t][sl], ts)
                 total += float((err.cpu() * self.weights[sl]).sum())
         model.train(was_training)
         (s,) = all_reduce_sum([total], self.info.device)
@@ -120,40 +123,60 @@ def agree_on_val_set(cfg: TrainConfig, keys: list[str], captions: list[str]) -> 
 
 
 class Sampler:
-    """Owns the fixed prompts, seeds and DDIM schedule of the sample grid."""
+    """Owns the fixed prompts, seeds and DDIM schedule of the sample grid (or of other `prompts`:
+    the sample-quality instrument's)."""
 
-    def __init__(self, cfg: TrainConfig, parts: SDParts, info: DistInfo):
+    def __init__(self, cfg: TrainConfig, parts: SDParts, info: DistInfo, prompts: list[str] | None = None):
         self.cfg = cfg
         self.parts = parts
         self.info = info
-        prompts = cfg.eval.prompts
-        # The text encoder runs here once; each grid then needs only the VAE's decoder.
-        self.cond = encode_text(parts, prompts, info.device).to(parts.step_dtype)
-        self.uncond = encode_text(parts, [""] * len(prompts), info.device).to(parts.step_dtype)
+        prompts = cfg.eval.prompts if prompts is None else prompts
+        n, res = len(prompts), cfg.data.resolution
+        # The text encoder(s) run here once; each grid then needs only the VAE's decoder. The
+        # unconditional branch is what the run trains dropped captions as (`zero_dropped_captions`);
+        # SDXL's time ids are those StableDiffusionXLPipeline uses by default: the uncropped
+        # training size as original and target size, crop corner (0, 0), for both branches.
+        cond = encode_text(parts, prompts, info.device)
+        uncond = encode_text(parts, [""] * n, info.device)
+        if cfg.objective.zero_dropped_captions:
+            uncond = uncond.map(torch.zeros_like)
+        sizes = torch.tensor([[res, res]] * n)
+        geometry = {"original_size": sizes, "crop_top_left": torch.zeros_like(sizes), "target_size": sizes}
+        self.cond = cond.to(parts.step_dtype).with_geometry(geometry)
+        self.uncond = uncond.to(parts.step_dtype).with_geometry(geometry)
         self.scheduler = DDIMScheduler.from_config(
             parts.noise_scheduler.config, prediction_type=cfg.objective.prediction_type
         )
-        size = cfg.data.resolution // parts.latent_downsampling
-        self.shape = (len(prompts), parts.vae_config["latent_channels"], size, size)
+        size = res // parts.latent_downsampling
+        self.shape = (n, parts.vae_config["latent_channels"], size, size)
 
     @torch.no_grad()
-    def sample(self, model: torch.nn.Module) -> np.ndarray:
-        """uint8 images [N, H, W, 3] for the fixed prompts (collective under FSDP2)."""
-        was_training = model.training
-        model.eval()
-        gen = torch.Generator().manual_seed(self.cfg.eval.sample_seed)
-        latents = torch.randn(self.shape, generator=gen).to(self.info.device) * self.scheduler.init_noise_sigma
+    def latents(self, model: torch.nn.Module, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoised latents of the fixed prompts, with classifier-free guidance, as diffusers'
+        pipelines compute them from the same initial noise (collective under FSDP2): `noise`
+        [N, C, h, w], by default drawn from `eval.sample_seed`."""
+        if noise is None:
+            noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.cfg.eval.sample_seed))
+        latents = noise.to(self.info.device) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(self.cfg.eval.num_inference_steps)
-        embeds = torch.cat([self.uncond, self.cond])
+        conditioning = Conditioning.cat([self.uncond, self.cond]).unet_kwargs()
         g = self.cfg.eval.guidance_scale
         for t in self.scheduler.timesteps:
             inp = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
             # In the UNet's dtype (bf16 in DeepSpeed's bf16 mode); the scheduler steps in fp32.
             inp = inp.to(self.parts.step_dtype)
-            out = model(inp, t.to(self.info.device), encoder_hidden_states=embeds).sample.float()
+            out = model(inp, t.to(self.info.device), **conditioning).sample.float()
             uncond, cond = out.chunk(2)
             latents = self.scheduler.step(uncond + g * (cond - uncond), t, latents).prev_sample
-        images = decode_latents(self.parts, latents)
+        return latents
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, noise: torch.Tensor | None = None) -> np.ndarray:
+        """uint8 images [N, H, W, 3] for the fixed prompts (collective under FSDP2), from the
+        initial `noise` [N, C, h, w] (default: drawn from `eval.sample_seed`)."""
+        was_training = model.training
+        model.eval()
+        images = decode_latents(self.parts, self.latents(model, noise))
         model.train(was_training)
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
@@ -181,6 +204,37 @@ def write_png(image: Image.Image, path: Path, before_write: Callable[[], None] =
     tmp.replace(path)  # a reader never sees half a PNG
 
 
+class QualityProbe:
+    """The sample-quality instrument (sd_train.sample_quality) with the sampler that feeds it."""
+
+    def __init__(self, quality: SampleQuality, sampler: Sampler):
+        self.quality, self.sampler = quality, sampler
+
+    def score(self, model: torch.nn.Module) -> dict:
+        """Prompt accuracy (with its 95% interval), fidelity distance and the misses (collective)."""
+        return self.quality.score(self.sampler.sample, model)
+
+    def figures(self, model: torch.nn.Module, variant: str) -> dict:
+        """The logged figures of one variant (`raw`, `ema`)."""
+        s = self.score(model)
+        lo, hi = s["accuracy_95"]
+        return {
+            f"quality/accuracy_{variant}": s["accuracy"],
+            f"quality/accuracy_lo_{variant}": lo,
+            f"quality/accuracy_hi_{variant}": hi,
+            f"quality/fidelity_{variant}": s["fidelity"],
+        }
+
+
+def build_quality(cfg: TrainConfig, parts: SDParts, info: DistInfo, samples: int | None = None) -> QualityProbe:
+    """The instrument over the run's training set, `samples` (default `eval.quality_samples`) per
+    caption, with the sample grid's guidance, DDIM steps and seed."""
+    captions, reference = read_reference(cfg)
+    sampler = Sampler(cfg, parts, info, prompts=captions)
+    k = cfg.eval.quality_samples if samples is None else samples
+    return QualityProbe(SampleQuality(captions, reference, k, sampler.shape[1:], cfg.eval.sample_seed), sampler)
+
+
 class Evaluator:
     """Owns when to evaluate and what: the held-out loss and the sample grid, for the raw weights
     and, once the window is open, for the EMA (swapped into the model's shards, then swapped back).
@@ -194,6 +248,7 @@ class Evaluator:
         self.max_steps = cfg.max_steps
         self.validator = Validator(cfg, parts, objective, info) if cfg.data.val_shards and every else None
         self.sampler = Sampler(cfg, parts, info) if every and cfg.eval.prompts else None
+        self.quality = build_quality(cfg, parts, info) if every and cfg.eval.quality_samples else None
         self.ema = ema
         self.metrics = metrics
         self.out = Path(out)
@@ -219,6 +274,8 @@ class Evaluator:
                     out[f"val/loss_{name}"] = self.validator.loss(model)
                 if self.sampler is not None:
                     grids.append((name, self.sampler.sample(model)))
+                if self.quality is not None:
+                    out.update(self.quality.figures(model, name))
         # The grids are handed over once every variant's forwards (collectives under FSDP2) are done,
         # and written by the background writer: a slow disk on the main process held every other
         # rank inside the next collective (first the EMA forward's all-gather, then the next

@@ -1,5 +1,6 @@
 """Export a trained UNet (raw or EMA) with the frozen parts as a diffusers pipeline folder that
-`StableDiffusionPipeline.from_pretrained(folder)` loads offline.
+`StableDiffusionPipeline.from_pretrained(folder)` (SDXL: `StableDiffusionXLPipeline`, with both
+text encoders and tokenizers) loads offline.
 
 Two ways in: at the end of training (the shards are gathered one parameter at a time, a collective)
 and `sd-train export --checkpoint DIR`, which reads a per-rank checkpoint into a plain module in one
@@ -19,30 +20,59 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from torch.distributed.checkpoint.api import CheckpointException
 
-from sd_train.errors import CheckpointLoadError, ConfigError
+from sd_train.errors import CheckpointLoadError, UsageError
+from sd_train.model.family import model_family
 from sd_train.parallel.deepspeed import offline_state
 from sd_train.parallel.fsdp import describe_dcp_load_error
-from sd_train.paths import MODEL_SUBFOLDERS, check_model_folder, checkpoint_is_complete
+from sd_train.paths import (
+    MODEL_SUBFOLDERS,
+    PARTIAL_SUFFIX,
+    STEP_RE,
+    checkpoint_is_complete,
+    complete_steps,
+    step_dir,
+)
 
 
-def save_pipeline(model_path: str, unet_state: dict[str, torch.Tensor], out_dir: Path, prediction_type: str) -> Path:
-    """Write `out_dir` as a diffusers SD folder: the given UNet weights + the frozen parts of
-    `model_path` (VAE, text encoder, tokenizer, scheduler)."""
+def build_pipeline(
+    model_path: str, unet: UNet2DConditionModel, prediction_type: str, zero_dropped_captions: bool = False
+) -> DiffusionPipeline:
+    """The diffusers pipeline of `model_path`'s family around `unet`. SDXL's
+    `force_zeros_for_empty_prompt` is set to how the run replaced dropped captions (zeros, or the
+    empty caption's embeddings), so diffusers' unconditional branch is the one the UNet learnt.
+    Raises ConfigError if `model_path` is not a model folder whose parts fit its family."""
+    if model_family(model_path) == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_path, unet=unet)
+        pipe.register_to_config(force_zeros_for_empty_prompt=zero_dropped_captions)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    return pipe
+
+
+def save_pipeline(
+    model_path: str,
+    unet_state: dict[str, torch.Tensor],
+    out_dir: Path,
+    prediction_type: str,
+    zero_dropped_captions: bool = False,
+) -> Path:
+    """Write `out_dir` as a diffusers SD or SDXL folder: the given UNet weights + the frozen parts of
+    `model_path` (VAE, text encoder(s), tokenizer(s), scheduler)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    check_model_folder(model_path)
+    model_family(model_path)  # a missing or mixed-up folder is refused before anything loads
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
     missing, unexpected = unet.load_state_dict(unet_state, strict=False)
     if missing or unexpected:
         raise RuntimeError(
             f"export: UNet weights do not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_path, unet=unet, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.scheduler.register_to_config(prediction_type=prediction_type)
+    pipe = build_pipeline(model_path, unet, prediction_type, zero_dropped_captions)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -60,6 +90,7 @@ def export_from_training(
     prediction_type: str,
     is_main: bool,
     before_write: Callable[[], None] = lambda: None,
+    zero_dropped_captions: bool = False,
 ) -> list[Path]:
     """Gather and export the raw UNet and (if the window opened) the EMA UNet. Collective.
     `gather_model` returns the full raw state on the main process (`Strategy.full_model_state`).
@@ -73,33 +104,25 @@ def export_from_training(
     if not is_main:
         return []
     before_write()
-    written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type)]
+    written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type, zero_dropped_captions)]
     del raw
     if ema.is_open:
-        written.append(save_pipeline(model_path, full, out_root / "ema", prediction_type))
+        written.append(save_pipeline(model_path, full, out_root / "ema", prediction_type, zero_dropped_captions))
     return written
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
-    """The trainer_state.json of a complete step folder, with what export reads checked. ConfigError
-    (naming --checkpoint) for a folder that is not one; CheckpointLoadError for an unreadable file."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise ConfigError(
-            f"--checkpoint {checkpoint}: no such folder. Give a step folder, e.g. RUN/checkpoints/step_00001000"
-        )
-    if not checkpoint_is_complete(checkpoint):
-        raise ConfigError(
-            f"--checkpoint {checkpoint} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/): "
-            "give a step folder, e.g. RUN/checkpoints/step_00001000"
-        )
+    """The trainer_state.json of a complete step folder, with what export reads checked;
+    CheckpointLoadError naming the file when it does not read."""
     try:
-        with open(checkpoint / "trainer_state.json") as f:
+        with open(Path(checkpoint) / "trainer_state.json") as f:
             state = json.load(f)
         int(state["step"]), bool(state["ema"]["open"])
         str(state["config"]["model"]["pretrained_path"]), str(state["config"]["objective"]["prediction_type"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointLoadError(f"{checkpoint / 'trainer_state.json'} is unreadable ({type(e).__name__}: {e})") from e
+        raise CheckpointLoadError(
+            f"{Path(checkpoint) / 'trainer_state.json'} is unreadable ({type(e).__name__}: {e})"
+        ) from e
     return state
 
 
@@ -112,7 +135,7 @@ def resolve_model_path(pretrained_path: str, checkpoint: Path, output_dir: str) 
     the run was launched from, which the run itself tells: the checkpoint lies in `<launch
     dir>/<output_dir>/checkpoints/step_N`, with `output_dir` as the run's config wrote it. So the
     path is tried there first, wherever export runs from, then in the current directory.
-    ConfigError naming the places tried, and --model-path, when none holds the model folder."""
+    UsageError naming the places tried, and --model-path, when none holds the model folder."""
     if Path(pretrained_path).is_absolute():
         tried = [Path(pretrained_path)]
     else:
@@ -124,24 +147,26 @@ def resolve_model_path(pretrained_path: str, checkpoint: Path, output_dir: str) 
     for path in tried:
         if _is_model_folder(path):
             return str(path)
-    raise ConfigError(
-        f"the run's model.pretrained_path={pretrained_path!r} holds no diffusers Stable Diffusion folder (unet/ vae/ "
-        f"text_encoder/ tokenizer/ scheduler/) at {', '.join(map(str, tried))}: the model folder moved? Pass it as "
-        "--model-path"
+    raise UsageError(
+        f"the run's model.pretrained_path={pretrained_path!r} (for the UNet config, VAE, text encoder and tokenizer) "
+        f"holds no diffusers model folder at {', '.join(map(str, tried))}: the model folder moved? Point --model-path "
+        "at a copy"
     )
 
 
 def load_checkpoint_unet(
     checkpoint: Path, weights: str, model_path: Optional[str] = None
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read one UNet's weights (`raw` or `ema`) from a checkpoint into plain tensors, in one
-    process. `model_path`: the model folder whose UNet config the weights fit (default: the run's,
-    `resolve_model_path`). Returns (trainer_state, state_dict). ConfigError for what the user asked
-    that cannot be done, CheckpointLoadError for a checkpoint whose tensors do not read."""
+    """Read one UNet's weights (`raw` or `ema`) from a complete step folder into plain tensors, in
+    one process. `model_path`: the model folder whose UNet config the weights fit (default: the
+    run's, `resolve_model_path`). Returns (trainer_state, state_dict). UsageError for what was asked
+    that cannot be done, CheckpointLoadError for a checkpoint whose files do not read."""
     checkpoint = Path(checkpoint)
+    if not checkpoint_is_complete(checkpoint):
+        raise UsageError(f"{checkpoint} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/)")
     trainer_state = read_trainer_state(checkpoint)
     if weights == "ema" and not trainer_state["ema"]["open"]:
-        raise ConfigError(
+        raise UsageError(
             f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead"
         )
     try:
@@ -167,41 +192,88 @@ def load_checkpoint_unet(
     except (Exception, CheckpointException) as e:  # DCP raises CheckpointException (a BaseException)
         raise CheckpointLoadError(
             f"{checkpoint}: the {weights} UNet does not read ({describe_dcp_load_error(checkpoint, e)}); if the model "
-            f"folder {model_path} is not the one the run trained, pass the right one as --model-path"
+            f"folder {model_path} is not the one the run trained, point --model-path at that one"
         ) from e
     return trainer_state, state[prefix]
 
 
+def resolve_checkpoint(path: Path) -> tuple[Path, str]:
+    """The step folder `--checkpoint PATH` names, and a line saying which: PATH itself when it is a
+    complete step folder, else the newest complete step of PATH/checkpoints (PATH is a run's
+    output_dir) or of PATH (its checkpoints/). Raises UsageError listing what is there."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(
+            f"--checkpoint {path}: no such folder. Give a run's output_dir, its checkpoints/, or a step folder"
+        )
+    if STEP_RE.match(path.name):
+        if checkpoint_is_complete(path):
+            return path, f"step folder {path}"
+        steps = complete_steps(path.parent)
+        raise UsageError(
+            f"--checkpoint {path} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/: "
+            f"a save that did not finish). Complete steps beside it: {_names(steps)}"
+        )
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = complete_steps(root)
+    if not steps:
+        partial = sorted(e.name for e in root.iterdir() if e.name.endswith(PARTIAL_SUFFIX)) if root.is_dir() else []
+        raise UsageError(
+            f"--checkpoint {path}: no complete checkpoint in {root}"
+            + (f" (only unfinished saves: {', '.join(partial)})" if partial else "")
+            + ". Give a run's output_dir, its checkpoints/, or a step folder step_NNNNNNNN"
+        )
+    newest = step_dir(root, steps[-1])
+    return newest, f"the newest complete checkpoint of {root}: {newest.name} (of {_names(steps)})"
+
+
+def _names(steps: list[int]) -> str:
+    return ", ".join(f"step_{s:08d}" for s in steps) if steps else "none"
+
+
 def main_export(argv: list[str]) -> int:
-    """`sd-train export --checkpoint DIR --out DIR [--weights ema|raw]`. Exit 2 for what was asked
-    wrongly (a missing folder, an EMA that never opened, a model folder that moved), 1 for a
-    checkpoint that does not read or an output that cannot be written; each with one line on stderr."""
+    """`sd-train export --checkpoint RUN_DIR|STEP_DIR --out DIR [--weights ema|raw]`. What was asked
+    wrongly (no such folder, an EMA that never opened, a model folder that moved) raises UsageError,
+    which `sd-train` prints as one line, exit 2; a checkpoint that does not read, or an output that
+    cannot be written, is one line here, exit 1."""
     p = argparse.ArgumentParser(prog="sd-train export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a complete step folder, e.g. runs/x/checkpoints/step_00001000")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run's output_dir or its checkpoints/ (the newest complete step is taken), or one step folder, "
+        "e.g. runs/x/checkpoints/step_00001000",
+    )
     p.add_argument("--out", required=True, help="the pipeline folder to write")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema")
+    p.add_argument(
+        "--weights",
+        choices=["ema", "raw"],
+        default="ema",
+        help="which UNet: ema (default; the EMA window must have opened by that step) or raw (the trained weights)",
+    )
     p.add_argument(
         "--model-path",
         default=None,
         help="the model folder (UNet config and frozen parts) instead of the run's model.pretrained_path",
     )
     ns = p.parse_args(argv)
+    if ns.model_path and not _is_model_folder(Path(ns.model_path)):
+        raise UsageError(f"--model-path {ns.model_path}: not a diffusers model folder (unet/ vae/ text_encoder/ ...)")
+    folder, which = resolve_checkpoint(Path(ns.checkpoint))
+    print(f"exporting {ns.weights} weights from {which}")
     try:
-        if ns.model_path:
-            try:
-                check_model_folder(ns.model_path)
-            except ConfigError as e:
-                raise ConfigError(f"--model-path: {e}") from e
-        checkpoint = Path(ns.checkpoint)
-        cfg = read_trainer_state(checkpoint)["config"]
+        cfg = read_trainer_state(folder)["config"]
         model_path = ns.model_path or resolve_model_path(
-            cfg["model"]["pretrained_path"], checkpoint, cfg.get("output_dir", "")
+            cfg["model"]["pretrained_path"], folder, cfg.get("output_dir", "")
         )
-        trainer_state, unet_state = load_checkpoint_unet(checkpoint, ns.weights, model_path)
-        out = save_pipeline(model_path, unet_state, Path(ns.out), cfg["objective"]["prediction_type"])
-    except ConfigError as e:
-        print(f"sd-train export: {e}", file=sys.stderr)
-        return 2
+        trainer_state, unet_state = load_checkpoint_unet(folder, ns.weights, model_path)
+        objective = cfg["objective"]
+        out = save_pipeline(
+            model_path,
+            unet_state,
+            Path(ns.out),
+            objective["prediction_type"],
+            objective.get("zero_dropped_captions", False),  # absent in configs written before it existed
+        )
     except CheckpointLoadError as e:
         print(f"sd-train export: {e}", file=sys.stderr)
         return 1

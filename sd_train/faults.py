@@ -9,17 +9,24 @@ Phases: mid_step (between backward and optimizer step), after_rank_files (checkp
 written, shards not), after_shards (shards written, folder not yet renamed), before_retention,
 during_async_save, export_write (main process, the end-of-run export, before its files are written),
 grid_write (main process, on the background writer's thread, before a sample grid is written).
-Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM), sleep (`seconds`).
-Unset, it costs one dict lookup per phase.
+Actions: kill (default, SIGKILL), nan, hang (sleep forever), term (SIGTERM), sleep (`seconds`),
+wait_signal (wait until this process is asked to stop, by SIGTERM or Ctrl-C: a test sends a real
+signal once it reads the fault's line, and the run stops at exactly that step; at most `seconds`,
+default 300). Unset, it costs one dict lookup per phase.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
+
+from sd_train.console import ANY_RANK
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +72,8 @@ class FaultInjector:
     def __init__(self, rank: int):
         self.rank = rank
         self.fault = parse_fault(os.environ.get("SD_TRAIN_FAULT"))
+        # Whether this process was asked to stop (set by the trainer), for `wait_signal`.
+        self.stop_requested: Callable[[], bool] = lambda: False
 
     def trip(self, phase: str, step: int) -> bool:
         f = self.fault
@@ -73,7 +82,7 @@ class FaultInjector:
         f.fired += 1
         if f.action == "nan":
             return True
-        print(f"[fault injection] rank {self.rank} step {step} phase {phase}: {f.action}", flush=True)
+        log.info(f"[fault injection] rank {self.rank} step {step} phase {phase}: {f.action}", extra=ANY_RANK)
         if f.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif f.action == "term":
@@ -83,4 +92,8 @@ class FaultInjector:
         elif f.action == "hang":
             while True:
                 time.sleep(3600)
+        elif f.action == "wait_signal":
+            deadline = time.monotonic() + (f.seconds or 300.0)
+            while not self.stop_requested() and time.monotonic() < deadline:
+                time.sleep(0.05)
         return False

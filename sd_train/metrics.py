@@ -3,6 +3,11 @@
 Only the main process logs; other ranks get a `NullMetrics` that does nothing. wandb is imported
 lazily, and a missing key never stops a run: it falls back to the JSONL log with one warning.
 Metric names are grouped: `train/`, `optim/`, `speed/`, `memory/`, `ema/`, `data/`, `val/`.
+
+A resumed run reads forward: `start(step)` drops the rows a previous launch wrote for steps after
+the checkpoint this launch resumed from (they are logged again, bitwise equal) and writes a
+`resumed` event, so metrics.jsonl holds each step once, in order. wandb and tensorboard already hold
+those steps; they get only steps past the highest one logged before, the same monotonic history.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from tqdm import tqdm
 
 from sd_train.config import MetricsArgs
 from sd_train.parallel.process_group import all_reduce_max as reduce_max
@@ -40,6 +46,11 @@ class NullMetrics:
 
     def __init__(self, args: MetricsArgs):
         self.args = args
+        # The last value logged under each name, with its step (the end-of-run summary reads it).
+        self.latest: dict[str, tuple[int, Any]] = {}
+        # The highest step a previous launch logged (set by `start`): wandb and tensorboard
+        # already hold every step up to it.
+        self.logged_before = -1
 
     def should_log(self, step: int) -> bool:
         return step % self.args.log_every == 0
@@ -53,6 +64,9 @@ class NullMetrics:
     def log_config(self, config: dict, plan: dict) -> None:
         pass
 
+    def start(self, step: int, event: Optional[dict[str, Any]] = None) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -63,7 +77,10 @@ class Metrics(NullMetrics):
     def __init__(self, args: MetricsArgs, output_dir: str, run_name: str):
         super().__init__(args)
         self.dir = Path(output_dir)
-        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self.path = self.dir / "metrics.jsonl"
+        self.jsonl = open(self.path, "a", buffering=1)
+        if self.jsonl.tell() > 0 and _last_byte(self.path) != b"\n":
+            self.jsonl.write("\n")  # a killed launch's half-written last line stays a line of its own
         self.wandb = self._init_wandb(run_name) if args.wandb else None
         self.tb = self._init_tensorboard() if args.tensorboard else None
 
@@ -103,9 +120,41 @@ class Metrics(NullMetrics):
             warnings.warn(f"tensorboard disabled ({e}); metrics still go to metrics.jsonl", stacklevel=2)
             return None
 
+    def start(self, step: int, event: Optional[dict[str, Any]] = None) -> None:
+        """This launch logs from `step` on: drop the rows of later steps (and, from step 0, every
+        step row: the run starts over) and write `event` (e.g. the resume) at `step`. Rows without
+        a step (each launch's config) stay."""
+        self.jsonl.close()
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                dropped += 1  # the half-written last line of a killed launch
+                continue
+            row_step = row.get("step") if isinstance(row, dict) else None
+            if isinstance(row_step, int):
+                self.logged_before = max(self.logged_before, row_step)
+                if row_step > step or (step == 0 and row_step == 0):
+                    dropped += 1
+                    continue
+                # What the run logged before this launch counts as its latest values until relogged.
+                self.latest.update({k: (row_step, v) for k, v in row.items() if k not in ("step", "time")})
+            kept.append(line)
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, self.path)
+        self.jsonl = open(self.path, "a", buffering=1)
+        if event is not None:
+            self.jsonl.write(json.dumps({"step": step, "time": time.time(), **event, "dropped_rows": dropped}) + "\n")
+
     def log(self, step: int, values: dict[str, Any]) -> None:
         values = {k: _jsonable(v) for k, v in values.items()}
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self.latest.update({k: (step, v) for k, v in values.items()})
+        if step <= self.logged_before:
+            return  # wandb and tensorboard have this step from the launch that logged it first
         if self.wandb is not None:
             self.wandb.log(values, step=step)
         if self.tb is not None:
@@ -117,7 +166,7 @@ class Metrics(NullMetrics):
         """`path` is where the picture is (or is being) written; `image` (a PIL image), when
         given, is what wandb gets, so that it never waits for or reads the file."""
         self.jsonl.write(json.dumps({"step": step, "image": name, "path": str(path)}) + "\n")
-        if self.wandb is not None:
+        if self.wandb is not None and step > self.logged_before:
             import wandb
 
             self.wandb.log({name: wandb.Image(image if image is not None else str(path))}, step=step)
@@ -133,6 +182,12 @@ class Metrics(NullMetrics):
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def build_metrics(args: MetricsArgs, output_dir: str, run_name: str, is_main: bool) -> NullMetrics:
@@ -166,6 +221,9 @@ class StepWindow:
         self.flops_per_image = flops_per_image
         self.peak_tflops = peak_tflops
         self.run_peak_gb = 0.0
+        # This launch's training samples and time over every window read so far (the summary's img/s).
+        self.run_samples = 0
+        self.run_train_s = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -181,6 +239,10 @@ class StepWindow:
         self.plain_step_syncs = 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def restart(self) -> None:
+        """Start the first window now (the loop begins), not when the run was built."""
+        self._reset()
 
     def step_started(self) -> None:
         self.step_start = time.perf_counter()
@@ -228,6 +290,8 @@ class StepWindow:
         elapsed = now - self.start
         train_time = max(elapsed - self.excluded_s, 1e-9)
         per_gpu = self.samples / train_time / self.world_size
+        self.run_samples += self.samples
+        self.run_train_s += train_time
         steps = max(self.steps, 1)
         allocated, reserved = reduce_max(list(window_peak_memory_gb(self.device)), self.device)
         self.run_peak_gb = max(self.run_peak_gb, peak_memory_gb(self.device))
@@ -251,6 +315,10 @@ class StepWindow:
         self._reset()
         return values
 
+    def run_img_per_s_per_device(self) -> Optional[float]:
+        """Images per second per device over this launch's training time (windows read so far)."""
+        return self.run_samples / self.run_train_s / self.world_size if self.run_train_s > 0 else None
+
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
@@ -266,6 +334,33 @@ def window_peak_memory_gb(device: torch.device) -> tuple[float, float]:
         return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
     rss = peak_memory_gb(device)
     return rss, rss
+
+
+class Progress:
+    """The progress bar: tqdm on the main process's stderr, nothing on the other ranks (every rank
+    drawing its own bar garbles the console). Opened when the loop starts."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+        self.bar: Optional[tqdm] = None
+
+    def start(self, step: int) -> None:
+        if self.enabled:
+            # disable=False: shown even where TQDM_DISABLE quiets the libraries' bars (sd_train.console).
+            self.bar = tqdm(total=self.total, initial=step, dynamic_ncols=True, desc="train", disable=False)
+
+    def advance(self, taken: bool) -> None:
+        if self.bar is not None:
+            self.bar.update(1 if taken else 0)
+
+    def show(self, **values: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class KeyLog:

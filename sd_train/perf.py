@@ -76,14 +76,22 @@ def training_flops_per_image(
     """Forward+backward FLOPs of one image through `unet` (the plain, unwrapped module), counted by
     `FlopCounterMode` on a batch of one (the count is linear in the batch). Matmuls and convolutions
     only, as MFU conventionally counts; with gradient checkpointing the recompute is included.
-    Touches neither the weights nor the random state; the gradients it makes are dropped."""
+    An SDXL UNet (`addition_embed_type: text_time`) also gets its pooled embedding and six time
+    ids. Touches neither the weights nor the random state; the gradients it makes are dropped.
+    Works on the meta device too (shapes only), which is how the SDXL figures were counted."""
     dtype = next(unet.parameters()).dtype
     x = torch.zeros(1, *latent_shape, device=device, dtype=dtype)
     text = torch.zeros(1, *text_shape, device=device, dtype=dtype)
     t = torch.zeros(1, dtype=torch.long, device=device)
+    kwargs = {}
+    config = getattr(unet, "config", None)
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": torch.zeros(1, pooled, device=device, dtype=dtype)}
+        kwargs["added_cond_kwargs"] = added | {"time_ids": torch.zeros(1, 6, dtype=torch.long, device=device)}
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
-        unet(x, t, encoder_hidden_states=text).sample.float().square().mean().backward()
+        unet(x, t, encoder_hidden_states=text, **kwargs).sample.float().square().mean().backward()
     for p in unet.parameters():
         p.grad = None
     return float(counter.get_total_flops())

@@ -12,16 +12,20 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from sd_train.config import TrainConfig
 from sd_train.config.launcher import read_launch_env, shard_group_size
-from sd_train.data.sources import check_epoch_shard_count, expand_sources
+from sd_train.data.sources import Source, check_epoch_shard_count, expand_sources
 from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
 from sd_train.errors import ConfigError
-from sd_train.paths import check_model_folder, checkpoint_is_complete, step_dir
+from sd_train.model.family import DEFAULT_FSDP_UNITS, Family, model_family
+from sd_train.paths import checkpoint_is_complete, step_dir
+
+log = logging.getLogger(__name__)
 
 
 def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os.environ) -> TrainConfig:
@@ -34,7 +38,8 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
     if d.val_shards:
         check_shards("data.val_shards", d.val_shards, 1, 1, False, d.allow_pipe)
     check_checkpoint_folders(cfg)
-    resolved = resolve_precision(resolve_strategy(cfg, environ))
+    family = model_family(cfg.model.pretrained_path)  # refuses a folder whose parts contradict its family
+    resolved = resolve_fsdp_units(resolve_precision(resolve_strategy(cfg, environ)), family)
     check_shard_group(resolved, world_size, environ)
     check_deepspeed_knobs(resolved)
     if resolved.checkpoint.init_from and resolved.dist.strategy == "deepspeed":
@@ -43,7 +48,7 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
             "stage-1 checkpoint (`sd-train export --checkpoint DIR --weights raw`) and start from it with "
             "model.pretrained_path instead (weights only)"
         )
-    check_model_folder(cfg.model.pretrained_path)
+    check_vae_dtype(cfg, family)
     check_resolution_fits_vae(cfg.data.resolution, cfg.model.pretrained_path)
     plan_from_config(cfg.ema, cfg.max_steps).check()
     posthoc_plan_from_config(cfg.ema, cfg.max_steps).check()
@@ -62,6 +67,28 @@ def resolve_precision(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, dist=dataclasses.replace(d, param_dtype=dtype))
 
 
+def resolve_fsdp_units(cfg: TrainConfig, family: Family) -> TrainConfig:
+    """`dist.fsdp_units=auto`: the family's default under FSDP2 (`blocks` for SD 1.x/2.x, `layers`
+    for SDXL, whose largest block is 1.21B params); `blocks`, the value that does not apply, under
+    DDP and DeepSpeed (check_shard_group refuses anything else there)."""
+    d = cfg.dist
+    if d.fsdp_units != "auto":
+        return cfg
+    units = DEFAULT_FSDP_UNITS[family] if d.strategy == "fsdp2" else "blocks"
+    return dataclasses.replace(cfg, dist=dataclasses.replace(d, fsdp_units=units))
+
+
+def check_vae_dtype(cfg: TrainConfig, family: Family) -> None:
+    """SDXL's VAE overflows in fp16: its decoder's activations exceed fp16's 65504 and come back
+    as NaN (the reason diffusers' SDXL VAE config carries force_upcast, and why the community's
+    fp16-fix VAE exists)."""
+    if family == "sdxl" and cfg.model.vae_dtype == "fp16":
+        raise ConfigError(
+            "model.vae_dtype=fp16 with an SDXL folder: the SDXL VAE produces NaNs in fp16 (its activations "
+            "overflow fp16's range; diffusers marks it force_upcast). Use model.vae_dtype=bf16 or fp32 (or auto)"
+        )
+
+
 def check_shards(
     name: str, spec: str, world_size: int, workers: int, epoch_mode: bool, allow_pipe: bool = False
 ) -> None:
@@ -77,8 +104,23 @@ def check_shards(
             raise ConfigError(
                 f"{name}={spec!r}: pattern {src.pattern!r} matches no shard. Check the path, or run `make data`"
             )
+        warn_missing_shards(name, src)
         if epoch_mode:
             check_epoch_shard_count(name, src, world_size, workers)
+
+
+def warn_missing_shards(name: str, src: Source) -> None:
+    """A brace range that only partly exists (`train-{000000..000009}.tar` with 8 shards there) is
+    allowed, since a download may have lost a few shards, which are then skipped and counted as bad
+    input; but a range one past the end is as likely a typo, so the plan names what is missing."""
+    missing = [u for u in src.urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    if not missing:
+        return
+    shown = ", ".join(Path(u).name for u in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    log.warning(
+        f"{name}: {len(missing)} of the {len(src.urls)} shards {src.pattern!r} names are missing: {shown}. They will "
+        "be skipped and counted as bad input (data/bad_shards); if the range is a typo, fix it"
+    )
 
 
 def vae_downsampling_factor(model_path: str) -> int:
@@ -144,8 +186,8 @@ def check_shard_group(cfg: TrainConfig, world_size: int, environ: Mapping[str, s
     """`dist.shard_group_size` (default: one node) divides the world, and applies to FSDP2 only."""
     d = cfg.dist
     if d.strategy != "fsdp2":
-        for name, default in (("fsdp_units", "blocks"), ("prefetch", 0)):
-            if getattr(d, name) != default:
+        for name, defaults in (("fsdp_units", ("auto", "blocks")), ("prefetch", (0,))):
+            if getattr(d, name) not in defaults:
                 raise ConfigError(
                     f"dist.{name}={getattr(d, name)} applies to dist.strategy=fsdp2 only (now {d.strategy}): remove it"
                 )

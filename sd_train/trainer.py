@@ -1,8 +1,10 @@
-"""The training loop. It reads top to bottom: setup, data, model, optimizer, wrap, resume, loop.
+"""The training loop. A run is built (`Trainer(cfg)`: setup, data, model, optimizer, wrap), described
+(`describe`: the plans, what the hot path runs), resumed (`resume`) and trained (`train`: the loop).
 
 The loop only calls components; each decides its own cadence: `ema.update(step)` knows whether the
 window is open, `checkpointer.save(step, ...)` whether a save is due, `metrics.should_log(step)`
-whether to log, `evaluator.should_run(step)` whether to evaluate.
+whether to log, `evaluator.should_run(step)` whether to evaluate, and `StepSignals` carries the
+votes the ranks agree on every step (stop on SIGTERM or Ctrl-C, save on the clock).
 
 Launch (see docs/launching.md):
     python train.py --config configs/demo.yaml                     # one process (still FSDP2)
@@ -16,20 +18,18 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from sd_train import console
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import TrainConfig, config_to_dict, dump_config
 from sd_train.data.bad_input import check_bad_fraction
-from sd_train.data.decode import CaptionTokenizer
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import sample_posterior
 from sd_train.data.prefetch import stager_for
@@ -47,7 +47,9 @@ from sd_train.export import export_from_training
 from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
-from sd_train.metrics import KeyLog, StepWindow, build_metrics
+from sd_train.langevin import LangevinNoise
+from sd_train.metrics import KeyLog, Progress, StepWindow, build_metrics
+from sd_train.model.conditioning import Conditioning, stored_conditioning
 from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
 from sd_train.objective import DiffusionObjective
 from sd_train.optim import build_lr_schedule, build_optimizer
@@ -61,91 +63,32 @@ from sd_train.parallel.process_group import (
     init_distributed,
     reduce_tensor_,
 )
-from sd_train.paths import POSTHOC_DIR
+from sd_train.paths import POSTHOC_DIR, complete_steps, snapshot_steps, step_dir
 from sd_train.perf import apply_backend_flags, peak_tflops, training_flops_per_image, use_fused_adamw
 from sd_train.rng import RankRNG, seed_all
+from sd_train.run_summary import RunSummary
+from sd_train.step_signals import INTERRUPTED_EXIT, StepSignals, StepVotes, StopRequests
+from sd_train.train_state import DataPosition, StepResult, TrainState
 
-log = logging.getLogger("sd_train")
-
-
-@dataclass
-class TrainState:
-    """Progress that every rank shares; saved in trainer_state.json."""
-
-    step: int = 0
-    samples_seen: int = 0
-    skipped_steps: int = 0
-    consecutive_skips: int = 0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-class Preemption:
-    """SIGTERM sets a flag; the ranks agree on it once per step (any rank's signal counts), then
-    save a complete checkpoint and exit 0. The handler itself does nothing else: no I/O in a signal
-    handler, and no rank may leave a collective half-done.
-
-    The per-step agreement costs no host sync of its own: `vote` is summed over ranks on the
-    device (in the loop's one per-step all-reduce) and read together with the grad norm
-    (Strategy.step). Steps that log, evaluate or save already read values on the host and ask
-    `agreed` once more after those, so a signal that arrives while a checkpoint is written stops
-    the run at that step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        (flag,) = all_reduce_sum([1.0 if self.requested else 0.0], device)
-        return flag > 0
-
-    def vote(self) -> float:
-        """This rank's vote to stop: summed over ranks, the number of ranks that were signalled."""
-        return 1.0 if self.requested else 0.0
-
-
-class DataPosition:
-    """The loader's position as a checkpoint entry (rank_R.pt). On another world size each rank
-    starts from its nearest saved rank's position, and the ranks agree on the next epoch (the
-    loader warns): the per-rank positions of the old world have no counterpart in the new one."""
-
-    def __init__(self, loader, device: torch.device):
-        self.loader, self.device = loader, device
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-    def load_state_dict_from_other_world(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-        epoch = int(all_reduce_max([float(self.loader.reshard_epoch or 0)], self.device)[0])
-        self.loader.start_at_epoch(epoch)
+log = logging.getLogger(__name__)
 
 
 class Trainer:
     """Owns the components of one run and the loop that drives them."""
 
+    # ---- build -----------------------------------------------------------------------------------
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.started = time.monotonic()
         self.info = init_distributed(cfg.dist)
+        console.set_rank(self.info.rank)
         self.backend_flags = apply_backend_flags(cfg.perf, self.info.device)
         self.out = Path(cfg.output_dir)
-        if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.out / "config.yaml")
-        barrier()
+        self._prepare_output_dir()
         self.faults = FaultInjector(self.info.rank)
-        self.preemption = Preemption()
+        self.stop_requests = StopRequests(self.info.is_main)
+        self.faults.stop_requested = self.stop_requests.requested
         seed_all(cfg.seed + self.info.rank)  # per-rank noise/timesteps; weights come from the folder or `seed`
         self.accum = cfg.grad_accum_steps(self.info.world_size)
 
@@ -154,46 +97,63 @@ class Trainer:
         self.flops_per_image = self._count_flops() if cfg.perf.count_flops else None
         self.peak_tflops = peak_tflops(cfg.perf, self.info.device)
         self.strategy = build_strategy(cfg, self.info, self.accum)
-        fused = use_fused_adamw(cfg.perf, self.info.device)
+        self.fused = use_fused_adamw(cfg.perf, self.info.device)
         # Counted before wrapping: ZeRO-3 leaves the module's parameters empty (numel 0).
-        num_params = sum(p.numel() for p in self.parts.unet.parameters() if p.requires_grad)
-        self.strategy.wrap(self.parts.unet, lambda module: build_optimizer(module, cfg.optim, fused=fused))
+        self.num_params = sum(p.numel() for p in self.parts.unet.parameters() if p.requires_grad)
+        self.strategy.wrap(self.parts.unet, lambda module: build_optimizer(module, cfg.optim, fused=self.fused))
         self.model, self.optimizer = self.strategy.model, self.strategy.optimizer
         # The inputs' dtype follows the params the forward reads: bf16 in DeepSpeed's bf16 mode,
         # which casts the module but not its inputs (FSDP2 keeps fp32 params and casts both itself).
         self.parts.step_dtype = next(self.strategy.module.parameters()).dtype
         self.lr_schedule = build_lr_schedule(self.optimizer, cfg.optim, cfg.max_steps)
+        # Both plans were checked by sd_train.preflight before any process group started.
         self.plan = plan_from_config(cfg.ema, cfg.max_steps)
-        self.plan.check()
         self.ema = ShardedEMA(self.strategy.module, self.plan, self.strategy.ema_layout())
+        ema_start = self.plan.step_start_ema if self.plan.enabled else None
+        self.langevin = LangevinNoise(cfg.optim.langevin, cfg.seed, cfg.optim.lr, ema_start, self.strategy)
         self.posthoc_plan = posthoc_plan_from_config(cfg.ema, cfg.max_steps)
-        self.posthoc_plan.check()
         self.posthoc = (
             PowerEMAProfiles(self.strategy.module, self.posthoc_plan, self.strategy.ema_layout())
             if self.posthoc_plan.enabled
             else None
         )
-        empty = as_step_input(encode_text(self.parts, [""], self.info.device), self.parts.step_dtype)
+        empty = encode_text(self.parts, [""], self.info.device).map(lambda t: as_step_input(t, self.parts.step_dtype))
         self.objective = DiffusionObjective(cfg.objective, self.parts.noise_scheduler.alphas_cumprod, empty)
 
         self.loader = build_train_loader(
             cfg,
             self.info.rank,
             self.info.world_size,
-            tokenize=CaptionTokenizer(self.parts.tokenizer, self.parts.token_length),
+            tokenize=self.parts.caption_tokenizer(),
             stager=stager_for(self.info.device, cfg.perf.device_prefetch),
         )
         self.metrics = build_metrics(cfg.metrics, cfg.output_dir, cfg.run_name or self.out.name, self.info.is_main)
         self.evaluator = Evaluator(cfg, self.parts, self.objective, self.info, self.ema, self.metrics, self.out)
         self.evaluator.fault_hook = lambda phase, step: self.faults.trip(phase, step)
         if not cfg.data.precomputed:
-            self.parts.load("vae", "text_encoder")  # the step runs both
+            self.parts.load("vae", *self.parts.text_encoder_names)  # the step runs them all
         else:
             # The step reads stored latents and embeddings: the text encoder was needed only for
             # the empty caption and the evaluator's fixed inputs, the VAE only to decode samples.
-            self.parts.release("text_encoder", *(() if self.evaluator.sampler is not None else ("vae",)))
+            self.parts.release(
+                *self.parts.text_encoder_names, *(() if self.evaluator.sampler is not None else ("vae",))
+            )
         self.state = TrainState()
-        self.checkpointer = Checkpointer(
+        self.start_step = 0  # where this launch began (set by `resume`)
+        self.checkpointer = self._build_checkpointer()
+        self.key_log = KeyLog(self.out, self.info.rank, cfg.data.log_keys)
+        self.signals = StepSignals(self.stop_requests, self.checkpointer.clock_vote, self.info.device)
+        self.window = StepWindow(
+            cfg.global_batch_size, self.info.device, self.info.world_size, self.flops_per_image, self.peak_tflops
+        )
+        self.progress = Progress(self.info.is_main, cfg.max_steps)
+        self.exports: list[Path] = []
+
+    def _build_checkpointer(self) -> Checkpointer:
+        """Everything a checkpoint holds, registered once: the tensors (through the Strategy), the
+        shadows, the shared progress and schedule, each rank's RNG and data position, the config."""
+        cfg = self.cfg
+        checkpointer = Checkpointer(
             cfg.checkpoint,
             cfg.output_dir,
             self.info.rank,
@@ -208,26 +168,15 @@ class Trainer:
             },
             config=config_to_dict(cfg),
         )
-        self.checkpointer.fault_hook = lambda phase, step: self.faults.trip(phase, step)
-        self.key_log = KeyLog(self.out, self.info.rank, cfg.data.log_keys)
-        figures = self.plan.figures()
-        if self.posthoc is not None:
-            live_numel = sum(v.numel() for v in self.posthoc.layout.views(self.posthoc.named_params))
-            figures.update(self.posthoc_plan.figures(num_params, self.info.world_size, live_numel))
-        self.metrics.log_config(config_to_dict(cfg), figures)
+        checkpointer.fault_hook = lambda phase, step: self.faults.trip(phase, step)
+        return checkpointer
+
+    def _prepare_output_dir(self) -> None:
+        """The run folder and the resolved config in it, before any rank writes there."""
         if self.info.is_main:
-            print(self.plan.describe(), flush=True)
-            print(self._describe_hot_path(fused), flush=True)
-            if self.posthoc is not None:
-                print(self.posthoc_plan.describe(num_params, self.info.world_size, live_numel), flush=True)
-            (self.out / "ema_plan.json").write_text(json.dumps(figures, indent=1))
-        write_topology(
-            self.out / "topology.json",
-            self.strategy,
-            self.info,
-            {"strategy": cfg.dist.strategy, "zero_stage": cfg.dist.zero_stage, "grad_accum_steps": self.accum},
-        )
-        self._resume()
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.out / "config.yaml")
+        barrier()
 
     def _count_flops(self) -> float:
         """Forward+backward FLOPs of one training image at this run's shape, on the plain UNet
@@ -237,27 +186,58 @@ class Trainer:
         return training_flops_per_image(
             unet,
             (unet.config.in_channels, latent, latent),
-            (parts.token_length, parts.text_config.hidden_size),
+            (parts.token_length, parts.text_width),
             self.info.device,
         )
 
-    def _describe_hot_path(self, fused: bool) -> str:
+    # ---- describe ---------------------------------------------------------------------------------
+
+    def describe(self) -> None:
+        """Say what this run will do (main process): the EMA and post-hoc plans and the hot path,
+        also written to ema_plan.json, the config row of metrics.jsonl and topology.json (collective)."""
+        figures = self.plan.figures()
+        live_numel = None
+        if self.posthoc is not None:
+            live_numel = sum(v.numel() for v in self.posthoc.layout.views(self.posthoc.named_params))
+            figures.update(self.posthoc_plan.figures(self.num_params, self.info.world_size, live_numel))
+        self.metrics.log_config(config_to_dict(self.cfg), figures)
+        log.info(self.plan.describe())
+        log.info(self._describe_hot_path())
+        if self.posthoc is not None:
+            log.info(self.posthoc_plan.describe(self.num_params, self.info.world_size, live_numel))
+        if self.info.is_main:
+            (self.out / "ema_plan.json").write_text(json.dumps(figures, indent=1))
+        cfg = self.cfg
+        write_topology(
+            self.out / "topology.json",
+            self.strategy,
+            self.info,
+            {"strategy": cfg.dist.strategy, "zero_stage": cfg.dist.zero_stage, "grad_accum_steps": self.accum},
+        )
+
+    def _describe_hot_path(self) -> str:
         flops = f"{self.flops_per_image / 1e9:.2f} GFLOP" if self.flops_per_image else "not counted"
         peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown (no speed/mfu)"
         flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
         frozen = ", ".join(self.parts.resident()) or "none"
+        vae_dtype = self.parts.vae_dtype
+        vae = f"VAE {str(vae_dtype).removeprefix('torch.')}, " if vae_dtype != self.parts.frozen_dtype else ""
         cfg = self.cfg
         precision = f"params {cfg.dist.param_dtype}" + (" under bf16 autocast" if cfg.autocast_bf16() else "")
         return (
-            f"hot path: {self.info.device.type}, {precision}, AdamW {'fused' if fused else 'foreach'}"
+            f"hot path: {self.info.device.type}, {precision}, AdamW {'fused' if self.fused else 'foreach'}"
             f"{' (non-finite skip in the kernel)' if self.strategy.skip_on_device else ''}, {flags}, "
             f"compile={self.cfg.perf.compile}, channels_last={self.cfg.perf.channels_last}, "
             f"device_prefetch={self.loader.stager.lookahead > 0}; "
-            f"frozen encoders {str(self.parts.frozen_dtype).removeprefix('torch.')} under inference_mode, "
+            f"frozen encoders {str(self.parts.frozen_dtype).removeprefix('torch.')} under inference_mode, {vae}"
             f"resident for the step: {frozen}; forward+backward per image {flops}; peak {peak}"
         )
 
-    def _resume(self) -> None:
+    # ---- resume -----------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint of this run (or start from checkpoint.init_from), and
+        make metrics.jsonl read forward from the step this launch starts at."""
         if self.cfg.checkpoint.resume == "none" and self.checkpointer.candidates_exist():
             raise ConfigError(
                 f"checkpoint.resume=none but {self.checkpointer.root} holds checkpoints: use a new "
@@ -266,19 +246,28 @@ class Trainer:
         loaded = self.checkpointer.load()
         if loaded is None and self.cfg.checkpoint.init_from:
             self.checkpointer.init_from(Path(self.cfg.checkpoint.init_from))
-        elif loaded is not None and self.cfg.checkpoint.init_from and self.info.is_main:
-            print(f"checkpoint.init_from ignored: this run already has checkpoints ({loaded.folder})", flush=True)
-        if loaded is not None and self.info.is_main:
-            print(
+        elif loaded is not None and self.cfg.checkpoint.init_from:
+            log.info(f"checkpoint.init_from ignored: this run already has checkpoints ({loaded.folder})")
+        event = None
+        if loaded is not None:
+            log.info(
                 f"resumed from {loaded.folder} at step {self.state.step} "
-                f"(saved by {loaded.saved_world_size} ranks, now {self.info.world_size})",
-                flush=True,
+                f"(saved by {loaded.saved_world_size} ranks, now {self.info.world_size})"
             )
+            event = {
+                "event": "resumed",
+                "from": str(loaded.folder),
+                "saved_world_size": loaded.saved_world_size,
+                "world_size": self.info.world_size,
+            }
+        self.start_step = self.state.step
+        self.metrics.start(self.state.step, event)
 
-    # ---- one optimizer step ------------------------------------------------------------------
+    # ---- one optimizer step ------------------------------------------------------------------------
 
-    def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, text embeddings) of a batch, as contiguous tensors of the step's dtype."""
+    def _encode(self, batch: dict) -> tuple[torch.Tensor, Conditioning]:
+        """(latents, conditioning) of a batch, as contiguous tensors of the step's dtype (SDXL's
+        time ids from the batch's geometry)."""
         dev, dtype = self.info.device, self.parts.step_dtype
         if "latent_mean" in batch:  # precomputed shards (sd-train precompute): the stored posterior
             # is sampled here, on device, from the checkpointed global RNG, with the call
@@ -289,22 +278,23 @@ class Trainer:
             mean = batch["latent_mean"].to(dev, non_blocking=True).to(dtype)
             std = batch["latent_std"].to(dev, non_blocking=True).to(dtype)
             latents = sample_posterior(mean, std, self.parts.vae_scale).contiguous()
-            embeds = batch["text_embeds"].to(dev, non_blocking=True).to(dtype)
-            return latents, embeds
+            return latents, stored_conditioning(batch, dev, dtype)
         # The frozen encoders run under inference_mode (in bf16 with mixed_precision=bf16); the
         # loader's workers tokenized the captions.
         latents = encode_pixels(self.parts, batch["pixels"], dev)
-        embeds = encode_tokens(self.parts, batch["input_ids"], dev)
-        return as_step_input(latents, dtype), as_step_input(embeds, dtype)
+        cond = encode_tokens(self.parts, batch, dev).map(lambda t: as_step_input(t, dtype))
+        return as_step_input(latents, dtype), cond.with_geometry(batch)
 
-    def train_step(self, data_iter) -> dict:
+    def train_step(self, data_iter: Iterator[dict]) -> StepResult:
         """Accumulate gradients over micro-batches, then step unless any rank saw a non-finite
         value; the Strategy's step is the agreement (see Strategy.step). Its read of the grad
-        norm (with the preemption flag) is the step's only host sync: the loss stays on the
-        device until a logged step reads it."""
+        norm (with the step's votes) is the step's only host sync: the loss stays on the device
+        until a logged step reads it."""
         cfg = self.cfg
-        step = self.state.step + 1
+        syncs_before = HOST_SYNCS.count
         window = self.window
+        window.step_started()
+        step = self.state.step + 1
         self.optimizer.zero_grad(set_to_none=True)
         # float64, summed micro-batch by micro-batch: the same value, bit for bit, as the Python
         # float sum of each micro-batch's loss that this replaced.
@@ -317,19 +307,22 @@ class Trainer:
             data_wait += time.perf_counter() - t
             keys.extend(batch.get("keys", []))
             with window.phase("forward_backward"):
-                latents, embeds = self._encode(batch)
+                latents, cond = self._encode(batch)
                 last = micro == self.accum - 1
                 self.strategy.set_grad_sync(last)
                 with autocast:
-                    loss = self.objective.loss(self.model, latents, embeds) / self.accum
+                    loss = self.objective.loss(self.model, latents, cond) / self.accum
                 if self.faults.trip("mid_step", step):
                     loss = loss * float("nan")
                 self.strategy.backward(loss, last)
                 local_loss += loss.detach().double()
         with window.phase("optimizer"):
             self.checkpointer.wait_staged()  # an async save's copy must be done before the weights change
-            finite, grad_norm, (signalled, clock_due) = self.strategy.step([self._votes()])
+            finite, grad_norm, votes = self.strategy.step([self.signals.reduced()])
         if finite:
+            if self.langevin.enabled:
+                with window.phase("noise"):  # optim.langevin: with the LR this step was taken with
+                    self.langevin.after_step(step, self.lr_schedule.get_last_lr()[0])
             self.lr_schedule.step()
             self.state.step = step
             self.state.consecutive_skips = 0
@@ -341,24 +334,7 @@ class Trainer:
         else:
             self._skip(step, local_loss)
         self.key_log.record(step, finite, keys)
-        return {
-            "loss": local_loss,
-            "grad_norm": grad_norm,
-            "data_wait": data_wait,
-            "finite": finite,
-            "preempt": signalled > 0,
-            "clock_due": clock_due > 0,
-        }
-
-    def _votes(self) -> torch.Tensor:
-        """The per-step agreements in one all-reduce, read with the grad norm (no host sync of
-        their own): the ranks signalled to stop (Preemption), and rank 0's vote that
-        `checkpoint.every_minutes` have passed (the other ranks vote 0). Filled on the device, with
-        no host-to-device copy that could wait for the queue."""
-        votes = torch.zeros(2, device=self.info.device)
-        votes[0].fill_(self.preemption.vote())
-        votes[1].fill_(self.checkpointer.clock_vote())
-        return reduce_tensor_(votes)
+        return StepResult(local_loss, grad_norm, data_wait, finite, StepSignals.agreed(votes), syncs_before)
 
     def _skip(self, step: int, local_loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -366,19 +342,42 @@ class Trainer:
         self.state.consecutive_skips += 1
         bad_ranks = [r for r, v in enumerate(all_gather_object(math.isfinite(read_float(local_loss)))) if not v]
         where = f"rank(s) {bad_ranks}" if bad_ranks else "a gradient (losses were finite)"
-        if self.info.is_main:
-            print(
-                f"WARNING: step {step}: non-finite loss/gradient on {where}; step skipped "
-                f"(weights, optimizer, LR schedule and EMA untouched)",
-                flush=True,
-            )
+        log.warning(
+            f"step {step}: non-finite loss/gradient on {where}; step skipped "
+            f"(weights, optimizer, LR schedule and EMA untouched)"
+        )
         if self.state.consecutive_skips >= self.cfg.max_consecutive_skips:
             raise NonFiniteError(
                 f"{self.state.consecutive_skips} consecutive non-finite steps, the last at step {step} on {where}; "
                 "stopping without writing a checkpoint. Lower optim.lr or check the data"
             )
 
-    # ---- side jobs with their own cadence -------------------------------------------------------
+    # ---- what is due after a step -----------------------------------------------------------------
+
+    def after_step(self, result: StepResult) -> StepVotes:
+        """Everything whose cadence may fall on this step, each component deciding: log, evaluate,
+        snapshot the post-hoc profiles, save. Returns the stop votes the ranks agree on: those read
+        with the step, or, on steps that read the host anyway, asked once more after the save."""
+        step, taken = self.state.step, result.taken
+        self.window.step_ended(result.data_wait, taken)
+        self.progress.advance(taken)
+        logged = self.metrics.should_log(step) and taken or step == self.cfg.max_steps
+        if logged:
+            self.log_step(step, result)
+        evaluated = self.evaluator.should_run(step) and taken
+        with self.window.excluded():  # img/s per GPU counts training time only
+            if evaluated:
+                self.metrics.log(step, self.evaluator.run(step, self.model))
+            if self.posthoc is not None:
+                self.posthoc.maybe_snapshot(self.out / POSTHOC_DIR, step, self.info.rank)
+            saved = self.checkpointer.save(step, clock_due=result.votes.clock_due)
+            self._log_saves(step)
+        synced = logged or evaluated or saved
+        if not synced:
+            self.window.count_host_syncs(HOST_SYNCS.count - result.syncs_before)
+        if result.votes.stop or not synced:
+            return result.votes
+        return self.signals.agree_now()
 
     def data_health(self) -> dict:
         """Sum bad-sample and filtered counts over ranks and stop above data.max_bad_fraction
@@ -413,15 +412,16 @@ class Trainer:
             **per_source,
         }
 
-    def log_step(self, step: int, result: dict) -> None:
+    def log_step(self, step: int, result: StepResult) -> None:
         """The logged figures of a step: the loss averaged over ranks, optimizer, speed window, EMA
         and data health (the last two are collectives, so every rank calls this at the same steps)."""
-        loss = read_float(reduce_tensor_(result["loss"].clone()))
+        loss = read_float(reduce_tensor_(result.loss.clone()))
         values = {
             "train/loss": loss / self.info.world_size,
             "optim/lr": self.lr_schedule.get_last_lr()[0],
-            "optim/grad_norm": result["grad_norm"],
+            "optim/grad_norm": result.grad_norm,
             "optim/skipped_steps": self.state.skipped_steps,
+            **({"optim/noise_std": self.langevin.last_std} if self.langevin.enabled else {}),
             **self.window.read(),
             "ema/open": self.ema.is_open,
             "ema/updates": self.ema.num_updates,
@@ -429,65 +429,61 @@ class Trainer:
             **self.data_health(),
         }
         self.metrics.log(step, values)
-        self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", img_s=f"{values['speed/img_per_s']:.1f}")
-
-    # ---- the loop ------------------------------------------------------------------------------
-
-    def train(self) -> int:
-        cfg = self.cfg
-        self.key_log.start(self.state.step)
-        if self.state.step == 0 and self.evaluator.validator is not None:  # the baseline the run must beat
-            self.metrics.log(0, self.evaluator.baseline(self.model))
-        data_iter = iter(self.loader)
-        self.bar = _progress(self.info.is_main, self.state.step, cfg.max_steps)
-        self.window = StepWindow(
-            cfg.global_batch_size, self.info.device, self.info.world_size, self.flops_per_image, self.peak_tflops
-        )
-        while self.state.step < cfg.max_steps:
-            syncs_before = HOST_SYNCS.count
-            self.window.step_started()
-            result = self.train_step(data_iter)
-            step = self.state.step
-            self.window.step_ended(result["data_wait"], result["finite"])
-            self.bar.update(1 if result["finite"] else 0)
-            logged = self.metrics.should_log(step) and result["finite"] or step == cfg.max_steps
-            if logged:
-                self.log_step(step, result)
-            evaluated = self.evaluator.should_run(step) and result["finite"]
-            with self.window.excluded():  # img/s per GPU counts training time only
-                if evaluated:
-                    self.metrics.log(step, self.evaluator.run(step, self.model))
-                if self.posthoc is not None:
-                    self.posthoc.maybe_snapshot(self.out / POSTHOC_DIR, step, self.info.rank)
-                saved = self.checkpointer.save(step, clock_due=result["clock_due"])
-                self._log_saves(step)
-            if not (logged or evaluated or saved):
-                self.window.count_host_syncs(HOST_SYNCS.count - syncs_before)
-            if result["preempt"] or ((logged or evaluated or saved) and self.preemption.agreed(self.info.device)):
-                self.checkpointer.save(step, force=True)
-                self.checkpointer.wait()
-                self._log_saves(step)
-                if self.info.is_main:
-                    print(f"preempted (SIGTERM): saved a complete checkpoint at step {step}; exiting 0", flush=True)
-                return 0
-        self.bar.close()
-        self.checkpointer.wait()
-        self._log_saves(self.state.step)
-        self.finish()
-        return 0
+        self.progress.show(loss=f"{values['train/loss']:.4f}", img_s=f"{values['speed/img_per_s']:.1f}")
 
     def _log_saves(self, step: int) -> None:
         """The figures of each save finished by now (rank 0's times; only the main process logs)."""
         for figures in self.checkpointer.take_figures():
             self.metrics.log(step, figures)
 
-    def finish(self) -> None:
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """Train to max_steps, or until the ranks agree to stop. Returns the exit code."""
+        data_iter = self._begin()
+        while self.state.step < self.cfg.max_steps:
+            votes = self.after_step(self.train_step(data_iter))
+            if votes.stop:
+                return self._stop(votes)
+        return self._finish()
+
+    def _begin(self) -> Iterator[dict]:
+        """Before the first step of this launch: the key log's launch marker, the step-0 baseline
+        held-out loss of a new run, the progress bar, and Ctrl-C armed to save and stop."""
+        self.key_log.start(self.state.step)
+        if self.state.step == 0 and self.evaluator.validator is not None:  # the baseline the run must beat
+            self.metrics.log(0, self.evaluator.baseline(self.model))
+        data_iter = iter(self.loader)
+        self.progress.start(self.state.step)
+        self.window.restart()
+        self.stop_requests.arm_interrupt()
+        return data_iter
+
+    def _stop(self, votes: StepVotes) -> int:
+        """Every rank saves the step they stopped at, together; exit 0 after SIGTERM (a preemption
+        or time limit: the job is requeued), 130 after Ctrl-C."""
+        step = self.state.step
+        self.checkpointer.save(step, force=True)
+        self.checkpointer.wait()
+        self._log_saves(step)
+        self.progress.close()
+        if votes.terminated:
+            log.info(f"preempted (SIGTERM): saved a complete checkpoint at step {step}; exiting 0")
+            return 0
+        log.info(f"interrupted at step {step}; saved step {step}; rerun the same command to resume")
+        return INTERRUPTED_EXIT
+
+    def _finish(self) -> int:
+        """After the last step: the last save, the data summary, the export, the run summary."""
+        self.progress.close()
+        self.checkpointer.wait()
+        self._log_saves(self.state.step)
         health = self.data_health()
         if self.info.is_main:
             summary = {"step": self.state.step, "skipped_steps": self.state.skipped_steps, **health}
             (self.out / "data_summary.json").write_text(json.dumps(summary, indent=1))
         if self.cfg.export_at_end:
-            paths = export_from_training(
+            self.exports = export_from_training(
                 lambda: self.strategy.full_model_state(self.info.is_main),
                 self.ema,
                 self.cfg.model.pretrained_path,
@@ -495,9 +491,41 @@ class Trainer:
                 self.cfg.objective.prediction_type,
                 self.info.is_main,
                 before_write=lambda: self.faults.trip("export_write", self.state.step),
+                zero_dropped_captions=self.cfg.objective.zero_dropped_captions,
             )
-            if self.info.is_main:
-                print("exported:", ", ".join(str(p) for p in paths), flush=True)
+        if self.info.is_main:
+            log.info(self.summary(health).format())
+        return 0
+
+    def summary(self, health: dict) -> RunSummary:
+        """The end-of-run figures (main process: the logged values are its own)."""
+        latest = self.metrics.latest
+
+        def last(name: str):
+            return latest.get(name)
+
+        return RunSummary(
+            output_dir=self.out,
+            step=self.state.step,
+            start_step=self.start_step,
+            skipped_steps=self.state.skipped_steps,
+            world_size=self.info.world_size,
+            wall_s=time.monotonic() - self.started,
+            img_per_s_per_device=self.window.run_img_per_s_per_device(),
+            train_loss=last("train/loss"),
+            val_raw=last("val/loss_raw"),
+            val_ema=last("val/loss_ema"),
+            checkpoints=[step_dir(self.checkpointer.root, s) for s in complete_steps(self.checkpointer.root)],
+            exports=list(self.exports),
+            samples_read=health["data/samples_read"],
+            bad={
+                k.removeprefix("data/bad_"): v
+                for k, v in health.items()
+                if k.startswith("data/bad_") and k != "data/bad_shards"
+            },
+            filtered=health["data/filtered"],
+            posthoc_snapshots=len(snapshot_steps(self.out / POSTHOC_DIR)) if self.posthoc is not None else 0,
+        )
 
     def close(self) -> None:
         self.checkpointer.close()
@@ -508,15 +536,13 @@ class Trainer:
         self.metrics.close()
 
 
+# Raised on every rank alike (each is decided collectively), so the main process alone reports them.
 KNOWN_ERRORS: tuple = (NonFiniteError, CheckpointLoadError, BadDataError)
 
 
-def _progress(enabled: bool, start: int, total: int) -> tqdm:
-    return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, desc="train")
-
-
 def run(cfg: TrainConfig) -> int:
-    """Train with a validated, resolved config (from sd_train.entry.validated_config: no `auto` strategy left).
+    """Build, describe, resume and train with a validated, resolved config (from
+    sd_train.entry.validated_config: no `auto` strategy left). Returns the exit code.
 
     A rank that fails leaves with os._exit: its peers may be blocked in a collective with it, and
     a graceful teardown (destroy_process_group, loader workers, atexit) can then block forever,
@@ -525,11 +551,15 @@ def run(cfg: TrainConfig) -> int:
     trainer = None
     try:
         trainer = Trainer(cfg)
+        trainer.describe()
+        trainer.resume()
         rc = trainer.train()
     except ConfigError as e:
-        _die(2, f"config error: {e}")
+        _die(2, f"config error: {e}", main_only=True)
     except KNOWN_ERRORS as e:
-        _die(1, f"error: {e}")
+        _die(1, f"error: {e}", main_only=True)
+    except KeyboardInterrupt:  # Ctrl-C before the loop armed its handler: nothing new to save
+        _die(INTERRUPTED_EXIT, "interrupted before the first step of this launch: nothing to save", main_only=True)
     except BaseException:
         traceback.print_exc()
         _die(1, "error: training failed (traceback above)")
@@ -537,7 +567,8 @@ def run(cfg: TrainConfig) -> int:
     return rc
 
 
-def _die(code: int, message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _die(code: int, message: str, main_only: bool = False) -> None:
+    if console.is_main() or not main_only:
+        print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(code)

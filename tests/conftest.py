@@ -2,6 +2,7 @@
 an untrained VAE, to stay fast) through the same commands `make demo` uses."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,27 @@ def tiny_assets(tmp_path_factory) -> dict:
             f"model.pretrained_path={model}",
             f"data.train_shards={data}/train-{{000000..000007}}.tar",
             f"data.val_shards={data}/val-000000.tar",
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_assets, tmp_path_factory) -> dict:
+    """A tiny SDXL folder around the tiny SD folder's VAE and tokenizer (sd_train.tools.tiny_sdxl),
+    and the committed non-square shards (tests/assets) at 16 px, so random crops and flips give
+    every sample its own micro-conditioning."""
+    from sd_train.tools.tiny_sdxl import from_tiny_sd
+
+    model = from_tiny_sd(str(tiny_assets["model"]), str(tmp_path_factory.mktemp("assets") / "tiny-sdxl"))
+    shards = Path(__file__).parent / "assets" / "tiny-{000000..000005}.tar"
+    return {
+        "model": Path(model),
+        "shards": shards,
+        "overrides": [
+            f"model.pretrained_path={model}",
+            f"data.train_shards={shards}",
+            f"data.val_shards={Path(__file__).parent / 'assets' / 'tiny-{000000..000001}.tar'}",
+            "data.resolution=16",
         ],
     }
 

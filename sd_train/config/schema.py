@@ -75,12 +75,18 @@ def parse_filter_rule(text: str) -> FilterRule:
 class ModelArgs:
     pretrained_path: str = "models/tiny-sd"
     """A local diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/,
-    scheduler/). The tiny demo model and a downloaded SD 1.5 / 2-base load through the same code."""
+    scheduler/). The folder decides the family: one whose model_index.json names
+    StableDiffusionXLPipeline (with text_encoder_2/ and tokenizer_2/) trains SDXL, any other SD 1.x/2.x.
+    The tiny demo models and a downloaded SD 1.5 / 2-base / SDXL load through the same code."""
     init_unet: Literal["pretrained", "scratch"] = "pretrained"
     """`pretrained` loads the UNet weights in the folder; `scratch` builds the UNet from its
     config with fresh random weights (seeded by `seed`)."""
     gradient_checkpointing: bool = False
     """Recompute UNet block activations in backward: less memory, ~30% more compute."""
+    vae_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype the frozen VAE runs in. `auto`: that of the text encoders (bf16 with
+    `mixed_precision=bf16`, else fp32). fp16 is refused for SDXL: its VAE overflows to NaN in fp16
+    (why diffusers' SDXL VAE config sets force_upcast); use fp32 or bf16 there."""
 
 
 @dataclass
@@ -94,6 +100,14 @@ class ObjectiveArgs:
     """Min-SNR-gamma loss weighting (arXiv 2303.09556); 5.0 is the paper's value. None: off."""
     noise_offset: float = 0.0
     """Offset noise strength (adds per-channel constant noise); 0 disables, 0.05-0.1 typical."""
+    zero_dropped_captions: bool = False
+    """What replaces a dropped caption: false, the empty caption's embeddings (SDXL: its sequence and
+    pooled embeddings); true, zeros for both (MosaicML's `zero_dropped_captions`). The sample grid's
+    unconditional branch and an exported SDXL pipeline's `force_zeros_for_empty_prompt` follow it."""
+    microcond_dropout: float = 0.0
+    """SDXL: probability of zeroing each of the three micro-conditioning pairs (original size,
+    crop corner, target size) of a sample, each pair drawn on its own per sample per step, as
+    Stability's configs allow for each size/crop embedder. 0 disables; ignored by SD 1.x/2.x."""
 
     def validate(self) -> None:
         if not 0 <= self.caption_dropout < 1:
@@ -102,6 +116,8 @@ class ObjectiveArgs:
             raise ConfigError(f"objective.snr_gamma={self.snr_gamma} must be positive, or null to disable")
         if self.noise_offset < 0:
             raise ConfigError(f"objective.noise_offset={self.noise_offset} must be >= 0")
+        if not 0 <= self.microcond_dropout < 1:
+            raise ConfigError(f"objective.microcond_dropout={self.microcond_dropout} must be in [0, 1)")
 
 
 @dataclass
@@ -192,6 +208,28 @@ class DataArgs:
 
 
 @dataclass
+class LangevinArgs:
+    """Langevin noise (the "diffusion term"): after each optimizer step every trainable parameter
+    gets N(0, 2 * diffusion * lr_t) added per element, the same numbers at any world size and
+    after any resume (sd_train.langevin). Off unless `diffusion` is set."""
+
+    diffusion: float = 0.0
+    """D, the diffusion coefficient: the noise variance per element per step is 2 * D * lr_t
+    (with SGD, stochastic gradient Langevin dynamics at temperature D). 0 (the default) is off."""
+    diffusion_schedule: Literal["constant", "lr"] = "constant"
+    """`constant`: D stays fixed, so the variance 2 D lr_t follows the LR schedule once; `lr`: D
+    itself is scaled by lr_t / optim.lr, so the variance falls with the square of the schedule
+    (annealed noise, as in Neelakantan et al. 2015)."""
+    stop_at_ema: bool = False
+    """No noise from the step the EMA window opens (`ema.step_start_ema`) on: the EMA then averages
+    a noise-free end of the run. Needs the EMA on."""
+
+    def validate(self) -> None:
+        if not math.isfinite(self.diffusion) or self.diffusion < 0:
+            raise ConfigError(f"optim.langevin.diffusion={self.diffusion} must be a finite number >= 0 (0 is off)")
+
+
+@dataclass
 class OptimArgs:
     name: Literal["adamw", "sgd"] = "adamw"
     """Optimizer. `sgd` exists for exactness tests (Adam amplifies reduction-order noise)."""
@@ -210,6 +248,8 @@ class OptimArgs:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still measured,
     because a non-finite norm is how a bad step is detected on every rank)."""
+    langevin: LangevinArgs = field(default_factory=LangevinArgs)
+    """Noise added to the weights after each optimizer step (off by default)."""
 
     def validate(self) -> None:
         _positive("optim.lr", self.lr)
@@ -219,6 +259,7 @@ class OptimArgs:
             raise ConfigError(f"optim.max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        self.langevin.validate()
 
 
 @dataclass
@@ -355,10 +396,13 @@ class DistArgs:
     N ranks, so the backward all-gather runs inside N ranks (e.g. the GPUs of one node, when
     `dist.shard_group_size` spans nodes), for 1/N of the params per rank. N must divide the shard
     group size and lie strictly between 1 and it. The root module always keeps its params."""
-    fsdp_units: Literal["blocks", "layers"] = "blocks"
+    fsdp_units: Literal["auto", "blocks", "layers"] = "auto"
     """FSDP2: what one all-gather fetches. `blocks`: each of the UNet's down/mid/up blocks (9 for
-    SD2, 10.9M-260.3M params). `layers`: each resnet and transformer block too (~40 units): a
-    smaller peak of gathered params and finer overlap, for more, smaller collectives."""
+    SD2, 10.9M-260.3M params). `layers`: each resnet and transformer block too (~40 units for SD2;
+    for SDXL its 70 BasicTransformerBlocks and 17 resnets, 94 units of at most 49M params): a
+    smaller peak of gathered params and finer overlap, for more, smaller collectives. `auto`:
+    `blocks` for SD 1.x/2.x, `layers` for SDXL, whose up_blocks[0] alone holds 1.21B params
+    (bench/sdxl_units.py prints the unit sizes)."""
     prefetch: int = 0
     """FSDP2: explicitly prefetch the next N units' all-gathers in forward and the previous N in
     backward (torchtitan's option). 0 leaves FSDP2's implicit prefetching."""
@@ -436,6 +480,12 @@ class EvalArgs:
     """DDIM steps per sample."""
     guidance_scale: float = 4.0
     """Classifier-free guidance scale of the sample grid."""
+    quality_samples: int = 0
+    """Samples per training caption for the sample-quality figures (sd_train.sample_quality: prompt
+    accuracy with its 95% Wilson interval, fidelity distance), for the raw weights and the EMA at
+    every evaluation; `sd-train posthoc --eval` scores every EMA length with them. Drawn like the
+    grid (guidance, DDIM steps, seed). For small captioned sets with one image per caption (the
+    demo's 16 emoji): the training set is read whole, at most 64 images. 0 (the default) is off."""
 
     def validate(self) -> None:
         if self.every_steps < 0:
@@ -446,6 +496,8 @@ class EvalArgs:
                 "set data.val_shards='' (or eval.every_steps=0 to turn off evaluation altogether)"
             )
         _positive("eval.num_inference_steps", self.num_inference_steps)
+        if self.quality_samples < 0:
+            raise ConfigError(f"eval.quality_samples={self.quality_samples} must be >= 0 (0 is off)")
         if any(not 0 <= t < 1000 for t in self.val_timesteps):
             raise ConfigError(f"eval.val_timesteps={self.val_timesteps} must lie in [0, 1000)")
 
@@ -594,3 +646,8 @@ class TrainConfig:
         )
         for section in (*sections, self.ema.posthoc):
             section.validate()
+        if self.optim.langevin.stop_at_ema and not self.ema.enabled:
+            raise ConfigError(
+                "optim.langevin.stop_at_ema=true stops the noise when the EMA window opens, but ema.enabled=false: "
+                "turn the EMA on or set optim.langevin.stop_at_ema=false"
+            )

@@ -204,25 +204,6 @@ def pixels_to_float(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) ->
     return pixels.to(dtype).div_(127.5).sub_(1.0)
 
 
-def tokenize_captions(tokenizer: Any, captions: list[str], length: int) -> torch.Tensor:
-    """Token ids [B, length] (int64) of `captions`, padded and truncated to `length`: the text
-    encoder's input. The training loader calls it in its workers, the trainer's encoders for
-    prompts and held-out captions, so both give the same ids."""
-    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-
-
-@dataclass(frozen=True)
-class CaptionTokenizer:
-    """Owns the tokenizer and caption length the loader workers tokenize with (a CLIPTokenizer is
-    picklable, so this travels to spawned workers too)."""
-
-    tokenizer: Any
-    length: int
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        return tokenize_captions(self.tokenizer, captions, self.length)
-
-
 def stack_pixels(samples: list[DecodedSample], resolution: int) -> torch.Tensor:
     """HWC uint8 samples -> one contiguous uint8 [B,3,R,R] tensor (a single copy per sample)."""
     pixels = torch.empty((len(samples), 3, resolution, resolution), dtype=torch.uint8)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import signal
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -36,10 +36,10 @@ from sd_train.data.bad_input import (
 )
 from sd_train.data.decode import (
     CaptionSource,
-    CaptionTokenizer,
     DecodedSample,
     ImageTransform,
     decode_image_sample,
+    stack_geometry,
     stack_pixels,
 )
 from sd_train.data.filters import MetadataFilter
@@ -288,11 +288,12 @@ def build_train_loader(
     rank: int,
     world_size: int,
     max_epochs: Optional[int] = None,
-    tokenize: Optional[CaptionTokenizer] = None,
+    tokenize: Optional[Callable[[list[str]], dict[str, torch.Tensor]]] = None,
     stager: Stager = NO_STAGING,
 ) -> TrainLoader:
     """The training loader of `rank` from `cfg` (a TrainConfig): `cfg.data.*`, `cfg.seed`, `cfg.micro_batch_size`.
-    `tokenize`: add the captions' token ids (`input_ids`) to image batches, in the workers.
+    `tokenize`: add the captions' token ids (the model's `CaptionTokenizer`: `input_ids`, and
+    `input_ids_2` for SDXL) to image batches, in the workers.
     `stager`: copy batches to the device one ahead (sd_train.data.prefetch)."""
     d = cfg.data
     if d.precomputed:
@@ -324,11 +325,21 @@ def build_train_loader(
 def val_samples(
     spec: str, n: int, resolution: int, caption_key: str = "txt", allow_pipe: bool = False
 ) -> tuple[torch.Tensor, list[str], list[str]]:
+    """(uint8 [N,3,R,R], captions, keys) of `val_batch`."""
+    batch = val_batch(spec, n, resolution, caption_key, allow_pipe)
+    return batch["pixels"], batch["captions"], batch["keys"]
+
+
+def val_batch(
+    spec: str, n: int, resolution: int, caption_key: str = "txt", allow_pipe: bool = False
+) -> dict[str, Any]:
     """The first `n` good samples of the shards in `spec`, in shard order, center-cropped; the
     caption is the first present, non-blank field of `caption_key` (no draw: a fixed set). `pipe:`
     URLs only with `allow_pipe` (`data.allow_pipe`).
 
-    Returns (uint8 [N,3,R,R], captions, keys). Warns when the shards hold fewer than `n`.
+    Returns one batch as the training stream packs it: `pixels` uint8 [N,3,R,R], `captions`,
+    `keys` and the geometry rows (`original_size`, `crop_top_left`, `target_size`). Warns when the
+    shards hold fewer than `n`.
     """
     tf = ImageTransform(resolution, center_crop=True, random_flip=False)
     decode = select_decoder(False)
@@ -350,4 +361,9 @@ def val_samples(
     if log.total():
         bad = {k: v for k, v in log.counts.items() if v}
         warnings.warn(f"val_samples: skipped bad input {bad} in {log.shards}", stacklevel=2)
-    return stack_pixels(kept, resolution), [s.caption for s in kept], [s.key for s in kept]
+    return {
+        "pixels": stack_pixels(kept, resolution),
+        "captions": [s.caption for s in kept],
+        "keys": [s.key for s in kept],
+        **stack_geometry(kept),
+    }

@@ -24,29 +24,39 @@ from sd_train.data.bad_input import BadInputLog, BadSample
 from sd_train.data.decode import ImageTransform, caption_of
 from sd_train.data.sources import expand_sources
 from sd_train.data.tar import RawSample, read_shards
+from sd_train.model.family import SDXL_SUBFOLDERS, model_family
 
 # The member names of `sd-train precompute` output (writer: sd_train.tools.precompute). Each array has a
 # leading crop axis: [K, 4, h, w] for the posterior, K = 1 (center crop) or the `--crops` count.
 LATENT_MEAN = "latent_mean.npy"
 LATENT_STD = "latent_std.npy"
 TEXT_EMBEDS = "text_embeds.npy"
+# SDXL shards only: text_encoder_2's pooled projection [P], and each crop's geometry, int64
+# [K, 3, 2]: rows original_size (H, W), crop_top_left (top, left), target_size (H, W).
+POOLED_EMBEDS = "pooled_embeds.npy"
+GEOMETRY = "geometry.npy"
+GEOMETRY_ROWS = ("original_size", "crop_top_left", "target_size")
 
 
 @dataclass
 class PrecomputedSample:
     """One precomputed sample: the VAE posterior (unscaled mean and std, [4, h, w]) of one crop,
-    the caption's text-encoder last hidden state [77, D], the caption and key."""
+    the caption's text embeddings [77, D] (SD: the last hidden state; SDXL: both encoders'
+    penultimate ones, concatenated), the caption and key; SDXL also the pooled embedding [P] and
+    the crop's geometry [3, 2]."""
 
     key: str
     latent_mean: np.ndarray
     latent_std: np.ndarray
     text_embeds: np.ndarray
     caption: str
+    pooled_embeds: Optional[np.ndarray] = None
+    geometry: Optional[np.ndarray] = None
 
 
-def _load_npy(data: bytes) -> np.ndarray:
+def _load_npy(data: bytes, kind: str = "f") -> np.ndarray:
     array = np.load(io.BytesIO(data), allow_pickle=False)
-    if array.dtype.kind != "f":
+    if array.dtype.kind != kind:
         raise ValueError(f"dtype {array.dtype}")
     return array
 
@@ -72,38 +82,55 @@ def decode_precomputed_sample(raw: RawSample, tf: ImageTransform, rng: Optional[
     # K > 1 crops exist only for random-crop training, where the stream hands us a position-seeded
     # rng: picking the crop with it keeps the choice resumable, like an online random crop.
     k = rng.randrange(mean.shape[0]) if rng is not None and mean.shape[0] > 1 else 0
-    return PrecomputedSample(raw.key, mean[k], std[k], text, caption)
+    if POOLED_EMBEDS not in raw.members:
+        return PrecomputedSample(raw.key, mean[k], std[k], text, caption)
+    try:
+        pooled, geometry = _load_npy(raw.members[POOLED_EMBEDS]), _load_npy(raw.members[GEOMETRY], kind="i")
+    except (KeyError, ValueError, OSError, EOFError):
+        raise BadSample("undecodable") from None
+    if pooled.ndim != 1 or geometry.shape != (mean.shape[0], 3, 2):
+        raise BadSample("undecodable")
+    return PrecomputedSample(raw.key, mean[k], std[k], text, caption, pooled, geometry[k])
 
 
-ARRAYS = ("latent_mean", "latent_std", "text_embeds")
+ARRAYS = ("latent_mean", "latent_std", "text_embeds", "pooled_embeds", "geometry")  # the last two SDXL's
 
 
-def array_shapes(sample: PrecomputedSample) -> tuple[tuple[int, ...], ...]:
-    """The shapes of the sample's arrays: samples stack into one batch only when these agree."""
-    return tuple(getattr(sample, a).shape for a in ARRAYS)
+def array_shapes(sample: PrecomputedSample) -> tuple[Optional[tuple[int, ...]], ...]:
+    """The shapes of the sample's arrays (None for one it lacks): samples stack into one batch
+    only when these agree."""
+    return tuple(None if getattr(sample, a) is None else getattr(sample, a).shape for a in ARRAYS)
 
 
 def stack_precomputed(samples: list[PrecomputedSample]) -> dict[str, Any]:
     """Precomputed samples -> float tensors latent_mean/latent_std [B,4,h,w] and text_embeds
-    [B,77,D] in their stored dtype. The posterior is sampled on device by the trainer, from its
+    [B,77,D] in their stored dtype (SDXL: also pooled_embeds [B,P] and the geometry as int64 [B,2]
+    rows, as image batches carry it). The posterior is sampled on device by the trainer, from its
     checkpointed global RNG, never here (a worker's RNG is not part of the resumable state)."""
-    return {name: torch.from_numpy(np.stack([getattr(s, name) for s in samples])) for name in ARRAYS}
+    names = ARRAYS[:3] + (("pooled_embeds",) if samples[0].geometry is not None else ())
+    out = {name: torch.from_numpy(np.stack([getattr(s, name) for s in samples])) for name in names}
+    if samples[0].geometry is not None:
+        geometry = torch.from_numpy(np.stack([s.geometry for s in samples])).to(torch.int64)
+        out.update({name: geometry[:, i] for i, name in enumerate(GEOMETRY_ROWS)})
+    return out
 
 
 IDENTITY = "sd_train_precompute"  # the KEY.json entry check_precomputed reads
+FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
 _FINGERPRINT_PARTS = ("vae", "text_encoder", "tokenizer")  # the UNet does not shape the stored arrays
 _HEAD = 1 << 20
 
 
 def model_fingerprint(path: str) -> str:
-    """A hash of the VAE, text encoder and tokenizer files of a model folder.
+    """A hash of the VAE, text encoder and tokenizer files of a model folder (SDXL: both of each).
 
     Small files are hashed whole; weight files by size, first and last MiB: enough to tell two
     checkpoints apart in milliseconds, where hashing a real SD's 800 MB would cost every run's
     start seconds. A moved folder keeps its fingerprint; a re-saved one in another format does not.
     """
     h = hashlib.blake2b(digest_size=12)
-    for part in _FINGERPRINT_PARTS:
+    sdxl = model_family(path) == "sdxl"
+    for part in _FINGERPRINT_PARTS + (SDXL_SUBFOLDERS if sdxl else ()):
         folder = Path(path) / part
         if not folder.is_dir():
             raise ConfigError(f"model.pretrained_path={path!r} has no {part}/: it must be a diffusers SD folder")
@@ -154,6 +181,13 @@ def check_precomputed(spec: str, cfg: Any) -> None:
                 f"{field}: {raw.shard} has no `{IDENTITY}` record in its KEY.json; re-run `sd-train precompute`"
             )
         where = f"{raw.shard} was precomputed"
+        family, stored = model_family(cfg.model.pretrained_path), ident.get("family", "sd")
+        if stored != family:
+            raise ConfigError(
+                f"model.pretrained_path={cfg.model.pretrained_path!r} is an {FAMILY_NAMES[family]} folder but "
+                f"{where} for an {FAMILY_NAMES[stored]} model: its embeddings do not fit this UNet. Train with the "
+                f"{FAMILY_NAMES[stored]} model, or re-run `sd-train precompute --model {cfg.model.pretrained_path}`"
+            )
         if ident["resolution"] != d.resolution:
             raise ConfigError(
                 f"data.resolution={d.resolution} but {where} at resolution {ident['resolution']}: set "

@@ -434,8 +434,8 @@ class ShardStream(IterableDataset):
             arrays = stack_precomputed(batch)  # type: ignore[arg-type]  # one decoder per stream
         else:
             arrays = {"pixels": stack_pixels(batch, self.transform.resolution), **stack_geometry(batch)}  # type: ignore[arg-type]
-            if self.tokenize is not None:
-                arrays["input_ids"] = self.tokenize([s.caption for s in batch])
+            if self.tokenize is not None:  # token ids per text encoder, under their batch keys
+                arrays.update(self.tokenize([s.caption for s in batch]))
         return {
             **arrays,
             "captions": [s.caption for s in batch],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from sd_train.config import DistArgs, PerfArgs, TrainConfig
+from sd_train.model.family import DEFAULT_FSDP_UNITS, unet_family
 from sd_train.model.parallelize import block_layers, fsdp_units
 from sd_train.parallel.deepspeed import DeepSpeedStrategy
 from sd_train.parallel.fsdp import FSDPStrategy
@@ -29,7 +31,9 @@ def shard_unet(
 ) -> torch.nn.Module:
     """The UNet wrapped exactly as a training run wraps it (FSDP2 per block, then the root; or
     DDP; compiled per block with `perf.compile`), for benchmarks and tests that build their own
-    optimizer."""
+    optimizer. `dist.fsdp_units=auto` (which preflight resolves for a run) takes the UNet's family default."""
+    if args.fsdp_units == "auto":
+        args = dataclasses.replace(args, fsdp_units=DEFAULT_FSDP_UNITS[unet_family(dict(unet.config))])
     return FSDPStrategy(args, info, 0.0, fsdp_units, perf, block_layers).wrap_model(unet)
 
 

@@ -55,6 +55,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from sd_train.config import TrainConfig
 from sd_train.host_sync import read_floats
+from sd_train.langevin import NoisePiece
 from sd_train.parallel.process_group import DistInfo
 from sd_train.parallel.strategy import AsyncSave, OptimizerFactory, Strategy
 
@@ -189,6 +190,56 @@ class DeepSpeedStrategy(Strategy):
         # come on top, in one read.
         extra = read_floats(list(also_read)) if also_read else []
         return taken, (norm if taken else float("inf")), extra
+
+    # ---- Langevin noise ---------------------------------------------------------------------------
+
+    def noise_pieces(self) -> list[NoisePiece]:
+        """ZeRO-3: each parameter's fp32 master partition in the optimizer (the values DeepSpeed's
+        step updates and then copies into `p.ds_tensor`; in fp32 mode the same storage), at offset
+        rank * ceil(numel / world) of the flattened parameter, padding left out. ZeRO-2: the
+        replicated parameters, whole on every rank like DDP (`after_noise` then copies each rank's
+        slice into its fp32 master fragment): the forward reads the replicas, so every rank needs all
+        of their noise, and generating it costs less than the all-gather that would spread it."""
+        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if self.stage != 3:
+            return [NoisePiece(n, p.numel(), 0, p.detach()) for n, p in named]
+        from deepspeed.utils import safe_get_local_fp32_param  # lazy: only DeepSpeed runs get here
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        pieces = []
+        for n, p in named:
+            numel = int(p.ds_numel)
+            per_rank = math.ceil(numel / world)
+            valid = max(0, min(per_rank, numel - rank * per_rank))
+            master = safe_get_local_fp32_param(p).view(-1)
+            pieces.append(NoisePiece(n, numel, rank * per_rank, master[:valid]))
+        return pieces
+
+    def after_noise(self) -> None:
+        """Make what the forward reads agree with the noisy master weights, as DeepSpeed's own step
+        does after its update. ZeRO-3: copy each master partition into `p.ds_tensor` where they are
+        different storage (bf16 mode: the copy rounds), then partition the parameters DeepSpeed keeps
+        gathered (`Zero3Layout.release`), so the next forward gathers the new values. ZeRO-2: copy
+        each rank's slice of the noisy replica into its fp32 master fragment (`_hp_mapping`, which
+        DeepSpeed links for every parameter with a fragment on this rank), or the next step would
+        start from the noise-free master and overwrite the replicas with it."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        with torch.no_grad():
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param  # lazy: only DeepSpeed runs get here
+
+                for p in params:
+                    master = safe_get_local_fp32_param(p)
+                    if master.data_ptr() != p.ds_tensor.data_ptr():
+                        p.ds_tensor.copy_(master.view_as(p.ds_tensor))
+                Zero3Layout(params).release()
+                return
+            for p in params:
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is None:
+                    continue
+                address = mapping.lp_fragment_address
+                mapping.hp_fragment.copy_(p.detach().reshape(-1).narrow(0, address.start, address.numel))
 
     # ---- checkpoints ----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ world size, or in one process with no process group.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,11 +29,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.parallel import DistributedDataParallel
 
 from sd_train.config import DistArgs, PerfArgs
 from sd_train.host_sync import read_floats
+from sd_train.langevin import NoisePiece
 from sd_train.optim import clip_grad_norm_, local_shard
 from sd_train.parallel.process_group import DistInfo
 from sd_train.parallel.strategy import AsyncSave, OptimizerFactory, Strategy
@@ -40,6 +43,8 @@ from sd_train.perf import compile_module
 
 # `auto` is resolved by sd_train.preflight for a run; a bare DistArgs (benches, tests) means fp32.
 DTYPES = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+log = logging.getLogger(__name__)
 
 
 def _channels_last_input(module: torch.nn.Module, args: tuple) -> tuple:
@@ -124,6 +129,7 @@ class FSDPStrategy(Strategy):
         self.units = units  # the model's FSDP units (blocks), in forward order
         self.layers = layers  # the finer units inside one of them (dist.fsdp_units=layers)
         self._stager: Optional[DefaultStager] = None  # async saves: one for the run, see _async_stager
+        self._noise_pieces: Optional[list[NoisePiece]] = None  # views of the sharded storage: stable
 
     def wrap(self, unet: torch.nn.Module, make_optimizer: OptimizerFactory) -> None:
         self.model = self.wrap_model(unet)
@@ -211,6 +217,16 @@ class FSDPStrategy(Strategy):
     def ema_layout(self) -> DTensorLayout:
         return DTensorLayout(self.module)
 
+    def noise_pieces(self) -> list[NoisePiece]:
+        """Each parameter's local shard (the weights AdamW steps: FSDP2 keeps them fp32 whatever the
+        compute dtype), keyed by its global offset. Looked up once: the optimizer updates the
+        sharded storage in place."""
+        if self._noise_pieces is None:
+            self._noise_pieces = [
+                dtensor_noise_piece(n, p) for n, p in self.module.named_parameters() if p.requires_grad
+            ]
+        return self._noise_pieces
+
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def _tensor_state(self, shadows: dict) -> dict:
@@ -230,9 +246,8 @@ class FSDPStrategy(Strategy):
                 use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda
             )
             self._stager = DefaultStager(options)
-            if self.info.rank == 0:
-                kind = "pinned" if cuda else "pageable (CPU run: pinned memory needs CUDA)"
-                print(f"async checkpoints: staging in the background into {kind} CPU buffers kept for the run")
+            kind = "pinned" if cuda else "pageable (CPU run: pinned memory needs CUDA)"
+            log.info(f"async checkpoints: staging in the background into {kind} CPU buffers kept for the run")
         return self._stager
 
     def save(self, folder: Path, shadows: dict, process_group=None) -> Optional[AsyncSave]:
@@ -279,6 +294,7 @@ class FSDPStrategy(Strategy):
             "local_param_bytes": sum(local_shard(p).numel() * p.element_size() for p in params),
             "placements": sorted({str(p.placements) if isinstance(p, DTensor) else "replicated" for p in params}),
             "all_dtensor": all(isinstance(p, DTensor) for p in params),
+            "fsdp_units": getattr(self, "num_units", 0),  # wrapped below the root (0: DDP)
         }
 
 
@@ -310,3 +326,20 @@ def describe_dcp_load_error(folder: Path, error: BaseException) -> str:
     except Exception:  # the metadata itself is unreadable: the original error says enough
         pass
     return text
+
+
+def dtensor_noise_piece(name: str, p: torch.Tensor) -> NoisePiece:
+    """A parameter's local piece and where it starts in the flattened parameter: 0 for a plain
+    (DDP) tensor; for a DTensor sharded on dim 0 (FSDP2, HSDP's shard dim; replicas get the same
+    offset) the first local row times the row length, from torch's own shard arithmetic (FSDP2
+    shards unevenly, torch.chunk-style)."""
+    local = local_shard(p).detach()
+    if not isinstance(p, DTensor):
+        return NoisePiece(name, p.numel(), 0, local)
+    if any(not (pl.is_replicate() or (isinstance(pl, Shard) and pl.dim == 0)) for pl in p.placements):
+        raise NotImplementedError(
+            f"optim.langevin: parameter {name} is placed {p.placements}; the noise follows Shard(0) and Replicate only"
+        )
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = math.prod(p.shape[1:])
+    return NoisePiece(name, p.numel(), offset[0] * row if p.dim() else 0, local)

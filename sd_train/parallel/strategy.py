@@ -9,6 +9,7 @@ A Strategy owns the wrapped model and the optimizer it steps:
 - `wrap` wraps the UNet and builds the optimizer (DeepSpeed needs the optimizer to wrap);
 - `set_grad_sync` / `backward` / `step` are one optimizer step over micro-batches;
 - `ema_layout` says where each rank's piece of each parameter lives, for ShardedEMA;
+- `noise_pieces` / `after_noise` say the same for the Langevin noise (the optimizer's own pieces);
 - `save` / `load` / `missing_files` move the tensor state (model, optimizer, EMA) of a step folder;
 - `full_model_state` gathers the raw UNet for export; `topology` says how it is really laid out.
 """
@@ -25,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from sd_train.ema.contracts import EMALayout, Shadow
+from sd_train.langevin import NoisePiece
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
@@ -89,6 +91,17 @@ class Strategy(abc.ABC):
     def ema_layout(self) -> EMALayout:
         """Where each rank's piece of each parameter lives, for every shadow of the weights (the
         contract is sd_train.ema.contracts.EMALayout)."""
+
+    # ---- Langevin noise (sd_train.langevin) ------------------------------------------------------
+
+    @abc.abstractmethod
+    def noise_pieces(self) -> list[NoisePiece]:
+        """This rank's piece of every trainable parameter that the optimizer steps (the fp32
+        master where the optimizer keeps one), with its offset in the flattened parameter."""
+
+    def after_noise(self) -> None:  # noqa: B027 (nothing to do where the pieces are the weights)
+        """Refresh whatever the forward reads from the pieces `noise_pieces` gave, after noise
+        was added to them (DeepSpeed's bf16 partitions, ZeRO-2's master fragments)."""
 
     # ---- checkpoints --------------------------------------------------------------------------------
 

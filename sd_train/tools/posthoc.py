@@ -7,11 +7,13 @@ step). Each is solved by least squares over every (snapshot, profile) pair; a ta
 error is over `--max-fit-error` is refused, because the snapshots cannot express it. The snapshots
 are streamed: one snapshot's profile is in memory at a time, next to one accumulator per target.
 Each target is written as a diffusers pipeline folder `sigma_rel_<v>` / `decay_<v>` with
-`posthoc.json`; `--eval` scores them with the run's own held-out loss, next to the raw weights and
-the tracked late EMA (`export/raw`, `export/ema`), and draws loss against EMA length as a PNG.
-The held-out shards come from the run's config.yaml; a `pipe:` URL there (or in a list file it
-names) runs a shell command, so `--eval` refuses it unless `--allow-pipe` is given: a run received
-from elsewhere must not run commands by itself, whatever its `data.allow_pipe` says.
+`posthoc.json`; `--eval` scores them with the run's own held-out loss and the sample-quality
+instrument, next to the raw weights and the tracked late EMA (`export/raw`, `export/ema`), chooses
+the best by `--select loss|accuracy` and plots both against EMA length (sd_train.tools.posthoc_eval).
+The held-out shards (and, for the instrument, the training shards) come from the run's
+config.yaml; a `pipe:` URL there (or in a list file it names) runs a shell command, so `--eval`
+refuses it unless `--allow-pipe` is given: a run received from elsewhere must not run commands by
+itself, whatever its `data.allow_pipe` says.
 """
 
 from __future__ import annotations
@@ -26,19 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
-from PIL import Image, ImageDraw
 
-from sd_train.config import ConfigError, TrainConfig, load_config
-from sd_train.data.sources import PipeRefused, expand_sources
+from sd_train.config import load_config
 from sd_train.ema.posthoc import load_snapshot_profile, read_snapshot_meta
 from sd_train.ema.posthoc_math import Fit, classic_weights, power_weights, sigma_rel_to_gamma, solve
-from sd_train.evaluation import Validator
+from sd_train.errors import UsageError
 from sd_train.export import save_pipeline
-from sd_train.model.parts import encode_text, load_sd_parts
-from sd_train.objective import DiffusionObjective
-from sd_train.parallel.process_group import DistInfo
 from sd_train.paths import POSTHOC_DIR, snapshot_steps, step_dir
+from sd_train.tools.posthoc_eval import PLOT_NAME, Scored, plot, run_config, score_folders, select_best, table
 
 # The default bound on a target's relative L2 fit error |A^T x - b| / |b|: above it more than 5%
 # of the target's weighting over the window's steps is not expressed by the snapshots.
@@ -83,15 +80,17 @@ def find_snapshots(run_dir: Path) -> Snapshots:
     root = Path(run_dir) / POSTHOC_DIR
     steps = snapshot_steps(root)
     if not steps:
-        raise SystemExit(
-            f"sd-train posthoc: {root} has no complete snapshots; train with ema.posthoc.sigma_rels=[0.05, 0.1]"
+        where = f"{run_dir} is not a folder" if not Path(run_dir).is_dir() else f"{root} holds no complete snapshot"
+        raise UsageError(
+            f"--run {run_dir}: {where}. Give the output_dir of a run trained with post-hoc EMA profiles "
+            "(ema.posthoc.sigma_rels, e.g. [0.05, 0.1], as configs/demo.yaml does)"
         )
     folders = [step_dir(root, s) for s in steps]
     metas = [read_snapshot_meta(f) for f in folders]
     starts = {m["step_start"] for m in metas}
     profiles = {tuple(m["sigma_rels"]) for m in metas}
     if len(starts) != 1 or len(profiles) != 1:
-        raise SystemExit(f"sd-train posthoc: the snapshots in {root} come from different ema.posthoc settings")
+        raise UsageError(f"--run {run_dir}: the snapshots in {root} come from different ema.posthoc settings")
     return Snapshots(folders, metas, starts.pop(), steps[-1], list(profiles.pop()))
 
 
@@ -106,8 +105,8 @@ def plan_targets(snaps: Snapshots, sigma_rels: list[float], decays: list[float],
             t.refused = (
                 f"fit error {t.fit.fit_error:.3g} > {max_fit_error}: the {len(snaps.folders)} snapshots (every "
                 f"{_spacing(snaps)} steps over a window of {n} steps, profiles sigma_rel {snaps.sigma_rels}) cannot "
-                "express this EMA: a short one needs more frequent snapshots (ema.posthoc.snapshot_every), one "
-                "wider than the profiles a wider profile in ema.posthoc.sigma_rels"
+                "express this EMA: a shorter one needs more frequent snapshots (ema.posthoc.snapshot_every), a "
+                "wider one a wider profile in ema.posthoc.sigma_rels"
             )
     return targets
 
@@ -139,90 +138,6 @@ def reconstruct(snaps: Snapshots, targets: list[Target]) -> dict[str, dict[str, 
     return accs
 
 
-def run_config(run_dir: Path, allow_pipe: bool) -> TrainConfig:
-    """The run's config.yaml, with `data.allow_pipe` as this command allows it (never as the run
-    says). SystemExit naming the field and the flag when its held-out shards hold a `pipe:` URL and
-    `allow_pipe` is off."""
-    path = Path(run_dir) / "config.yaml"
-    try:
-        cfg = load_config(str(path))
-        cfg.data.allow_pipe = allow_pipe
-        if not cfg.data.val_shards:
-            raise ValueError("data.val_shards is empty: the run has no held-out shards to score on")
-        expand_sources(cfg.data.val_shards, allow_pipe)
-    except PipeRefused as e:
-        raise SystemExit(
-            f"sd-train posthoc --eval: {path}: data.val_shards={cfg.data.val_shards!r}: {e.where} names {e.url!r}, "
-            "a `pipe:` URL, which would run its command through /bin/sh. A run's config.yaml may come from elsewhere, "
-            "so its data.allow_pipe is not trusted: pass --allow-pipe if you trust this run"
-        ) from e
-    except (ConfigError, ValueError) as e:
-        raise SystemExit(f"sd-train posthoc --eval: {path}: {e}") from e
-    return cfg
-
-
-def score_folders(run_dir: Path, folders: dict[str, Path], allow_pipe: bool = False) -> dict[str, float]:
-    """The run's own held-out loss (same samples, timesteps, noise) of each pipeline folder's UNet,
-    in this process with no process group. `allow_pipe`: see `run_config`."""
-    cfg = run_config(run_dir, allow_pipe)
-    first = next(iter(folders.values()))
-    cfg.model.pretrained_path = str(first)
-    cfg.model.init_unet = "pretrained"
-    device = torch.device("cpu")
-    parts = load_sd_parts(cfg.model, device, cfg.seed)
-    objective = DiffusionObjective(
-        cfg.objective, parts.noise_scheduler.alphas_cumprod, encode_text(parts, [""], device)
-    )
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, mesh=None)
-    validator = Validator(cfg, parts, objective, info)
-    out = {}
-    for name, folder in folders.items():
-        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
-        parts.unet.load_state_dict(unet.state_dict())
-        out[name] = validator.loss(parts.unet)
-    return out
-
-
-def plot(path: Path, points: list[tuple[str, float, float]], lines: dict[str, float]) -> Path:
-    """Loss against EMA length (points: label, length, loss), with horizontal lines (drawn with
-    PIL: matplotlib is not a dependency)."""
-    w, h, m = 720, 440, 70
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    xs = [x for _, x, _ in points] or [0.0, 1.0]
-    ys = [y for _, _, y in points] + list(lines.values())
-    x0, x1 = min(xs) * 0.9, max(xs) * 1.1 + 1e-9
-    y0, y1 = min(ys), max(ys)
-    pad = (y1 - y0) * 0.1 or abs(y0) * 0.01 or 1e-3
-    y0, y1 = y0 - pad, y1 + pad
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return m + (x - x0) / (x1 - x0) * (w - 2 * m), h - m - (y - y0) / (y1 - y0) * (h - 2 * m)
-
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    for i in range(5):
-        yv = y0 + (y1 - y0) * i / 4
-        d.text((5, px(x0, yv)[1] - 6), f"{yv:.5f}", fill="black")
-        xv = x0 + (x1 - x0) * i / 4
-        d.text((px(xv, y0)[0] - 15, h - m + 8), f"{xv:.3f}", fill="black")
-    d.text((w // 2 - 120, h - 25), "EMA length (relative std over the window)", fill="black")
-    d.text((m, 20), "held-out loss vs EMA length", fill="black")
-    colors = {"raw": (200, 0, 0), "late_ema": (0, 130, 0)}
-    for i, (name, yv) in enumerate(lines.items()):
-        y = px(x0, yv)[1]
-        d.line([m, y, w - m, y], fill=colors.get(name, (120, 120, 120)), width=2)
-        d.text((w - m - 150, y - 14 if i % 2 == 0 else y + 2), f"{name} {yv:.5f}", fill=colors.get(name, "gray"))
-    for kind, color in (("sigma_rel", (0, 0, 200)), ("decay", (200, 120, 0))):
-        pts = sorted((px(x, y) for label, x, y in points if label.startswith(kind)), key=lambda p: p[0])
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=1)
-        for x, y in pts:
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-    d.text((m + 10, m + 10), "blue: power profiles (sigma_rel); orange: classic decays", fill="black")
-    img.save(path)
-    return path
-
-
 def _floats(text: str | None) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()] if text else []
 
@@ -234,17 +149,41 @@ def main_posthoc(argv: list[str]) -> int:
     p.add_argument("--decay", default=None, help="classic EMA targets, e.g. 0.9,0.99")
     p.add_argument("--out", default=None, help="where to write the pipelines (default RUN/posthoc_export)")
     p.add_argument("--eval", action="store_true", help="score every target, raw and the late EMA on held-out loss")
-    p.add_argument("--max-fit-error", type=float, default=MAX_FIT_ERROR, help="refuse targets fitted worse")
+    p.add_argument(
+        "--max-fit-error",
+        type=float,
+        default=MAX_FIT_ERROR,
+        help="refuse a target whose relative fit error is above this (default %(default)s: more than 5%% of its "
+        "weighting not expressed by the snapshots)",
+    )
+    p.add_argument(
+        "--quality-samples",
+        type=int,
+        default=None,
+        help="with --eval: samples per caption for prompt accuracy (default: the run's eval.quality_samples; 0 off)",
+    )
+    p.add_argument(
+        "--select",
+        choices=("loss", "accuracy"),
+        default="loss",
+        help="with --eval: choose the best length by held-out loss or by prompt accuracy",
+    )
     p.add_argument(
         "--allow-pipe",
         action="store_true",
-        help="with --eval: let `pipe:` URLs in the run's data.val_shards run their shell commands (trusted runs only)",
+        help="with --eval: let `pipe:` URLs in the run's shard specs run their shell commands (trusted runs only)",
     )
     ns = p.parse_args(argv)
     run_dir = Path(ns.run)
-    if ns.eval:
-        run_config(run_dir, ns.allow_pipe)  # refused before any reconstruction is paid for
     out = Path(ns.out) if ns.out else run_dir / "posthoc_export"
+    cfg = load_config(str(run_dir / "config.yaml"))
+    quality_samples = cfg.eval.quality_samples if ns.quality_samples is None else ns.quality_samples
+    if ns.eval and ns.select == "accuracy" and quality_samples <= 0:
+        raise SystemExit(
+            "sd-train posthoc --select accuracy: the run has eval.quality_samples=0; pass --quality-samples K (e.g. 4)"
+        )
+    if ns.eval:
+        run_config(run_dir, ns.allow_pipe, quality_samples > 0)  # refused before anything is read or reconstructed
     snaps = find_snapshots(run_dir)
     sigma_rels = _floats(ns.sigma_rel) if ns.sigma_rel or ns.decay else list(snaps.sigma_rels)
     targets = plan_targets(snaps, sigma_rels, _floats(ns.decay), ns.max_fit_error)
@@ -256,7 +195,6 @@ def main_posthoc(argv: list[str]) -> int:
         status = f"REFUSED: {t.refused}" if t.refused else "ok"
         print(f"  {t.name:<18} fit error {t.fit.fit_error:.3g}  max |coef| {t.fit.max_abs_coefficient:.3g}  {status}")
     good = [t for t in targets if t.refused is None]
-    cfg = load_config(str(run_dir / "config.yaml"))
     t0 = time.perf_counter()
     written = {}
     if good:
@@ -264,7 +202,11 @@ def main_posthoc(argv: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for t in good:
             written[t.name] = save_pipeline(
-                cfg.model.pretrained_path, states.pop(t.name), out / t.name, cfg.objective.prediction_type
+                cfg.model.pretrained_path,
+                states.pop(t.name),
+                out / t.name,
+                cfg.objective.prediction_type,
+                cfg.objective.zero_dropped_captions,
             )
     print(f"reconstructed {len(good)} target(s) in {time.perf_counter() - t0:.1f}s into {out}")
     report = {
@@ -286,7 +228,7 @@ def main_posthoc(argv: list[str]) -> int:
         ],
     }
     if ns.eval and good:
-        report["eval"] = evaluate(run_dir, out, targets, written, ns.allow_pipe)
+        report["eval"] = evaluate(run_dir, out, targets, written, snaps, quality_samples, ns.select, ns.allow_pipe)
     out.mkdir(parents=True, exist_ok=True)
     (out / "posthoc.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'posthoc.json'}")
@@ -296,25 +238,68 @@ def main_posthoc(argv: list[str]) -> int:
     return 0
 
 
-def evaluate(run_dir: Path, out: Path, targets: list[Target], written: dict[str, Path], allow_pipe: bool) -> dict:
+def evaluate(
+    run_dir: Path,
+    out: Path,
+    targets: list[Target],
+    written: dict[str, Path],
+    snaps: Snapshots,
+    quality_samples: int,
+    select: str,
+    allow_pipe: bool = False,
+) -> dict:
+    """Score the targets, raw and the late EMA (sd_train.tools.posthoc_eval), print the table and
+    what it means (`loss_notes`), choose the best length and plot. `allow_pipe`: see `run_config`."""
     baselines = {"raw": run_dir / "export" / "raw", "late_ema": run_dir / "export" / "ema"}
     missing = [str(f) for f in baselines.values() if not (f / "unet").is_dir()]
     if missing:
-        raise SystemExit(f"sd-train posthoc --eval: {missing} missing; the run must export at the end (export_at_end)")
-    losses = score_folders(run_dir, {**baselines, **written}, allow_pipe)
-    raw, late = losses["raw"], losses["late_ema"]
-    print(f"\n{'variant':<18} {'length':>8} {'val loss':>10} {'vs raw':>10} {'vs late EMA':>12}")
-    for name in ("raw", "late_ema"):
-        print(f"{name:<18} {'':>8} {losses[name]:>10.6f} {losses[name] - raw:>+10.6f} {losses[name] - late:>+12.6f}")
-    rows = []
-    for t in targets:
-        if t.name not in losses:
-            continue
-        v = losses[t.name]
-        rows.append((t.name, t.length, v))
-        print(f"{t.name:<18} {t.length:>8.4f} {v:>10.6f} {v - raw:>+10.6f} {v - late:>+12.6f}")
-    best = min(rows, key=lambda r: r[2])
-    print(f"best: {best[0]} at {best[2]:.6f} (raw {raw:.6f}, late EMA {late:.6f})")
-    png = plot(out / "posthoc_loss.png", rows, {"raw": raw, "late_ema": late})
-    print(f"plot: {png}")
-    return {"losses": losses, "best": best[0], "plot": str(png)}
+        raise UsageError(
+            f"--eval scores against the run's end-of-run export, and {missing} is missing: train with "
+            "export_at_end=true, or drop --eval"
+        )
+    scores = score_folders(run_dir, {**baselines, **written}, quality_samples, allow_pipe)
+    lengths = {t.name: t.length for t in targets}
+    rows = [Scored(n, lengths.get(n), s["loss"], s.get("quality")) for n, s in scores.items()]
+    best = select_best(rows[len(baselines) :], select)
+    losses = {r.name: r.loss for r in rows}
+    scored = [t for t in targets if t.name in losses]
+    print("\n" + table(rows, best, select))
+    print("\n".join(loss_notes(losses, scored, snaps.step_start, snaps.last_step)))
+    png = plot(out / PLOT_NAME, rows, best)
+    if png is not None:
+        print(f"plot: {png}")
+    report = {"losses": losses, "best": best.name, "best_overall": min(losses, key=losses.get), "select": select}
+    if quality_samples > 0:
+        report["quality"] = {r.name: r.quality for r in rows}
+        report["quality_samples"] = quality_samples
+    return report | ({"plot": str(png)} if png is not None else {})
+
+
+def loss_notes(losses: dict[str, float], targets: list[Target], step_start: int, last_step: int) -> list[str]:
+    """What the loss column says: which variant is best overall (raw included) and which EMA is
+    best, what `length` means, and which classic EMA the window cuts short (its length is then set
+    by the window, not by its decay)."""
+    raw = losses["raw"]
+    n = last_step - step_start
+    cut = [t for t in targets if t.kind == "decay" and 1.0 / (1.0 - t.value) > n]
+    best = min(losses, key=losses.get)
+    best_ema = min(["late_ema", *(t.name for t in targets)], key=losses.get)
+    if best == "raw":
+        verdict = (
+            f"best overall: raw at {raw:.6f}, lower than every EMA (averaging does not help this run's held-out "
+            f"loss); best EMA: {best_ema} at {losses[best_ema]:.6f} ({losses[best_ema] - raw:+.6f} vs raw)"
+        )
+    else:
+        verdict = f"best overall: {best} at {losses[best]:.6f} ({losses[best] - raw:+.6f} vs raw, raw {raw:.6f})"
+    lines = [
+        verdict,
+        f"length: the spread (standard deviation) of a variant's weights over the profiles' window, steps "
+        f"{step_start}..{last_step}, as a share of the window; a sigma_rel target's length is its sigma_rel.",
+    ]
+    for t in cut:
+        lines.append(
+            f"* {t.name}: its horizon 1/(1-decay) = {1.0 / (1.0 - t.value):.0f} steps is longer than the {n}-step "
+            "window, which cuts it off at the window's start: its length is set by the window, not by the decay "
+            "(a longer run, or an earlier ema.posthoc.step_start, gives it room)."
+        )
+    return lines

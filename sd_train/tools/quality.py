@@ -82,7 +82,7 @@ def main_quality(argv: list[str]) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if run_dir.exists():
-        print(f"sd-train quality: {run_dir} already exists; pick another --out or delete it", file=sys.stderr)
+        print(f"sd-train quality: error: {run_dir} already exists; pick another --out or delete it", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(TRAIN_PY), "--config", ns.config, *overrides, f"output_dir={run_dir}"]

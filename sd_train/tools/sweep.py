@@ -50,6 +50,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -321,7 +322,14 @@ def run_local(sweep: Sweep, runs: list[Run]) -> int:
     for i, run in enumerate(runs):
         cmd = train_command(sweep, run)
         print(f"[sweep {sweep.name}] run {i + 1}/{len(runs)}: {run.name}\n  {shlex.join(cmd)}", flush=True)
-        code = subprocess.run(cmd).returncode
+        code = _run_in_foreground(cmd)
+        if code == INTERRUPTED:
+            print(
+                f"[sweep {sweep.name}] run {run.name} was interrupted (Ctrl-C) and saved its checkpoint; rerun the "
+                f"same sweep command to resume it, then the {len(runs) - i - 1} later runs",
+                file=sys.stderr,
+            )
+            return code
         if code != 0:
             code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
             print(
@@ -332,6 +340,25 @@ def run_local(sweep: Sweep, runs: list[Run]) -> int:
             return code
     print(f"[sweep {sweep.name}] all {len(runs)} runs finished", flush=True)
     return 0
+
+
+INTERRUPTED = 130  # a run stopped by Ctrl-C after saving (sd_train.step_signals)
+
+
+def _run_in_foreground(cmd: list[str]) -> int:
+    """Run `cmd` and wait for it. Ctrl-C reaches the run from the terminal itself (it saves and
+    exits 130); this process only goes on waiting. subprocess.run alone would answer Ctrl-C by
+    killing the run in the middle of its save. A handler, not SIG_IGN: an ignored SIGINT would be
+    inherited by the run, and it would ignore Ctrl-C too."""
+    previous = signal.signal(signal.SIGINT, _keep_waiting)
+    try:
+        return subprocess.run(cmd).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _keep_waiting(signum, frame) -> None:  # noqa: ARG001
+    pass
 
 
 def _require_repo_root() -> None:
@@ -476,7 +503,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sd-train sweep",
         description="Expand a sweep file into runs. Overrides after `--` apply to every run.",
-        epilog="The sweep file format is documented in sd_train/tools/sweep.py.",
+        # The module docstring from the file format on: the same text a reader of the source sees.
+        epilog=__doc__[__doc__.index("Sweep file") :].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", help="sweep YAML, e.g. configs/sweeps/lr_ema.yaml")
     mode = p.add_mutually_exclusive_group(required=True)

@@ -9,9 +9,12 @@ They are saved as a diffusers `StableDiffusionPipeline` folder, so the trainer l
 Usage:
     sd-train prepare-emoji --out data/emoji [--subset demo]
     sd-train build-tiny --data data/emoji --out models/tiny-sd [--resolution 32] [--vae-steps 600]
+    sd-train build-tiny --family sdxl --data data/emoji --out models/tiny-sdxl
 
 Writes OUT/{unet,vae,text_encoder,tokenizer,scheduler}/, OUT/model_index.json,
 OUT/vae_report.json (PSNR before/after, latent scaling factor) and OUT/sd_train_tiny.json.
+`--family sdxl` writes a `StableDiffusionXLPipeline` folder instead, with text_encoder_2/ and
+tokenizer_2/ too (sd_train.tools.tiny_sdxl says what makes it SDXL).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sd_train.data.bad_input import BadInputLog
 from sd_train.data.decode import IMAGE_SUFFIXES, pixels_to_float
 from sd_train.data.tar import read_shards as read_tar_shards
+from sd_train.errors import UsageError
+from sd_train.tools import tiny_sdxl
 
 # CLIP's pre-tokenizer (transformers' CLIPTokenizer uses the same): special tokens, English
 # contractions, runs of letters, single digits, runs of other non-space characters.
@@ -471,18 +476,20 @@ def _build_vae(
 
 
 def build_tiny_sd(
-    data_dir: str, out_dir: str, resolution: int = 32, vae_steps: int = VAE_STEPS, seed: int = 0
+    data_dir: str, out_dir: str, resolution: int = 32, vae_steps: int = VAE_STEPS, seed: int = 0, family: str = "sd"
 ) -> dict[str, Any]:
-    """Build the tiny SD folder in `out_dir` from the prepared shards in `data_dir`.
+    """Build the tiny SD (or, `family="sdxl"`, SDXL) folder in `out_dir` from the prepared shards in `data_dir`.
 
     Returns sd_train_tiny.json's content. Same seed and data -> bitwise-same weights (the VAE
     pretraining also, given the same thread count).
     """
     if resolution <= 0 or resolution % 2:
-        raise ValueError(f"resolution={resolution} must be a positive even number (the VAE halves it)")
+        raise UsageError(f"--resolution={resolution} must be a positive even number (the VAE halves it)")
     train_paths, val_paths = shard_paths(data_dir, "train"), shard_paths(data_dir, "val")
     if not train_paths:
-        raise FileNotFoundError(f"{data_dir}: no train shards; run `sd-train prepare-emoji --out {data_dir}`")
+        raise UsageError(
+            f"--data {data_dir}: no train shards there; run `sd-train prepare-emoji --out {data_dir}` first"
+        )
     captions, train_images = load_captioned_images(train_paths, resolution, VAE_MAX_IMAGES)
     val_images = load_captioned_images(val_paths, resolution)[1] if val_paths else train_images[:256]
 
@@ -493,6 +500,10 @@ def build_tiny_sd(
         vocab = json.load(f)
     with open(os.path.join(tok_dir, "merges.txt"), encoding="utf-8") as f:
         merges = [tuple(line.split()) for line in f.read().splitlines()[1:] if line]
+    if family == "sdxl":
+        vae, vae_report = _build_vae(train_images, val_images, resolution, vae_steps, seed)
+        pipe = tiny_sdxl.build_pipeline(tokenizer, tok_dir, vae, resolution // 2, seed)
+        return _save(pipe, out_dir, (vocab, merges), vae_report, tiny_sdxl.summary(data_dir, resolution, seed, pipe))
     text_encoder = build_text_encoder(tokenizer, seed)
     vae, vae_report = _build_vae(train_images, val_images, resolution, vae_steps, seed)
     unet = build_unet(resolution // 2, TEXT_HIDDEN_SIZE, seed + 2)
@@ -506,12 +517,19 @@ def build_tiny_sd(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(out_dir)
-    _write_bpe_files(tok_dir, vocab, merges)  # the pipeline's save writes tokenizer.json only
+    summary = _summary(data_dir, resolution, seed, tokenizer, text_encoder, vae, unet, vae_report)
+    return _save(pipe, out_dir, (vocab, merges), vae_report, summary)
 
+
+def _save(pipe: Any, out_dir: str, bpe: tuple[dict, list], vae_report: dict, summary: dict) -> dict[str, Any]:
+    """Write the pipeline, each tokenizer's BPE files (the pipeline's save writes tokenizer.json
+    only), vae_report.json and sd_train_tiny.json; returns the summary."""
+    pipe.save_pretrained(out_dir)
+    for name in ("tokenizer", "tokenizer_2"):
+        if os.path.isdir(os.path.join(out_dir, name)):
+            _write_bpe_files(os.path.join(out_dir, name), *bpe)
     with open(os.path.join(out_dir, "vae_report.json"), "w") as f:
         json.dump(vae_report, f, indent=2)
-    summary = _summary(data_dir, resolution, seed, tokenizer, text_encoder, vae, unet, vae_report)
     with open(os.path.join(out_dir, "sd_train_tiny.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -558,15 +576,19 @@ def main_build_tiny(argv: list[str]) -> int:
         "--vae-steps", type=int, default=VAE_STEPS, help=f"VAE pretraining steps of batch {VAE_BATCH} (0 skips)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of every random init and of VAE batches")
+    p.add_argument(
+        "--family", choices=["sd", "sdxl"], default="sd", help="sdxl: two text encoders, pooled + size conditioning"
+    )
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    summary = build_tiny_sd(args.data, args.out, args.resolution, args.vae_steps, args.seed)
+    summary = build_tiny_sd(args.data, args.out, args.resolution, args.vae_steps, args.seed, args.family)
     with open(os.path.join(args.out, "vae_report.json")) as f:
         report = json.load(f)
     n = summary["params"]
+    text = " + ".join(f"{n[k]:,}" for k in ("text_encoder", "text_encoder_2") if k in n)
     print(
-        f"built {args.out} in {time.perf_counter() - t0:.0f}s: unet {n['unet']:,} vae {n['vae']:,} text "
-        f"{n['text_encoder']:,} params; "
+        f"built {args.out} ({args.family}) in {time.perf_counter() - t0:.0f}s: unet {n['unet']:,} vae {n['vae']:,} "
+        f"text {text} params; "
         f"VAE PSNR {report['psnr_db_before']:.1f} -> {report['psnr_db']:.1f} dB held-out "
         f"({report['psnr_db_train']:.1f} dB on training images) after {report['steps']} steps "
         f"({report['seconds']:.0f}s); scaling_factor {report['scaling_factor']:.4f}"

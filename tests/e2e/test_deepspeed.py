@@ -3,7 +3,11 @@
 `dist.strategy: auto`. Each test trains straight to the end, then resumes a copy of a mid-run
 checkpoint to the same end, and compares optimizer state (with the fp32 master weights) and EMA
 with torch.equal. ZeRO-3 runs in DeepSpeed's bf16 mode (`mixed_precision=bf16`: bf16 partitions,
-fp32 master partitions, the EMA of the master), as at scale; ZeRO-2 in fp32."""
+fp32 master partitions, the EMA of the master), as at scale, and trains the tiny SDXL (two text
+encoders, pooled and size/crop conditioning, non-square images with random crops and flips): the
+strategy is model-agnostic, so SDXL's run covers what SD's did and SDXL under ZeRO-3 besides. SD
+under ZeRO-3 is still run bitwise by scripts/compare_commits.py (its zero3 phase). ZeRO-2 trains
+SD, in fp32."""
 
 import json
 import math
@@ -21,8 +25,10 @@ from sd_train.parallel.deepspeed import offline_shadow, offline_state, shadow_fi
 from sd_train.paths import snapshot_steps
 from sd_train.tools.posthoc import find_snapshots, main_posthoc, plan_targets, reconstruct
 from tests.support.launch import BIN, REPO, free_port, run
+from tests.support.noise_check import first_step_residual_share
 from tests.support.reference import assert_logged_val_matches_export
 
+DIFFUSION = 1e-4
 # Window at step 8 of 12 with decay 0.5: 4 EMA updates, 0.5^4 = 6.25% pre-window share.
 COMMON = [
     "max_steps=12",
@@ -36,6 +42,9 @@ COMMON = [
     # the 5 weights w_8..w_12.
     "ema.posthoc.sigma_rels=[0.05,0.1]",
     "ema.posthoc.snapshot_every=2",
+    # Langevin noise after every step (std sqrt(2 D lr) = 3.2e-4 at step 1), which must land in the
+    # fp32 master weights DeepSpeed's optimizer steps (check_first_step_noise) and resume exactly.
+    f"optim.langevin.diffusion={DIFFUSION}",
 ]
 SIGMAS, DECAYS, K = [0.1], [0.5], 2
 
@@ -111,6 +120,20 @@ def straight_and_resumed(stage: int, assets: dict, tmp_path: Path, every: int, *
         sa, sb = (load_snapshot_profile(x / "posthoc" / "step_00000012", i) for x in (a, b))
         assert_equal_states(sa, sb, f"ZeRO-{stage} snapshot profile {i} after resume")
     return a, proc
+
+
+def check_first_step_noise(out: Path, assets: dict, bf16: bool) -> None:
+    """Step 1's master weights (zero_to_fp32 reads the optimizer's fp32 partitions) carry the noise
+    the world-1 reference generates for step 1 (tests/support/noise_check.py): ZeRO-3 keyed it by each
+    partition's global offset and put it into the master, not into a copy the next step overwrites.
+    In bf16 mode the master starts from the bf16 weights."""
+    before = UNet2DConditionModel.from_pretrained(str(assets["model"]), subfolder="unet").state_dict()
+    before = {n: t.bfloat16().float() if bf16 else t for n, t in before.items()}
+    after = offline_state(step(out, 1), "raw")
+    # configs/test.yaml: lr 1e-3 with 2 warmup steps (step 1 at half), weight decay 1e-2 (the default).
+    within, control = first_step_residual_share(before, {n: after[n] for n in before}, 5e-4, 1e-2, DIFFUSION, seed=0)
+    print(f"\nstep-1 residuals within lr: {within:.4f} with the noise removed, {control:.4f} without")
+    assert within >= 0.999 and control < 0.8, (within, control)
 
 
 def check_topology(out: Path, stage: int) -> dict:
@@ -197,11 +220,17 @@ def check_posthoc(stage: int, out: Path) -> None:
 
 
 @pytest.mark.multiproc
-def test_zero3_bf16_partitioned_ema_of_the_fp32_master_and_exact_resume(tiny_assets, tmp_path):
+def test_zero3_bf16_sdxl_partitioned_ema_of_the_fp32_master_and_exact_resume(tiny_sdxl, tmp_path):
     # Every step checkpointed, so the EMA can be recomputed from the weights below. DeepSpeed's
-    # bf16 mode (`dist.param_dtype: auto` with mixed_precision=bf16 under ZeRO-3).
-    a, proc = straight_and_resumed(3, tiny_assets, tmp_path, 1, "mixed_precision=bf16")
+    # bf16 mode (`dist.param_dtype: auto` with mixed_precision=bf16 under ZeRO-3). SDXL's pooled
+    # embedding reaches the UNet in bf16 (DeepSpeed casts the module, not its inputs).
+    sdxl = ["data.center_crop=false", "data.random_flip=true", "objective.microcond_dropout=0.3"]
+    a, proc = straight_and_resumed(3, tiny_sdxl, tmp_path, 1, "mixed_precision=bf16", *sdxl)
     assert "hot path: cpu, params bf16, AdamW" in proc.stdout  # no autocast on top
+    check_first_step_noise(a, tiny_sdxl, bf16=True)
+    for kind in ("raw", "ema"):
+        index = json.loads((a / "export" / kind / "model_index.json").read_text())
+        assert index["_class_name"] == "StableDiffusionXLPipeline" and (a / "export" / kind / "text_encoder_2").is_dir()
     raw = exported(a, "raw")
     full_bytes = sum(t.numel() * 4 for t in raw.values())
 
@@ -251,13 +280,17 @@ def test_zero2_nan_skip_replicated_ema_and_exact_resume(tiny_assets, tmp_path):
     # A NaN loss on rank 1 at step 5: DeepSpeed sees non-finite reduced gradients on every rank and
     # skips the step everywhere; the trainer retries step 5 with the next batch.
     a, proc = straight_and_resumed(
-        2, tiny_assets, tmp_path, every=4, SD_TRAIN_FAULT="rank=1,step=5,phase=mid_step,action=nan"
+        2, tiny_assets, tmp_path, every=1, SD_TRAIN_FAULT="rank=1,step=5,phase=mid_step,action=nan"
     )
     assert "step 5: non-finite loss/gradient on rank(s) [1]; step skipped" in proc.stdout
     summary = json.loads((a / "data_summary.json").read_text())
     assert (summary["step"], summary["skipped_steps"]) == (12, 1)
 
     raw = exported(a, "raw")
+    # The Langevin noise: in the fp32 master fragments (step 1), and in the replicas the forward
+    # reads and export gathers (equal to the master at the end).
+    check_first_step_noise(a, tiny_assets, bf16=False)
+    assert_equal_states(offline_state(step(a, 12), "raw"), raw, "ZeRO-2 replicas vs the fp32 master")
     full_bytes = sum(t.numel() * 4 for t in raw.values())
     topo = check_topology(a, 2)
     assert all(

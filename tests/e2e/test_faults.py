@@ -1,6 +1,7 @@
 """Fault injection on real 2-rank runs (SD_TRAIN_FAULT, see sd_train/faults.py). The tests relaunch
 the job themselves; torchrun --max-restarts over gloo on one machine is unreliable (port reuse)."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from sd_train.paths import complete_steps, snapshot_steps
-from tests.support.launch import REPO, env, free_port, run
+from tests.support.launch import REPO, env, free_port, interrupt, run
 from tests.support.runs import TRAIN, assert_states_equal, full_state, keys_by_step, reconstruct_all, train_cmd
 
 pytestmark = pytest.mark.multiproc
@@ -22,12 +23,15 @@ def ckpts(out: Path) -> Path:
 
 
 def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_path):
-    """kill -9 of rank 0 or 1 in each checkpoint phase, SIGTERM during a save and mid-step, kill -9
-    mid-step inside the EMA window, async saves and keep-last-2 retention, relaunching after each: the
-    final weights, EMA, post-hoc profiles and optimizer state equal the uninterrupted run's, every
-    step saw the same sample keys, the newest complete checkpoint always survives, wandb (offline)
-    continues one run id across the relaunches, and the post-hoc snapshots written across the
-    relaunches reconstruct bitwise like the uninterrupted run's."""
+    """kill -9 of rank 0 or 1 in each checkpoint phase, SIGTERM during a save, Ctrl-C to the whole
+    job mid-step (SIGINT to the process group, as a terminal sends it: each rank gets it twice, from
+    the terminal and from the launcher), kill -9 mid-step inside the EMA window, async saves and
+    keep-last-2 retention, relaunching after each: the final weights, EMA, post-hoc profiles and
+    optimizer state equal the uninterrupted run's, every step saw the same sample keys, the newest
+    complete checkpoint always survives, metrics.jsonl reads forward (each logged step once, the
+    uninterrupted run's losses, an event per resume), wandb (offline) continues one run id across
+    the relaunches, and the post-hoc snapshots written across the relaunches reconstruct bitwise
+    like the uninterrupted run's."""
     out = tmp_path / "chain"
     base = ["checkpoint.every_steps=2", "checkpoint.keep_last_k=2", *FAST]
     wandb = ["metrics.wandb=true"]
@@ -38,18 +42,22 @@ def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_pa
         ("rank=0,step=10,phase=before_retention", [], 10),  # renamed, retention not yet run
         ("rank=1,step=12,phase=during_async_save", ["checkpoint.async_save=true"], 10),
         ("rank=0,step=14,phase=after_rank_files,action=term", wandb, 14),  # SIGTERM while saving
-        ("rank=1,step=15,phase=mid_step,action=term", wandb, 15),  # SIGTERM on one rank, off the cadence
+        ("rank=1,step=15,phase=mid_step,action=wait_signal", wandb, 15),  # Ctrl-C, off the cadence
         ("rank=1,step=16,phase=mid_step", wandb, 15),  # kill -9 mid-step inside the window
     ]
     for fault, extra, newest in chain:
-        proc = run(
-            train_cmd(2, out, tiny_assets, *base, *extra), timeout=300, check=False, SD_TRAIN_FAULT=fault,
-            WANDB_MODE="offline",
-        )  # fmt: skip
+        cmd = train_cmd(2, out, tiny_assets, *base, *extra)
+        if "wait_signal" in fault:
+            proc, _ = interrupt(cmd, "[fault injection] rank 1 step 15", SD_TRAIN_FAULT=fault, WANDB_MODE="offline")
+            assert proc.returncode == 130, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert proc.stdout.count("interrupted at step 15; saved step 15; rerun the same command to resume") == 1
+            assert "Traceback" not in proc.stderr and "aborting" not in proc.stderr
+        else:
+            proc = run(cmd, timeout=300, check=False, SD_TRAIN_FAULT=fault, WANDB_MODE="offline")
         if "action=term" in fault:
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             assert "preempted (SIGTERM)" in proc.stdout
-        else:
+        elif "wait_signal" not in fault:
             assert proc.returncode != 0, f"{fault}: the run should have died"
         steps = complete_steps(ckpts(out))
         assert steps and steps[-1] == newest, (fault, steps)
@@ -66,6 +74,18 @@ def test_kill_chain_each_phase_resumes_exactly(tiny_assets, straight_run, tmp_pa
     )
     for r in (0, 1):  # same sample keys per step as the uninterrupted run, no gaps, no repeats
         assert keys_by_step(out, r) == keys_by_step(straight_run, r)
+    # The relaunches logged steps their killed predecessors had logged past their last checkpoint:
+    # each is in metrics.jsonl once, in order, with the uninterrupted run's loss, and every resume
+    # is an event at the step it resumed from.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    want = [
+        (r["step"], r["train/loss"])
+        for r in map(json.loads, (straight_run / "metrics.jsonl").open())
+        if "train/loss" in r
+    ]
+    assert logged == want, f"metrics.jsonl does not read forward: {[s for s, _ in logged]}"
+    assert [r["step"] for r in rows if r.get("event") == "resumed"] == [4, 6, 10, 10, 14, 15, 15]
     run_id = (out / "wandb_run_id.txt").read_text()
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 4, "the 4 wandb launches share one run id"
     # Post-hoc EMA through the same kills: snapshots of 10, 12, 14 and 16 written across four
@@ -112,8 +132,6 @@ def test_nonfinite_steps_skipped_then_stop(tiny_assets, tmp_path):
         SD_TRAIN_FAULT="rank=1,step=11,phase=mid_step,action=nan",
     )
     assert "step 11: non-finite loss/gradient on rank(s) [1]; step skipped" in proc.stdout
-    import json
-
     state = json.loads((ckpts(out) / "step_00000012" / "trainer_state.json").read_text())
     assert state["train"]["skipped_steps"] == 1 and state["step"] == 12
     assert state["lr_scheduler"]["_step_count"] == 13, "the scheduler stepped only for the 12 steps taken"

@@ -148,12 +148,21 @@ def test_single_process_run_then_two_ranks_resume(tiny_assets, tmp_path):
     """One process trains, validates, samples and exports a pipeline diffusers loads; its checkpoint
     then resumes on 2 ranks (1 -> 2) with equal weights and EMA."""
     f = tmp_path / "f"
-    run(train_cmd(1, f, tiny_assets, "max_steps=12", "data.log_keys=false"), timeout=300)
+    proc = run(train_cmd(1, f, tiny_assets, "max_steps=12", "data.log_keys=false"), timeout=300)
     rows = [json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     val = [r["val/loss_raw"] for r in rows if "val/loss_raw" in r]
     assert len(losses) >= 3 and len(val) >= 2
     assert any("val/loss_ema" in r for r in rows)
+    # The summary block at the end says what metrics.jsonl and the run folder say.
+    ema = [r["val/loss_ema"] for r in rows if "val/loss_ema" in r]
+    summary = proc.stdout[proc.stdout.index("run summary: ") :]
+    assert f"train loss   {losses[-1]:.4f} (step 12)" in summary
+    assert f"val loss     raw {val[-1]:.6f} (step 12); EMA {ema[-1]:.6f} (step 12)" in summary
+    assert "checkpoints  step_00000004, step_00000008, step_00000012 in" in summary
+    assert f"exports      {f}/export/raw, {f}/export/ema" in summary
+    assert "data         " in summary and ", 0 bad, 0 filtered out" in summary
+    assert f"next         sd-train posthoc --run {f} --eval" in summary
     assert (f / "samples" / "step_00000012_raw.png").is_file() and (f / "samples" / "step_00000012_ema.png").is_file()
     plan = json.loads((f / "ema_plan.json").read_text())
     assert plan["ema/step_start_ema"] == 10 and plan["ema/pre_window_share"] == 0.25

@@ -4,8 +4,11 @@ thread per rank (2 ranks on 2 cores), and the log in the failure message."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from sd_train.parallel.process_group import free_port  # noqa: F401 (the tests' one free port, re-exported)
@@ -57,6 +60,46 @@ def run(cmd: list[str], timeout: int = 300, check: bool = True, **env_extra: str
             f"stderr\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def interrupt(
+    cmd: list[str],
+    after: str,
+    again_after: float | None = None,
+    timeout: int = 300,
+    **env_extra: str,
+) -> tuple[subprocess.CompletedProcess, float]:
+    """Start `cmd` in a session of its own and, once a stdout line contains `after`, press Ctrl-C as a
+    terminal does: SIGINT to the whole process group (the launcher, every rank, the loader workers).
+    With `again_after`, press it again that many seconds later. Returns the finished process and the
+    seconds from the last press to its exit."""
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # never a full pipe
+    reader.start()
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if after in line:
+                os.killpg(proc.pid, signal.SIGINT)
+                if again_after is not None:
+                    time.sleep(again_after)
+                    os.killpg(proc.pid, signal.SIGINT)
+                break
+        pressed = time.monotonic()  # (the run ended without the line: the caller's checks fail)
+        out.extend(proc.stdout)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    reader.join(timeout=10)
+    elapsed = time.monotonic() - pressed
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(stderr)), elapsed
 
 
 # A fake SLURM for the batch scripts: `srun` starts one task per node here (SLURM_NODEID set, TERM

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sd_train.tools.posthoc import score_folders
+from sd_train.tools.posthoc_eval import score_folders
 
 
 def exported_val_loss(run_dir: Path, weights: str) -> float:
     """The run's own validation loss (same samples, timesteps and noise) of `export/<weights>`,
     computed by a plain UNet loaded from the exported folder, in one process with no process group."""
-    return score_folders(run_dir, {weights: run_dir / "export" / weights})[weights]
+    return score_folders(run_dir, {weights: run_dir / "export" / weights})[weights]["loss"]
 
 
 def logged_val_losses(run_dir: Path, step: int) -> dict[str, float]:

@@ -32,6 +32,10 @@ COMMON = [
     # profiles span the 7 weights w_10..w_16).
     "ema.posthoc.sigma_rels=[0.05,0.1]",
     "ema.posthoc.snapshot_every=2",
+    # Langevin noise after every step (sd_train.langevin; std sqrt(2 D lr) = 4.5e-4 per element at
+    # lr 1e-3), so every resume and relaunch (the kill chain, HSDP, 2 -> 1 ranks) checks that the
+    # noise is a function of the step, bitwise.
+    "optim.langevin.diffusion=1e-4",
 ]
 
 

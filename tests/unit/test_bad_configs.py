@@ -1,6 +1,7 @@
 """A table of bad configs: each is refused by validation, before any process group starts or
 torch is imported, with a message naming the field."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -196,3 +197,96 @@ def test_yaml_syntax_error_refused(good, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"config error: --config {broken}: YAML syntax error at line 4, column 17" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# The JSON files of an SDXL folder that the torch-free checks read, as SDXL base 1.0 has them.
+SDXL_JSON = {
+    "model_index.json": {"_class_name": "StableDiffusionXLPipeline"},
+    "unet/config.json": {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+        "cross_attention_dim": 2048,
+    },
+    "text_encoder/config.json": {"hidden_size": 768},
+    "text_encoder_2/config.json": {"hidden_size": 1280, "projection_dim": 1280},
+}
+
+
+def sdxl_folder(root: Path, drop: str = "", **unet: object) -> Path:
+    """A folder with the layout and JSON of SDXL base (no weights), less `drop`, with `unet` changes."""
+    model = root / f"sdxl-{drop or 'full'}-{len(unet)}"
+    for sub in (*MODEL_SUBFOLDERS, "text_encoder_2", "tokenizer_2"):
+        if sub != drop:
+            (model / sub).mkdir(parents=True, exist_ok=True)
+    (model / "vae" / "config.json").write_text(SD_VAE_CONFIG)
+    for name, content in SDXL_JSON.items():
+        if (model / name).parent.is_dir():
+            (model / name).write_text(json.dumps(content | unet if name.startswith("unet") else content))
+    return model
+
+
+def test_sdxl_folder_trains_sdxl_with_its_defaults(good):
+    """The folder decides: no flag. FSDP2 units default to each transformer block and resnet."""
+    root, overrides = good
+    model = sdxl_folder(root)
+    cfg, _ = validated_config(["--config", "configs/test.yaml", *overrides, f"model.pretrained_path={model}"])
+    assert cfg.dist.fsdp_units == "layers"
+    sd, _ = validated_config(["--config", "configs/test.yaml", *overrides])
+    assert sd.dist.fsdp_units == "blocks" and sd.model.vae_dtype == "auto"
+    validated_config(["--config", "configs/test.yaml", *overrides, "model.vae_dtype=fp16"])  # SD's VAE: fine
+
+
+@pytest.mark.parametrize(
+    "drop,unet,extra,match",
+    [
+        ("text_encoder_2", {}, [], r"SDXL folder \(StableDiffusionXLPipeline\) that lacks \['text_encoder_2'\]"),
+        ("tokenizer_2", {}, [], r"lacks \['tokenizer_2'\]"),
+        ("", {"addition_embed_type": None}, [], "an SDXL folder whose unet/config.json has addition_embed_type=None"),
+        ("", {"addition_embed_type": "text"}, [], "addition_embed_type='text'"),
+        ("", {"cross_attention_dim": 1024}, [], "cross_attention_dim=1024 but the two text encoders' hidden sizes"),
+        ("", {"projection_class_embeddings_input_dim": 2560}, [], "projection_class_embeddings_input_dim=2560"),
+        ("", {}, ["model.vae_dtype=fp16"], "model.vae_dtype=fp16 with an SDXL folder: the SDXL VAE produces NaNs"),
+        ("", {}, ["dist.strategy=ddp", "dist.fsdp_units=layers"], "dist.fsdp_units=layers applies to dist.strategy"),
+    ],
+    ids=[
+        "no_text_encoder_2",
+        "no_tokenizer_2",
+        "no_text_time",
+        "other_embed",
+        "cross_dim",
+        "add_dim",
+        "vae_fp16",
+        "ddp",
+    ],
+)
+def test_bad_sdxl_folder_refused_naming_the_part(good, drop, unet, extra, match):
+    root, overrides = good
+    model = sdxl_folder(root, drop, **unet)
+    with pytest.raises(ConfigError, match=match):
+        validated_config(["--config", "configs/test.yaml", *overrides, f"model.pretrained_path={model}", *extra])
+
+
+def test_sd_folder_with_an_sdxl_unet_refused(good):
+    """An SD pipeline folder whose UNet wants SDXL's added conditioning: the encoders are missing."""
+    root, overrides = good
+    model = root / "sd-with-xl-unet"
+    shutil.copytree(overrides[0].split("=", 1)[1], model)
+    (model / "unet" / "config.json").write_text(json.dumps({"addition_embed_type": "text_time"}))
+    with pytest.raises(ConfigError, match=r"addition_embed_type='text_time', which needs SDXL's pooled text embedding"):
+        validated_config(["--config", "configs/test.yaml", *overrides, f"model.pretrained_path={model}"])
+
+
+def test_bad_sdxl_folder_refused_before_torch(good):
+    """Through the real entry point: exit 2, the missing part named, torch never imported."""
+    root, overrides = good
+    model = sdxl_folder(root, "tokenizer_2")
+    proc = subprocess.run(
+        [sys.executable, "-c", ENTRY, "--config", "configs/test.yaml", *overrides, f"model.pretrained_path={model}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "lacks ['tokenizer_2']" in proc.stderr

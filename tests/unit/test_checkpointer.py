@@ -18,9 +18,17 @@ from sd_train.checkpoint import Checkpointer
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs
 from sd_train.ema.plan import plan_from_config
 from sd_train.ema.sharded import ShardedEMA
-from sd_train.errors import CheckpointLoadError
+from sd_train.errors import CheckpointLoadError, ConfigError
 from sd_train.parallel.fsdp import FSDPStrategy
-from sd_train.paths import complete_steps, partial_dir, step_dir
+from sd_train.paths import (
+    MODEL_SUBFOLDERS,
+    SNAPSHOT_META,
+    check_model_folder,
+    complete_steps,
+    partial_dir,
+    snapshot_steps,
+    step_dir,
+)
 
 
 class Counter:
@@ -302,3 +310,53 @@ def test_async_save_stages_into_buffers_kept_for_the_run_and_writes_the_saved_st
         assert all(torch.equal(weights[n], t) for n, t in b.weights().items()), s
         assert all(torch.equal(ema[n], t) for n, t in b.ema_weights().items()), s
     a.ckpt.close()
+
+
+def test_which_step_folders_count_as_complete(tmp_path):
+    """A checkpoint needs trainer_state.json and its tensors (DCP's .metadata, or DeepSpeed's zero/);
+    a snapshot needs snapshot.json and .metadata; other names and partial folders never count."""
+    files = {
+        1: ["trainer_state.json"],
+        2: [".metadata"],
+        3: ["trainer_state.json", ".metadata"],
+        4: ["trainer_state.json", "zero/"],
+        5: [],
+        6: ["zero/"],
+    }
+    for step, names in files.items():
+        for name in names:
+            path = step_dir(tmp_path / "ckpt", step) / name.rstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.mkdir() if name.endswith("/") else path.write_text("{}")
+    for odd in ("notes", partial_dir(tmp_path / "ckpt", 7).name):
+        (tmp_path / "ckpt" / odd).mkdir()
+        (tmp_path / "ckpt" / odd / "trainer_state.json").write_text("{}")
+        (tmp_path / "ckpt" / odd / ".metadata").write_text("")
+    assert complete_steps(tmp_path / "ckpt") == [3, 4] and complete_steps(tmp_path / "none") == []
+    for step, names in {1: [SNAPSHOT_META], 2: [".metadata"], 3: [SNAPSHOT_META, ".metadata"]}.items():
+        step_dir(tmp_path / "posthoc", step).mkdir(parents=True)
+        for name in names:
+            (step_dir(tmp_path / "posthoc", step) / name).write_text("{}")
+    (tmp_path / "posthoc" / "notes").mkdir()
+    (tmp_path / "posthoc" / "notes" / SNAPSHOT_META).write_text("{}")
+    assert snapshot_steps(tmp_path / "posthoc") == [3] and snapshot_steps(tmp_path / "none") == []
+
+
+def test_model_folder_check_names_the_field_and_what_is_missing(tmp_path):
+    fix = "Run `make tiny-sd` for the demo model"
+    with pytest.raises(ConfigError) as e:
+        check_model_folder(str(tmp_path / "nope"))
+    assert str(e.value) == (
+        f"model.pretrained_path={str(tmp_path / 'nope')!r}: no such folder. {fix}, or point it at a local "
+        "diffusers Stable Diffusion folder"
+    )
+    for name in MODEL_SUBFOLDERS[:-1]:
+        (tmp_path / name).mkdir()
+    with pytest.raises(ConfigError) as e:
+        check_model_folder(str(tmp_path))
+    assert str(e.value) == (
+        f"model.pretrained_path={str(tmp_path)!r} lacks {[MODEL_SUBFOLDERS[-1]]}: it must be a diffusers Stable "
+        f"Diffusion folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/). {fix}"
+    )
+    (tmp_path / MODEL_SUBFOLDERS[-1]).mkdir()
+    check_model_folder(str(tmp_path))

@@ -295,3 +295,24 @@ def test_sd2_templates_train_from_fp16_precomputed_latents(resolution: int) -> N
     assert cfg.data.precomputed and not cfg.data.random_flip and cfg.data.center_crop
     assert cfg.data.resolution == resolution and f"latents-{resolution}" in cfg.data.train_shards
     assert f"--resolution {resolution} --dtype float16" in path.read_text()
+
+
+def test_sdxl_template_is_mosaics_schedule_with_a_checked_ema_window() -> None:
+    """configs/sdxl_base_1024.yaml: lr 1e-4, weight decay 0.01, 10k warmup, constant, 10% caption
+    dropout; its EMA window passes the same startup check as any run (and would be refused at the
+    default window fraction); its batch divides at 8 and 64 GPUs; its VAE never runs in fp16."""
+    from sd_train.ema.plan import plan_from_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "sdxl_base_1024.yaml"
+    cfg = load_config(str(path))
+    o = cfg.optim
+    assert (o.lr, o.weight_decay, o.warmup_steps, o.schedule) == (1e-4, 0.01, 10000, "constant")
+    assert cfg.objective.caption_dropout == 0.1 and cfg.model.vae_dtype != "fp16"
+    for world in (8, 64):
+        cfg.validate(world)
+    plan = plan_from_config(cfg.ema, cfg.max_steps)
+    plan.check()
+    assert plan.figures()["ema/pre_window_share"] <= 0.01
+    with pytest.raises(ConfigError, match="pre-window"):
+        plan_from_config(load_config(str(path), ["ema.step_start_ema=null"]).ema, cfg.max_steps).check()
+    assert "(height, width)" in path.read_text()

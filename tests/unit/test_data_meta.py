@@ -27,6 +27,7 @@ from sd_train.data.decode import CaptionSource, decode_image_sample
 from sd_train.data.filters import MetadataFilter
 from sd_train.data.loader import TrainLoader, build_train_loader, val_samples
 from sd_train.data.stream import Decoder
+from sd_train.data.tar import RawSample
 from sd_train.errors import BadDataError
 from tests.support.streams import augmented_loader, keys_of, take
 
@@ -188,8 +189,6 @@ def test_filter_rules_parse_and_refuse() -> None:
 
 
 def test_filter_reads_nested_and_treats_non_numbers_as_missing() -> None:
-    from sd_train.data.tar import RawSample
-
     def raw(meta: object) -> RawSample:
         return RawSample("k", "s", {"json": json.dumps(meta).encode()})
 
@@ -198,6 +197,9 @@ def test_filter_reads_nested_and_treats_non_numbers_as_missing() -> None:
     assert f.rejecting_rule(raw({"meta": {"width": 600}, "punsafe": 0.5})) == "punsafe<0.1"
     assert f.rejecting_rule(raw({"meta": {"width": "600"}, "punsafe": 0.05})) == "meta.width>=512"
     assert f.rejecting_rule(RawSample("k", "s", {"json": b"{not json"})) == "meta.width>=512"
+    # Under "keep" a missing field skips its rule, not the rules after it.
+    later = MetadataFilter.from_config(["meta.width>=512", "punsafe<0.1"], "keep")
+    assert later.rejecting_rule(raw({"punsafe": 0.5})) == "punsafe<0.1"
     keep = MetadataFilter.from_config(["meta.width>=512"], "keep")
     assert keep.rejecting_rule(raw({"punsafe": None})) is None
     assert keep.rejecting_rule(RawSample("k", "s", {})) is None
@@ -219,6 +221,25 @@ def test_filters_and_caption_fields_survive_deep_json_and_huge_integers() -> Non
     assert MetadataFilter.from_config(["original_width<1e308"], "drop").rejecting_rule(huge) == "original_width<1e308"
     assert CaptionSource.from_config("json:caption").resolve(deep, None).members.get("txt") is None
     assert CaptionSource.from_config("json:caption,txt").resolve(deep, None).members["txt"] == b"a caption"
+
+
+# Every operator on its boundary and on both sides of it, written out by hand: (rule, value, kept).
+# The json numbers are ints and floats, as img2dataset writes them.
+BOUNDARY_ROWS = [
+    ("punsafe<0.9", 0.89, True), ("punsafe<0.9", 0.9, False), ("punsafe<0.9", 0.91, False),
+    ("aesthetic<=5", 4.99, True), ("aesthetic<=5", 5, True), ("aesthetic<=5", 5.01, False),
+    ("width>512", 511, False), ("width>512", 512, False), ("width>512", 513, True),
+    ("width>=512", 511, False), ("width>=512", 512.0, True), ("width>=512", 513, True),
+    ("nsfw==0", -0.5, False), ("nsfw==0", 0, True), ("nsfw==0", 0.5, False),
+    ("status!=1", 0, True), ("status!=1", 1.0, False), ("status!=1", 2, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("rule,value,kept", BOUNDARY_ROWS)
+def test_every_operator_on_its_boundary(rule: str, value: float, kept: bool) -> None:
+    field = parse_filter_rule(rule).field
+    raw = RawSample("k", "s", {"json": json.dumps({field: value}).encode()})
+    assert MetadataFilter.from_config([rule]).rejecting_rule(raw) == (None if kept else rule)
 
 
 def test_build_train_loader_applies_the_configured_filters() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from sd_train.config import EMAArgs
@@ -21,8 +22,9 @@ def build() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
 
 
-def train(model: torch.nn.Module, ema: ShardedEMA) -> dict[str, torch.Tensor]:
-    """SGD steps with the EMA updated after each; returns an EMA kept independently of ShardedEMA."""
+def train(model: torch.nn.Module, ema: ShardedEMA, every: int = 1) -> dict[str, torch.Tensor]:
+    """SGD steps with the EMA updated after each; returns an EMA kept independently of ShardedEMA,
+    which lerps every `every`-th step after the opening step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     reference: dict[str, torch.Tensor] = {}
     for step in range(1, STEPS + 1):
@@ -36,18 +38,18 @@ def train(model: torch.nn.Module, ema: ShardedEMA) -> dict[str, torch.Tensor]:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         if step == START:
             reference = weights
-        elif step > START:
+        elif step > START and (step - START) % every == 0:
             reference = {n: torch.lerp(reference[n], weights[n], 1 - DECAY) for n in weights}
     return reference
 
 
-def test_late_window_updates_and_swapped_forward():
+@pytest.mark.parametrize("every", [1, 2])
+def test_late_window_updates_and_swapped_forward(every):
     model = build()
-    ema = ShardedEMA(
-        model, plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.5), STEPS), DTensorLayout(model)
-    )
-    reference = train(model, ema)
-    assert ema.num_updates == STEPS - START
+    args = EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.5, update_every=every)
+    ema = ShardedEMA(model, plan_from_config(args, STEPS), DTensorLayout(model))
+    reference = train(model, ema, every)
+    assert ema.num_updates == (STEPS - START) // every
     shadow = ema.full_tensors()
     assert all(torch.equal(shadow[n], reference[n]) for n in reference)
     assert ema.local_bytes() == sum(t.numel() * 4 for t in reference.values())
@@ -78,5 +80,42 @@ def test_state_round_trip_and_closed_window():
     assert all(torch.equal(a, b) for a, b in zip(other.shadow, ema.shadow))
     closed_model = build()
     closed = ShardedEMA(closed_model, plan, DTensorLayout(closed_model))
+    assert closed.meta_state_dict() == {"open": False, "num_updates": 0, "step_start_ema": START}
+    closed.load_meta_state_dict(ema.meta_state_dict())
+    assert closed.num_updates == STEPS - START and all(torch.equal(t, torch.zeros_like(t)) for t in closed.shadow)
     closed.load_meta_state_dict({"open": False, "num_updates": 0, "step_start_ema": START})
-    assert not closed.is_open and closed.tensor_state_dict() == {}
+    assert not closed.is_open and closed.num_updates == 0 and closed.tensor_state_dict() == {}
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_plan_reports_the_share_the_ema_really_keeps(warmup):
+    """With `update_every` > 1 the share of the window's start that the startup check reports is the
+    share ShardedEMA really leaves: the weight is 1 when the window opens and 0 after it, so the EMA
+    ends at exactly that share."""
+    start, steps, every = 103, 400, 10  # 103: (step - start) and (step + start) differ mod 10
+    args = EMAArgs(decay=0.99, step_start_ema=start, update_every=every, tolerance=0.9, warmup=warmup)
+    plan = plan_from_config(args, steps)
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = ShardedEMA(model, plan, DTensorLayout(model))
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            model.weight.fill_(1.0 if step <= start else 0.0)
+        ema.update(step)
+    assert ema.num_updates == plan.num_updates == (steps - start) // every
+    kept = ema.full_tensors()["weight"].item()
+    assert kept == pytest.approx(plan.pre_window_share(), rel=1e-5)
+    if not warmup:
+        assert kept == pytest.approx(0.99**29, rel=1e-5)
+
+
+def test_the_shadow_of_bf16_weights_is_fp32():
+    """1 - decay = 1e-4 is below bf16's resolution: the shadow is fp32 whatever the weights are, as
+    a copy of them when the window opens and as zeros awaiting a load."""
+    model = build().to(torch.bfloat16)
+    plan = plan_from_config(EMAArgs(decay=DECAY, step_start_ema=1, tolerance=0.5), STEPS)
+    ema = ShardedEMA(model, plan, DTensorLayout(model))
+    ema.update(1)
+    assert all(s.dtype == torch.float32 and torch.equal(s, p.float()) for s, p in zip(ema.shadow, model.parameters()))
+    loaded = ShardedEMA(model, plan, DTensorLayout(model))
+    loaded.load_meta_state_dict(ema.meta_state_dict())
+    assert all(s.dtype == torch.float32 and not s.any() for s in loaded.shadow)

@@ -17,16 +17,19 @@ from sd_train.evaluation import Evaluator
 
 def test_sample_grids_are_written_after_every_variants_forwards(tmp_path, monkeypatch):
     events: list[str] = []
+    # The stand-ins tell raw from EMA by the swap: loss 0.25 and black samples with the raw weights,
+    # 0.75 and white ones with the EMA's, so a variant that reports the other's figures fails.
+    swapped = [False]
 
     class Validator:
         def loss(self, model) -> float:
             events.append("loss")
-            return 0.5
+            return 0.75 if swapped[0] else 0.25
 
     class Sampler:
         def sample(self, model) -> np.ndarray:
             events.append("sample")
-            return np.zeros((1, 8, 8, 3), dtype=np.uint8)
+            return np.full((1, 8, 8, 3), 255 if swapped[0] else 0, dtype=np.uint8)
 
     class EMA:
         is_open = True
@@ -34,12 +37,17 @@ def test_sample_grids_are_written_after_every_variants_forwards(tmp_path, monkey
         @contextlib.contextmanager
         def swapped_in(self):
             events.append("swap in")
+            swapped[0] = True
             yield
+            swapped[0] = False
             events.append("swap out")
+
+    logged: dict[str, int] = {}
 
     class Metrics:
         def log_image(self, step: int, name: str, path: str, image) -> None:
             assert image.size == (128, 128)  # the picture itself: the file may not be written yet
+            logged[name] = image.getpixel((64, 64))[0]
             events.append(f"log {name}")
 
     released = threading.Event()
@@ -61,7 +69,9 @@ def test_sample_grids_are_written_after_every_variants_forwards(tmp_path, monkey
         True,
     )
     ev.writer, ev.fault_hook = BackgroundWriter(), lambda phase, step: events.append(f"{phase} {step}")
-    assert ev.run(12, model=None) == {"val/loss_raw": 0.5, "val/loss_ema": 0.5}
+    ev.quality = None  # eval.quality_samples=0: no sample-quality figures
+    assert ev.run(12, model=None) == {"val/loss_raw": 0.25, "val/loss_ema": 0.75}
+    assert logged == {"samples/raw": 0, "samples/ema": 255}
     # run() returned with the disk still busy: nothing was written on the training thread.
     assert writes == [] and ev.writer.pending() == 2
     released.set()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from sd_train.export import main_export
+from sd_train import cli
 from tests.support.launch import REPO
 
 
@@ -44,7 +44,7 @@ def run(tiny_assets, tmp_path):
 
 
 def export(capsys, *args: str) -> tuple[int, str]:
-    rc = main_export(list(args))
+    rc = cli.main(["export", *args])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return rc, err.strip()
@@ -61,11 +61,13 @@ def test_export_finds_the_runs_relative_model_and_refuses_user_errors_cleanly(ru
     exported = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
     assert all(torch.equal(weights[n], t) for n, t in exported.items())
 
+    unfinished = step.parent / "step_00000006"
+    unfinished.mkdir()  # a save that did not finish
     cases = [
-        (["--checkpoint", str(step.parent / "step_00000009")], 2, "no such folder. Give a step folder"),
-        (["--checkpoint", str(step.parent)], 2, "is not a complete checkpoint"),
+        (["--checkpoint", str(step.parent / "step_00000009")], 2, "no such folder. Give a run's output_dir"),
+        (["--checkpoint", str(unfinished)], 2, "is not a complete checkpoint"),
         (["--checkpoint", str(step), "--weights", "ema"], 2, "the EMA window had not opened at step 3"),
-        (["--checkpoint", str(step), "--model-path", str(elsewhere)], 2, "--model-path: model.pretrained_path="),
+        (["--checkpoint", str(step), "--model-path", str(elsewhere)], 2, "not a diffusers model folder"),
     ]
     for args, want_rc, message in cases:
         rc, err = export(capsys, *args, "--out", str(tmp_path / "x"))
@@ -73,7 +75,7 @@ def test_export_finds_the_runs_relative_model_and_refuses_user_errors_cleanly(ru
 
     shutil.move(launch / "models", tmp_path / "moved")  # the model folder moved: tried where, and the fix
     rc, err = export(capsys, "--checkpoint", str(step), "--out", str(tmp_path / "x"), "--weights", "raw")
-    assert rc == 2 and str(launch / "models" / "tiny-sd") in err and "Pass it as --model-path" in err, err
+    assert rc == 2 and str(launch / "models" / "tiny-sd") in err and "Point --model-path at a copy" in err, err
     moved = str(tmp_path / "moved" / "tiny-sd")
     rc, err = export(
         capsys, "--checkpoint", str(step), "--out", str(tmp_path / "y"), "--weights", "raw", "--model-path", moved

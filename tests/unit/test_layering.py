@@ -15,28 +15,45 @@ ROOT = next(p for p in Path(__file__).resolve().parents if (p / "sd_train").is_d
 LAYERS: list[tuple[str, ...]] = [
     ("sd_train.cli", "sd_train.__main__", "sd_train.tools"),
     ("sd_train.entry",),
-    ("sd_train.trainer", "sd_train.preflight"),
-    ("sd_train.evaluation", "sd_train.metrics", "sd_train.checkpoint", "sd_train.export"),
+    ("sd_train.trainer", "sd_train.preflight", "sd_train.run_plan"),
+    (
+        "sd_train.evaluation",
+        "sd_train.sample_quality",
+        "sd_train.metrics",
+        "sd_train.checkpoint",
+        "sd_train.export",
+        "sd_train.step_signals",
+        "sd_train.train_state",
+    ),
     (
         "sd_train.parallel",
         "sd_train.data",
         "sd_train.model",
         "sd_train.objective",
         "sd_train.optim",
+        "sd_train.langevin",
         "sd_train.rng",
         "sd_train.faults",
         "sd_train.host_sync",
         "sd_train.perf",
         "sd_train.background_writer",
+        "sd_train.run_summary",
     ),
     # Below the strategies: their layouts implement the EMA's contracts (sd_train.ema.contracts).
     ("sd_train.ema",),
     ("sd_train.config",),
-    ("sd_train.errors", "sd_train.paths", "sd_train"),
+    ("sd_train.errors", "sd_train.paths", "sd_train.console", "sd_train"),
 ]
 # Third-party imports that may sit inside a function, each for a stated reason: heavy, optional, or
 # only one code path needs it (DeepSpeed's strategy and export, the wandb and tensorboard sinks).
-LAZY_OK = ("deepspeed", "accelerate", "transformers.integrations.deepspeed", "wandb", "torch.utils.tensorboard")
+LAZY_OK = (
+    "deepspeed",
+    "accelerate",
+    "transformers.integrations.deepspeed",
+    "wandb",
+    "torch.utils.tensorboard",
+    "matplotlib",  # the optional `plot` extra (sd_train.tools.posthoc_eval)
+)
 # The entry point validates the config before torch is imported: the trainer (and torch) only then.
 LAZY_OK_INTERNAL = {("sd_train.entry", "sd_train.trainer")}
 

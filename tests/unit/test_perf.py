@@ -135,8 +135,8 @@ def test_step_window_excludes_eval_and_reports_mfu():
             "inductor",
             marks=pytest.mark.skipif(
                 not os.environ.get("SD_TRAIN_TEST_INDUCTOR"),
-                reason="inductor's C++ code generation for 5 blocks takes 3-6 minutes on a 2-core CPU; "
-                "set SD_TRAIN_TEST_INDUCTOR=1 to run it (passed at 1e-4 when last run)",
+                reason="inductor's C++ code generation for 5 blocks takes 3-6 minutes on a 2-core CPU: "
+                "`make test-slow` runs it (SD_TRAIN_TEST_INDUCTOR=1)",
             ),
         ),
     ],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Shard
 
 from sd_train.checkpoint import Checkpointer
@@ -15,6 +16,7 @@ from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, PosthocArgs, Trai
 from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
 from sd_train.ema.posthoc import PowerEMAProfiles, load_snapshot_profile, read_snapshot_meta
 from sd_train.ema.posthoc_math import (
+    MAX_SIGMA_REL,
     classic_weights,
     gamma_to_sigma_rel,
     power_beta,
@@ -24,8 +26,8 @@ from sd_train.ema.posthoc_math import (
 )
 from sd_train.ema.sharded import ShardedEMA
 from sd_train.parallel.deepspeed import DeepSpeedStrategy, offline_shadow
-from sd_train.parallel.fsdp import FSDPStrategy
-from sd_train.paths import snapshot_steps
+from sd_train.parallel.fsdp import DTensorLayout, FSDPStrategy
+from sd_train.paths import partial_dir, snapshot_steps, step_dir
 from sd_train.tools.posthoc import MAX_FIT_ERROR, find_snapshots, plan_targets, reconstruct
 
 SIGMAS, START, EVERY, STEPS, DECAY = [0.05, 0.1], 2, 2, 8, 0.6
@@ -39,6 +41,34 @@ def test_gamma_matches_edm2_pairs_and_round_trips():
         assert gamma_to_sigma_rel(sigma_rel_to_gamma(s)) == pytest.approx(s, rel=1e-12)
     with pytest.raises(ValueError):
         sigma_rel_to_gamma(0.3)
+
+
+def test_sigma_rel_outside_the_open_interval_is_refused_by_name():
+    for bad in (0.0, -0.1, MAX_SIGMA_REL, 0.3):
+        with pytest.raises(ValueError, match=rf"sigma_rel={bad} must be in \(0, 0\.2887\)"):
+            sigma_rel_to_gamma(bad)
+    assert sigma_rel_to_gamma(MAX_SIGMA_REL * (1 - 1e-6)) == pytest.approx(0.0, abs=1e-4)  # the uniform average
+
+
+def test_weights_are_padded_with_zeros_to_the_window():
+    for weights in (power_weights(6.94, 3, 6), classic_weights(0.5, 3, 6)):
+        assert weights.shape == (6,) and weights.dtype == np.float64
+        assert np.all(weights[4:] == 0) and weights.sum() == pytest.approx(1.0, abs=1e-15)
+    assert np.array_equal(classic_weights(0.5, 3, 6)[:4], [0.125, 0.125, 0.25, 0.5])
+
+
+def test_rcond_keeps_coefficients_bounded_on_an_ill_conditioned_basis():
+    """Five profiles snapshotted every 5 steps over 500: some directions of the basis are spanned at
+    1e-11 of the largest. Cut at 1e-10 the coefficients stay 13x smaller than plain least squares
+    takes them (244 against 3,154), and fp16 snapshots' rounding is amplified that much less."""
+    gammas = [sigma_rel_to_gamma(s) for s in (0.03, 0.05, 0.07, 0.1, 0.15)]
+    basis = [(k, g) for k in range(0, 501, 5) for g in gammas]
+    target = classic_weights(0.9, 500)
+    a = np.stack([power_weights(g, k, 501) for k, g in basis])
+    plain, *_ = np.linalg.lstsq(a.T, target, rcond=None)
+    fit = solve(basis, target)
+    assert np.abs(plain / plain.sum()).max() > 3000
+    assert fit.max_abs_coefficient < 300 and fit.fit_error < 1e-5
 
 
 def test_closed_form_equals_the_beta_recurrence():
@@ -67,6 +97,46 @@ def test_solve_reproduces_a_profile_from_itself_and_flags_what_snapshots_cannot_
     assert fit.fit_error < 1e-12 and np.abs(fit.coefficients - expected).max() < 1e-9
     # Two snapshots at the very end cannot express a short classic EMA: the fit error says so.
     assert solve([(40, g) for g in gammas], classic_weights(0.5, 40)).fit_error > MAX_FIT_ERROR
+
+
+def test_coefficients_sum_to_one_where_the_least_squares_ones_do_not():
+    """Snapshots every 4 steps over 16 express sigma_rel 0.12 and a classic decay of 0.99 within the
+    tool's bound, but plain least squares puts weights summing to 0.993 and 0.972 on them: unscaled,
+    a reconstructed UNet would come out 0.7% and 2.8% too small."""
+    gammas = [sigma_rel_to_gamma(s) for s in SIGMAS]
+    basis = [(k, g) for k in range(0, 17, 4) for g in gammas]
+    a = np.stack([power_weights(g, k, 17) for k, g in basis])
+    for target in (power_weights(sigma_rel_to_gamma(0.12), 16), classic_weights(0.99, 16)):
+        unscaled, *_ = np.linalg.lstsq(a.T, target, rcond=None)
+        assert abs(unscaled.sum() - 1) > 0.005, "a case where the scaling matters"
+        fit = solve(basis, target)
+        assert fit.coefficients.sum() == pytest.approx(1.0, abs=1e-12)
+        # The fit error is that of the coefficients returned, measured after the scaling.
+        assert fit.fit_error == pytest.approx(np.linalg.norm(a.T @ fit.coefficients - target) / np.linalg.norm(target))
+        assert fit.fit_error < MAX_FIT_ERROR and fit.max_abs_coefficient == pytest.approx(
+            np.abs(fit.coefficients).max()
+        )
+
+
+def test_reconstructing_constant_weights_returns_the_constant(info, tmp_path):
+    """Weights that never change make every snapshot profile that constant, so every reconstruction
+    must return it: a scale error in the coefficients shows as a scaled UNet."""
+    module = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        module.weight.fill_(0.375)
+        module.bias.fill_(-1.25)
+    args = EMAArgs(decay=0.99, step_start_ema=4, tolerance=0.99, posthoc=PosthocArgs(SIGMAS, 4))
+    profiles = PowerEMAProfiles(module, posthoc_plan_from_config(args, 20), DTensorLayout(module))
+    for step in range(1, 21):
+        profiles.update(step)
+        profiles.maybe_snapshot(tmp_path / "posthoc", step, 0)
+    snaps = find_snapshots(tmp_path)
+    assert [m["step"] for m in snaps.metas] == [4, 8, 12, 16, 20]
+    targets = plan_targets(snaps, [0.12], [0.99], max_fit_error=MAX_FIT_ERROR)
+    assert all(t.refused is None for t in targets)
+    for name, state in reconstruct(snaps, targets).items():
+        torch.testing.assert_close(state["weight"], torch.full((2, 3), 0.375), rtol=1e-5, atol=0, msg=name)
+        torch.testing.assert_close(state["bias"], torch.full((2,), -1.25), rtol=1e-5, atol=0, msg=name)
 
 
 class Run:
@@ -264,3 +334,64 @@ def test_eval_refuses_pipes_from_a_runs_config_unless_allowed(tmp_path):
     with pytest.raises(SystemExit, match="has no complete snapshots"):  # allowed: on to the snapshots
         main_posthoc(["--run", str(run), "--eval", "--allow-pipe"])
     assert not ran.exists()
+
+
+def _open_profiles(dtype: str = "fp32", sigma_rels=(0.05, 0.1), start: int = 1) -> PowerEMAProfiles:
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    args = EMAArgs(decay=0.9, step_start_ema=start, posthoc=PosthocArgs(list(sigma_rels), 2, dtype=dtype))
+    return PowerEMAProfiles(module, posthoc_plan_from_config(args, 10), DTensorLayout(module))
+
+
+def test_profiles_refuse_other_settings_and_bad_pieces():
+    profiles = _open_profiles()
+    profiles.update(1)
+    meta = profiles.meta_state_dict()
+    for other in (_open_profiles(sigma_rels=(0.05, 0.2)), _open_profiles(start=2)):
+        with pytest.raises(
+            ValueError, match=r"^checkpoint tracked post-hoc profiles sigma_rels=\[0.05, 0.1\] from step 1, "
+        ):
+            other.load_meta_state_dict(meta)
+        with pytest.raises(ValueError, match=r"from step \d: resume with the same ema.posthoc settings$"):
+            other.load_meta_state_dict(meta)
+    fresh = _open_profiles()
+    fresh.load_meta_state_dict(meta)
+    assert fresh.is_open and all(torch.equal(t, torch.zeros_like(t)) for s in fresh.shadows for t in s)
+    fresh.load_meta_state_dict({**meta, "open": False})
+    assert not fresh.is_open and fresh.local_state_dict() == {}
+    fresh.load_meta_state_dict(meta)
+    pieces = profiles.local_state_dict()
+    with pytest.raises(ValueError, match=r"^post-hoc profile piece 'p0.weight': saved missing, expected \(2, 3\)$"):
+        fresh.load_local_state_dict({k: v for k, v in pieces.items() if k != "p0.weight"})
+    with pytest.raises(ValueError, match=r"^post-hoc profile piece 'p0.weight': saved \(3, 2\), expected \(2, 3\)$"):
+        fresh.load_local_state_dict({**pieces, "p0.weight": torch.zeros(3, 2)})
+
+
+def test_snapshots_replace_leftovers_and_keep_their_dtype(info, tmp_path):
+    """A crash's leftover `.partial` folder is cleared before writing, a step written again replaces
+    the old snapshot, and fp16 snapshots store fp16 (read back as fp32)."""
+    profiles = _open_profiles("fp16")
+    root = tmp_path / "posthoc"
+    assert profiles.maybe_snapshot(root, 2, 0) is None, "nothing to snapshot before the start"
+    profiles.update(1)
+    assert profiles.maybe_snapshot(root, 3, 0) is None, "not a snapshot step"
+    leftover = partial_dir(root, 2)
+    leftover.mkdir(parents=True)
+    (leftover / "junk").write_text("from a crash")
+    folder = profiles.maybe_snapshot(root, 2, 0)
+    assert folder == step_dir(root, 2) and not (folder / "junk").exists() and not leftover.exists()
+    meta = read_snapshot_meta(folder)
+    assert (meta["dtype"], meta["world_size"], meta["step"], meta["step_start"]) == ("fp16", 1, 2, 1)
+    stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    assert {item.properties.dtype for item in stored.values()} == {torch.float16}
+    with torch.no_grad():
+        profiles.shadows[0][0].fill_(0.5)
+    profiles.write_snapshot(root, 2, 0)  # the same step again: replaces it
+    snap = load_snapshot_profile(folder, 0)
+    assert snap["weight"].dtype == torch.float32 and torch.equal(snap["weight"], torch.full((2, 3), 0.5))
+    with pytest.raises(KeyError, match="has no profile 2"):
+        load_snapshot_profile(folder, 2)
+    with pytest.raises(
+        FileNotFoundError, match=r"is not a complete post-hoc snapshot \(no snapshot.json or .metadata\)"
+    ):
+        read_snapshot_meta(tmp_path)

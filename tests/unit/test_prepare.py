@@ -176,7 +176,7 @@ def test_prepare_folder_never_follows_a_caption_link(tmp_path: Path) -> None:
 def test_prepare_folder_rejects_bad_val_count(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _write_folder(src)
-    with pytest.raises(ValueError, match="val_count"):
+    with pytest.raises(ValueError, match="--val-count"):
         prepare.prepare_folder(str(src), str(tmp_path / "out"), resolution=8, num_train_shards=1, val_count=4)
 
 

@@ -206,3 +206,12 @@ def test_local_runs_in_order_and_stops_at_the_first_failure(tmp_path: Path, caps
 def test_committed_sweeps_expand(capsys, monkeypatch, name: str, runs: int) -> None:
     monkeypatch.chdir(REPO)
     assert len(_dry_run(capsys, Path("configs/sweeps") / name)) == runs
+
+
+def test_ctrl_c_lets_the_running_training_save() -> None:
+    """A terminal's Ctrl-C reaches both `sd-train sweep --local` and its training run. The sweep
+    must go on waiting while the run saves and exits 130 (subprocess.run alone raised
+    KeyboardInterrupt and SIGKILLed the run in the middle of its save). The child here presses
+    Ctrl-C on the sweep process itself, then takes its time before exiting 130."""
+    child = "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(0.5); raise SystemExit(130)"
+    assert sweep_mod._run_in_foreground([sys.executable, "-c", child]) == 130

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers read it
 
@@ -56,7 +61,7 @@ def test_tokenizer_loads_and_pads_to_77(built: tuple[str, dict]) -> None:
     assert only_bpe("an emoji of hamburger").input_ids == ids[: ids.index(tok.eos_token_id) + 1]
 
 
-def test_parts_load_like_the_trainer(built: tuple[str, dict], caplog: pytest.LogCaptureFixture) -> None:
+def test_parts_load_like_the_trainer(built: tuple[str, dict], data_dir: str, caplog: pytest.LogCaptureFixture) -> None:
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -84,7 +89,33 @@ def test_parts_load_like_the_trainer(built: tuple[str, dict], caplog: pytest.Log
     assert DDIMScheduler.from_config(sched.config).config.set_alpha_to_one is False
     with open(os.path.join(out, "vae_report.json")) as f:
         report = json.load(f)
-    assert report["steps"] == 2 and report["resolution"] == 16 and report["psnr_db"] > 0
+    assert report["steps"] == 2 and report["resolution"] == 16
+    assert report["psnr_db"] == pytest.approx(reference_psnr(vae, data_dir), abs=2e-3)
+
+
+def val_images(data_dir: str, resolution: int) -> np.ndarray:
+    """Every image of the val shards that has a caption, read with the standard library's tarfile
+    and PIL, squashed to `resolution` (Lanczos), as floats in [0, 1]."""
+    images = []
+    for shard in sorted(Path(data_dir).glob("val-*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        for name, data in members.items():
+            stem, _, ext = name.rpartition(".")
+            if ext in ("png", "jpg", "jpeg", "webp") and f"{stem}.txt" in members:
+                image = Image.open(io.BytesIO(data)).convert("RGB").resize((resolution, resolution), Image.LANCZOS)
+                images.append(np.asarray(image, dtype=np.float64) / 255.0)
+    return np.stack(images)
+
+
+def reference_psnr(vae, data_dir: str) -> float:
+    """Reconstruction PSNR (dB, pixels in [0, 1], posterior mode) of the saved VAE on the val images."""
+    x = val_images(data_dir, 16)
+    pixels = torch.from_numpy(x).permute(0, 3, 1, 2).float() * 2 - 1
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
+    recon = (recon.double().permute(0, 2, 3, 1).numpy() + 1) / 2
+    return 10 * math.log10(1.0 / np.mean((recon - x) ** 2))
 
 
 def test_text_encoder_gives_distinct_embeddings(built: tuple[str, dict]) -> None:
@@ -117,6 +148,36 @@ def test_pipeline_reloads_offline_and_generates(built: tuple[str, dict]) -> None
         generator=torch.Generator().manual_seed(0),
     )
     assert result.images.shape == (1, 16, 16, 3)
+    torch.testing.assert_close(torch.from_numpy(result.images), one_step_sample(out), rtol=0, atol=1e-4)
+
+
+def one_step_sample(folder: str, prompt: str = "an emoji of hamburger", guidance: float = 7.5) -> torch.Tensor:
+    """What a one-step SD sampler must draw from the folder's parts, written out: SD's noise schedule
+    (scaled_linear betas 0.00085..0.012, 1000 steps; one leading step with offset 1 is t = 1), latents
+    drawn from the seed, classifier-free guidance against the empty prompt, the epsilon prediction
+    turned into x_0, and the VAE decode with the scaling factor vae_report.json measured."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    with open(os.path.join(folder, "vae_report.json")) as f:
+        scaling_factor = json.load(f)["scaling_factor"]
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    acp = torch.cumprod(1 - betas, 0)[1]
+    ids = tok([prompt, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond, uncond = text(ids)[0].chunk(2)
+        eps_c, eps_u = unet(
+            latents.repeat(2, 1, 1, 1), 1, encoder_hidden_states=torch.cat([cond, uncond])
+        ).sample.chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        x0 = (latents - (1 - acp).sqrt() * eps) / acp.sqrt()
+        image = vae.decode(x0 / scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
 
 def test_seeded_build_is_bitwise_reproducible(data_dir: str, built: tuple[str, dict], tmp_path: Path) -> None:
@@ -235,3 +296,33 @@ def test_tokenizer_encodes_with_clip_layout_ids(tmp_path: Path) -> None:
     # 513 "ab</w>", 514 BOS, 515 EOS.
     assert tok("AB ac zz").input_ids == [514, 513, 64, 256 + 66, 512, 515]
     assert tok.decode(tok("AB ac zz").input_ids, skip_special_tokens=True) == "ab ac zz"
+
+
+def test_build_tiny_sdxl_is_an_sdxl_folder(data_dir: str, built: tuple[str, dict], tmp_path: Path) -> None:
+    """`sd-train build-tiny --family sdxl`: a StableDiffusionXLPipeline folder that the trainer
+    reads as SDXL (two encoders, the second projecting the pooled embedding; two tokenizers, the
+    second padding with `!`; a text_time UNet whose widths fit them) and diffusers samples offline.
+    Its BPE and VAE are the SD build's from the same data and seed; the test suite's shortcut
+    (tiny_sdxl.from_tiny_sd) gives the same weights."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sd_train.model.family import model_family
+    from sd_train.tools.tiny_sdxl import from_tiny_sd
+
+    out = str(tmp_path / "sdxl")
+    cmd = ["--data", data_dir, "--out", out, "--resolution", "16", "--vae-steps", "2", "--family", "sdxl"]
+    assert tiny_sd.main_build_tiny(cmd) == 0
+    assert model_family(out) == "sdxl"
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True)
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert pipe.tokenizer.pad_token == "<|endoftext|>" and pipe.tokenizer_2.pad_token == "!"
+    assert pipe.unet.config.cross_attention_dim == 32 + 64 and pipe.unet.config.addition_embed_type == "text_time"
+    for sub in ("tokenizer", "tokenizer_2"):  # the BPE pair next to tokenizer.json, as in the SD build
+        assert Path(out, sub, "merges.txt").read_bytes() == Path(built[0], "tokenizer", "merges.txt").read_bytes()
+    image = pipe("an emoji of hamburger", num_inference_steps=1, height=16, width=16, output_type="np").images[0]
+    assert image.shape == (16, 16, 3)
+    shortcut = from_tiny_sd(built[0], str(tmp_path / "shortcut"))
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        a = getattr(pipe, part).state_dict()
+        b = getattr(StableDiffusionXLPipeline.from_pretrained(shortcut, local_files_only=True), part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part

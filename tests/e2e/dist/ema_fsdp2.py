@@ -6,7 +6,13 @@ with FSDP2 + SGD through sd_train's own sharding and EMA code, and checks on eve
 - each rank holds only its shard's EMA bytes (the ranks' bytes add up to one full copy);
 - the gathered sharded EMA equals, bitwise, an EMA kept of the gathered parameters;
 - it also matches an unsharded single-process run of the same global batches (SGD: tight atol);
-- EMA swap-in puts the EMA into the model and swap-out restores the weights bitwise.
+- EMA swap-in puts the EMA into the model and swap-out restores the weights bitwise;
+- Langevin noise (sd_train.langevin) after every step, sharded pieces keyed by their global offset
+  (`dtensor_noise_piece`, as FSDPStrategy.noise_pieces), the reference's by the whole tensors: the
+  weights still match the single-process run to SGD's reduction-order tolerance, though each step's
+  noise (std 0.01) is 1000x that; each rank draws only its shards' chunks (counted by torch's
+  dispatcher, as tests/support/random_count.py does in one process; this script runs outside the
+  tests package), with chunks of 1024 elements so that shard edges cut chunks.
 Writes a JSON report to argv[1]."""
 
 import copy
@@ -24,8 +30,29 @@ from sd_train.parallel.process_group import init_distributed
 from sd_train.ema.sharded import ShardedEMA
 from sd_train.parallel.fsdp import DTensorLayout
 from sd_train.ema.plan import plan_from_config
+from sd_train.langevin import ChunkedNoise, NoisePiece
+from sd_train.parallel.fsdp import dtensor_noise_piece
+from torch.utils._python_dispatch import TorchDispatchMode
 
 STEPS, START, DECAY, BATCH = 8, 5, 0.7, 4
+LR, DIFFUSION, CHUNK = 0.05, 1e-3, 1024
+NOISE_STD = (2 * DIFFUSION * LR) ** 0.5  # 0.01 per element per step
+
+
+
+class NormalCount(TorchDispatchMode):
+    """Elements written by `normal_` inside the block, whoever calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.startswith("normal"):
+            self.elements += out.numel()
+        return out
+
 
 torch.manual_seed(0)
 # out_channels=3 makes conv_out's weight [3, ...]: dim 0 does not divide by 2, so FSDP2 pads it.
@@ -42,8 +69,12 @@ model = shard_unet(unet, DistArgs(), info)
 params = dict(model.named_parameters())
 plan = plan_from_config(EMAArgs(decay=DECAY, step_start_ema=START, tolerance=0.5), STEPS)
 ema = ShardedEMA(model, plan, DTensorLayout(model))
-opt = torch.optim.SGD(model.parameters(), lr=0.05)
-ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
+opt = torch.optim.SGD(model.parameters(), lr=LR)
+ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
+noise, ref_noise = ChunkedNoise(seed=0, chunk=CHUNK), ChunkedNoise(seed=0, chunk=CHUNK)
+pieces = [dtensor_noise_piece(n, p) for n, p in model.named_parameters()]
+ref_pieces = [NoisePiece(n, p.numel(), 0, p.detach()) for n, p in reference.named_parameters()]
+drawn = []
 report = {"world_size": world, "rank": rank}
 report["all_dtensor_shard0"] = all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in params.values())
 report["uneven_params"] = [n for n, p in params.items() if p.shape[0] % world]
@@ -68,10 +99,14 @@ for step in range(1, STEPS + 1):
     loss.backward()
     opt.step()
     opt.zero_grad()
+    with NormalCount() as count:
+        noise.add_(pieces, step, NOISE_STD)
+    drawn.append(count.elements)
     ref_loss = torch.nn.functional.mse_loss(reference(x, t, encoder_hidden_states=c).sample, y)
     ref_loss.backward()
     ref_opt.step()
     ref_opt.zero_grad()
+    ref_noise.add_(ref_pieces, step, NOISE_STD)
     ema.update(step)
     if step < START:
         bytes_before.append(ema.local_bytes())
@@ -93,6 +128,13 @@ sharded_full = ema.full_tensors()
 report["ema_equal_gathered"] = all(torch.equal(sharded_full[n], gathered_ema[n]) for n in sharded_full)
 report["ema_max_diff_vs_single_process"] = max((sharded_full[n] - ref_ema[n]).abs().max().item() for n in sharded_full)
 report["ema_updates"] = ema.num_updates
+ref_params = dict(reference.named_parameters())
+report["params_max_diff_vs_single_process"] = max(
+    (p.full_tensor() - ref_params[n]).abs().max().item() for n, p in params.items()
+)
+report["noise_std"] = NOISE_STD
+report["noise_drawn_per_step"] = sorted(set(drawn))
+report["local_numel"] = sum(p.to_local().numel() for p in params.values())
 # Swap: EMA in, then the raw weights back, bitwise.
 raw = {n: p.to_local().clone() for n, p in params.items()}
 with ema.swapped_in():

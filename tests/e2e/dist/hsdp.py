@@ -3,7 +3,8 @@ mesh, sharding and EMA: a 2-D mesh of (replicate 2, shard 1), trained a few SGD 
 
 - every parameter is a DTensor placed (Replicate(), Shard(0)) on the 2-D mesh, whose groups wait
   `dist.timeout_s` like the default group;
-- each rank's local EMA equals the other replica's bitwise (no collective keeps them so);
+- each rank's local EMA equals the other replica's bitwise (no collective keeps them so), with
+  Langevin noise added after every step (sd_train.langevin: both replicas draw the same numbers);
 - the gathered EMA equals an EMA kept of the gathered parameters, bitwise;
 - a DCP checkpoint written under HSDP reloads into FSDP over a 1-D mesh of 2 (resharding), and into
   one process with no process group, with raw weights and EMA equal bitwise;
@@ -24,7 +25,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from sd_train.config import DistArgs, EMAArgs
 from sd_train.config.launcher import read_launch_env
 from sd_train.ema.sharded import ShardedEMA
-from sd_train.parallel.fsdp import DTensorLayout
+from sd_train.langevin import ChunkedNoise
+from sd_train.parallel.fsdp import DTensorLayout, dtensor_noise_piece
 from sd_train.ema.plan import plan_from_config
 from sd_train.parallel.build import shard_unet
 from sd_train.optim import ShardLocalAdamW, _shard_groups, clip_grad_norm_
@@ -66,6 +68,7 @@ report = {
     "placements_hsdp": all(isinstance(p, DTensor) and p.placements == (Replicate(), Shard(0)) for p in params.values()),
 }  # fmt: skip
 opt = torch.optim.SGD(model.parameters(), lr=0.2)
+noise, pieces = ChunkedNoise(seed=0, chunk=1024), [dtensor_noise_piece(n, p) for n, p in params.items()]
 reference = {}
 for step in range(1, STEPS + 1):
     g = torch.Generator().manual_seed(100 * step + rank)  # each replica its own data
@@ -77,6 +80,7 @@ for step in range(1, STEPS + 1):
     model(x, t, encoder_hidden_states=c).sample.square().mean().backward()
     opt.step()
     opt.zero_grad()
+    noise.add_(pieces, step, 0.01)
     ema.update(step)
     full = {n: p.full_tensor().detach().clone() for n, p in params.items()}
     if step == START:

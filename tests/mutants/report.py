@@ -1,0 +1,120 @@
+"""Score of the last `make mutants` run, per module: reads mutmut's results (mutants/**/*.meta),
+counts a mutant as killed when a test failed on it (or it timed out), and prints every survivor,
+and every mutant no selected test reaches, that tests/mutants/equivalent.md does not justify.
+Exit status 1 when there is one: each survivor is killed by a new test or listed there with its
+reason.
+
+    .venv/bin/python tests/mutants/report.py            # after `make mutants`
+    .venv/bin/python tests/mutants/report.py --prepare  # before `mutmut run` (make mutants does it)
+    .venv/bin/mutmut show NAME                          # the diff of one mutant
+
+`--prepare` keeps the kills and the survivors justified in equivalent.md (mutmut itself clears a
+function's verdicts when the function changes) and clears every other verdict, so survivors meet
+the tests added since; it drops mutmut's test-to-function map, so mutmut records it afresh (mutmut
+3.8.1 extends an old map only with new tests: a module that moved would have no tests at all).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+EQUIVALENT = Path(__file__).with_name("equivalent.md")
+# mutmut's exit codes (mutmut/stats.py): a failing test is 1 (3: pytest's internal error, also a
+# kill); 0 survived; 5 and 33 no test reaches the function; 36, 24, -24, 152, 255 timeouts.
+KILLED, SURVIVED, NO_TESTS, TIMEOUT = {1, 3}, {0}, {5, 33}, {36, 24, -24, 152, 255}
+
+
+def results(root: Path) -> dict[str, dict[str, int | None]]:
+    """{module path: {mutant name: exit code}} of every mutated module."""
+    out = {}
+    for meta in sorted((root / "mutants").rglob("*.py.meta")):
+        module = str(meta.relative_to(root / "mutants"))[: -len(".meta")]
+        out[module] = json.loads(meta.read_text())["exit_code_by_key"]
+    return out
+
+
+def justified(path: Path) -> set[str]:
+    """Mutant names listed in equivalent.md (each in backquotes, with its reason on the line)."""
+    return set(re.findall(r"`([\w.ǁ]+__mutmut_\d+)`", path.read_text())) if path.is_file() else set()
+
+
+def status(code: int | None) -> str:
+    if code in KILLED or code in TIMEOUT:
+        return "killed"
+    if code in SURVIVED:
+        return "survived"
+    if code in NO_TESTS:
+        return "no tests"
+    return "not run" if code is None else f"exit {code}"
+
+
+def prepare(root: Path) -> None:
+    (root / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+    keep = justified(EQUIVALENT)  # a survivor justified there stays one until its function changes
+    for meta in (root / "mutants").rglob("*.py.meta"):
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        data["exit_code_by_key"] = {k: (c if status(c) == "killed" or k in keep else None) for k, c in codes.items()}
+        meta.write_text(json.dumps(data))
+
+
+def main() -> int:
+    if sys.argv[1:] == ["--prepare"]:
+        prepare(REPO)
+        return 0
+    by_module = results(REPO)
+    if not by_module:
+        print("no mutmut results under mutants/: run `make mutants` first")
+        return 2
+    equivalent = justified(EQUIVALENT)
+    unjustified: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    print(
+        f"{'module':<30} {'mutants':>7} {'not run':>7} {'killed':>7} {'equivalent':>10} {'survived':>8} "
+        f"{'no tests':>8} {'score':>6}"
+    )
+    totals: Counter = Counter()
+    for module, codes in by_module.items():
+        counts = Counter(status(c) for c in codes.values())
+        eq = sum(1 for name, c in codes.items() if name in equivalent and status(c) != "killed")
+        seen |= set(codes)
+        for name, c in codes.items():
+            if status(c) not in ("killed", "not run") and name not in equivalent:
+                unjustified.append((name, status(c)))
+        scored = len(codes) - eq
+        totals.update(mutants=len(codes), not_run=counts["not run"], killed=counts["killed"], equivalent=eq)
+        totals.update(survived=counts["survived"], no_tests=counts["no tests"], scored=scored)
+        row(module, len(codes), counts["not run"], counts["killed"], eq, counts["survived"], counts["no tests"], scored)
+    t = totals
+    row("all", t["mutants"], t["not_run"], t["killed"], t["equivalent"], t["survived"], t["no_tests"], t["scored"])
+    print("score = killed / (mutants - equivalent): a timeout counts as killed, a mutant not run yet as not")
+    stale = sorted(equivalent - {n for n in seen if status(by_module_code(by_module, n)) != "killed"})
+    if stale:
+        print(f"\n{len(stale)} entries of {EQUIVALENT.name} are killed now or no longer exist (remove them):")
+        print("\n".join(f"  {n}" for n in stale))
+    if unjustified:
+        print(f"\n{len(unjustified)} survivors not justified in {EQUIVALENT.relative_to(REPO)} (`mutmut show NAME`):")
+        print("\n".join(f"  {name}  ({why})" for name, why in sorted(unjustified)))
+        return 1
+    return 0
+
+
+def row(name: str, mutants: int, not_run: int, killed: int, eq: int, survived: int, no_tests: int, scored: int) -> None:
+    score = f"{killed / scored:.1%}" if scored else "-"
+    print(f"{name:<30} {mutants:>7} {not_run:>7} {killed:>7} {eq:>10} {survived:>8} {no_tests:>8} {score:>6}")
+
+
+def by_module_code(by_module: dict[str, dict[str, int | None]], name: str) -> int | None:
+    for codes in by_module.values():
+        if name in codes:
+            return codes[name]
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
