@@ -36,11 +36,12 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sd_train.data.bad_input import BadInputLog, BadSample
-from sd_train.data.decode import ImageTransform, decode_image_sample, pixels_to_float, to_rgb, transform_image
+from sd_train.data.decode import ImageTransform, decode_image_sample, to_rgb, transform_image
 from sd_train.data.loader import TrainLoader
 from sd_train.data.sources import expand_sources
 from sd_train.data.stream import ShardStream
 from sd_train.data.tar import RawSample, read_shards
+from sd_train.model.parts import uint8_to_unit_range
 
 NUM_SHARDS = 8
 
@@ -102,7 +103,7 @@ class FloatPerSample(IterableDataset):
                     s = decode_image_sample(raw, self.transform, None)
                 except BadSample:
                     continue
-                yield pixels_to_float(torch.from_numpy(s.pixels).permute(2, 0, 1)), s.caption
+                yield uint8_to_unit_range(torch.from_numpy(s.pixels).permute(2, 0, 1)), s.caption
 
 
 PREFETCH = 4

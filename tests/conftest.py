@@ -2,12 +2,21 @@
 an untrained VAE, to stay fast) through the same commands `make demo` uses."""
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# `make test` starts the single-process session in the background (`&`), and a non-interactive shell
+# starts background jobs with SIGINT ignored. Python then keeps the ignore, and so does every process a
+# test starts: a run that respects an inherited ignore (as nohup'd jobs should) would never see the
+# Ctrl-C the tests press. Put back what a terminal's foreground job has; children then start with the
+# default action.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

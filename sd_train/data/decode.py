@@ -1,6 +1,6 @@
 """Decoding one raw sample into training pixels: caption check, PIL decode, resize/crop/flip, and
-the one uint8 -> [-1, 1] float conversion every path (training, validation, precompute, the tiny
-model's VAE pretraining) feeds the VAE with."""
+the geometry SDXL's micro-conditioning reads. The pixels stay uint8; the VAE's [-1, 1] input range
+is the model's business (sd_train.model.parts.uint8_to_unit_range)."""
 
 from __future__ import annotations
 
@@ -197,11 +197,6 @@ def decode_image_sample(raw: RawSample, tf: ImageTransform, rng: Optional[random
         raise BadSample("undecodable") from None
     pixels, geometry = transform_image(rgb, tf, rng)
     return DecodedSample(raw.key, pixels, caption, geometry)
-
-
-def pixels_to_float(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [B,3,H,W] in 0..255 -> `dtype` in [-1, 1], the range the SD VAE expects. Do it on device."""
-    return pixels.to(dtype).div_(127.5).sub_(1.0)
 
 
 def stack_pixels(samples: list[DecodedSample], resolution: int) -> torch.Tensor:

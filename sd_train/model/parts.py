@@ -25,7 +25,6 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sd_train.config import ModelArgs
-from sd_train.data.decode import pixels_to_float as uint8_to_unit_range
 from sd_train.model.conditioning import Conditioning
 from sd_train.model.family import Family, model_family
 from sd_train.model.tokenize import ID_KEYS, CaptionTokenizer
@@ -201,9 +200,15 @@ def encode_text(parts: SDParts, captions: list[str], device: torch.device) -> Co
     return encode_tokens(parts, parts.caption_tokenizer()(captions), device)
 
 
+def uint8_to_unit_range(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B,3,H,W] in 0..255 -> `dtype` in [-1, 1], the range the SD VAE expects: the one
+    conversion every path (training, validation, precompute, the tiny model's VAE pretraining) feeds
+    the VAE with. Do it on the device."""
+    return pixels.to(dtype).div_(127.5).sub_(1.0)
+
+
 def pixels_to_float(pixels: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [B,3,H,W] in 0..255 -> `dtype` in [-1, 1] on `device` (the VAE's input range); the
-    conversion itself is the data module's, so every path scales pixels the same way."""
+    """uint8 [B,3,H,W] in 0..255 -> `dtype` in [-1, 1] on `device` (`uint8_to_unit_range` there)."""
     return uint8_to_unit_range(pixels.to(device, non_blocking=True), dtype)
 
 

@@ -92,7 +92,6 @@ from sd_train.data.decode import (
     DecodedSample,
     ImageTransform,
     decode_image_sample,
-    pixels_to_float,
     stack_pixels,
 )
 from sd_train.data.precomputed import (
@@ -107,7 +106,7 @@ from sd_train.data.precomputed import (
 )
 from sd_train.data.sources import expand_sources
 from sd_train.data.tar import RawSample, add_member, read_shards
-from sd_train.model.parts import encode_text, load_sd_parts
+from sd_train.model.parts import encode_text, load_sd_parts, uint8_to_unit_range
 from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
 from sd_train.preflight import vae_downsampling_factor
 
@@ -192,7 +191,7 @@ class _Encoder:
     def encode(self, pixels: torch.Tensor, captions: list[str], crops: int) -> tuple[np.ndarray, ...]:
         """uint8 [N*K,3,R,R] (K crops per sample, adjacent) -> mean, std [N,K,4,h,w], text [N,77,D]
         and pooled [N,P] (None for SD)."""
-        dist = self.parts.vae.encode(pixels_to_float(pixels.to(self.device))).latent_dist
+        dist = self.parts.vae.encode(uint8_to_unit_range(pixels.to(self.device))).latent_dist
         cond = encode_text(self.parts, captions, self.device)
 
         def out(t: torch.Tensor) -> np.ndarray:

@@ -45,9 +45,10 @@ from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sd_train.data.bad_input import BadInputLog
-from sd_train.data.decode import IMAGE_SUFFIXES, pixels_to_float
+from sd_train.data.decode import IMAGE_SUFFIXES
 from sd_train.data.tar import read_shards as read_tar_shards
 from sd_train.errors import UsageError
+from sd_train.model.parts import uint8_to_unit_range
 from sd_train.tools import tiny_sdxl
 
 # CLIP's pre-tokenizer (transformers' CLIPTokenizer uses the same): special tokens, English
@@ -363,7 +364,7 @@ def vae_psnr(vae: Any, images: torch.Tensor, batch: int = 64) -> float:
     vae.eval()
     sq_err, count = 0.0, 0
     for i in range(0, len(images), batch):
-        x = pixels_to_float(images[i : i + batch])
+        x = uint8_to_unit_range(images[i : i + batch])
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         sq_err += float((((recon - x) / 2) ** 2).sum())  # /2: [-1, 1] -> [0, 1] units
         count += x.numel()
@@ -403,7 +404,7 @@ def pretrain_vae(
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for step in range(steps):
-        x = pixels_to_float(images[torch.randint(0, len(images), (batch,), generator=gen)])
+        x = uint8_to_unit_range(images[torch.randint(0, len(images), (batch,), generator=gen)])
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         rec_loss = torch.nn.functional.mse_loss(recon, x)
@@ -427,7 +428,7 @@ def latent_stats(vae: Any, images: torch.Tensor, seed: int, batch: int = 64) -> 
     gen = torch.Generator().manual_seed(seed)
     samples, means = [], []
     for i in range(0, len(images), batch):
-        posterior = vae.encode(pixels_to_float(images[i : i + batch])).latent_dist
+        posterior = vae.encode(uint8_to_unit_range(images[i : i + batch])).latent_dist
         samples.append(posterior.sample(generator=gen))
         means.append(posterior.mean)
     z, m = torch.cat(samples), torch.cat(means)

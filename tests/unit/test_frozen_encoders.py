@@ -10,10 +10,16 @@ import pytest
 import torch
 
 from sd_train.config import ModelArgs, ObjectiveArgs, TrainConfig
-from sd_train.data.decode import pixels_to_float
 from sd_train.data.loader import build_train_loader, val_samples
 from sd_train.model.conditioning import Conditioning
-from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
+from sd_train.model.parts import (
+    as_step_input,
+    encode_pixels,
+    encode_text,
+    encode_tokens,
+    load_sd_parts,
+    uint8_to_unit_range,
+)
 from sd_train.model.tokenize import CaptionTokenizer, tokenize_captions
 from sd_train.objective import DiffusionObjective
 
@@ -71,7 +77,7 @@ def test_inference_mode_encoders_give_the_no_grad_step_bitwise(tiny_assets, batc
     # The encoders as they ran before: under no_grad, the posterior drawn from the same RNG state.
     torch.manual_seed(0)
     with torch.no_grad():
-        ref_latents = parts.vae.encode(pixels_to_float(pixels)).latent_dist.sample() * parts.vae_scale
+        ref_latents = parts.vae.encode(uint8_to_unit_range(pixels)).latent_dist.sample() * parts.vae_scale
         ref_embeds = parts.text_encoder(ids)[0]
     assert torch.equal(latents, ref_latents) and torch.equal(embeds, ref_embeds)
 

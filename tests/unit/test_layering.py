@@ -174,3 +174,17 @@ def test_startup_modules_stay_torch_free(module):
         f"import sys, {module}; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT.parent)
+
+
+def test_the_model_knows_nothing_of_the_data_path():
+    """The model (its parts, tokenization, conditioning) is used by the data path (loader workers
+    tokenize with it), never the other way: sd_train.model imports no sd_train.data module."""
+    graph = internal_graph()
+    bad = [
+        f"{m} -> {t}"
+        for m in graph
+        if m.startswith("sd_train.model")
+        for t in graph[m]
+        if t.startswith("sd_train.data")
+    ]
+    assert not bad, bad
