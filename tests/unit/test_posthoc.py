@@ -25,6 +25,7 @@ from sd_train.ema.posthoc_math import (
     solve,
 )
 from sd_train.ema.sharded import ShardedEMA
+from sd_train.errors import UsageError
 from sd_train.parallel.deepspeed import DeepSpeedStrategy, offline_shadow
 from sd_train.parallel.fsdp import DTensorLayout, FSDPStrategy
 from sd_train.paths import partial_dir, snapshot_steps, step_dir
@@ -329,9 +330,9 @@ def test_eval_refuses_pipes_from_a_runs_config_unless_allowed(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     dump_config(cfg, run / "config.yaml")
-    with pytest.raises(SystemExit, match=rf"the list file {listing} names 'pipe:touch .*pass --allow-pipe"):
+    with pytest.raises(UsageError, match=rf"the list file {listing} names 'pipe:touch .*pass --allow-pipe"):
         main_posthoc(["--run", str(run), "--eval"])
-    with pytest.raises(SystemExit, match="has no complete snapshots"):  # allowed: on to the snapshots
+    with pytest.raises(UsageError, match="holds no complete snapshot"):  # allowed: on to the snapshots
         main_posthoc(["--run", str(run), "--eval", "--allow-pipe"])
     assert not ran.exists()
 
