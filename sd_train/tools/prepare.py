@@ -361,16 +361,14 @@ def _read_caption(path: str) -> str | None:
         return f.read().strip()
 
 
-def find_captioned_images(src_dir: str) -> tuple[list[_Entry], list[str], list[str]]:
+def find_captioned_images(src_dir: str) -> tuple[list[_Entry], list[str]]:
     """Images under `src_dir` (recursive, sorted by relative path) that have a same-stem .txt caption.
 
-    Returns (entries, skipped relative paths, relative paths whose caption is a symbolic link: left
-    out, see `_read_caption`). An empty caption file counts as a caption (the empty string is what
-    classifier-free guidance trains on anyway).
+    Returns (entries, skipped relative paths). An empty caption file counts as a caption (the
+    empty string is what classifier-free guidance trains on anyway).
     """
     entries: list[_Entry] = []
     skipped: list[str] = []
-    linked: list[str] = []
     paths = []
     for root, _dirs, files in os.walk(src_dir):
         paths += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -381,11 +379,11 @@ def find_captioned_images(src_dir: str) -> tuple[list[_Entry], list[str], list[s
             skipped.append(rel)
             continue
         caption = _read_caption(txt)
-        if caption is None:
-            linked.append(rel)
+        if caption is None:  # a symbolic link, not followed: skipped as an image without a caption
+            skipped.append(rel)
             continue
         entries.append(_Entry(f"{len(entries):0{KEY_DIGITS}d}", path, caption, rel))
-    return entries, skipped, linked
+    return entries, skipped
 
 
 def _load_entry(entry: _Entry, resolution: int, background: Color) -> Sample:
@@ -419,7 +417,7 @@ def prepare_folder(
     """
     if not os.path.isdir(src_dir):
         raise UsageError(f"--src {src_dir}: no such folder")
-    entries, skipped, linked = find_captioned_images(src_dir)
+    entries, skipped = find_captioned_images(src_dir)
     if not entries:
         raise UsageError(
             f"--src {src_dir}: no image with a same-stem .txt caption file ({len(skipped)} without): put each "
@@ -428,14 +426,12 @@ def prepare_folder(
     load = lambda e: _load_entry(e, resolution, background)  # noqa: E731
     manifest = _split_and_write(entries, load, out_dir, num_train_shards, val_count, seed, image_format)
     manifest["counts"]["skipped_no_caption"] = len(skipped)
-    manifest["counts"]["skipped_linked_caption"] = len(linked)
     manifest.update(
         source="folder",
         source_dir=os.path.abspath(src_dir),
         resolution=resolution,
         background=list(background),
         skipped_no_caption=skipped[:100],  # a sample of names, enough to spot a naming mismatch
-        skipped_linked_caption=linked[:100],
         license="as of the source folder",
     )
     _write_manifest(out_dir, manifest)
@@ -484,12 +480,11 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 
 def _summary(manifest: dict[str, Any], out_dir: str, seconds: float) -> str:
     c = manifest["counts"]
-    skipped, linked = c.get("skipped_no_caption"), c.get("skipped_linked_caption")
+    skipped = c.get("skipped_no_caption")
     return (
         f"wrote {c['train']} train samples in {len(manifest['train_shards'])} shards + {c['val']} val "
         f"to {out_dir} at {manifest['resolution']}px {manifest['image_format']} in {seconds:.1f}s"
         + (f"; skipped {skipped} without caption" if skipped else "")
-        + (f"; skipped {linked} whose caption is a symbolic link (not followed)" if linked else "")
     )
 
 
