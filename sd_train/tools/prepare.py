@@ -19,7 +19,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import errno
 import glob
 import io
 import json
@@ -138,6 +137,21 @@ def emoji_name(codepoints: str) -> str | None:
 def caption_from_name(name: str) -> str:
     """':hamburger:' -> 'an emoji of hamburger' (colons stripped, underscores to spaces)."""
     return "an emoji of " + name.strip(":").replace("_", " ")
+
+
+def _read_caption(path: str) -> str | None:
+    """The text of a caption file, stripped; None when `path` is a symbolic link, which is never
+    followed: a link in a folder received from elsewhere could put any file the user can read (a
+    key, a credentials file) into shards meant to be shared. Opened with O_NOFOLLOW, so a link put
+    in place after the listing is refused too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        if os.path.islink(path):  # ELOOP: the link itself
+            return None
+        raise
+    with open(fd, encoding="utf-8") as f:
+        return f.read().strip()
 
 
 def emoji_samples(resolution: int, background: Color = (255, 255, 255), limit: int | None = None) -> list[Sample]:
@@ -344,21 +358,6 @@ def prepare_emoji(
     )
     _write_manifest(out_dir, manifest)
     return manifest
-
-
-def _read_caption(path: str) -> str | None:
-    """The text of a caption file, stripped; None when `path` is a symbolic link, which is never
-    followed: a link in a folder received from elsewhere could put any file the user can read (a
-    key, a credentials file) into shards meant to be shared. Opened with O_NOFOLLOW, so a link put
-    in place after the listing is refused too."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return None
-        raise
-    with open(fd, encoding="utf-8") as f:
-        return f.read().strip()
 
 
 def find_captioned_images(src_dir: str) -> tuple[list[_Entry], list[str]]:
