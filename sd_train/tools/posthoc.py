@@ -176,6 +176,7 @@ def main_posthoc(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     run_dir = Path(ns.run)
     out = Path(ns.out) if ns.out else run_dir / "posthoc_export"
+    snaps = find_snapshots(run_dir)
     cfg = load_config(str(run_dir / "config.yaml"))
     quality_samples = cfg.eval.quality_samples if ns.quality_samples is None else ns.quality_samples
     if ns.eval and ns.select == "accuracy" and quality_samples <= 0:
@@ -183,8 +184,7 @@ def main_posthoc(argv: list[str]) -> int:
             "sd-train posthoc --select accuracy: the run has eval.quality_samples=0; pass --quality-samples K (e.g. 4)"
         )
     if ns.eval:
-        run_config(run_dir, ns.allow_pipe, quality_samples > 0)  # refused before anything is read or reconstructed
-    snaps = find_snapshots(run_dir)
+        run_config(run_dir, ns.allow_pipe, quality_samples > 0)  # refused before anything is reconstructed
     sigma_rels = _floats(ns.sigma_rel) if ns.sigma_rel or ns.decay else list(snaps.sigma_rels)
     targets = plan_targets(snaps, sigma_rels, _floats(ns.decay), ns.max_fit_error)
     print(

@@ -315,10 +315,11 @@ def test_zero3_layout_refuses_a_partitioning_it_does_not_describe(info):
         strategy.ema_layout().global_tensor(p, torch.zeros(p.ds_numel + 1))
 
 
-def test_eval_refuses_pipes_from_a_runs_config_unless_allowed(tmp_path):
+def test_eval_refuses_pipes_from_a_runs_config_unless_allowed(info, tmp_path, capsys):
     """`sd-train posthoc --eval` rebuilds the validator from the run's config.yaml, which may come
     from elsewhere: a `pipe:` URL there (here in a list file it names) is refused, whatever the
-    run's own data.allow_pipe says, until --allow-pipe is given; the command never runs."""
+    run's own data.allow_pipe says, before anything is reconstructed, until --allow-pipe is given;
+    the command never runs."""
     from sd_train.config import dump_config
     from sd_train.tools.posthoc import main_posthoc
 
@@ -330,10 +331,17 @@ def test_eval_refuses_pipes_from_a_runs_config_unless_allowed(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     dump_config(cfg, run / "config.yaml")
+    profiles = _open_profiles()
+    for step in range(1, 9):
+        profiles.update(step)
+        profiles.maybe_snapshot(run / "posthoc", step, 0)
     with pytest.raises(UsageError, match=rf"the list file {listing} names 'pipe:touch .*pass --allow-pipe"):
         main_posthoc(["--run", str(run), "--eval"])
-    with pytest.raises(UsageError, match="holds no complete snapshot"):  # allowed: on to the snapshots
-        main_posthoc(["--run", str(run), "--eval", "--allow-pipe"])
+    assert "snapshots" not in capsys.readouterr().out, "refused before the snapshots are planned"
+    # Allowed: on to the snapshots (every target refused by the bound, so no model is needed).
+    assert main_posthoc(["--run", str(run), "--eval", "--allow-pipe", "--max-fit-error", "0"]) == 1
+    printed = capsys.readouterr()
+    assert "reconstructed 0 target(s)" in printed.out and "every target was refused" in printed.err
     assert not ran.exists()
 
 
