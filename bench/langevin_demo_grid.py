@@ -150,11 +150,16 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--code", default=str(REPO), help="train with the train.py (and sd_train/) of this folder, e.g. a frozen copy"
     )
-    p.add_argument("phases", nargs="*", default=["train", "score", "table"], choices=["train", "score", "table"])
+    # Checked by hand: Python 3.11's argparse checks a nargs="*" default (or no phase) against `choices`
+    # as one value and refuses it.
+    p.add_argument("phases", nargs="*", help="train, score and/or table (default: all three)")
     ns = p.parse_args(argv)
     out = Path(ns.out).resolve()
     seeds = [int(v) for v in ns.seeds.split(",")]
     diffusions = [float(v) for v in ns.diffusion.split(",")]
+    ns.phases = ns.phases or ["train", "score", "table"]
+    if unknown := set(ns.phases) - {"train", "score", "table"}:
+        p.error(f"unknown phase(s) {sorted(unknown)}: choose from train, score, table")
     if "train" in ns.phases:
         train(out, seeds, diffusions, ns.threads, Path(ns.code).resolve())
     if "score" in ns.phases:

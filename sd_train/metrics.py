@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from sd_train.config import MetricsArgs
 from sd_train.parallel.process_group import all_reduce_max as reduce_max
+from sd_train.parallel.process_group import all_reduce_sum
 
 
 def _jsonable(v: Any) -> Any:
@@ -205,7 +206,11 @@ class StepWindow:
     memory peak is the max over ranks), called at the same steps on every rank.
 
     Phase times come from CUDA events on a GPU (device time, read at log time, when the loop may
-    sync) and from the host clock on CPU; `data` is always the host's wait for the loader."""
+    sync) and from the host clock on CPU; `data` is always the host's wait for the loader.
+
+    FLOPs: `flops_per_image` times the samples trained (one training shape), or with `step_flops`
+    (`data.buckets`: each step's micro-batches have their own shapes) the FLOPs each step reports
+    in `step_ended`, summed over ranks when read."""
 
     def __init__(
         self,
@@ -214,12 +219,14 @@ class StepWindow:
         world_size: int = 1,
         flops_per_image: Optional[float] = None,
         peak_tflops: Optional[float] = None,
+        step_flops: bool = False,
     ):
         self.global_batch_size = global_batch_size
         self.device = device
         self.world_size = world_size
         self.flops_per_image = flops_per_image
         self.peak_tflops = peak_tflops
+        self.step_flops = step_flops
         self.run_peak_gb = 0.0
         # This launch's training samples and time over every window read so far (the summary's img/s).
         self.run_samples = 0
@@ -231,6 +238,7 @@ class StepWindow:
         self.data_wait = 0.0
         self.excluded_s = 0.0
         self.samples = 0
+        self.flops = 0.0
         self.steps = 0
         self.step_start = self.start
         self.phase_host: dict[str, float] = defaultdict(float)
@@ -247,9 +255,11 @@ class StepWindow:
     def step_started(self) -> None:
         self.step_start = time.perf_counter()
 
-    def step_ended(self, data_wait: float, taken: bool) -> None:
+    def step_ended(self, data_wait: float, taken: bool, flops: float = 0.0) -> None:
+        """`flops`: this rank's forward+backward FLOPs of the step (with `step_flops`)."""
         self.data_wait += data_wait
         self.samples += self.global_batch_size if taken else 0
+        self.flops += flops if taken else 0.0
         self.steps += 1
 
     @contextmanager
@@ -306,8 +316,13 @@ class StepWindow:
             "memory/peak_allocated_gb": allocated,
             "memory/peak_reserved_gb": reserved,
         }
-        if self.flops_per_image:
+        if self.step_flops:  # a collective on every rank, like the memory peak above
+            values["speed/tflops_per_gpu"] = (
+                all_reduce_sum([self.flops], self.device)[0] / self.world_size / train_time / 1e12
+            )
+        elif self.flops_per_image:
             values["speed/tflops_per_gpu"] = per_gpu * self.flops_per_image / 1e12
+        if "speed/tflops_per_gpu" in values:
             if self.peak_tflops:
                 values["speed/mfu"] = values["speed/tflops_per_gpu"] / self.peak_tflops
         if self.plain_steps:
@@ -318,6 +333,23 @@ class StepWindow:
     def run_img_per_s_per_device(self) -> Optional[float]:
         """Images per second per device over this launch's training time (windows read so far)."""
         return self.run_samples / self.run_train_s / self.world_size if self.run_train_s > 0 else None
+
+
+def bucket_figures(counts: dict[str, tuple[int, int]], carried: int, device: torch.device) -> dict[str, Any]:
+    """`data.buckets` figures over all ranks (a collective): per bucket the samples trained
+    (`data/bucket_HxW_samples`) and its share of the micro-batches (`data/bucket_HxW_share`: the
+    steps' shares, ranks counted apart), and the samples carried over an epoch end
+    (`data/bucket_carried`). `counts`: this rank's {bucket: (samples, micro-batches)}."""
+    names = list(counts)
+    summed = all_reduce_sum([counts[n][0] for n in names] + [counts[n][1] for n in names] + [carried], device)
+    batches = summed[len(names) : 2 * len(names)]
+    total = sum(batches) or 1.0
+    figures: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        figures[f"data/bucket_{name}_samples"] = int(summed[i])
+        figures[f"data/bucket_{name}_share"] = batches[i] / total
+    figures["data/bucket_carried"] = int(summed[-1])
+    return figures
 
 
 def peak_memory_gb(device: torch.device) -> float:

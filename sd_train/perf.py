@@ -97,6 +97,37 @@ def training_flops_per_image(
     return float(counter.get_total_flops())
 
 
+def bucket_flops_per_image(
+    unet: torch.nn.Module, latents: list[tuple[int, int]], text_shape: tuple[int, int], device: torch.device
+) -> dict[tuple[int, int], float]:
+    """`data.buckets`: `training_flops_per_image` at each bucket's latent (h, w), counted once at
+    startup; the keys are the latent sizes a step's input has."""
+    channels = unet.config.in_channels  # type: ignore[union-attr]
+    return {hw: training_flops_per_image(unet, (channels, *hw), text_shape, device) for hw in latents}
+
+
+def micro_batch_flops(per_bucket: dict[tuple[int, int], float], latents: torch.Tensor) -> float:
+    """`data.buckets`: the forward+backward FLOPs of one micro-batch, its images times its own
+    bucket's figure (`bucket_flops_per_image`, keyed by the latent (h, w)). 0 when nothing was
+    counted (the square path, or `perf.count_flops=false`). A latent shape outside a counted table
+    is a bug (the loader's buckets and the trainer's set disagree): KeyError, not a silent 0."""
+    if not per_bucket:
+        return 0.0
+    return latents.shape[0] * per_bucket[(int(latents.shape[-2]), int(latents.shape[-1]))]
+
+
+def static_shapes_for_buckets(num_buckets: int) -> None:
+    """`perf.compile` with `data.buckets`: one graph per bucket shape, never a dynamic-shape graph.
+    By default dynamo recompiles a graph with symbolic sizes once it sees a second shape
+    (automatic dynamic shapes), and gives up compiling a code object after 8 variants
+    (`recompile_limit`), which a UNet block class shared by 3 instances reaches at 3 buckets.
+    Process-wide dynamo settings, set before the first compile."""
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    # Each unit class's forward holds one entry per instance (up to 3 in SD's UNet) and shape: the
+    # buckets, plus the held-out and sample-grid batches at the square resolution.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * (num_buckets + 3))
+
+
 def compile_module(module: torch.nn.Module, backend: str = "inductor") -> None:
     """Compile `module`'s forward in place: its parameters keep their names (no `_orig_mod.`
     prefix in checkpoints), and hooks registered on it afterwards (FSDP2's all-gather and

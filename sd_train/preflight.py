@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from sd_train.config import TrainConfig
 from sd_train.config.launcher import read_launch_env, shard_group_size
+from sd_train.data.buckets import bucket_set, downsampling_factor, pixel_factor
 from sd_train.data.sources import Source, check_epoch_shard_count, expand_sources
 from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
 from sd_train.errors import ConfigError
@@ -50,6 +50,8 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
         )
     check_vae_dtype(cfg, family)
     check_resolution_fits_vae(cfg.data.resolution, cfg.model.pretrained_path)
+    if cfg.data.buckets != "none":  # ConfigError naming the data.buckets fields
+        bucket_set(cfg.data, pixel_factor(cfg.model.pretrained_path))
     plan_from_config(cfg.ema, cfg.max_steps).check()
     posthoc_plan_from_config(cfg.ema, cfg.max_steps).check()
     return resolved
@@ -127,15 +129,7 @@ def vae_downsampling_factor(model_path: str) -> int:
     """The VAE's pixels-per-latent factor, 2 ** (len(block_out_channels) - 1) as diffusers builds an
     AutoencoderKL (every encoder block but the last halves the image): 8 for SD's VAE, 2 for the
     tiny demo one. Read from `<model_path>/vae/config.json`; ConfigError if it is missing or unreadable."""
-    path = Path(model_path) / "vae" / "config.json"
-    try:
-        channels = json.loads(path.read_text())["block_out_channels"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(
-            f"model.pretrained_path={model_path!r}: cannot read block_out_channels from {path} ({e}); "
-            "it must be a diffusers Stable Diffusion folder"
-        ) from e
-    return 2 ** (len(channels) - 1)
+    return downsampling_factor(model_path, "vae")
 
 
 def check_resolution_fits_vae(resolution: int, model_path: str) -> None:

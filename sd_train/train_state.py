@@ -59,3 +59,4 @@ class StepResult:
     taken: bool  # False: a non-finite step, skipped on every rank
     votes: StepVotes  # what the ranks agreed on at this step
     syncs_before: int  # host reads so far (sd_train.host_sync), for the plain-step budget
+    flops: float = 0.0  # this rank's forward+backward FLOPs of the step (data.buckets: its buckets')

@@ -30,6 +30,7 @@ from sd_train import console
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import TrainConfig, config_to_dict, dump_config
 from sd_train.data.bad_input import check_bad_fraction
+from sd_train.data.buckets import bucket_set, pixel_factor
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import sample_posterior
 from sd_train.data.prefetch import stager_for
@@ -48,7 +49,7 @@ from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
 from sd_train.langevin import LangevinNoise
-from sd_train.metrics import KeyLog, Progress, StepWindow, build_metrics
+from sd_train.metrics import KeyLog, Progress, StepWindow, bucket_figures, build_metrics
 from sd_train.model.conditioning import Conditioning, stored_conditioning
 from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
 from sd_train.objective import DiffusionObjective
@@ -64,7 +65,15 @@ from sd_train.parallel.process_group import (
     reduce_tensor_,
 )
 from sd_train.paths import POSTHOC_DIR, complete_steps, snapshot_steps, step_dir
-from sd_train.perf import apply_backend_flags, peak_tflops, training_flops_per_image, use_fused_adamw
+from sd_train.perf import (
+    apply_backend_flags,
+    bucket_flops_per_image,
+    micro_batch_flops,
+    peak_tflops,
+    static_shapes_for_buckets,
+    training_flops_per_image,
+    use_fused_adamw,
+)
 from sd_train.rng import RankRNG, seed_all
 from sd_train.run_summary import RunSummary
 from sd_train.step_signals import INTERRUPTED_EXIT, StepSignals, StepVotes, StopRequests
@@ -94,7 +103,15 @@ class Trainer:
 
         frozen_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         self.parts = load_sd_parts(cfg.model, self.info.device, cfg.seed, frozen_dtype)
+        # data.buckets: the same set the loader builds (a torch-free read of the model's configs).
+        self.buckets = (
+            bucket_set(cfg.data, pixel_factor(cfg.model.pretrained_path)) if cfg.data.buckets != "none" else None
+        )
+        self.bucket_flops: dict[tuple[int, int], float] = {}
+        """data.buckets: forward+backward FLOPs per image by latent (h, w), counted once at startup."""
         self.flops_per_image = self._count_flops() if cfg.perf.count_flops else None
+        if cfg.perf.compile and self.buckets is not None:
+            static_shapes_for_buckets(len(self.buckets.sizes))
         self.peak_tflops = peak_tflops(cfg.perf, self.info.device)
         self.strategy = build_strategy(cfg, self.info, self.accum)
         self.fused = use_fused_adamw(cfg.perf, self.info.device)
@@ -144,7 +161,12 @@ class Trainer:
         self.key_log = KeyLog(self.out, self.info.rank, cfg.data.log_keys)
         self.signals = StepSignals(self.stop_requests, self.checkpointer.clock_vote, self.info.device)
         self.window = StepWindow(
-            cfg.global_batch_size, self.info.device, self.info.world_size, self.flops_per_image, self.peak_tflops
+            cfg.global_batch_size,
+            self.info.device,
+            self.info.world_size,
+            self.flops_per_image,
+            self.peak_tflops,
+            step_flops=bool(self.bucket_flops),
         )
         self.progress = Progress(self.info.is_main, cfg.max_steps)
         self.exports: list[Path] = []
@@ -180,15 +202,17 @@ class Trainer:
 
     def _count_flops(self) -> float:
         """Forward+backward FLOPs of one training image at this run's shape, on the plain UNet
-        before it is wrapped (sd_train.perf.training_flops_per_image)."""
+        before it is wrapped (sd_train.perf.training_flops_per_image). With data.buckets, per bucket
+        (`bucket_flops`), and the largest bucket's figure is returned."""
         unet, parts = self.parts.unet, self.parts
+        text = (parts.token_length, parts.text_width)
+        if self.buckets is not None:
+            f = parts.latent_downsampling
+            latents = [(h // f, w // f) for h, w in self.buckets.sizes]
+            self.bucket_flops = bucket_flops_per_image(unet, latents, text, self.info.device)
+            return self.bucket_flops[latents[self.buckets.largest()]]
         latent = self.cfg.data.resolution // parts.latent_downsampling
-        return training_flops_per_image(
-            unet,
-            (unet.config.in_channels, latent, latent),
-            (parts.token_length, parts.text_width),
-            self.info.device,
-        )
+        return training_flops_per_image(unet, (unet.config.in_channels, latent, latent), text, self.info.device)
 
     # ---- describe ---------------------------------------------------------------------------------
 
@@ -203,6 +227,10 @@ class Trainer:
         self.metrics.log_config(config_to_dict(self.cfg), figures)
         log.info(self.plan.describe())
         log.info(self._describe_hot_path())
+        if self.buckets is not None:  # the set, its largest bucket (the activation peak), FLOPs per bucket
+            f = self.parts.latent_downsampling
+            gflops = [self.bucket_flops.get((h // f, w // f), 0.0) / 1e9 for h, w in self.buckets.sizes]
+            log.info(f"buckets: {self.buckets.describe(gflops if self.bucket_flops else None)}")
         if self.posthoc is not None:
             log.info(self.posthoc_plan.describe(self.num_params, self.info.world_size, live_numel))
         if self.info.is_main:
@@ -217,6 +245,7 @@ class Trainer:
 
     def _describe_hot_path(self) -> str:
         flops = f"{self.flops_per_image / 1e9:.2f} GFLOP" if self.flops_per_image else "not counted"
+        flops += " (the largest bucket)" if self.bucket_flops else ""
         peak = f"{self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "unknown (no speed/mfu)"
         flags = ", ".join(f"{k}={v}" for k, v in self.backend_flags.items())
         frozen = ", ".join(self.parts.resident()) or "none"
@@ -299,7 +328,7 @@ class Trainer:
         # float64, summed micro-batch by micro-batch: the same value, bit for bit, as the Python
         # float sum of each micro-batch's loss that this replaced.
         local_loss = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        data_wait, keys = 0.0, []
+        data_wait, keys, flops = 0.0, [], 0.0
         autocast = torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16())
         for micro in range(self.accum):
             t = time.perf_counter()
@@ -308,6 +337,7 @@ class Trainer:
             keys.extend(batch.get("keys", []))
             with window.phase("forward_backward"):
                 latents, cond = self._encode(batch)
+                flops += micro_batch_flops(self.bucket_flops, latents)
                 last = micro == self.accum - 1
                 self.strategy.set_grad_sync(last)
                 with autocast:
@@ -334,7 +364,7 @@ class Trainer:
         else:
             self._skip(step, local_loss)
         self.key_log.record(step, finite, keys)
-        return StepResult(local_loss, grad_norm, data_wait, finite, StepSignals.agreed(votes), syncs_before)
+        return StepResult(local_loss, grad_norm, data_wait, finite, StepSignals.agreed(votes), syncs_before, flops)
 
     def _skip(self, step: int, local_loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -359,7 +389,7 @@ class Trainer:
         snapshot the post-hoc profiles, save. Returns the stop votes the ranks agree on: those read
         with the step, or, on steps that read the host anyway, asked once more after the save."""
         step, taken = self.state.step, result.taken
-        self.window.step_ended(result.data_wait, taken)
+        self.window.step_ended(result.data_wait, taken, result.flops)
         self.progress.advance(taken)
         logged = self.metrics.should_log(step) and taken or step == self.cfg.max_steps
         if logged:
@@ -385,7 +415,7 @@ class Trainer:
         counts = self.loader.bad_counts()
         names = sorted(counts)
         filtered = self.loader.filtered_counts()
-        rules = list(self.loader.dataset.sample_filter.names)  # the same list on every rank
+        rules = list(self.loader.dataset.filter_names)  # the same list on every rank
         local = [counts[n] for n in names] + [filtered.get(r, 0) for r in rules] + [sum(filtered.values())]
         summed = all_reduce_sum(local + [self.loader.samples_read()], self.info.device)
         totals = {n: int(v) for n, v in zip(names, summed)}
@@ -403,6 +433,8 @@ class Trainer:
             epochs = all_reduce_max([e for _, e in mixed], self.info.device)
             for i, (n, e) in enumerate(zip(samples, epochs)):
                 per_source |= {f"data/source{i}_samples": int(n), f"data/source{i}_epoch": int(e)}
+        buckets = self.loader.bucket_counts()  # data.buckets: per-bucket samples and shares, carried
+        per_bucket = bucket_figures(buckets, self.loader.bucket_carried(), self.info.device) if buckets else {}
         return {
             "data/samples_read": read,
             "data/bad_shards": shards,
@@ -410,6 +442,7 @@ class Trainer:
             **per_rule,
             "data/filtered": int(summed[-2]),
             **per_source,
+            **per_bucket,
         }
 
     def log_step(self, step: int, result: StepResult) -> None:

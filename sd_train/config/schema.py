@@ -24,6 +24,9 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}={value} must be positive")
 
 
+BUCKET_SETS = ("none", "generated", "sdxl")  # `data.buckets` by name; the sets: sd_train.data.buckets
+SDXL_RESOLUTION = 1024
+
 FILTER_OPS = (">=", "<=", "!=", "==", ">", "<")  # two-character operators first: ">=" is not ">" then "=5"
 _FILTER_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(>=|<=|!=|==|>|<)\s*(\S+)\s*$")
 
@@ -176,6 +179,29 @@ class DataArgs:
     filter_missing: Literal["keep", "drop"] = "keep"
     """A sample whose `.json` lacks a filter's field (or has no readable `.json`, or a non-numeric
     value there): `keep` lets that rule pass, `drop` filters the sample (counted under that rule)."""
+    buckets: str | list[list[int]] = "none"
+    """Aspect-ratio buckets: each image trains at the shape of its bucket instead of a square crop.
+    `none`: the square path (shorter side to `resolution`, square crop). `generated`: sides in
+    multiples of the model's pixel factor (VAE x UNet downsampling, read from the model folder: 64
+    for SD 1/2), area at most `resolution`², aspect within `bucket_max_aspect`. `sdxl`: SDXL's nine
+    standard ~1024² buckets (needs `resolution: 1024`). Or a list of sizes `[[H, W], ...]`. Each image
+    goes to the bucket nearest in log aspect ratio, is resized to cover it and cropped (center, or
+    random with `center_crop: false`); every micro-batch holds one bucket; samples still waiting at
+    an epoch's end carry into the next (`data/bucket_carried`); nothing is dropped or repeated, and
+    a resume restores the waiting samples exactly (see sd_train.data.batching)."""
+    bucket_max_aspect: float = 4.0
+    """The aspect range of the buckets, 1:r to r:1. Generated buckets stay inside it, listed ones must,
+    and an image outside it is a misfit (`bucket_misfits`)."""
+    bucket_side_multiple: Optional[int] = None
+    """`buckets: generated` only: the step of the bucket sides in pixels, a multiple of the model's
+    pixel factor (a larger step gives fewer buckets). Unset: the pixel factor itself."""
+    bucket_misfits: Literal["resize", "filter"] = "resize"
+    """An image outside the aspect range, or smaller in area than the smallest bucket: `resize` trains
+    it in its nearest bucket, resized up or cropped harder (as the square path resizes every image);
+    `filter` drops it, judged from the image header before any decode, counted per reason as
+    `data/filtered_bucket_aspect` and `data/filtered_bucket_too_small` (not bad input). On web data
+    `filter` drops many images (a LAION-like set: 41% at 512 px, 89% at SDXL's 1024 px, almost all
+    as too small: bench/bench_buckets.py); `data.filters` on the `.json` sizes drops less bluntly."""
     allow_pipe: bool = False
     """Allow `pipe:` shard URLs (`pipe:aws s3 cp s3://bucket/x-{000000..000099}.tar -`), in
     `train_shards`, `val_shards` and the `.txt` list files they name. A `pipe:` URL runs its command
@@ -200,10 +226,38 @@ class DataArgs:
             raise ConfigError(
                 "data.mix=weighted applies to data.mode=epoch; data.mode=resampled already draws sources by weight"
             )
+        self._validate_buckets()
         if self.precomputed and self.caption_key != "txt":
             raise ConfigError(
                 f"data.caption_key={self.caption_key!r} applies to image shards; precomputed shards hold the "
                 "text embeddings of the captions chosen at precompute time. Leave data.caption_key=txt"
+            )
+
+    def _validate_buckets(self) -> None:
+        if isinstance(self.buckets, str):
+            if self.buckets not in BUCKET_SETS:
+                raise ConfigError(
+                    f"data.buckets={self.buckets!r} is not one of {list(BUCKET_SETS)} or a list of sizes [[H, W], ...]"
+                )
+        elif not self.buckets or any(len(b) != 2 or min(b) <= 0 for b in self.buckets):
+            raise ConfigError(
+                f"data.buckets={self.buckets!r}: a list of buckets is one or more [H, W] pairs of positive pixel sizes"
+            )
+        elif len({tuple(b) for b in self.buckets}) != len(self.buckets):
+            raise ConfigError(f"data.buckets={self.buckets!r} lists a bucket twice")
+        if self.bucket_max_aspect < 1:
+            raise ConfigError(f"data.bucket_max_aspect={self.bucket_max_aspect} must be >= 1 (4.0: from 1:4 to 4:1)")
+        if self.bucket_side_multiple is not None and (self.buckets != "generated" or self.bucket_side_multiple <= 0):
+            raise ConfigError(
+                f"data.bucket_side_multiple={self.bucket_side_multiple} applies to data.buckets=generated only and "
+                "must be positive: remove it or set data.buckets=generated"
+            )
+        if self.buckets == "sdxl" and self.resolution != SDXL_RESOLUTION:
+            raise ConfigError(
+                f"data.buckets=sdxl trains at SDXL's ~{SDXL_RESOLUTION}² buckets, but "
+                f"data.resolution={self.resolution}: set data.resolution={SDXL_RESOLUTION} (held-out images and "
+                "sample grids use it), or use "
+                "data.buckets=generated for another area"
             )
 
 

@@ -7,9 +7,12 @@ keeps the latest per worker as seen by the main process (batches the DataLoader 
 stager holds ahead do not count) and takes batches in a fixed worker rotation of its own, so the
 order survives a restart.
 `load_state_dict` makes each worker replay its current epoch up to its offset without decoding,
-then go on: the batches after a resume are exactly those of an uninterrupted run.
+then go on: the batches after a resume are exactly those of an uninterrupted run. With
+`data.buckets` a position also holds the worker's bucket buffers (`sd_train.data.batching`): the
+samples waiting in them are read back and decoded again, and nothing else is.
 
-Changed world_size, num_workers, seed, mode, shuffle_buffer or shard list: the saved offsets mean
+Changed world_size, num_workers, seed, mode, shuffle_buffer or shard list (or, with buckets, the
+bucket set or micro_batch_size): the saved offsets mean
 nothing any more. The loader then warns once and starts every worker at the beginning of the next
 epoch (highest saved epoch + 1): the rest of the interrupted epoch is skipped, and no sample is
 seen twice within an epoch. Ranks must agree on that epoch: the trainer should all-reduce (MAX)
@@ -22,7 +25,6 @@ import signal
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from typing import Any, Optional
 
 import torch
@@ -34,6 +36,7 @@ from sd_train.data.bad_input import (
     BadInputLog,
     BadSample,
 )
+from sd_train.data.buckets import bucket_set, downsampling_factor, pixel_factor
 from sd_train.data.decode import (
     CaptionSource,
     DecodedSample,
@@ -97,7 +100,7 @@ class TrainLoader:
         """Set by load_state_dict when the saved state could not be resumed exactly (see module doc)."""
 
     def _dataloader(self) -> DataLoader:
-        self.dataset.start = {w: WorkerPosition.from_dict(asdict(p)) for w, p in enumerate(self._positions)}
+        self.dataset.start = {w: WorkerPosition.from_dict(p.to_dict()) for w, p in enumerate(self._positions)}
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
             extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
@@ -188,8 +191,9 @@ class TrainLoader:
         return {k: sum(p.bad[k] for p in self._positions) for k in BAD_CATEGORIES}
 
     def filtered_counts(self) -> dict[str, int]:
-        """Samples of this rank rejected by `data.filters`, per rule (sum over workers). Not bad input."""
-        rules = self.dataset.sample_filter.names
+        """Samples of this rank rejected by `data.filters`, per rule, then by the bucket misfit reasons
+        (sum over workers). Not bad input."""
+        rules = self.dataset.filter_names
         counts = dict.fromkeys(rules, 0)
         for p in self._positions:
             for rule, n in p.filtered.items():
@@ -207,6 +211,24 @@ class TrainLoader:
             out.append((sum(st[2] for st in states), max(st[0] for st in states)))
         return out
 
+    def bucket_counts(self) -> dict[str, tuple[int, int]]:
+        """`data.buckets`: per bucket, (samples, micro-batches) this rank's workers emitted; empty on
+        the square path. Sum over ranks."""
+        if self.dataset.buckets is None:
+            return {}
+        states = [p.buckets or {} for p in self._positions]
+        return {
+            name: (
+                sum(s.get("samples", {}).get(name, 0) for s in states),
+                sum(s.get("batches", {}).get(name, 0) for s in states),
+            )
+            for name in self.dataset.buckets.names
+        }
+
+    def bucket_carried(self) -> int:
+        """`data.buckets`: samples of this rank that waited in a bucket buffer through an epoch end."""
+        return sum((p.buckets or {}).get("carried", 0) for p in self._positions)
+
     def samples_read(self) -> int:
         """Good + bad input read by this rank: the denominator of the bad-input share."""
         return self.samples_seen() + sum(self.bad_counts().values())
@@ -220,7 +242,7 @@ class TrainLoader:
 
     def _identity(self) -> dict[str, Any]:
         d = self.dataset
-        return {
+        ident = {
             "world_size": d.world_size,
             "num_workers": d.num_workers,
             "seed": d.seed,
@@ -228,34 +250,50 @@ class TrainLoader:
             "shuffle_buffer": d.shuffle_buffer,
             "shards": d.fingerprint(),
         }
+        if d.buckets is not None:  # the buffers' state holds per-bucket lists, filled to this batch size
+            ident |= {"buckets": ",".join(d.buckets.names), "micro_batch_size": d.batch_size}
+        return ident
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, one per rank (save it under the rank's name):
 
         identity: version, rank, world_size, num_workers (>= 1), seed, mode, shuffle_buffer, shards
         (fingerprint of shard base names); order: next_worker (the rotation), workers (per worker:
-        epoch, offset, good, bad {category: n}, bad_shards); summary, not read back: samples_seen,
-        samples_read, bad, bad_shards, filtered, sources (this rank's sums; `data.mix=weighted`).
+        epoch, offset, good, bad {category: n}, bad_shards, filtered, sources, and with `data.buckets`
+        the bucket buffers' state `buckets`, as sd_train.data.batching documents it); summary, not read
+        back: samples_seen, samples_read, bad, bad_shards, filtered, sources (this rank's sums;
+        `data.mix=weighted`), bucket_counts {bucket: [samples, micro-batches]} and bucket_carried
+        (`data.buckets`). With buckets the identity also holds the bucket names (`buckets`) and
+        micro_batch_size, and `good` counts samples decoded, including those still waiting.
         """
         return {
             "version": STATE_VERSION,
             "rank": self.dataset.rank,
             **self._identity(),
             "next_worker": self._next_worker,
-            "workers": [asdict(p) for p in self._positions],
+            "workers": [p.to_dict() for p in self._positions],
             "samples_seen": self.samples_seen(),
             "samples_read": self.samples_read(),
             "bad": self.bad_counts(),
             "bad_shards": self.bad_shards(),
             "filtered": self.filtered_counts(),
             "sources": [{"samples": n, "epoch": e} for n, e in self.source_counts()],
+            **self._bucket_summary(),
         }
+
+    def _bucket_summary(self) -> dict[str, Any]:
+        if self.dataset.buckets is None:
+            return {}
+        counts = {name: list(c) for name, c in self.bucket_counts().items()}
+        return {"bucket_counts": counts, "bucket_carried": self.bucket_carried()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Resume exactly where `sd` was taken, or, if the stream changed, at the next epoch (warns)."""
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {sd.get('version')!r}; this code reads version {STATE_VERSION}")
         ident = self._identity()
+        # A bucketed state in a square run has buckets the square identity does not name: a change too.
+        ident |= {k: None for k in ("buckets", "micro_batch_size") if k in sd and k not in ident}
         changed = {k: (sd.get(k), v) for k, v in ident.items() if sd.get(k) != v}
         if not changed:
             if sd["rank"] != self.dataset.rank:
@@ -298,6 +336,10 @@ def build_train_loader(
     d = cfg.data
     if d.precomputed:
         check_precomputed(d.train_shards, cfg)  # ConfigError naming the field, before any worker starts
+    buckets, per_latent = None, 1
+    if d.buckets != "none":  # torch-free reads of the model folder's configs (preflight made them already)
+        buckets = bucket_set(d, pixel_factor(cfg.model.pretrained_path))
+        per_latent = downsampling_factor(cfg.model.pretrained_path, "vae")
     sources = expand_sources(d.train_shards, d.allow_pipe)
     if d.mode == "epoch":  # the check config validation makes, for callers that skip it
         for src in sources:
@@ -309,7 +351,7 @@ def build_train_loader(
         num_workers=d.num_workers,
         seed=cfg.seed,
         batch_size=cfg.micro_batch_size,
-        transform=ImageTransform(d.resolution, d.center_crop, d.random_flip),
+        transform=ImageTransform(d.resolution, d.center_crop, d.random_flip, buckets),
         mode=d.mode,
         shuffle_buffer=d.shuffle_buffer,
         max_epochs=max_epochs,
@@ -318,6 +360,7 @@ def build_train_loader(
         captions=CaptionSource.from_config(d.caption_key),
         mix=d.mix,
         tokenize=None if d.precomputed else tokenize,
+        pixels_per_latent=per_latent,
     )
     return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available(), stager=stager)
 
@@ -330,9 +373,7 @@ def val_samples(
     return batch["pixels"], batch["captions"], batch["keys"]
 
 
-def val_batch(
-    spec: str, n: int, resolution: int, caption_key: str = "txt", allow_pipe: bool = False
-) -> dict[str, Any]:
+def val_batch(spec: str, n: int, resolution: int, caption_key: str = "txt", allow_pipe: bool = False) -> dict[str, Any]:
     """The first `n` good samples of the shards in `spec`, in shard order, center-cropped; the
     caption is the first present, non-blank field of `caption_key` (no draw: a fixed set). `pipe:`
     URLs only with `allow_pipe` (`data.allow_pipe`).

@@ -21,6 +21,7 @@ import torch
 
 from sd_train.config import ConfigError
 from sd_train.data.bad_input import BadInputLog, BadSample
+from sd_train.data.buckets import bucket_name, bucket_set, pixel_factor
 from sd_train.data.decode import ImageTransform, caption_of
 from sd_train.data.sources import expand_sources
 from sd_train.data.tar import RawSample, read_shards
@@ -199,6 +200,7 @@ def check_precomputed(spec: str, cfg: Any) -> None:
                 f"model.pretrained_path={cfg.model.pretrained_path!r}: its VAE/text encoder/tokenizer differ from those "
                 f"{where} with (see precompute.json there): use that model, or re-run `sd-train precompute --model ...`"
             )
+        _check_buckets(ident, cfg, where)
         if (ident["crops"] == 1) != d.center_crop:
             stored, fix = (
                 ("the center crop", "true") if ident["crops"] == 1 else (f"{ident['crops']} random crops", "false")
@@ -207,6 +209,32 @@ def check_precomputed(spec: str, cfg: Any) -> None:
                 f"data.center_crop={str(d.center_crop).lower()} but {where} with {stored}: set "
                 f"data.center_crop={fix}, or re-run `sd-train precompute` with {'--crops 1' if d.center_crop else '--crops K > 1'}"
             )
+
+
+def _check_buckets(ident: dict, cfg: Any, where: str) -> None:
+    """The shards' bucket set (none: square) is the one `data.buckets` resolves to for this model."""
+    d = cfg.data
+    want = bucket_set(d, pixel_factor(cfg.model.pretrained_path)) if d.buckets != "none" else None
+    stored = ident.get("buckets")
+    names = [bucket_name((int(h), int(w))) for h, w in stored] if stored else None
+    if want is None and names is None:
+        return
+    if want is None:
+        raise ConfigError(
+            f"data.buckets=none but {where} with aspect-ratio buckets {names}: set data.buckets to that set, or "
+            "re-run `sd-train precompute` without --buckets"
+        )
+    if names is None:
+        raise ConfigError(
+            f"data.buckets={d.buckets!r} but {where} square (no buckets): set data.buckets=none, or re-run "
+            "`sd-train precompute --buckets ...` with the same set"
+        )
+    if sorted(names) != sorted(want.names):
+        raise ConfigError(
+            f"data.buckets={d.buckets!r} resolves to {list(want.names)} but {where} with {names}: make them agree "
+            "(data.buckets, data.bucket_max_aspect, data.bucket_side_multiple, data.resolution), or re-run "
+            "`sd-train precompute` with this set"
+        )
 
 
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor, scale: float) -> torch.Tensor:

@@ -27,6 +27,12 @@ samples stacked as uint8 in the worker (measured 3x faster than moving float sam
 `bench/bench_loader.py`). With `data.precomputed` the decode reads stored latents instead
 (`sd_train.data.precomputed`), and a batch carries `latent_mean`/`latent_std`/`text_embeds` instead of `pixels`; everything else is the same.
 
+With `data.buckets` the decode picks each image's bucket from its header (a misfit is counted in
+`filtered` under its reason, undecoded), and the samples wait in per-bucket buffers until one holds
+a micro-batch (`sd_train.data.batching`, which also documents their state); a precomputed sample's
+bucket is its stored shape. A batch then carries `bucket` (its name) and `origins` (each sample's
+stream position, the `where` of its seeds).
+
 How positions are kept, resumed and resharded: `sd_train.data.loader`.
 """
 
@@ -44,6 +50,8 @@ from typing import Any, Literal, Optional, TypeVar
 from torch.utils.data import IterableDataset, get_worker_info
 
 from sd_train.data.bad_input import BAD_CATEGORIES, BadInputLog, BadSample
+from sd_train.data.batching import BucketBuffers, InOrder, Item, Waiting
+from sd_train.data.buckets import Misfit
 from sd_train.data.decode import (
     CaptionSource,
     DecodedSample,
@@ -145,6 +153,9 @@ class WorkerPosition:
     sources: list[list[int]] = field(default_factory=list)
     """`data.mix=weighted` only: per source [epoch, raw samples taken in it, good samples in all];
     then `offset` counts the worker's mixing draws and `epoch` is the lowest source epoch."""
+    buckets: Optional[dict] = None
+    """`data.buckets` only: the bucket buffers' state (waiting samples, per-bucket counts, carried),
+    as `sd_train.data.batching` documents it; None on the square path (and then left out of `to_dict`)."""
 
     @classmethod
     def from_dict(cls, d: dict) -> WorkerPosition:
@@ -159,7 +170,15 @@ class WorkerPosition:
             list(d.get("bad_shards", [])),
             filtered,
             sources,
+            d.get("buckets"),
         )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (what batches carry and the loader saves); no `buckets` key on the square path."""
+        d = asdict(self)
+        if d["buckets"] is None:
+            del d["buckets"]
+        return d
 
     def latest_epoch(self) -> int:
         """The highest epoch any of this worker's sources has started."""
@@ -188,6 +207,7 @@ class ShardStream(IterableDataset):
         captions: Optional[CaptionSource] = None,
         mix: Mix = "concat",
         tokenize: Optional[Callable[[list[str]], Any]] = None,
+        pixels_per_latent: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is outside world_size={world_size}")
@@ -210,6 +230,10 @@ class ShardStream(IterableDataset):
         # Captions -> token ids [B, L] in the worker (image shards), so the training process does
         # not tokenize; precomputed shards carry embeddings instead.
         self.tokenize = tokenize
+        self.buckets = transform.buckets
+        """`data.buckets` (the transform's BucketSet, which the decoder assigns from), or None: square."""
+        self.pixels_per_latent = pixels_per_latent
+        """Pixels per stored latent pixel (the VAE factor): how a precomputed sample's shape names its bucket."""
         self.start: dict[int, WorkerPosition] = {}
         slots = world_size * self.num_workers
         if not self.urls:
@@ -220,6 +244,8 @@ class ShardStream(IterableDataset):
                 f"= {slots}; in epoch mode every worker needs at least one shard. Write more shards, lower "
                 "num_workers, or use mode=resampled"
             )
+        self._shard_index = {u: i for i, u in reversed(list(enumerate(self.urls)))}
+        self._source_of = [i for i, s in enumerate(self.sources) for _ in s.urls]
         short = [src.pattern for src in self.sources if len(src.urls) < slots]
         if self.mix == "weighted" and short:
             raise ValueError(
@@ -232,6 +258,11 @@ class ShardStream(IterableDataset):
                 "ignored (data.mix=weighted interleaves the sources by weight)",
                 stacklevel=2,
             )
+
+    @property
+    def filter_names(self) -> tuple[str, ...]:
+        """The keys of the `filtered` counts: the `data.filters` rules, then the bucket misfit reasons."""
+        return self.sample_filter.names + (self.buckets.filter_reasons() if self.buckets is not None else ())
 
     def fingerprint(self) -> str:
         """Identifies what the order depends on: shard names in order (and weights, when resampled).
@@ -309,8 +340,14 @@ class ShardStream(IterableDataset):
         log = BadInputLog(dict(start.bad), list(start.bad_shards))
         filtered = dict(start.filtered)  # the replay judges nothing, so nothing is counted twice
         epoch, skip, good = start.epoch, start.offset, start.good
-        fill = BatchFill(self.batch_size)
+        batches = self._batcher(worker, start)
+        fill = BatchFill(self.batch_size) if self.buckets is None else None  # the square path's shape check
         empty = 0  # epochs in a row that gave no usable sample
+
+        def position(offset: int) -> WorkerPosition:
+            counts = (dict(log.counts), list(log.shards), dict(filtered))
+            return WorkerPosition(epoch, offset, good, *counts, buckets=batches.state())
+
         while self.max_epochs is None or epoch < self.max_epochs:
             samples = self.epoch_samples(worker, epoch, log)
             offset = self._replay(samples, skip, log) if skip else 0
@@ -318,24 +355,120 @@ class ShardStream(IterableDataset):
             for raw in samples:
                 index, offset = offset, offset + 1
                 sample = self._usable(raw, worker, log, filtered, epoch, index)
-                if sample is None:
+                bucket = self._bucket_of(sample, raw, log)
+                if bucket is None:
                     continue
                 good += 1
-                if fill.add(sample, raw.shard):
-                    batch, rejected = fill.take(log)
-                    good -= len(rejected)
-                    position = WorkerPosition(epoch, offset, good, dict(log.counts), list(log.shards), dict(filtered))
-                    yield self._pack(batch, worker, position)
+                full, rejected = self._add(batches, fill, log, bucket, sample, raw, self._waiting(raw, (epoch, index)))
+                good -= len(rejected)
+                if full is not None:
+                    yield self._pack(full, worker, position(offset))
             empty = 0 if good > good_before else empty + 1
             if empty >= EMPTY_EPOCHS:
                 self._nothing_usable(worker, log, filtered)
+            if self.max_epochs is None or epoch + 1 < self.max_epochs:
+                batches.end_epoch()
             epoch += 1
-        batch, rejected = fill.take(log) if fill else ([], [])  # only with max_epochs: the last, short batch
+        fulls, rejected = self._drain(batches, fill, log)
         good -= len(rejected)
-        end = WorkerPosition(epoch, 0, good, dict(log.counts), list(log.shards), dict(filtered))
-        if batch:
-            yield self._pack(batch, worker, end)
-        yield {"worker": worker, "end": True, "position": asdict(end)}
+        for full in fulls:  # only with max_epochs: the last, short batches
+            yield self._pack(full, worker, position(0))
+        yield {"worker": worker, "end": True, "position": position(0).to_dict()}
+
+    def _batcher(self, worker: int, start: WorkerPosition) -> InOrder | BucketBuffers:
+        """In order (square), or bucket buffers restored from `start`."""
+        if self.buckets is None:
+            return InOrder(self.batch_size)
+        buffers = BucketBuffers(self.buckets.names, self.batch_size, start.buckets)
+        self._restore(buffers, start, worker)
+        return buffers
+
+    def _restore(self, buffers: BucketBuffers, start: WorkerPosition, worker: int) -> None:
+        """Put back the samples that waited in the buffers at `start`: each read again from its shard
+        by ordinal (one pass per shard, up to the last one needed) and decoded with its own seeds;
+        nothing else is decoded. One that cannot be read back as it was is skipped with a warning."""
+        assert self.buckets is not None
+        wanted = BucketBuffers.saved_waiting(start.buckets, self.buckets.names)
+        found: dict[tuple[int, int], RawSample] = {}
+        quiet = BadInputLog(muted=True)  # all of it was counted before the checkpoint
+        for shard in sorted({w.shard for _, w in wanted}):
+            need = {w.ordinal for _, w in wanted if w.shard == shard}
+            raws = read_shards([self.urls[shard]], quiet)
+            for raw in raws:
+                if raw.ordinal in need:
+                    found[(shard, raw.ordinal)] = raw
+                    need.discard(raw.ordinal)
+                    if not need:
+                        break
+            raws.close()
+        for bucket, where in wanted:
+            raw = found.get((where.shard, where.ordinal))
+            ok = raw is not None and raw.key == where.key
+            sample = self._usable(raw, worker, quiet, {}, *where.where) if ok else None
+            if self._bucket_of(sample, raw, quiet) != bucket:
+                warnings.warn(
+                    f"data resume: the sample {where.key!r} waiting in bucket {self.buckets.names[bucket]} could not be "
+                    f"read back as it was (shard {self.urls[where.shard]}); it is skipped. Did the shards change?",
+                    stacklevel=2,
+                )
+                continue
+            buffers.restore(bucket, sample, where)
+
+    def _bucket_of(
+        self, sample: Optional[DecodedSample | PrecomputedSample], raw: Optional[RawSample], log: BadInputLog
+    ) -> Optional[int]:
+        """The bucket index of a usable sample (0 on the square path); None for no sample, or for a
+        precomputed one whose stored shape is no bucket of the run (bad input: undecodable)."""
+        if sample is None or self.buckets is None:
+            return None if sample is None else 0
+        if isinstance(sample, PrecomputedSample):
+            h, w = sample.latent_mean.shape[-2:]
+            size = (h * self.pixels_per_latent, w * self.pixels_per_latent)
+        else:
+            size = sample.geometry.target_size
+        bucket = self.buckets.index(size)
+        if bucket is None and raw is not None:
+            log.add("undecodable", raw.shard)
+        return bucket
+
+    def _waiting(self, raw: RawSample, where: tuple) -> Optional[Waiting]:
+        """Where a sample came from, for the bucket buffers' state (nothing on the square path)."""
+        return None if self.buckets is None else Waiting(self._shard_index[raw.shard], raw.ordinal, raw.key, where)
+
+    def _add(
+        self,
+        batches: InOrder | BucketBuffers,
+        fill: Optional[BatchFill],
+        log: BadInputLog,
+        bucket: int,
+        sample: Sample,
+        raw: RawSample,
+        waiting: Optional[Waiting],
+        source: int = 0,
+    ) -> tuple[Optional[tuple[int, list[Item]]], list[int]]:
+        """Add a usable sample to the batcher: (a full batch or None, the mixing sources of the
+        samples left out as `mismatched_shape`). On the square path the samples pass through `fill`
+        first, which hands the batcher only a batch's worth of samples that stack together."""
+        if fill is None:
+            return batches.add(bucket, sample, waiting), []
+        if not fill.add(sample, raw.shard, source):
+            return None, []
+        batch, rejected = fill.take(log)
+        full = None
+        for s in batch:  # the batcher is empty here: the last one fills it
+            full = batches.add(0, s, None)
+        return full, rejected
+
+    def _drain(
+        self, batches: InOrder | BucketBuffers, fill: Optional[BatchFill], log: BadInputLog
+    ) -> tuple[list[tuple[int, list[Item]]], list[int]]:
+        """At the end of the stream: (the last, short batches, the sources left out as in `_add`)."""
+        rejected: list[int] = []
+        if fill:
+            batch, rejected = fill.take(log)
+            for s in batch:  # fewer than a batch: it waits in the batcher, which drains it
+                batches.add(0, s, None)
+        return list(batches.drain()), rejected
 
     def _usable(
         self, raw: RawSample, worker: int, log: BadInputLog, filtered: dict[str, int], *where: Any
@@ -355,6 +488,9 @@ class ShardStream(IterableDataset):
             return self.decoder(raw, self.transform, rng)
         except BadSample as e:
             log.add(e.category, raw.shard)
+            return None
+        except Misfit as e:  # data.buckets with data.bucket_misfits=filter: judged from the header
+            filtered[e.reason] = filtered.get(e.reason, 0) + 1
             return None
 
     def _nothing_usable(self, worker: int, log: BadInputLog, filtered: dict[str, int]) -> None:
@@ -383,27 +519,27 @@ class ShardStream(IterableDataset):
                 self._replay(samples, offset, log)
             streams.append(samples)
         choices, weights = range(len(self.sources)), [src.weight for src in self.sources]
-        fill = BatchFill(self.batch_size)
+        batches = self._batcher(worker, start)
+        fill = BatchFill(self.batch_size) if self.buckets is None else None  # the square path's shape check
         kept_at = [src[0] for src in state]  # source epochs when a sample was last kept
 
         def position() -> WorkerPosition:
             lowest = min(src[0] for src in state)
-            return WorkerPosition(
-                lowest, draw, good, dict(log.counts), list(log.shards), dict(filtered), [list(x) for x in state]
-            )
+            counts = (dict(log.counts), list(log.shards), dict(filtered))
+            return WorkerPosition(lowest, draw, good, *counts, [list(x) for x in state], batches.state())
 
-        def take() -> list[Sample]:
+        def drop(rejected: list[int]) -> None:
+            """Uncount the samples `_add` left out as mismatched_shape (by their sources)."""
             nonlocal good
-            batch, rejected = fill.take(log)
             good -= len(rejected)
             for src in rejected:
                 state[src][2] -= 1
-            return batch
 
         while self.max_epochs is None or min(src[0] for src in state) < self.max_epochs:
             source = random.Random(_seed("mix", *self._stream_key(worker), draw)).choices(choices, weights)[0]
             raw = next(streams[source], None)
             if raw is None:  # this source's epoch is over: it starts its next one by itself
+                batches.end_epoch(lambda w, ended=source: self._source_of[w.shard] == ended)
                 state[source][0], state[source][1] = state[source][0] + 1, 0
                 streams[source] = self.source_epoch_samples(source, worker, state[source][0], log)
                 raw = next(streams[source], None)
@@ -415,32 +551,40 @@ class ShardStream(IterableDataset):
             where = ("mix", draw)
             draw, state[source][1] = draw + 1, state[source][1] + 1
             sample = self._usable(raw, worker, log, filtered, *where)
-            if sample is None:
+            bucket = self._bucket_of(sample, raw, log)
+            if bucket is None:
                 if all(st[0] - k >= EMPTY_EPOCHS for st, k in zip(state, kept_at)):
                     self._nothing_usable(worker, log, filtered)
                 continue
             good, state[source][2] = good + 1, state[source][2] + 1
             kept_at = [src[0] for src in state]
-            if fill.add(sample, raw.shard, source):
-                yield self._pack(take(), worker, position())
-        batch = take() if fill else []
-        end = position()
-        if batch:
-            yield self._pack(batch, worker, end)
-        yield {"worker": worker, "end": True, "position": asdict(end)}
+            full, rejected = self._add(batches, fill, log, bucket, sample, raw, self._waiting(raw, where), source)
+            drop(rejected)
+            if full is not None:
+                yield self._pack(full, worker, position())
+        fulls, rejected = self._drain(batches, fill, log)
+        drop(rejected)
+        for full in fulls:
+            yield self._pack(full, worker, position())
+        yield {"worker": worker, "end": True, "position": position().to_dict()}
 
-    def _pack(self, batch: list[Sample], worker: int, position: WorkerPosition) -> dict:
+    def _pack(self, full: tuple[int, list[Item]], worker: int, position: WorkerPosition) -> dict:
+        bucket, items = full
+        batch: list[Sample] = [sample for sample, _ in items]
         if isinstance(batch[0], PrecomputedSample):
             arrays = stack_precomputed(batch)  # type: ignore[arg-type]  # one decoder per stream
         else:
-            arrays = {"pixels": stack_pixels(batch, self.transform.resolution), **stack_geometry(batch)}  # type: ignore[arg-type]
+            size = batch[0].geometry.target_size  # type: ignore[union-attr]  # one size per batch
+            arrays = {"pixels": stack_pixels(batch, size), **stack_geometry(batch)}  # type: ignore[arg-type]
             if self.tokenize is not None:  # token ids per text encoder, under their batch keys
                 arrays.update(self.tokenize([s.caption for s in batch]))
+        if self.buckets is not None:
+            arrays |= {"bucket": self.buckets.names[bucket], "origins": [list(w.where) for _, w in items if w]}
         return {
             **arrays,
             "captions": [s.caption for s in batch],
             "keys": [s.key for s in batch],
             "worker": worker,
             "end": False,
-            "position": asdict(position),
+            "position": position.to_dict(),
         }

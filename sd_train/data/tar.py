@@ -127,11 +127,14 @@ def iter_tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
 
 @dataclass
 class RawSample:
-    """One sample's undecoded members (suffix -> bytes, e.g. "png", "txt", "json") and its origin."""
+    """One sample's undecoded members (suffix -> bytes, e.g. "png", "txt", "json") and its origin:
+    the shard and its place among that shard's samples (`ordinal`, 0-based; -1 when not read from
+    a shard), which names it exactly even where a shard repeats a key."""
 
     key: str
     shard: str
     members: dict[str, bytes]
+    ordinal: int = -1
 
 
 def _split_name(name: str) -> Optional[tuple[str, str]]:
@@ -154,6 +157,7 @@ def _samples_in_shard(f: BinaryIO, url: str) -> Iterator[RawSample]:
     """Group consecutive members by key. On a broken stream, only the sample whose member was
     being read is lost: a sample whose members were all read in full is still yielded."""
     current: Optional[RawSample] = None
+    ordinal = 0
     try:
         for name, data in iter_tar_members(f):
             split = _split_name(name)
@@ -163,7 +167,8 @@ def _samples_in_shard(f: BinaryIO, url: str) -> Iterator[RawSample]:
             if current is None or current.key != key:
                 if current is not None:
                     yield current
-                current = RawSample(key, url, {})
+                current = RawSample(key, url, {}, ordinal)
+                ordinal += 1
             current.members[suffix] = data
     except TarFormatError as e:
         broken = _split_name(e.member) if e.member else None

@@ -37,6 +37,15 @@ contiguous, since the objective's noise draw depends on the layout). The VAE is 
 batch-invariant (a sample encoded in a batch of 4 differs from one in a batch of 32 by ~1e-6 on
 CPU), so with other batching (any shuffle buffer) the match is to float32 rounding, not bitwise.
 
+Buckets. `--buckets generated|sdxl|HxW,HxW,...` (with `--bucket-max-aspect`, `--bucket-side-multiple`,
+`--bucket-misfits`, as `data.buckets` and its fields) stores each sample at its aspect-ratio bucket:
+the latents then have one shape per bucket ([K, 4, H/8, W/8] for bucket H x W), assigned and cropped
+exactly as online training does (sd_train.data.buckets). The encoder batches group samples of one
+bucket (a shard's samples are written in the order their batches fill, so grouped by bucket); a
+misfit is skipped and counted per reason in the manifest's `filtered`, as training counts it. The
+identity record lists the bucket set, and `check_precomputed` refuses a run whose `data.buckets`
+resolves to another set; the training stream buckets precomputed samples by their stored shape.
+
 Crops. `--crops 1` (default) stores the center crop: train with `data.center_crop=true`.
 `--crops K` (K > 1) stores K random crops, seeded by (`--seed`, key, k); train with
 `data.center_crop=false` and each epoch picks one of the K with the stream's position-seeded RNG
@@ -79,15 +88,16 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from sd_train.config import ConfigError, DistArgs, ModelArgs
+from sd_train.config import ConfigError, DataArgs, DistArgs, ModelArgs
 from sd_train.config.launcher import read_launch_env
 from sd_train.data.bad_input import BAD_CATEGORIES, BadInputLog, BadSample
+from sd_train.data.buckets import MISFIT_REASONS, BucketSet, Misfit, bucket_name, bucket_set, pixel_factor
 from sd_train.data.decode import (
     DecodedSample,
     ImageTransform,
@@ -210,29 +220,38 @@ def _geometry(crops: list[DecodedSample]) -> np.ndarray:
     return np.array([[getattr(d.geometry, row) for row in GEOMETRY_ROWS] for d in crops], dtype=np.int64)
 
 
-def _crops_of(raw: RawSample, resolution: int, crops: int, seed: int) -> list[DecodedSample]:
-    """The sample as training reads it: the center crop, or `crops` seeded random crops."""
+def _crops_of(
+    raw: RawSample, resolution: int, crops: int, seed: int, buckets: Optional[BucketSet] = None
+) -> list[DecodedSample]:
+    """The sample as training reads it: the center crop, or `crops` seeded random crops, of the
+    square resolution or of the sample's bucket. Raises BadSample or Misfit."""
     if crops == 1:
-        return [decode_image_sample(raw, ImageTransform(resolution, center_crop=True), None)]
-    tf = ImageTransform(resolution, center_crop=False)
+        return [decode_image_sample(raw, ImageTransform(resolution, center_crop=True, buckets=buckets), None)]
+    tf = ImageTransform(resolution, center_crop=False, buckets=buckets)
     return [decode_image_sample(raw, tf, random.Random(f"{seed}/{raw.key}/{k}")) for k in range(crops)]
 
 
 Decoded = tuple[RawSample, "list[DecodedSample] | str"]
-"""A raw sample with its decoded crops, or with the bad-input category it was dropped for."""
+"""A raw sample with its decoded crops, or with the bad-input category (or bucket misfit reason) it
+was dropped for."""
 
 DECODE_CHUNK = 8  # samples per worker task: enough to amortise the pickling, small enough to keep order cheap
 
 
-def _decode_chunk(raws: list[RawSample], resolution: int, crops: int, seed: int) -> list[Decoded]:
+def _decode_chunk(
+    raws: list[RawSample], resolution: int, crops: int, seed: int, buckets: Optional[BucketSet] = None
+) -> list[Decoded]:
     """Decode a run of samples (in a worker process, or inline with no workers). A bad sample comes
-    back with its category instead of crops, in its place, so the order is kept."""
+    back with its category (a misfit with its reason) instead of crops, in its place, so the order
+    is kept."""
     out: list[Decoded] = []
     for raw in raws:
         try:
-            out.append((raw, _crops_of(raw, resolution, crops, seed)))
+            out.append((raw, _crops_of(raw, resolution, crops, seed, buckets)))
         except BadSample as e:
             out.append((raw, e.category))
+        except Misfit as e:
+            out.append((raw, e.reason))
     return out
 
 
@@ -244,8 +263,10 @@ class Decoder:
     Spawned, not forked: under torchrun the parent has initialised CUDA before the pool starts, and a
     forked child of a CUDA process is unusable. The workers import only the decoding code."""
 
-    def __init__(self, workers: int, resolution: int, crops: int, seed: int) -> None:
-        self.workers, self.args = workers, (resolution, crops, seed)
+    def __init__(
+        self, workers: int, resolution: int, crops: int, seed: int, buckets: Optional[BucketSet] = None
+    ) -> None:
+        self.workers, self.args = workers, (resolution, crops, seed, buckets)
         self.pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
 
     def decode(self, raws: Iterator[RawSample]) -> Iterator[Decoded]:
@@ -278,22 +299,31 @@ class Decoder:
 
 
 def _write_shard(
-    url: str, out_path: str, enc: _Encoder, log: BadInputLog, identity: dict, batch_size: int, decoder: Decoder
+    url: str,
+    out_path: str,
+    enc: _Encoder,
+    log: BadInputLog,
+    identity: dict,
+    batch_size: int,
+    decoder: Decoder,
+    counts: dict[str, int],
 ) -> int:
-    """Encode one input shard into `out_path` (temp file, then rename); returns the samples written."""
-    crops, resolution = identity["crops"], identity["resolution"]
+    """Encode one input shard into `out_path` (temp file, then rename); returns the samples written.
+    `counts` gains the samples written per bucket (`HxW`) and the misfits skipped per reason."""
+    crops = identity["crops"]
     tmp, written = out_path + ".tmp", 0
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        pending: list[tuple[RawSample, list[DecodedSample]]] = []
+        pending: dict[tuple[int, int], list[tuple[RawSample, list[DecodedSample]]]] = {}  # by training size
 
-        def flush() -> None:
+        def flush(size: tuple[int, int]) -> None:
             nonlocal written
-            if not pending:
+            group = pending.pop(size, [])
+            if not group:
                 return
-            pixels = stack_pixels([d for _, ds in pending for d in ds], resolution)
-            captions = [ds[0].caption for _, ds in pending]
+            pixels = stack_pixels([d for _, ds in group for d in ds], size)
+            captions = [ds[0].caption for _, ds in group]
             mean, std, text, pooled = enc.encode(pixels, captions, crops)
-            for i, (raw, ds) in enumerate(pending):
+            for i, (raw, ds) in enumerate(group):
                 add_member(tar, f"{raw.key}.{LATENT_MEAN}", _npy(mean[i]))
                 add_member(tar, f"{raw.key}.{LATENT_STD}", _npy(std[i]))
                 add_member(tar, f"{raw.key}.{TEXT_EMBEDS}", _npy(text[i]))
@@ -302,19 +332,25 @@ def _write_shard(
                     add_member(tar, f"{raw.key}.{GEOMETRY}", _npy(_geometry(ds)))
                 add_member(tar, f"{raw.key}.txt", ds[0].caption.encode())
                 add_member(tar, f"{raw.key}.json", _meta(raw, ds[0].caption, identity))
-            written += len(pending)
-            pending.clear()
+            written += len(group)
+            counts[bucket_name(size)] = counts.get(bucket_name(size), 0) + len(group)
 
         # Batches never span shards, so with shuffle_buffer=0 and micro_batch_size == batch_size a
-        # training batch is a precompute batch, and the VAE sees the same batch composition.
+        # training batch is a precompute batch, and the VAE sees the same batch composition (one
+        # training size: with buckets a batch holds one bucket, so the composition differs).
         for raw, decoded in decoder.decode(_safe_samples(read_shards([url], log), log)):
+            if decoded in MISFIT_REASONS:
+                counts[decoded] = counts.get(decoded, 0) + 1  # type: ignore[index]
+                continue
             if isinstance(decoded, str):
                 log.add(decoded, raw.shard)
                 continue
-            pending.append((raw, decoded))
-            if len(pending) == batch_size:
-                flush()
-        flush()
+            size = decoded[0].geometry.target_size
+            pending.setdefault(size, []).append((raw, decoded))
+            if len(pending[size]) == batch_size:
+                flush(size)
+        for size in list(pending):
+            flush(size)
     os.replace(tmp, out_path)
     return written
 
@@ -374,9 +410,10 @@ def _shard(
     marker = _done(out_dir, name, recipe)
     if marker is not None:
         return marker, False
-    shard_log = new_log()
-    n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, decoder)
+    shard_log, shard_counts = new_log(), {}
+    n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, decoder, shard_counts)
     marker = {"recipe": recipe, "written": n, "bad": shard_log.counts, "bad_shards": shard_log.shards}
+    marker["counts"] = shard_counts  # per bucket written, per misfit reason skipped
     tmp = done_marker(out_dir, name) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(marker, f)
@@ -399,6 +436,7 @@ def precompute(
     gather: Callable[[Any], list[Any]] = lambda part: [part],
     workers: int = 0,
     allow_pipe: bool = False,
+    buckets: Optional[BucketSet] = None,
 ) -> dict[str, Any]:
     """Encode every sample of `src_spec` (any `expand_sources` spec) into shards in `out_dir`.
 
@@ -409,7 +447,8 @@ def precompute(
     missing shards. Bad input is skipped and counted by the training reader's categories. Images are
     decoded in `workers` worker processes (0: in this one) while this process reads and encodes;
     the output bytes are the same for any `workers`. `pipe:` URLs in `src_spec` (or in a list file
-    it names) only with `allow_pipe`. Returns the manifest, also written to `out_dir/precompute.json`.
+    it names) only with `allow_pipe`. `buckets`: store each sample at its aspect-ratio bucket (see
+    the module docstring). Returns the manifest, also written to `out_dir/precompute.json`.
     """
     if resolution <= 0:
         raise ValueError(f"resolution={resolution} must be positive")
@@ -429,7 +468,7 @@ def precompute(
     os.makedirs(out_dir, exist_ok=True)
 
     t0 = time.perf_counter()
-    decoder = Decoder(workers, resolution, crops, seed)  # before the encoder: the workers start meanwhile
+    decoder = Decoder(workers, resolution, crops, seed, buckets)  # before the encoder: the workers start meanwhile
     try:
         enc, identity = _agreed(
             gather,
@@ -442,9 +481,11 @@ def precompute(
         start = time.perf_counter()  # throughput counts reading + encoding + writing, not the model load
         if enc.parts.family != "sd":  # SD shards keep the identity they always had
             identity["family"] = enc.parts.family
+        if buckets is not None:  # check_precomputed holds data.buckets to the set
+            identity |= {"buckets": [list(b) for b in buckets.sizes], "bucket_misfits": buckets.misfits}
         # Everything the bytes of a shard depend on (the VAE is not batch-invariant: batch size counts).
         recipe = {**identity, "seed": seed, "dtype": dtype, "batch_size": batch_size}
-        log, written, encoded, skipped = new_log(), 0, 0, 0
+        log, written, encoded, skipped, counts = new_log(), 0, 0, 0, collections.Counter()
         mine = list(zip(urls, names))[rank::world_size]
         bar = tqdm(total=len(mine), desc=f"precompute rank {rank}", unit="shard", dynamic_ncols=True, disable=rank > 0)
         # The same number of rounds on every rank, each ending in an agreement: a rank that fails
@@ -459,6 +500,7 @@ def precompute(
             marker, fresh = done
             encoded, skipped = encoded + (marker["written"] if fresh else 0), skipped + (not fresh)
             written += marker["written"]
+            counts.update(marker.get("counts", {}))
             for category, count in marker["bad"].items():
                 log.counts[category] += count
             log.shards.extend(s for s in marker["bad_shards"] if s not in log.shards)
@@ -475,6 +517,7 @@ def precompute(
         "bad": log.counts,
         "bad_shards": log.shards,
         "shapes": enc.shapes,
+        "counts": dict(counts),
         "decode_workers": workers,
         "load_seconds": round(start - t0, 3),
         "seconds": round(seconds, 3),
@@ -484,6 +527,10 @@ def precompute(
     written = sum(p["samples_written"] for p in parts)
     bad = {c: sum(p["bad"][c] for p in parts) for c in log.counts}
     shapes = next((p["shapes"] for p in parts if p["shapes"]), {})
+    if buckets is not None:
+        shapes = _bucket_shapes(
+            buckets, shapes, factor, sum((collections.Counter(p["counts"]) for p in parts), collections.Counter())
+        )
     vae = enc.parts.vae.config
     manifest = {
         "model_path": str(Path(model_path).resolve()),
@@ -521,6 +568,18 @@ def precompute(
     return manifest
 
 
+def _bucket_shapes(buckets: BucketSet, shapes: dict, factor: int, counts: collections.Counter) -> dict[str, Any]:
+    """The manifest's shapes with buckets: the latent shape [K, C, H/f, W/f] of every bucket instead
+    of one, the samples written per bucket and the misfits skipped per reason."""
+    k, c = shapes.get("latent_shape", [0, 0])[:2]
+    return {
+        "latent_shapes": {bucket_name(b): [k, c, b[0] // factor, b[1] // factor] for b in buckets.sizes},
+        "text_embeds_shape": shapes.get("text_embeds_shape"),
+        "bucket_counts": {bucket_name(b): counts.get(bucket_name(b), 0) for b in buckets.sizes},
+        "filtered": {r: counts.get(r, 0) for r in buckets.filter_reasons()},
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # CLI.
 # --------------------------------------------------------------------------------------------
@@ -532,6 +591,24 @@ def default_workers(device: str) -> int:
     box, 1,849 72 px PNGs through the tiny VAE at 64 px went at 70 and 66 samples/s decoded inline
     against 56 and 49 with one worker and 46 and 56 with two (interleaved runs)."""
     return 4 if device.startswith("cuda") else 0
+
+
+def _buckets_from_args(a: argparse.Namespace) -> Optional[BucketSet]:
+    """The bucket set of `--buckets` and its options, validated as the data.buckets config is."""
+    spec: Any = a.buckets
+    if spec not in ("none", "generated", "sdxl"):
+        try:
+            spec = [[int(n) for n in item.lower().split("x")] for item in spec.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--buckets={a.buckets!r}: use none, generated, sdxl or a list like 512x768,768x512"
+            ) from None
+    d = DataArgs(
+        resolution=a.resolution, buckets=spec, bucket_max_aspect=a.bucket_max_aspect,
+        bucket_side_multiple=a.bucket_side_multiple, bucket_misfits=a.bucket_misfits,
+    )  # fmt: skip
+    d.validate()
+    return bucket_set(d, pixel_factor(a.model))
 
 
 def main_precompute(argv: list[str]) -> int:
@@ -555,6 +632,14 @@ def main_precompute(argv: list[str]) -> int:
         "--dtype", choices=list(DTYPES), default="float32", help="float32: bitwise-exact training; float16: half size"
     )
     p.add_argument(
+        "--buckets",
+        default="none",
+        help="aspect-ratio buckets, as data.buckets: none (square), generated, sdxl, or a list HxW,HxW,...",
+    )
+    p.add_argument("--bucket-max-aspect", type=float, default=4.0, help="as data.bucket_max_aspect")
+    p.add_argument("--bucket-side-multiple", type=int, default=None, help="as data.bucket_side_multiple")
+    p.add_argument("--bucket-misfits", choices=["resize", "filter"], default="resize", help="as data.bucket_misfits")
+    p.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -569,13 +654,19 @@ def main_precompute(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"sd-train precompute: error: {e}", file=sys.stderr)
         return 2
+    try:
+        buckets = _buckets_from_args(a)
+    except (ValueError, ConfigError) as e:
+        print(f"sd-train precompute: {e}")
+        return 2
     info = init_distributed(DistArgs()) if launch.world_size > 1 else None
     device = a.device or (str(info.device) if info else "cuda" if torch.cuda.is_available() else "cpu")
     try:
         m = precompute(
             a.model, a.src, a.out, a.resolution, a.batch_size, a.crops, a.seed, device, a.dtype,
             rank=launch.rank, world_size=launch.world_size, gather=all_gather_object if info else lambda part: [part],
-            workers=a.workers if a.workers is not None else default_workers(device), allow_pipe=a.allow_pipe,
+            workers=a.workers if a.workers is not None else default_workers(device), buckets=buckets,
+            allow_pipe=a.allow_pipe,
         )  # fmt: skip
     except (ValueError, ConfigError) as e:
         print(f"sd-train precompute: error: {e}", file=sys.stderr)

@@ -15,9 +15,11 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import sys
 import tarfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,8 +38,10 @@ from sd_train.data.precomputed import (
     stack_precomputed,
 )
 from sd_train.data.tar import read_shards
-from sd_train.tools.precompute import precompute
+from sd_train.tools.precompute import main_precompute, precompute
+from tests.support.bucket_reference import expected_bucket, upright_sizes
 from tests.support.launch import REPO, run, torchrun_cmd
+from tests.support.streams import LAION_SPEC
 
 BATCH = 4  # = micro_batch_size in configs/test.yaml
 MEMBERS = {"latent_mean.npy", "latent_std.npy", "text_embeds.npy", "txt", "json"}
@@ -204,6 +208,57 @@ def test_mismatched_config_refused_with_field_named(tiny_assets, latents, tmp_pa
     (other / "vae/config.json").write_text(json.dumps(vae_config | {"scaling_factor": 0.5}))
     with pytest.raises(ConfigError, match=r"model\.pretrained_path="):
         check_precomputed(spec, _cfg(tiny_assets, spec, f"model.pretrained_path={other}"))
+
+
+def test_bucketed_precompute_stores_each_samples_bucket_and_the_run_checks_the_set(tiny_assets, tmp_path):
+    """`sd-train precompute --buckets generated` over the LAION-like shards: every stored posterior has
+    the shape of the sample's bucket (from an independent reading of the images), misfits are
+    counted per reason and not stored, the run refuses another bucket set, and the training stream
+    batches the stored latents by shape, each sample once per epoch."""
+    model, out = str(tiny_assets["model"]), tmp_path / "laion-latents"
+    args = ["--model", model, "--src", LAION_SPEC, "--out", str(out), "--resolution", "32", "--buckets", "generated"]
+    args += ["--bucket-misfits", "filter"]
+    assert main_precompute([*args, "--batch-size", "4"]) == 0
+    manifest = json.loads((out / "precompute.json").read_text())
+    vae_factor = 2 ** (
+        len(json.loads((tiny_assets["model"] / "vae" / "config.json").read_text())["block_out_channels"]) - 1
+    )
+    sizes = [tuple(b) for b in manifest["buckets"]]
+    want = {k: expected_bucket(s, sizes, 4.0, "filter") if s else "undecodable" for k, s in upright_sizes().items()}
+    stored = {}
+    for raw in read_shards(sorted(str(p) for p in out.glob("laion-*.tar")), BadInputLog()):
+        shape = np.load(io.BytesIO(raw.members["latent_mean.npy"])).shape
+        assert np.load(io.BytesIO(raw.members["latent_std.npy"])).shape == shape
+        stored[raw.key] = f"{shape[2] * vae_factor}x{shape[3] * vae_factor}"
+        assert shape[:2] == (1, 4)
+    assert stored == {k: v for k, v in want.items() if "x" in v}
+    assert manifest["bucket_counts"] == {f"{h}x{w}": sum(v == f"{h}x{w}" for v in stored.values()) for h, w in sizes}
+    assert manifest["filtered"] == dict(Counter(v for v in want.values() if v.startswith("bucket_")))
+    assert {k: v for k, v in manifest["counts"]["bad"].items() if v} == {"undecodable": 1}
+
+    spec = f"{out}/laion-{{000000..000005}}.tar"
+    check_precomputed(spec, _cfg(tiny_assets, spec, "data.buckets=generated"))
+    with pytest.raises(ConfigError, match=r"data\.buckets=none but .* with aspect-ratio buckets"):
+        check_precomputed(spec, _cfg(tiny_assets, spec))
+    with pytest.raises(ConfigError, match=r"data\.buckets=\[\[32, 32\]\] resolves to \['32x32'\]"):
+        check_precomputed(spec, _cfg(tiny_assets, spec, "data.buckets=[[32,32]]"))
+    listed = [f"{h}x{w}" for h, w in sizes]  # the same set listed in another order is the same set
+    check_precomputed(spec, _cfg(tiny_assets, spec, "data.buckets=" + json.dumps(sizes[::-1])))
+    other = [s if s != (40, 24) else (48, 24) for s in sizes]  # as many buckets, one of them another
+    with pytest.raises(ConfigError, match=rf"resolves to .*'48x24'.* with {re.escape(str(listed))}"):
+        check_precomputed(spec, _cfg(tiny_assets, spec, "data.buckets=" + json.dumps(other)))
+    with pytest.raises(ConfigError, match=r"data\.buckets='generated' but .* square"):
+        square = f"{tiny_assets['data']}/train-{{000000..000007}}.tar"
+        precomputed_square = tmp_path / "square"
+        precompute(model, square.replace("{000000..000007}", "000000"), str(precomputed_square), 32)
+        check_precomputed(str(precomputed_square), _cfg(tiny_assets, str(precomputed_square), "data.buckets=generated"))
+
+    cfg = _cfg(tiny_assets, spec, "data.buckets=generated", "data.num_workers=0")
+    batches = list(build_train_loader(cfg, rank=0, world_size=1, max_epochs=1))
+    for b in batches:
+        h, w = b["latent_mean"].shape[2:]
+        assert b["bucket"] == f"{h * vae_factor}x{w * vae_factor}" and b["latent_std"].shape == b["latent_mean"].shape
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(stored)
 
 
 def _losses(out: Path) -> dict[int, float]:

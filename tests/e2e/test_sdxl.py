@@ -1,22 +1,29 @@
 """The tiny SDXL end to end on 2 CPU ranks under FSDP2, in one chain of launches that share their
-checkpoints: a straight run; a run from its step-4 checkpoint stopped by SIGTERM at step 6 and
-relaunched; its last checkpoint resumed on one process (2 -> 1). Training sees random crops and
-flips of non-square images, so every sample carries its own micro-conditioning, and drops
-captions and size/crop pairs. (SDXL under DeepSpeed ZeRO-3: tests/e2e/test_deepspeed.py.)"""
+checkpoints: a straight run; a run stopped by SIGTERM at step 5 and relaunched; the straight run's
+last checkpoint resumed on one process (2 -> 1). Training sees the LAION-like shards (wide, tall,
+square, tiny and extreme images) in aspect-ratio buckets (data.buckets=generated, misfits filtered),
+with random crops and flips, so every sample carries its own size, crop and bucket into the
+micro-conditioning, and drops captions and size/crop pairs. (SDXL under DeepSpeed ZeRO-3:
+tests/e2e/test_deepspeed.py.)"""
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
+from sd_train.config import DataArgs
+from sd_train.data.buckets import bucket_set, pixel_factor
 from sd_train.export import main_export
 from sd_train.perf import training_flops_per_image
 from sd_train.tools.posthoc import main_posthoc
+from tests.support.bucket_reference import expected_bucket, upright_sizes
 from tests.support.launch import ranks_cmd, run
 from tests.support.reference import assert_logged_val_matches_export
 from tests.support.runs import TRAIN, assert_states_equal, full_state, keys_by_step, unet_weights
+from tests.support.streams import LAION_SPEC
 
 pytestmark = pytest.mark.multiproc
 # 8 steps of 8 samples; the EMA window opens at step 4 (0.5^4 = 6.25% pre-window share); post-hoc
@@ -38,6 +45,12 @@ COMMON = [
     "ema.posthoc.sigma_rels=[0.05,0.1]",
     "ema.posthoc.snapshot_every=2",
     "perf.peak_tflops=0.001",  # so a CPU run logs speed/mfu too
+    # Aspect-ratio buckets on the LAION-like set at 32 px: 16x64, 24x40, 32x32, 40x24, 64x16 (the
+    # tiny SDXL's pixel factor is 8), its misfits filtered and counted.
+    f"data.train_shards={LAION_SPEC}",
+    "data.resolution=32",
+    "data.buckets=generated",
+    "data.bucket_misfits=filter",
 ]
 FAST = ["eval.every_steps=0", "export_at_end=false"]
 
@@ -52,7 +65,8 @@ def test_sdxl_fsdp2_ema_export_sigterm_resume_reshard_and_posthoc(tiny_sdxl, tmp
 
     # A: the straight run, FSDP2-sharded per transformer block and resnet (dist.fsdp_units=auto).
     a = tmp_path / "a"
-    run(sdxl_cmd(2, a, tiny_sdxl), timeout=300)
+    straight = run(sdxl_cmd(2, a, tiny_sdxl), timeout=300)
+    assert "buckets: 5 buckets" in straight.stdout and "sets the activation peak" in straight.stdout
     topo = json.loads((a / "topology.json").read_text())
     assert topo["world_size"] == 2 and topo["strategy"] == "fsdp2"
     assert all(r["all_dtensor"] and r["placements"] == ["(Shard(dim=0),)"] for r in topo["ranks"])
@@ -60,16 +74,39 @@ def test_sdxl_fsdp2_ema_export_sigterm_resume_reshard_and_posthoc(tiny_sdxl, tmp
     assert topo["ranks"][0]["fsdp_units"] == expected_units(tiny_sdxl["model"])
     # The logged EMA evaluation is the exported EMA pipeline's loss, scored by a plain UNet here.
     assert_logged_val_matches_export(a, 8)
-    # Throughput as for SD2: FLOPs per image counted with the pooled embedding and time ids.
+    # Each micro-batch held one bucket (from the keys and an independent reading of the images), and
+    # the ranks held different buckets at some steps (the collectives are on the parameters).
+    sizes = list(bucket_set(DataArgs(buckets="generated", resolution=32), pixel_factor(str(tiny_sdxl["model"]))).sizes)
+    bucket_of = {k: expected_bucket(s, sizes, 4.0, "filter") for k, s in upright_sizes().items() if s}
+    keys = {r: keys_by_step(a, r) for r in (0, 1)}
+    shapes = {(step, r): {bucket_of[k] for k in keys[r][step]} for step in range(1, 9) for r in (0, 1)}
+    assert all(len(s) == 1 for s in shapes.values()), "a micro-batch of one bucket"
+    assert any(shapes[(step, 0)] != shapes[(step, 1)] for step in range(1, 9)), "the ranks held different buckets"
+    # Throughput in buckets: each window's FLOPs per image are those of the buckets its steps trained
+    # (plain counts at each bucket's latent shape, with the pooled embedding and time ids).
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl["model"], subfolder="unet")
-    flops = training_flops_per_image(unet, (4, 8, 8), (77, 96), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    flops = {f"{h}x{w}": training_flops_per_image(unet, (4, h // 2, w // 2), (77, 96), cpu) for h, w in sizes}
     rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     speed = [r for r in rows if "speed/mfu" in r]
-    assert speed and all(r["speed/tflops_per_gpu"] == r["speed/img_per_s_per_gpu"] * flops / 1e12 for r in speed)
+    assert [r["step"] for r in speed] == [2, 4, 6, 8]
+    for r in speed:
+        window = [k for step in (r["step"] - 1, r["step"]) for rank in (0, 1) for k in keys[rank][step]]
+        want = sum(flops[bucket_of[k]] for k in window) / len(window)
+        assert r["speed/tflops_per_gpu"] * 1e12 / r["speed/img_per_s_per_gpu"] == pytest.approx(want, rel=1e-9)
+    # Per-bucket samples and shares, the carried samples and the misfits, counted.
+    last = [r for r in rows if "data/bucket_carried" in r][-1]
+    trained = Counter(bucket_of[k] for r in (0, 1) for step in range(1, 9) for k in keys[r][step])
+    assert {f"{h}x{w}": last.get(f"data/bucket_{h}x{w}_samples", 0) for h, w in sizes} == {
+        f"{h}x{w}": trained[f"{h}x{w}"] for h, w in sizes
+    }
+    shares = [v for k, v in last.items() if k.startswith("data/bucket_") and k.endswith("_share")]
+    assert abs(sum(shares) - 1) < 1e-9 and last["data/bucket_carried"] > 0
+    assert last["data/filtered_bucket_aspect"] > 0 and last["data/filtered_bucket_too_small"] > 0
 
     # B: SIGTERM on rank 1 in the middle of step 5 (off the checkpoint cadence), then a relaunch:
     # every checkpoint tensor (raw and EMA UNets, optimizer, post-hoc profiles) equals A's, and
-    # every step saw the same sample keys.
+    # every step saw the same sample keys in the same order: the bucket buffers came back exactly.
     b = tmp_path / "b"
     proc = run(sdxl_cmd(2, b, tiny_sdxl, *FAST), timeout=300, SD_TRAIN_FAULT="rank=1,step=5,phase=mid_step,action=term")
     assert "preempted (SIGTERM): saved a complete checkpoint at step 5" in proc.stdout

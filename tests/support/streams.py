@@ -7,6 +7,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
+from sd_train.data.buckets import BucketSet, generate_buckets
 from sd_train.data.decode import ImageTransform
 from sd_train.data.loader import TrainLoader
 from sd_train.data.sources import expand_sources
@@ -15,6 +16,37 @@ from sd_train.data.stream import ShardStream
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SPEC = str(ASSETS / "tiny-{000000..000005}.tar")
 """The committed tiny set: 28 samples in 6 shards, keys 000000000..000000027 (tests/assets/make_assets.py)."""
+LAION_SPEC = str(ASSETS / "laion" / "laion-{000000..000005}.tar")
+"""The committed LAION-like set: 36 samples of web-like sizes in 6 shards, keys 000000200..000000235."""
+
+
+def laion_buckets(misfits: str = "filter") -> BucketSet:
+    """The buckets of a 32 px run with a pixel factor of 4 (the LAION-like set's scale), 1:4 to 4:1:
+    16x64, 20x48, 24x40, 28x36, 32x32 and their transposes."""
+    return BucketSet.of(generate_buckets(32, 4, 4.0), 4.0, misfits)  # type: ignore[arg-type]
+
+
+def bucket_loader(
+    *,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 2,
+    seed: int = 0,
+    batch: int = 3,
+    shuffle: int = 4,
+    max_epochs: Optional[int] = None,
+    misfits: str = "filter",
+    spec: str = LAION_SPEC,
+    **stream_options: Any,
+) -> TrainLoader:
+    """A TrainLoader over the LAION-like set in `laion_buckets`, random crops and flips (so a resume
+    must replay each waiting sample's augment RNG)."""
+    stream = ShardStream(
+        expand_sources(spec), rank=rank, world_size=world, num_workers=workers, seed=seed, batch_size=batch,
+        transform=ImageTransform(32, center_crop=False, random_flip=True, buckets=laion_buckets(misfits)),
+        shuffle_buffer=shuffle, max_epochs=max_epochs, **stream_options,
+    )  # fmt: skip
+    return TrainLoader(stream, workers)
 
 
 def augmented_loader(

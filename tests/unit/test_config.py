@@ -300,7 +300,8 @@ def test_sd2_templates_train_from_fp16_precomputed_latents(resolution: int) -> N
 def test_sdxl_template_is_mosaics_schedule_with_a_checked_ema_window() -> None:
     """configs/sdxl_base_1024.yaml: lr 1e-4, weight decay 0.01, 10k warmup, constant, 10% caption
     dropout; its EMA window passes the same startup check as any run (and would be refused at the
-    default window fraction); its batch divides at 8 and 64 GPUs; its VAE never runs in fp16."""
+    default window fraction); its batch divides at 8 and 64 GPUs; its VAE never runs in fp16; it
+    trains in SDXL's aspect-ratio buckets."""
     from sd_train.ema.plan import plan_from_config
 
     path = Path(__file__).resolve().parents[2] / "configs" / "sdxl_base_1024.yaml"
@@ -316,3 +317,4 @@ def test_sdxl_template_is_mosaics_schedule_with_a_checked_ema_window() -> None:
     with pytest.raises(ConfigError, match="pre-window"):
         plan_from_config(load_config(str(path), ["ema.step_start_ema=null"]).ema, cfg.max_steps).check()
     assert "(height, width)" in path.read_text()
+    assert cfg.data.buckets == "sdxl" and cfg.data.resolution == 1024  # SDXL's nine standard buckets

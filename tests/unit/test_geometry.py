@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from sd_train.data.bad_input import BadInputLog
-from sd_train.data.decode import ImageTransform, decode_image_sample, transform_image
+from sd_train.data.decode import CROP_FIRST, ImageTransform, decode_image_sample, transform_image
 from sd_train.data.tar import read_shards
 from tests.support.streams import augmented_loader, take
 
@@ -99,3 +99,72 @@ def test_loader_batches_carry_each_samples_geometry():
             assert tuple(batch["original_size"][row].tolist()) == alone.original_size
             seen_wide |= alone.original_size[0] != alone.original_size[1]
     assert seen_wide  # the assets hold non-square images, so (H, W) order is exercised
+
+
+# --------------------------------------------------------------------------- aspect-ratio buckets
+
+
+def covered(image: Image.Image, target: tuple[int, int]) -> np.ndarray:
+    """The resize a bucket's transform makes, computed here: the smallest size that covers the
+    target (H, W) with the image's aspect, bicubic."""
+    (th, tw), (w, h) = target, image.size
+    scale = max(tw / w, th / h)
+    size = (max(tw, round(w * scale)), max(th, round(h * scale)))
+    return np.array(image.resize(size, Image.Resampling.BICUBIC) if size != (w, h) else image)
+
+
+@pytest.mark.parametrize("width,height", [(64, 48), (48, 64), (100, 21), (37, 91), (40, 40), (12, 9)])
+@pytest.mark.parametrize("target", [(24, 40), (40, 24), (32, 32), (16, 64)])
+@pytest.mark.parametrize("center_crop,random_flip", [(True, False), (False, True)])
+def test_bucket_geometry_locates_the_training_pixels(width, height, target, center_crop, random_flip):
+    """In a non-square bucket: target_size is the bucket, the corner is in the image resized to cover
+    it, and cropping there (the resized image flipped as a whole when the sample was) gives the pixels:
+    exactly, or within a few levels where the cover resize would hold more than CROP_FIRST times the
+    bucket's pixels and the crop's region is resampled on its own (a 37 x 91 image in 16 x 64)."""
+    image = noise_image(width, height, seed=width * 7 + height)
+    full = covered(image, target)
+    th, tw = target
+    exact = full.shape[0] * full.shape[1] <= CROP_FIRST * th * tw
+    tf = ImageTransform(RES, center_crop=center_crop, random_flip=random_flip)
+    flips = 0
+    for seed in range(10):
+        pixels, geo = transform_image(image, tf, random.Random(seed), target)
+        assert geo.original_size == (height, width) and geo.target_size == target == pixels.shape[:2]
+        top, left = geo.crop_top_left
+        assert 0 <= top <= full.shape[0] - th and 0 <= left <= full.shape[1] - tw
+        error = [np.abs(pixels.astype(int) - f[top : top + th, left : left + tw]).mean() for f in (full, full[:, ::-1])]
+        flipped = bool(error[1] < error[0])
+        assert error[flipped] == 0 if exact else error[flipped] < 2.0, (seed, geo, error)
+        flips += flipped
+    assert (flips > 0) == random_flip
+
+
+def test_an_extreme_image_is_cropped_before_the_resize_at_the_same_place():
+    """400 x 6 into a 16 x 64 bucket: the cover resize (1067 x 16) would hold 17x the bucket's pixels,
+    so the crop's region is resampled on its own: the same geometry, pixels within a few levels."""
+    image = noise_image(400, 6, seed=5)
+    full = covered(image, (16, 64))
+    tf = ImageTransform(RES, center_crop=False)
+    for seed in range(5):
+        pixels, geo = transform_image(image, tf, random.Random(seed), (16, 64))
+        top, left = geo.crop_top_left
+        want = full[top : top + 16, left : left + 64].astype(int)
+        assert pixels.shape == (16, 64, 3) and np.abs(pixels.astype(int) - want).mean() < 2.0
+
+
+def test_bucketed_decode_reports_the_true_original_size_of_a_drafted_jpeg():
+    """A JPEG at least twice its bucket decodes at a reduced DCT scale (draft): original_size is still
+    the file's size, and the bucket is chosen from it (as on the square path)."""
+    import io
+
+    from sd_train.data.buckets import BucketSet
+    from sd_train.data.tar import RawSample
+
+    encoded = io.BytesIO()
+    noise_image(160, 96, seed=9).save(encoded, format="JPEG")
+    raw = RawSample("k", "s", {"jpg": encoded.getvalue(), "txt": b"a caption"})
+    buckets = BucketSet.of([(16, 16), (12, 20), (20, 12)])
+    for tf in (ImageTransform(RES, buckets=buckets), ImageTransform(RES)):
+        geo = decode_image_sample(raw, tf, None).geometry
+        assert geo.original_size == (96, 160)
+        assert geo.target_size == ((12, 20) if tf.buckets else (RES, RES))

@@ -19,7 +19,9 @@ from sd_train.model.parallelize import fsdp_units
 from sd_train.optim import build_optimizer
 from sd_train.perf import (
     apply_backend_flags,
+    bucket_flops_per_image,
     compile_module,
+    micro_batch_flops,
     peak_tflops,
     training_flops_per_image,
     use_fused_adamw,
@@ -110,6 +112,30 @@ def test_unet_flops_scale_with_resolution():
     assert small > 0 and 3.0 < large / small < 4.5  # convs scale with pixels, attention a bit faster
 
 
+def test_bucket_flops_are_each_buckets_own():
+    """data.buckets: one count per bucket's latent (h, w), each the figure of a plain count at that
+    shape; a transposed bucket costs the same, a smaller one less."""
+    unet = tiny_unet()
+    per_bucket = bucket_flops_per_image(unet, [(8, 16), (16, 8), (8, 8)], (77, 32), CPU)
+    assert set(per_bucket) == {(8, 16), (16, 8), (8, 8)}
+    assert per_bucket[(8, 16)] == training_flops_per_image(unet, (4, 8, 16), (77, 32), CPU) == per_bucket[(16, 8)]
+    assert per_bucket[(8, 8)] < per_bucket[(8, 16)]
+
+
+def test_a_micro_batch_counts_its_own_buckets_flops():
+    """What the trainer adds per micro-batch: its images times its own bucket's count (an independent
+    plain count at that shape), not the largest bucket's; nothing when nothing was counted, and a
+    shape outside the counted set is an error, not a silent 0."""
+    unet = tiny_unet()
+    per_bucket = bucket_flops_per_image(unet, [(8, 16), (8, 8)], (77, 32), CPU)
+    small = torch.zeros(3, 4, 8, 8)
+    assert micro_batch_flops(per_bucket, small) == 3 * training_flops_per_image(unet, (4, 8, 8), (77, 32), CPU)
+    assert micro_batch_flops(per_bucket, torch.zeros(2, 4, 8, 16)) == 2 * per_bucket[(8, 16)]
+    assert micro_batch_flops({}, small) == 0.0
+    with pytest.raises(KeyError):
+        micro_batch_flops(per_bucket, torch.zeros(1, 4, 16, 8))
+
+
 def test_step_window_excludes_eval_and_reports_mfu():
     window = StepWindow(8, CPU, world_size=2, flops_per_image=1e12, peak_tflops=10.0)
     window.step_started()
@@ -125,6 +151,21 @@ def test_step_window_excludes_eval_and_reports_mfu():
     assert values["speed/forward_backward_ms"] >= 20
     assert values["speed/host_syncs_per_step"] == 1
     assert {"memory/peak_gb", "memory/peak_allocated_gb", "memory/peak_reserved_gb"} <= values.keys()
+
+
+def test_step_window_counts_each_steps_own_flops_with_buckets():
+    """data.buckets: the FLOPs are each step's own (its buckets), not samples x one figure; a skipped
+    step counts none. One process here: the sum over ranks is this rank's."""
+    window = StepWindow(8, CPU, world_size=1, flops_per_image=5e12, peak_tflops=10.0, step_flops=True)
+    window.step_ended(0.0, True, flops=3e12)
+    window.step_ended(0.0, True, flops=1e12)
+    window.step_ended(0.0, False, flops=7e12)
+    time.sleep(0.2)  # the window's time: about 0.2 s
+    start = window.start
+    values = window.read()
+    elapsed = time.perf_counter() - start
+    assert values["speed/tflops_per_gpu"] == pytest.approx(4e12 / elapsed / 1e12, rel=0.05)  # not 16 x 5e12
+    assert values["speed/mfu"] == pytest.approx(values["speed/tflops_per_gpu"] / 10.0)
 
 
 @pytest.mark.parametrize(

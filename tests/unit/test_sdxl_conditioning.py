@@ -84,6 +84,18 @@ def test_microconditioning_dropout_zeroes_each_pair_on_its_own():
     assert torch.equal(torch.get_rng_state(), state), "off (the default) draws nothing: SD runs keep their numbers"
 
 
+def test_dropout_keeps_what_it_does_not_drop_and_the_model_dtype():
+    """Micro-conditioning dropout passes the text conditioning through untouched, and caption
+    dropout keeps a bf16 run's pooled embeddings bf16 (the dropped caption is stored in fp32):
+    promoted to fp32 they would reach a bf16 UNet's add_embedding as another dtype."""
+    cond = _cond(64)
+    out = _objective(micro=0.5).drop_microconditioning(cond)
+    assert out.text_embeds is cond.text_embeds and out.pooled is cond.pooled
+    half = Conditioning(cond.text_embeds.bfloat16(), cond.pooled.bfloat16(), cond.time_ids)
+    dropped = _objective(0.5).drop_captions(half)
+    assert dropped.text_embeds.dtype == dropped.pooled.dtype == torch.bfloat16
+
+
 def test_dropout_is_drawn_per_step_for_the_same_stored_conditioning():
     """Precomputed embeddings reach the objective unchanged every epoch: the drop is drawn there,
     per sample per step, not once per stored sample."""
