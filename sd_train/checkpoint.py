@@ -135,7 +135,8 @@ class Checkpointer:
         # Async saves run their collectives on a group of their own, so the background thread
         # never interleaves with the training loop's collectives on the default group. It gets
         # dist.timeout_s like every group (sd_train.parallel.process_group.timeout_for_later_groups).
-        self._pg = dist.new_group(backend="gloo") if args.async_save and dist.is_initialized() else None
+        # `auto` is decided by the startup memory plan; one left unresolved saves synchronously.
+        self._pg = dist.new_group(backend="gloo") if args.async_save is True and dist.is_initialized() else None
         # Folders retention drops are deleted off the training thread: an rmtree of a multi-GB
         # step folder on rank 0 held every other rank in the next collective (see _discard).
         self._deleter = BackgroundWriter()

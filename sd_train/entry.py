@@ -1,6 +1,6 @@
 """`python train.py` / `sd-train train`: parse, load, validate and preflight the config, then train.
 Also `sd-train plan` and `train.py --plan`, one path: validate at the previewed world size, print
-the plan (sd_train.run_plan), exit 0, or 2 with the reason.
+the plan (sd_train.run_plan) with the memory plan (sd_train.memory), exit 0, or 2 with the reason.
 
 This module imports only the config code and its torch-free checks (no torch, no diffusers), so a
 bad config is refused in a fraction of a second, before any process group starts or any heavy
@@ -15,12 +15,16 @@ import logging
 import os
 import sys
 import time
+from typing import Optional
 
 from sd_train import __version__, console
 from sd_train.config import ConfigError, TrainConfig, load_config
 from sd_train.config.launcher import read_launch_env
+from sd_train.memory.plan import MemoryPlan
+from sd_train.memory.sizes import UnsizedModel
+from sd_train.memory.startup import with_async_decided
 from sd_train.preflight import preflight
-from sd_train.run_plan import PlanTarget, plan_lines, plan_target
+from sd_train.run_plan import PlanTarget, memory_plan_for, plan_lines, plan_target
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,18 @@ def build_parser(prog: str, plan_command: bool = False) -> argparse.ArgumentPars
         "--gpu-memory-gib",
         type=float,
         default=None,
-        help="with --plan: device memory to plan against (for the memory plan; not built yet, refused)",
+        help="with --plan: the memory plan's device memory per GPU (default: this machine's GPU, else a CPU run)",
+    )
+    p.add_argument(
+        "--host-memory-gib",
+        type=float,
+        default=None,
+        help="with --plan: the memory plan's host memory per node (default: this machine's)",
+    )
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="with --plan: estimate the training step on fake tensors now if no estimate is cached (minutes for SD2)",
     )
     p.add_argument("--verbose", action="store_true", help="also show debug lines and third-party warnings")
     p.add_argument("--version", action="version", version=f"sd-train {__version__}")
@@ -90,14 +105,22 @@ def validated_config(
     plan's `--world-size`, kept as `namespace.target`), then the machine checks of
     sd_train.preflight. Raises ConfigError naming the field."""
     ns = _parse(argv, prog, plan_command)
-    if not ns.plan and (ns.world_size is not None or ns.ranks_per_node is not None or ns.gpu_memory_gib is not None):
+    preview_only = (ns.world_size, ns.ranks_per_node, ns.gpu_memory_gib, ns.host_memory_gib)
+    if not ns.plan and (any(v is not None for v in preview_only) or ns.estimate):
         raise ConfigError(
-            "--world-size, --ranks-per-node and --gpu-memory-gib preview a plan: add --plan (or run `sd-train plan`); "
-            "a start takes its world size from the launcher"
+            "--world-size, --ranks-per-node, --gpu-memory-gib, --host-memory-gib and --estimate preview a plan: "
+            "add --plan (or run `sd-train plan`); a start takes its world size from the launcher and its memory "
+            "from the machine"
         )
     launch = read_launch_env(os.environ)
     target = plan_target(
-        launch.world_size, launch.local_world_size, ns.world_size, ns.ranks_per_node, ns.gpu_memory_gib
+        launch.world_size,
+        launch.local_world_size,
+        ns.world_size,
+        ns.ranks_per_node,
+        ns.gpu_memory_gib,
+        ns.host_memory_gib,
+        ns.estimate,
     )
     cfg = load_config(ns.config, ns.overrides)
     cfg.validate(target.world_size)
@@ -106,17 +129,46 @@ def validated_config(
     return preflight(cfg, target.world_size, environ), ns
 
 
-def print_plan(cfg: TrainConfig, target: PlanTarget, config_path: str) -> None:
-    """The plan, then "config OK": what `--plan` and `sd-train plan` show (main process)."""
-    log.info("\n".join(plan_lines(cfg, target, config_path)))
+def print_plan(cfg: TrainConfig, target: PlanTarget, config_path: str, memory: Optional[MemoryPlan]) -> None:
+    """The plan, then "config OK" or the memory plan's refusal (ConfigError): what `--plan` and
+    `sd-train plan` show (main process)."""
+    log.info("\n".join(plan_lines(cfg, target, config_path, memory)))
+    if memory is not None:
+        memory.check()
     log.info("config OK")
+
+
+def checked_memory(cfg: TrainConfig, ns: argparse.Namespace) -> tuple[TrainConfig, Optional[MemoryPlan]]:
+    """(config with `checkpoint.async_save=auto` decided, memory plan): the plan of a preview, or of
+    a start unless `dist.memory_check=off`, made before any process group starts so that a refusal
+    costs no launch. A start prints it (main process) and checks it here; a preview prints it first
+    (`print_plan`). Raises ConfigError when a start does not fit."""
+    if not ns.plan and cfg.dist.memory_check == "off":
+        return with_async_decided(cfg, None), None
+    try:
+        memory = memory_plan_for(cfg, ns.target)
+    except UnsizedModel as e:  # nothing to plan with: said, not refused (the load will say more)
+        log.warning(f"memory plan: not made, nothing checked: {e}")
+        return with_async_decided(cfg, None), None
+    cfg = with_async_decided(cfg, memory)
+    if not ns.plan:
+        log.info(memory.describe())
+        memory.check()
+    return cfg, memory
 
 
 def main(argv: list[str] | None = None, prog: str = "train.py", plan_command: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console.setup(verbose="--verbose" in argv)  # before any heavy import, and before the checks log
+    # The model folders are local: no hub lookup, set before huggingface_hub is first imported
+    # (it reads HF_HUB_OFFLINE then; the memory plan may read a model folder).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         cfg, ns = validated_config(argv, prog, plan_command)
+        cfg, memory = checked_memory(cfg, ns)
+        if ns.plan:
+            print_plan(cfg, ns.target, ns.config, memory)
+            return 0
     except ConfigError as e:
         if console.is_main():  # every rank refuses alike; one says so
             print(f"config error: {e}", file=sys.stderr)
@@ -125,12 +177,6 @@ def main(argv: list[str] | None = None, prog: str = "train.py", plan_command: bo
             # stops the main process before it has said why (seen under accelerate launch).
             time.sleep(NON_MAIN_EXIT_DELAY_S)
         return 2
-    if ns.plan:
-        print_plan(cfg, ns.target, ns.config)
-        return 0
-    # The model folders are local: no hub lookup, set before huggingface_hub is first imported
-    # (it reads HF_HUB_OFFLINE then).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         # Lazy: torch and diffusers are paid for only once the config is accepted.
         from sd_train.trainer import run

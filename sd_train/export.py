@@ -2,10 +2,14 @@
 `StableDiffusionPipeline.from_pretrained(folder)` (SDXL: `StableDiffusionXLPipeline`, with both
 text encoders and tokenizers) loads offline.
 
-Two ways in: at the end of training (the shards are gathered one parameter at a time, a collective)
-and `sd-train export --checkpoint DIR`, which reads a per-rank checkpoint into a plain module in one
-process, with no process group, whatever world size wrote it (DCP for FSDP2/DDP; DeepSpeed's
-zero_to_fp32 plus our per-rank EMA pieces for DeepSpeed).
+Both ways in read a checkpoint into a plain module in one process, with no process group, whatever
+world size wrote it (DCP for FSDP2/DDP; DeepSpeed's zero_to_fp32 plus our per-rank EMA pieces for
+DeepSpeed): `sd-train export --checkpoint DIR`, and the end of training, where the main process
+exports the final checkpoint once the process group is gone and the training state is freed
+(`export_checkpoint`). One UNet is held at a time: the weights are read into tensors the pipeline's
+UNet then takes as its own (no second copy), written, and dropped before the EMA is read. Gathering
+the raw UNet and the EMA on the main process at the last step held both there on top of its training
+state (SD2 at 2 CPU ranks: killed for memory); and no file is written while a collective is pending.
 """
 
 from __future__ import annotations
@@ -66,8 +70,9 @@ def save_pipeline(
     `model_path` (VAE, text encoder(s), tokenizer(s), scheduler)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_family(model_path)  # a missing or mixed-up folder is refused before anything loads
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
-    missing, unexpected = unet.load_state_dict(unet_state, strict=False)
+    with torch.device("meta"):  # no init: the UNet takes the given tensors as its parameters
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
+    missing, unexpected = unet.load_state_dict(unet_state, strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(
             f"export: UNet weights do not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})"
@@ -82,43 +87,37 @@ def save_pipeline(
     return out_dir
 
 
-def export_from_training(
-    gather_model: Callable[[], dict],
-    ema,
+def export_checkpoint(
+    checkpoint: Path,
     model_path: str,
     out_root: Path,
     prediction_type: str,
-    is_main: bool,
     before_write: Callable[[], None] = lambda: None,
     zero_dropped_captions: bool = False,
 ) -> list[Path]:
-    """Gather and export the raw UNet and (if the window opened) the EMA UNet. Collective.
-    `gather_model` returns the full raw state on the main process (`Strategy.full_model_state`).
-
-    Every gather comes first, and only the main process keeps the host copies; the files are
-    written after that, with no collective pending. A write that takes longer than the collective
-    timeout (multi-GB pipelines on a slow file system) then cannot kill the job at its last step, as
-    it did when the other ranks waited in the EMA gather while the main process wrote the raw UNet."""
-    raw = gather_model()
-    full = ema.full_tensors(keep=is_main) if ema.is_open else {}
-    if not is_main:
-        return []
+    """Export the raw UNet of a complete checkpoint to `out_root/raw` and, if its EMA window had
+    opened, the EMA to `out_root/ema`, one UNet at a time. No process group needed (the end of
+    training calls it on the main process after tearing the group down)."""
+    trainer_state, raw = load_checkpoint_unet(checkpoint, "raw", model_path)
     before_write()
     written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type, zero_dropped_captions)]
     del raw
-    if ema.is_open:
-        written.append(save_pipeline(model_path, full, out_root / "ema", prediction_type, zero_dropped_captions))
+    if trainer_state["ema"]["open"]:
+        _, ema = load_checkpoint_unet(checkpoint, "ema", model_path)
+        written.append(save_pipeline(model_path, ema, out_root / "ema", prediction_type, zero_dropped_captions))
     return written
 
 
-def read_trainer_state(checkpoint: Path) -> dict:
-    """The trainer_state.json of a complete step folder, with what export reads checked;
-    CheckpointLoadError naming the file when it does not read."""
+def read_trainer_state(checkpoint: Path, objective: bool = False) -> dict:
+    """The trainer_state.json of a complete step folder, with what export reads checked (the
+    objective's prediction type too with `objective`, for `sd-train export`, which takes it from
+    there); CheckpointLoadError naming the file when it does not read."""
     try:
         with open(Path(checkpoint) / "trainer_state.json") as f:
             state = json.load(f)
-        int(state["step"]), bool(state["ema"]["open"])
-        str(state["config"]["model"]["pretrained_path"]), str(state["config"]["objective"]["prediction_type"])
+        int(state["step"]), bool(state["ema"]["open"]), str(state["config"]["model"]["pretrained_path"])
+        if objective:
+            str(state["config"]["objective"]["prediction_type"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointLoadError(
             f"{Path(checkpoint) / 'trainer_state.json'} is unreadable ({type(e).__name__}: {e})"
@@ -178,15 +177,12 @@ def load_checkpoint_unet(
     model_path = model_path or resolve_model_path(
         cfg["model"]["pretrained_path"], checkpoint, cfg.get("output_dir", "")
     )
-    config = UNet2DConditionModel.load_config(model_path, subfolder="unet")
-    template = UNet2DConditionModel.from_config(config).state_dict()
+    with torch.device("meta"):  # shapes only: the weights are read into empty tensors below
+        template = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
     prefix = "model" if weights == "raw" else "ema"
-    names = (
-        template.keys()
-        if weights == "raw"
-        else [n for n, p in UNet2DConditionModel.from_config(config).named_parameters()]
-    )
-    state = {prefix: {n: torch.empty_like(template[n]) for n in names}}
+    # The EMA covers the parameters (the SD UNet has no buffers, so both are its whole state).
+    shapes = template.state_dict() if weights == "raw" else dict(template.named_parameters())
+    state = {prefix: {n: torch.empty(t.shape, dtype=t.dtype) for n, t in shapes.items()}}
     try:
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     except (Exception, CheckpointException) as e:  # DCP raises CheckpointException (a BaseException)
@@ -261,7 +257,7 @@ def main_export(argv: list[str]) -> int:
     folder, which = resolve_checkpoint(Path(ns.checkpoint))
     print(f"exporting {ns.weights} weights from {which}")
     try:
-        cfg = read_trainer_state(folder)["config"]
+        cfg = read_trainer_state(folder, objective=True)["config"]
         model_path = ns.model_path or resolve_model_path(
             cfg["model"]["pretrained_path"], folder, cfg.get("output_dir", "")
         )

@@ -275,7 +275,7 @@ def resolve_strategy(cfg: TrainConfig, environ: Mapping[str, str]) -> TrainConfi
             "dist.strategy=deepspeed but the deepspeed package is not installed: "
             "pip install -c constraints.txt deepspeed==0.19.8 (it is in requirements.txt; `make venv`)"
         )
-    if cfg.checkpoint.async_save:
+    if cfg.checkpoint.async_save is True:  # `auto` resolves to synchronous saves under DeepSpeed
         raise ConfigError(
             "checkpoint.async_save=true is FSDP2-only (DCP async_save); DeepSpeed writes its "
             "checkpoints synchronously: set checkpoint.async_save=false"

@@ -9,8 +9,9 @@ the previewed world size by the same `validate` and `preflight` as a start, so a
 Torch-free, like the checks: the post-hoc plan's parameter count is read from the header of the
 UNet's safetensors file, not from a model built in memory.
 
-The memory plan hooks in here: `PlanTarget.gpu_memory_gib` carries the device memory to plan
-against (`--gpu-memory-gib`), and `memory_lines` is where its per-rank peaks are printed.
+The memory plan (sd_train.memory) comes last: `memory_plan_for` plans the target's machine
+(`--gpu-memory-gib`, `--host-memory-gib`, else this one's) and `memory_lines` prints its per-rank
+peaks; the caller checks it after printing, so a refused plan still shows why.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Optional
 from sd_train.config import TrainConfig
 from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
 from sd_train.errors import ConfigError
+from sd_train.memory.plan import GIB, MemoryPlan
+from sd_train.memory.startup import startup_plan
 from sd_train.paths import POSTHOC_DIR, complete_steps
 
 # The ranks a node holds, assumed for a preview of a world larger than one node when neither the
@@ -33,12 +36,15 @@ DEFAULT_RANKS_PER_NODE = 8
 
 @dataclass(frozen=True)
 class PlanTarget:
-    """The launch a plan previews: its world size (and who said so), ranks per node, device memory."""
+    """The launch a plan previews: its world size (and who said so), ranks per node, and the
+    machine the memory plan plans against."""
 
     world_size: int
     world_size_from: str  # "--world-size", "the launcher" or "one process"
     ranks_per_node: int
-    gpu_memory_gib: Optional[float] = None  # --gpu-memory-gib: the memory plan's budget per device
+    gpu_memory_gib: Optional[float] = None  # --gpu-memory-gib: device memory per GPU (None: this machine's)
+    host_memory_gib: Optional[float] = None  # --host-memory-gib: host memory per node (None: this machine's)
+    estimate: bool = False  # --estimate: compute a missing step estimate now, whatever dist.memory_check says
 
     def launcher_environ(self, environ: dict[str, str]) -> dict[str, str]:
         """`environ` as a launcher of this world would set it (what preflight reads): the rank
@@ -54,25 +60,24 @@ def plan_target(
     world_size: Optional[int],
     ranks_per_node: Optional[int],
     gpu_memory_gib: Optional[float],
+    host_memory_gib: Optional[float] = None,
+    estimate: bool = False,
 ) -> PlanTarget:
     """The target of a plan from the command line's flags and the launcher's environment."""
     if world_size is not None and world_size < 1:
         raise ConfigError(f"--world-size={world_size} must be at least 1")
     if ranks_per_node is not None and ranks_per_node < 1:
         raise ConfigError(f"--ranks-per-node={ranks_per_node} must be at least 1")
-    if gpu_memory_gib is not None:
-        # The hook of the memory plan: until it is built there is nothing to check this against,
-        # and a flag that silently did nothing would read as "fits".
-        raise ConfigError(
-            f"--gpu-memory-gib={gpu_memory_gib}: the memory plan is not built yet, so nothing can be checked "
-            "against a device's memory; drop the flag"
-        )
+    for flag, value in (("--gpu-memory-gib", gpu_memory_gib), ("--host-memory-gib", host_memory_gib)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag}={value} must be a positive number of GiB")
+    machine = {"gpu_memory_gib": gpu_memory_gib, "host_memory_gib": host_memory_gib, "estimate": estimate}
     if world_size is None:
         source = "the launcher" if launcher_world > 1 else "a plain start: one process"
-        return PlanTarget(launcher_world, source, ranks_per_node or launcher_per_node, gpu_memory_gib)
+        return PlanTarget(launcher_world, source, ranks_per_node or launcher_per_node, **machine)
     per_node = ranks_per_node or (launcher_per_node if launcher_world == world_size else None)
     per_node = per_node or min(world_size, DEFAULT_RANKS_PER_NODE)
-    return PlanTarget(world_size, "--world-size", per_node, gpu_memory_gib)
+    return PlanTarget(world_size, "--world-size", per_node, **machine)
 
 
 def unet_param_count(model_path: str) -> Optional[int]:
@@ -133,14 +138,33 @@ def _output_lines(cfg: TrainConfig, posthoc_snapshots: int) -> list[str]:
     return lines
 
 
-def memory_lines(cfg: TrainConfig, target: PlanTarget) -> list[str]:  # noqa: ARG001
-    """The memory plan's per-rank peaks at `target` (device memory `target.gpu_memory_gib`): none
-    until the memory plan is built (plan_target refuses --gpu-memory-gib until then)."""
-    return []
+def memory_plan_for(cfg: TrainConfig, target: PlanTarget) -> MemoryPlan:
+    """The memory plan of a resolved config at `target`: its device memory (`--gpu-memory-gib`,
+    else this machine's GPU, else a CPU run) and host memory (`--host-memory-gib`, else this
+    machine's). Unchecked: the caller prints it, then calls `check()`."""
+    gib = lambda v: None if v is None else int(v * GIB)  # noqa: E731
+    return startup_plan(
+        cfg,
+        target.world_size,
+        estimate_now=True if target.estimate else None,
+        device_memory=gib(target.gpu_memory_gib),
+        host_memory=gib(target.host_memory_gib),
+        ranks_per_node=target.ranks_per_node,
+    )
 
 
-def plan_lines(cfg: TrainConfig, target: PlanTarget, config_path: str) -> list[str]:
-    """The plan of a config that passed `validate` and `preflight` at `target.world_size`."""
+def memory_lines(memory: Optional[MemoryPlan]) -> list[str]:
+    """The memory plan's per-rank peaks, phase by phase (sd_train.memory.plan), or why there is none."""
+    if memory is None:  # the model folder could not be sized (the warning above says why)
+        return ["Memory plan: not made (see the warning above): nothing checked"]
+    return memory.describe().splitlines()
+
+
+def plan_lines(
+    cfg: TrainConfig, target: PlanTarget, config_path: str, memory: Optional[MemoryPlan] = None
+) -> list[str]:
+    """The plan of a config that passed `validate` and `preflight` at `target.world_size`, with its
+    memory plan (`memory_plan_for`) when there is one."""
     world = target.world_size
     accum = cfg.grad_accum_steps(world)
     d = cfg.dist
@@ -167,5 +191,5 @@ def plan_lines(cfg: TrainConfig, target: PlanTarget, config_path: str) -> list[s
             lines.append("Post-hoc EMA plan: (sizes unknown: no safetensors weights in the model's unet/)")
         else:
             lines.append(posthoc.describe(params, world))
-    lines += memory_lines(cfg, target)
+    lines += memory_lines(memory)
     return lines

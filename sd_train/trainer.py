@@ -14,6 +14,8 @@ Launch (see docs/launching.md):
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -44,7 +47,7 @@ from sd_train.errors import (
     NonFiniteError,
 )
 from sd_train.evaluation import Evaluator
-from sd_train.export import export_from_training
+from sd_train.export import export_checkpoint
 from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
@@ -64,7 +67,7 @@ from sd_train.parallel.process_group import (
     init_distributed,
     reduce_tensor_,
 )
-from sd_train.paths import POSTHOC_DIR, complete_steps, snapshot_steps, step_dir
+from sd_train.paths import POSTHOC_DIR, checkpoint_is_complete, complete_steps, snapshot_steps, step_dir
 from sd_train.perf import (
     apply_backend_flags,
     bucket_flops_per_image,
@@ -92,6 +95,7 @@ class Trainer:
         self.started = time.monotonic()
         self.info = init_distributed(cfg.dist)
         console.set_rank(self.info.rank)
+        self.cfg = cfg = self._agreed_async_save(cfg)
         self.backend_flags = apply_backend_flags(cfg.perf, self.info.device)
         self.out = Path(cfg.output_dir)
         self._prepare_output_dir()
@@ -143,6 +147,7 @@ class Trainer:
             self.info.world_size,
             tokenize=self.parts.caption_tokenizer(),
             stager=stager_for(self.info.device, cfg.perf.device_prefetch),
+            rank_param_bytes=self.strategy.topology()["local_param_bytes"],
         )
         self.metrics = build_metrics(cfg.metrics, cfg.output_dir, cfg.run_name or self.out.name, self.info.is_main)
         self.evaluator = Evaluator(cfg, self.parts, self.objective, self.info, self.ema, self.metrics, self.out)
@@ -169,7 +174,20 @@ class Trainer:
             step_flops=bool(self.bucket_flops),
         )
         self.progress = Progress(self.info.is_main, cfg.max_steps)
-        self.exports: list[Path] = []
+        self.end_summary: Optional[RunSummary] = None  # the main process's, once the run finished
+
+    def _agreed_async_save(self, cfg: TrainConfig) -> TrainConfig:
+        """`cfg` with the ranks agreed on async saves. `checkpoint.async_save=auto` was decided by
+        each rank's memory plan before the process group existed, and a rank that planned before
+        its node's step estimate was cached may have decided otherwise; the async saver's group is
+        created collectively, so saves are synchronous everywhere if they are anywhere."""
+        if self.info.world_size == 1:
+            return cfg
+        (sync_somewhere,) = all_reduce_max([0.0 if cfg.checkpoint.async_save else 1.0], self.info.device)
+        if not (sync_somewhere and cfg.checkpoint.async_save):
+            return cfg
+        log.info("checkpoint.async_save=auto: synchronous saves (another rank's memory plan chose them)")
+        return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, async_save=False))
 
     def _build_checkpointer(self) -> Checkpointer:
         """Everything a checkpoint holds, registered once: the tensors (through the Strategy), the
@@ -349,6 +367,9 @@ class Trainer:
         with window.phase("optimizer"):
             self.checkpointer.wait_staged()  # an async save's copy must be done before the weights change
             finite, grad_norm, votes = self.strategy.step([self.signals.reduced()])
+            # Freed now rather than at the next step's start: the EMA update, evaluation and
+            # checkpoint saves in between then hold no gradients (SD2 at 2 ranks: 1.6 GiB per rank).
+            self.optimizer.zero_grad(set_to_none=True)
         if finite:
             if self.langevin.enabled:
                 with window.phase("noise"):  # optim.langevin: with the LR this step was taken with
@@ -515,23 +536,33 @@ class Trainer:
         if self.info.is_main:
             summary = {"step": self.state.step, "skipped_steps": self.state.skipped_steps, **health}
             (self.out / "data_summary.json").write_text(json.dumps(summary, indent=1))
-        if self.cfg.export_at_end:
-            self.exports = export_from_training(
-                lambda: self.strategy.full_model_state(self.info.is_main),
-                self.ema,
-                self.cfg.model.pretrained_path,
-                self.out / "export",
-                self.cfg.objective.prediction_type,
-                self.info.is_main,
-                before_write=lambda: self.faults.trip("export_write", self.state.step),
-                zero_dropped_captions=self.cfg.objective.zero_dropped_captions,
-            )
-        if self.info.is_main:
-            log.info(self.summary(health).format())
+            # Printed by `run` once the export (after the process group is gone) has said its paths.
+            self.end_summary = self.summary(health)
         return 0
 
+    def export_job(self) -> Optional[Callable[[], list[Path]]]:
+        """The end-of-run export, for the main process to run once the process group is gone and
+        this trainer is freed (`run`): it reads the final checkpoint, so it holds one UNet at a time
+        instead of the training state plus the gathered raw UNet and EMA. None where nothing is due
+        (export_at_end off, another rank, or a run stopped before max_steps)."""
+        cfg, step = self.cfg, self.state.step
+        if not (cfg.export_at_end and self.info.is_main and step == cfg.max_steps):
+            return None
+        folder, out, faults = step_dir(self.checkpointer.root, step), self.out / "export", self.faults
+        if not checkpoint_is_complete(folder) and self.checkpointer.loaded_folder is not None:
+            folder = self.checkpointer.loaded_folder  # resumed at its last step from another run's folder
+        return lambda: export_checkpoint(
+            folder,
+            cfg.model.pretrained_path,
+            out,
+            cfg.objective.prediction_type,
+            before_write=lambda: faults.trip("export_write", step),
+            zero_dropped_captions=cfg.objective.zero_dropped_captions,
+        )
+
     def summary(self, health: dict) -> RunSummary:
-        """The end-of-run figures (main process: the logged values are its own)."""
+        """The end-of-run figures (main process: the logged values are its own); `run` adds the
+        export's paths."""
         latest = self.metrics.latest
 
         def last(name: str):
@@ -549,7 +580,6 @@ class Trainer:
             val_raw=last("val/loss_raw"),
             val_ema=last("val/loss_ema"),
             checkpoints=[step_dir(self.checkpointer.root, s) for s in complete_steps(self.checkpointer.root)],
-            exports=list(self.exports),
             samples_read=health["data/samples_read"],
             bad={
                 k.removeprefix("data/bad_"): v
@@ -587,6 +617,7 @@ def run(cfg: TrainConfig) -> int:
         trainer.describe()
         trainer.resume()
         rc = trainer.train()
+        export = trainer.export_job()
     except ConfigError as e:
         _die(2, f"config error: {e}", main_only=True)
     except KNOWN_ERRORS as e:
@@ -597,6 +628,21 @@ def run(cfg: TrainConfig) -> int:
         traceback.print_exc()
         _die(1, "error: training failed (traceback above)")
     trainer.close()
+    summary = trainer.end_summary
+    if export is not None:
+        del trainer  # the model, optimizer and EMA go before the export reads a UNet
+        gc.collect()
+        try:
+            started = time.perf_counter()
+            paths = export()
+            log.info(f"exported: {', '.join(str(p) for p in paths)} in {time.perf_counter() - started:.1f} s")
+        except BaseException:
+            traceback.print_exc()
+            _die(1, "error: the export of the final checkpoint failed (traceback above)")
+        if summary is not None:
+            summary.exports = list(paths)
+    if summary is not None:
+        log.info(summary.format())
     return rc
 
 

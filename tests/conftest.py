@@ -3,12 +3,15 @@ an untrained VAE, to stay fast) through the same commands `make demo` uses."""
 
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The memory plan's step estimates are cached per configuration: the tests keep theirs apart.
+os.environ.setdefault("SD_TRAIN_CACHE", tempfile.mkdtemp(prefix="sd-train-test-cache-"))
 
 # `make test` starts the single-process session in the background (`&`), and a non-interactive shell
 # starts background jobs with SIGINT ignored. Python then keeps the ignore, and so does every process a

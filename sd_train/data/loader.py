@@ -21,7 +21,12 @@ seen twice within an epoch. Ranks must agree on that epoch: the trainer should a
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import os
 import signal
+import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -51,6 +56,7 @@ from sd_train.data.prefetch import NO_STAGING, Stager
 from sd_train.data.sources import check_epoch_shard_count, expand_sources
 from sd_train.data.stream import Decoder, ShardStream, WorkerPosition
 from sd_train.data.tar import read_shards
+from sd_train.data.workers import worker_start_method
 
 STATE_VERSION = 1
 _Commit = tuple[int, WorkerPosition, int]  # (worker, its position after a batch, next worker in the rotation)
@@ -70,6 +76,37 @@ def _ignore_termination(worker_id: int) -> None:  # noqa: ARG001
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _served_worker_init(rank_pid: int, worker_id: int) -> None:
+    """`_ignore_termination`, and a watch on the rank for workers started from the forkserver. Their
+    parent is the server, not the rank, so torch's own check (the parent's pid changed) never fires,
+    and the server outlives a killed rank while its workers hold its pipe: a rank killed with
+    SIGKILL left its server and 8 workers (1.4 GB) running. The watch ends the worker once the
+    rank is gone."""
+    _ignore_termination(worker_id)
+    threading.Thread(target=_exit_when_gone, args=(rank_pid,), daemon=True, name="rank-watch").start()
+
+
+def _exit_when_gone(pid: int, every_s: float = 1.0) -> None:
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # a pid reused by another user's process: ours is gone
+            os._exit(0)
+
+
+def worker_context(method: str) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of the loader's workers (sd_train.data.workers says which). The
+    forkserver preloads this module (and so torch and the data modules), so each worker forks from
+    a process that holds those and nothing else; it starts on the first iterator, once per process."""
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 class TrainLoader:
     """Owns the DataLoader over one rank's ShardStream, the latest position of each worker as seen
     by the main process, and the worker rotation that fixes the batch order.
@@ -86,6 +123,7 @@ class TrainLoader:
         prefetch_factor: int = 4,
         pin_memory: bool = False,
         stager: Stager = NO_STAGING,
+        worker_start: str = "fork",
     ) -> None:
         if max(1, num_workers) != dataset.num_workers:
             raise ValueError(f"num_workers={num_workers} but the stream was planned for {dataset.num_workers}")
@@ -94,6 +132,8 @@ class TrainLoader:
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.stager = stager
         """Copies batches to the device one ahead (sd_train.data.prefetch); NO_STAGING yields them as read."""
+        self.worker_start = worker_start
+        """`fork` or `forkserver` (sd_train.data.workers)."""
         self._positions = [WorkerPosition() for _ in range(dataset.num_workers)]
         self._next_worker = 0
         self.reshard_epoch: Optional[int] = None
@@ -103,9 +143,16 @@ class TrainLoader:
         self.dataset.start = {w: WorkerPosition.from_dict(p.to_dict()) for w, p in enumerate(self._positions)}
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
-            extra = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
-        if self.num_workers > 0:
-            extra["worker_init_fn"] = _ignore_termination
+            extra = {
+                "prefetch_factor": self.prefetch_factor,
+                "persistent_workers": False,
+                "worker_init_fn": (
+                    functools.partial(_served_worker_init, os.getpid())
+                    if self.worker_start == "forkserver"
+                    else _ignore_termination
+                ),
+                "multiprocessing_context": worker_context(self.worker_start),
+            }
         # A private generator: without one, creating the iterator draws a base seed from the global
         # torch RNG, which would shift the training noise of a resumed run against a straight one.
         # The stream's own randomness is seeded explicitly and does not use this seed.
@@ -328,11 +375,13 @@ def build_train_loader(
     max_epochs: Optional[int] = None,
     tokenize: Optional[Callable[[list[str]], dict[str, torch.Tensor]]] = None,
     stager: Stager = NO_STAGING,
+    rank_param_bytes: int = 0,
 ) -> TrainLoader:
     """The training loader of `rank` from `cfg` (a TrainConfig): `cfg.data.*`, `cfg.seed`, `cfg.micro_batch_size`.
     `tokenize`: add the captions' token ids (the model's `CaptionTokenizer`: `input_ids`, and
     `input_ids_2` for SDXL) to image batches, in the workers.
-    `stager`: copy batches to the device one ahead (sd_train.data.prefetch)."""
+    `stager`: copy batches to the device one ahead (sd_train.data.prefetch). `rank_param_bytes`:
+    the UNet parameter bytes this rank holds, for `data.worker_start=auto`."""
     d = cfg.data
     if d.precomputed:
         check_precomputed(d.train_shards, cfg)  # ConfigError naming the field, before any worker starts
@@ -362,7 +411,8 @@ def build_train_loader(
         tokenize=None if d.precomputed else tokenize,
         pixels_per_latent=per_latent,
     )
-    return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available(), stager=stager)
+    start = worker_start_method(d.worker_start, rank_param_bytes)
+    return TrainLoader(stream, d.num_workers, pin_memory=torch.cuda.is_available(), stager=stager, worker_start=start)
 
 
 def val_samples(

@@ -291,29 +291,6 @@ class DeepSpeedStrategy(Strategy):
 
     # ---- export and topology ----------------------------------------------------------------------
 
-    def full_model_state(self, is_main: bool) -> dict[str, torch.Tensor]:
-        """The whole UNet on the main process (collective under ZeRO-3: one parameter at a time).
-        In bf16 mode these are the fp32 master weights, gathered from the optimizer's partitions:
-        the bf16 partitions the forward reads are their rounding."""
-        if self.stage != 3:
-            return {n: t.detach().cpu().clone() for n, t in self.module.state_dict().items()} if is_main else {}
-        import deepspeed  # lazy: heavy, and only this strategy needs it
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        out = {}
-        for name, p in self.module.named_parameters():
-            if self.bf16 and p.requires_grad:
-                full = safe_get_full_fp32_param(p)  # an all-gather of the fp32 partitions
-                if is_main:
-                    out[name] = full.detach().cpu().clone()
-                continue
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if is_main:
-                    out[name] = p.detach().cpu().clone()
-        if is_main:
-            out.update({n: b.detach().cpu().clone() for n, b in self.module.named_buffers()})
-        return out
-
     def topology(self) -> dict:
         params = list(self.module.parameters())
         if self.stage == 3:

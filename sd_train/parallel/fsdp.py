@@ -23,8 +23,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
@@ -283,10 +281,6 @@ class FSDPStrategy(Strategy):
         return describe_dcp_load_error(folder, error)
 
     # ---- export and topology ----------------------------------------------------------------------
-
-    def full_model_state(self, is_main: bool) -> dict[str, torch.Tensor]:
-        """The whole UNet on CPU (a collective under FSDP2; with cpu_offload only rank 0 keeps it)."""
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def topology(self) -> dict:
         params = [p for _, p in self.module.named_parameters()]

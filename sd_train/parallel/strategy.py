@@ -11,7 +11,7 @@ A Strategy owns the wrapped model and the optimizer it steps:
 - `ema_layout` says where each rank's piece of each parameter lives, for ShardedEMA;
 - `noise_pieces` / `after_noise` say the same for the Langevin noise (the optimizer's own pieces);
 - `save` / `load` / `missing_files` move the tensor state (model, optimizer, EMA) of a step folder;
-- `full_model_state` gathers the raw UNet for export; `topology` says how it is really laid out.
+- `topology` says how it is really laid out (export reads a checkpoint, sd_train.export).
 """
 
 from __future__ import annotations
@@ -137,10 +137,6 @@ class Strategy(abc.ABC):
         return f"{type(error).__name__}: {str(error)[:300]}"
 
     # ---- export and topology ------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def full_model_state(self, is_main: bool) -> dict[str, torch.Tensor]:
-        """The whole raw UNet on CPU, on the main process at least (collective)."""
 
     @abc.abstractmethod
     def topology(self) -> dict:

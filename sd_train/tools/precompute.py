@@ -608,6 +608,8 @@ def _buckets_from_args(a: argparse.Namespace) -> Optional[BucketSet]:
         bucket_side_multiple=a.bucket_side_multiple, bucket_misfits=a.bucket_misfits,
     )  # fmt: skip
     d.validate()
+    if d.buckets == "none":  # the UNet's factor only matters to buckets (a folder may hold no unet/)
+        return None
     return bucket_set(d, pixel_factor(a.model))
 
 
@@ -657,7 +659,7 @@ def main_precompute(argv: list[str]) -> int:
     try:
         buckets = _buckets_from_args(a)
     except (ValueError, ConfigError) as e:
-        print(f"sd-train precompute: {e}")
+        print(f"sd-train precompute: error: {e}", file=sys.stderr)
         return 2
     info = init_distributed(DistArgs()) if launch.world_size > 1 else None
     device = a.device or (str(info.device) if info else "cuda" if torch.cuda.is_available() else "cpu")

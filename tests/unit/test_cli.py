@@ -215,11 +215,19 @@ def test_plan_names_the_missing_shards_of_a_partial_range(places, capsys):
     ) in out, out
 
 
-def test_gpu_memory_is_refused_until_the_memory_plan_exists(places, capsys):
-    rc, _, err = plan(
-        ["--config", "configs/test.yaml", *valid(places), "--gpu-memory-gib", "80"], capsys, "sd-train plan"
+def test_gpu_memory_plans_a_gpu_run_and_refuses_what_does_not_fit(tiny_assets, capsys, tmp_path):
+    """`--gpu-memory-gib` plans the device of another machine: the plan prints with its limit; a
+    device too small for the model states is refused (exit 2) after the plan has printed."""
+    args = ["--config", "configs/test.yaml", *tiny_assets["overrides"], f"output_dir={tmp_path / 'r'}"]
+    rc, out, err = plan(
+        [*args, "--world-size", "8", "--gpu-memory-gib", "80", "micro_batch_size=1"], capsys, "sd-train plan"
     )
-    assert rc == 2 and "the memory plan is not built yet" in err
+    assert rc == 0, err
+    assert "Memory plan, GiB per rank (world 8, shard group 8; GPU run)" in out and "of 80.00 GiB" in out
+    assert "memory verdict: fits" in out and out.rstrip().endswith("config OK")
+    rc, out, err = plan([*args, "--gpu-memory-gib", "0.5"], capsys, "train.py --plan")
+    assert rc == 2 and "memory verdict: does not fit" in out and "config OK" not in out
+    assert "exceeds the GPU's memory, 0.50 GiB" in err and "Largest items" in err and "CUDA context" in err
 
 
 def test_a_start_refuses_plan_only_flags(places, capsys):

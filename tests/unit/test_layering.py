@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
         "sd_train.host_sync",
         "sd_train.perf",
         "sd_train.background_writer",
+        "sd_train.memory",
         "sd_train.run_summary",
     ),
     # Below the strategies: their layouts implement the EMA's contracts (sd_train.ema.contracts).
@@ -163,7 +164,9 @@ def test_runtime_never_imports_tools():
     assert not bad, bad
 
 
-@pytest.mark.parametrize("module", ["sd_train.config", "sd_train.preflight", "sd_train.entry", "sd_train.paths"])
+@pytest.mark.parametrize(
+    "module", ["sd_train.config", "sd_train.preflight", "sd_train.entry", "sd_train.paths", "sd_train.memory.build"]
+)
 def test_startup_modules_stay_torch_free(module):
     """What runs before the config is validated imports no torch (a bad config fails in well under
     a second)."""

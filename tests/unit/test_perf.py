@@ -60,7 +60,8 @@ def test_perf_defaults_fused_everywhere_backend_flags_cuda_only():
     assert use_fused_adamw(args, CPU) and use_fused_adamw(args, torch.device("cuda")), "auto: fused on CPU and CUDA"
     assert not use_fused_adamw(args, torch.device("mps"))
     assert not use_fused_adamw(PerfArgs(optimizer_impl="foreach"), CPU)
-    assert apply_backend_flags(args, CPU) == {"tf32": False, "cudnn_benchmark": False, "deterministic": False}
+    flags = {"tf32": False, "cudnn_benchmark": False, "deterministic": False, "cpu_mmap_threshold_kb": 1024}
+    assert apply_backend_flags(args, CPU) == flags
     model = torch.nn.Linear(3, 3)
     assert build_optimizer(model, OptimArgs()).defaults["foreach"] is True
     assert build_optimizer(model, OptimArgs(), fused=True).defaults["fused"] is True
