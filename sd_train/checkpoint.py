@@ -101,7 +101,7 @@ class Checkpointer:
     needs nothing else.
 
     On a world-size change a rank's own `rank_R.pt` has no counterpart; each rank state is then
-    handed the nearest saved rank's state through `load_state_dict_from_other_world(state)`."""
+    handed every saved rank's state, by rank, through `load_state_dict_from_other_world(states)`."""
 
     def __init__(
         self,
@@ -351,8 +351,10 @@ class Checkpointer:
             + "\nFix or remove the broken folders, or set checkpoint.resume=none with a new output_dir"
         )
 
-    def _read_small_files(self, folder: Path) -> tuple[dict, Optional[dict], Optional[str]]:
-        """(trainer state, this rank's rank state or None on another world size, problem)."""
+    def _read_small_files(self, folder: Path) -> tuple[dict, list[dict], Optional[str]]:
+        """(trainer state, the rank states this rank reads, problem): its own rank file, or on
+        another world size every saved rank's file, by rank (the data position spreads the rest of
+        the epoch over the new ranks from all of them)."""
         problem = _check_files(folder)
         global_state: dict = {}
         if problem is None:
@@ -363,22 +365,25 @@ class Checkpointer:
             except (OSError, ValueError) as e:
                 problem = f"trainer_state.json unreadable: {e}"
         if problem is not None:
-            return global_state, None, problem
+            return global_state, [], problem
         _check_compatible(folder, global_state, self.strategy.checkpoint_format, self.world_size)
         problem = self.strategy.missing_files(folder)
         saved_world = int(global_state["world_size"])
-        # On another world size this rank's counterpart is the nearest saved rank.
-        rank_file = folder / f"rank_{min(self.rank, saved_world - 1)}.pt"
-        rank_state = None
-        if problem is None:
+        ranks = [self.rank] if saved_world == self.world_size else list(range(saved_world))
+        rank_states: list[dict] = []
+        for rank in ranks if problem is None else []:
+            rank_file = folder / f"rank_{rank}.pt"
             try:
-                rank_state = torch.load(rank_file, weights_only=False)
+                rank_states.append(torch.load(rank_file, weights_only=False))
             except Exception as e:  # truncated or corrupt pickle: report which file
                 problem = f"{rank_file.name} unreadable: {type(e).__name__}: {e}"
-        if problem is None:
-            lacking = [n for n in self.rank_states if not isinstance(rank_state, dict) or n not in rank_state]
-            problem = f"{rank_file.name} lacks {lacking}" if lacking else None
-        return global_state, rank_state, problem
+                break
+        for rank, state in zip(ranks, rank_states):
+            lacking = [n for n in self.rank_states if not isinstance(state, dict) or n not in state]
+            if lacking:
+                problem = f"rank_{rank}.pt lacks {lacking}"
+                break
+        return global_state, rank_states, problem
 
     def _written_shadows(self, state: dict) -> list[str]:
         """The shadows a trainer_state.json was written with: its own list, or (written before it
@@ -418,7 +423,7 @@ class Checkpointer:
     def _load_one(self, folder: Path) -> Loaded:
         # Each rank checks what it will read; the ranks agree before any collective load, so one
         # rank's broken file makes all of them move on together.
-        global_state, rank_state, problem = self._read_small_files(folder)
+        global_state, rank_states, problem = self._read_small_files(folder)
         _agree(problem)
         _agree(self._load_meta(folder, global_state))
         try:
@@ -432,9 +437,9 @@ class Checkpointer:
         saved_world = int(global_state["world_size"])
         for name, obj in self.rank_states.items():
             if saved_world == self.world_size:
-                obj.load_state_dict(rank_state[name])
+                obj.load_state_dict(rank_states[0][name])
             else:
-                obj.load_state_dict_from_other_world(rank_state[name])
+                obj.load_state_dict_from_other_world([state[name] for state in rank_states])
         return Loaded(folder, int(global_state["step"]), saved_world)
 
     def init_from(self, folder: Path) -> None:

@@ -45,5 +45,5 @@ class RankRNG:
     def load_state_dict(self, state: dict) -> None:
         load_rng_state_dict(state)
 
-    def load_state_dict_from_other_world(self, state: dict) -> None:  # noqa: ARG002
+    def load_state_dict_from_other_world(self, states: list[dict]) -> None:  # noqa: ARG002
         seed_all(self.seed + 7919 * self.step() + self.rank)

@@ -30,9 +30,9 @@ class TrainState:
 
 
 class DataPosition:
-    """The loader's position as a checkpoint entry (rank_R.pt). On another world size each rank
-    starts from its nearest saved rank's position, and the ranks agree on the next epoch (the
-    loader warns): the per-rank positions of the old world have no counterpart in the new one."""
+    """The loader's position as a checkpoint entry (rank_R.pt). On another world size the loader gets
+    every saved rank's position and spreads the rest of the interrupted epoch over the new ranks
+    (sd_train.data.elastic); where it cannot (resampled mode), the ranks agree on the next epoch."""
 
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
@@ -43,10 +43,12 @@ class DataPosition:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
 
-    def load_state_dict_from_other_world(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+    def load_state_dict_from_other_world(self, states: list[dict]) -> None:
+        self.loader.load_saved_world(states)
+        # A collective on every rank: all of them took the same branch, from the same saved states.
         epoch = int(all_reduce_max([float(self.loader.reshard_epoch or 0)], self.device)[0])
-        self.loader.start_at_epoch(epoch)
+        if self.loader.reshard_epoch is not None:
+            self.loader.start_at_epoch(epoch)
 
 
 @dataclass

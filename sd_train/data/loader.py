@@ -11,17 +11,25 @@ then go on: the batches after a resume are exactly those of an uninterrupted run
 `data.buckets` a position also holds the worker's bucket buffers (`sd_train.data.batching`): the
 samples waiting in them are read back and decoded again, and nothing else is.
 
-Changed world_size, num_workers, seed, mode, shuffle_buffer or shard list (or, with buckets, the
-bucket set or micro_batch_size): the saved offsets mean
-nothing any more. The loader then warns once and starts every worker at the beginning of the next
-epoch (highest saved epoch + 1): the rest of the interrupted epoch is skipped, and no sample is
-seen twice within an epoch. Ranks must agree on that epoch: the trainer should all-reduce (MAX)
-`TrainLoader.reshard_epoch` (None when no change) and pass it to `start_at_epoch`.
+Changed world_size or num_workers (or micro_batch_size, shuffle_buffer) in `data.mode=epoch`: the
+resume is elastic (`sd_train.data.elastic`): every position also records how far its reader got
+and what its shuffle buffer holds, so the saved positions of all ranks (`load_saved_world`; of
+this rank alone when only the worker count changed) name every sample not handed out yet; that
+rest is spread over the new slots, each sample read once, and the next epochs are split the
+normal way for the new size. Only the order differs from a straight run.
+
+Changed seed, mode or shard list (or, with buckets, the bucket set), `data.mode=resampled`, or
+positions that do not record their reader: the saved offsets mean nothing any more. The loader then
+warns once and starts every worker at the beginning of the next epoch (highest saved epoch + 1):
+the rest of the interrupted epoch is skipped, and no sample is seen twice within an epoch. Ranks
+must agree on that epoch: the trainer should all-reduce (MAX) `TrainLoader.reshard_epoch` (None
+when no change, or an elastic one) and pass it to `start_at_epoch`.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
 import os
 import signal
@@ -50,6 +58,7 @@ from sd_train.data.decode import (
     stack_geometry,
     stack_pixels,
 )
+from sd_train.data.elastic import ELASTIC_CHANGES, reshard
 from sd_train.data.filters import MetadataFilter
 from sd_train.data.precomputed import check_precomputed, decode_precomputed_sample
 from sd_train.data.prefetch import NO_STAGING, Stager
@@ -59,6 +68,7 @@ from sd_train.data.tar import read_shards
 from sd_train.data.workers import worker_start_method
 
 STATE_VERSION = 1
+log = logging.getLogger(__name__)
 _Commit = tuple[int, WorkerPosition, int]  # (worker, its position after a batch, next worker in the rotation)
 
 
@@ -334,30 +344,73 @@ class TrainLoader:
         counts = {name: list(c) for name, c in self.bucket_counts().items()}
         return {"bucket_counts": counts, "bucket_carried": self.bucket_carried()}
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Resume exactly where `sd` was taken, or, if the stream changed, at the next epoch (warns)."""
+    def _changes(self, sd: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Identity fields of a saved state that differ from this loader's: {field: (saved, here)}."""
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {sd.get('version')!r}; this code reads version {STATE_VERSION}")
         ident = self._identity()
         # A bucketed state in a square run has buckets the square identity does not name: a change too.
         ident |= {k: None for k in ("buckets", "micro_batch_size") if k in sd and k not in ident}
-        changed = {k: (sd.get(k), v) for k, v in ident.items() if sd.get(k) != v}
+        return {k: (sd.get(k), v) for k, v in ident.items() if sd.get(k) != v}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Resume exactly where `sd` (this rank's saved state) was taken. With only the worker count
+        changed (or micro_batch_size, shuffle_buffer), the rest of this rank's epoch is spread over
+        its new workers (`sd_train.data.elastic`); with anything else changed, every worker starts
+        the next epoch (warns). A changed world size needs every saved rank: `load_saved_world`."""
+        changed = self._changes(sd)
+        if "world_size" not in changed and sd["rank"] != self.dataset.rank:
+            raise ValueError(
+                f"data state of rank {sd['rank']} loaded into rank {self.dataset.rank}: load each rank's own file"
+            )
         if not changed:
-            if sd["rank"] != self.dataset.rank:
-                raise ValueError(
-                    f"data state of rank {sd['rank']} loaded into rank {self.dataset.rank}: load each rank's own file"
-                )
             self._positions = [WorkerPosition.from_dict(w) for w in sd["workers"]]
             self._next_worker = int(sd["next_worker"])
             self.reshard_epoch = None
             return
-        epoch = max(WorkerPosition.from_dict(w).latest_epoch() for w in sd["workers"]) + 1
+        if "world_size" not in changed and self._elastic(changed) and self._reshard([sd], world=1, rank=0):
+            return
+        self._start_next_epoch([sd], changed)
+
+    def load_saved_world(self, states: list[dict[str, Any]]) -> None:
+        """Resume from the states of every rank of a run of another world size (by rank): the rest of
+        the interrupted epochs is spread over the new ranks and workers, each sample once
+        (`sd_train.data.elastic`); when that cannot be done (resampled mode, a changed seed or shard
+        list), every worker starts the next epoch (warns)."""
+        changed = self._changes(states[0])
+        if "world_size" not in changed:
+            mine = [sd for sd in states if sd["rank"] == self.dataset.rank]
+            self.load_state_dict(mine[0] if mine else states[0])
+            return
+        if len(states) != int(states[0]["world_size"]):
+            raise ValueError(f"data resume needs the state of each of the {states[0]['world_size']} saved ranks")
+        if self._elastic(changed) and self._reshard(states, self.dataset.world_size, self.dataset.rank):
+            return
+        self._start_next_epoch(states, changed)
+
+    def _elastic(self, changed: dict[str, tuple[Any, Any]]) -> bool:
+        return self.dataset.mode == "epoch" and set(changed) <= ELASTIC_CHANGES
+
+    def _reshard(self, states: list[dict[str, Any]], world: int, rank: int) -> bool:
+        done = reshard(states, self.dataset, world, rank)
+        if done is None:
+            return False
+        self._positions, self._next_worker, self.reshard_epoch = done.positions, 0, None
+        log.warning(done.message)
+        return True
+
+    def _start_next_epoch(self, states: list[dict[str, Any]], changed: dict[str, tuple[Any, Any]]) -> None:
+        epoch = max(WorkerPosition.from_dict(w).latest_epoch() for sd in states for w in sd["workers"]) + 1
         what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        why = (
+            "data.mode=resampled has no exactly-once promise to keep"
+            if self.dataset.mode == "resampled"
+            else "the saved positions do not apply"
+        )
         warnings.warn(
-            f"data resume: {what}; the saved positions do not apply, so every worker of rank "
-            f"{self.dataset.rank} starts at the beginning of epoch {epoch} (the rest of the interrupted "
-            "epoch is skipped; bad-input counts restart at 0)",
-            stacklevel=2,
+            f"data resume: {what}; {why}, so every worker of rank {self.dataset.rank} starts at the beginning of "
+            f"epoch {epoch} (the rest of the interrupted epoch is skipped; bad-input counts restart at 0)",
+            stacklevel=3,
         )
         self.reshard_epoch = epoch
         self.start_at_epoch(epoch)

@@ -45,7 +45,7 @@ import random
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Literal, Optional
 
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -61,6 +61,8 @@ from sd_train.data.decode import (
     stack_pixels,
 )
 from sd_train.data.filters import MetadataFilter
+from sd_train.data.pieces import Piece, Reading, as_piece, read_pieces, shuffled, split_for_slot
+from sd_train.data.pieces import stable_seed as _seed
 from sd_train.data.precomputed import PrecomputedSample, array_shapes, stack_precomputed
 from sd_train.data.sources import Source
 from sd_train.data.tar import RawSample, read_shards
@@ -69,34 +71,6 @@ from sd_train.errors import BadDataError
 EMPTY_EPOCHS = 3  # epochs in a row without a usable sample before a worker gives up (BadDataError)
 Mode = Literal["epoch", "resampled"]
 Mix = Literal["concat", "weighted"]
-T = TypeVar("T")
-
-
-def _seed(*parts: Any) -> int:
-    # A stable 64-bit seed from a tuple (Python's hash() is salted per process for strings).
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
-
-
-def shuffled(items: Iterator[T], size: int, rng: random.Random) -> Iterator[T]:
-    """A shuffle buffer of `size` items; 0 or 1 keeps the order. Drains fully when `items` ends.
-
-    Deterministic given `rng`: the k-th item out depends only on the first k + size - 1 items in,
-    so replaying k items reproduces the buffer, the reader position and the RNG state exactly.
-    """
-    if size <= 1:
-        yield from items
-        return
-    buffer: list[T] = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= size:
-            i = rng.randrange(len(buffer))
-            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            yield buffer.pop()
-    while buffer:
-        i = rng.randrange(len(buffer))
-        buffer[i], buffer[-1] = buffer[-1], buffer[i]
-        yield buffer.pop()
 
 
 Sample = DecodedSample | PrecomputedSample
@@ -156,6 +130,12 @@ class WorkerPosition:
     buckets: Optional[dict] = None
     """`data.buckets` only: the bucket buffers' state (waiting samples, per-bucket counts, carried),
     as `sd_train.data.batching` documents it; None on the square path (and then left out of `to_dict`)."""
+    reading: Optional[list] = None
+    """Per epoch stream (one; with `data.mix=weighted` one per source): how far its reader got in
+    the current epoch, as `sd_train.data.pieces.Reading` documents it. What an elastic resume reads."""
+    plan: Optional[list] = None
+    """After an elastic resume (`sd_train.data.elastic`), per epoch stream: `[[epoch, pieces], ...]`,
+    the pieces this worker reads in those epochs instead of its normal share; None otherwise."""
 
     @classmethod
     def from_dict(cls, d: dict) -> WorkerPosition:
@@ -171,18 +151,29 @@ class WorkerPosition:
             filtered,
             sources,
             d.get("buckets"),
+            d.get("reading"),
+            d.get("plan"),
         )
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (what batches carry and the loader saves); no `buckets` key on the square path."""
+        """Plain JSON-able dict (what batches carry and the loader saves); no `buckets`, `reading` or
+        `plan` key where they are None."""
         d = asdict(self)
-        if d["buckets"] is None:
-            del d["buckets"]
+        for key in ("buckets", "reading", "plan"):
+            if d[key] is None:
+                del d[key]
         return d
 
     def latest_epoch(self) -> int:
         """The highest epoch any of this worker's sources has started."""
         return max([self.epoch] + [src[0] for src in self.sources])
+
+
+def plan_left(plans: list[Optional[list]], epochs: list[int]) -> Optional[list]:
+    """Per epoch stream, the elastic plan's epochs from the stream's current one on; None once every
+    stream is past its plan (the position then holds no plan)."""
+    left = [[[e, p] for e, p in plan or [] if e >= epoch] for plan, epoch in zip(plans, epochs)]
+    return left if any(left) else None
 
 
 class ShardStream(IterableDataset):
@@ -264,6 +255,14 @@ class ShardStream(IterableDataset):
         """The keys of the `filtered` counts: the `data.filters` rules, then the bucket misfit reasons."""
         return self.sample_filter.names + (self.buckets.filter_reasons() if self.buckets is not None else ())
 
+    def shard_position(self, url: str) -> int:
+        """The index of shard `url` in `urls` (its first, if listed twice)."""
+        return self._shard_index[url]
+
+    def source_of(self, shard: int) -> int:
+        """The source that the shard at index `shard` of `urls` belongs to."""
+        return self._source_of[shard]
+
     def fingerprint(self) -> str:
         """Identifies what the order depends on: shard names in order (and weights, when resampled).
 
@@ -277,12 +276,22 @@ class ShardStream(IterableDataset):
 
     # -------------------------------------------------------------- shard plan
 
+    def epoch_order(self, epoch: int, source: Optional[int] = None) -> list[str]:
+        """Epoch mode: the shards of `epoch` (of one `source`'s own epoch with `data.mix=weighted`)
+        in the order that is split over the slots. Seeded by (seed, epoch) alone: the same on every
+        rank and at every world size."""
+        if source is None:
+            perm = list(self.urls)
+            random.Random(_seed("perm", self.seed, epoch)).shuffle(perm)
+        else:
+            perm = list(self.sources[source].urls)
+            random.Random(_seed("perm", self.seed, "source", source, epoch)).shuffle(perm)
+        return perm
+
     def worker_shards(self, worker: int, epoch: int) -> list[str]:
         """The shards `worker` of this rank reads in `epoch`, in order."""
         if self.mode == "epoch":
-            perm = list(self.urls)
-            random.Random(_seed("perm", self.seed, epoch)).shuffle(perm)
-            return perm[self.rank :: self.world_size][worker :: self.num_workers]
+            return split_for_slot(self.epoch_order(epoch), self.rank, self.world_size, worker, self.num_workers)
         rng = random.Random(_seed("resample", self.seed, self.rank, worker, epoch))
         draws = max(1, math.ceil(len(self.urls) / (self.world_size * self.num_workers)))
         weights = [s.weight for s in self.sources]
@@ -292,22 +301,42 @@ class ShardStream(IterableDataset):
     def source_shards(self, source: int, worker: int, epoch: int) -> list[str]:
         """`data.mix=weighted`: the shards of `source` that `worker` of this rank reads in that
         source's `epoch`: the source's own permutation, split over ranks x workers like epoch mode."""
-        perm = list(self.sources[source].urls)
-        random.Random(_seed("perm", self.seed, "source", source, epoch)).shuffle(perm)
-        return perm[self.rank :: self.world_size][worker :: self.num_workers]
+        return split_for_slot(self.epoch_order(epoch, source), self.rank, self.world_size, worker, self.num_workers)
+
+    def epoch_pieces(
+        self, worker: int, epoch: int, source: Optional[int] = None, plan: Optional[list] = None
+    ) -> tuple[list[Piece], bool]:
+        """(the pieces `worker` reads in `epoch` (of `source`), whether they come from `plan`): an
+        elastic resume's plan names them for its epochs (`sd_train.data.elastic`), else whole shards."""
+        for planned, pieces in plan or []:
+            if planned == epoch:
+                return [as_piece(p) for p in pieces], True
+        shards = self.worker_shards(worker, epoch) if source is None else self.source_shards(source, worker, epoch)
+        return [(self._shard_index[u], 0, None) for u in shards], False
 
     def _stream_key(self, worker: int) -> tuple:
         return (self.seed, self.world_size, self.rank, self.num_workers, worker)
 
-    def epoch_samples(self, worker: int, epoch: int, log: BadInputLog) -> Iterator[RawSample]:
-        """Raw samples of `worker` in `epoch`, after the shuffle buffer (undecoded)."""
+    def epoch_samples(
+        self, worker: int, epoch: int, log: BadInputLog, reading: Optional[Reading] = None,
+        pieces: Optional[list] = None,
+    ) -> Iterator[RawSample]:  # fmt: skip
+        """Raw samples of `worker` in `epoch`, after the shuffle buffer (undecoded); `reading`
+        follows the reader, `pieces` (default: this worker's whole shards) are what it reads."""
         rng = random.Random(_seed("shuffle", *self._stream_key(worker), epoch))
-        return shuffled(read_shards(self.worker_shards(worker, epoch), log), self.shuffle_buffer, rng)
+        return self._read(self.epoch_pieces(worker, epoch)[0] if pieces is None else pieces, log, reading, rng)
 
-    def source_epoch_samples(self, source: int, worker: int, epoch: int, log: BadInputLog) -> Iterator[RawSample]:
+    def source_epoch_samples(
+        self, source: int, worker: int, epoch: int, log: BadInputLog, reading: Optional[Reading] = None,
+        pieces: Optional[list] = None,
+    ) -> Iterator[RawSample]:  # fmt: skip
         """`data.mix=weighted`: raw samples of `source` for `worker` in that source's `epoch`."""
         rng = random.Random(_seed("shuffle", *self._stream_key(worker), "source", source, epoch))
-        return shuffled(read_shards(self.source_shards(source, worker, epoch), log), self.shuffle_buffer, rng)
+        return self._read(self.epoch_pieces(worker, epoch, source)[0] if pieces is None else pieces, log, reading, rng)
+
+    def _read(self, pieces: list[Piece], log: BadInputLog, reading: Optional[Reading], rng: random.Random) -> Iterator:
+        reading = Reading() if reading is None else reading
+        return shuffled(read_pieces(pieces, self.urls, log, reading), self.shuffle_buffer, rng, reading.held)
 
     # -------------------------------------------------------------- worker loop
 
@@ -343,13 +372,18 @@ class ShardStream(IterableDataset):
         batches = self._batcher(worker, start)
         fill = BatchFill(self.batch_size) if self.buckets is None else None  # the square path's shape check
         empty = 0  # epochs in a row that gave no usable sample
+        plan, reading = (start.plan or [None])[0], Reading()
 
         def position(offset: int) -> WorkerPosition:
             counts = (dict(log.counts), list(log.shards), dict(filtered))
-            return WorkerPosition(epoch, offset, good, *counts, buckets=batches.state())
+            reads = [reading.state(self._shard_index)]
+            plans = plan_left([plan], [epoch])
+            return WorkerPosition(epoch, offset, good, *counts, buckets=batches.state(), reading=reads, plan=plans)
 
         while self.max_epochs is None or epoch < self.max_epochs:
-            samples = self.epoch_samples(worker, epoch, log)
+            reading = Reading()
+            pieces, planned = self.epoch_pieces(worker, epoch, plan=plan)
+            samples = self.epoch_samples(worker, epoch, log, reading, pieces)
             offset = self._replay(samples, skip, log) if skip else 0
             skip, good_before = 0, good
             for raw in samples:
@@ -363,12 +397,14 @@ class ShardStream(IterableDataset):
                 good -= len(rejected)
                 if full is not None:
                     yield self._pack(full, worker, position(offset))
-            empty = 0 if good > good_before else empty + 1
+            if good > good_before or not planned:  # an elastic resume may leave a worker an epoch without work
+                empty = 0 if good > good_before else empty + 1
             if empty >= EMPTY_EPOCHS:
                 self._nothing_usable(worker, log, filtered)
             if self.max_epochs is None or epoch + 1 < self.max_epochs:
                 batches.end_epoch()
             epoch += 1
+        reading = Reading()
         fulls, rejected = self._drain(batches, fill, log)
         good -= len(rejected)
         for full in fulls:  # only with max_epochs: the last, short batches
@@ -512,9 +548,11 @@ class ShardStream(IterableDataset):
         log = BadInputLog(dict(start.bad), list(start.bad_shards))
         filtered, good, draw = dict(start.filtered), start.good, start.offset
         state = [list(src) for src in start.sources] or [[start.epoch, 0, 0] for _ in self.sources]
+        plans, readings = start.plan or [None] * len(self.sources), [Reading() for _ in self.sources]
         streams = []
         for source, (epoch, offset, _) in enumerate(state):
-            samples = self.source_epoch_samples(source, worker, epoch, log)
+            pieces = self.epoch_pieces(worker, epoch, source, plans[source])[0]
+            samples = self.source_epoch_samples(source, worker, epoch, log, readings[source], pieces)
             if offset:
                 self._replay(samples, offset, log)
             streams.append(samples)
@@ -526,7 +564,9 @@ class ShardStream(IterableDataset):
         def position() -> WorkerPosition:
             lowest = min(src[0] for src in state)
             counts = (dict(log.counts), list(log.shards), dict(filtered))
-            return WorkerPosition(lowest, draw, good, *counts, [list(x) for x in state], batches.state())
+            reads = [r.state(self._shard_index) for r in readings]
+            plan = plan_left(plans, [src[0] for src in state])
+            return WorkerPosition(lowest, draw, good, *counts, [list(x) for x in state], batches.state(), reads, plan)
 
         def drop(rejected: list[int]) -> None:
             """Uncount the samples `_add` left out as mismatched_shape (by their sources)."""
@@ -538,12 +578,15 @@ class ShardStream(IterableDataset):
         while self.max_epochs is None or min(src[0] for src in state) < self.max_epochs:
             source = random.Random(_seed("mix", *self._stream_key(worker), draw)).choices(choices, weights)[0]
             raw = next(streams[source], None)
-            if raw is None:  # this source's epoch is over: it starts its next one by itself
+            while raw is None:  # this source's epoch is over: it starts its next one by itself
                 batches.end_epoch(lambda w, ended=source: self._source_of[w.shard] == ended)
                 state[source][0], state[source][1] = state[source][0] + 1, 0
-                streams[source] = self.source_epoch_samples(source, worker, state[source][0], log)
+                readings[source] = Reading()
+                pieces, planned = self.epoch_pieces(worker, state[source][0], source, plans[source])
+                epoch = state[source][0]
+                streams[source] = self.source_epoch_samples(source, worker, epoch, log, readings[source], pieces)
                 raw = next(streams[source], None)
-                if raw is None:
+                if raw is None and not planned:  # an elastic plan may leave a worker an epoch without work
                     raise BadDataError(
                         f"data.mix=weighted: source {self.sources[source].pattern!r} gave worker {worker} of rank "
                         f"{self.rank} no readable sample in a whole epoch (shards: {log.shards[:5]})"

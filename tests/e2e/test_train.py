@@ -14,8 +14,9 @@ from tests.support.runs import assert_states_equal, full_state, keys_by_step, tr
 
 @pytest.mark.multiproc
 def test_two_ranks_shard_one_epoch_and_reshard_to_one(tiny_assets, straight_run, tmp_path):
-    """The reference 2-rank run is FSDP2-sharded and sees each training sample once; its last
-    checkpoint loads on one process with equal weights and EMA. (Stops and relaunches on 2 ranks:
+    """The reference 2-rank run is FSDP2-sharded and sees each training sample once; from its step-12
+    checkpoint one process reads the rest of the epoch, each sample once, and a relaunch after a
+    kill -9 at one rank is bitwise a straight one-rank run. (Stops and relaunches on 2 ranks:
     tests/e2e/test_faults.py, the kill chain.)"""
     a = straight_run
     topo = json.loads((a / "topology.json").read_text())
@@ -26,12 +27,29 @@ def test_two_ranks_shard_one_epoch_and_reshard_to_one(tiny_assets, straight_run,
     manifest = json.loads((tiny_assets["data"] / "dataset.json").read_text())
     assert len(keys) == len(set(keys)) == manifest["counts"]["train"]
 
-    # D: 2 -> 1 ranks. The 2-rank step-16 checkpoint loads on one process: same weights and EMA.
-    d = tmp_path / "d"
-    run(train_cmd(1, d, tiny_assets, f"checkpoint.resume={a}/checkpoints/step_00000016"), timeout=300)
-    for kind in ("raw", "ema"):
-        wa, wd = unet_weights(a / "export" / kind), unet_weights(d / "export" / kind)
-        assert all(torch.equal(wa[k], wd[k]) for k in wa), kind
+    # D, E: 2 -> 1 ranks mid-epoch, the data position spread over the new slots (sd_train.data.elastic).
+    # The 2-rank step-12 checkpoint on one process, straight to the end (D). E: D's folder as a kill -9
+    # in step 15 leaves it (its step-14 checkpoint and snapshot the newest; one launch fewer than
+    # killing a run), relaunched at the new size. E's steps and final state (model, optimizer, EMA,
+    # post-hoc) are bitwise D's, and A's steps 1-12 with D's steps 13-16 read every training key
+    # exactly once. (That a 2-rank checkpoint loads on one process with the same weights and EMA:
+    # tests/e2e/test_sdxl.py, C.)
+    d, e = tmp_path / "d", tmp_path / "e"
+    every2, fast = "checkpoint.every_steps=2", ["eval.every_steps=0", "export_at_end=false"]
+    proc = run(train_cmd(1, d, tiny_assets, f"checkpoint.resume={a}/checkpoints/step_00000012", every2, *fast), 300)
+    assert "data position: resharded from 2x1 to 1x1 slots" in proc.stdout + proc.stderr
+    shutil.copytree(d, e)
+    for folder in (e / "checkpoints" / "step_00000016", e / "posthoc" / "step_00000016"):
+        shutil.rmtree(folder)
+    run(train_cmd(1, e, tiny_assets, every2, *fast), timeout=300)  # checkpoint.resume=auto: E's step 14
+    assert_states_equal(
+        full_state(d / "checkpoints" / "step_00000016"), full_state(e / "checkpoints" / "step_00000016")
+    )
+    assert keys_by_step(e, 0) == keys_by_step(d, 0) and sorted(keys_by_step(d, 0)) == [13, 14, 15, 16]
+    assert (e / "keys" / "rank0.txt").read_text().count("# start") == 2  # E really read steps 15 and 16 again
+    before = [k for r in (0, 1) for step, ks in keys_by_step(a, r).items() if step <= 12 for k in ks]
+    after = [k for ks in keys_by_step(d, 0).values() for k in ks]
+    assert (len(before), len(after)) == (96, 32) and sorted(before + after) == sorted(keys)
 
 
 @pytest.mark.multiproc

@@ -3,6 +3,8 @@ from it, and their keys."""
 
 from __future__ import annotations
 
+import io
+import tarfile
 from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
@@ -107,3 +109,30 @@ def take(loader: TrainLoader, n: int) -> list[dict]:
 
 def keys_of(batches: list[dict]) -> list[str]:
     return [k for b in batches for k in b["keys"]]
+
+
+def repack(spec: str, folder: Path, shards: int, name: str = "part") -> str:
+    """The samples of the shards in `spec`, in order, written again as `shards` shards of nearly equal
+    size (the first ones one sample longer) under `folder`; returns their brace spec. More shards
+    than the committed sets hold, for runs of more slots."""
+    samples: list[list[tuple[str, bytes]]] = []
+    for url in expand_sources(spec)[0].urls:
+        with tarfile.open(url) as tar:
+            for member in tar.getmembers():
+                key = member.name.split(".")[0]
+                if not samples or samples[-1][0][0].split(".")[0] != key:
+                    samples.append([])
+                samples[-1].append((member.name, tar.extractfile(member).read()))  # type: ignore[union-attr]
+    folder.mkdir(parents=True, exist_ok=True)
+    size, extra = divmod(len(samples), shards)
+    start = 0
+    for i in range(shards):
+        n = size + (i < extra)
+        with tarfile.open(folder / f"{name}-{i:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for members in samples[start : start + n]:
+                for member_name, data in members:
+                    info = tarfile.TarInfo(member_name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        start += n
+    return str(folder / f"{name}-{{000000..{shards - 1:06d}}}.tar")

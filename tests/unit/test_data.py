@@ -100,9 +100,8 @@ def test_state_dict_layout() -> None:
 # --------------------------------------------------------------------------- 3. reshard
 
 
-CHANGES = {
+CHANGES = {  # a world size given one rank's state only (another worker count: tests/unit/test_data_elastic.py)
     "world": dict(world=1),
-    "workers": dict(workers=1),
     "seed": dict(seed=7),
     "shards": dict(spec=str(ASSETS / "tiny-{000000..000004}.tar")),
 }
