@@ -136,10 +136,15 @@ report["noise_std"] = NOISE_STD
 report["noise_drawn_per_step"] = sorted(set(drawn))
 report["local_numel"] = sum(p.to_local().numel() for p in params.values())
 # Swap: EMA in, then the raw weights back, bitwise.
+# The swap trades values with the shadow (no second copy of the weights while the EMA is in), so
+# compare with copies of both taken before it, and check that both come back.
 raw = {n: p.to_local().clone() for n, p in params.items()}
+shadow = [s.clone() for s in ema.shadow]
 with ema.swapped_in():
-    report["swap_in_is_ema"] = all(torch.equal(params[n].to_local(), s) for (n, _), s in zip(ema.named_params, ema.shadow))
-report["swap_out_restores"] = all(torch.equal(params[n].to_local(), raw[n]) for n in raw)
+    report["swap_in_is_ema"] = all(torch.equal(params[n].to_local(), s) for (n, _), s in zip(ema.named_params, shadow))
+report["swap_out_restores"] = all(torch.equal(params[n].to_local(), raw[n]) for n in raw) and all(
+    torch.equal(a, b) for a, b in zip(ema.shadow, shadow)
+)
 bytes_all = [None] * world
 dist.all_gather_object(bytes_all, report["ema_local_bytes"])
 report["ema_bytes_all_ranks"] = bytes_all
