@@ -18,9 +18,15 @@ rank 0's vote (`clock_vote`) in the loop's per-step all-reduce. Each finished sa
 figures for the loop to log (`take_figures`): the time it blocked the loop, its total time and the
 bytes per rank.
 
-Loading goes newest-first: a checkpoint that fails to load (a truncated shard, a missing rank file)
-is reported by file name and the previous one is tried. If checkpoints exist but none loads, the
-run stops: it never silently starts again from step 0.
+Loading goes newest-first: a checkpoint that fails to load (a truncated shard, a missing rank file,
+a trainer_state.json that lacks an entry) is reported by file name and the previous one is tried.
+Rank 0 lists the folders to try, for every rank, so a rank with a lagging view of a network file
+system cannot load another step; each rank checks the files it reads, and the ranks agree on each
+folder. If checkpoints exist but none loads, the run stops: it never silently starts again from
+step 0.
+
+Retention renames a dropped folder to a name that never counts and deletes it on a background
+thread, so the other ranks never wait in a collective for rank 0's rmtree.
 """
 
 from __future__ import annotations
@@ -32,13 +38,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from sd_train import dcp_io
+from sd_train.background_writer import BackgroundWriter
 from sd_train.checksums import complete_manifest, file_rank, verify
 from sd_train.config import CheckpointArgs
 from sd_train.ema.contracts import Shadow
@@ -55,6 +62,7 @@ from sd_train.paths import (
 from sd_train.rollback import ResumePlan, broken_note, describe_rollback, resume_plan, start_branch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Stateful(Protocol):
@@ -127,9 +135,13 @@ class Checkpointer:
         self._last_save_time = clock()
         self._figures: list[dict[str, float]] = []
         # Async saves run their collectives on a group of their own, so the background thread
-        # never interleaves with the training loop's collectives on the default group.
+        # never interleaves with the training loop's collectives on the default group. It gets
+        # dist.timeout_s like every group (sd_train.parallel.process_group.timeout_for_later_groups).
         # `auto` is decided by the startup memory plan; one left unresolved saves synchronously.
         self._pg = dist.new_group(backend="gloo") if args.async_save is True and dist.is_initialized() else None
+        # Folders retention drops are deleted off the training thread: an rmtree of a multi-GB
+        # step folder on rank 0 held every other rank in the next collective (see _discard).
+        self._deleter = BackgroundWriter()
         self.fault_hook: Callable[[str, int], None] = lambda phase, step: None  # set by the trainer (faults)
         self.loaded_folder: Optional[Path] = None
         self._last_saved_step: Optional[int] = None
@@ -151,7 +163,13 @@ class Checkpointer:
     def _global_state(self, step: int) -> dict[str, Any]:
         state = {name: obj.state_dict() for name, obj in self.global_states.items()}
         state.update({name: shadow.meta_state_dict() for name, shadow in self.shadows.items()}, config=self.config)
-        return {**state, "step": step, "world_size": self.world_size, "format": self.strategy.checkpoint_format}
+        return {
+            **state,
+            "step": step,
+            "world_size": self.world_size,
+            "format": self.strategy.checkpoint_format,
+            "shadows": list(self.shadows),  # what was written: a missing entry is then damage, not a setting
+        }
 
     def save(self, step: int, force: bool = False, clock_due: bool = False) -> bool:
         """Save if the cadence says so (or `force`, or `clock_due`: the agreed `clock_vote`).
@@ -170,7 +188,7 @@ class Checkpointer:
         tmp = partial_dir(self.root, step)
         if self.rank == 0:
             if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash: never write into it
+                self._discard(tmp)  # left by a crash: never write into it
             tmp.mkdir(parents=True)
         dist.barrier()
         torch.save({name: obj.state_dict() for name, obj in self.rank_states.items()}, tmp / f"rank_{self.rank}.pt")
@@ -239,9 +257,11 @@ class Checkpointer:
         return figures
 
     def close(self) -> None:
-        """Finish the in-flight save and release the staging buffers (end of the run)."""
+        """Finish the in-flight save, release the staging buffers and wait for the deletions
+        (end of the run)."""
         self.wait()
         self.strategy.close()
+        self._deleter.close()
 
     def _finalize(self, step: int) -> Optional[int]:
         """Rank 0 renames the partial folder once it is complete (DCP's coordinator writes
@@ -274,12 +294,26 @@ class Checkpointer:
         newest = steps[-1]
         if self.args.keep_last_k >= 2:
             for s in steps[: -self.args.keep_last_k]:
-                shutil.rmtree(step_dir(self.root, s), ignore_errors=True)
+                self._discard(step_dir(self.root, s))
         in_flight = self._pending.step if self._pending is not None else None
         for entry in self.root.iterdir():
             s = partial_step(entry.name)
             if s is not None and s <= newest and s != in_flight:
-                shutil.rmtree(entry, ignore_errors=True)
+                self._discard(entry)
+            elif entry.name.endswith(DISCARDED_SUFFIX):  # a deletion cut short by a crash
+                self._deleter.submit(shutil.rmtree, entry, True)
+
+    def _discard(self, folder: Path) -> None:
+        """Delete `folder` off the training thread. It is first renamed to a name that never counts
+        (`.NAME.<n>.deleting`: a metadata operation, as quick as the rename that completes a
+        save), so from this moment nothing takes it for a checkpoint; the deletion itself runs on
+        the background thread, and one cut short by a crash is finished by a later retention."""
+        trash = folder.with_name(f".{folder.name}.{time.time_ns()}{DISCARDED_SUFFIX}")
+        try:
+            os.replace(folder, trash)
+        except OSError:
+            trash = folder  # not renamable: deleted where it is, still off the training thread
+        self._deleter.submit(shutil.rmtree, trash, True)
 
     # ---- loading --------------------------------------------------------------------------------
 
@@ -293,9 +327,11 @@ class Checkpointer:
 
     def load(self) -> Optional[Loaded]:
         """Load the newest loadable checkpoint into everything registered, or return None when there
-        is nothing to resume. After a rollback (a named checkpoint, not a relaunch of the same
-        command), the old branch's later checkpoints and snapshots are moved aside."""
-        plan = self.plan()
+        is nothing to resume. Rank 0 plans the folders to try, for every rank (`_rank0s`); each rank
+        then checks the files it reads itself, and the ranks agree on each folder. After a rollback
+        (a named checkpoint, not a relaunch of the same command), the old branch's later
+        checkpoints and snapshots are moved aside."""
+        plan = _rank0s(self.plan, self.rank)
         folders = plan.candidates
         if not folders:
             return None
@@ -335,8 +371,8 @@ class Checkpointer:
             try:
                 with open(folder / "trainer_state.json") as f:
                     global_state = json.load(f)
-                int(global_state["world_size"])
-            except (OSError, ValueError, KeyError) as e:
+                problem = self._lacks(global_state)
+            except (OSError, ValueError) as e:
                 problem = f"trainer_state.json unreadable: {e}"
         if problem is not None:
             return global_state, [], problem
@@ -355,15 +391,36 @@ class Checkpointer:
             except Exception as e:  # truncated or corrupt pickle: report which file
                 problem = f"{rank_file.name} unreadable: {type(e).__name__}: {e}"
                 break
+        for rank, state in zip(ranks, rank_states):
+            lacking = [n for n in self.rank_states if not isinstance(state, dict) or n not in state]
+            if lacking:
+                problem = f"rank_{rank}.pt lacks {lacking}"
+                break
         return global_state, rank_states, problem
 
-    def _load_one(self, folder: Path) -> Loaded:
-        # Each rank checks what it will read; the ranks agree before any collective load, so one
-        # rank's broken file makes all of them move on together.
-        global_state, rank_states, problem = self._read_small_files(folder)
-        _agree(problem)
+    def _written_shadows(self, state: dict) -> list[str]:
+        """The shadows a trainer_state.json was written with: its own list, or (written before it
+        kept one) those of ours it holds."""
+        written = state.get("shadows")
+        return list(written) if isinstance(written, list) else [k for k in self.shadows if k in state]
+
+    def _lacks(self, state: Any) -> Optional[str]:
+        """What a trainer_state.json lacks of what a load reads (None when nothing): a file that
+        parses but misses an entry is as broken as one that does not parse, and falls back the
+        same way, before any state is touched."""
+        if not isinstance(state, dict):
+            return "trainer_state.json is not a JSON object"
+        kinds = {"step": int, "world_size": int, **dict.fromkeys(self.global_states, dict)}
+        kinds.update(dict.fromkeys((n for n in self.shadows if n in self._written_shadows(state)), dict))
+        lacking = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind)]
+        return f"trainer_state.json lacks {lacking} (or holds them in another form)" if lacking else None
+
+    def _load_meta(self, folder: Path, global_state: dict) -> Optional[str]:
+        """Restore each shadow's small state; a problem (a malformed entry) to agree on, or
+        CheckpointLoadError when the checkpoint was written with other shadow settings."""
+        written = self._written_shadows(global_state)
         for name, shadow in self.shadows.items():
-            if name not in global_state:
+            if name not in written:
                 raise CheckpointLoadError(
                     f"{folder} was written without {name} state (ema.{name} was off) and this run has it on: "
                     f"resume with ema.{name} off, or start a new run"
@@ -372,6 +429,16 @@ class Checkpointer:
                 shadow.load_meta_state_dict(global_state[name])
             except ValueError as e:
                 raise CheckpointLoadError(f"{folder}: {e}") from e
+            except (KeyError, TypeError) as e:
+                return f"trainer_state.json: {name} state malformed ({type(e).__name__}: {e})"
+        return None
+
+    def _load_one(self, folder: Path) -> Loaded:
+        # Each rank checks what it will read; the ranks agree before any collective load, so one
+        # rank's broken file makes all of them move on together.
+        global_state, rank_states, problem = self._read_small_files(folder)
+        _agree(problem)
+        _agree(self._load_meta(folder, global_state))
         try:
             self.strategy.load(folder, self.shadows)
             problem = None
@@ -421,6 +488,9 @@ class Checkpointer:
         )
 
 
+DISCARDED_SUFFIX = ".deleting"
+
+
 class _LoadFailed(Exception):
     pass
 
@@ -454,6 +524,16 @@ def _check_compatible(folder: Path, global_state: dict, fmt: str, world_size: in
     problem = incompatibility(folder, global_state, fmt, world_size)
     if problem is not None:
         raise CheckpointLoadError(problem)
+
+
+def _rank0s(decide: Callable[[], T], rank: int) -> T:
+    """Rank 0's answer to `decide()`, on every rank. What a rank finds in a shared folder depends
+    on its view of it: on a network file system a rank's listing can lag behind rank 0's, and ranks
+    that listed the checkpoints themselves could try, and load, different steps."""
+    answer = [decide() if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0]  # type: ignore[return-value]
 
 
 def _agree(problem: Optional[str]) -> None:

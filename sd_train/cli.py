@@ -8,6 +8,7 @@ fix, with exit code 2; a traceback means a bug.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from sd_train import __version__, console
@@ -97,12 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     # Before the command's module is imported: some third-party lines are printed at import time.
     console.setup(verbose=verbose or "--verbose" in rest)
     module, func, _ = COMMANDS[name]
+    offline_hub()
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except (ConfigError, UsageError) as e:
         kind = "config error" if isinstance(e, ConfigError) else "error"
         print(f"sd-train {name}: {kind}: {e}", file=sys.stderr)
         return 2
+
+
+def offline_hub() -> None:
+    """Every model sd-train reads is a local folder: never let a path that does not exist (a
+    relative `model.pretrained_path` read from elsewhere) turn into a hub download. huggingface_hub
+    reads HF_HUB_OFFLINE once, when it is first imported (diffusers imports it), so it is set here,
+    before any command module is imported. An explicit HF_HUB_OFFLINE=0 is kept."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 if __name__ == "__main__":

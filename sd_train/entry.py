@@ -160,6 +160,9 @@ def checked_memory(cfg: TrainConfig, ns: argparse.Namespace) -> tuple[TrainConfi
 def main(argv: list[str] | None = None, prog: str = "train.py", plan_command: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console.setup(verbose="--verbose" in argv)  # before any heavy import, and before the checks log
+    # The model folders are local: no hub lookup, set before huggingface_hub is first imported
+    # (it reads HF_HUB_OFFLINE then; the memory plan may read a model folder).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         cfg, ns = validated_config(argv, prog, plan_command)
         cfg, memory = checked_memory(cfg, ns)

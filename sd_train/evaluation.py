@@ -13,6 +13,7 @@ thread (sd_train.background_writer), so no peer waits in a collective for its di
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +26,11 @@ from PIL import Image
 from sd_train.background_writer import BackgroundWriter
 from sd_train.config import TrainConfig
 from sd_train.data.loader import val_batch
+from sd_train.errors import BadDataError
 from sd_train.model.conditioning import GEOMETRY_KEYS, Conditioning
 from sd_train.model.parts import SDParts, decode_latents, encode_pixels, encode_text
 from sd_train.objective import DiffusionObjective
-from sd_train.parallel.process_group import DistInfo, all_reduce_sum
+from sd_train.parallel.process_group import DistInfo, all_gather_object, all_reduce_sum
 from sd_train.sample_quality import SampleQuality, read_reference
 
 VAL_BATCH = 16
@@ -41,11 +43,11 @@ class Validator:
         self.objective = objective
         self.info = info
         self.timesteps = list(cfg.eval.val_timesteps)
-        held_out = val_batch(cfg.data.val_shards, cfg.eval.num_val_samples, cfg.data.resolution, cfg.data.caption_key)
+        d = cfg.data
+        held_out = val_batch(d.val_shards, cfg.eval.num_val_samples, d.resolution, d.caption_key, d.allow_pipe)
         pixels, captions = held_out["pixels"], held_out["captions"]
+        agree_on_val_set(cfg, held_out["keys"], captions)
         n = len(captions)
-        if n == 0:
-            raise ValueError(f"data.val_shards={cfg.data.val_shards!r} gave no readable samples")
         # Split samples over ranks; pad each rank's share to the same length (weight 0 on padding)
         # so every rank makes the same number of UNet calls.
         per_rank = math.ceil(n / info.world_size)
@@ -96,6 +98,28 @@ class Validator:
         model.train(was_training)
         (s,) = all_reduce_sum([total], self.info.device)
         return s / (self.num_samples * len(self.timesteps))
+
+
+def agree_on_val_set(cfg: TrainConfig, keys: list[str], captions: list[str]) -> None:
+    """Every rank reads the held-out samples itself, and each rank's count sets its number of UNet
+    calls (collectives under FSDP2): ranks that read different sets (a short read of a shard on one
+    rank's view of a network file system) would meet in different collectives and wait there until
+    the timeout. The ranks compare what they read and all stop together, naming what each read.
+    A collective: every rank calls it once, whatever it read."""
+    digest = hashlib.blake2b(repr((keys, captions)).encode(), digest_size=8).hexdigest()
+    seen = all_gather_object((len(keys), digest))
+    where = f"data.val_shards={cfg.data.val_shards!r}"
+    if len(set(seen)) > 1:
+        read = ", ".join(f"rank {r}: {n} samples (digest {d})" for r, (n, d) in enumerate(seen))
+        raise BadDataError(
+            f"{where}: the ranks read different validation sets ({read}; eval.num_val_samples="
+            f"{cfg.eval.num_val_samples}). A shard read short or failed on some rank: every rank must read the same "
+            "held-out shards. Check them (and the file system they are on), then relaunch"
+        )
+    if seen[0][0] == 0:
+        raise BadDataError(
+            f"{where} gave no readable samples: check the shards, or set data.val_shards='' to turn it off"
+        )
 
 
 class Sampler:

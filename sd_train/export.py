@@ -17,20 +17,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from torch.distributed.checkpoint.api import CheckpointException
 
 from sd_train import dcp_io
 from sd_train.checksums import verify
-from sd_train.errors import OutputRefusedError, UsageError
+from sd_train.errors import CheckpointLoadError, OutputRefusedError, UsageError
 from sd_train.folders import refusal, write_then_replace
 from sd_train.model.family import model_family
 from sd_train.parallel.deepspeed import offline_state
+from sd_train.parallel.fsdp import describe_dcp_load_error
 from sd_train.paths import (
     EXPORT_MARKER,
+    MODEL_SUBFOLDERS,
     PARTIAL_SUFFIX,
     STEP_RE,
     checkpoint_is_complete,
@@ -116,26 +120,72 @@ def export_checkpoint(
     """Export the raw UNet of a complete checkpoint to `out_root/raw` and, if its EMA window had
     opened, the EMA to `out_root/ema`, one UNet at a time. No process group needed (the end of
     training calls it on the main process after tearing the group down)."""
-    trainer_state, raw = load_checkpoint_unet(checkpoint, "raw")
+    trainer_state, raw = load_checkpoint_unet(checkpoint, "raw", model_path)
     before_write()
     written = [save_pipeline(model_path, raw, out_root / "raw", prediction_type, zero_dropped_captions)]
     del raw
     if trainer_state["ema"]["open"]:
-        _, ema = load_checkpoint_unet(checkpoint, "ema")
+        _, ema = load_checkpoint_unet(checkpoint, "ema", model_path)
         written.append(save_pipeline(model_path, ema, out_root / "ema", prediction_type, zero_dropped_captions))
     return written
 
 
-def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read one UNet's weights (`raw` or `ema`) from a DCP checkpoint into plain tensors, in one
-    process. Returns (trainer_state, state_dict)."""
+def read_trainer_state(checkpoint: Path, objective: bool = False) -> dict:
+    """The trainer_state.json of a complete step folder, with what export reads checked (the
+    objective's prediction type too with `objective`, for `sd-train export`, which takes it from
+    there); CheckpointLoadError naming the file when it does not read."""
+    try:
+        with open(Path(checkpoint) / "trainer_state.json") as f:
+            state = json.load(f)
+        int(state["step"]), bool(state["ema"]["open"]), str(state["config"]["model"]["pretrained_path"])
+        if objective:
+            str(state["config"]["objective"]["prediction_type"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointLoadError(
+            f"{Path(checkpoint) / 'trainer_state.json'} is unreadable ({type(e).__name__}: {e})"
+        ) from e
+    return state
+
+
+def _is_model_folder(path: Path) -> bool:
+    return all((path / sub).is_dir() for sub in MODEL_SUBFOLDERS)
+
+
+def resolve_model_path(pretrained_path: str, checkpoint: Path, output_dir: str) -> str:
+    """Where a run's `model.pretrained_path` is now. A relative one was relative to the directory
+    the run was launched from, which the run itself tells: the checkpoint lies in `<launch
+    dir>/<output_dir>/checkpoints/step_N`, with `output_dir` as the run's config wrote it. So the
+    path is tried there first, wherever export runs from, then in the current directory.
+    UsageError naming the places tried, and --model-path, when none holds the model folder."""
+    if Path(pretrained_path).is_absolute():
+        tried = [Path(pretrained_path)]
+    else:
+        run, out = Path(checkpoint).resolve().parent.parent, Path(output_dir)
+        launch = []
+        if output_dir and not out.is_absolute() and ".." not in out.parts and run.parts[-len(out.parts) :] == out.parts:
+            launch = [Path(*run.parts[: -len(out.parts)]) / pretrained_path]
+        tried = list(dict.fromkeys([*launch, Path.cwd() / pretrained_path]))
+    for path in tried:
+        if _is_model_folder(path):
+            return str(path)
+    raise UsageError(
+        f"the run's model.pretrained_path={pretrained_path!r} (for the UNet config, VAE, text encoder and tokenizer) "
+        f"holds no diffusers model folder at {', '.join(map(str, tried))}: the model folder moved? Point --model-path "
+        "at a copy"
+    )
+
+
+def load_checkpoint_unet(
+    checkpoint: Path, weights: str, model_path: Optional[str] = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read one UNet's weights (`raw` or `ema`) from a complete step folder into plain tensors, in
+    one process. `model_path`: the model folder whose UNet config the weights fit (default: the
+    run's, `resolve_model_path`). Returns (trainer_state, state_dict). UsageError for what was asked
+    that cannot be done, CheckpointLoadError for a checkpoint whose files do not read."""
     checkpoint = Path(checkpoint)
     if not checkpoint_is_complete(checkpoint):
-        raise FileNotFoundError(
-            f"{checkpoint} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/)"
-        )
-    with open(checkpoint / "trainer_state.json") as f:
-        trainer_state = json.load(f)
+        raise UsageError(f"{checkpoint} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/)")
+    trainer_state = read_trainer_state(checkpoint)
     problem = verify(checkpoint, int(trainer_state["world_size"]))  # every byte as written, before any is read
     if problem is not None:
         raise UsageError(f"{checkpoint} is damaged: {problem}. Export an earlier checkpoint")
@@ -143,16 +193,30 @@ def load_checkpoint_unet(checkpoint: Path, weights: str) -> tuple[dict, dict[str
         raise UsageError(
             f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead"
         )
-    if trainer_state.get("format") == "zero":
-        return trainer_state, offline_state(checkpoint, weights)
-    model_path = trainer_state["config"]["model"]["pretrained_path"]
+    try:
+        if trainer_state.get("format") == "zero":
+            return trainer_state, offline_state(checkpoint, weights)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointLoadError(f"{checkpoint}: the DeepSpeed files do not read ({type(e).__name__}: {e})") from e
+    cfg = trainer_state["config"]
+    model_path = model_path or resolve_model_path(
+        cfg["model"]["pretrained_path"], checkpoint, cfg.get("output_dir", "")
+    )
     with torch.device("meta"):  # shapes only: the weights are read into empty tensors below
         template = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_path, subfolder="unet"))
     prefix = "model" if weights == "raw" else "ema"
     # The EMA covers the parameters (the SD UNet has no buffers, so both are its whole state).
     shapes = template.state_dict() if weights == "raw" else dict(template.named_parameters())
     state = {prefix: {n: torch.empty(t.shape, dtype=t.dtype) for n, t in shapes.items()}}
-    dcp_io.load(state, checkpoint, no_dist=True)
+    try:
+        dcp_io.load(state, checkpoint, no_dist=True)
+    except dcp_io.UnsafeCheckpointError:
+        raise  # a refusal of code in the checkpoint says so itself
+    except (Exception, CheckpointException) as e:  # DCP raises CheckpointException (a BaseException)
+        raise CheckpointLoadError(
+            f"{checkpoint}: the {weights} UNet does not read ({describe_dcp_load_error(checkpoint, e)}); if the model "
+            f"folder {model_path} is not the one the run trained, point --model-path at that one"
+        ) from e
     return trainer_state, state[prefix]
 
 
@@ -191,7 +255,10 @@ def _names(steps: list[int]) -> str:
 
 
 def main_export(argv: list[str]) -> int:
-    """`sd-train export --checkpoint RUN_DIR|STEP_DIR --out DIR [--weights ema|raw]`."""
+    """`sd-train export --checkpoint RUN_DIR|STEP_DIR --out DIR [--weights ema|raw]`. What was asked
+    wrongly (no such folder, an EMA that never opened, a model folder that moved) raises UsageError,
+    which `sd-train` prints as one line, exit 2; a checkpoint that does not read, or an output that
+    cannot be written, is one line here, exit 1."""
     p = argparse.ArgumentParser(prog="sd-train export", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--checkpoint",
@@ -207,26 +274,34 @@ def main_export(argv: list[str]) -> int:
         help="which UNet: ema (default; the EMA window must have opened by that step) or raw (the trained weights)",
     )
     p.add_argument(
-        "--model-path", default=None, help="frozen parts from here instead of the run's model.pretrained_path"
+        "--model-path",
+        default=None,
+        help="the model folder (UNet config and frozen parts) instead of the run's model.pretrained_path",
     )
     ns = p.parse_args(argv)
+    if ns.model_path and not _is_model_folder(Path(ns.model_path)):
+        raise UsageError(f"--model-path {ns.model_path}: not a diffusers model folder (unet/ vae/ text_encoder/ ...)")
     folder, which = resolve_checkpoint(Path(ns.checkpoint))
     print(f"exporting {ns.weights} weights from {which}")
-    trainer_state, unet_state = load_checkpoint_unet(folder, ns.weights)
-    cfg = trainer_state["config"]
-    model_path = ns.model_path or cfg["model"]["pretrained_path"]
-    if not Path(model_path).is_dir():
-        raise UsageError(
-            f"the run's model folder {model_path} (model.pretrained_path, for the VAE, text encoder and tokenizer) "
-            "is gone: point --model-path at a copy"
+    try:
+        cfg = read_trainer_state(folder, objective=True)["config"]
+        model_path = ns.model_path or resolve_model_path(
+            cfg["model"]["pretrained_path"], folder, cfg.get("output_dir", "")
         )
-    objective = cfg["objective"]
-    out = save_pipeline(
-        model_path,
-        unet_state,
-        Path(ns.out),
-        objective["prediction_type"],
-        objective.get("zero_dropped_captions", False),  # absent in configs written before it existed
-    )
+        trainer_state, unet_state = load_checkpoint_unet(folder, ns.weights, model_path)
+        objective = cfg["objective"]
+        out = save_pipeline(
+            model_path,
+            unet_state,
+            Path(ns.out),
+            objective["prediction_type"],
+            objective.get("zero_dropped_captions", False),  # absent in configs written before it existed
+        )
+    except CheckpointLoadError as e:
+        print(f"sd-train export: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"sd-train export: writing {ns.out}: {e}", file=sys.stderr)
+        return 1
     print(f"exported {ns.weights} UNet of step {trainer_state['step']} to {out}")
     return 0

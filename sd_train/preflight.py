@@ -41,9 +41,11 @@ def preflight(cfg: TrainConfig, world_size: int, environ: Mapping[str, str] = os
     """Check `cfg` against the machine and the launcher `environ`; return the resolved config.
     Raises ConfigError naming the field. Run after `cfg.validate(world_size)`."""
     d = cfg.data
-    check_shards("data.train_shards", d.train_shards, world_size, max(1, d.num_workers), d.mode == "epoch")
+    check_shards(
+        "data.train_shards", d.train_shards, world_size, max(1, d.num_workers), d.mode == "epoch", d.allow_pipe
+    )
     if d.val_shards:
-        check_shards("data.val_shards", d.val_shards, 1, 1, False)
+        check_shards("data.val_shards", d.val_shards, 1, 1, False, d.allow_pipe)
     check_checkpoint_folders(cfg)
     family = model_family(cfg.model.pretrained_path)  # refuses a folder whose parts contradict its family
     resolved = resolve_fsdp_units(resolve_precision(resolve_strategy(cfg, environ)), family)
@@ -100,11 +102,14 @@ def check_vae_dtype(cfg: TrainConfig, family: Family) -> None:
         )
 
 
-def check_shards(name: str, spec: str, world_size: int, workers: int, epoch_mode: bool) -> None:
+def check_shards(
+    name: str, spec: str, world_size: int, workers: int, epoch_mode: bool, allow_pipe: bool = False
+) -> None:
     """Every source of the `name` spec matches at least one shard; in epoch mode each source has
-    a shard for every one of the world_size x workers readers."""
+    a shard for every one of the world_size x workers readers. A `pipe:` URL, in the spec or in a
+    list file it names, only with `allow_pipe` (`data.allow_pipe`)."""
     try:
-        sources = expand_sources(spec)
+        sources = expand_sources(spec, allow_pipe)
     except ValueError as e:
         raise ConfigError(f"{name}={spec!r}: {e}") from e
     for src in sources:

@@ -119,7 +119,7 @@ def read_reference(cfg: TrainConfig) -> tuple[list[str], np.ndarray]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"val_samples: .* fewer than")  # we ask for one more than allowed
         pixels, captions, _ = val_samples(
-            cfg.data.train_shards, MAX_CAPTIONS + 1, cfg.data.resolution, cfg.data.caption_key
+            cfg.data.train_shards, MAX_CAPTIONS + 1, cfg.data.resolution, cfg.data.caption_key, cfg.data.allow_pipe
         )
     if len(captions) > MAX_CAPTIONS:
         raise ConfigError(

@@ -84,6 +84,12 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     known = _fields(cls)
     hints = typing.get_type_hints(cls)
     for key in values:
+        if not isinstance(key, str):
+            # YAML reads `1:`, `yes:`, `null:` or `2024-01-01:` as a number, bool, None or date.
+            raise ConfigError(
+                f"config key {prefix}{key!r} is a {type(key).__name__}, not a name: YAML read it as a value. "
+                f"Keys are field names ({', '.join(sorted(known)[:4])}, ...); quote it if it is meant as text"
+            )
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f" Did you mean {prefix}{close[0]}?" if close else f" Known keys: {sorted(known)}."

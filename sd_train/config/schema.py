@@ -127,7 +127,8 @@ class ObjectiveArgs:
 class DataArgs:
     train_shards: str = "data/emoji/train-{000000..000007}.tar"
     """Training shards: a brace pattern, a glob, a folder, a `.txt` list file, or a `pipe:`
-    URL. Several sources are separated by `::`; each may carry a mixing weight as `SRC@0.3`."""
+    URL (with `allow_pipe`). Several sources are separated by `::`; each may carry a mixing weight
+    as `SRC@0.3`."""
     val_shards: str = "data/emoji/val-000000.tar"
     """Held-out shards for the validation loss. Empty string disables validation."""
     resolution: int = 32
@@ -208,6 +209,12 @@ class DataArgs:
     `data/filtered_bucket_aspect` and `data/filtered_bucket_too_small` (not bad input). On web data
     `filter` drops many images (a LAION-like set: 41% at 512 px, 89% at SDXL's 1024 px, almost all
     as too small: bench/bench_buckets.py); `data.filters` on the `.json` sizes drops less bluntly."""
+    allow_pipe: bool = False
+    """Allow `pipe:` shard URLs (`pipe:aws s3 cp s3://bucket/x-{000000..000099}.tar -`), in
+    `train_shards`, `val_shards` and the `.txt` list files they name. A `pipe:` URL runs its command
+    through `/bin/sh` on every rank, so it is refused unless set here: a list file shipped with a
+    data set, or a config received with a run, must not run commands by itself. Checked by
+    sd_train.preflight, which reads the list files."""
 
     def validate(self) -> None:
         """Field values only; sd_train.preflight checks that the shards exist and are enough."""
@@ -533,7 +540,9 @@ class EvalArgs:
     every_steps: int = 200
     """Validation loss and sample grids every this many steps (and at the end). 0 disables."""
     num_val_samples: int = 64
-    """Held-out samples in the validation loss (fixed: the first N of `data.val_shards`)."""
+    """Held-out samples in the validation loss (fixed: the first N of `data.val_shards`). Must be
+    positive; `data.val_shards: ""` turns the validation loss off. Every rank reads the same N and
+    the ranks check that they agree (a short read on one rank stops the run with a message)."""
     val_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     """Fixed timesteps of the validation denoising loss; each sample is scored at each one, with
     noise fixed by (seed, sample index), so the figure is comparable across runs."""
@@ -562,6 +571,11 @@ class EvalArgs:
     def validate(self) -> None:
         if self.every_steps < 0:
             raise ConfigError(f"eval.every_steps={self.every_steps} must be >= 0 (0 disables)")
+        if self.num_val_samples <= 0:
+            raise ConfigError(
+                f"eval.num_val_samples={self.num_val_samples} must be positive: to turn the validation loss off "
+                "set data.val_shards='' (or eval.every_steps=0 to turn off evaluation altogether)"
+            )
         _positive("eval.num_inference_steps", self.num_inference_steps)
         if self.quality_samples < 0:
             raise ConfigError(f"eval.quality_samples={self.quality_samples} must be >= 0 (0 is off)")

@@ -11,6 +11,10 @@ Bad input categories (`BAD_CATEGORIES`), each counted once per occurrence:
   is lost with it (and the rest of the shard: they are never seen, so never counted).
 - `unreadable_shard`: a shard that cannot be opened (missing file, failing `pipe:`), or that is
   not a tar from its first header on. Counted once per shard per epoch.
+- `mismatched_shape`: a precomputed sample whose arrays' shapes differ from those of the batch it
+  would join (latents precomputed at another resolution, embeddings of another text encoder); the
+  first sample of each batch sets its shapes. A stream that batches several shapes apart (aspect
+  buckets) meets this check batch by batch.
 The sample-level categories are samples; the two shard-level ones are events, each counted as one
 bad unit when the bad-input share is judged (`check_bad_fraction`).
 """
@@ -21,7 +25,15 @@ from dataclasses import dataclass, field
 
 from sd_train.errors import BadDataError
 
-BAD_CATEGORIES = ("undecodable", "missing_image", "missing_caption", "empty_caption", "truncated", "unreadable_shard")
+BAD_CATEGORIES = (
+    "undecodable",
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+    "truncated",
+    "unreadable_shard",
+    "mismatched_shape",
+)
 MAX_BAD_SHARDS = 32  # names kept per worker; enough to find the culprits without growing state
 
 
@@ -58,7 +70,9 @@ class BadInputLog:
         return BadInputLog(dict(self.counts), list(self.shards))
 
 
-def check_bad_fraction(counts: dict[str, int], total: int, max_fraction: float, min_samples: int, shards: list[str]) -> None:
+def check_bad_fraction(
+    counts: dict[str, int], total: int, max_fraction: float, min_samples: int, shards: list[str]
+) -> None:
     """Raise BadDataError when the bad share of `total` input read exceeds `max_fraction`.
 
     `counts` and `total` are sums over all ranks (the trainer all-reduces them; see
@@ -78,4 +92,3 @@ def check_bad_fraction(counts: dict[str, int], total: int, max_fraction: float, 
         f"{detail}. Shards with bad input: {shown or 'none recorded'}. Fix or drop those shards, or raise "
         "data.max_bad_fraction"
     )
-

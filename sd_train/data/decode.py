@@ -107,7 +107,7 @@ class CaptionSource:
         if any(f.startswith("json:") for f in self.fields) and "json" in raw.members:
             try:
                 loaded = json.loads(raw.members["json"])
-            except ValueError:
+            except (ValueError, RecursionError):  # invalid, or nested past the parser's recursion limit
                 loaded = {}  # an unreadable json holds no caption: missing_caption, if nothing else does
             meta = loaded if isinstance(loaded, dict) else {}
         found = []

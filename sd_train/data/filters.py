@@ -32,8 +32,10 @@ _COMPARE: dict[str, Callable[[float, float], bool]] = {
 }
 
 
-def _lookup(meta: dict[str, Any], name: str) -> Optional[float]:
-    """The number at `name` (dots go into nested objects), or None when absent or not a number."""
+def _lookup(meta: dict[str, Any], name: str) -> Optional[int | float]:
+    """The number at `name` (dots go into nested objects), or None when absent or not a number.
+    Integers stay integers: Python compares an int with the rule's float exactly, where float()
+    of an integer above ~1.8e308 (valid JSON) raises OverflowError."""
     value: Any = meta
     for part in name.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -41,7 +43,7 @@ def _lookup(meta: dict[str, Any], name: str) -> Optional[float]:
         value = value[part]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None  # null, strings, lists: "missing", under filter_missing
-    return float(value)
+    return value
 
 
 def _metadata(raw: RawSample) -> dict[str, Any]:
@@ -50,7 +52,9 @@ def _metadata(raw: RawSample) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(data)
-    except ValueError:  # invalid json (or utf-8): treated as a sample without metadata
+    except (ValueError, RecursionError):
+        # Invalid json (or utf-8), or nested deeper than the parser's recursion limit (a few
+        # thousand `[`s): treated as a sample without metadata.
         return {}
     return meta if isinstance(meta, dict) else {}
 
@@ -85,4 +89,3 @@ class MetadataFilter:
             if not _COMPARE[rule.op](value, rule.value):
                 return rule.text
         return None
-

@@ -442,7 +442,7 @@ def build_train_loader(
     if d.buckets != "none":  # torch-free reads of the model folder's configs (preflight made them already)
         buckets = bucket_set(d, pixel_factor(cfg.model.pretrained_path))
         per_latent = downsampling_factor(cfg.model.pretrained_path, "vae")
-    sources = expand_sources(d.train_shards)
+    sources = expand_sources(d.train_shards, d.allow_pipe)
     if d.mode == "epoch":  # the check config validation makes, for callers that skip it
         for src in sources:
             check_epoch_shard_count("data.train_shards", src, world_size, max(1, d.num_workers))
@@ -469,16 +469,17 @@ def build_train_loader(
 
 
 def val_samples(
-    spec: str, n: int, resolution: int, caption_key: str = "txt"
+    spec: str, n: int, resolution: int, caption_key: str = "txt", allow_pipe: bool = False
 ) -> tuple[torch.Tensor, list[str], list[str]]:
     """(uint8 [N,3,R,R], captions, keys) of `val_batch`."""
-    batch = val_batch(spec, n, resolution, caption_key)
+    batch = val_batch(spec, n, resolution, caption_key, allow_pipe)
     return batch["pixels"], batch["captions"], batch["keys"]
 
 
-def val_batch(spec: str, n: int, resolution: int, caption_key: str = "txt") -> dict[str, Any]:
+def val_batch(spec: str, n: int, resolution: int, caption_key: str = "txt", allow_pipe: bool = False) -> dict[str, Any]:
     """The first `n` good samples of the shards in `spec`, in shard order, center-cropped; the
-    caption is the first present, non-blank field of `caption_key` (no draw: a fixed set).
+    caption is the first present, non-blank field of `caption_key` (no draw: a fixed set). `pipe:`
+    URLs only with `allow_pipe` (`data.allow_pipe`).
 
     Returns one batch as the training stream packs it: `pixels` uint8 [N,3,R,R], `captions`,
     `keys` and the geometry rows (`original_size`, `crop_top_left`, `target_size`). Warns when the
@@ -487,7 +488,7 @@ def val_batch(spec: str, n: int, resolution: int, caption_key: str = "txt") -> d
     tf = ImageTransform(resolution, center_crop=True, random_flip=False)
     decode = select_decoder(False)
     captions = CaptionSource.from_config(caption_key)
-    urls = [u for s in expand_sources(spec) for u in s.urls]
+    urls = [u for s in expand_sources(spec, allow_pipe) for u in s.urls]
     log = BadInputLog()
     kept: list[DecodedSample] = []
     for raw in read_shards(urls, log):

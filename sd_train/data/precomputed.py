@@ -94,12 +94,21 @@ def decode_precomputed_sample(raw: RawSample, tf: ImageTransform, rng: Optional[
     return PrecomputedSample(raw.key, mean[k], std[k], text, caption, pooled, geometry[k])
 
 
+ARRAYS = ("latent_mean", "latent_std", "text_embeds", "pooled_embeds", "geometry")  # the last two SDXL's
+
+
+def array_shapes(sample: PrecomputedSample) -> tuple[Optional[tuple[int, ...]], ...]:
+    """The shapes of the sample's arrays (None for one it lacks): samples stack into one batch
+    only when these agree."""
+    return tuple(None if getattr(sample, a) is None else getattr(sample, a).shape for a in ARRAYS)
+
+
 def stack_precomputed(samples: list[PrecomputedSample]) -> dict[str, Any]:
     """Precomputed samples -> float tensors latent_mean/latent_std [B,4,h,w] and text_embeds
     [B,77,D] in their stored dtype (SDXL: also pooled_embeds [B,P] and the geometry as int64 [B,2]
     rows, as image batches carry it). The posterior is sampled on device by the trainer, from its
     checkpointed global RNG, never here (a worker's RNG is not part of the resumable state)."""
-    names = ("latent_mean", "latent_std", "text_embeds") + (("pooled_embeds",) if samples[0].geometry is not None else ())
+    names = ARRAYS[:3] + (("pooled_embeds",) if samples[0].geometry is not None else ())
     out = {name: torch.from_numpy(np.stack([getattr(s, name) for s in samples])) for name in names}
     if samples[0].geometry is not None:
         geometry = torch.from_numpy(np.stack([s.geometry for s in samples])).to(torch.int64)
@@ -151,9 +160,11 @@ def check_precomputed(spec: str, cfg: Any) -> None:
     """
     d, field = cfg.data, "data.train_shards"
     if d.random_flip:
-        raise ConfigError("data.random_flip=true with data.precomputed=true: flips are not precomputed. Set data.random_flip=false")
+        raise ConfigError(
+            "data.random_flip=true with data.precomputed=true: flips are not precomputed. Set data.random_flip=false"
+        )
     fingerprint: Optional[str] = None  # hashed once, after the shards are known to be precomputed
-    for src in expand_sources(spec):
+    for src in expand_sources(spec, d.allow_pipe):
         raw = _first_sample(src.urls)
         if raw is None:
             raise ConfigError(f"{field}={spec!r}: no readable sample in {src.pattern!r}")
@@ -164,10 +175,12 @@ def check_precomputed(spec: str, cfg: Any) -> None:
             )
         try:
             ident = json.loads(raw.members.get("json", b"{}")).get(IDENTITY)
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             ident = None
         if not isinstance(ident, dict):
-            raise ConfigError(f"{field}: {raw.shard} has no `{IDENTITY}` record in its KEY.json; re-run `sd-train precompute`")
+            raise ConfigError(
+                f"{field}: {raw.shard} has no `{IDENTITY}` record in its KEY.json; re-run `sd-train precompute`"
+            )
         where = f"{raw.shard} was precomputed"
         family, stored = model_family(cfg.model.pretrained_path), ident.get("family", "sd")
         if stored != family:
@@ -189,7 +202,9 @@ def check_precomputed(spec: str, cfg: Any) -> None:
             )
         _check_buckets(ident, cfg, where)
         if (ident["crops"] == 1) != d.center_crop:
-            stored, fix = ("the center crop", "true") if ident["crops"] == 1 else (f"{ident['crops']} random crops", "false")
+            stored, fix = (
+                ("the center crop", "true") if ident["crops"] == 1 else (f"{ident['crops']} random crops", "false")
+            )
             raise ConfigError(
                 f"data.center_crop={str(d.center_crop).lower()} but {where} with {stored}: set "
                 f"data.center_crop={fix}, or re-run `sd-train precompute` with {'--crops 1' if d.center_crop else '--crops K > 1'}"

@@ -56,7 +56,9 @@ class CudaStager:
         # No wait on the default stream first: the copies read pinned host memory that nothing
         # else touches and write fresh device memory, so they may start at once.
         with torch.cuda.stream(self.stream):
-            return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            return {
+                k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+            }
 
     def ready(self, batch: dict) -> dict:
         current = torch.cuda.current_stream(self.device)

@@ -7,6 +7,9 @@ A spec is one or more sources separated by `::`, each optionally weighted as `SR
 - a list file `shards.txt` (one URL or path per line, `#` comments; a relative path is taken
   next to the list file when the shard is there, else relative to the working directory),
 - a `pipe:` URL, e.g. `pipe:aws s3 cp s3://bucket/data-{000000..000099}.tar -` (braces expand inside).
+
+A `pipe:` URL runs a shell command, so it is expanded only with `allow_pipe=True` (`data.allow_pipe`),
+whether the spec names it or a list file does; otherwise ValueError with the fix.
 """
 
 from __future__ import annotations
@@ -18,6 +21,21 @@ from dataclasses import dataclass
 from braceexpand import braceexpand
 
 from sd_train.config import ConfigError
+
+
+PIPE = "pipe:"
+
+
+class PipeRefused(ValueError):
+    """A `pipe:` URL where pipes are not allowed: `where` (the spec, or a list file it names) and `url`."""
+
+    def __init__(self, where: str, url: str) -> None:
+        super().__init__(
+            f"{where}: {url!r} is a `pipe:` URL, which runs its command through /bin/sh. Pipes run only when "
+            "allowed: set data.allow_pipe=true (the commands' --allow-pipe) if you trust where it comes from; a "
+            "list file shipped with a data set, or a config received with a run, must not run commands by itself"
+        )
+        self.where, self.url = where, url
 
 
 @dataclass
@@ -42,7 +60,9 @@ def _relative_to_list(url: str, folder: str) -> str:
     return beside if os.path.exists(beside) or not os.path.exists(url) else url
 
 
-def _expand_one(pattern: str) -> list[str]:
+def _expand_one(pattern: str, allow_pipe: bool) -> list[str]:
+    if pattern.startswith(PIPE) and not allow_pipe:
+        raise PipeRefused("the shard spec", pattern)
     if _is_remote(pattern):
         return list(braceexpand(pattern))
     if os.path.isdir(pattern):
@@ -53,6 +73,9 @@ def _expand_one(pattern: str) -> list[str]:
         with open(pattern) as f:
             lines = [ln.strip() for ln in f]
         urls = [u for ln in lines if ln and not ln.startswith("#") for u in braceexpand(ln)]
+        piped = [u for u in urls if u.startswith(PIPE)]
+        if piped and not allow_pipe:
+            raise PipeRefused(f"the list file {pattern}", piped[0])
         return [_relative_to_list(u, os.path.dirname(pattern)) for u in urls]
     if any(ch in pattern for ch in "*?["):
         # Braces first, so `data/{a,b}/*.tar` works; glob alone leaves them literal.
@@ -65,8 +88,9 @@ def _expand_one(pattern: str) -> list[str]:
     return urls
 
 
-def expand_sources(spec: str) -> list[Source]:
-    """Parse a spec into sources. Raises ValueError for a malformed weight."""
+def expand_sources(spec: str, allow_pipe: bool = False) -> list[Source]:
+    """Parse a spec into sources. Raises ValueError for a malformed weight, or for a `pipe:` URL (in
+    the spec or in a list file it names) unless `allow_pipe`."""
     sources = []
     for part in [p.strip() for p in spec.split("::") if p.strip()]:
         weight = 1.0
@@ -80,7 +104,7 @@ def expand_sources(spec: str) -> list[Source]:
                 part = head
                 if weight <= 0:
                     raise ValueError(f"source {part!r} has weight {weight}; weights must be positive")
-        sources.append(Source(pattern=part, urls=_expand_one(part), weight=weight))
+        sources.append(Source(pattern=part, urls=_expand_one(part, allow_pipe), weight=weight))
     if not sources:
         raise ValueError("no shard source given")
     return sources

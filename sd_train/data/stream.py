@@ -63,7 +63,7 @@ from sd_train.data.decode import (
 from sd_train.data.filters import MetadataFilter
 from sd_train.data.pieces import Piece, Reading, as_piece, read_pieces, shuffled, split_for_slot
 from sd_train.data.pieces import stable_seed as _seed
-from sd_train.data.precomputed import PrecomputedSample, stack_precomputed
+from sd_train.data.precomputed import PrecomputedSample, array_shapes, stack_precomputed
 from sd_train.data.sources import Source
 from sd_train.data.tar import RawSample, read_shards
 from sd_train.errors import BadDataError
@@ -71,7 +71,46 @@ from sd_train.errors import BadDataError
 EMPTY_EPOCHS = 3  # epochs in a row without a usable sample before a worker gives up (BadDataError)
 Mode = Literal["epoch", "resampled"]
 Mix = Literal["concat", "weighted"]
-Decoder = Callable[[RawSample, ImageTransform, Optional[random.Random]], DecodedSample | PrecomputedSample]
+
+
+Sample = DecodedSample | PrecomputedSample
+Decoder = Callable[[RawSample, ImageTransform, Optional[random.Random]], Sample]
+
+
+class BatchFill:
+    """One batch being filled, from samples grouped by the shapes they stack with: decoded images
+    share one group (resized to the resolution), precomputed samples carry the shapes they were
+    written with, which may disagree (`mismatched_shape` in sd_train.data.bad_input). The first
+    group to reach the batch size is the batch, and the samples of the other groups are bad input.
+    So an odd sample costs itself only, wherever it falls in the batch, and which samples lose is
+    decided by the data alone: a resume, which starts at a batch boundary, repeats it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.groups: dict[Any, list[tuple[Sample, str, int]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def add(self, sample: Sample, shard: str, source: int = 0) -> bool:
+        """Add a usable sample (from `shard`, of mixing `source`); True once its group is full."""
+        key = array_shapes(sample) if isinstance(sample, PrecomputedSample) else None
+        group = self.groups.setdefault(key, [])
+        group.append((sample, shard, source))
+        return len(group) >= self.size
+
+    def take(self, log: BadInputLog) -> tuple[list[Sample], list[int]]:
+        """(the batch: the full group, or at the end of the stream the largest; the sources of
+        the samples left out, each counted `mismatched_shape` in `log`). Starts the next batch."""
+        batch = max(self.groups.values(), key=len)
+        rejected = []
+        for group in self.groups.values():
+            if group is not batch:
+                for _, shard, source in group:
+                    log.add("mismatched_shape", shard)
+                    rejected.append(source)
+        self.groups = {}
+        return [sample for sample, _, _ in batch], rejected
 
 
 @dataclass
@@ -331,6 +370,7 @@ class ShardStream(IterableDataset):
         filtered = dict(start.filtered)  # the replay judges nothing, so nothing is counted twice
         epoch, skip, good = start.epoch, start.offset, start.good
         batches = self._batcher(worker, start)
+        fill = BatchFill(self.batch_size) if self.buckets is None else None  # the square path's shape check
         empty = 0  # epochs in a row that gave no usable sample
         plan, reading = (start.plan or [None])[0], Reading()
 
@@ -353,7 +393,8 @@ class ShardStream(IterableDataset):
                 if bucket is None:
                     continue
                 good += 1
-                full = batches.add(bucket, sample, self._waiting(raw, (epoch, index)))
+                full, rejected = self._add(batches, fill, log, bucket, sample, raw, self._waiting(raw, (epoch, index)))
+                good -= len(rejected)
                 if full is not None:
                     yield self._pack(full, worker, position(offset))
             if good > good_before or not planned:  # an elastic resume may leave a worker an epoch without work
@@ -364,7 +405,9 @@ class ShardStream(IterableDataset):
                 batches.end_epoch()
             epoch += 1
         reading = Reading()
-        for full in batches.drain():  # only with max_epochs: the last, short batches
+        fulls, rejected = self._drain(batches, fill, log)
+        good -= len(rejected)
+        for full in fulls:  # only with max_epochs: the last, short batches
             yield self._pack(full, worker, position(0))
         yield {"worker": worker, "end": True, "position": position(0).to_dict()}
 
@@ -428,9 +471,44 @@ class ShardStream(IterableDataset):
         """Where a sample came from, for the bucket buffers' state (nothing on the square path)."""
         return None if self.buckets is None else Waiting(self._shard_index[raw.shard], raw.ordinal, raw.key, where)
 
+    def _add(
+        self,
+        batches: InOrder | BucketBuffers,
+        fill: Optional[BatchFill],
+        log: BadInputLog,
+        bucket: int,
+        sample: Sample,
+        raw: RawSample,
+        waiting: Optional[Waiting],
+        source: int = 0,
+    ) -> tuple[Optional[tuple[int, list[Item]]], list[int]]:
+        """Add a usable sample to the batcher: (a full batch or None, the mixing sources of the
+        samples left out as `mismatched_shape`). On the square path the samples pass through `fill`
+        first, which hands the batcher only a batch's worth of samples that stack together."""
+        if fill is None:
+            return batches.add(bucket, sample, waiting), []
+        if not fill.add(sample, raw.shard, source):
+            return None, []
+        batch, rejected = fill.take(log)
+        full = None
+        for s in batch:  # the batcher is empty here: the last one fills it
+            full = batches.add(0, s, None)
+        return full, rejected
+
+    def _drain(
+        self, batches: InOrder | BucketBuffers, fill: Optional[BatchFill], log: BadInputLog
+    ) -> tuple[list[tuple[int, list[Item]]], list[int]]:
+        """At the end of the stream: (the last, short batches, the sources left out as in `_add`)."""
+        rejected: list[int] = []
+        if fill:
+            batch, rejected = fill.take(log)
+            for s in batch:  # fewer than a batch: it waits in the batcher, which drains it
+                batches.add(0, s, None)
+        return list(batches.drain()), rejected
+
     def _usable(
         self, raw: RawSample, worker: int, log: BadInputLog, filtered: dict[str, int], *where: Any
-    ) -> Optional[DecodedSample | PrecomputedSample]:
+    ) -> Optional[Sample]:
         """Filter, caption, decode one raw sample; None (counted) when filtered or bad. `where` (the
         sample's place in the stream) seeds its caption draw and augmentation."""
         rule = self.sample_filter.rejecting_rule(raw)  # from the json alone: no decode
@@ -438,7 +516,9 @@ class ShardStream(IterableDataset):
             filtered[rule] = filtered.get(rule, 0) + 1
             return None
         key = self._stream_key(worker)
-        raw = self.captions.resolve(raw, random.Random(_seed("caption", *key, *where)) if self.captions.uses_rng else None)
+        raw = self.captions.resolve(
+            raw, random.Random(_seed("caption", *key, *where)) if self.captions.uses_rng else None
+        )
         rng = random.Random(_seed("augment", *key, *where)) if self.transform.uses_rng else None
         try:
             return self.decoder(raw, self.transform, rng)
@@ -478,6 +558,7 @@ class ShardStream(IterableDataset):
             streams.append(samples)
         choices, weights = range(len(self.sources)), [src.weight for src in self.sources]
         batches = self._batcher(worker, start)
+        fill = BatchFill(self.batch_size) if self.buckets is None else None  # the square path's shape check
         kept_at = [src[0] for src in state]  # source epochs when a sample was last kept
 
         def position() -> WorkerPosition:
@@ -486,6 +567,13 @@ class ShardStream(IterableDataset):
             reads = [r.state(self._shard_index) for r in readings]
             plan = plan_left(plans, [src[0] for src in state])
             return WorkerPosition(lowest, draw, good, *counts, [list(x) for x in state], batches.state(), reads, plan)
+
+        def drop(rejected: list[int]) -> None:
+            """Uncount the samples `_add` left out as mismatched_shape (by their sources)."""
+            nonlocal good
+            good -= len(rejected)
+            for src in rejected:
+                state[src][2] -= 1
 
         while self.max_epochs is None or min(src[0] for src in state) < self.max_epochs:
             source = random.Random(_seed("mix", *self._stream_key(worker), draw)).choices(choices, weights)[0]
@@ -513,16 +601,19 @@ class ShardStream(IterableDataset):
                 continue
             good, state[source][2] = good + 1, state[source][2] + 1
             kept_at = [src[0] for src in state]
-            full = batches.add(bucket, sample, self._waiting(raw, where))
+            full, rejected = self._add(batches, fill, log, bucket, sample, raw, self._waiting(raw, where), source)
+            drop(rejected)
             if full is not None:
                 yield self._pack(full, worker, position())
-        for full in batches.drain():
+        fulls, rejected = self._drain(batches, fill, log)
+        drop(rejected)
+        for full in fulls:
             yield self._pack(full, worker, position())
         yield {"worker": worker, "end": True, "position": position().to_dict()}
 
     def _pack(self, full: tuple[int, list[Item]], worker: int, position: WorkerPosition) -> dict:
         bucket, items = full
-        batch: list[DecodedSample | PrecomputedSample] = [sample for sample, _ in items]
+        batch: list[Sample] = [sample for sample, _ in items]
         if isinstance(batch[0], PrecomputedSample):
             arrays = stack_precomputed(batch)  # type: ignore[arg-type]  # one decoder per stream
         else:

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
@@ -287,21 +288,7 @@ class FSDPStrategy(Strategy):
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def describe_load_error(self, folder: Path, error: BaseException) -> str:
-        """DCP's errors do not always name the file; find shard files that are shorter than the
-        metadata says, so the warning points at the culprit."""
-        text = f"{type(error).__name__}: {str(error)[:300]}"
-        try:
-            md = dcp_io.read_metadata(folder)
-            need: dict[str, int] = {}
-            for item in (md.storage_data or {}).values():
-                name = item.relative_path
-                need[name] = max(need.get(name, 0), item.offset + item.length)
-            short = [n for n, size in need.items() if not (folder / n).is_file() or (folder / n).stat().st_size < size]
-            if short:
-                return f"truncated or missing shard file(s) {[str(folder / n) for n in sorted(short)]} ({text})"
-        except Exception as e:  # noqa: BLE001 -- the metadata itself is unreadable or refused: the cause
-            return f"{folder / '.metadata'} unreadable: {type(e).__name__}: {str(e)[:300]}"
-        return text
+        return describe_dcp_load_error(folder, error)
 
     # ---- export and topology ----------------------------------------------------------------------
 
@@ -321,6 +308,28 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
         g.get("fused") for g in optimizer.param_groups
     )
+
+
+def describe_dcp_load_error(folder: Path, error: BaseException) -> str:
+    """DCP's errors do not always name the file; find shard files that are shorter than the
+    metadata says, so the warning points at the culprit. A CheckpointException is told by the
+    errors it wraps (its own text is their tracebacks)."""
+    if isinstance(error, CheckpointException):
+        text = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(error.failures.items()))[:300]
+    else:
+        text = f"{type(error).__name__}: {str(error)[:300]}"
+    try:
+        md = dcp_io.read_metadata(folder)
+        need: dict[str, int] = {}
+        for item in (md.storage_data or {}).values():
+            name = item.relative_path
+            need[name] = max(need.get(name, 0), item.offset + item.length)
+        short = [n for n, size in need.items() if not (folder / n).is_file() or (folder / n).stat().st_size < size]
+        if short:
+            return f"truncated or missing shard file(s) {[str(folder / n) for n in sorted(short)]} ({text})"
+    except Exception as e:  # noqa: BLE001 -- the metadata itself is unreadable or refused: the cause
+        return f"{folder / '.metadata'} unreadable: {type(e).__name__}: {str(e)[:300]}"
+    return text
 
 
 def dtensor_noise_piece(name: str, p: torch.Tensor) -> NoisePiece:

@@ -71,15 +71,31 @@ def init_distributed(args: DistArgs) -> DistInfo:
         device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
+    timeout = datetime.timedelta(seconds=args.timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=args.timeout_s),
+            timeout=timeout,
             device_id=device if backend == "nccl" else None,
         )
+    timeout_for_later_groups(timeout)
     return DistInfo(rank, world_size, local_rank, device, build_mesh(device, world_size, args, launch))
+
+
+def timeout_for_later_groups(timeout: datetime.timedelta) -> None:
+    """Give `timeout` (`dist.timeout_s`) to every process group created from now on that names no
+    timeout of its own: the checkpointer's gloo group for async saves, DeviceMesh's groups of each
+    HSDP mesh dimension, FSDP2's post-forward groups for an integer `reshard_after_forward`, and
+    any a library makes. Without it those got torch's default (30 minutes for gloo, 10 for NCCL),
+    and a rank stuck in one of them kept its peers waiting past `dist.timeout_s`. DeviceMesh and
+    FSDP2 take no timeout; torch reads the default from these two module constants each time it
+    creates a group (`distributed_c10d._get_default_timeout`), so they are the one place to set it.
+    tests/unit/test_checkpointer.py reads the timeouts back, so a torch that changes this fails there."""
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
 
 
 def build_mesh(device: torch.device, world_size: int, args: DistArgs, launch: LaunchEnv) -> DeviceMesh:
@@ -111,6 +127,9 @@ def reduce_tensor_(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> to
 
 
 def all_gather_object(obj: object) -> list[object]:
+    """Every rank's `obj`, by rank; `[obj]` in a process with no group (offline tools)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out

@@ -10,6 +10,10 @@ Each target is written as a diffusers pipeline folder `sigma_rel_<v>` / `decay_<
 `posthoc.json`; `--eval` scores them with the run's own held-out loss and the sample-quality
 instrument, next to the raw weights and the tracked late EMA (`export/raw`, `export/ema`), chooses
 the best by `--select loss|accuracy` and plots both against EMA length (sd_train.tools.posthoc_eval).
+The held-out shards (and, for the instrument, the training shards) come from the run's
+config.yaml; a `pipe:` URL there (or in a list file it names) runs a shell command, so `--eval`
+refuses it unless `--allow-pipe` is given: a run received from elsewhere must not run commands by
+itself, whatever its `data.allow_pipe` says.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from sd_train.ema.posthoc_math import Fit, classic_weights, power_weights, sigma
 from sd_train.errors import UsageError
 from sd_train.export import save_pipeline
 from sd_train.paths import POSTHOC_DIR, snapshot_steps, step_dir
-from sd_train.tools.posthoc_eval import PLOT_NAME, Scored, plot, score_folders, select_best, table
+from sd_train.tools.posthoc_eval import PLOT_NAME, Scored, plot, run_config, score_folders, select_best, table
 
 # The default bound on a target's relative L2 fit error |A^T x - b| / |b|: above it more than 5%
 # of the target's weighting over the window's steps is not expressed by the snapshots.
@@ -172,10 +176,23 @@ def main_posthoc(argv: list[str]) -> int:
         default="loss",
         help="with --eval: choose the best length by held-out loss or by prompt accuracy",
     )
+    p.add_argument(
+        "--allow-pipe",
+        action="store_true",
+        help="with --eval: let `pipe:` URLs in the run's shard specs run their shell commands (trusted runs only)",
+    )
     ns = p.parse_args(argv)
     run_dir = Path(ns.run)
     out = Path(ns.out) if ns.out else run_dir / "posthoc_export"
     snaps = find_snapshots(run_dir)
+    cfg = load_config(str(run_dir / "config.yaml"))
+    quality_samples = cfg.eval.quality_samples if ns.quality_samples is None else ns.quality_samples
+    if ns.eval and ns.select == "accuracy" and quality_samples <= 0:
+        raise SystemExit(
+            "sd-train posthoc --select accuracy: the run has eval.quality_samples=0; pass --quality-samples K (e.g. 4)"
+        )
+    if ns.eval:
+        run_config(run_dir, ns.allow_pipe, quality_samples > 0)  # refused before anything is reconstructed
     sigma_rels = _floats(ns.sigma_rel) if ns.sigma_rel or ns.decay else list(snaps.sigma_rels)
     targets = plan_targets(snaps, sigma_rels, _floats(ns.decay), ns.max_fit_error)
     print(
@@ -186,12 +203,6 @@ def main_posthoc(argv: list[str]) -> int:
         status = f"REFUSED: {t.refused}" if t.refused else "ok"
         print(f"  {t.name:<18} fit error {t.fit.fit_error:.3g}  max |coef| {t.fit.max_abs_coefficient:.3g}  {status}")
     good = [t for t in targets if t.refused is None]
-    cfg = load_config(str(run_dir / "config.yaml"))
-    quality_samples = cfg.eval.quality_samples if ns.quality_samples is None else ns.quality_samples
-    if ns.eval and ns.select == "accuracy" and quality_samples <= 0:
-        raise SystemExit(
-            "sd-train posthoc --select accuracy: the run has eval.quality_samples=0; pass --quality-samples K (e.g. 4)"
-        )
     t0 = time.perf_counter()
     written = {}
     if good:
@@ -225,7 +236,7 @@ def main_posthoc(argv: list[str]) -> int:
         ],
     }
     if ns.eval and good:
-        report["eval"] = evaluate(run_dir, out, targets, written, snaps, quality_samples, ns.select)
+        report["eval"] = evaluate(run_dir, out, targets, written, snaps, quality_samples, ns.select, ns.allow_pipe)
     out.mkdir(parents=True, exist_ok=True)
     (out / "posthoc.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'posthoc.json'}")
@@ -243,9 +254,10 @@ def evaluate(
     snaps: Snapshots,
     quality_samples: int,
     select: str,
+    allow_pipe: bool = False,
 ) -> dict:
     """Score the targets, raw and the late EMA (sd_train.tools.posthoc_eval), print the table and
-    what it means (`loss_notes`), choose the best length and plot."""
+    what it means (`loss_notes`), choose the best length and plot. `allow_pipe`: see `run_config`."""
     baselines = {"raw": run_dir / "export" / "raw", "late_ema": run_dir / "export" / "ema"}
     missing = [str(f) for f in baselines.values() if not (f / "unet").is_dir()]
     if missing:
@@ -253,7 +265,7 @@ def evaluate(
             f"--eval scores against the run's end-of-run export, and {missing} is missing: train with "
             "export_at_end=true, or drop --eval"
         )
-    scores = score_folders(run_dir, {**baselines, **written}, quality_samples)
+    scores = score_folders(run_dir, {**baselines, **written}, quality_samples, allow_pipe)
     lengths = {t.name: t.length for t in targets}
     rows = [Scored(n, lengths.get(n), s["loss"], s.get("quality")) for n, s in scores.items()]
     best = select_best(rows[len(baselines) :], select)

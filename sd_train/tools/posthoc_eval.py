@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from sd_train.config import load_config
+from sd_train.config import ConfigError, TrainConfig, load_config
+from sd_train.data.sources import PipeRefused, expand_sources
+from sd_train.errors import UsageError
 from sd_train.evaluation import Validator, build_quality
 from sd_train.model.parts import encode_text, load_sd_parts
 from sd_train.objective import DiffusionObjective
@@ -43,10 +45,42 @@ class Scored:
         return self.quality["accuracy"] if self.quality else float("nan")
 
 
-def score_folders(run_dir: Path, folders: dict[str, Path], quality_samples: int = 0) -> dict[str, dict]:
+def run_config(run_dir: Path, allow_pipe: bool, with_train_shards: bool = False) -> TrainConfig:
+    """The run's config.yaml, with `data.allow_pipe` as this command allows it (`--allow-pipe`),
+    never as the run says: a run may come from elsewhere. UsageError naming the field and the flag
+    when the shards it reads (the held-out ones; the training ones too for the instrument, with
+    `with_train_shards`) hold a `pipe:` URL and `allow_pipe` is off."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        cfg = load_config(str(path))
+    except ConfigError as e:
+        raise UsageError(f"--eval: {path}: {e}") from e
+    cfg.data.allow_pipe = allow_pipe
+    fields = ["val_shards"] + (["train_shards"] if with_train_shards else [])
+    for name in fields:
+        spec = getattr(cfg.data, name)
+        try:
+            if not spec:
+                raise ValueError("empty: the run has no such shards to score on")
+            expand_sources(spec, allow_pipe)
+        except PipeRefused as e:
+            raise UsageError(
+                f"--eval: {path}: data.{name}={spec!r}: {e.where} names {e.url!r}, a `pipe:` URL, "
+                "which would run its command through /bin/sh. A run's config.yaml may come from elsewhere, so its "
+                "data.allow_pipe is not trusted: pass --allow-pipe if you trust this run"
+            ) from e
+        except ValueError as e:
+            raise UsageError(f"--eval: {path}: data.{name}={spec!r}: {e}") from e
+    return cfg
+
+
+def score_folders(
+    run_dir: Path, folders: dict[str, Path], quality_samples: int = 0, allow_pipe: bool = False
+) -> dict[str, dict]:
     """Each pipeline folder's UNet scored in this process with no process group: {name: {"loss":
-    held-out loss, "quality": the instrument's figures (with `quality_samples` > 0)}}."""
-    cfg = load_config(str(Path(run_dir) / "config.yaml"))
+    held-out loss, "quality": the instrument's figures (with `quality_samples` > 0)}}. `allow_pipe`:
+    see `run_config`."""
+    cfg = run_config(run_dir, allow_pipe, quality_samples > 0)
     cfg.model.pretrained_path = str(next(iter(folders.values())))
     cfg.model.init_unet = "pretrained"
     device = torch.device("cpu")

@@ -59,6 +59,11 @@ Use:
         data.train_shards='data/emoji-latents/train-{000000..000007}.tar'
 Validation (`data.val_shards`) and sample grids still use image shards and the online encoders.
 
+Names. An output member is named after its input sample's key, which comes from the input tar's
+member names: a key with a `..` part or an absolute path (`../../x.png`, `/etc/x.png`) would make
+an output that writes outside its folder when unpacked, so such samples are skipped and counted as
+`unsafe_name`, beside the training reader's bad-input categories.
+
 Many processes. Under torchrun, `accelerate launch` or srun (`torchrun --nproc_per_node 8 -m
 sd_train.cli precompute ...`), rank r encodes shards r, r + W, ... on its own GPU; rank 0 writes the
 manifest with every process's throughput. Each shard is written to a temp file and renamed, then a
@@ -80,9 +85,10 @@ import re
 import sys
 import tarfile
 import time
+import traceback
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Callable, Optional
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -90,7 +96,7 @@ from tqdm import tqdm
 
 from sd_train.config import ConfigError, DataArgs, DistArgs, ModelArgs
 from sd_train.config.launcher import read_launch_env
-from sd_train.data.bad_input import BadInputLog, BadSample
+from sd_train.data.bad_input import BAD_CATEGORIES, BadInputLog, BadSample
 from sd_train.data.buckets import MISFIT_REASONS, BucketSet, Misfit, bucket_name, bucket_set, pixel_factor
 from sd_train.data.decode import (
     DecodedSample,
@@ -115,7 +121,11 @@ from sd_train.model.parts import encode_text, load_sd_parts, uint8_to_unit_range
 from sd_train.parallel.process_group import all_gather_object, destroy, init_distributed
 from sd_train.preflight import vae_downsampling_factor
 
+T = TypeVar("T")
 MANIFEST = "precompute.json"
+UNSAFE_NAME = "unsafe_name"
+CATEGORIES = (*BAD_CATEGORIES, UNSAFE_NAME)
+"""What precompute counts: the training reader's bad input, and input keys unfit for output names."""
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -132,6 +142,25 @@ def output_name(url: str) -> str:
     return names[-1]
 
 
+def safe_key(key: str) -> bool:
+    """Whether a sample key may name output members: relative, with no `..` part."""
+    path = PurePosixPath(key)
+    return bool(key) and not path.is_absolute() and ".." not in path.parts
+
+
+def _safe_samples(raws: Iterator[RawSample], log: BadInputLog) -> Iterator[RawSample]:
+    """`raws` without the samples whose keys are not `safe_key` (counted `unsafe_name`), before any decode."""
+    for raw in raws:
+        if safe_key(raw.key):
+            yield raw
+        else:
+            log.add(UNSAFE_NAME, raw.shard)
+
+
+def new_log() -> BadInputLog:
+    return BadInputLog(dict.fromkeys(CATEGORIES, 0))
+
+
 # --------------------------------------------------------------------------------------------
 # Writing.
 # --------------------------------------------------------------------------------------------
@@ -144,12 +173,15 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _meta(raw: RawSample, caption: str, identity: dict) -> bytes:
+    ours = {"key": raw.key, "caption": caption, IDENTITY: identity}
     try:
         meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
-    except ValueError:
-        meta = {}  # an unreadable json is not worth dropping the sample for; training ignores it
-    meta = (meta if isinstance(meta, dict) else {}) | {"key": raw.key, "caption": caption, IDENTITY: identity}
-    return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+        meta = (meta if isinstance(meta, dict) else {}) | ours
+        return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
+    except (ValueError, RecursionError):
+        # An unreadable json (invalid, or nested past the parser's recursion limit) is not worth
+        # dropping the sample for; training ignores it. Our own record is still written.
+        return json.dumps(ours, ensure_ascii=False, sort_keys=True).encode()
 
 
 class _Encoder:
@@ -307,7 +339,7 @@ def _write_shard(
         # Batches never span shards, so with shuffle_buffer=0 and micro_batch_size == batch_size a
         # training batch is a precompute batch, and the VAE sees the same batch composition (one
         # training size: with buckets a batch holds one bucket, so the composition differs).
-        for raw, decoded in decoder.decode(read_shards([url], log)):
+        for raw, decoded in decoder.decode(_safe_samples(read_shards([url], log), log)):
             if decoded in MISFIT_REASONS:
                 counts[decoded] = counts.get(decoded, 0) + 1  # type: ignore[index]
                 continue
@@ -367,6 +399,55 @@ def _done(out_dir: str, name: str, recipe: dict) -> dict | None:
     return marker if marker is not None and marker.get("recipe") == recipe else None
 
 
+class PrecomputeError(RuntimeError):
+    """A rank failed; every rank stops with this, naming the rank, the shard and the error."""
+
+
+def _agreed(gather: Callable[[Any], list[Any]], where: str, work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)`, then an agreement of every rank (a collective: each rank calls it as often): if
+    any rank's work raised, every rank raises PrecomputeError naming it. The failing rank prints
+    its traceback first. A rank that failed alone used to leave the others waiting in the final
+    gather for `dist.timeout_s`."""
+    result, failure = None, None
+    try:
+        result = work(*args)
+    except Exception as e:  # noqa: BLE001 -- any failure must reach the other ranks
+        traceback.print_exc()
+        failure = f"{where}: {type(e).__name__}: {e}"
+    failures = [f for f in gather(failure) if f]
+    if failures:
+        raise PrecomputeError(f"stopped on every rank after a failure: {'; '.join(failures)}")
+    return result  # type: ignore[return-value]
+
+
+def _shard(
+    url: str | None,
+    name: str | None,
+    out_dir: str,
+    recipe: dict,
+    enc: _Encoder,
+    identity: dict,
+    batch_size: int,
+    decoder: Decoder,
+) -> tuple[dict, bool] | None:
+    """(the done marker of shard `name`, whether it was encoded now rather than found done), or
+    None with no shard (`url` None: this rank's last round)."""
+    if url is None or name is None:
+        return None
+    marker = _done(out_dir, name, recipe)
+    if marker is not None:
+        return marker, False
+    shard_log, shard_counts = new_log(), {}
+    n = _write_shard(url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, decoder, shard_counts)
+    marker = {"recipe": recipe, "written": n, "bad": shard_log.counts, "bad_shards": shard_log.shards}
+    marker["counts"] = shard_counts  # per bucket written, per misfit reason skipped
+    tmp = done_marker(out_dir, name) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(marker, f)
+    os.replace(tmp, done_marker(out_dir, name))
+    return marker, True
+
+
 def precompute(
     model_path: str,
     src_spec: str,
@@ -379,20 +460,22 @@ def precompute(
     dtype: str = "float32",
     rank: int = 0,
     world_size: int = 1,
-    gather: Callable[[dict], list[dict]] = lambda part: [part],
+    gather: Callable[[Any], list[Any]] = lambda part: [part],
     workers: int = 0,
+    allow_pipe: bool = False,
     buckets: Optional[BucketSet] = None,
 ) -> dict[str, Any]:
     """Encode every sample of `src_spec` (any `expand_sources` spec) into shards in `out_dir`.
 
     With `world_size` processes, rank r encodes shards r, r + W, ... (`gather` collects every
-    rank's counts; rank 0 writes the manifest). Each finished shard leaves a done marker with the
+    rank's counts, and after each shard whether any rank failed; rank 0 writes the manifest). A
+    rank that fails stops every rank with PrecomputeError. Each finished shard leaves a done marker with the
     recipe it was made with, so a re-run, on any number of processes, skips it and redoes only the
     missing shards. Bad input is skipped and counted by the training reader's categories. Images are
     decoded in `workers` worker processes (0: in this one) while this process reads and encodes;
-    the output bytes are the same for any `workers`. `buckets`: store each sample at its
-    aspect-ratio bucket (see the module docstring). Returns the manifest, also written to
-    `out_dir/precompute.json`.
+    the output bytes are the same for any `workers`. `pipe:` URLs in `src_spec` (or in a list file
+    it names) only with `allow_pipe`. `buckets`: store each sample at its aspect-ratio bucket (see
+    the module docstring). Returns the manifest, also written to `out_dir/precompute.json`.
     """
     if resolution <= 0:
         raise ValueError(f"resolution={resolution} must be positive")
@@ -400,7 +483,7 @@ def precompute(
         raise ValueError(f"crops={crops} and batch_size={batch_size} must be >= 1, workers={workers} >= 0")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: use one of {list(DTYPES)}")
-    urls = [u for s in expand_sources(src_spec) for u in s.urls]
+    urls = [u for s in expand_sources(src_spec, allow_pipe) for u in s.urls]
     if not urls:
         raise ValueError(f"no shards in {src_spec!r}")
     check_out_apart_from_inputs(out_dir, urls)
@@ -415,38 +498,41 @@ def precompute(
     t0 = time.perf_counter()
     decoder = Decoder(workers, resolution, crops, seed, buckets)  # before the encoder: the workers start meanwhile
     try:
-        enc = _Encoder(model_path, torch.device(device), np.dtype(DTYPES[dtype]))
+        enc, identity = _agreed(
+            gather,
+            f"rank {rank} loading {model_path}",
+            lambda: (
+                _Encoder(model_path, torch.device(device), np.dtype(DTYPES[dtype])),
+                {"model_fingerprint": model_fingerprint(model_path), "resolution": resolution, "crops": crops},
+            ),
+        )
         start = time.perf_counter()  # throughput counts reading + encoding + writing, not the model load
-        identity = {"model_fingerprint": model_fingerprint(model_path), "resolution": resolution, "crops": crops}
         if enc.parts.family != "sd":  # SD shards keep the identity they always had
             identity["family"] = enc.parts.family
         if buckets is not None:  # check_precomputed holds data.buckets to the set
             identity |= {"buckets": [list(b) for b in buckets.sizes], "bucket_misfits": buckets.misfits}
         # Everything the bytes of a shard depend on (the VAE is not batch-invariant: batch size counts).
         recipe = {**identity, "seed": seed, "dtype": dtype, "batch_size": batch_size}
-        log, written, encoded, skipped, counts = BadInputLog(), 0, 0, 0, collections.Counter()
+        log, written, encoded, skipped, counts = new_log(), 0, 0, 0, collections.Counter()
         mine = list(zip(urls, names))[rank::world_size]
-        for url, name in tqdm(mine, desc=f"precompute rank {rank}", unit="shard", dynamic_ncols=True, disable=rank > 0):
-            marker = _done(out_dir, name, recipe)
-            if marker is None:
-                shard_log, shard_counts = BadInputLog(), {}
-                n = _write_shard(
-                    url, os.path.join(out_dir, name), enc, shard_log, identity, batch_size, decoder, shard_counts
-                )
-                marker = {"recipe": recipe, "written": n, "bad": shard_log.counts, "bad_shards": shard_log.shards}
-                marker["counts"] = shard_counts  # per bucket written, per misfit reason skipped
-                tmp = done_marker(out_dir, name) + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(marker, f)
-                os.replace(tmp, done_marker(out_dir, name))
-                encoded += n
-            else:
-                skipped += 1
+        bar = tqdm(total=len(mine), desc=f"precompute rank {rank}", unit="shard", dynamic_ncols=True, disable=rank > 0)
+        # The same number of rounds on every rank, each ending in an agreement: a rank that fails
+        # stops every rank after the shard each is on, instead of leaving them in the final gather.
+        for i in range(-(-len(urls) // world_size)):
+            url, name = mine[i] if i < len(mine) else (None, None)
+            where = f"rank {rank} on {url}"
+            done = _agreed(gather, where, _shard, url, name, out_dir, recipe, enc, identity, batch_size, decoder)
+            if done is None:  # this rank has no shard left this round
+                continue
+            bar.update()
+            marker, fresh = done
+            encoded, skipped = encoded + (marker["written"] if fresh else 0), skipped + (not fresh)
             written += marker["written"]
             counts.update(marker.get("counts", {}))
             for category, count in marker["bad"].items():
                 log.counts[category] += count
             log.shards.extend(s for s in marker["bad_shards"] if s not in log.shards)
+        bar.close()
         seconds = time.perf_counter() - start
     finally:
         decoder.close()
@@ -589,6 +675,9 @@ def main_precompute(argv: list[str]) -> int:
         default=None,
         help="decode worker processes per process (0: decode inline; default 4 on a GPU, 0 on CPU); same bytes",
     )
+    p.add_argument(
+        "--allow-pipe", action="store_true", help="let `pipe:` URLs in --src (or its list files) run their commands"
+    )
     a = p.parse_args(argv)
     try:
         launch = read_launch_env()
@@ -607,10 +696,14 @@ def main_precompute(argv: list[str]) -> int:
             a.model, a.src, a.out, a.resolution, a.batch_size, a.crops, a.seed, device, a.dtype,
             rank=launch.rank, world_size=launch.world_size, gather=all_gather_object if info else lambda part: [part],
             workers=a.workers if a.workers is not None else default_workers(device), buckets=buckets,
+            allow_pipe=a.allow_pipe,
         )  # fmt: skip
     except (ValueError, ConfigError) as e:
         print(f"sd-train precompute: error: {e}", file=sys.stderr)
         return 2
+    except PrecomputeError as e:
+        print(f"sd-train precompute: {e}", file=sys.stderr)
+        return 1
     finally:
         if info is not None:
             destroy()

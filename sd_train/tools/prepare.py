@@ -142,6 +142,21 @@ def caption_from_name(name: str) -> str:
     return "an emoji of " + name.strip(":").replace("_", " ")
 
 
+def _read_caption(path: str) -> str | None:
+    """The text of a caption file, stripped; None when `path` is a symbolic link, which is never
+    followed: a link in a folder received from elsewhere could put any file the user can read (a
+    key, a credentials file) into shards meant to be shared. Opened with O_NOFOLLOW, so a link put
+    in place after the listing is refused too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        if os.path.islink(path):  # ELOOP: the link itself
+            return None
+        raise
+    with open(fd, encoding="utf-8") as f:
+        return f.read().strip()
+
+
 def emoji_samples(resolution: int, background: Color = (255, 255, 255), limit: int | None = None) -> list[Sample]:
     """All captioned Twemoji images (sorted by file name; keys numbered in that order) at `resolution`.
 
@@ -410,11 +425,13 @@ def find_captioned_images(src_dir: str, bad: _Skipped | None = None) -> tuple[li
             skipped.append(rel)
             continue
         try:
-            with open(txt, encoding="utf-8") as f:
-                caption = f.read().strip()
+            caption = _read_caption(txt)
         except UnicodeDecodeError:
             if bad is not None:
                 bad.add("undecodable_caption", os.path.relpath(txt, src_dir))
+            continue
+        if caption is None:  # a symbolic link, not followed: skipped as an image without a caption
+            skipped.append(rel)
             continue
         entries.append(_Entry(f"{len(entries):0{KEY_DIGITS}d}", path, caption, rel))
     return entries, skipped

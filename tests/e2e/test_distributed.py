@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from sd_train.config import DistArgs
 from tests.support.launch import REPO, ranks_cmd, run
 
 pytestmark = pytest.mark.multiproc
@@ -64,6 +65,7 @@ def test_hsdp_ema_follows_the_shard_dimension_and_reshards(tmp_path):
     reports = [json.loads((tmp_path / f"report.rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
         assert rep["world_size"] == 2 and rep["mesh"] == {"replicate": 2, "shard": 1}
+        assert rep["group_timeouts_s"] == [DistArgs().timeout_s] * 2, "dist.timeout_s reaches the sub-meshes"
         assert rep["placements_hsdp"] and rep["placements_fsdp"]
         assert rep["ema_equal_across_replicas"] and rep["ema_equal_gathered_reference"]
         assert rep["fsdp_raw_equal"] and rep["fsdp_ema_equal"] and rep["raw_vs_ema_differ"]

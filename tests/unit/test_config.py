@@ -35,6 +35,22 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     assert cfg.micro_batch_size == TrainConfig().micro_batch_size
 
 
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("max_steps: 5\n1: 2\n", r"config key 1 is a int, not a name"),
+        ("optim:\n  yes: 0.1\n", r"config key optim.True is a bool, not a name"),
+        ("data:\n  null: x\n", r"config key data.None is a NoneType, not a name"),
+    ],
+)
+def test_non_string_yaml_key_is_a_config_error(tmp_path, text, match):
+    """YAML reads `1:`, `yes:` or `null:` as values: the key is named in a ConfigError, not a TypeError."""
+    y = tmp_path / "c.yaml"
+    y.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(str(y))
+
+
 def test_unknown_key_suggests():
     with pytest.raises(ConfigError, match=r"unknown config key optim.lrr. Did you mean optim.lr\?"):
         load_config(None, ["optim.lrr=1"])

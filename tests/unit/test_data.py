@@ -20,6 +20,7 @@ import torch
 
 from sd_train.config import ConfigError, TrainConfig
 from sd_train.data.bad_input import check_bad_fraction
+from sd_train.data.decode import ImageTransform
 from sd_train.data.loader import build_train_loader, val_samples
 from sd_train.data.sources import expand_sources
 from sd_train.errors import BadDataError
@@ -168,6 +169,7 @@ EXPECTED_BAD = {
     "empty_caption": 1,
     "truncated": 2,
     "unreadable_shard": 2,
+    "mismatched_shape": 0,  # images are resized: only precomputed samples can disagree
 }
 EXPECTED_LOST = {f"{i:09d}" for i in (1, 6, 7, 12, 13, 14, 16, 22, 23)}
 
@@ -274,6 +276,80 @@ def test_shard_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # equal weights: no "weights ignored" warning
         assert len(keys_of(list(loader))) == 28 + 10 + 4
+
+
+def test_pipe_urls_are_refused_unless_allowed(tmp_path: Path) -> None:
+    """A `pipe:` URL runs a shell command: refused in a spec and inside a list file unless
+    `allow_pipe` (data.allow_pipe); the refusal happens at expansion, so the command never runs."""
+    ran = tmp_path / "ran"
+    pipe = f"pipe:touch {ran}; cat {ASSETS / 'tiny-000000.tar'}"
+    listing = tmp_path / "shipped.txt"
+    listing.write_text(f"{ASSETS / 'tiny-000001.tar'}\n{pipe}\n")
+    with pytest.raises(ValueError, match=r"the shard spec: 'pipe:touch .* is a `pipe:` URL.*data.allow_pipe=true"):
+        expand_sources(pipe)
+    with pytest.raises(ValueError, match=rf"the list file {listing}: 'pipe:touch"):
+        expand_sources(f"{SPEC}::{listing}")
+    assert expand_sources(str(listing), allow_pipe=True)[0].urls == [str(ASSETS / "tiny-000001.tar"), pipe]
+    cfg = TrainConfig()
+    cfg.data.train_shards, cfg.data.resolution, cfg.data.num_workers, cfg.micro_batch_size = str(listing), 8, 0, 2
+    with pytest.raises(ValueError, match="is a `pipe:` URL"):
+        build_train_loader(cfg, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="is a `pipe:` URL"):
+        val_samples(pipe, 2, 8)
+    assert not ran.exists()
+    cfg.data.allow_pipe = True  # allowed: the command runs and its shard is read
+    assert len(keys_of(list(build_train_loader(cfg, rank=0, world_size=1, max_epochs=1)))) == 10
+    assert ran.exists()
+
+
+def _precomputed_shard(path: Path, shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+    """A shard in `sd-train precompute`'s layout: key -> (latent shape [K, 4, h, w], text shape [77, D])."""
+    import numpy as np
+
+    from sd_train.data.tar import add_member
+
+    def npy(shape: tuple[int, ...]) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.ones(shape, np.float32))
+        return buf.getvalue()
+
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, (latent, text) in shapes.items():
+            for name, data in (("latent_mean.npy", npy(latent)), ("latent_std.npy", npy(latent))):
+                add_member(tar, f"{key}.{name}", data)
+            add_member(tar, f"{key}.text_embeds.npy", npy(text))
+            add_member(tar, f"{key}.txt", f"caption {key}".encode())
+
+
+def test_precomputed_samples_of_other_shapes_are_bad_input_not_a_crash(tmp_path: Path) -> None:
+    """Precomputed samples whose arrays disagree in shape with the batch they fall into (another
+    resolution, another text encoder) are counted `mismatched_shape`, never a crash in np.stack;
+    an odd sample costs only itself, also when it starts a batch; a resume repeats it exactly."""
+    from sd_train.data.loader import TrainLoader, select_decoder
+    from sd_train.data.stream import ShardStream
+
+    a, wide, other_text = ((1, 4, 4, 4), (77, 8)), ((1, 4, 8, 8), (77, 8)), ((1, 4, 4, 4), (77, 16))
+    layout = [a, a, wide, a, a, other_text, a, a, wide, a, a, a]  # k08 starts the third batch
+    _precomputed_shard(tmp_path / "p-000000.tar", {f"k{i:02d}": shape for i, shape in enumerate(layout)})
+
+    def loader() -> TrainLoader:
+        stream = ShardStream(
+            expand_sources(str(tmp_path / "p-000000.tar")), rank=0, world_size=1, num_workers=0, seed=0,
+            batch_size=3, transform=ImageTransform(16), max_epochs=1, decoder=select_decoder(True),
+        )  # fmt: skip
+        return TrainLoader(stream, 0)
+
+    whole = loader()
+    batches = list(whole)
+    assert [b["keys"] for b in batches] == [["k00", "k01", "k03"], ["k04", "k06", "k07"], ["k09", "k10", "k11"]]
+    assert all(b["latent_mean"].shape == (3, 4, 4, 4) and b["text_embeds"].shape == (3, 77, 8) for b in batches)
+    assert whole.bad_counts()["mismatched_shape"] == 3 and whole.samples_seen() == 9
+    assert whole.samples_read() == 12
+    first = loader()
+    head = take(first, 1)
+    second = loader()
+    second.load_state_dict(first.state_dict())
+    assert keys_of(head + list(second)) == keys_of(batches) and second.bad_counts() == whole.bad_counts()
 
 
 # --------------------------------------------------------------------------- config and val

@@ -205,6 +205,24 @@ def test_filter_reads_nested_and_treats_non_numbers_as_missing() -> None:
     assert keep.rejecting_rule(RawSample("k", "s", {})) is None
 
 
+def test_filters_and_caption_fields_survive_deep_json_and_huge_integers() -> None:
+    """A `.json` nested past the parser's recursion limit is unreadable metadata (the rule is
+    missing: kept or dropped by filter_missing; no caption from it), never a RecursionError. An
+    integer above float's range (~1.8e308, valid JSON) is a number and is compared exactly, never an
+    OverflowError."""
+    from sd_train.data.tar import RawSample
+
+    deep = RawSample("k", "s", {"json": b"[" * 100_000 + b"]" * 100_000, "txt": b"a caption"})
+    huge = RawSample("k", "s", {"json": b'{"original_width": 1' + b"0" * 400 + b', "punsafe": -1' + b"0" * 400 + b"}"})
+    drop = MetadataFilter.from_config(["original_width>=512", "punsafe<0.1"], "drop")
+    keep = MetadataFilter.from_config(["original_width>=512"], "keep")
+    assert drop.rejecting_rule(deep) == "original_width>=512" and keep.rejecting_rule(deep) is None
+    assert drop.rejecting_rule(huge) is None, "10^400 >= 512 and -10^400 < 0.1"
+    assert MetadataFilter.from_config(["original_width<1e308"], "drop").rejecting_rule(huge) == "original_width<1e308"
+    assert CaptionSource.from_config("json:caption").resolve(deep, None).members.get("txt") is None
+    assert CaptionSource.from_config("json:caption,txt").resolve(deep, None).members["txt"] == b"a caption"
+
+
 # Every operator on its boundary and on both sides of it, written out by hand: (rule, value, kept).
 # The json numbers are ints and floats, as img2dataset writes them.
 BOUNDARY_ROWS = [

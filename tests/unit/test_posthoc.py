@@ -28,6 +28,7 @@ from sd_train.ema.posthoc_math import (
     solve,
 )
 from sd_train.ema.sharded import ShardedEMA
+from sd_train.errors import UsageError
 from sd_train.parallel.deepspeed import DeepSpeedStrategy, offline_shadow
 from sd_train.parallel.fsdp import DTensorLayout, FSDPStrategy
 from sd_train.paths import partial_dir, snapshot_steps, step_dir
@@ -322,6 +323,36 @@ def test_zero3_layout_refuses_a_partitioning_it_does_not_describe(info):
     p = next(module.parameters())
     with pytest.raises(RuntimeError, match="a DeepSpeed partitioning sd-train does not describe"):
         strategy.ema_layout().global_tensor(p, torch.zeros(p.ds_numel + 1))
+
+
+def test_eval_refuses_pipes_from_a_runs_config_unless_allowed(info, tmp_path, capsys):
+    """`sd-train posthoc --eval` rebuilds the validator from the run's config.yaml, which may come
+    from elsewhere: a `pipe:` URL there (here in a list file it names) is refused, whatever the
+    run's own data.allow_pipe says, before anything is reconstructed, until --allow-pipe is given;
+    the command never runs."""
+    from sd_train.config import dump_config
+    from sd_train.tools.posthoc import main_posthoc
+
+    ran = tmp_path / "ran"
+    listing = tmp_path / "val.txt"
+    listing.write_text(f"pipe:touch {ran}; cat v.tar\n")
+    cfg = TrainConfig()
+    cfg.data.val_shards, cfg.data.allow_pipe = str(listing), True
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(cfg, run / "config.yaml")
+    profiles = _open_profiles()
+    for step in range(1, 9):
+        profiles.update(step)
+        profiles.maybe_snapshot(run / "posthoc", step, 0)
+    with pytest.raises(UsageError, match=rf"the list file {listing} names 'pipe:touch .*pass --allow-pipe"):
+        main_posthoc(["--run", str(run), "--eval"])
+    assert "snapshots" not in capsys.readouterr().out, "refused before the snapshots are planned"
+    # Allowed: on to the snapshots (every target refused by the bound, so no model is needed).
+    assert main_posthoc(["--run", str(run), "--eval", "--allow-pipe", "--max-fit-error", "0"]) == 1
+    printed = capsys.readouterr()
+    assert "reconstructed 0 target(s)" in printed.out and "every target was refused" in printed.err
+    assert not ran.exists()
 
 
 def _open_profiles(dtype: str = "fp32", sigma_rels=(0.05, 0.1), start: int = 1) -> PowerEMAProfiles:

@@ -269,3 +269,19 @@ def test_demo_subset_names_exist_and_lead_with_the_grid_prompts() -> None:
     assert set(demo.eval.prompts) <= {samples[i].caption for i in train}, "the demo grid asks for an untrained emoji"
     with pytest.raises(ValueError, match=r"no emoji named \['red_aple'\]"):
         prepare.subset_indices(["red_aple"], samples, val_count=1, seed=0)
+
+
+def test_prepare_folder_never_follows_a_caption_link(tmp_path: Path) -> None:
+    """A caption file that is a symbolic link (here to a secret outside the folder) is not read:
+    the image is left out, named among the images without a caption, and the secret is in no shard."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write_folder(src)
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key=HUNTER2")
+    Image.new("RGB", (12, 12), (1, 2, 3)).save(src / "sub" / "f_linked.png")
+    os.symlink(secret, src / "sub" / "f_linked.txt")
+    man = prepare.prepare_folder(str(src), str(out), resolution=8, num_train_shards=1, val_count=1)
+    assert man["skipped_no_caption"] == ["d_nocap.png", os.path.join("sub", "f_linked.png")]
+    assert man["counts"]["total"] == 4, "the four captioned images without links, as before"
+    for shard in out.glob("*.tar"):
+        assert b"HUNTER2" not in shard.read_bytes()

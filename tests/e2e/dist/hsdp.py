@@ -1,7 +1,8 @@
 """Run under torchrun with 2 ranks (tests/e2e/test_distributed.py does). HSDP through sd_train's own
 mesh, sharding and EMA: a 2-D mesh of (replicate 2, shard 1), trained a few SGD steps, then:
 
-- every parameter is a DTensor placed (Replicate(), Shard(0)) on the 2-D mesh;
+- every parameter is a DTensor placed (Replicate(), Shard(0)) on the 2-D mesh, whose groups wait
+  `dist.timeout_s` like the default group;
 - each rank's local EMA equals the other replica's bitwise (no collective keeps them so), with
   Langevin noise added after every step (sd_train.langevin: both replicas draw the same numbers);
 - the gathered EMA equals an EMA kept of the gathered parameters, bitwise;
@@ -57,9 +58,13 @@ rank, out = info.rank, sys.argv[1]
 hsdp = DistArgs(strategy="fsdp2", shard_group_size=1)
 model, ema = wrapped(hsdp, info)
 params = dict(model.named_parameters())
+mesh = next(iter(params.values())).device_mesh
 report = {
     "world_size": info.world_size,
-    "mesh": dict(zip(next(iter(params.values())).device_mesh.mesh_dim_names, next(iter(params.values())).device_mesh.shape)),
+    "mesh": dict(zip(mesh.mesh_dim_names, mesh.shape)),
+    # What gloo waits for in each dimension's group: dist.timeout_s, not torch's default.
+    "group_timeouts_s": [mesh.get_group(d)._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                         for d in mesh.mesh_dim_names],
     "placements_hsdp": all(isinstance(p, DTensor) and p.placements == (Replicate(), Shard(0)) for p in params.values()),
 }  # fmt: skip
 opt = torch.optim.SGD(model.parameters(), lr=0.2)
