@@ -185,10 +185,15 @@ def load_checkpoint_unet(
     checkpoint = Path(checkpoint)
     if not checkpoint_is_complete(checkpoint):
         raise UsageError(f"{checkpoint} is not a complete checkpoint (no trainer_state.json, or no .metadata / zero/)")
-    trainer_state = read_trainer_state(checkpoint)
-    problem = verify(checkpoint, int(trainer_state["world_size"]))  # every byte as written, before any is read
+    # Every byte as written before any is trusted: the manifests first, then what trainer_state says.
+    try:
+        saved_world = int(json.loads((checkpoint / "trainer_state.json").read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointLoadError(f"{checkpoint / 'trainer_state.json'} is unreadable ({type(e).__name__}: {e})") from e
+    problem = verify(checkpoint, saved_world)
     if problem is not None:
         raise UsageError(f"{checkpoint} is damaged: {problem}. Export an earlier checkpoint")
+    trainer_state = read_trainer_state(checkpoint)
     if weights == "ema" and not trainer_state["ema"]["open"]:
         raise UsageError(
             f"{checkpoint}: the EMA window had not opened at step {trainer_state['step']}; export --weights raw instead"

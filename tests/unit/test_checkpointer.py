@@ -179,16 +179,22 @@ def test_trainer_state_missing_an_entry_falls_back_like_any_broken_checkpoint(in
             at_one = (a.weights(), a.ema_weights())
     root = tmp_path / "checkpoints"
 
+    def rehash(step: int) -> None:  # written so by the save itself: the checksums pass, the contents do not
+        manifest_path(step_dir(root, step), 0).unlink()
+        complete_manifest(step_dir(root, step), 0)
+
     def edit(step: int, change) -> None:
         path = step_dir(root, step) / "trainer_state.json"
         state = json.loads(path.read_text())
         change(state)
         path.write_text(json.dumps(state))
+        rehash(step)
 
     edit(5, lambda st: st.pop("ema"))
     edit(4, lambda st: st.pop("train"))
     edit(3, lambda st: st.update(ema={}))  # present, but without its fields
     torch.save({}, step_dir(root, 2) / "rank_0.pt")
+    rehash(2)
     b = Run(info, tmp_path, keep_last_k=0)
     assert b.ckpt.load().step == 1
     out = capsys.readouterr().out

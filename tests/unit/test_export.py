@@ -16,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from sd_train import cli
+from sd_train.checksums import complete_manifest, manifest_path
 from tests.support.launch import REPO
 
 
@@ -38,6 +39,7 @@ def run(tiny_assets, tmp_path):
     }
     state = {"step": 3, "world_size": 1, "format": "dcp", "ema": {"open": False}, "config": config}
     (step / "trainer_state.json").write_text(json.dumps(state))
+    complete_manifest(step, 0)  # as a save writes it
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     return launch, step, elsewhere, unet.state_dict()
@@ -84,6 +86,12 @@ def test_export_finds_the_runs_relative_model_and_refuses_user_errors_cleanly(ru
 
     shard = next(step.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
+    rc, err = export(
+        capsys, "--checkpoint", str(step), "--out", str(tmp_path / "z"), "--weights", "raw", "--model-path", moved
+    )
+    assert rc == 2 and "is damaged" in err and shard.name in err, err  # the checksums see it first
+    manifest_path(step, 0).unlink()
+    complete_manifest(step, 0)  # a manifest that agrees (the save itself wrote it short): DCP names the file
     rc, err = export(
         capsys, "--checkpoint", str(step), "--out", str(tmp_path / "z"), "--weights", "raw", "--model-path", moved
     )

@@ -15,6 +15,7 @@ import torch
 import sd_train.checkpoint as checkpoint
 import sd_train.rollback as rollback
 from sd_train.checkpoint import Checkpointer
+from sd_train.checksums import complete_manifest
 from sd_train.config import CheckpointArgs
 from sd_train.paths import step_dir
 from tests.support.threaded_ranks import run_ranks
@@ -59,6 +60,8 @@ def write_checkpoint(root: Path, step: int, world_size: int) -> None:
     (folder / ".metadata").write_bytes(b"")
     for r in range(world_size):
         torch.save({"data": {"step": step}}, folder / f"rank_{r}.pt")
+    for r in range(world_size):
+        complete_manifest(folder, r)
 
 
 def test_ranks_resume_the_folder_rank_0_lists_whatever_their_own_view(tmp_path, monkeypatch):
