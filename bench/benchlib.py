@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -210,3 +211,21 @@ def sizes_main(parser, args, script: str, worker, report) -> int:
     flags += ["--reps", str(args.reps), "--warmup", str(args.warmup)]
     report(run_torchrun(script, ["--worker", *flags]), args, load_before)
     return 0
+
+
+def tiny_test_assets(root: Path) -> list[str]:
+    """The test suite's tiny data set and tiny SD (tests/conftest.py `tiny_assets`), built once
+    into `root`, as config overrides."""
+    from sd_train.tools.prepare import prepare_emoji
+    from sd_train.tools.tiny_sd import build_tiny_sd
+
+    data, model = root / "emoji", root / "tiny-sd"
+    if not (root / ".done").is_file():
+        prepare_emoji(str(data), resolution=32, num_train_shards=8, val_count=16, seed=0, limit=144)
+        build_tiny_sd(str(data), str(model), resolution=32, vae_steps=0, seed=0)
+        (root / ".done").touch()
+    return [
+        f"model.pretrained_path={model}",
+        f"data.train_shards={data}/train-{{000000..000007}}.tar",
+        f"data.val_shards={data}/val-000000.tar",
+    ]

@@ -50,23 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def build_assets(root: Path) -> list[str]:
-    """The test suite's tiny data set and model under `root` (built once), as config overrides."""
-    from sd_train.tools.prepare import prepare_emoji
-    from sd_train.tools.tiny_sd import build_tiny_sd
-
-    data, model = root / "emoji", root / "tiny-sd"
-    if not (root / ".done").exists():
-        prepare_emoji(str(data), resolution=32, num_train_shards=8, val_count=16, seed=0, limit=144)
-        build_tiny_sd(str(data), str(model), resolution=32, vae_steps=0, seed=0)
-        (root / ".done").touch()
-    return [
-        f"model.pretrained_path={model}",
-        f"data.train_shards={data}/train-{{000000..000007}}.tar",
-        f"data.val_shards={data}/val-000000.tar",
-    ]
-
-
 def train_cmd(out: Path, assets: list[str], args: argparse.Namespace) -> list[str]:
     from sd_train.parallel.process_group import free_port
 
@@ -328,7 +311,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the runs (the assets are always kept)")
     args = p.parse_args()
     root = Path(args.dir) / "sd-train-chaos"
-    assets = build_assets(root / "assets")
+    assets = benchlib.tiny_test_assets(root / "assets")
     work = Path(tempfile.mkdtemp(prefix="runs-", dir=root))
     logs = work / "logs"
     logs.mkdir()

@@ -144,23 +144,6 @@ def run_rank(out: Path, argv: list[str]) -> int:
     return rc
 
 
-def build_assets(root: Path) -> list[str]:
-    """The tiny data set and tiny SD of tests/conftest.py `tiny_assets`, built once into `root`."""
-    data, model = root / "emoji", root / "tiny-sd"
-    if not (root / ".done").is_file():
-        from sd_train.tools.prepare import prepare_emoji
-        from sd_train.tools.tiny_sd import build_tiny_sd
-
-        prepare_emoji(str(data), resolution=32, num_train_shards=8, val_count=16, seed=0, limit=144)
-        build_tiny_sd(str(data), str(model), resolution=32, vae_steps=0, seed=0)
-        (root / ".done").touch()
-    return [
-        f"model.pretrained_path={model}",
-        f"data.train_shards={data}/train-{{000000..000007}}.tar",
-        f"data.val_shards={data}/val-000000.tar",
-    ]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=2)
@@ -169,6 +152,8 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="config overrides after the reference run's, e.g. eval.every_steps=0")
     ns = p.parse_args()
     sys.path.insert(0, str(REPO))
+    import benchlib  # the launcher's imports only: a rank's start stays as measured
+
     from sd_train.parallel.process_group import free_port
     from tests.support.runs import COMMON
 
@@ -176,7 +161,7 @@ def main() -> int:
     if out.exists():
         subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir(parents=True)
-    assets = build_assets(Path(ns.assets))
+    assets = benchlib.tiny_test_assets(Path(ns.assets))
     args = ["--config", "configs/test.yaml", *assets, *COMMON, f"output_dir={out / 'run'}", *ns.overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ns.nproc), **{RANK_MODE: str(out)})
