@@ -26,6 +26,9 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+_YAML_BOOLS = {False: ("off", "no", "false", "n"), True: ("on", "yes", "true", "y")}
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check `value` against the annotation `tp` (as resolved by get_type_hints)."""
     origin = typing.get_origin(tp)
@@ -44,6 +47,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
         raise ConfigError(f"{path} must be {names}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 reads off/no/false (on/yes/true) as a boolean: `dist.memory_check=off` and
+            # `mixed_precision: no` mean the choice spelled that way.
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in _YAML_BOOLS[value]]
+            value = spelled[0] if len(spelled) == 1 else value
         if value not in args:
             raise ConfigError(f"{path}={value!r} is not one of {list(args)}: set {path} to one of them")
         return value

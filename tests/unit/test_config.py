@@ -77,6 +77,22 @@ def test_overrides_parse_yaml_values():
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
 
 
+def test_yaml_booleans_spell_the_choices_they_name(tmp_path):
+    """YAML 1.1 reads `off` and `no` as false: `dist.memory_check=off` (as the docs write it) and a
+    config file's `mixed_precision: no` mean those choices, not a type error; a boolean that spells
+    no choice is still refused."""
+    cfg = load_config(None, ["dist.memory_check=off", "mixed_precision=no"])
+    assert (cfg.dist.memory_check, cfg.mixed_precision) == ("off", "no")
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\ndist:\n  memory_check: off\n")
+    cfg = load_config(str(path), [])
+    assert (cfg.dist.memory_check, cfg.mixed_precision) == ("off", "no")
+    with pytest.raises(ConfigError, match=r"dist.memory_check=True is not one of"):
+        load_config(None, ["dist.memory_check=on"])
+    with pytest.raises(ConfigError, match=r"dist.strategy=False is not one of"):
+        load_config(None, ["dist.strategy=off"])
+
+
 @pytest.mark.parametrize(
     "section,override,match",
     [
