@@ -64,6 +64,8 @@ def _monitor(procs: list[subprocess.Popen], out: Measured, stop: threading.Event
         for r, p in enumerate(procs):
             try:
                 proc = psutil.Process(p.pid)
+                if proc.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped: its RSS reads 0
+                    continue
                 out.rss_series[r].append((round(time.monotonic() - t0, 1), proc.memory_info().rss))
                 for kid in proc.children(recursive=True):
                     try:
