@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from sd_train.model.family import SDXL_BASE_UNET
+
 # Marker of the result line a torchrun worker prints, so the parent can find it among the logs.
 RESULT_PREFIX = "BENCH_WORKER_RESULT "
 
@@ -60,24 +62,8 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         attention_head_dim=(5, 10, 20, 20),
         use_linear_projection=True,
     ),
-    # SDXL base 1.0, as in its diffusers unet/config.json: 2,567,463,684 params (SDXL_PARAMS). Its
-    # cross-attention reads both text encoders side by side (768 + 1280); the added embedding
-    # takes the pooled 1280 and the six size/crop ids in 256 sinusoids each (6 x 256 + 1280 = 2816).
-    "sdxl": dict(
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        transformer_layers_per_block=(1, 2, 10),
-        cross_attention_dim=2048,
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    ),
+    # SDXL base 1.0 (sd_train.model.family.SDXL_BASE_UNET): 2,567,463,684 params (SDXL_PARAMS).
+    "sdxl": dict(in_channels=4, out_channels=4, **SDXL_BASE_UNET),
 }
 SD2_BASE_PARAMS = 865_910_724
 SDXL_PARAMS = 2_567_463_684

@@ -21,6 +21,24 @@ from sd_train.paths import check_model_folder
 Family = Literal["sd", "sdxl"]
 SDXL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")
 TIME_IDS = 6  # original (H, W), crop (top, left), target (H, W): SDXL's micro-conditioning
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, the fields that differ from
+# diffusers' defaults: 2,567,463,684 params. Its cross-attention reads both text encoders side by
+# side (768 + 1280); the added embedding takes the pooled 1280 and the TIME_IDS in 256 sinusoids
+# each (6 x 256 + 1280 = 2816). The benches build it at full size, the tests on the meta device,
+# and the tiny SDXL build keeps its layout at toy widths.
+SDXL_BASE_UNET: dict[str, Any] = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=TIME_IDS * 256 + 1280,
+)
 
 
 def _json(path: Path) -> dict[str, Any]:

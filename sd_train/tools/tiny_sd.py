@@ -262,6 +262,20 @@ def build_vae(resolution: int, seed: int) -> Any:
     )
 
 
+# The tiny UNet's levels, without its conditioning width (the tiny SDXL build adds SDXL's
+# conditioning to the same levels).
+TINY_UNET: dict[str, Any] = dict(
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+
+
 def build_unet(latent_size: int, cross_attention_dim: int, seed: int) -> Any:
     """A tiny UNet2DConditionModel: three levels (32, 64, 64), one resnet per level, cross-attention
     at the two low resolutions (8x8, 4x4 for 16x16 latents) and in the mid block.
@@ -271,18 +285,7 @@ def build_unet(latent_size: int, cross_attention_dim: int, seed: int) -> Any:
     attention over 16x16 = 256 tokens is what costs; no attention runs at the top level.
     """
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    return UNet2DConditionModel(sample_size=latent_size, cross_attention_dim=cross_attention_dim, **TINY_UNET)
 
 
 def build_scheduler() -> Any:
@@ -503,7 +506,7 @@ def build_tiny_sd(
         merges = [tuple(line.split()) for line in f.read().splitlines()[1:] if line]
     if family == "sdxl":
         vae, vae_report = _build_vae(train_images, val_images, resolution, vae_steps, seed)
-        pipe = tiny_sdxl.build_pipeline(tokenizer, tok_dir, vae, resolution // 2, seed)
+        pipe = tiny_sdxl.build_pipeline(tokenizer, tok_dir, vae, TINY_UNET, resolution // 2, seed)
         return _save(pipe, out_dir, (vocab, merges), vae_report, tiny_sdxl.summary(data_dir, resolution, seed, pipe))
     text_encoder = build_text_encoder(tokenizer, seed)
     vae, vae_report = _build_vae(train_images, val_images, resolution, vae_steps, seed)

@@ -14,7 +14,7 @@ What makes it SDXL, as the real folder has it:
   two transformer blocks per Transformer2DModel at the lowest resolution (SDXL: 10), so that
   splitting a Transformer2DModel into FSDP units is exercised;
 - SDXL's EulerDiscreteScheduler configuration (the same training betas as SD).
-The VAE and the BPE are the tiny SD build's (sd_train.tools.tiny_sd).
+The VAE, the BPE and the UNet's levels are the tiny SD build's (sd_train.tools.tiny_sd).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import diffusers
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sd_train.model.family import SDXL_BASE_UNET, TIME_IDS
 
 HIDDEN_1, HIDDEN_2, POOLED = 32, 64, 32
 TIME_EMBED_DIM = 8
@@ -59,25 +61,20 @@ def build_text_encoders(tokenizer: Any, tokenizer_2: Any, seed: int) -> tuple[An
     return first, second
 
 
-def build_unet(latent_size: int, seed: int) -> UNet2DConditionModel:
-    """The tiny SD UNet's levels (32, 64, 64) with SDXL's conditioning (see the module docstring)."""
+def build_unet(sd_unet: dict[str, Any], latent_size: int, seed: int) -> UNet2DConditionModel:
+    """The tiny SD UNet's levels (`sd_unet`, its config: 32, 64, 64) with SDXL base's layout and
+    conditioning at the tiny widths (see the module docstring); two transformer blocks at the
+    lowest level where SDXL has 10."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    return UNet2DConditionModel.from_config(
+        sd_unet,
         sample_size=latent_size,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
+        use_linear_projection=SDXL_BASE_UNET["use_linear_projection"],
+        addition_embed_type=SDXL_BASE_UNET["addition_embed_type"],
         transformer_layers_per_block=(1, 1, 2),
         cross_attention_dim=HIDDEN_1 + HIDDEN_2,
-        attention_head_dim=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + POOLED,
-        norm_num_groups=32,
+        projection_class_embeddings_input_dim=TIME_IDS * TIME_EMBED_DIM + POOLED,
     )
 
 
@@ -100,10 +97,11 @@ def second_tokenizer(tokenizer_dir: str) -> Any:
 
 
 def build_pipeline(
-    tokenizer: Any, tokenizer_dir: str, vae: Any, latent_size: int, seed: int
+    tokenizer: Any, tokenizer_dir: str, vae: Any, sd_unet: dict[str, Any], latent_size: int, seed: int
 ) -> StableDiffusionXLPipeline:
-    """The tiny SDXL pipeline around `vae` and `tokenizer` (its BPE files in `tokenizer_dir`).
-    `force_zeros_for_empty_prompt` as the released SDXL base sets it."""
+    """The tiny SDXL pipeline around `vae` and `tokenizer` (its BPE files in `tokenizer_dir`), its
+    UNet on the tiny SD UNet's levels (`sd_unet`). `force_zeros_for_empty_prompt` as the released
+    SDXL base sets it."""
     tokenizer_2 = second_tokenizer(tokenizer_dir)
     text_encoder, text_encoder_2 = build_text_encoders(tokenizer, tokenizer_2, seed)
     return StableDiffusionXLPipeline(
@@ -112,7 +110,7 @@ def build_pipeline(
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=build_unet(latent_size, seed + 2),
+        unet=build_unet(sd_unet, latent_size, seed + 2),
         scheduler=build_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
@@ -143,7 +141,8 @@ def from_tiny_sd(sd_dir: str, out_dir: str, seed: int = 0) -> str:
     tok_dir = os.path.join(sd_dir, "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     vae = AutoencoderKL.from_pretrained(sd_dir, subfolder="vae")
-    pipe = build_pipeline(tokenizer, tok_dir, vae, vae.config.sample_size // 2, seed)
+    sd_unet = UNet2DConditionModel.load_config(sd_dir, subfolder="unet")
+    pipe = build_pipeline(tokenizer, tok_dir, vae, sd_unet, vae.config.sample_size // 2, seed)
     pipe.save_pretrained(out_dir)
     for name in ("tokenizer", "tokenizer_2"):  # the pipeline's save writes tokenizer.json only
         for bpe in ("vocab.json", "merges.txt"):

@@ -14,24 +14,10 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch.distributed.fsdp import FSDPModule
 
 from sd_train.config import DistArgs
+from sd_train.model.family import SDXL_BASE_UNET
 from sd_train.model.parallelize import block_layers, fsdp_units
 from sd_train.parallel.build import shard_unet
 from sd_train.perf import training_flops_per_image
-
-# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (the fields that differ from diffusers' defaults).
-SDXL_BASE = dict(
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048,
-    attention_head_dim=(5, 10, 20),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
 
 
 def numel(module: torch.nn.Module) -> int:
@@ -60,7 +46,7 @@ def test_auto_units_follow_the_family(tiny_assets, tiny_sdxl, info, family):
 @pytest.fixture(scope="module")
 def sdxl_base() -> torch.nn.Module:
     with torch.device("meta"):
-        return UNet2DConditionModel(**SDXL_BASE)
+        return UNet2DConditionModel(**SDXL_BASE_UNET)
 
 
 def test_sdxl_base_units(sdxl_base):
