@@ -121,3 +121,34 @@ def test_the_hub_is_offline_before_any_command_imports_it(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     cli.offline_hub()
     assert os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+def test_export_of_raw_and_ema_verifies_the_folder_once_before_any_write(tiny_assets, tmp_path, monkeypatch):
+    """Both UNets of one folder are exported after a single pass over its checksums (the second read
+    would hash the whole per-rank state again), and a damaged folder is refused before a write."""
+    from diffusers import UNet2DConditionModel
+
+    from sd_train import export as export_module
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_assets["model"], subfolder="unet")
+    ema = {n: p.detach() + 1 for n, p in unet.named_parameters()}
+    step = tmp_path / "checkpoints" / "step_00000004"
+    dcp.save({"model": unet.state_dict(), "ema": ema}, checkpoint_id=str(step), no_dist=True)
+    config = {"model": {"pretrained_path": str(tiny_assets["model"])}}
+    state = {"step": 4, "world_size": 1, "format": "dcp", "ema": {"open": True}, "config": config}
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    complete_manifest(step, 0)
+    calls = []
+    real_verify = export_module.verify
+    monkeypatch.setattr(export_module, "verify", lambda *a, **k: calls.append(a) or real_verify(*a, **k))
+
+    written = export_module.export_checkpoint(step, str(tiny_assets["model"]), tmp_path / "out", "epsilon")
+    assert [p.name for p in written] == ["raw", "ema"] and len(calls) == 1
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "ema", subfolder="unet")
+    assert all(torch.equal(ema[n], p) for n, p in exported.named_parameters())
+
+    shard = next(step.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes: only the hash sees it
+    with pytest.raises(export_module.UsageError, match="is damaged"):
+        export_module.export_checkpoint(step, str(tiny_assets["model"]), tmp_path / "again", "epsilon")
+    assert not (tmp_path / "again").exists()
