@@ -335,23 +335,6 @@ class StepWindow:
         return self.run_samples / self.run_train_s / self.world_size if self.run_train_s > 0 else None
 
 
-def bucket_figures(counts: dict[str, tuple[int, int]], carried: int, device: torch.device) -> dict[str, Any]:
-    """`data.buckets` figures over all ranks (a collective): per bucket the samples trained
-    (`data/bucket_HxW_samples`) and its share of the micro-batches (`data/bucket_HxW_share`: the
-    steps' shares, ranks counted apart), and the samples carried over an epoch end
-    (`data/bucket_carried`). `counts`: this rank's {bucket: (samples, micro-batches)}."""
-    names = list(counts)
-    summed = all_reduce_sum([counts[n][0] for n in names] + [counts[n][1] for n in names] + [carried], device)
-    batches = summed[len(names) : 2 * len(names)]
-    total = sum(batches) or 1.0
-    figures: dict[str, Any] = {}
-    for i, name in enumerate(names):
-        figures[f"data/bucket_{name}_samples"] = int(summed[i])
-        figures[f"data/bucket_{name}_share"] = batches[i] / total
-    figures["data/bucket_carried"] = int(summed[-1])
-    return figures
-
-
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
     if device.type == "cuda":

@@ -32,8 +32,8 @@ import torch
 from sd_train import console
 from sd_train.checkpoint import Checkpointer
 from sd_train.config import TrainConfig, config_to_dict, dump_config
-from sd_train.data.bad_input import check_bad_fraction
 from sd_train.data.buckets import bucket_set, pixel_factor
+from sd_train.data.health import data_health
 from sd_train.data.loader import build_train_loader
 from sd_train.data.precomputed import sample_posterior
 from sd_train.data.prefetch import stager_for
@@ -52,7 +52,7 @@ from sd_train.faults import FaultInjector
 from sd_train.host_sync import COUNTER as HOST_SYNCS
 from sd_train.host_sync import read_float
 from sd_train.langevin import LangevinNoise
-from sd_train.metrics import KeyLog, Progress, StepWindow, bucket_figures, build_metrics
+from sd_train.metrics import KeyLog, Progress, StepWindow, build_metrics
 from sd_train.model.conditioning import Conditioning, stored_conditioning
 from sd_train.model.parts import as_step_input, encode_pixels, encode_text, encode_tokens, load_sd_parts
 from sd_train.objective import DiffusionObjective
@@ -61,7 +61,6 @@ from sd_train.parallel.build import build_strategy, write_topology
 from sd_train.parallel.process_group import (
     all_gather_object,
     all_reduce_max,
-    all_reduce_sum,
     barrier,
     destroy,
     init_distributed,
@@ -434,40 +433,8 @@ class Trainer:
         return self.signals.agree_now()
 
     def data_health(self) -> dict:
-        """Sum bad-sample and filtered counts over ranks and stop above data.max_bad_fraction
-        (filtered samples are not bad input: they are reported, never judged)."""
-        counts = self.loader.bad_counts()
-        names = sorted(counts)
-        filtered = self.loader.filtered_counts()
-        rules = list(self.loader.dataset.filter_names)  # the same list on every rank
-        local = [counts[n] for n in names] + [filtered.get(r, 0) for r in rules] + [sum(filtered.values())]
-        summed = all_reduce_sum(local + [self.loader.samples_read()], self.info.device)
-        totals = {n: int(v) for n, v in zip(names, summed)}
-        per_rule = {f"data/filtered_{r}": int(v) for r, v in zip(rules, summed[len(names) :])}
-        read = int(summed[-1])
-        shards = sorted({s for lst in all_gather_object(self.loader.bad_shards()) for s in lst})
-        check_bad_fraction(
-            totals, read, self.cfg.data.max_bad_fraction, self.cfg.data.min_samples_for_bad_check, shards
-        )
-        bad = {f"data/bad_{n}": v for n, v in totals.items()}
-        per_source: dict[str, int] = {}
-        mixed = self.loader.source_counts()  # data.mix=weighted: per-source samples (sum) and epoch (max)
-        if mixed:
-            samples = all_reduce_sum([n for n, _ in mixed], self.info.device)
-            epochs = all_reduce_max([e for _, e in mixed], self.info.device)
-            for i, (n, e) in enumerate(zip(samples, epochs)):
-                per_source |= {f"data/source{i}_samples": int(n), f"data/source{i}_epoch": int(e)}
-        buckets = self.loader.bucket_counts()  # data.buckets: per-bucket samples and shares, carried
-        per_bucket = bucket_figures(buckets, self.loader.bucket_carried(), self.info.device) if buckets else {}
-        return {
-            "data/samples_read": read,
-            "data/bad_shards": shards,
-            **bad,
-            **per_rule,
-            "data/filtered": int(summed[-2]),
-            **per_source,
-            **per_bucket,
-        }
+        """The run's data figures over all ranks, stopping above data.max_bad_fraction (a collective)."""
+        return data_health(self.loader, self.cfg.data, self.info.device)
 
     def log_step(self, step: int, result: StepResult) -> None:
         """The logged figures of a step: the loss averaged over ranks, optimizer, speed window, EMA

@@ -19,7 +19,7 @@ import torch
 from sd_train.data.bad_input import BadInputLog
 from sd_train.data.batching import BucketBuffers
 from sd_train.data.decode import decode_image_sample
-from sd_train.metrics import bucket_figures
+from sd_train.data.health import bucket_figures
 from tests.support.bucket_reference import expected_bucket, upright_sizes
 from tests.support.streams import ASSETS, LAION_SPEC, bucket_loader, keys_of, laion_buckets, make_loader, take
 
