@@ -54,12 +54,19 @@ def small_case(root: Path, size: str) -> tuple[str, list[str]]:
     ]
 
 
-def sd2_case(root: Path) -> tuple[str, list[str]]:
+def sd2_paths(root: Path) -> list[str]:
+    """The overrides pointing the SD2 template at the SD2-shaped folder and its shards (built once)."""
     a = sd2_assets(str(root))
-    return SD2, [
+    return [
         f"model.pretrained_path={a['model']}",
         f"data.train_shards={a['train_shards']}",
         f"data.val_shards={a['val_shards']}",
+    ]
+
+
+def sd2_case(root: Path) -> tuple[str, list[str]]:
+    return SD2, [
+        *sd2_paths(root),
         "max_steps=2",
         "global_batch_size=2",
         "micro_batch_size=2",
@@ -77,11 +84,8 @@ def sd2_case(root: Path) -> tuple[str, list[str]]:
 
 def sd2_gpu_case(root: Path) -> tuple[str, list[str]]:
     """The template on one GPU: its optimizer, dtypes and EMA, 6 steps with the window open at 3."""
-    a = sd2_assets(str(root))
     return SD2, [
-        f"model.pretrained_path={a['model']}",
-        f"data.train_shards={a['train_shards']}",
-        f"data.val_shards={a['val_shards']}",
+        *sd2_paths(root),
         "data.mode=resampled",
         "data.num_workers=2",
         "max_steps=6",
