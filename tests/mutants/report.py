@@ -92,7 +92,8 @@ def main() -> int:
         row(module, len(codes), counts["not run"], counts["killed"], eq, counts["survived"], counts["no tests"], scored)
     t = totals
     row("all", t["mutants"], t["not_run"], t["killed"], t["equivalent"], t["survived"], t["no_tests"], t["scored"])
-    print("score = killed / (mutants - equivalent): a timeout counts as killed, a mutant not run yet as not")
+    print("score = killed / (mutants - equivalent): a timeout counts as killed, a mutant not run yet as not;")
+    print("of those run = killed / (run - equivalent), with its 95% Wilson interval, for a random sample")
     stale = sorted(equivalent - {n for n in seen if status(by_module_code(by_module, n)) != "killed"})
     if stale:
         print(f"\n{len(stale)} entries of {EQUIVALENT.name} are killed now or no longer exist (remove them):")
@@ -106,7 +107,20 @@ def main() -> int:
 
 def row(name: str, mutants: int, not_run: int, killed: int, eq: int, survived: int, no_tests: int, scored: int) -> None:
     score = f"{killed / scored:.1%}" if scored else "-"
-    print(f"{name:<30} {mutants:>7} {not_run:>7} {killed:>7} {eq:>10} {survived:>8} {no_tests:>8} {score:>6}")
+    line = f"{name:<30} {mutants:>7} {not_run:>7} {killed:>7} {eq:>10} {survived:>8} {no_tests:>8} {score:>6}"
+    run = scored - not_run
+    if not_run and run > 0:  # a partial or sampled run: the score of the mutants run, and its 95% interval
+        lo, hi = wilson(killed, run)
+        line += f"  of those run: {killed / run:.1%} [{lo:.0%}, {hi:.0%}]"
+    print(line)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of k successes in n trials: the score of a module from a random
+    sample of its mutants (`mutmut run NAME ...`), when a full run does not fit the time."""
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def by_module_code(by_module: dict[str, dict[str, int | None]], name: str) -> int | None:

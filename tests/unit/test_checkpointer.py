@@ -523,3 +523,38 @@ def test_model_folder_check_names_the_field_and_what_is_missing(tmp_path):
     )
     (tmp_path / MODEL_SUBFOLDERS[-1]).mkdir()
     check_model_folder(str(tmp_path))
+
+
+def test_a_named_folder_without_its_trainer_state_is_refused_naming_what_is_missing(info, tmp_path):
+    """checkpoint.resume=PATH at a folder that lost trainer_state.json: refused, saying so (a
+    relaunch never lists such a folder: it is not complete); nothing is loaded, so the run that
+    asked for it knows nothing of it."""
+    a = Run(info, tmp_path, keep_last_k=0)
+    a.step(1)
+    folder = step_dir(tmp_path / "checkpoints", 1)
+    (folder / "trainer_state.json").unlink()
+    b = Run(info, tmp_path / "other", keep_last_k=0, resume=str(folder))
+    assert b.ckpt.loaded_folder is None
+    with pytest.raises(CheckpointLoadError, match=f"{folder}: rank 0: no trainer_state.json\\n"):
+        b.ckpt.load()
+    assert b.ckpt.loaded_folder is None and b.train.value == 0
+
+
+def test_an_async_saves_time_ends_when_its_files_are_written(info, tmp_path):
+    """checkpoint/save_s of an async save runs from the save's start to its files on disk, not to
+    the step at which the loop finalizes it (it polls once per step: a slow step must not count)."""
+    now = [0.0]
+    a = Run(info, tmp_path, keep_last_k=0, async_save=True, clock=lambda: now[0])
+    a.step(1)
+    flight = a.ckpt._pending
+    flight.save.written.result()
+    for _ in range(500):  # the writer thread runs the done-callbacks just after the result is set
+        if flight.written_at is not None:
+            break
+        time.sleep(0.01)
+    now[0] += 1000.0  # the loop reaches the save's end much later
+    a.ckpt.wait()
+    (figures,) = a.ckpt.take_figures()
+    assert figures["checkpoint/save_s"] < 1000.0 <= figures["checkpoint/blocked_s"] + 1000.0, figures
+    assert a.ckpt.loaded_folder is None  # saving never marks a folder as loaded
+    a.ckpt.close()
