@@ -6,6 +6,7 @@ reason.
 
     .venv/bin/python tests/mutants/report.py            # after `make mutants`
     .venv/bin/python tests/mutants/report.py --prepare  # before `mutmut run` (make mutants does it)
+    .venv/bin/python tests/mutants/report.py --widen    # after mutmut recorded its test map (ditto)
     .venv/bin/mutmut show NAME                          # the diff of one mutant
 
 `--prepare` keeps the kills and the survivors justified in equivalent.md (mutmut itself clears a
@@ -63,9 +64,51 @@ def prepare(root: Path) -> None:
         meta.write_text(json.dumps(data))
 
 
+# Modules whose functions run in the training loader's worker processes, and the tests that read
+# through such a loader. mutmut maps a function to the tests that call it by recording calls in the
+# test process only: a function a worker runs is mapped to the few tests that call it directly, and
+# its mutants "survive" the rest (a mixing weight dropped, read only by test_data_mix's workers).
+LOADER_MODULES = ("sd_train.data.stream.", "sd_train.data.tar.", "sd_train.data.decode.")
+LOADER_TESTS = (
+    "test_data.py",
+    "test_data_meta.py",
+    "test_data_mix.py",
+    "test_data_buckets.py",
+    "test_data_elastic.py",
+    "test_decode.py",
+    "test_buckets.py",
+    "test_geometry.py",
+    "test_sdxl_data.py",
+    "test_frozen_encoders.py",
+    "test_rank_agreement.py",
+)
+
+
+def widen(root: Path) -> int:
+    """Map every function of LOADER_MODULES to every test of LOADER_TESTS in mutmut's recorded
+    map (mutants/mutmut-stats.json, after a first `mutmut run` recorded it). Returns how many."""
+    path = root / "mutants" / "mutmut-stats.json"
+    stats = json.loads(path.read_text())
+    tests = {t for t in stats["duration_by_test"] if t.split("::")[0].rsplit("/", 1)[-1] in LOADER_TESTS}
+    by_function = stats["tests_by_mangled_function_name"]
+    functions = {
+        re.sub(r"__mutmut_\d+$", "", name)
+        for codes in results(root).values()
+        for name in codes
+        if name.startswith(LOADER_MODULES)
+    }
+    for function in functions:
+        by_function[function] = sorted(set(by_function.get(function, [])) | tests)
+    path.write_text(json.dumps(stats))
+    return len(functions)
+
+
 def main() -> int:
     if sys.argv[1:] == ["--prepare"]:
         prepare(REPO)
+        return 0
+    if sys.argv[1:] == ["--widen"]:
+        print(f"{widen(REPO)} loader-side functions mapped to every loader test")
         return 0
     by_module = results(REPO)
     if not by_module:
