@@ -412,3 +412,21 @@ def test_resume_after_moving_the_shards(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         moved.load_state_dict(first.state_dict())
     assert keys_of(head + take(moved, 5)) == keys_of(reference)
+
+
+def test_stream_settings_out_of_range_are_refused_and_one_weighted_source_is_a_plain_stream() -> None:
+    """A rank outside the world is refused (rank == world_size included); `data.mix=weighted` over
+    one source is that source's plain stream (no per-source figures); a saved position without the
+    counts (written before they were kept) resumes with every count at 0."""
+    from sd_train.data.loader import TrainLoader
+    from sd_train.data.stream import BAD_CATEGORIES, ShardStream, WorkerPosition
+
+    settings = dict(num_workers=0, seed=0, batch_size=2, transform=ImageTransform(8), max_epochs=1)
+    for rank in (2, -1):
+        with pytest.raises(ValueError, match=f"rank={rank} is outside world_size=2"):
+            ShardStream(expand_sources(SPEC), rank=rank, world_size=2, **settings)
+    weighted = TrainLoader(ShardStream(expand_sources(SPEC), rank=0, world_size=1, mix="weighted", **settings), 0)
+    plain = TrainLoader(ShardStream(expand_sources(SPEC), rank=0, world_size=1, **settings), 0)
+    assert keys_of(take(weighted, 3)) == keys_of(take(plain, 3)) and weighted.source_counts() == []
+    old = WorkerPosition.from_dict({"epoch": 3, "offset": 5})
+    assert (old.epoch, old.offset, old.good, old.bad, old.filtered) == (3, 5, 0, dict.fromkeys(BAD_CATEGORIES, 0), {})
