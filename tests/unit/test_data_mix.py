@@ -121,6 +121,7 @@ def test_concat_still_warns_and_weighted_is_checked() -> None:
         make_loader(mix="concat")
     with pytest.raises(ValueError, match="fewer than world_size x num_workers = 4 shards"):
         make_loader(world=2, workers=2)
+    assert make_loader(world=3, workers=1).dataset.mix == "weighted"  # 3 shards each for 3 slots: enough
     cfg = TrainConfig()
     cfg.data.mix, cfg.data.mode = "weighted", "resampled"
     with pytest.raises(ConfigError, match="data.mix=weighted applies to data.mode=epoch"):
