@@ -119,7 +119,9 @@ def test_mix_is_deterministic_and_a_changed_mix_reshards() -> None:
 def test_concat_still_warns_and_weighted_is_checked() -> None:
     with pytest.warns(UserWarning, match="data.mix=weighted interleaves"):
         make_loader(mix="concat")
-    with pytest.raises(ValueError, match="fewer than world_size x num_workers = 4 shards"):
+    with pytest.raises(
+        ValueError, match="fewer than world_size x num_workers = 4 shards; each source's epoch gives every"
+    ):
         make_loader(world=2, workers=2)
     assert make_loader(world=3, workers=1).dataset.mix == "weighted"  # 3 shards each for 3 slots: enough
     cfg = TrainConfig()
