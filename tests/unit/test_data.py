@@ -198,6 +198,24 @@ def test_bad_input_is_counted_exactly(tmp_path: Path) -> None:
     check_bad_fraction(dict(counts), read, 0.1, 100, bad_names)  # too few samples to judge
 
 
+def test_weighted_mixing_counts_bad_input_too(tmp_path: Path) -> None:
+    """data.mix=weighted reads each source through the same bad-input log: the damaged shards'
+    samples are counted by kind, never a crash, and every good sample of both sources arrives."""
+    from tests.support.streams import augmented_loader
+
+    _corrupt_set(tmp_path)
+    (tmp_path / "a.txt").write_text("tiny-000000.tar\ntiny-000001.tar\ntiny-000002.tar\n")
+    (tmp_path / "b.txt").write_text("tiny-000003.tar\ntiny-000004.tar\ntiny-000005.tar\n")
+    spec = f"{tmp_path / 'a.txt'}@1::{tmp_path / 'b.txt'}@1"
+    loader = augmented_loader(
+        spec, rank=0, world=1, workers=1, seed=0, batch=3, shuffle=4, max_epochs=1, mix="weighted"
+    )
+    keys = set(keys_of(list(loader)))
+    counts = loader.bad_counts()
+    assert keys == ALL_KEYS - EXPECTED_LOST, sorted(keys)
+    assert counts["undecodable"] >= 1 and counts["truncated"] >= 1 and counts["missing_caption"] >= 1, counts
+
+
 def test_bad_counts_survive_resume_without_double_counting(tmp_path: Path) -> None:
     spec = _corrupt_set(tmp_path)
     whole = make_loader(spec, world=1, workers=2, max_epochs=1)
@@ -236,6 +254,11 @@ def test_resampled_is_endless_deterministic_and_resumable() -> None:
     assert len(keys_of(reference)) == 72
     assert keys_of(take(make_loader(**kw), 24)) == keys_of(reference)
     assert keys_of(take(make_loader(**kw, seed=1), 24)) != keys_of(reference)
+    # Each rank draws its own shards (the same draws on every rank would train on copies of a batch).
+    draws = [
+        [make_loader(**{**kw, "rank": r}).dataset.worker_shards(w, e) for w in (0, 1) for e in range(4)] for r in (0, 1)
+    ]
+    assert draws[0] != draws[1]
     first = make_loader(**kw)
     head = take(first, 10)
     second = make_loader(**kw)
@@ -430,3 +453,14 @@ def test_stream_settings_out_of_range_are_refused_and_one_weighted_source_is_a_p
     assert keys_of(take(weighted, 3)) == keys_of(take(plain, 3)) and weighted.source_counts() == []
     old = WorkerPosition.from_dict({"epoch": 3, "offset": 5})
     assert (old.epoch, old.offset, old.good, old.bad, old.filtered) == (3, 5, 0, dict.fromkeys(BAD_CATEGORIES, 0), {})
+
+
+def test_a_concatenated_streams_fingerprint_is_the_one_saved_before_mixing_existed() -> None:
+    """A checkpoint written before `data.mix` stored the fingerprint of (shard names, weights): a
+    concatenated stream keeps that form, so such a run still resumes exactly instead of skipping
+    to the next epoch."""
+    import hashlib
+
+    stream = make_loader().dataset
+    names = [[f"tiny-{i:06d}.tar" for i in range(6)]]
+    assert stream.fingerprint() == hashlib.blake2b(repr((names, [])).encode(), digest_size=8).hexdigest()

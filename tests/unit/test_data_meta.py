@@ -363,10 +363,12 @@ def test_caption_key_config_checks() -> None:
     assert CaptionSource.from_config(" json:caption , txt ").fields == ("json:caption", "txt")
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_filters_that_reject_everything_stop_instead_of_spinning(workers: int) -> None:
+@pytest.mark.parametrize("workers,filtered", [(0, 60), (2, 30)])
+def test_filters_that_reject_everything_stop_instead_of_spinning(workers: int, filtered: int) -> None:
+    """Stops after exactly 3 empty epochs: the 20 samples with metadata, or a worker's 10 of them, 3 times."""
     loader = make_loader(rules=["original_width>=100000"], workers=workers)  # endless stream, nothing kept
-    with pytest.raises(BadDataError, match=r"kept no sample in 3 epochs in a row \(filtered so far: \{'original_w"):
+    want = rf"kept no sample in 3 epochs in a row \(filtered so far: \{{'original_width>=100000': {filtered}\}}"
+    with pytest.raises(BadDataError, match=want):
         take(loader, 1)
 
 
