@@ -216,6 +216,22 @@ def test_weighted_mixing_counts_bad_input_too(tmp_path: Path) -> None:
     assert counts["undecodable"] >= 1 and counts["truncated"] >= 1 and counts["missing_caption"] >= 1, counts
 
 
+def test_a_stream_that_keeps_nothing_says_what_bad_input_it_met(tmp_path: Path) -> None:
+    """Filters that reject every sample of a damaged set: the stop names the bad input met on the
+    way (the first thing to check when nothing is kept), not only the filters."""
+    from sd_train.data.filters import MetadataFilter
+    from tests.support.streams import augmented_loader
+
+    reject_all = MetadataFilter.from_config(["original_width>=100000"], "drop")
+    loader = augmented_loader(
+        _corrupt_set(tmp_path), rank=0, world=1, workers=0, seed=0, batch=3, shuffle=4, max_epochs=None,
+        sample_filter=reject_all,
+    )  # fmt: skip
+    # Filters run before decoding: what is met is the shards' damage, 2 of each kind in each of 3 epochs.
+    with pytest.raises(BadDataError, match=r"bad input so far: \{'truncated': 6, 'unreadable_shard': 6\}"):
+        take(loader, 1)
+
+
 def test_bad_counts_survive_resume_without_double_counting(tmp_path: Path) -> None:
     spec = _corrupt_set(tmp_path)
     whole = make_loader(spec, world=1, workers=2, max_epochs=1)

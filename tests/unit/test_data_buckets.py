@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
 from sd_train.data.bad_input import BadInputLog
 from sd_train.data.batching import BucketBuffers
-from sd_train.data.decode import decode_image_sample
+from sd_train.data.decode import ImageTransform, decode_image_sample
 from sd_train.data.health import bucket_figures
 from tests.support.bucket_reference import expected_bucket, upright_sizes
 from tests.support.streams import ASSETS, LAION_SPEC, bucket_loader, keys_of, laion_buckets, make_loader, take
@@ -178,3 +179,26 @@ def test_weighted_mix_in_buckets_resumes_exactly():
     assert keys_of(head + tail) == keys_of(reference)
     assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(head + tail, reference))
     assert all(o[0] == "mix" for b in reference for o in b["origins"])
+
+
+def test_precomputed_samples_fall_into_the_bucket_of_their_stored_shape(tmp_path: Path) -> None:
+    """Precomputed latents carry their bucket in their shape (latent size x the VAE factor): each
+    batch holds one bucket's samples, and a shape that is no bucket of the run (64x64 here) is
+    counted as undecodable input, not trained."""
+    from sd_train.data.loader import TrainLoader, select_decoder
+    from sd_train.data.sources import expand_sources
+    from sd_train.data.stream import ShardStream
+    from tests.unit.test_data import _precomputed_shard
+
+    square, wide, none = ((1, 4, 8, 8), (77, 8)), ((1, 4, 4, 16), (77, 8)), ((1, 4, 16, 16), (77, 8))
+    layout = [square, wide, square, none, wide, square, wide, square, none, wide]
+    _precomputed_shard(tmp_path / "p-000000.tar", {f"k{i:02d}": shape for i, shape in enumerate(layout)})
+    stream = ShardStream(
+        expand_sources(str(tmp_path / "p-000000.tar")), rank=0, world_size=1, num_workers=0, seed=0, batch_size=2,
+        transform=ImageTransform(32, buckets=laion_buckets()), max_epochs=1, decoder=select_decoder(True),
+        pixels_per_latent=4,
+    )  # fmt: skip
+    loader = TrainLoader(stream, 0)
+    shapes = sorted(tuple(b["latent_mean"].shape[-2:]) for b in loader)
+    assert shapes == [(4, 16), (4, 16), (8, 8), (8, 8)], shapes
+    assert loader.bad_counts()["undecodable"] == 2 and sum(loader.bad_counts().values()) == 2
