@@ -144,6 +144,32 @@ def test_the_same_size_during_the_rest_replays_bitwise(twelve: str) -> None:
         assert torch.equal(got["pixels"], want["pixels"]) and got["position"] == want["position"]
 
 
+def test_weighted_mixing_during_the_rest_replays_bitwise(twelve: str) -> None:
+    """data.mix=weighted, 2x2 -> 3x1, then a stop and resume at 3x1 inside the spread rest: the
+    saved position keeps the plan of each source's current epoch, so the very batches follow."""
+    folder = Path(twelve).parent
+    spec = f"{folder}/part-{{000000..000005}}.tar@3.0::{folder}/part-{{000006..000011}}.tar@1.0"
+    make = lambda **kw: augmented_loader(spec, seed=0, batch=1, shuffle=4, max_epochs=1, mix="weighted", **kw)  # noqa: E731
+    states = []
+    for rank in range(2):
+        loader = make(rank=rank, world=2, workers=2)
+        take(loader, 5)
+        states.append(loader.state_dict())
+    straight = make(rank=1, world=3, workers=1)
+    straight.load_saved_world(states)
+    reference = list(straight)
+    first = make(rank=1, world=3, workers=1)
+    first.load_saved_world(states)
+    head = take(first, 3)
+    assert "plan" in first.state_dict()["workers"][0]
+    second = make(rank=1, world=3, workers=1)
+    second.load_state_dict(first.state_dict())
+    resumed = head + list(second)
+    assert keys_of(resumed) == keys_of(reference)
+    for got, want in zip(resumed, reference, strict=True):
+        assert torch.equal(got["pixels"], want["pixels"]) and got["position"] == want["position"]
+
+
 @pytest.mark.parametrize("weights", [(3.0, 1.0), (1.0, 3.0)])
 def test_weighted_mixing_keeps_each_source_once_per_its_own_epoch(twelve: str, weights: tuple[float, float]) -> None:
     """data.mix=weighted, 2x2 -> 3x1. Source A = shards 0-5 (keys 0..15), B = shards 6-11 (16..27).
