@@ -480,3 +480,38 @@ def test_a_concatenated_streams_fingerprint_is_the_one_saved_before_mixing_exist
     stream = make_loader().dataset
     names = [[f"tiny-{i:06d}.tar" for i in range(6)]]
     assert stream.fingerprint() == hashlib.blake2b(repr((names, [])).encode(), digest_size=8).hexdigest()
+
+
+def test_pax_headers_and_a_cut_in_a_shards_first_member(tmp_path: Path) -> None:
+    """Tar details a web data set meets: a pax `path` record of non-UTF-8 bytes keeps them (as
+    surrogates, like tarfile), a pax header that does not parse is refused as such, and a shard cut
+    inside its first member counts as a truncated sample (its name is known), not an unreadable shard."""
+    import io as _io
+
+    from sd_train.data.bad_input import BadInputLog
+    from sd_train.data.tar import TarFormatError, _pax_path, read_shards
+
+    def record(key: bytes, value: bytes) -> bytes:
+        body = b" " + key + b"=" + value + b"\n"
+        digits = 1
+        while len(str(len(body) + digits)) != digits:  # the length counts its own digits
+            digits += 1
+        return str(len(body) + digits).encode() + body
+
+    raw = b"caf\xe9.png"  # Latin-1, not UTF-8
+    assert _pax_path(record(b"mtime", b"1") + record(b"path", raw)) == raw.decode("utf-8", "surrogateescape")
+    for bad in (b" 9 path=x\n", b"x9 path=x\n", b"0 path=x\n"):
+        with pytest.raises(TarFormatError, match="bad pax header"):
+            _pax_path(bad)
+
+    buf = _io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in (("a.png", b"x" * 2000), ("a.txt", b"a cat")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, _io.BytesIO(data))
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(buf.getvalue()[:1000])  # inside a.png's data
+    log = BadInputLog()
+    assert list(read_shards([str(cut)], log)) == []
+    assert (log.counts["truncated"], log.counts["unreadable_shard"]) == (1, 0), dict(log.counts)

@@ -123,3 +123,22 @@ def test_transparency_is_composited_as_prepare_does(mode: str) -> None:
     blend = ref[..., :3] * alpha + 255.0 * (1 - alpha)  # "over" a white background
     assert np.abs(got.astype(np.float64) - blend).max() <= 1
     assert (got[:4] == 255).all()  # transparent is white, whatever RGB it stored
+
+
+def test_a_pngs_exif_orientation_counts_without_decoding_its_pixels() -> None:
+    """The bucket of a PNG is chosen from its header: an EXIF orientation stored before the pixel
+    data turns the size (40 wide, 20 high, rotated: 40 high), and a PNG without one is not decoded
+    to look for it further on (PIL's getexif would decode the whole image)."""
+    from sd_train.data.decode import upright_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to stand upright
+    turned, plain = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (40, 20)).save(turned, "PNG", exif=exif.tobytes())
+    Image.new("RGB", (40, 20)).save(plain, "PNG")
+    assert upright_size(Image.open(io.BytesIO(turned.getvalue()))) == (40, 20)
+    image = Image.open(io.BytesIO(plain.getvalue()))
+    loads = []
+    real_load = image.load
+    image.load = lambda: loads.append(1) or real_load()
+    assert upright_size(image) == (20, 40) and not loads
