@@ -515,3 +515,30 @@ def test_pax_headers_and_a_cut_in_a_shards_first_member(tmp_path: Path) -> None:
     log = BadInputLog()
     assert list(read_shards([str(cut)], log)) == []
     assert (log.counts["truncated"], log.counts["unreadable_shard"]) == (1, 0), dict(log.counts)
+
+
+def test_a_pipe_that_returns_short_reads_gives_the_same_members() -> None:
+    """A shard read through a pipe (`data.allow_pipe`) arrives in short reads: the members are the
+    same as from the file."""
+    import io as _io
+
+    from sd_train.data.tar import iter_tar_members
+
+    class Trickle(_io.RawIOBase):
+        """At most 7 bytes per read, as a pipe may give."""
+
+        def __init__(self, data: bytes) -> None:
+            self.data, self.pos = data, 0
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, n: int = -1) -> bytes:
+            n = len(self.data) - self.pos if n is None or n < 0 else n
+            chunk = self.data[self.pos : self.pos + min(n, 7)]
+            self.pos += len(chunk)
+            return chunk
+
+    data = (ASSETS / "tiny-000000.tar").read_bytes()
+    whole = list(iter_tar_members(_io.BytesIO(data)))
+    assert len(whole) > 4 and list(iter_tar_members(Trickle(data))) == whole
