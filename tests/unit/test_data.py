@@ -542,3 +542,51 @@ def test_a_pipe_that_returns_short_reads_gives_the_same_members() -> None:
     data = (ASSETS / "tiny-000000.tar").read_bytes()
     whole = list(iter_tar_members(_io.BytesIO(data)))
     assert len(whole) > 4 and list(iter_tar_members(Trickle(data))) == whole
+
+
+def test_tar_headers_as_other_tools_write_them() -> None:
+    """What tar writers put in headers, read as tarfile reads it: GNU base-256 numbers (sizes over
+    8 GiB, negative times), the ustar prefix of a long path, GNU long names, non-UTF-8 names (kept
+    as surrogates), checksums summed over signed bytes (old tars) beside unsigned ones; and the
+    stream's end: a member cut off, or no end-of-archive block, each said as such."""
+    import io as _io
+
+    from sd_train.data.tar import TarFormatError, _number, iter_tar_members
+
+    big = 2**87 + 5  # fills all 11 bytes after the marker
+    assert _number(b"\x80" + big.to_bytes(11, "big")) == big and _number(b"\x80" + (5).to_bytes(11, "big")) == 5
+    assert _number(b"\xff" * 12) == -1 and _number(b"\xff" * 11 + b"\xfe") == -2
+
+    def archive(fmt: int, names: list[str], encoding: str = "utf-8") -> bytes:
+        buf = _io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding=encoding) as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = 3
+                tar.addfile(info, _io.BytesIO(b"abc"))
+        return buf.getvalue()
+
+    deep = "d" * 70 + "/" + "f" * 60 + ".png"  # 135 characters: tarfile puts "d" * 70 in the ustar prefix
+    long = "l" * 150 + ".png"
+
+    def names(data: bytes) -> list[str]:
+        return [n for n, _ in iter_tar_members(_io.BytesIO(data))]
+
+    assert names(archive(tarfile.USTAR_FORMAT, [deep, "b.txt"])) == [deep, "b.txt"]
+    assert names(archive(tarfile.GNU_FORMAT, [long, "b.txt"])) == [long, "b.txt"]
+    latin = archive(tarfile.USTAR_FORMAT, ["caf\xe9.png"], encoding="latin-1")
+    assert names(latin) == ["caf\udce9.png"]
+
+    header = bytearray(latin[:512])  # its name holds one byte >= 128
+    signed = sum(header[:148]) + 8 * 32 + sum(header[156:]) - 256 * sum(b >= 128 for b in header)
+    header[148:156] = b"%06o\0 " % signed
+    assert names(bytes(header) + latin[512:]) == ["caf\udce9.png"]
+    header[148:156] = b"%06o\0 " % (signed + 1)
+    with pytest.raises(TarFormatError, match="header checksum mismatch"):
+        names(bytes(header) + latin[512:])
+
+    one = archive(tarfile.USTAR_FORMAT, ["a.png"])
+    with pytest.raises(TarFormatError, match=r"cut-off member data \(a.png\)"):
+        names(one[:514])
+    with pytest.raises(TarFormatError, match="^archive ends without its end-of-archive block$"):
+        names(one[:1024])  # the member whole, then nothing
