@@ -590,3 +590,18 @@ def test_tar_headers_as_other_tools_write_them() -> None:
         names(one[:514])
     with pytest.raises(TarFormatError, match="^archive ends without its end-of-archive block$"):
         names(one[:1024])  # the member whole, then nothing
+
+
+def test_shards_are_read_in_turn_past_a_missing_one_and_by_url() -> None:
+    """A shard that does not open is logged and the next ones are still read; a `file://` URL
+    reads like the path; each raw sample knows its place in its shard (the bucket buffers save it)."""
+    from sd_train.data.bad_input import BadInputLog
+    from sd_train.data.tar import read_shards
+
+    shard = str(ASSETS / "tiny-000000.tar")
+    log = BadInputLog()
+    samples = list(read_shards([str(ASSETS / "tiny-000099.tar"), shard], log))
+    assert log.counts["unreadable_shard"] == 1 and [s.ordinal for s in samples] == list(range(len(samples)))
+    assert len(samples) == 5 and [s.key for s in samples] == [f"{i:09d}" for i in range(5)]
+    by_url = list(read_shards([f"file://{shard}"], BadInputLog()))
+    assert [(s.key, s.members) for s in by_url] == [(s.key, s.members) for s in samples]
