@@ -605,3 +605,32 @@ def test_shards_are_read_in_turn_past_a_missing_one_and_by_url() -> None:
     assert len(samples) == 5 and [s.key for s in samples] == [f"{i:09d}" for i in range(5)]
     by_url = list(read_shards([f"file://{shard}"], BadInputLog()))
     assert [(s.key, s.members) for s in by_url] == [(s.key, s.members) for s in samples]
+
+
+def test_a_read_error_mid_shard_loses_only_the_rest_of_that_shard() -> None:
+    """An I/O error while a shard is read (a network mount, a `pipe:` command that dies): the
+    samples before it are kept and the shard counts as truncated; an error before any sample
+    counts it as unreadable; each is logged under the shard's name."""
+    import io as _io
+
+    from sd_train.data.bad_input import BadInputLog
+    from sd_train.data.tar import read_shards
+
+    data = (ASSETS / "tiny-000000.tar").read_bytes()
+
+    class Failing(_io.RawIOBase):
+        def __init__(self, fail_at: int) -> None:
+            self.inner, self.fail_at = _io.BytesIO(data), fail_at
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, n: int = -1) -> bytes:
+            if self.inner.tell() >= self.fail_at:
+                raise OSError("input/output error")
+            return self.inner.read(n)
+
+    for fail_at, kind, kept in ((len(data) // 2, "truncated", True), (0, "unreadable_shard", False)):
+        log = BadInputLog()
+        samples = list(read_shards(["net-000000.tar"], log, opener=lambda url, at=fail_at: Failing(at)))
+        assert bool(samples) == kept and log.counts[kind] == 1 and log.shards == ["net-000000.tar"], (kind, log)
