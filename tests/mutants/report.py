@@ -7,6 +7,7 @@ reason.
     .venv/bin/python tests/mutants/report.py            # after `make mutants`
     .venv/bin/python tests/mutants/report.py --prepare  # before `mutmut run` (make mutants does it)
     .venv/bin/python tests/mutants/report.py --widen    # after mutmut recorded its test map (ditto)
+    .venv/bin/python tests/mutants/report.py --sample tests/mutants/sample.txt  # a sampled run's scores
     .venv/bin/mutmut show NAME                          # the diff of one mutant
 
 `--prepare` keeps the kills and the survivors justified in equivalent.md (mutmut itself clears a
@@ -103,6 +104,26 @@ def widen(root: Path) -> int:
     return len(functions)
 
 
+def sample_scores(root: Path, names_file: Path) -> int:
+    """The score of each module over a random sample of its mutants (the names in `names_file`,
+    `#` lines skipped), with its 95% Wilson interval: killed / (sample - justified equivalents)."""
+    names = [n for line in names_file.read_text().splitlines() if not line.startswith("#") for n in line.split()]
+    by_module, equivalent = results(root), justified(EQUIVALENT)
+    print(f"{'module':<30} {'sample':>6} {'killed':>6} {'equivalent':>10} {'survived':>8} {'not run':>7}  score [95%]")
+    for module, codes in by_module.items():
+        picked = [n for n in names if n in codes]
+        if not picked:
+            continue
+        states = [status(codes[n]) for n in picked]
+        killed, not_run = states.count("killed"), states.count("not run")
+        eq = sum(1 for n, st in zip(picked, states) if n in equivalent and st != "killed")
+        scored = len(picked) - eq - not_run
+        lo, hi = wilson(killed, scored) if scored else (0.0, 0.0)
+        score = f"{killed / scored:.1%} [{lo:.0%}, {hi:.0%}]" if scored else "-"
+        print(f"{module:<30} {len(picked):>6} {killed:>6} {eq:>10} {scored - killed:>8} {not_run:>7}  {score}")
+    return 0
+
+
 def main() -> int:
     if sys.argv[1:] == ["--prepare"]:
         prepare(REPO)
@@ -110,6 +131,8 @@ def main() -> int:
     if sys.argv[1:] == ["--widen"]:
         print(f"{widen(REPO)} loader-side functions mapped to every loader test")
         return 0
+    if sys.argv[1:2] == ["--sample"] and len(sys.argv) == 3:
+        return sample_scores(REPO, Path(sys.argv[2]))
     by_module = results(REPO)
     if not by_module:
         print("no mutmut results under mutants/: run `make mutants` first")
