@@ -125,23 +125,29 @@ def test_a_second_change_during_the_first_ones_rest(twelve: str) -> None:
     assert Counter(keys) == Counter(ALL_KEYS * 2)
 
 
-def test_the_same_size_during_the_rest_replays_bitwise(twelve: str) -> None:
-    """After 4x2 -> 3x1, a stop and resume at 3x1 gives the very batches of the uninterrupted run."""
-    make = lambda **kw: square(twelve, shuffle=4, max_epochs=2, **kw)  # noqa: E731
-    _, states = before(make, 4, 2, 4)
+def assert_resume_in_the_rest_replays_bitwise(make, states: list[dict], head: int) -> None:
+    """Rank 1 of 3x1 after a change from `states`: stopped after `head` batches (inside the spread
+    rest) and resumed at the same size, it gives the very batches of the uninterrupted run."""
     straight = make(rank=1, world=3, workers=1)
     straight.load_saved_world(states)
     reference = list(straight)
     first = make(rank=1, world=3, workers=1)
     first.load_saved_world(states)
-    head = take(first, 2)
+    batches = take(first, head)
     assert "plan" in first.state_dict()["workers"][0]
     second = make(rank=1, world=3, workers=1)
     second.load_state_dict(first.state_dict())
-    resumed = head + list(second)
+    resumed = batches + list(second)
     assert keys_of(resumed) == keys_of(reference)
     for got, want in zip(resumed, reference, strict=True):
         assert torch.equal(got["pixels"], want["pixels"]) and got["position"] == want["position"]
+
+
+def test_the_same_size_during_the_rest_replays_bitwise(twelve: str) -> None:
+    """After 4x2 -> 3x1, a stop and resume at 3x1 gives the very batches of the uninterrupted run."""
+    make = lambda **kw: square(twelve, shuffle=4, max_epochs=2, **kw)  # noqa: E731
+    _, states = before(make, 4, 2, 4)
+    assert_resume_in_the_rest_replays_bitwise(make, states, head=2)
 
 
 def test_weighted_mixing_during_the_rest_replays_bitwise(twelve: str) -> None:
@@ -155,19 +161,7 @@ def test_weighted_mixing_during_the_rest_replays_bitwise(twelve: str) -> None:
         loader = make(rank=rank, world=2, workers=2)
         take(loader, 5)
         states.append(loader.state_dict())
-    straight = make(rank=1, world=3, workers=1)
-    straight.load_saved_world(states)
-    reference = list(straight)
-    first = make(rank=1, world=3, workers=1)
-    first.load_saved_world(states)
-    head = take(first, 3)
-    assert "plan" in first.state_dict()["workers"][0]
-    second = make(rank=1, world=3, workers=1)
-    second.load_state_dict(first.state_dict())
-    resumed = head + list(second)
-    assert keys_of(resumed) == keys_of(reference)
-    for got, want in zip(resumed, reference, strict=True):
-        assert torch.equal(got["pixels"], want["pixels"]) and got["position"] == want["position"]
+    assert_resume_in_the_rest_replays_bitwise(make, states, head=3)
 
 
 @pytest.mark.parametrize("weights", [(3.0, 1.0), (1.0, 3.0)])
