@@ -200,7 +200,8 @@ def test_bad_input_is_counted_exactly(tmp_path: Path) -> None:
 
 def test_weighted_mixing_counts_bad_input_too(tmp_path: Path) -> None:
     """data.mix=weighted reads each source through the same bad-input log: the damaged shards'
-    samples are counted by kind, never a crash, and every good sample of both sources arrives."""
+    samples are counted by kind, never a crash, every good sample of both sources arrives, and the
+    good-sample count is what was handed out."""
     from tests.support.streams import augmented_loader
 
     _corrupt_set(tmp_path)
@@ -210,9 +211,10 @@ def test_weighted_mixing_counts_bad_input_too(tmp_path: Path) -> None:
     loader = augmented_loader(
         spec, rank=0, world=1, workers=1, seed=0, batch=3, shuffle=4, max_epochs=1, mix="weighted"
     )
-    keys = set(keys_of(list(loader)))
-    counts = loader.bad_counts()
+    handed = keys_of(list(loader))
+    counts, keys = loader.bad_counts(), set(handed)
     assert keys == ALL_KEYS - EXPECTED_LOST, sorted(keys)
+    assert loader.samples_seen() == len(handed)  # the last short batch handed out too, and counted once
     assert counts["undecodable"] >= 1 and counts["truncated"] >= 1 and counts["missing_caption"] >= 1, counts
 
 
