@@ -558,3 +558,31 @@ def test_an_async_saves_time_ends_when_its_files_are_written(info, tmp_path):
     assert figures["checkpoint/save_s"] < 1000.0 <= figures["checkpoint/blocked_s"] + 1000.0, figures
     assert a.ckpt.loaded_folder is None  # saving never marks a folder as loaded
     a.ckpt.close()
+
+
+def test_a_checkpoint_of_the_other_backend_or_a_zero_world_is_refused_with_the_way_out(tmp_path):
+    """A resume that cannot work names what wrote the folder, what this run is, and the way out:
+    the other backend's folder (relaunch with it, or export and start from the export), DeepSpeed
+    partitions of another world size (relaunch with that many, or export; FSDP2 reshards)."""
+    from sd_train.paths import incompatibility
+
+    f = tmp_path / "step_00000004"
+    assert incompatibility(f, {"format": "dcp", "world_size": 2}, "dcp", 3) is None  # FSDP2 reshards
+    assert incompatibility(f, {"world_size": 2}, "dcp", 2) is None  # written before the format was kept
+    assert incompatibility(f, {"format": "zero", "world_size": 2}, "zero", 2) is None
+    assert incompatibility(f, {"format": "zero", "world_size": 2}, "dcp", 2) == (
+        f"{f} was written with dist.strategy=deepspeed but this run uses dist.strategy=fsdp2 (or ddp): resume it "
+        f"with dist.strategy=deepspeed, or export it (`sd-train export --checkpoint {f} --weights raw`) and start a "
+        "new run from the export with model.pretrained_path"
+    )
+    assert incompatibility(f, {"format": "dcp", "world_size": 2}, "zero", 2) == (
+        f"{f} was written with dist.strategy=fsdp2 (or ddp) but this run uses dist.strategy=deepspeed: resume it "
+        f"with dist.strategy=fsdp2 (or ddp), or export it (`sd-train export --checkpoint {f} --weights raw`) and "
+        "start a new run from the export with model.pretrained_path"
+    )
+    assert incompatibility(f, {"format": "zero", "world_size": 2}, "zero", 4) == (
+        f"{f} holds DeepSpeed ZeRO partitions of 2 ranks and this run has 4: DeepSpeed checkpoints resume on the "
+        f"same world size. Relaunch with 2 processes, or export it (`sd-train export --checkpoint {f}`) and start "
+        "a new run from the export with model.pretrained_path. FSDP2 checkpoints (dist.strategy=fsdp2) reshard to "
+        "any world size"
+    )

@@ -221,6 +221,10 @@ def test_filters_and_caption_fields_survive_deep_json_and_huge_integers() -> Non
     assert MetadataFilter.from_config(["original_width<1e308"], "drop").rejecting_rule(huge) == "original_width<1e308"
     assert CaptionSource.from_config("json:caption").resolve(deep, None).members.get("txt") is None
     assert CaptionSource.from_config("json:caption,txt").resolve(deep, None).members["txt"] == b"a caption"
+    # Valid JSON that is not an object (a list, a number) is metadata without fields, never a crash.
+    for listing in (b"[1, 2]", b"3", b'"text"'):
+        odd = RawSample("k", "s", {"json": listing, "txt": b"a caption"})
+        assert drop.rejecting_rule(odd) == "original_width>=512" and keep.rejecting_rule(odd) is None
 
 
 # Every operator on its boundary and on both sides of it, written out by hand: (rule, value, kept).

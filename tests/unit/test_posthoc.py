@@ -5,6 +5,7 @@ round trip (torch.equal where the claim is exactness)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -15,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Shard
 
 from sd_train.checkpoint import Checkpointer
+from sd_train.checksums import manifest_path, verify
 from sd_train.config import CheckpointArgs, DistArgs, EMAArgs, PosthocArgs, TrainConfig
 from sd_train.ema.plan import plan_from_config, posthoc_plan_from_config
 from sd_train.ema.posthoc import PowerEMAProfiles, load_snapshot_profile, read_snapshot_meta
@@ -402,6 +404,10 @@ def test_snapshots_replace_leftovers_and_keep_their_dtype(info, tmp_path, monkey
     assert folder == step_dir(root, 2) and not (folder / "junk").exists() and not leftover.exists()
     meta = read_snapshot_meta(folder)
     assert (meta["dtype"], meta["world_size"], meta["step"], meta["step_start"]) == ("fp16", 1, 2, 1)
+    # Checksummed like a checkpoint: every file of the snapshot, snapshot.json and .metadata included.
+    listed = json.loads(manifest_path(folder, 0).read_text())["files"]
+    assert {"snapshot.json", ".metadata"} < set(listed) and any(n.endswith(".distcp") for n in listed)
+    assert verify(folder, 1) is None
     stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     assert {item.properties.dtype for item in stored.values()} == {torch.float16}
     with torch.no_grad():
@@ -425,3 +431,14 @@ def test_snapshots_replace_leftovers_and_keep_their_dtype(info, tmp_path, monkey
         FileNotFoundError, match=r"is not a complete post-hoc snapshot \(no snapshot.json or .metadata\)"
     ):
         read_snapshot_meta(tmp_path)
+
+
+def test_the_swap_without_trading_copies_the_shadow_in():
+    """`_put` without a trade (the swap where the weights' dtype differs from the shadow's, which
+    keeps a backup instead of trading values): the weights take the shadow's values, the shadow
+    keeps them."""
+    from sd_train.ema.sharded import _put
+
+    dst, src = [torch.zeros(3), torch.zeros(2)], [torch.arange(3.0), torch.ones(2)]
+    _put(dst, src, trade=False)
+    assert all(torch.equal(d, s) for d, s in zip(dst, src)) and torch.equal(src[0], torch.arange(3.0))
