@@ -580,6 +580,8 @@ def test_a_checkpoint_of_the_other_backend_or_a_zero_world_is_refused_with_the_w
         f"with dist.strategy=fsdp2 (or ddp), or export it (`sd-train export --checkpoint {f} --weights raw`) and "
         "start a new run from the export with model.pretrained_path"
     )
+    unknown = incompatibility(f, {"format": "orbax", "world_size": 2}, "dcp", 2)  # a format of another tool
+    assert unknown.startswith(f"{f} was written with orbax but") and "resume it with orbax, or export" in unknown
     assert incompatibility(f, {"format": "zero", "world_size": 2}, "zero", 4) == (
         f"{f} holds DeepSpeed ZeRO partitions of 2 ranks and this run has 4: DeepSpeed checkpoints resume on the "
         f"same world size. Relaunch with 2 processes, or export it (`sd-train export --checkpoint {f}`) and start "
