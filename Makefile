@@ -58,8 +58,8 @@ demo: $(TINY)/.done
 
 # Two sessions side by side (tests/conftest.py says which test goes where): the multi-process tests
 # one at a time (2 ranks fill 2 cores), the single-process ones beside them; the second one's log is
-# printed after the first. 9.7 minutes on 2 cores (8e5046f: the multi-process session 585 s, the
-# single-process one 321 s beside it), against 16-17 in one session at d79e9da.
+# printed after the first. 9.9 minutes on 2 cores (e733f45: the multi-process session 593 s, the
+# single-process one 327 s beside it), against 16-17 in one session at d79e9da.
 test: $(STAMP)
 	@tmp=$$(mktemp -d); \
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not multiproc" --basetemp=$$tmp/single tests > $$tmp/single.log 2>&1 & \
