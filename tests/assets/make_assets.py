@@ -28,6 +28,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterable
 
 from PIL import Image, ImageDraw
 
@@ -62,25 +63,39 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def shard_bytes(first_key: int, count: int, image_format: str) -> bytes:
-    """One tar shard of `count` samples with keys first_key.. (zero-padded to 9 digits)."""
+def _tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """A tar of `members` (name, data) with fixed header fields, ending at its two end-of-archive
+    blocks (no record padding)."""
     buf = io.BytesIO()
     tar = tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT)
-    for index in range(first_key, first_key + count):
-        key = f"{index:09d}"
-        image, caption = draw(index)
-        encoded = io.BytesIO()
-        if image_format == "png":
-            image.save(encoded, format="PNG")
-        else:
-            image.save(encoded, format="JPEG", quality=75, optimize=True)
-        _member(tar, f"{key}.{image_format}", encoded.getvalue())
-        _member(tar, f"{key}.txt", caption.encode())
-        meta = {"key": key, "caption": caption, "width": image.width, "height": image.height}
-        _member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+    for name, data in members:
+        _member(tar, name, data)
     end = tar.offset
     tar.close()
     return buf.getvalue()[: end + 2 * tarfile.BLOCKSIZE]
+
+
+def shard_bytes(first_key: int, count: int, image_format: str) -> bytes:
+    """One tar shard of `count` samples with keys first_key.. (zero-padded to 9 digits)."""
+    return _tar_bytes(
+        member for index in range(first_key, first_key + count) for member in _sample(index, image_format)
+    )
+
+
+def _sample(index: int, image_format: str) -> list[tuple[str, bytes]]:
+    key = f"{index:09d}"
+    image, caption = draw(index)
+    encoded = io.BytesIO()
+    if image_format == "png":
+        image.save(encoded, format="PNG")
+    else:
+        image.save(encoded, format="JPEG", quality=75, optimize=True)
+    meta = {"key": key, "caption": caption, "width": image.width, "height": image.height}
+    return [
+        (f"{key}.{image_format}", encoded.getvalue()),
+        (f"{key}.txt", caption.encode()),
+        (f"{key}.json", json.dumps(meta, sort_keys=True).encode()),
+    ]
 
 
 META_SHARDS, META_PER_SHARD, META_FIRST_KEY = 4, 5, 100
@@ -114,14 +129,9 @@ def meta_sample(j: int) -> list[tuple[str, bytes]]:
 
 
 def meta_shard_bytes(shard: int) -> bytes:
-    buf = io.BytesIO()
-    tar = tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT)
-    for j in range(shard * META_PER_SHARD, (shard + 1) * META_PER_SHARD):
-        for name, data in meta_sample(j):
-            _member(tar, name, data)
-    end = tar.offset
-    tar.close()
-    return buf.getvalue()[: end + 2 * tarfile.BLOCKSIZE]
+    return _tar_bytes(
+        member for j in range(shard * META_PER_SHARD, (shard + 1) * META_PER_SHARD) for member in meta_sample(j)
+    )
 
 
 LAION_SHARDS, LAION_PER_SHARD, LAION_FIRST_KEY = 6, 6, 200
@@ -173,14 +183,9 @@ def laion_sample(j: int) -> list[tuple[str, bytes]]:
 
 
 def laion_shard_bytes(shard: int) -> bytes:
-    buf = io.BytesIO()
-    tar = tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT)
-    for j in range(shard * LAION_PER_SHARD, (shard + 1) * LAION_PER_SHARD):
-        for name, data in laion_sample(j):
-            _member(tar, name, data)
-    end = tar.offset
-    tar.close()
-    return buf.getvalue()[: end + 2 * tarfile.BLOCKSIZE]
+    return _tar_bytes(
+        member for j in range(shard * LAION_PER_SHARD, (shard + 1) * LAION_PER_SHARD) for member in laion_sample(j)
+    )
 
 
 def main(out: str = os.path.dirname(os.path.abspath(__file__))) -> None:
