@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
@@ -109,6 +110,22 @@ def take(loader: TrainLoader, n: int) -> list[dict]:
 
 def keys_of(batches: list[dict]) -> list[str]:
     return [k for b in batches for k in b["keys"]]
+
+
+def stop_and_resume(
+    make: Callable[[], TrainLoader],
+    head: int,
+    tail: Optional[int],
+    resume_with: Optional[Callable[[], TrainLoader]] = None,
+) -> tuple[list[dict], TrainLoader]:
+    """The batches of a loader from `make` stopped after `head` batches, then of a new one (from
+    `resume_with`, default `make`) loaded with its state: `tail` more, or to the end when None.
+    Returns them and the resumed loader, for the test to hold against an uninterrupted run."""
+    first = make()
+    batches = take(first, head)
+    second = (resume_with or make)()
+    second.load_state_dict(first.state_dict())
+    return batches + (list(second) if tail is None else take(second, tail)), second
 
 
 def repack(spec: str, folder: Path, shards: int, name: str = "part") -> str:

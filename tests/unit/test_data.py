@@ -24,7 +24,7 @@ from sd_train.data.decode import ImageTransform
 from sd_train.data.loader import build_train_loader, val_samples
 from sd_train.data.sources import expand_sources
 from sd_train.errors import BadDataError
-from tests.support.streams import ASSETS, SPEC, keys_of, make_loader, take
+from tests.support.streams import ASSETS, SPEC, augmented_loader, keys_of, make_loader, stop_and_resume, take
 
 ALL_KEYS = {f"{i:09d}" for i in range(28)}
 
@@ -76,13 +76,9 @@ def test_resume_is_exact(rank: int, world: int, cuts: list[int]) -> None:
 def test_resume_in_process_continues_a_one_worker_run() -> None:
     # num_workers=0 reads in the main process as worker 0 of 1: the same stream as one worker.
     reference = take(make_loader(workers=1), 12)
-    first = make_loader(workers=1)
-    head = take(first, 5)
-    second = make_loader(workers=0)
-    second.load_state_dict(first.state_dict())
-    tail = take(second, 7)
-    assert keys_of(head + tail) == keys_of(reference)
-    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(head + tail, reference))
+    resumed, _ = stop_and_resume(lambda: make_loader(workers=1), 5, 7, resume_with=lambda: make_loader(workers=0))
+    assert keys_of(resumed) == keys_of(reference)
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(resumed, reference))
 
 
 def test_state_dict_layout() -> None:
@@ -202,8 +198,6 @@ def test_weighted_mixing_counts_bad_input_too(tmp_path: Path) -> None:
     """data.mix=weighted reads each source through the same bad-input log: the damaged shards'
     samples are counted by kind, never a crash, every good sample of both sources arrives, and the
     good-sample count is what was handed out."""
-    from tests.support.streams import augmented_loader
-
     _corrupt_set(tmp_path)
     (tmp_path / "a.txt").write_text("tiny-000000.tar\ntiny-000001.tar\ntiny-000002.tar\n")
     (tmp_path / "b.txt").write_text("tiny-000003.tar\ntiny-000004.tar\ntiny-000005.tar\n")
@@ -222,7 +216,6 @@ def test_a_stream_that_keeps_nothing_says_what_bad_input_it_met(tmp_path: Path) 
     """Filters that reject every sample of a damaged set: the stop names the bad input met on the
     way (the first thing to check when nothing is kept), not only the filters."""
     from sd_train.data.filters import MetadataFilter
-    from tests.support.streams import augmented_loader
 
     reject_all = MetadataFilter.from_config(["original_width>=100000"], "drop")
     loader = augmented_loader(
@@ -238,12 +231,8 @@ def test_bad_counts_survive_resume_without_double_counting(tmp_path: Path) -> No
     spec = _corrupt_set(tmp_path)
     whole = make_loader(spec, world=1, workers=2, max_epochs=1)
     reference = list(whole)
-    first = make_loader(spec, world=1, workers=2, max_epochs=1)
-    head = take(first, 3)
-    second = make_loader(spec, world=1, workers=2, max_epochs=1)
-    second.load_state_dict(first.state_dict())
-    tail = list(second)
-    assert keys_of(head + tail) == keys_of(reference)
+    resumed, second = stop_and_resume(lambda: make_loader(spec, world=1, workers=2, max_epochs=1), 3, None)
+    assert keys_of(resumed) == keys_of(reference)
     assert second.bad_counts() == whole.bad_counts() == EXPECTED_BAD
     assert second.samples_read() == whole.samples_read()
 
@@ -277,13 +266,9 @@ def test_resampled_is_endless_deterministic_and_resumable() -> None:
         [make_loader(**{**kw, "rank": r}).dataset.worker_shards(w, e) for w in (0, 1) for e in range(4)] for r in (0, 1)
     ]
     assert draws[0] != draws[1]
-    first = make_loader(**kw)
-    head = take(first, 10)
-    second = make_loader(**kw)
-    second.load_state_dict(first.state_dict())
-    tail = take(second, 14)
-    assert keys_of(head + tail) == keys_of(reference)
-    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(head + tail, reference))
+    resumed, _ = stop_and_resume(lambda: make_loader(**kw), 10, 14)
+    assert keys_of(resumed) == keys_of(reference)
+    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(resumed, reference))
 
 
 def test_resampled_follows_source_weights() -> None:
@@ -386,11 +371,8 @@ def test_precomputed_samples_of_other_shapes_are_bad_input_not_a_crash(tmp_path:
     assert all(b["latent_mean"].shape == (3, 4, 4, 4) and b["text_embeds"].shape == (3, 77, 8) for b in batches)
     assert whole.bad_counts()["mismatched_shape"] == 3 and whole.samples_seen() == 9
     assert whole.samples_read() == 12
-    first = loader()
-    head = take(first, 1)
-    second = loader()
-    second.load_state_dict(first.state_dict())
-    assert keys_of(head + list(second)) == keys_of(batches) and second.bad_counts() == whole.bad_counts()
+    resumed, second = stop_and_resume(loader, 1, None)
+    assert keys_of(resumed) == keys_of(batches) and second.bad_counts() == whole.bad_counts()
 
 
 # --------------------------------------------------------------------------- config and val
