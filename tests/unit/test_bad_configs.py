@@ -171,16 +171,17 @@ ENTRY = (
 TRAIN = "import sys; from sd_train.entry import main; sys.exit(main(sys.argv[1:]))"  # on into training
 
 
+def launch(code: str, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    """`python -c CODE ARGS...` from the repository, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_refused_before_torch_or_process_group(good):
     """The real entry point: exit code 2, the field in the message, and torch never imported."""
     _, overrides = good
-    proc = subprocess.run(
-        [sys.executable, "-c", ENTRY, "--config", "configs/test.yaml", *overrides, "data.resolution=30"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = launch(ENTRY, "--config", "configs/test.yaml", *overrides, "data.resolution=30")
     assert proc.returncode == 2, proc.stderr
     assert "config error: data.resolution=30" in proc.stderr
 
@@ -191,13 +192,7 @@ def test_yaml_syntax_error_refused(good, tmp_path):
     _, overrides = good
     broken = tmp_path / "broken.yaml"
     broken.write_text("max_steps: 12\noptim:\n  lr: 1e-3\n    warmup_steps: 2\n")
-    proc = subprocess.run(
-        [sys.executable, "-c", ENTRY, "--config", str(broken), *overrides],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = launch(ENTRY, "--config", str(broken), *overrides)
     assert proc.returncode == 2, proc.stderr
     assert f"config error: --config {broken}: YAML syntax error at line 4, column 17" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -285,13 +280,7 @@ def test_bad_sdxl_folder_refused_before_torch(good):
     """Through the real entry point: exit 2, the missing part named, torch never imported."""
     root, overrides = good
     model = sdxl_folder(root, "tokenizer_2")
-    proc = subprocess.run(
-        [sys.executable, "-c", ENTRY, "--config", "configs/test.yaml", *overrides, f"model.pretrained_path={model}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = launch(ENTRY, "--config", "configs/test.yaml", *overrides, f"model.pretrained_path={model}")
     assert proc.returncode == 2, proc.stderr
     assert "lacks ['tokenizer_2']" in proc.stderr
 
@@ -320,13 +309,7 @@ def test_refused_resume_writes_nothing(good, tmp_path, fmt, extra, said):
     (step / "trainer_state.json").write_text(json.dumps(state))
     (out / "config.yaml").write_text("the earlier launch's config\n")
     before = _tree(out)
-    proc = subprocess.run(
-        [sys.executable, "-c", ENTRY, "--config", "configs/test.yaml", *overrides, f"output_dir={out}", *extra],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = launch(ENTRY, "--config", "configs/test.yaml", *overrides, f"output_dir={out}", *extra)
     assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
     assert _tree(out) == before
 
@@ -343,13 +326,7 @@ def test_a_launch_on_a_locked_output_dir_is_refused_before_writing_anything(good
     assert lock.acquire() is None
     before = _tree(out)
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", TRAIN, "--config", "configs/test.yaml", *overrides, f"output_dir={out}"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = launch(TRAIN, "--config", "configs/test.yaml", *overrides, f"output_dir={out}", timeout=120)
     finally:
         lock.release()
     holder = f"is in use by another launch (host {socket.gethostname()}, pid {os.getpid()},"
