@@ -26,7 +26,8 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-_YAML_BOOLS = {False: ("off", "no", "false", "n"), True: ("on", "yes", "true", "y")}
+# The spellings PyYAML reads as booleans (YAML 1.1; "y" and "n" stay strings).
+_YAML_BOOLS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
