@@ -448,6 +448,12 @@ def torch_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+# Files of a checkpoint whose bytes include the run's own paths (see compare_checkpoints), and the
+# name of a rank's checksum manifest (sd_train.checksums.MANIFEST_PREFIX, not imported: see above).
+PATH_BEARING = (".metadata", "trainer_state.json")
+MANIFEST_PREFIX = "checksums_rank_"
+
+
 def compare_checkpoints(group: str, a: Path, b: Path, pa: Paths, pb: Paths, tmp: Path) -> list[Check]:
     """Same step folders with the same files; every tensor and every leaf of every state equal."""
     steps = Check(group, "checkpoint step folders")
@@ -504,6 +510,16 @@ def compare_checkpoints(group: str, a: Path, b: Path, pa: Paths, pb: Paths, tmp:
                     else other
                 )
                 Tree(check).walk(pa.obj(torch_load(fa[rel])), pb.obj(torch_load(fb[rel])), where)
+            elif rel.startswith(MANIFEST_PREFIX):
+                # A rank's checksums: the hashes of files that hold the run's own paths (DCP's
+                # .metadata names its checkpoint_id; trainer_state.json its config) differ with the
+                # worktree's path, and those files are compared above with the paths replaced.
+                ja, jb = (json.loads(f.read_text())["files"] for f in (fa[rel], fb[rel]))
+                Tree(other).walk(
+                    {k: v for k, v in ja.items() if k not in PATH_BEARING},
+                    {k: v for k, v in jb.items() if k not in PATH_BEARING},
+                    where,
+                )
             else:
                 check = trainer if rel == "trainer_state.json" else zero if rel.startswith("zero/") else other
                 compare_text(check, where, fa[rel], fb[rel], pa, pb)
